@@ -1,0 +1,17 @@
+"""SimulGenVAE: learn a fast surrogate of transient simulations with a hierarchical VAE.
+
+    python SimulGen-VAE.py --preset=1                 # train on the case in the current folder
+    python SimulGen-VAE.py --reconstruct=new.npy --out=recon.npy
+
+Run from the case folder (preset.txt, input_data/); all paths are relative to it. See README.md for every flag and
+condition.txt key.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # find modules/ when run from a case folder
+
+from modules.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SimulGenVAE: hierarchical-VAE surrogates of transient simulations."""

@@ -1,0 +1,66 @@
+"""Command line of SimulGen-VAE.py: parse flags, load the config, run the chosen mode.
+
+Every bad input ends here as one line on stderr and exit code 2 (no traceback); nothing on disk has been changed by
+then, because the config and the data are checked before an earlier run's results are archived.
+"""
+import argparse
+import sys
+
+from modules.config import load_config
+from modules.errors import InputError
+from modules.outputs import MODEL_FILE, archive_previous_run, make_run_folders
+from modules.reconstruct import reconstruct_file
+from modules.runtime import make_runtime, pick_device
+from modules.train_vae import prepare_case, train_vae
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="SimulGen-VAE.py",
+        description="Train a hierarchical VAE surrogate of the simulations in the current case folder "
+                    "(preset.txt, input_data/condition.txt, input_data/dataset{data_No}.npy|.h5|.hdf5|.pickle).",
+        epilog="Flags that are also condition.txt keys (plot, size, load_all, device) override the file.")
+    parser.add_argument("--preset", type=int, default=1, help="which 4-line preset of preset.txt to use (default 1)")
+    parser.add_argument("--plot", type=int, choices=(0, 1, 2), default=None,
+                        help="0: save PNG plots and show them at the end (only with a screen and a terminal); "
+                             "1: save PNGs in output/; 2: no plots (default 2)")
+    parser.add_argument("--size", choices=("small", "large"), default=None,
+                        help="model depth/width: small = 1 residual block per level, large = 2 and wider latent "
+                             "heads (default small)")
+    parser.add_argument("--load_all", type=int, choices=(0, 1), default=None,
+                        help="1: preload the scaled data on the training device; 0: stream batches from the "
+                             "memory-mapped file, for data larger than RAM (default 0)")
+    parser.add_argument("--device", default=None,
+                        help="auto (this process's GPU if there is one, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--reconstruct", metavar="PATH.npy",
+                        help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
+                             "model_save/SimulGen-VAE and write them, in physical units, to --out")
+    parser.add_argument("--out", metavar="OUT.npy", help="output file of --reconstruct (must not exist yet)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.reconstruct:
+            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(args.device or "auto"))
+        else:
+            train(args)
+    except InputError as error:
+        print(f"error: {error.message()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def train(args) -> None:
+    overrides = {"plot": args.plot, "size": args.size, "load_all": args.load_all, "device": args.device}
+    config = load_config(args.preset, overrides, warn=lambda text: print(text, file=sys.stderr))
+    runtime = make_runtime(config.device)
+    case = prepare_case(config, runtime)
+    archived = archive_previous_run()
+    if archived is not None:
+        print(f"The previous run's results were moved to {archived}/")
+    make_run_folders()
+    train_vae(config, runtime, case)

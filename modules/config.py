@@ -1,0 +1,364 @@
+"""Read preset.txt and input_data/condition.txt into one frozen, validated Config.
+
+This is the only module that knows the users' file formats. Every condition.txt key is declared once in KEYS with its
+type, default, check and a one-line description (the README's key table mirrors it; a test keeps them in step).
+Command-line flags that are also settings of the run (size, load_all, plot, device) override the file's values.
+"""
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.errors import InputError
+
+PRESET_FILE = Path("preset.txt")
+CONDITION_FILE = Path("input_data/condition.txt")
+REQUIRED = object()  # default marker for keys the user must give
+
+
+@dataclass(frozen=True)
+class Key:
+    """One condition.txt key: its name in the file, the Config field it fills, and how to read and check it."""
+
+    name: str
+    field: str
+    kind: type
+    default: object
+    help: str
+    check: object = None  # callable(value) -> error text or None
+    choices: tuple = ()
+
+
+def _positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value):
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value):
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
+KEYS = (
+    Key("Dim1", "n_designs", int, REQUIRED, "number of designs N in the dataset", _positive),
+    Key("Dim2", "n_steps", int, REQUIRED, "number of time steps T in the dataset", _positive),
+    Key("Dim3", "n_nodes", int, REQUIRED, "number of mesh nodes M in the dataset", _positive),
+    Key("Dim2_red", "n_steps_used", int, None, "time steps kept, evenly spaced over T (default: all T)", _positive),
+    Key("Dim3_start", "node_start", int, 0, "first node kept (crop start, 0-based)", _non_negative),
+    Key("Dim3_end", "node_end", int, None, "one past the last node kept (default: M)", _positive),
+    Key("num_var", "n_vars", int, 1, "variables stored side by side along the node axis, each scaled on its own",
+        _positive),
+    Key("Training_epochs", "epochs", int, REQUIRED, "VAE training epochs", _positive),
+    Key("Batch_size", "batch_size", int, 16, "designs per training batch", _positive),
+    Key("LearningR", "lr", float, 1e-3, "peak learning rate of AdamW", _positive),
+    Key("Latent_dim", "level_latent_dim", int, 8, "latent size of each hierarchical level", _positive),
+    Key("Latent_dim_end", "main_latent_dim", int, 32, "size of the main latent", _positive),
+    Key("Loss_type", "loss_type", int, 1, "reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber",
+        choices=(1, 2, 3, 4)),
+    Key("alpha", "recon_weight", float, 1e6, "weight of the reconstruction term", _positive),
+    Key("Recon_iter", "recon_samples", int, 1, "posterior samples averaged in the reconstruction term", _positive),
+    Key("huber_delta", "huber_delta", float, 0.1, "threshold of SmoothL1/Huber, in scaled units", _positive),
+    Key("seed", "seed", int, 42, "seeds Python, NumPy, torch and the train/validation split", _non_negative),
+    Key("val_fraction", "val_fraction", float, 0.2, "share of designs held out for validation",
+        lambda v: None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"),
+    Key("beta_hold_fraction", "beta_hold_fraction", float, 0.3,
+        "share of epochs the KL weight stays at its start value", _fraction),
+    Key("beta_ramp_end_fraction", "beta_ramp_end_fraction", float, 0.8,
+        "share of epochs by which the KL weight has risen to 1", _fraction),
+    Key("warmup_fraction", "warmup_fraction", float, 0.05, "share of epochs of linear learning-rate warmup",
+        lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1"),
+    Key("lr_cycles", "lr_cycles", int, 1, "cosine warm-restart cycles after warmup", _positive),
+    Key("lr_min", "lr_min", float, 1e-6, "learning rate at the bottom of each cosine cycle", _non_negative),
+    Key("weight_decay", "weight_decay", float, 1e-4, "AdamW weight decay", _non_negative),
+    Key("grad_clip", "grad_clip", float, 5.0, "gradient-norm clipping threshold (0 turns clipping off)",
+        _non_negative),
+    Key("projection_rank", "projection_rank", int, 128,
+        "width of the POD-initialised node projection (first and last layers)", _positive),
+    Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
+        _non_negative),
+    Key("augment_amplitude", "augment_amplitude", float, 0.0,
+        "training inputs scaled by a random factor in [1-a, 1+a]", _fraction),
+    Key("augment_mixup_prob", "augment_mixup_prob", float, 0.0,
+        "probability that a training design is mixed with another training design of its batch", _fraction),
+    Key("num_workers", "num_workers", int, 0, "DataLoader worker processes when streaming (load_all 0)",
+        _non_negative),
+    Key("hdf5_dataset", "hdf5_dataset", str, "", "dataset name inside an HDF5 file (default: its only dataset)"),
+    Key("log_every", "log_every", int, 0, "print a summary line every this many epochs (0: about 20 lines a run)",
+        _non_negative),
+    Key("size", "size", str, "small", "model size: small (1 block per level) or large (2 blocks, wider heads)",
+        choices=("small", "large")),
+    Key("load_all", "load_all", int, 0, "1: preload the scaled data on the device; 0: stream from the file",
+        choices=(0, 1)),
+    Key("plot", "plot", int, 2, "0: save PNG plots and show them; 1: save PNGs; 2: no plots", choices=(0, 1, 2)),
+    Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
+        lambda v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N"),
+)
+KEYS_BY_NAME = {key.name.lower(): key for key in KEYS}
+
+# Keys of the users' condition.txt that belong to the latent conditioner, which this version does not train yet:
+# they are recognised (no "unknown key" noise) and reported once as having no effect.
+CONDITIONER_KEYS = (
+    "num_param", "param_dir", "param_data_type", "input_type", "n_epoch", "latent_conditioner_lr",
+    "latent_conditioner_batch", "latent_conditioner_dropout_rate", "latent_conditioner_weight_decay",
+    "use_spatial_attention", "use_e2e_training", "e2e_loss_function", "use_latent_regularization",
+    "latent_reg_weight", "e2e_vae_model_path",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One 4-line block of preset.txt."""
+
+    data_no: int
+    init_beta_divisor: float
+    encoder_filters: tuple
+    conditioner_filters: tuple
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs, typed and checked. Field docs live in KEYS (condition.txt) and Preset."""
+
+    preset_index: int
+    data_no: int
+    init_beta_divisor: float
+    encoder_filters: tuple
+    conditioner_filters: tuple
+    n_designs: int
+    n_steps: int
+    n_nodes: int
+    n_steps_used: int
+    node_start: int
+    node_end: int
+    n_vars: int
+    epochs: int
+    batch_size: int
+    lr: float
+    level_latent_dim: int
+    main_latent_dim: int
+    loss_type: int
+    recon_weight: float
+    recon_samples: int
+    huber_delta: float
+    seed: int
+    val_fraction: float
+    beta_hold_fraction: float
+    beta_ramp_end_fraction: float
+    warmup_fraction: float
+    lr_cycles: int
+    lr_min: float
+    weight_decay: float
+    grad_clip: float
+    projection_rank: int
+    augment_noise_std: float
+    augment_amplitude: float
+    augment_mixup_prob: float
+    num_workers: int
+    hdf5_dataset: str
+    log_every: int
+    size: str
+    load_all: int
+    plot: int
+    device: str
+
+    @property
+    def n_nodes_used(self) -> int:
+        return self.node_end - self.node_start
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.encoder_filters)
+
+    def to_dict(self) -> dict:
+        """Plain types only (lists, not tuples), for JSON and weights-only checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, condition_path=CONDITION_FILE,
+                warn=print) -> Config:
+    """Read both files (paths relative to the working directory), apply command-line overrides, validate.
+
+    overrides: {field: value} from flags the user actually gave (None values are ignored).
+    Raises InputError naming the file, line and fix.
+    """
+    preset = read_preset(preset_path, preset_index)
+    values = read_condition(condition_path, warn)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
+    values["node_end"] = values["node_end"] or values["n_nodes"]
+    config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
+    check_consistency(config, condition_path)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------- preset.txt
+def read_preset(path, index: int) -> Preset:
+    """Return the index-th (1-based) 4-line preset of preset.txt. Line 1 is a header; blank lines are skipped."""
+    lines = [(n, text.strip()) for n, text in enumerate(_read_lines(path, "preset file"), start=1)]
+    body = [(n, text) for n, text in lines[1:] if text]
+    if not body or len(body) % 4:
+        raise InputError(path, f"has {len(body)} non-blank lines after the header, not a multiple of 4", (
+            "give each preset as 4 lines: data_No, init_beta_divisor, encoder filters, conditioner filters"))
+    count = len(body) // 4
+    if not 1 <= index <= count:
+        raise InputError(path, f"preset {index} asked for, but the file holds presets 1..{count}",
+                         f"use --preset=K with K between 1 and {count}")
+    block = body[4 * (index - 1): 4 * index]
+    return Preset(
+        data_no=_preset_number(path, block[0], int, "data_No"),
+        init_beta_divisor=_preset_number(path, block[1], float, "init_beta_divisor"),
+        encoder_filters=_preset_filters(path, block[2], "encoder filters"),
+        conditioner_filters=_preset_filters(path, block[3], "conditioner filters"))
+
+
+def _preset_number(path, numbered_line, kind, what):
+    line_no, text = numbered_line
+    try:
+        return _convert(text, kind)
+    except ValueError:
+        raise InputError(path, f"{what} is '{text}', not a single {kind.__name__}",
+                         f"write {what} as one number on this line", line_no) from None
+
+
+def _preset_filters(path, numbered_line, what):
+    line_no, text = numbered_line
+    try:
+        filters = tuple(_convert(word, int) for word in text.replace(",", " ").split())
+    except ValueError:
+        filters = ()
+    if not filters or min(filters) <= 0:
+        raise InputError(path, f"{what} '{text}' are not positive whole numbers",
+                         f"write the {what} as numbers separated by spaces, e.g. '256 128 64'", line_no)
+    return filters
+
+
+# ------------------------------------------------------------------------------------------------ condition.txt
+def read_condition(path, warn=print) -> dict:
+    """Parse condition.txt into {field: typed value}, with defaults for keys not given."""
+    given = {}
+    for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
+        entry = _split_condition_line(path, line_no, text)
+        if entry is None:
+            continue
+        name, raw = entry
+        key = KEYS_BY_NAME.get(name.lower())
+        if key is None:
+            _warn_unknown(path, line_no, name, warn)
+            continue
+        if key.field in given:
+            raise InputError(path, f"key '{key.name}' is given twice", "keep one line for it", line_no)
+        given[key.field] = _checked_value(path, line_no, key, raw)
+    return _with_defaults(path, given)
+
+
+_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
+
+
+def _split_condition_line(path, line_no, text):
+    """Return (key, raw value), or None for blank and comment lines. Accepts 'key value' and 'key: value'."""
+    text = text.split("#", 1)[0].strip()
+    if not text or text[0] in "%'":
+        return None
+    match = _LINE.match(text)
+    if match is None:
+        raise InputError(path, f"cannot read '{text}' as 'key value'",
+                         "write one 'key value' per line, or start the line with # to comment it out", line_no)
+    return match.group(1), match.group(2).strip()
+
+
+def _warn_unknown(path, line_no, name, warn):
+    if name.lower() in CONDITIONER_KEYS:
+        warn(f"{path}:{line_no}: note: '{name}' is a latent-conditioner setting; this version trains the VAE only, "
+             "so it has no effect")
+        return
+    close = difflib.get_close_matches(name.lower(), list(KEYS_BY_NAME), n=1, cutoff=0.6)
+    hint = f"; did you mean '{KEYS_BY_NAME[close[0]].name}'?" if close else ""
+    warn(f"{path}:{line_no}: warning: unknown key '{name}' is ignored{hint}")
+
+
+def _checked_value(path, line_no, key, raw):
+    if raw == "":
+        raise InputError(path, f"key '{key.name}' has no value", f"write '{key.name} <value>'", line_no)
+    try:
+        value = _convert(raw, key.kind)
+    except ValueError:
+        raise InputError(path, f"{key.name} is '{raw}', not a {key.kind.__name__}",
+                         f"give {key.name} a {_kind_words(key.kind)} ({key.help})", line_no) from None
+    problem = None
+    if key.choices and value not in key.choices:
+        problem = f"must be one of {', '.join(map(str, key.choices))}"
+    elif key.check is not None:
+        problem = key.check(value)
+    if problem:
+        raise InputError(path, f"{key.name} = {raw} {problem}", f"change {key.name} ({key.help})", line_no)
+    return value
+
+
+def _with_defaults(path, given):
+    values = {}
+    for key in KEYS:
+        if key.field in given:
+            values[key.field] = given[key.field]
+        elif key.default is REQUIRED:
+            raise InputError(path, f"required key '{key.name}' is missing",
+                             f"add a line '{key.name} <value>' ({key.help})")
+        else:
+            values[key.field] = key.default
+    return values
+
+
+def _convert(raw: str, kind: type):
+    """Parse a number the way users write them: '1e6', '1000000', '16' and '16.0' all work for the right kind."""
+    raw = raw.strip()
+    if kind is str:
+        return raw
+    number = float(raw)
+    if not math.isfinite(number):
+        raise ValueError(raw)
+    if kind is int:
+        if number != int(number):
+            raise ValueError(raw)
+        return int(number)
+    return number
+
+
+def _kind_words(kind):
+    return {int: "whole number", float: "number", str: "word"}[kind]
+
+
+def _read_lines(path, what):
+    try:
+        return Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise InputError(path, f"{what} not found", f"run from the case folder that holds {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"{what} cannot be read ({error})", "save it as a plain UTF-8 text file") from None
+
+
+# -------------------------------------------------------------------------------------------------- consistency
+def check_consistency(config: Config, path) -> None:
+    """Cross-key checks: crops inside the data, enough designs to split, schedule fractions in order."""
+    problems = [
+        (config.n_steps_used > config.n_steps, f"Dim2_red = {config.n_steps_used} exceeds Dim2 = {config.n_steps}",
+         "set Dim2_red <= Dim2"),
+        (not config.node_start < config.node_end <= config.n_nodes,
+         f"node crop Dim3_start = {config.node_start}, Dim3_end = {config.node_end} is not inside 0..Dim3 = "
+         f"{config.n_nodes}", "set 0 <= Dim3_start < Dim3_end <= Dim3"),
+        (config.n_nodes_used % config.n_vars != 0,
+         f"{config.n_nodes_used} nodes kept do not split into num_var = {config.n_vars} equal variables",
+         "make Dim3_end - Dim3_start a multiple of num_var"),
+        (config.n_designs < 2, f"Dim1 = {config.n_designs} leaves nothing to validate on", "use at least 2 designs"),
+        (config.beta_hold_fraction > config.beta_ramp_end_fraction,
+         "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
+    ]
+    for failed, problem, fix in problems:
+        if failed:
+            raise InputError(path, problem, fix)

@@ -1,0 +1,82 @@
+"""Reconstruction accuracy in physical units, always next to the POD baseline with as many numbers per design."""
+import json
+
+import numpy as np
+import torch
+
+from modules.data import batch_order
+from modules.pod import design_gram, pod_errors
+
+
+def relative_l2(predicted, true) -> np.ndarray:
+    """Per design: ||predicted - true|| / ||true|| over the whole [T, M] field. Inputs [n, T, M]."""
+    predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+    error = np.linalg.norm((predicted - true).reshape(len(true), -1), axis=1)
+    return error / np.maximum(np.linalg.norm(true.reshape(len(true), -1), axis=1), 1e-30)
+
+
+@torch.no_grad()
+def reconstruct(model, fields_scaled):
+    """Scaled [B, T, M] -> reconstruction along the posterior-mean path (deterministic), scaled units."""
+    return model(fields_scaled, sample=False)["recon"]
+
+
+@torch.no_grad()
+def reconstruction_errors(model, batches, scaler, batch_size: int) -> np.ndarray:
+    """Relative L2 (physical units) of every design in a batch source, in its order."""
+    model.eval()
+    errors = []
+    for batch in batches.batches(batch_order(len(batches), batch_size, shuffle=False, seed=0, epoch=0)):
+        recon = scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
+        errors.append(relative_l2(recon, scaler.inverse(batch.float().cpu().numpy())))
+    return np.concatenate(errors)
+
+
+@torch.no_grad()
+def encode_designs(model, batches, batch_size: int):
+    """Posterior means of every design: main [n, D] and levels [n, L, d] (float32, batch-source order)."""
+    model.eval()
+    mains, levels = [], []
+    for batch in batches.batches(batch_order(len(batches), batch_size, shuffle=False, seed=0, epoch=0)):
+        main, level = model.encode_means(batch)
+        mains.append(main.float().cpu().numpy())
+        levels.append(level.float().cpu().numpy())
+    return np.concatenate(mains), np.concatenate(levels)
+
+
+def save_split(path, train_indices, val_indices) -> None:
+    path.write_text(json.dumps({"train": [int(i) for i in train_indices], "val": [int(i) for i in val_indices]}))
+
+
+def reconstruction_report(model, case, config) -> dict:
+    """VAE vs POD (same number of latent numbers per design) on the validation designs, mean relative L2."""
+    vae_val = reconstruction_errors(model, case.val, case.scaler, config.batch_size)
+    vae_train = reconstruction_errors(model, case.train, case.scaler, config.batch_size)
+    latent_size = config.main_latent_dim + config.n_levels * config.level_latent_dim
+    ranks = sorted({0, config.main_latent_dim, latent_size})
+    gram = design_gram(case.array, np.concatenate([case.train_indices, case.val_indices]))
+    pod = pod_errors(gram, len(case.train_indices), ranks)
+    return {
+        "metric": "mean relative L2 error of the whole [T, M] field, physical units",
+        "n_train": len(case.train_indices), "n_val": len(case.val_indices),
+        "latent_numbers_per_design": latent_size,
+        "vae_val": float(vae_val.mean()), "vae_val_median": float(np.median(vae_val)),
+        "vae_val_worst": float(vae_val.max()), "vae_train": float(vae_train.mean()),
+        "pod_val": {str(rank): float(pod[rank].mean()) for rank in ranks},
+        "pod_note": "POD rank r keeps r numbers per design; rank 0 is the training mean field",
+        "pod_rank_cap": len(case.train_indices) - 1,
+        "vae_val_per_design": {int(i): float(e) for i, e in zip(case.val_indices, vae_val)},
+    }
+
+
+def write_report(report: dict, output_dir, say=print) -> None:
+    (output_dir / "reconstruction_error.json").write_text(json.dumps(report, indent=2))
+    size = report["latent_numbers_per_design"]
+    say(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
+    say(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
+        f"{report['vae_train']:.4%})")
+    for rank, error in report["pod_val"].items():
+        label = "mean field (POD rank 0)" if rank == "0" else f"POD rank {rank}"
+        capped = "  (rank capped by the training-set size)" if int(rank) > report["pod_rank_cap"] else ""
+        say(f"  {label}: {error:.4%}{capped}")
+    say(f"  written to {output_dir / 'reconstruction_error.json'}")

@@ -1,0 +1,62 @@
+"""Min-max scaling of simulation fields to [-0.7, 0.7], one (min, max) pair per variable, stored as JSON.
+
+The node axis (last) holds num_var variables side by side, each M/num_var nodes wide; each variable gets its own range.
+The inverse is exact up to float rounding, so everything a user sees is in physical units.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOW, HIGH = -0.7, 0.7
+
+
+class MinMaxScaler:
+    """data_min, data_max: one value per variable, fitted on the training designs only."""
+
+    def __init__(self, data_min, data_max, low=LOW, high=HIGH):
+        self.data_min = np.asarray(data_min, dtype=np.float64).reshape(-1)
+        self.data_max = np.asarray(data_max, dtype=np.float64).reshape(-1)
+        self.low, self.high = float(low), float(high)
+        span = self.data_max - self.data_min
+        # A constant variable maps to the middle of the range instead of dividing by zero.
+        self._scale = np.where(span > 0, (self.high - self.low) / np.where(span > 0, span, 1.0), 1.0)
+        self._offset = np.where(span > 0, self.low - self.data_min * self._scale, (self.low + self.high) / 2 - self.data_min)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.data_min)
+
+    def transform(self, values):
+        """Physical -> scaled. values: [..., M] numpy array or tensor; returns the same kind (float32)."""
+        return self._affine(values, self._scale, self._offset)
+
+    def inverse(self, values):
+        """Scaled -> physical, the exact inverse of transform."""
+        return self._affine(values, 1.0 / self._scale, -self._offset / self._scale)
+
+    def _affine(self, values, scale, offset):
+        *lead, n_nodes = values.shape
+        per_var = values.reshape(*lead, self.n_vars, n_nodes // self.n_vars)
+        if isinstance(values, torch.Tensor):
+            scale = torch.as_tensor(scale, dtype=values.dtype, device=values.device)
+            offset = torch.as_tensor(offset, dtype=values.dtype, device=values.device)
+            return (per_var * scale[:, None] + offset[:, None]).reshape(values.shape)
+        out = per_var.astype(np.float64) * scale[:, None] + offset[:, None]
+        return out.reshape(values.shape).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"kind": "minmax", "data_min": self.data_min.tolist(), "data_max": self.data_max.tolist(),
+                "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MinMaxScaler":
+        return cls(values["data_min"], values["data_max"], values["low"], values["high"])
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "MinMaxScaler":
+        return cls.from_dict(json.loads(Path(path).read_text()))
