@@ -200,9 +200,11 @@ class StreamedBatches:
         return len(self.reader.indices)
 
     def batches(self, order):
+        # A private generator: otherwise each DataLoader iterator draws its seed from torch's global RNG, and a
+        # streamed run would sample different latent noise than a preloaded one.
         loader = torch.utils.data.DataLoader(
             self.reader, sampler=order, batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", generator=torch.Generator())
         for batch in loader:
             yield batch.to(self.device, non_blocking=True)
 
