@@ -225,10 +225,11 @@ class HierarchicalVAE(nn.Module):
         return self.decoder(main_latent, level_latents=level_latents)[0]
 
     @torch.no_grad()
-    def generate(self, n: int, generator=None):
-        """n new fields [n, T, M] (scaled) sampled from the prior: main ~ N(0, I), each level from its prior."""
+    def generate(self, n: int):
+        """n new fields [n, T, M] (scaled) sampled from the prior: main ~ N(0, I), each level from its prior.
+        Draws from torch's global generator: seed it for repeatable samples."""
         device = self.decoder.initial.weight.device
-        main_z = torch.randn(n, self.spec.main_latent_dim, device=device, generator=generator)
+        main_z = torch.randn(n, self.spec.main_latent_dim, device=device)
         return self.decoder(main_z, sample=True)[0]
 
     @torch.no_grad()

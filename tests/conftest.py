@@ -1,0 +1,66 @@
+"""Shared helpers: a tiny synthetic case written into a temporary folder that the test then works in."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def smooth_fields(n_designs, n_steps, n_nodes, seed=0):
+    """[n, T, M] float32 fields that depend smoothly on two hidden parameters per design (learnable, not noise)."""
+    rng = np.random.default_rng(seed)
+    amplitude = rng.uniform(0.5, 2.0, size=(n_designs, 1, 1))
+    phase = rng.uniform(0, np.pi, size=(n_designs, 1, 1))
+    time = np.linspace(0, 1, n_steps)[None, :, None]
+    space = np.linspace(0, 2 * np.pi, n_nodes)[None, None, :]
+    return (amplitude * np.sin(space + phase) * (0.5 + time) + 3.0).astype(np.float32)
+
+
+CONDITION = """\
+Dim1 {n}
+Dim2 {t}
+Dim3 {m}
+Training_epochs {epochs}
+Batch_size 4
+LearningR 0.003
+Latent_dim 4
+Latent_dim_end 8
+alpha 1e4
+projection_rank 8
+val_fraction 0.25
+"""
+
+
+def write_case(folder, n=12, t=6, m=20, epochs=2, fmt="npy", extra="", filters="16 8", data=None):
+    """Write preset.txt, input_data/condition.txt and input_data/dataset1.<fmt> into folder; return the data."""
+    folder = Path(folder)
+    (folder / "input_data").mkdir(parents=True, exist_ok=True)
+    (folder / "preset.txt").write_text(f"data_No init_beta_divisor filters conditioner_filters\n1\n0\n{filters}\n"
+                                       "16 32\n")
+    (folder / "input_data" / "condition.txt").write_text(CONDITION.format(n=n, t=t, m=m, epochs=epochs) + extra)
+    data = smooth_fields(n, t, m) if data is None else data
+    target = folder / "input_data" / f"dataset1.{fmt}"
+    if fmt == "npy":
+        np.save(target, data)
+    elif fmt in ("h5", "hdf5"):
+        import h5py
+        with h5py.File(target, "w") as handle:
+            handle.create_dataset("fields", data=data, chunks=(1,) + data.shape[1:])
+    elif fmt == "pickle":
+        import pickle
+        with open(target, "wb") as handle:
+            pickle.dump(data, handle)
+    return data
+
+
+@pytest.fixture
+def case(tmp_path, monkeypatch):
+    """A tiny .npy case in a temporary folder, which is also the working directory."""
+    monkeypatch.chdir(tmp_path)
+    write_case(tmp_path)
+    return tmp_path
