@@ -6,7 +6,7 @@ then, because the config and the data are checked before an earlier run's result
 import argparse
 import sys
 
-from modules.config import load_config
+from modules.config import check_flag, load_config
 from modules.errors import InputError
 from modules.outputs import MODEL_FILE, archive_previous_run, make_run_folders
 from modules.reconstruct import reconstruct_file
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.reconstruct:
-            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(args.device or "auto"))
+            device = pick_device(check_flag("device", args.device or "auto"))
+            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, device)
         else:
             train(args)
     except InputError as error:

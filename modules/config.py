@@ -95,7 +95,7 @@ KEYS = (
         choices=(0, 1)),
     Key("plot", "plot", int, 2, "0: save PNG plots and show them; 1: save PNGs; 2: no plots", choices=(0, 1, 2)),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
-        lambda v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N"),
+        lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
 )
 KEYS_BY_NAME = {key.name.lower(): key for key in KEYS}
 
@@ -191,12 +191,18 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     """
     preset = read_preset(preset_path, preset_index)
     values = read_condition(condition_path, warn)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
     check_consistency(config, condition_path)
     return config
+
+
+def check_flag(field: str, value):
+    """A command-line value for a condition.txt key gets the same conversion and checks as the file's value."""
+    key = next(key for key in KEYS if key.field == field)
+    return _checked_value("command line", None, key, str(value))
 
 
 # ----------------------------------------------------------------------------------------------------- preset.txt
@@ -224,7 +230,7 @@ def _preset_number(path, numbered_line, kind, what):
     try:
         return _convert(text, kind)
     except ValueError:
-        raise InputError(path, f"{what} is '{text}', not a single {kind.__name__}",
+        raise InputError(path, f"{what} is '{text}', not a single {_kind_words(kind)}",
                          f"write {what} as one number on this line", line_no) from None
 
 
@@ -290,7 +296,7 @@ def _checked_value(path, line_no, key, raw):
     try:
         value = _convert(raw, key.kind)
     except ValueError:
-        raise InputError(path, f"{key.name} is '{raw}', not a {key.kind.__name__}",
+        raise InputError(path, f"{key.name} is '{raw}', not a {_kind_words(key.kind)}",
                          f"give {key.name} a {_kind_words(key.kind)} ({key.help})", line_no) from None
     problem = None
     if key.choices and value not in key.choices:

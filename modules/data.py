@@ -5,6 +5,7 @@ The dataset is one array [N designs, T time steps, M nodes] in input_data/datase
 runs code). Reads always go through SimulationArray.read, which applies the config's time subsampling and node crop,
 so a dataset larger than RAM is never loaded whole unless --load_all=1 asks for it.
 """
+import os
 import pickle
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class SimulationArray:
         self.crop = Crop(config)
         self.n_designs = config.n_designs
         self._array = None
+        self._opened_by = None
         self._check_shape((config.n_designs, config.n_steps, config.n_nodes))
 
     @property
@@ -83,8 +85,11 @@ class SimulationArray:
         return state
 
     def _opened(self):
-        if self._array is None:
+        # An HDF5 handle must not be shared with forked DataLoader workers: each process opens its own.
+        stale_hdf5 = self.path.suffix in (".h5", ".hdf5") and self._opened_by != os.getpid()
+        if self._array is None or stale_hdf5:
             self._array = _open_array(self.path, self.hdf5_dataset)
+            self._opened_by = os.getpid()
         return self._array
 
     def _check_shape(self, expected):

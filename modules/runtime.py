@@ -26,11 +26,11 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise InputError("input_data/condition.txt", f"device '{setting}' asked for, but no CUDA GPU is visible",
-                         "set device auto or cpu")
+        raise InputError("device setting", f"device '{setting}' asked for, but no CUDA GPU is visible",
+                         "use --device=auto or cpu (or the key device in condition.txt)")
     index = local_rank if setting in ("auto", "cuda") else int(setting.split(":")[1])
     if index >= torch.cuda.device_count():
-        raise InputError("input_data/condition.txt", f"device cuda:{index} asked for, but only "
+        raise InputError("device setting", f"device cuda:{index} asked for, but only "
                          f"{torch.cuda.device_count()} GPU(s) are visible", "pick an existing GPU index")
     return torch.device("cuda", index)
 
