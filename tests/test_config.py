@@ -1,0 +1,278 @@
+"""What preset.txt and input_data/condition.txt promise: how good files read, and how bad ones are refused."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_case
+from modules.config import CONDITION_FILE, PRESET_FILE, load_config
+from modules.errors import InputError
+
+BASE = """\
+Dim1 12
+Dim2 6
+Dim3 20
+Training_epochs 2
+"""
+
+
+def write_condition(case, text):
+    (case / CONDITION_FILE).write_text(text)
+
+
+def load(case, text=None, warn=None, **kwargs):
+    """load_config on the case folder, with condition.txt replaced by text when given; warnings collected in warn."""
+    if text is not None:
+        write_condition(case, text)
+    return load_config(warn=(warn.append if warn is not None else _no_warning), **kwargs)
+
+
+def _no_warning(text):
+    raise AssertionError(f"unexpected warning: {text}")
+
+
+def refused(case, text=None, **kwargs) -> InputError:
+    with pytest.raises(InputError) as caught:
+        load(case, text, **kwargs)
+    return caught.value
+
+
+# ------------------------------------------------------------------------------------------------------ good files
+def test_demo_case_files_parse():
+    config = load_config(preset_path=REPO / PRESET_FILE, condition_path=REPO / CONDITION_FILE, warn=_no_warning)
+    assert (config.n_designs, config.n_steps, config.n_nodes) == (96, 24, 400)
+    assert config.epochs == 300 and config.batch_size == 16 and config.lr == 0.002
+    assert config.recon_weight == 1e6 and config.loss_type == 1 and config.projection_rank == 64
+    assert config.encoder_filters == (64, 64, 32) and config.conditioner_filters == (32, 64, 128, 256, 512, 1024)
+
+
+def test_case_fixture_parses(case):
+    config = load(case)
+    assert (config.n_designs, config.n_steps, config.n_nodes, config.epochs) == (12, 6, 20, 2)
+    assert config.batch_size == 4 and config.val_fraction == 0.25 and config.data_no == 1
+
+
+def test_space_colon_tab_forms_and_comments_all_read(case):
+    config = load(case, "% matlab-style comment\n' basic-style comment\n# hash comment\n\n"
+                        "Dim1 12\nDim2: 6\nDim3\t20\t# trailing comment\nTraining_epochs:\t2\n  Batch_size   8  \n")
+    assert (config.n_designs, config.n_steps, config.n_nodes, config.epochs, config.batch_size) == (12, 6, 20, 2, 8)
+
+
+def test_exponent_and_plain_numbers_give_the_same_float(case):
+    short = load(case, BASE + "alpha 1e6\n").recon_weight
+    long = load(case, BASE + "alpha 1000000\n").recon_weight
+    assert short == long == 1e6 and isinstance(short, float)
+
+
+def test_whole_float_reads_as_int(case):
+    batch = load(case, BASE + "Batch_size 16.0\n").batch_size
+    assert batch == 16 and type(batch) is int
+
+
+def test_keys_are_case_insensitive(case):
+    config = load(case, "dim1 12\nDIM2 6\ndIm3 20\ntraining_EPOCHS 2\nbatch_size 5\n")
+    assert (config.n_designs, config.n_steps, config.n_nodes, config.epochs, config.batch_size) == (12, 6, 20, 2, 5)
+
+
+def test_defaults_are_filled(case):
+    config = load(case, BASE)
+    assert config.n_steps_used == 6 and config.node_start == 0 and config.node_end == 20
+    assert config.n_nodes_used == 20 and config.n_vars == 1
+    assert config.batch_size == 16 and config.loss_type == 1 and config.recon_weight == 1e6 and config.seed == 42
+    assert config.size == "small" and config.load_all == 0 and config.plot == 2 and config.device == "auto"
+
+
+def test_init_beta_divisor_is_read(case):
+    (case / PRESET_FILE).write_text("header\n1\n2.5\n16 8\n16 32\n")
+    assert load(case).init_beta_divisor == 2.5
+
+
+def test_preset_picks_its_block_and_tolerates_blank_lines(case):
+    (case / PRESET_FILE).write_text("data_No init_beta_divisor filters conditioner_filters\n"
+                                    "1\n0\n16 8\n16 32\n\n\n"
+                                    "3\n4\n32, 16, 8\n8\n")
+    first, second = load(case, preset_index=1), load(case, preset_index=2)
+    assert (first.data_no, first.init_beta_divisor, first.encoder_filters, first.conditioner_filters) == (
+        1, 0.0, (16, 8), (16, 32))
+    assert (second.data_no, second.init_beta_divisor, second.encoder_filters, second.conditioner_filters) == (
+        3, 4.0, (32, 16, 8), (8,))
+    assert second.preset_index == 2 and second.n_levels == 3
+
+
+# --------------------------------------------------------------------------------------------- command-line flags
+def test_overrides_beat_the_file(case):
+    write_condition(case, BASE + "size small\nload_all 0\n")
+    config = load(case, overrides={"size": "large", "load_all": 1})
+    assert config.size == "large" and config.load_all == 1
+
+
+def test_none_overrides_are_ignored(case):
+    config = load(case, BASE + "size large\nplot 1\n", overrides={"size": None, "plot": None, "device": None})
+    assert config.size == "large" and config.plot == 1 and config.device == "auto"
+
+
+@pytest.mark.parametrize("overrides", [{"device": "gpu"}, {"size": "huge"}, {"load_all": 7}])
+def test_overrides_are_checked_like_file_values(case, overrides):
+    refused(case, overrides=overrides)
+
+
+# ------------------------------------------------------------------------------------------------------- bad files
+def assert_names(error, path, line=None, fix_words=()):
+    """The message says which file, which line (when there is one) and how to fix it."""
+    text = str(error)
+    assert str(path) in text and error.path == str(path)
+    assert error.line == line
+    if line is not None:
+        assert f"{path}:{line}:" in text
+    assert "Fix:" in text and error.fix
+    for word in fix_words:
+        assert word in error.fix
+
+
+def test_missing_required_key_is_refused(case):
+    error = refused(case, "Dim2 6\nDim3 20\nTraining_epochs 2\n")
+    assert_names(error, CONDITION_FILE, fix_words=["Dim1"])
+    assert "Dim1" in error.problem
+
+
+def test_non_numeric_value_is_refused(case):
+    error = refused(case, BASE + "Batch_size abc\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["Batch_size"])
+    assert "abc" in error.problem
+
+
+@pytest.mark.parametrize("line, key", [("Batch_size -4", "Batch_size"), ("Training_epochs 0", "Training_epochs")],
+                         ids=["negative_batch_size", "zero_epochs"])
+def test_non_positive_counts_are_refused(case, line, key):
+    text = BASE.replace("Training_epochs 2\n", "") + line + "\n"
+    error = refused(case, text)
+    assert_names(error, CONDITION_FILE, line=4, fix_words=[key])
+    assert "> 0" in error.problem
+
+
+def test_unknown_loss_type_is_refused(case):
+    error = refused(case, BASE + "Loss_type 5\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["Loss_type"])
+    assert "1, 2, 3, 4" in error.problem
+
+
+@pytest.mark.parametrize("line", ["Batch_size", "Batch_size:", "Batch_size   # sixteen"])
+def test_key_without_value_is_refused(case, line):
+    error = refused(case, BASE + line + "\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["Batch_size <value>"])
+    assert "no value" in error.problem
+
+
+def test_key_given_twice_is_refused(case):
+    error = refused(case, BASE + "Batch_size 8\nbatch_size 4\n")
+    assert_names(error, CONDITION_FILE, line=6)
+    assert "twice" in error.problem and "Batch_size" in error.problem
+
+
+def test_preset_out_of_range_lists_existing_presets(case):
+    error = refused(case, preset_index=3)
+    assert_names(error, PRESET_FILE, fix_words=["--preset"])
+    assert "1..1" in error.problem and "3" in error.problem
+
+
+def test_bad_preset_filter_line_is_refused(case):
+    (case / PRESET_FILE).write_text("header\n1\n0\n64 x 32\n16 32\n")
+    error = refused(case)
+    assert_names(error, PRESET_FILE, line=4, fix_words=["numbers"])
+    assert "64 x 32" in error.problem
+
+
+def test_preset_file_not_header_plus_4k_lines_is_refused(case):
+    (case / PRESET_FILE).write_text("header\n1\n0\n16 8\n16 32\n2\n")
+    error = refused(case)
+    assert_names(error, PRESET_FILE, fix_words=["4 lines"])
+    assert "5 non-blank lines" in error.problem
+
+
+@pytest.mark.parametrize("path", [PRESET_FILE, CONDITION_FILE], ids=["preset", "condition"])
+def test_missing_file_is_refused(case, path):
+    (case / path).unlink()
+    error = refused(case)
+    assert_names(error, path, fix_words=["case folder"])
+    assert "not found" in error.problem
+
+
+@pytest.mark.parametrize("extra, words", [
+    ("Dim2_red 7\n", "Dim2_red"),
+    ("Dim3_end 21\n", "Dim3_end"),
+    ("Dim3_start 20\n", "Dim3_start"),
+    ("num_var 3\n", "num_var"),
+    ("beta_hold_fraction 0.9\nbeta_ramp_end_fraction 0.5\n", "beta_hold_fraction"),
+], ids=["dim2_red_above_dim2", "crop_end_outside", "crop_start_at_end", "num_var_not_dividing", "beta_out_of_order"])
+def test_inconsistent_keys_are_refused(case, extra, words):
+    error = refused(case, BASE + extra)
+    assert_names(error, CONDITION_FILE, fix_words=[words])
+
+
+def test_num_var_must_divide_the_kept_nodes_not_all_nodes(case):
+    error = refused(case, BASE + "num_var 2\nDim3_start 1\n")
+    assert "19 nodes kept" in error.problem
+    assert load(case, BASE + "num_var 2\nDim3_start 2\n").n_nodes_used == 18
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_val_fraction_must_leave_both_sides(case, value):
+    error = refused(case, BASE + f"val_fraction {value}\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["val_fraction"])
+
+
+# ---------------------------------------------------------------------------------------------- warnings and notes
+def test_unknown_key_warns_with_nearest_key(case):
+    warnings = []
+    config = load(case, BASE + "Batch_sise 8\n", warn=warnings)
+    assert config.batch_size == 16
+    assert len(warnings) == 1
+    assert "Batch_sise" in warnings[0] and "did you mean 'Batch_size'" in warnings[0]
+    assert f"{CONDITION_FILE}:5" in warnings[0]
+
+
+def test_unknown_key_without_a_near_match_warns_without_guess(case):
+    warnings = []
+    load(case, BASE + "zzzqqq 1\n", warn=warnings)
+    assert len(warnings) == 1 and "unknown key 'zzzqqq'" in warnings[0] and "did you mean" not in warnings[0]
+
+
+def test_conditioner_key_gets_no_effect_note(case):
+    warnings = []
+    load(case, BASE + "n_epoch 100\n", warn=warnings)
+    assert len(warnings) == 1
+    assert "n_epoch" in warnings[0] and "no effect" in warnings[0] and "unknown" not in warnings[0]
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def test_cli_turns_bad_config_into_exit_2_and_one_line(case, capsys):
+    from modules.cli import main
+
+    write_condition(case, BASE + "Batch_size abc\n")
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error:") and str(CONDITION_FILE) in lines[0] and "Fix:" in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not (case / "output").exists() and not (case / "model_save").exists()
+
+
+def test_cli_bad_device_flag_exits_2_on_a_gpu_machine(case, monkeypatch, capsys):
+    import torch
+    from modules.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["--device=cuda:x"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_script_exits_2_without_traceback(tmp_path):
+    write_case(tmp_path, extra="Loss_type 5\n")
+    result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--preset=1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(CONDITION_FILE) in lines[0]

@@ -1,0 +1,399 @@
+"""What the data pipeline promises: every format reads the same, crops are right, bad data is refused with a message,
+the scaler is fitted on training designs only and inverts exactly, and every loader serves the same batches."""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smooth_fields, write_case
+from modules import data as data_module
+from modules.augment import augment_batch
+from modules.config import load_config
+from modules.data import (Crop, PreloadedBatches, SimulationArray, StreamedBatches, batch_order, find_dataset,
+                          load_new_simulations, make_batches, scan_and_fit_scaler, split_indices)
+from modules.errors import InputError
+from modules.scaling import MinMaxScaler
+
+
+def _no_warning(text):
+    raise AssertionError(f"unexpected warning: {text}")
+
+
+def open_case(folder, monkeypatch, data=None, fmt="npy", extra=""):
+    """Write a case with this data (default: smooth [12, 6, 20] fields) into folder, work there; return (data, config)."""
+    monkeypatch.chdir(folder)
+    data = smooth_fields(12, 6, 20) if data is None else data
+    n, t, m = data.shape
+    write_case(folder, n=n, t=t, m=m, fmt=fmt, extra=extra, data=data)
+    return data, load_config(warn=_no_warning)
+
+
+def counting_fields(n=5, t=10, m=16):
+    """[n, t, m] float32 whose every value is unique, so any wrong index shows."""
+    return np.arange(n * t * m, dtype=np.float32).reshape(n, t, m)
+
+
+def refused(call, *args) -> InputError:
+    with pytest.raises(InputError) as caught:
+        call(*args)
+    return caught.value
+
+
+# ------------------------------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("fmt", ["npy", "h5", "hdf5", "pickle"])
+def test_every_format_reads_the_same_float32_values(tmp_path, monkeypatch, fmt):
+    stored = smooth_fields(12, 6, 20).astype(np.float64)
+    _, config = open_case(tmp_path, monkeypatch, data=stored, fmt=fmt)
+    path = find_dataset(1)
+    assert path.suffix == f".{fmt}"
+    indices = [5, 0, 11, 5, 2, 0]  # out of order and repeated
+    values = SimulationArray(path, config).read(indices)
+    assert values.dtype == np.float32 and values.shape == (6, 6, 20)
+    np.testing.assert_array_equal(values, stored[indices].astype(np.float32))
+
+
+def write_two_dataset_h5(folder, monkeypatch, extra=""):
+    import h5py
+
+    first, second = counting_fields(), -counting_fields()
+    open_case(folder, monkeypatch, data=first, extra=extra)
+    (folder / "input_data" / "dataset1.npy").unlink()
+    with h5py.File(folder / "input_data" / "dataset1.h5", "w") as handle:
+        handle.create_dataset("first", data=first)
+        handle.create_dataset("second", data=second)
+    return second, load_config(warn=_no_warning)
+
+
+def test_hdf5_dataset_key_picks_the_named_dataset(tmp_path, monkeypatch):
+    second, config = write_two_dataset_h5(tmp_path, monkeypatch, extra="hdf5_dataset second\n")
+    np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([3, 1]), second[[3, 1]])
+
+
+def test_hdf5_with_two_datasets_and_no_key_is_refused(tmp_path, monkeypatch):
+    _, config = write_two_dataset_h5(tmp_path, monkeypatch)
+    error = refused(SimulationArray, find_dataset(1), config)
+    assert "dataset1.h5" in str(error) and "first, second" in error.problem and "hdf5_dataset" in error.fix
+
+
+def test_hdf5_dataset_key_naming_no_dataset_is_refused(tmp_path, monkeypatch):
+    _, config = write_two_dataset_h5(tmp_path, monkeypatch, extra="hdf5_dataset third\n")
+    error = refused(SimulationArray, find_dataset(1), config)
+    assert "'third'" in error.problem and "first, second" in error.problem and "hdf5_dataset" in error.fix
+
+
+def test_several_dataset_files_for_one_data_no_are_refused(case):
+    np.save(case / "input_data" / "dataset1.npy", smooth_fields(12, 6, 20))
+    (case / "input_data" / "dataset1.pickle").write_bytes(b"")
+    error = refused(find_dataset, 1)
+    assert "dataset1.npy" in error.problem and "dataset1.pickle" in error.problem and "only one" in error.fix
+
+
+def test_missing_dataset_file_is_refused(case):
+    error = refused(find_dataset, 2)
+    assert error.path == str(Path("input_data/dataset2.npy")) and "not found" in error.problem
+    assert "data_No" in error.fix
+
+
+def test_shape_not_matching_dims_is_refused(case):
+    config = dataclasses.replace(load_config(warn=_no_warning), n_designs=13)
+    error = refused(SimulationArray, find_dataset(1), config)
+    assert "(12, 6, 20)" in error.problem and "[13, 6, 20]" in error.problem and "Dim1" in error.fix
+
+
+@pytest.mark.parametrize("suffix", ["npy", "h5"])
+def test_corrupt_file_is_refused_without_traceback(tmp_path, monkeypatch, suffix):
+    _, config = open_case(tmp_path, monkeypatch)
+    target = tmp_path / "input_data" / f"dataset1.{suffix}"
+    (tmp_path / "input_data" / "dataset1.npy").unlink()
+    target.write_bytes(np.random.default_rng(0).bytes(4096))
+    error = refused(SimulationArray, find_dataset(1), config)
+    assert f"dataset1.{suffix}" in str(error) and "cannot read" in error.problem
+
+
+# -------------------------------------------------------------------------------------------- crop and subsampling
+def test_dim2_red_keeps_evenly_spaced_steps_with_first_and_last(tmp_path, monkeypatch):
+    stored, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra="Dim2_red 4\n")
+    assert Crop(config).time_index.tolist() == [0, 3, 6, 9]
+    np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([1, 0]), stored[[1, 0]][:, [0, 3, 6, 9]])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "h5"])
+def test_dim3_start_and_end_crop_the_nodes(tmp_path, monkeypatch, fmt):
+    stored, config = open_case(tmp_path, monkeypatch, data=counting_fields(), fmt=fmt,
+                               extra="Dim3_start 3\nDim3_end 11\n")
+    values = SimulationArray(find_dataset(1), config).read([4, 2])
+    assert values.shape == (2, 10, 8)
+    np.testing.assert_array_equal(values, stored[[4, 2], :, 3:11])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "h5"])
+@pytest.mark.parametrize("steps", [slice(0, 2), slice(1, 4), slice(3, 5)])
+def test_read_steps_equals_slicing_the_full_read(tmp_path, monkeypatch, fmt, steps):
+    _, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), fmt=fmt,
+                          extra="Dim2_red 5\nDim3_start 2\n")
+    array = SimulationArray(find_dataset(1), config)
+    indices = [3, 0, 3]
+    part = array.read(indices, steps=steps)
+    assert part.shape[1] == steps.stop - steps.start
+    np.testing.assert_array_equal(part, array.read(indices)[:, steps])
+
+
+# --------------------------------------------------------------------------------------------- how .npy is opened
+def test_npy_is_memory_mapped(case):
+    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    assert isinstance(array._opened(), np.memmap)
+
+
+class _TouchOnUnpickle:
+    """Unpickling this object creates a file: evidence that a pickle inside the .npy was run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_object_npy_is_refused_and_never_unpickled(case):
+    evidence = case / "unpickled"
+    objects = np.empty((12, 6, 20), dtype=object)
+    objects[0, 0, 0] = _TouchOnUnpickle(evidence)
+    np.save(case / "input_data" / "dataset1.npy", objects, allow_pickle=True)
+    error = refused(SimulationArray, find_dataset(1), load_config(warn=_no_warning))
+    assert "dataset1.npy" in str(error) and "cannot read" in error.problem
+    assert not evidence.exists()
+
+
+def test_npy_is_loaded_memory_mapped_without_pickles(case, monkeypatch):
+    calls = []
+    original = np.load
+    monkeypatch.setattr(data_module.np, "load", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    SimulationArray(find_dataset(1), load_config(warn=_no_warning)).read([0])
+    assert calls and all(k.get("mmap_mode") == "r" and k.get("allow_pickle") is False for k in calls)
+
+
+# ------------------------------------------------------------------------------------------------------ NaN / Inf
+@pytest.mark.parametrize("chunk_bytes", [data_module.SCAN_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
+def test_non_finite_values_are_refused_naming_the_design(tmp_path, monkeypatch, chunk_bytes):
+    stored = smooth_fields(12, 6, 20)
+    stored[7, 2, 3] = np.nan
+    stored[9, 0, 0] = np.inf
+    _, config = open_case(tmp_path, monkeypatch, data=stored)
+    monkeypatch.setattr(data_module, "SCAN_CHUNK_BYTES", chunk_bytes)
+    error = refused(scan_and_fit_scaler, SimulationArray(find_dataset(1), config), np.arange(12), 1)
+    assert "design (sample index) 7 " in error.problem and "dataset1.npy" in str(error)
+    if chunk_bytes > 1:
+        assert "[7, 9]" in error.problem
+
+
+# ------------------------------------------------------------------------------------------------------- scaler
+def fitted(folder, monkeypatch, stored, extra="", train=None):
+    _, config = open_case(folder, monkeypatch, data=stored, extra=extra)
+    array = SimulationArray(find_dataset(1), config)
+    train = np.arange(len(stored)) if train is None else train
+    return array, scan_and_fit_scaler(array, train, config.n_vars)
+
+
+def test_scaler_is_fitted_on_training_designs_only(tmp_path, monkeypatch):
+    stored = smooth_fields(12, 6, 20)
+    train, val = split_indices(12, 0.25, 42)
+    stored[val[0], 1, 1] = 1e6
+    stored[val[-1], 2, 2] = -1e6
+    _, scaler = fitted(tmp_path, monkeypatch, stored, train=train)
+    assert scaler.data_min.tolist() == [float(stored[train].min())]
+    assert scaler.data_max.tolist() == [float(stored[train].max())]
+
+
+@pytest.mark.parametrize("chunk_bytes", [data_module.SCAN_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
+def test_scaler_maps_training_data_onto_minus_to_plus_0_7(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(data_module, "SCAN_CHUNK_BYTES", chunk_bytes)
+    train = np.array([0, 2, 3, 5, 8, 11])
+    array, scaler = fitted(tmp_path, monkeypatch, smooth_fields(12, 6, 20), train=train)
+    scaled = scaler.transform(array.read(train))
+    assert scaled.dtype == np.float32
+    assert scaled.min() == pytest.approx(-0.7, abs=1e-6) and scaled.max() == pytest.approx(0.7, abs=1e-6)
+
+
+def test_inverse_undoes_transform_for_numpy_and_torch(tmp_path, monkeypatch):
+    array, scaler = fitted(tmp_path, monkeypatch, smooth_fields(12, 6, 20) * 1000 - 50)
+    physical = array.read(np.arange(12))
+    back = scaler.inverse(scaler.transform(physical))
+    assert isinstance(back, np.ndarray) and back.dtype == np.float32
+    np.testing.assert_allclose(back, physical, rtol=1e-6, atol=1e-6 * np.abs(physical).max())
+    tensor = torch.from_numpy(physical)
+    back_tensor = scaler.inverse(scaler.transform(tensor))
+    assert isinstance(back_tensor, torch.Tensor) and back_tensor.dtype == torch.float32
+    np.testing.assert_allclose(back_tensor.numpy(), physical, rtol=1e-5, atol=1e-5 * np.abs(physical).max())
+    np.testing.assert_allclose(scaler.transform(tensor).numpy(), scaler.transform(physical), atol=1e-6)
+
+
+def test_each_variable_gets_its_own_range(tmp_path, monkeypatch):
+    stored = smooth_fields(12, 6, 20)
+    stored[:, :, 10:] = stored[:, :, 10:] * 1e4 + 5e4  # variable 2: a very different magnitude
+    array, scaler = fitted(tmp_path, monkeypatch, stored, extra="num_var 2\n")
+    assert scaler.n_vars == 2 and scaler.data_max[1] > 1e4 > scaler.data_max[0]
+    scaled = scaler.transform(array.read(np.arange(12)))
+    for variable in (scaled[..., :10], scaled[..., 10:]):
+        assert variable.min() == pytest.approx(-0.7, abs=1e-6) and variable.max() == pytest.approx(0.7, abs=1e-6)
+
+
+def test_constant_field_does_not_divide_by_zero(tmp_path, monkeypatch):
+    array, scaler = fitted(tmp_path, monkeypatch, np.full((12, 6, 20), 3.5, dtype=np.float32))
+    scaled = scaler.transform(array.read([0, 1]))
+    assert np.isfinite(scaled).all() and np.all(scaled == 0.0)
+    np.testing.assert_array_equal(scaler.inverse(scaled), np.full((2, 6, 20), 3.5, dtype=np.float32))
+
+
+def test_scaler_saves_and_loads_as_json(tmp_path):
+    scaler = MinMaxScaler([-1.5, 2.0], [4.0, 2.0])
+    path = tmp_path / "scaler.json"
+    scaler.save(path)
+    raw = path.read_bytes()
+    assert not raw.startswith(b"\x80")  # a pickle starts with its protocol byte
+    assert json.loads(raw)["data_min"] == [-1.5, 2.0]
+    loaded = MinMaxScaler.load(path)
+    values = np.linspace(-2, 5, 24, dtype=np.float32).reshape(3, 8)
+    assert loaded.to_dict() == scaler.to_dict()
+    np.testing.assert_array_equal(loaded.transform(values), scaler.transform(values))
+
+
+# -------------------------------------------------------------------------------------------------------- split
+def test_split_is_reproducible_for_a_seed_and_changes_with_it():
+    first, again, other = split_indices(20, 0.25, 7), split_indices(20, 0.25, 7), split_indices(20, 0.25, 8)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[1], other[1])
+
+
+@pytest.mark.parametrize("n, fraction", [(20, 0.25), (12, 0.2), (2, 0.01), (2, 0.5), (2, 0.99), (3, 0.99)])
+def test_split_is_disjoint_complete_and_leaves_both_sides(n, fraction):
+    train, val = split_indices(n, fraction, 3)
+    assert len(train) >= 1 and len(val) >= 1
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(n))
+    if n == 20:
+        assert len(val) == 5
+
+
+# ------------------------------------------------------------------------------------------------------- loaders
+def test_batch_order_depends_on_seed_and_epoch_and_covers_every_position_once():
+    order = batch_order(10, 4, True, seed=1, epoch=3)
+    assert [len(b) for b in order] == [4, 4, 2]
+    assert sorted(np.concatenate(order).tolist()) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(order, batch_order(10, 4, True, seed=1, epoch=3)))
+    assert not np.array_equal(np.concatenate(order), np.concatenate(batch_order(10, 4, True, seed=1, epoch=4)))
+    assert np.concatenate(batch_order(10, 4, False, seed=1, epoch=3)).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("fmt, workers", [("npy", 0), ("npy", 2), ("h5", 2)])
+def test_preloaded_and_streamed_batches_are_identical(tmp_path, monkeypatch, fmt, workers):
+    _, config = open_case(tmp_path, monkeypatch, fmt=fmt, extra="Dim2_red 4\nDim3_start 2\n")
+    array = SimulationArray(find_dataset(1), config)
+    train, _ = split_indices(12, 0.25, 42)
+    scaler = scan_and_fit_scaler(array, train, 1)
+    order = batch_order(len(train), 4, True, seed=5, epoch=1)
+    preloaded = list(PreloadedBatches(array, train, scaler, "cpu").batches(order))
+    streamed = list(StreamedBatches(array, train, scaler, "cpu", num_workers=workers).batches(order))
+    assert len(preloaded) == len(streamed) == len(order)
+    for positions, pre, stream in zip(order, preloaded, streamed):
+        assert torch.equal(pre, stream)
+        assert torch.equal(stream, torch.from_numpy(scaler.transform(array.read(train[positions]))))
+
+
+def test_make_batches_picks_the_kind_load_all_asks_for(case):
+    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    scaler = MinMaxScaler([0.0], [1.0])
+    assert isinstance(make_batches(array, [0, 1], scaler, "cpu", load_all=True), PreloadedBatches)
+    assert isinstance(make_batches(array, [0, 1], scaler, "cpu", load_all=False, num_workers=1), StreamedBatches)
+
+
+def test_streaming_reads_nothing_until_batches_are_asked_for(case, monkeypatch):
+    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    reads = []
+    original = SimulationArray.read
+    monkeypatch.setattr(SimulationArray, "read", lambda self, indices, *a, **k: (
+        reads.append(len(indices)), original(self, indices, *a, **k))[1])
+    scaler = MinMaxScaler([0.0], [5.0])
+    streamed = StreamedBatches(array, np.arange(12), scaler, "cpu")
+    assert reads == []
+    PreloadedBatches(array, np.arange(12), scaler, "cpu")
+    assert reads == [12]
+    batches = list(streamed.batches(batch_order(12, 5, True, seed=0, epoch=0)))
+    assert reads == [12, 5, 5, 2] and len(batches) == 3
+
+
+# ------------------------------------------------------------------------------------------------- augmentation
+def augment_config(case, **settings):
+    return dataclasses.replace(load_config(warn=_no_warning), **settings)
+
+
+def test_augmentation_is_off_by_default(case):
+    batch = torch.randn(4, 6, 20)
+    inputs, targets = augment_batch(batch, augment_config(case))
+    assert inputs is batch and targets is batch
+
+
+def test_noise_goes_on_inputs_only(case):
+    torch.manual_seed(0)
+    batch = torch.randn(8, 6, 20)
+    original = batch.clone()
+    inputs, targets = augment_batch(batch, augment_config(case, augment_noise_std=0.1))
+    assert torch.equal(targets, original) and torch.equal(batch, original)
+    assert float((inputs - original).std()) == pytest.approx(0.1, rel=0.15)
+
+
+def residual_outside_batch_span(batch, outputs):
+    """How far each output row lies from the span of the batch's rows; also the mixing coefficients [B_in, B_out]."""
+    basis = batch.reshape(len(batch), -1).double().T
+    rows = outputs.reshape(len(outputs), -1).double().T
+    coefficients = torch.linalg.lstsq(basis, rows).solution
+    return (basis @ coefficients - rows).abs().max().item(), coefficients
+
+
+@pytest.mark.parametrize("settings", [{"augment_mixup_prob": 1.0}, {"augment_amplitude": 0.5},
+                                      {"augment_mixup_prob": 0.7, "augment_amplitude": 0.3, "augment_noise_std": 0.0}],
+                         ids=["mixup", "amplitude", "both"])
+def test_mixup_and_amplitude_only_combine_rows_of_the_batch(case, settings):
+    torch.manual_seed(1)
+    train_batch, validation_design = torch.randn(4, 6, 20), torch.randn(1, 6, 20)
+    config = augment_config(case, **settings)
+    for _ in range(20):
+        inputs, targets = augment_batch(train_batch, config)
+        assert not torch.equal(targets, train_batch)
+        for outputs in (inputs, targets):
+            residual, coefficients = residual_outside_batch_span(train_batch, outputs)
+            assert residual < 1e-5
+            if settings == {"augment_mixup_prob": 1.0}:
+                assert torch.allclose(coefficients.sum(dim=0), torch.ones(4, dtype=torch.float64), atol=1e-6)
+                assert coefficients.min() > -1e-6
+    # the check can fail: a batch row mixed with a design from outside the batch leaves the span
+    leaked = 0.5 * train_batch[:1] + 0.5 * validation_design
+    assert residual_outside_batch_span(train_batch, leaked)[0] > 0.1
+
+
+# ----------------------------------------------------------------------------------------------- new simulations
+@pytest.fixture
+def cropped(case):
+    config = dataclasses.replace(load_config(warn=_no_warning), n_steps_used=3, node_start=2, node_end=12)
+    return Crop(config)
+
+
+def test_new_simulations_may_be_raw_or_already_cropped(case, cropped):
+    raw = smooth_fields(2, 6, 20, seed=3).astype(np.float64)
+    np.save(case / "raw.npy", raw)
+    expected = raw[:, [0, 2, 5], 2:12].astype(np.float32)
+    from_raw = load_new_simulations(case / "raw.npy", cropped)
+    assert from_raw.dtype == np.float32 and from_raw.shape == (2, 3, 10)
+    np.testing.assert_array_equal(from_raw, expected)
+    np.save(case / "kept.npy", expected)
+    np.testing.assert_array_equal(load_new_simulations(case / "kept.npy", cropped), expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 19), (2, 3, 20), (6, 20)])
+def test_new_simulations_of_another_shape_are_refused(case, cropped, shape):
+    np.save(case / "other.npy", np.zeros(shape, dtype=np.float32))
+    error = refused(load_new_simulations, case / "other.npy", cropped)
+    assert str(shape) in error.problem and "other.npy" in str(error)
+    assert "[n, 6, 20]" in error.problem and "[n, 3, 10]" in error.problem
