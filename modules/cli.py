@@ -10,7 +10,8 @@ from modules.config import check_flag, load_config
 from modules.errors import InputError
 from modules.outputs import MODEL_FILE, archive_previous_run, make_run_folders
 from modules.reconstruct import reconstruct_file
-from modules.runtime import make_runtime, pick_device
+from modules.distributed import barrier, start_runtime, stop_runtime
+from modules.runtime import pick_device
 from modules.train_vae import prepare_case, train_vae
 
 EXIT_BAD_INPUT = 2
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory-mapped file, for data larger than RAM (default 0)")
     parser.add_argument("--device", default=None,
                         help="auto (this process's GPU if there is one, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--use_ddp", action="store_true",
+                        help="train with DistributedDataParallel in each process that torchrun starts "
+                             "(torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp, or python launch_ddp.py --gpus=K)")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
                              "model_save/SimulGen-VAE and write them, in physical units, to --out")
@@ -58,10 +62,15 @@ def main(argv=None) -> int:
 def train(args) -> None:
     overrides = {"plot": args.plot, "size": args.size, "load_all": args.load_all, "device": args.device}
     config = load_config(args.preset, overrides, warn=lambda text: print(text, file=sys.stderr))
-    runtime = make_runtime(config.device)
-    case = prepare_case(config, runtime)
-    archived = archive_previous_run()
-    if archived is not None:
-        print(f"The previous run's results were moved to {archived}/")
-    make_run_folders()
-    train_vae(config, runtime, case)
+    runtime = start_runtime(config.device, args.use_ddp)
+    try:
+        case = prepare_case(config, runtime)  # every input check happens before anything on disk moves
+        if runtime.is_main:
+            archived = archive_previous_run()
+            if archived is not None:
+                print(f"The previous run's results were moved to {archived}/")
+            make_run_folders()
+        barrier(runtime)
+        train_vae(config, runtime, case)
+    finally:
+        stop_runtime()

@@ -1,5 +1,4 @@
 """Where a run computes: the device (and, under torchrun, rank and world size), decided once and passed down."""
-import os
 import random
 from dataclasses import dataclass
 
@@ -11,6 +10,8 @@ from modules.errors import InputError
 
 @dataclass(frozen=True)
 class Runtime:
+    """Set once at start-up (modules/distributed.py) and passed down; nothing below re-detects it."""
+
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -33,11 +34,6 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
         raise InputError("device setting", f"device cuda:{index} asked for, but only "
                          f"{torch.cuda.device_count()} GPU(s) are visible", "pick an existing GPU index")
     return torch.device("cuda", index)
-
-
-def make_runtime(device_setting: str) -> Runtime:
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return Runtime(device=pick_device(device_setting, local_rank))
 
 
 def seed_everything(seed: int) -> None:

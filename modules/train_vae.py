@@ -14,6 +14,7 @@ from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
 from modules.data import (SimulationArray, batch_order, find_dataset, make_batches, scan_and_fit_scaler,
                           split_indices)
+from modules.distributed import shard, sum_over_ranks, wrap_model
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.pod import pod_node_basis
@@ -37,25 +38,30 @@ class Case:
     val: object
 
 
-def train_vae(config, runtime, case: Case, say=print) -> dict:
-    """Full VAE training run on a prepared case. Returns the reconstruction report (also written to output/)."""
+def train_vae(config, runtime, case: Case, say=print):
+    """Full VAE training run on a prepared case. Every rank trains; rank 0 writes everything and returns the
+    reconstruction report (also written to output/), the other ranks return None."""
     seed_everything(config.seed)
+    say = say if runtime.is_main else (lambda text: None)
     model = build_model(config, case, runtime)
+    trainer = wrap_model(model, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
         epoch, config.epochs, config.warmup_fraction, config.lr_cycles, config.lr_min / config.lr))
-    say(f"Training on {runtime.device}: {len(case.train_indices)} training and {len(case.val_indices)} validation "
-        f"designs of {case.array.sample_shape[0]} steps x {case.array.sample_shape[1]} nodes; "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    log = RunLog(OUTPUT_DIR)
+    say(f"Training on {runtime.device} x {runtime.world_size}: {len(case.train_indices)} training and "
+        f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
+        f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in model.parameters()):,} parameters")
+    log = RunLog(OUTPUT_DIR) if runtime.is_main else None
     best_val_loss = math.inf
     for epoch in range(config.epochs):
         beta = beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
                        config.beta_ramp_end_fraction)
-        train_stats = train_epoch(model, case, optimizer, config, beta, epoch)
-        val_stats = validate(model, case.val, config)
-        log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, optimizer.param_groups[0]["lr"]))
+        train_stats = train_epoch(trainer, case, optimizer, config, beta, epoch, runtime)
+        val_stats = validate(model, case, config, runtime)
         scheduler.step()
+        if not runtime.is_main:
+            continue
+        log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, optimizer.param_groups[0]["lr"]))
         if val_stats["loss"] < best_val_loss:
             best_val_loss = val_stats["loss"]
             save_checkpoint(CHECKPOINT_DIR / "best.pt", model, config, case.scaler, optimizer, scheduler, epoch + 1,
@@ -64,6 +70,8 @@ def train_vae(config, runtime, case: Case, say=print) -> dict:
             save_checkpoint(CHECKPOINT_DIR / "last.pt", model, config, case.scaler, optimizer, scheduler, epoch + 1,
                             best_val_loss)
         report_progress(say, epoch, config, train_stats, val_stats, beta)
+    if not runtime.is_main:
+        return None
     log.close()
     model.load_state_dict(read_payload(CHECKPOINT_DIR / "best.pt")["state_dict"])
     return finish(model, case, config, runtime, log.history, say)
@@ -88,40 +96,56 @@ def build_model(config, case: Case, runtime) -> HierarchicalVAE:
     return model.to(runtime.device)
 
 
-def train_epoch(model, case: Case, optimizer, config, beta: float, epoch: int) -> dict:
-    """One pass over the training designs. Sums stay on the device: one host sync per epoch, not per step."""
-    model.train()
-    order = batch_order(len(case.train), config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
-    sums = None
-    for batch in tqdm(case.train.batches(order), total=len(order), desc=f"epoch {epoch + 1}/{config.epochs}",
-                      leave=False, disable=None):
+def train_epoch(trainer, case: Case, optimizer, config, beta: float, epoch: int, runtime) -> dict:
+    """One pass over the training designs; each rank takes its shard of every global batch.
+    Sums stay on the device: one host sync per epoch, not per step."""
+    trainer.train()
+    global_batches = batch_order(len(case.train), config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+    shards = [shard(positions, runtime) for positions in global_batches]
+    sums = torch.zeros(3 + config.n_levels, device=runtime.device)
+    batches = case.train.batches([positions for positions, _ in shards])
+    for (positions, weight), batch in tqdm(zip(shards, batches), total=len(shards), leave=False,
+                                           desc=f"epoch {epoch + 1}/{config.epochs}", disable=not runtime.is_main or None):
         inputs, targets = augment_batch(batch, config)
-        outputs = [model(inputs) for _ in range(config.recon_samples)]
+        designs = case.train_indices[positions]
+        outputs = [trainer(inputs, noise=design_noise(designs, config.seed, epoch, draw, trainer, runtime))
+                   for draw in range(config.recon_samples)]
         loss, parts = vae_loss(outputs, targets, config, beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainer.parameters(), config.grad_clip)
         optimizer.step()
-        sums = accumulate(sums, loss.detach(), parts, len(batch))
-    return averages(sums, len(case.train))
+        sums += weighted_parts(loss.detach(), parts, len(positions) if weight else 0)
+    return averages(sum_over_ranks(sums, runtime), len(case.train))
+
+
+def design_noise(designs, seed: int, epoch: int, draw: int, trainer, runtime):
+    """Reparameterisation noise [B, noise_size] keyed by (seed, epoch, draw, design): the same design gets the same
+    noise however designs are batched, streamed or spread over ranks."""
+    size = getattr(trainer, "module", trainer).noise_size
+    rows = [np.random.default_rng([seed, epoch, draw, int(design)]).standard_normal(size) for design in designs]
+    return torch.from_numpy(np.stack(rows).astype(np.float32)).to(runtime.device, non_blocking=True)
 
 
 @torch.no_grad()
-def validate(model, batches, config) -> dict:
-    """Validation along the posterior-mean path; 'loss' uses beta = 1 so epochs compare fairly as beta ramps up."""
+def validate(model, case: Case, config, runtime) -> dict:
+    """Validation along the posterior-mean path, sharded over ranks; 'loss' uses beta = 1 so that epochs compare
+    fairly while beta ramps up."""
     model.eval()
-    sums = None
-    for batch in batches.batches(batch_order(len(batches), config.batch_size, shuffle=False, seed=0, epoch=0)):
+    global_batches = batch_order(len(case.val), config.batch_size, shuffle=False, seed=0, epoch=0)
+    shards = [positions for positions, weight in (shard(p, runtime) for p in global_batches) if weight]
+    sums = torch.zeros(3 + config.n_levels, device=runtime.device)
+    for batch in case.val.batches(shards):
         loss, parts = vae_loss([model(batch, sample=False)], batch, config, beta=1.0)
-        sums = accumulate(sums, loss, parts, len(batch))
-    return averages(sums, len(batches))
+        sums += weighted_parts(loss, parts, len(batch))
+    return averages(sum_over_ranks(sums, runtime), len(case.val))
 
 
-def accumulate(sums, loss, parts, batch_size: int):
-    values = torch.cat([loss.reshape(1), parts["recon"].reshape(1), parts["kl_main"].reshape(1), parts["kl_levels"]])
-    values = values * batch_size
-    return values if sums is None else sums + values
+def weighted_parts(loss, parts, count: int):
+    """[loss, recon, kl_main, kl_level...] times the number of designs they are the mean over."""
+    return torch.cat([loss.reshape(1), parts["recon"].reshape(1), parts["kl_main"].reshape(1),
+                      parts["kl_levels"]]) * count
 
 
 def averages(sums, count: int) -> dict:

@@ -141,8 +141,9 @@ class DecoderLevel(nn.Module):
         self.inject = nn.Linear(spec.level_latent_dim, width * length)
         self.mix = ResBlock(width)
 
-    def latent(self, state, features=None, given=None, sample=True):
-        """Return (z [B, d], kl [B] or None). Posterior if encoder features are given, else the prior."""
+    def latent(self, state, features=None, given=None, sample=True, noise=None):
+        """Return (z [B, d], kl [B] or None). Posterior if encoder features are given, else the prior.
+        noise: optional standard-normal draws [B, d] to use instead of fresh ones."""
         if given is not None:
             return given, None
         prior_mean, prior_log_std = self.prior(state)
@@ -152,8 +153,9 @@ class DecoderLevel(nn.Module):
             shift_mean, shift_log_std = self.posterior_shift(torch.cat([state, features], dim=1))
             mean, log_std = prior_mean + shift_mean, prior_log_std + shift_log_std
             kl = gaussian_kl(mean, log_std, prior_mean, prior_log_std).sum(dim=-1)
-        z = mean + torch.exp(log_std) * torch.randn_like(mean) if sample else mean
-        return z, kl
+        if sample:
+            return mean + torch.exp(log_std) * (torch.randn_like(mean) if noise is None else noise), kl
+        return mean, kl
 
     def add_latent(self, state, z):
         return self.mix(state + self.inject(z).view(-1, self.width, self.length))
@@ -174,15 +176,17 @@ class Decoder(nn.Module):
         self.head = nn.Conv1d(filters[0], spec.projection_rank, 3, padding=1)
         self.node_projection = nn.Linear(spec.projection_rank, spec.n_nodes)
 
-    def forward(self, main_latent, features=None, level_latents=None, sample=True):
-        """Returns (field [B, T, M], level latents [B, L, d], level KLs [B, L] or None)."""
+    def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
+        """Returns (field [B, T, M], level latents [B, L, d], level KLs [B, L] or None).
+        level_noise: optional standard-normal draws [B, L, d] for sampling, in generation order."""
         state = self.initial(main_latent).view(-1, *self.top_shape)
         latents, kls = [], []
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
             level = self.levels[level_index]
             state = level.refine(state)
             z, kl = level.latent(state, None if features is None else features[level_index],
-                                 None if level_latents is None else level_latents[:, order], sample)
+                                 None if level_latents is None else level_latents[:, order], sample,
+                                 None if level_noise is None else level_noise[:, order])
             state = level.add_latent(state, z)
             latents.append(z)
             kls.append(kl)
@@ -203,15 +207,33 @@ class HierarchicalVAE(nn.Module):
         self.encoder = Encoder(spec)
         self.decoder = Decoder(spec)
 
-    def forward(self, fields, sample=True):
-        """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], latents."""
+    @property
+    def noise_size(self) -> int:
+        """Standard-normal numbers one posterior sample of one design uses: main latent, then each level."""
+        return self.spec.main_latent_dim + self.spec.n_levels * self.spec.level_latent_dim
+
+    def forward(self, fields, sample=True, noise=None):
+        """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], latents.
+
+        noise: optional standard-normal draws [B, noise_size] for the reparameterisation (fresh ones otherwise);
+        giving them per design makes a run independent of how designs are batched or spread over processes.
+        """
         features, main_mean, main_log_std = self.encoder(fields)
-        main_z = main_mean + torch.exp(main_log_std) * torch.randn_like(main_mean) if sample else main_mean
-        recon, level_latents, kl_levels = self.decoder(main_z, features=features, sample=sample)
+        main_noise, level_noise = self._split_noise(noise, len(fields))
+        main_z = main_mean + torch.exp(main_log_std) * main_noise if sample else main_mean
+        recon, level_latents, kl_levels = self.decoder(main_z, features=features, sample=sample,
+                                                       level_noise=level_noise)
         kl_main = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean),
                               torch.zeros_like(main_log_std)).sum(dim=-1)
         return {"recon": recon, "kl_main": kl_main, "kl_levels": kl_levels, "main_mean": main_mean,
                 "level_latents": level_latents}
+
+    def _split_noise(self, noise, count):
+        if noise is None:
+            return torch.randn(count, self.spec.main_latent_dim, device=self.decoder.initial.weight.device), None
+        main = noise[:, :self.spec.main_latent_dim]
+        levels = noise[:, self.spec.main_latent_dim:].reshape(count, self.spec.n_levels, self.spec.level_latent_dim)
+        return main, levels
 
     @torch.no_grad()
     def encode_means(self, fields):

@@ -1,0 +1,75 @@
+"""Start multi-process training through torchrun, without typing its arguments.
+
+    python launch_ddp.py --gpus=4                     # one process per GPU on this machine
+    python launch_ddp.py --gpus=4 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1   # first of two machines
+
+Checks preset.txt and input_data/condition.txt first (a bad config: one line, exit code 2, no process started), then
+runs `python -m torch.distributed.run ... SimulGen-VAE.py --use_ddp ...`, prints that command, and exits with its exit
+code (torchrun's: 1 when a worker failed). On a machine without GPUs, --gpus=K starts K CPU processes that train with
+the gloo backend.
+"""
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent / "SimulGen-VAE.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+from modules.config import load_config  # noqa: E402
+from modules.errors import InputError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, required=True, help="processes on this machine (one per GPU)")
+    parser.add_argument("--preset", type=int, help="passed to SimulGen-VAE.py")
+    parser.add_argument("--size", choices=("small", "large"), help="passed to SimulGen-VAE.py")
+    parser.add_argument("--load_all", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py")
+    parser.add_argument("--plot", type=int, choices=(0, 1, 2), help="passed to SimulGen-VAE.py")
+    parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
+    parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
+    parser.add_argument("--master_port", type=int, default=29500, help="free TCP port on that machine (default 29500)")
+    return parser
+
+
+def torchrun_command(args) -> list:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}",
+               f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
+               f"--master_port={args.master_port}", str(SCRIPT), "--use_ddp"]
+    for flag in ("preset", "size", "load_all", "plot"):
+        if getattr(args, flag) is not None:
+            command.append(f"--{flag}={getattr(args, flag)}")
+    return command
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gpus < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        print("error: command line: need --gpus >= 1, --nnodes >= 1 and 0 <= --node_rank < --nnodes. "
+              "Fix: correct those flags", file=sys.stderr)
+        return 2
+    try:
+        load_config(args.preset or 1, {"size": args.size, "load_all": args.load_all, "plot": args.plot},
+                    warn=lambda text: None)  # the workers print the warnings
+    except InputError as error:
+        print(f"error: {error.message()}", file=sys.stderr)
+        return 2
+    import torch  # only here: --help stays fast
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available and args.gpus > available:
+        print(f"error: command line: --gpus={args.gpus} but this machine has {available} GPU(s). "
+              f"Fix: use --gpus={available} or fewer", file=sys.stderr)
+        return 2
+    if not available:
+        print(f"No GPU found: starting {args.gpus} CPU process(es) with the gloo backend.")
+    command = torchrun_command(args)
+    print("Running: " + shlex.join(command), flush=True)
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Multi-process training under torchrun: process group, this rank's share of each batch, cross-rank sums.
+
+    torchrun --nproc_per_node=4 SimulGen-VAE.py --use_ddp        (or: python launch_ddp.py --gpus=4)
+
+Every rank computes; only rank 0 writes files and prints. Each global batch (the same on every rank) is cut into
+per-rank shards, each rank reads only its shard, and the loss is weighted so that DistributedDataParallel's gradient
+average equals the gradient of the whole batch: K processes train the same model as one process with the same batch.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from modules.errors import InputError
+from modules.runtime import Runtime, pick_device
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def start_runtime(device_setting: str, use_ddp: bool) -> Runtime:
+    """The runtime of this process; with use_ddp, join torchrun's process group (NCCL on CUDA, gloo on CPU)."""
+    if not use_ddp:
+        return Runtime(device=pick_device(device_setting))
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise InputError("command line", f"--use_ddp needs torchrun's environment ({', '.join(missing)} not set)",
+                         "start it with 'torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp' or "
+                         "'python launch_ddp.py --gpus=K'")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_setting, int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Runtime(device=device, rank=rank, world_size=world_size)
+
+
+def stop_runtime() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
+def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def shard(positions: np.ndarray, runtime: Runtime):
+    """This rank's part of a global batch, and the weight that makes the ranks' mean gradient the batch's gradient.
+
+    Returns (positions, weight). A rank left without designs (a last batch smaller than the world) takes one
+    design with weight 0, because every rank must join each gradient all-reduce.
+    """
+    local = positions[runtime.rank::runtime.world_size]
+    if len(local) == 0:
+        return positions[:1], 0.0
+    return local, len(local) * runtime.world_size / len(positions)
+
+
+def wrap_model(model, runtime: Runtime):
+    """The module to train: DistributedDataParallel over the model under torchrun, the model itself otherwise."""
+    if runtime.world_size == 1:
+        return model
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

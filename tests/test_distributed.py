@@ -1,0 +1,154 @@
+"""DDP: real torchrun with the gloo backend trains the same model as one process, and writes each output once."""
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, write_case
+from modules.cli import main
+from modules.distributed import shard
+from modules.runtime import Runtime
+
+spec = importlib.util.spec_from_file_location("launch_ddp", REPO / "launch_ddp.py")
+launch_ddp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(launch_ddp)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(command, folder):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, env=environment, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
+    for name in ("one", "two"):
+        write_case(tmp_path / name, n=14, epochs=3)
+    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
+    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
+                 tmp_path / "two")
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    assert "torch.distributed.run --nproc_per_node=2" in double.stdout
+    assert double.stdout.count("Training on cpu x 2") == 1  # rank 0 alone speaks
+    # Compared as a whole, not tensor by tensor: a conv bias that feeds a GroupNorm has a near-zero gradient, and
+    # Adam turns the float noise of a different summation order into full-size steps there (one process run with
+    # 1 and with 2 threads differs the same way, by up to 6 % on such a bias, 6e-6 overall).
+    one = torch.load(tmp_path / "one" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in one).sqrt()
+    assert difference <= 1e-4 * sum(torch.sum(one[k].float() ** 2) for k in one).sqrt()
+    single_losses = [row.split(",")[3] for row in (tmp_path / "one" / "output" / "metrics.csv").read_text().split()]
+    double_losses = [row.split(",")[3] for row in (tmp_path / "two" / "output" / "metrics.csv").read_text().split()]
+    assert single_losses[0] == double_losses[0] == "train/loss"
+    assert np.allclose(np.float64(single_losses[1:]), np.float64(double_losses[1:]), rtol=1e-5)
+    recon_one = np.load(tmp_path / "one" / "model_save" / "xs.npy")
+    recon_two = np.load(tmp_path / "two" / "model_save" / "xs.npy")
+    assert np.allclose(recon_one, recon_two, atol=1e-3)
+    rows = (tmp_path / "two" / "output" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("epoch,")  # one writer: one header, one row per epoch
+    assert not (tmp_path / "two" / "archive").exists()
+    assert np.load(tmp_path / "two" / "model_save" / "latent_vectors.npy").shape == (14, 8)
+
+
+def test_a_one_design_batch_on_two_ranks_keeps_both_in_step():
+    positions = np.array([5])
+    assert shard(positions, Runtime(torch.device("cpu"), 0, 2)) == (positions, 2.0)
+    local, weight = shard(positions, Runtime(torch.device("cpu"), 1, 2))
+    assert weight == 0.0 and list(local) == [5]
+
+
+@pytest.mark.parametrize("batch, world", [(7, 3), (8, 2), (2, 4)])
+def test_shards_cover_the_batch_once_and_weights_restore_the_batch_mean(batch, world):
+    positions = np.arange(100, 100 + batch)
+    shards = [shard(positions, Runtime(torch.device("cpu"), rank, world)) for rank in range(world)]
+    used = [p for local, weight in shards if weight for p in local]
+    assert sorted(used) == list(positions)
+    # DDP averages the ranks' gradients: (1/K) * sum_r weight_r * mean_r must equal the batch mean.
+    per_design = np.random.default_rng(0).normal(size=batch)
+    ranks_mean = sum(w * per_design[local - 100].mean() for local, w in shards if w) / world
+    assert ranks_mean == pytest.approx(per_design.mean())
+
+
+def test_use_ddp_without_torchrun_is_a_clear_error(case, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--use_ddp"]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    assert not (case / "model_save").exists()
+
+
+def test_launch_ddp_refuses_a_bad_config_before_starting_processes(tmp_path):
+    write_case(tmp_path, extra="Batch_size -3\n")
+    result = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2"], tmp_path)
+    assert result.returncode == 2
+    assert "Running:" not in result.stdout and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: input_data/condition.txt:")
+
+
+def test_launch_ddp_builds_the_torchrun_command_from_its_flags():
+    args = launch_ddp.build_parser().parse_args(["--gpus=4", "--preset=2", "--size=large", "--load_all=1",
+                                                  "--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3",
+                                                  "--master_port=1234"])
+    command = launch_ddp.torchrun_command(args)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    for part in ("--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=1234",
+                 "--use_ddp", "--preset=2", "--size=large", "--load_all=1"):
+        assert part in command
+
+
+class RecordingBatches:
+    """Wraps a batch source and records which positions a rank asked for."""
+
+    def __init__(self, source):
+        self.source, self.asked = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def batches(self, order):
+        self.asked.extend(list(positions) for positions in order)
+        return self.source.batches(order)
+
+
+def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
+    """train_epoch on 'rank r of 2' asks the data source for rank r's shard only; the two ranks cover the epoch."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from modules.config import load_config
+    from modules.data import batch_order
+    from modules.train_vae import build_model, prepare_case, train_epoch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        config = load_config(1, warn=lambda text: None)
+        asked = {}
+        for rank in (0, 1):
+            runtime = Runtime(torch.device("cpu"), rank, 2)
+            prepared = prepare_case(config, runtime)
+            recorder = RecordingBatches(prepared.train)
+            model = build_model(config, prepared, runtime)
+            optimizer = torch.optim.AdamW(model.parameters())
+            train_epoch(model, dataclasses.replace(prepared, train=recorder), optimizer, config, 1.0, 0, runtime)
+            asked[rank] = recorder.asked
+    finally:
+        dist.destroy_process_group()
+    global_batches = batch_order(len(prepared.train), config.batch_size, True, config.seed, 0)
+    assert len(global_batches[-1]) == 1  # 9 training designs in batches of 4: rank 1 idles (weight 0) at the end
+    for rank in (0, 1):
+        expected = [list(p[rank::2]) or list(p[:1]) for p in global_batches]
+        assert [list(p) for p in asked[rank]] == expected
+    trained_on = [p for rank in (0, 1) for batch in global_batches for p in batch[rank::2]]
+    assert sorted(trained_on) == list(range(len(prepared.train)))
