@@ -190,12 +190,12 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     Raises InputError naming the file, line and fix.
     """
     preset = read_preset(preset_path, preset_index)
-    values = read_condition(condition_path, warn)
+    values, lines = read_condition(condition_path, warn)
     values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
-    check_consistency(config, condition_path)
+    check_consistency(config, condition_path, lines)
     return config
 
 
@@ -247,9 +247,9 @@ def _preset_filters(path, numbered_line, what):
 
 
 # ------------------------------------------------------------------------------------------------ condition.txt
-def read_condition(path, warn=print) -> dict:
-    """Parse condition.txt into {field: typed value}, with defaults for keys not given."""
-    given = {}
+def read_condition(path, warn=print):
+    """Parse condition.txt into ({field: typed value} with defaults for keys not given, {field: line number})."""
+    given, lines = {}, {}
     for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
         entry = _split_condition_line(path, line_no, text)
         if entry is None:
@@ -262,7 +262,8 @@ def read_condition(path, warn=print) -> dict:
         if key.field in given:
             raise InputError(path, f"key '{key.name}' is given twice", "keep one line for it", line_no)
         given[key.field] = _checked_value(path, line_no, key, raw)
-    return _with_defaults(path, given)
+        lines[key.field] = line_no
+    return _with_defaults(path, given), lines
 
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
@@ -350,21 +351,24 @@ def _read_lines(path, what):
 
 
 # -------------------------------------------------------------------------------------------------- consistency
-def check_consistency(config: Config, path) -> None:
-    """Cross-key checks: crops inside the data, enough designs to split, schedule fractions in order."""
+def check_consistency(config: Config, path, lines: dict) -> None:
+    """Cross-key checks: crops inside the data, enough designs to split, schedule fractions in order.
+    The error points at the line of the first key involved that the file gives."""
     problems = [
-        (config.n_steps_used > config.n_steps, f"Dim2_red = {config.n_steps_used} exceeds Dim2 = {config.n_steps}",
-         "set Dim2_red <= Dim2"),
-        (not config.node_start < config.node_end <= config.n_nodes,
+        (config.n_steps_used > config.n_steps, ("n_steps_used", "n_steps"),
+         f"Dim2_red = {config.n_steps_used} exceeds Dim2 = {config.n_steps}", "set Dim2_red <= Dim2"),
+        (not config.node_start < config.node_end <= config.n_nodes, ("node_end", "node_start", "n_nodes"),
          f"node crop Dim3_start = {config.node_start}, Dim3_end = {config.node_end} is not inside 0..Dim3 = "
          f"{config.n_nodes}", "set 0 <= Dim3_start < Dim3_end <= Dim3"),
-        (config.n_nodes_used % config.n_vars != 0,
+        (config.n_nodes_used % config.n_vars != 0, ("n_vars", "node_end", "n_nodes"),
          f"{config.n_nodes_used} nodes kept do not split into num_var = {config.n_vars} equal variables",
          "make Dim3_end - Dim3_start a multiple of num_var"),
-        (config.n_designs < 2, f"Dim1 = {config.n_designs} leaves nothing to validate on", "use at least 2 designs"),
-        (config.beta_hold_fraction > config.beta_ramp_end_fraction,
+        (config.n_designs < 2, ("n_designs",), f"Dim1 = {config.n_designs} leaves nothing to validate on",
+         "use at least 2 designs"),
+        (config.beta_hold_fraction > config.beta_ramp_end_fraction, ("beta_hold_fraction", "beta_ramp_end_fraction"),
          "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
     ]
-    for failed, problem, fix in problems:
+    for failed, fields, problem, fix in problems:
         if failed:
-            raise InputError(path, problem, fix)
+            line = next((lines[field] for field in fields if field in lines), None)
+            raise InputError(path, problem, fix, line)

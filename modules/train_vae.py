@@ -48,7 +48,8 @@ def train_vae(config, runtime, case: Case, say=print):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
         epoch, config.epochs, config.warmup_fraction, config.lr_cycles, config.lr_min / config.lr))
-    say(f"Training on {runtime.device} x {runtime.world_size}: {len(case.train_indices)} training and "
+    processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
+    say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
         f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in model.parameters()):,} parameters")
     log = RunLog(OUTPUT_DIR) if runtime.is_main else None
@@ -62,13 +63,8 @@ def train_vae(config, runtime, case: Case, say=print):
         if not runtime.is_main:
             continue
         log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, optimizer.param_groups[0]["lr"]))
-        if val_stats["loss"] < best_val_loss:
-            best_val_loss = val_stats["loss"]
-            save_checkpoint(CHECKPOINT_DIR / "best.pt", model, config, case.scaler, optimizer, scheduler, epoch + 1,
-                            best_val_loss)
-        if is_save_epoch(epoch, config.epochs):
-            save_checkpoint(CHECKPOINT_DIR / "last.pt", model, config, case.scaler, optimizer, scheduler, epoch + 1,
-                            best_val_loss)
+        best_val_loss = keep_checkpoints(model, config, case, optimizer, scheduler, epoch, val_stats["loss"],
+                                         best_val_loss)
         report_progress(say, epoch, config, train_stats, val_stats, beta)
     if not runtime.is_main:
         return None
@@ -162,9 +158,17 @@ def epoch_record(train_stats, val_stats, beta, lr) -> dict:
     return record
 
 
-def is_save_epoch(epoch: int, epochs: int) -> bool:
-    every = max(1, epochs // LAST_CHECKPOINT_SAVES)
-    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+def keep_checkpoints(model, config, case, optimizer, scheduler, epoch, val_loss, best_val_loss) -> float:
+    """best.pt whenever validation improves, last.pt LAST_CHECKPOINT_SAVES times a run and at the end.
+    Returns the best validation loss so far."""
+    state = (model, config, case.scaler, optimizer, scheduler, epoch + 1)
+    if val_loss < best_val_loss:
+        best_val_loss = val_loss
+        save_checkpoint(CHECKPOINT_DIR / "best.pt", *state, best_val_loss)
+    every = max(1, config.epochs // LAST_CHECKPOINT_SAVES)
+    if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
+        save_checkpoint(CHECKPOINT_DIR / "last.pt", *state, best_val_loss)
+    return best_val_loss
 
 
 def report_progress(say, epoch, config, train_stats, val_stats, beta) -> None:

@@ -204,9 +204,9 @@ def test_missing_file_is_refused(case, path):
     ("num_var 3\n", "num_var"),
     ("beta_hold_fraction 0.9\nbeta_ramp_end_fraction 0.5\n", "beta_hold_fraction"),
 ], ids=["dim2_red_above_dim2", "crop_end_outside", "crop_start_at_end", "num_var_not_dividing", "beta_out_of_order"])
-def test_inconsistent_keys_are_refused(case, extra, words):
+def test_inconsistent_keys_are_refused_at_the_offending_line(case, extra, words):
     error = refused(case, BASE + extra)
-    assert_names(error, CONDITION_FILE, fix_words=[words])
+    assert_names(error, CONDITION_FILE, line=len(BASE.splitlines()) + 1, fix_words=[words])
 
 
 def test_num_var_must_divide_the_kept_nodes_not_all_nodes(case):

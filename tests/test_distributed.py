@@ -40,7 +40,7 @@ def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
     assert single.returncode == 0, single.stderr
     assert double.returncode == 0, double.stderr
     assert "torch.distributed.run --nproc_per_node=2" in double.stdout
-    assert double.stdout.count("Training on cpu x 2") == 1  # rank 0 alone speaks
+    assert double.stdout.count("Training on cpu x 2 processes") == 1  # rank 0 alone speaks
     # Compared as a whole, not tensor by tensor: a conv bias that feeds a GroupNorm has a near-zero gradient, and
     # Adam turns the float noise of a different summation order into full-size steps there (one process run with
     # 1 and with 2 threads differs the same way, by up to 6 % on such a bias, 6e-6 overall).
