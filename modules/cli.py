@@ -17,8 +17,15 @@ from modules.train_vae import prepare_case, train_vae
 EXIT_BAD_INPUT = 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag gets the same one-line error and exit code 2 as any other bad input."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: command line: {message}. Fix: see 'python SimulGen-VAE.py -h'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="SimulGen-VAE.py",
         description="Train a hierarchical VAE surrogate of the simulations in the current case folder "
                     "(preset.txt, input_data/condition.txt, input_data/dataset{data_No}.npy|.h5|.hdf5|.pickle).",

@@ -35,17 +35,20 @@ def pod_node_basis(array, train_indices, scaler, rank: int, seed: int):
 
 
 def _training_snapshots(array, train_indices, scaler, max_rows: int, seed: int) -> np.ndarray:
-    """Scaled snapshot rows [rows, M]: all time steps of all training designs, or an even subsample of them."""
+    """Scaled snapshot rows [rows, M]: all time steps of all training designs, or a stratified random subsample
+    (each design its own steps, spread over the whole time axis, so every phase of the transient is represented)."""
     n_steps, _ = array.sample_shape
     rng = np.random.default_rng(seed)
     designs = np.sort(rng.permutation(train_indices)[:max_rows]) if len(train_indices) > max_rows else train_indices
     steps_per_design = max(1, min(n_steps, max_rows // len(designs)))
-    step_picks = np.round(np.linspace(0, n_steps - 1, steps_per_design)).astype(int)
+    strata = np.linspace(0, n_steps, steps_per_design, endpoint=False)
     rows = []
     per_read = max(1, CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
     for start in range(0, len(designs), per_read):
         block = scaler.transform(array.read(designs[start:start + per_read]))
-        rows.append(block[:, step_picks].reshape(-1, block.shape[-1]))
+        offsets = rng.uniform(0, n_steps / steps_per_design, size=(len(block), 1))
+        picks = np.minimum((strata[None, :] + offsets).astype(int), n_steps - 1)
+        rows.append(np.take_along_axis(block, picks[:, :, None], axis=1).reshape(-1, block.shape[-1]))
     return np.concatenate(rows)
 
 

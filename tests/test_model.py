@@ -175,3 +175,19 @@ def test_pod_baseline_errors_match_an_explicit_svd():
         basis = modes[:rank].T
         recon = mean + (val - mean) @ basis @ basis.T
         assert np.allclose(errors[rank], np.linalg.norm(val - recon, axis=1) / np.linalg.norm(val, axis=1))
+
+
+def test_pod_snapshots_span_the_whole_transient_when_rows_are_scarce(case, monkeypatch):
+    """With fewer snapshot rows than designs x steps, each design contributes other steps: not all step 0."""
+    from modules.config import load_config
+    from modules.data import SimulationArray, find_dataset
+    from modules.pod import _training_snapshots
+    from modules.scaling import MinMaxScaler
+
+    data = np.broadcast_to(np.arange(6, dtype=np.float32)[None, :, None], (12, 6, 20)).copy()
+    np.save("input_data/dataset1.npy", data)
+    array = SimulationArray(find_dataset(1), load_config(1, warn=lambda text: None))
+    identity = MinMaxScaler([0.0], [1.0], 0.0, 1.0)
+    rows = _training_snapshots(array, np.arange(12), identity, max_rows=12, seed=0)
+    steps_seen = set(rows[:, 0].round().astype(int))
+    assert len(rows) == 12 and len(steps_seen) >= 4

@@ -256,3 +256,10 @@ def test_the_script_runs_from_a_case_folder_outside_the_checkout(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "model_save" / "SimulGen-VAE").exists() and (tmp_path / "output" / "loss_curves.png").exists()
     assert "POD rank" in result.stdout
+
+
+def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--plot=5"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: command line: argument --plot")
