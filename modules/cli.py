@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_flags_of_the_other_mode(args)
         if args.reconstruct:
             device = pick_device(check_flag("device", args.device or "auto"))
             reconstruct_file(args.reconstruct, args.out, MODEL_FILE, device)
@@ -64,6 +65,19 @@ def main(argv=None) -> int:
         print(f"error: {error.message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def refuse_flags_of_the_other_mode(args) -> None:
+    """A flag that the chosen mode would not use is an error, never silently ignored."""
+    if args.reconstruct:
+        unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp") if getattr(args, name) not in
+                  (None, False)]
+        if unused:
+            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to --reconstruct "
+                             "(it uses the saved model's settings)", "drop them")
+    elif args.out:
+        raise InputError("command line", "--out is where --reconstruct writes, but --reconstruct is not given",
+                         "add --reconstruct=PATH.npy or drop --out")
 
 
 def train(args) -> None:

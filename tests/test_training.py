@@ -263,3 +263,13 @@ def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: command line: argument --plot")
+
+
+@pytest.mark.parametrize("flags, words", [(["--reconstruct=a.npy", "--out=b.npy", "--size=large"], "--size"),
+                                          (["--reconstruct=a.npy", "--out=b.npy", "--use_ddp"], "--use_ddp"),
+                                          (["--out=b.npy"], "--out")])
+def test_flags_the_chosen_mode_would_not_use_are_refused(case, capsys, flags, words):
+    assert main(flags) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: command line:") and words in error
+    assert not (case / "model_save").exists() and not (case / "b.npy").exists()
