@@ -219,8 +219,10 @@ class HierarchicalVAE(nn.Module):
         giving them per design makes a run independent of how designs are batched or spread over processes.
         """
         features, main_mean, main_log_std = self.encoder(fields)
-        main_noise, level_noise = self._split_noise(noise, len(fields))
-        main_z = main_mean + torch.exp(main_log_std) * main_noise if sample else main_mean
+        main_z, level_noise = main_mean, None
+        if sample:  # the deterministic (posterior-mean) path draws no random numbers at all
+            main_noise, level_noise = self._split_noise(noise, len(fields))
+            main_z = main_mean + torch.exp(main_log_std) * main_noise
         recon, level_latents, kl_levels = self.decoder(main_z, features=features, sample=sample,
                                                        level_noise=level_noise)
         kl_main = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean),

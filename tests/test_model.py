@@ -191,3 +191,13 @@ def test_pod_snapshots_span_the_whole_transient_when_rows_are_scarce(case, monke
     rows = _training_snapshots(array, np.arange(12), identity, max_rows=12, seed=0)
     steps_seen = set(rows[:, 0].round().astype(int))
     assert len(rows) == 12 and len(steps_seen) >= 4
+
+
+def test_the_posterior_mean_path_draws_no_random_numbers():
+    model = make_model().eval()
+    torch.manual_seed(11)
+    expected = torch.rand(1)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        model(torch.zeros(2, 10, 30), sample=False)
+    assert torch.equal(torch.rand(1), expected)
