@@ -178,6 +178,11 @@ def batch_order(n_items: int, batch_size: int, shuffle: bool, seed: int, epoch: 
     return [positions[i:i + batch_size] for i in range(0, n_items, batch_size)]
 
 
+def in_order(n_items: int, batch_size: int):
+    """Every position once, in order: the batches of evaluation passes."""
+    return batch_order(n_items, batch_size, shuffle=False, seed=0, epoch=0)
+
+
 class PreloadedBatches:
     """--load_all=1: the scaled designs live on the training device; a batch is an index into that tensor."""
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from modules.data import batch_order
+from modules.data import in_order
 from modules.pod import design_gram, pod_errors
 
 
@@ -22,36 +22,29 @@ def reconstruct(model, fields_scaled):
 
 
 @torch.no_grad()
-def reconstruction_errors(model, batches, scaler, batch_size: int) -> np.ndarray:
-    """Relative L2 (physical units) of every design in a batch source, in its order."""
+def encode_and_score(model, batches, scaler, batch_size: int):
+    """One pass over a batch source, in its order, along the posterior-mean path. Returns float32 main latents
+    [n, D], level latents [n, L, d] (decoding them gives the reconstruction) and each design's relative L2 error
+    in physical units [n]."""
     model.eval()
-    errors = []
-    for batch in batches.batches(batch_order(len(batches), batch_size, shuffle=False, seed=0, epoch=0)):
-        recon = scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
+    mains, levels, errors = [], [], []
+    for batch in batches.batches(in_order(len(batches), batch_size)):
+        out = model(batch, sample=False)
+        mains.append(out["main_mean"].float().cpu().numpy())
+        levels.append(out["level_latents"].float().cpu().numpy())
+        recon = scaler.inverse(out["recon"].float().cpu().numpy())
         errors.append(relative_l2(recon, scaler.inverse(batch.float().cpu().numpy())))
-    return np.concatenate(errors)
-
-
-@torch.no_grad()
-def encode_designs(model, batches, batch_size: int):
-    """Posterior means of every design: main [n, D] and levels [n, L, d] (float32, batch-source order)."""
-    model.eval()
-    mains, levels = [], []
-    for batch in batches.batches(batch_order(len(batches), batch_size, shuffle=False, seed=0, epoch=0)):
-        main, level = model.encode_means(batch)
-        mains.append(main.float().cpu().numpy())
-        levels.append(level.float().cpu().numpy())
-    return np.concatenate(mains), np.concatenate(levels)
+    return np.concatenate(mains), np.concatenate(levels), np.concatenate(errors)
 
 
 def save_split(path, train_indices, val_indices) -> None:
     path.write_text(json.dumps({"train": [int(i) for i in train_indices], "val": [int(i) for i in val_indices]}))
 
 
-def reconstruction_report(model, case, config) -> dict:
-    """VAE vs POD (same number of latent numbers per design) on the validation designs, mean relative L2."""
-    vae_val = reconstruction_errors(model, case.val, case.scaler, config.batch_size)
-    vae_train = reconstruction_errors(model, case.train, case.scaler, config.batch_size)
+def reconstruction_report(design_errors, case, config) -> dict:
+    """VAE vs POD (same number of latent numbers per design) on the validation designs, mean relative L2.
+    design_errors: the VAE's relative L2 of every design [N], in dataset order."""
+    vae_val, vae_train = design_errors[case.val_indices], design_errors[case.train_indices]
     latent_size = config.main_latent_dim + config.n_levels * config.level_latent_dim
     ranks = sorted({0, config.main_latent_dim, latent_size})
     gram = design_gram(case.array, np.concatenate([case.train_indices, case.val_indices]))

@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from modules.data import batch_order
+from modules.data import in_order
 from modules.evaluate import reconstruct
 
 SAMPLES_SHOWN = 3
@@ -64,8 +64,7 @@ def loss_curves(plt, history, path):
 def reconstruction_samples(plt, model, case, config, path):
     """True / reconstructed / |error| maps (time down, nodes across) for the first validation designs."""
     model.eval()
-    order = batch_order(min(SAMPLES_SHOWN, len(case.val)), SAMPLES_SHOWN, shuffle=False, seed=0, epoch=0)
-    batch = next(case.val.batches(order))
+    batch = next(case.val.batches(in_order(min(SAMPLES_SHOWN, len(case.val)), SAMPLES_SHOWN)))
     true = case.scaler.inverse(batch.float().cpu().numpy())
     recon = case.scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
     figure, axes = plt.subplots(len(true), 3, figsize=(13, 3.2 * len(true)), squeeze=False)

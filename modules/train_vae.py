@@ -12,8 +12,8 @@ from tqdm import tqdm
 from modules import evaluate, plots
 from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
-from modules.data import (SimulationArray, batch_order, find_dataset, make_batches, scan_and_fit_scaler,
-                          split_indices)
+from modules.data import (SimulationArray, batch_order, find_dataset, in_order, make_batches,
+                          scan_and_fit_scaler, split_indices)
 from modules.distributed import shard, sum_over_ranks, wrap_model
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
@@ -129,8 +129,8 @@ def validate(model, case: Case, config, runtime) -> dict:
     """Validation along the posterior-mean path, sharded over ranks; 'loss' uses beta = 1 so that epochs compare
     fairly while beta ramps up."""
     model.eval()
-    global_batches = batch_order(len(case.val), config.batch_size, shuffle=False, seed=0, epoch=0)
-    shards = [positions for positions, weight in (shard(p, runtime) for p in global_batches) if weight]
+    shards = [positions for positions, weight in (shard(p, runtime) for p in in_order(len(case.val), config.batch_size))
+              if weight]
     sums = torch.zeros(3 + config.n_levels, device=runtime.device)
     for batch in case.val.batches(shards):
         loss, parts = vae_loss([model(batch, sample=False)], batch, config, beta=1.0)
@@ -185,11 +185,12 @@ def finish(model, case: Case, config, runtime, history, say) -> dict:
     case.scaler.save(MODEL_DIR / "scaler.json")
     all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime.device, False,
                                config.num_workers)
-    main_latents, level_latents = evaluate.encode_designs(model, all_designs, config.batch_size)
+    main_latents, level_latents, design_errors = evaluate.encode_and_score(model, all_designs, case.scaler,
+                                                                           config.batch_size)
     np.save(MODEL_DIR / "latent_vectors.npy", main_latents)
     np.save(MODEL_DIR / "xs.npy", level_latents)
     evaluate.save_split(MODEL_DIR / "split.json", case.train_indices, case.val_indices)
-    report = evaluate.reconstruction_report(model, case, config)
+    report = evaluate.reconstruction_report(design_errors, case, config)
     evaluate.write_report(report, OUTPUT_DIR, say)
     if config.plot < 2:
         plots.training_plots(history, model, case, config, OUTPUT_DIR, show=config.plot == 0, say=say)
