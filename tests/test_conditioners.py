@@ -1,0 +1,160 @@
+"""Latent conditioners: shapes for every kind, no dead parameters, dropout and stochastic depth, specs that survive
+saving, the guards, and an MLP that actually learns."""
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from modules.conditioners import ConditionerSpec, build_conditioner
+
+SMALL_VIT = dict(vit_patch_size=8, vit_dim=32, vit_depth=2, vit_heads=4)
+
+
+def make(kind, input_shape, output_dim=12, filters=(8, 16), seed=0, **options):
+    torch.manual_seed(seed)
+    if kind == "vit":
+        options = {**SMALL_VIT, **options}
+    spec = ConditionerSpec(kind=kind, input_shape=input_shape, output_dim=output_dim, filters=filters, **options)
+    return build_conditioner(spec)
+
+
+def dead_parameters(model, inputs):
+    """Names of parameters whose gradient is missing or all zero after one backward of a random loss."""
+    model.zero_grad()
+    outputs = model(inputs)
+    (outputs * torch.randn_like(outputs)).sum().backward()
+    return [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+@pytest.mark.parametrize("n_params, filters", [(1, (8,)), (5, (16, 32)), (7, (32, 64, 128, 256))])
+def test_mlp_output_shape(n_params, filters):
+    model = make("mlp", (n_params,), output_dim=10, filters=filters)
+    assert model(torch.randn(3, n_params)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("channels, size, filters", [
+    (1, 16, (8,)), (3, 32, (8, 16)), (1, 64, (8, 16, 32, 32)), (3, 16, (8, 8, 16, 16, 32, 32))])
+@pytest.mark.parametrize("spatial_attention", [False, True])
+def test_cnn_output_shape_for_sizes_channels_and_depths(channels, size, filters, spatial_attention):
+    model = make("cnn", (channels, size, size), filters=filters, spatial_attention=spatial_attention)
+    assert model(torch.randn(2, channels, size, size)).shape == (2, 12)
+
+
+@pytest.mark.parametrize("channels, size, patch", [(1, 16, 8), (3, 32, 8), (1, 64, 16), (3, 64, 16)])
+def test_vit_output_shape_for_sizes_and_channels(channels, size, patch):
+    model = make("vit", (channels, size, size), vit_patch_size=patch)
+    assert model(torch.randn(2, channels, size, size)).shape == (2, 12)
+
+
+def test_cnn_works_at_the_largest_image_size_with_six_stages():
+    model = make("cnn", (3, 256, 256), filters=(4, 4, 8, 8, 16, 16), spatial_attention=True)
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 12)
+
+
+def test_mlp_every_parameter_gets_a_gradient():
+    assert dead_parameters(make("mlp", (5,), filters=(16, 32, 32)), torch.randn(4, 5)) == []
+
+
+@pytest.mark.parametrize("spatial_attention", [False, True])
+def test_cnn_every_parameter_gets_a_gradient(spatial_attention):
+    # size 32 with 4 stages ends at 4x4: large enough that every tap of every 3x3 and 7x7 kernel touches the image
+    model = make("cnn", (3, 32, 32), filters=(16, 16, 32, 32), spatial_attention=spatial_attention)
+    assert dead_parameters(model, torch.randn(4, 3, 32, 32)) == []
+
+
+def test_vit_every_parameter_gets_a_gradient():
+    model = make("vit", (1, 32, 32), vit_drop_path=0.0)
+    assert dead_parameters(model, torch.randn(4, 1, 32, 32)) == []
+
+
+def test_spatial_attention_adds_parameters_and_changes_the_output():
+    images = torch.randn(2, 1, 32, 32)
+    plain = make("cnn", (1, 32, 32), spatial_attention=False).eval()
+    attending = make("cnn", (1, 32, 32), spatial_attention=True).eval()
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    assert count(attending) > count(plain)
+    # same weights everywhere else, so any change in the output is the attention's doing
+    assert attending.load_state_dict(plain.state_dict(), strict=False).unexpected_keys == []
+    assert not torch.allclose(plain(images), attending(images))
+
+
+def test_mlp_dropout_grows_with_depth_up_to_the_configured_rate():
+    model = make("mlp", (4,), filters=(16, 16, 32, 32), dropout=0.4)
+    rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(rates) == 4
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kind, input_shape", [("mlp", (5,)), ("cnn", (1, 16, 16)), ("vit", (3, 16, 16))])
+def test_eval_is_deterministic_and_train_dropout_is_not(kind, input_shape):
+    model = make(kind, input_shape, dropout=0.5, vit_drop_path=0.0)  # only dropout may make train mode random
+    inputs = torch.randn(4, *input_shape)
+    model.eval()
+    assert torch.equal(model(inputs), model(inputs))
+    model.train()
+    assert not torch.allclose(model(inputs), model(inputs))
+
+
+def test_vit_stochastic_depth_skips_blocks_per_sample_in_training_only():
+    model = make("vit", (1, 16, 16), dropout=0.0, vit_drop_path=0.9, vit_depth=4)
+    same_image = torch.randn(1, 1, 16, 16).expand(8, -1, -1, -1)  # identical samples: any difference is drop-path
+    model.train()
+    first = model(same_image)
+    assert not torch.allclose(first, model(same_image))
+    assert not torch.allclose(first[0:1].expand_as(first), first), "the whole batch shared one drop decision"
+    model.eval()
+    out = model(same_image)
+    assert torch.equal(out, model(same_image))
+    assert torch.allclose(out[0:1].expand_as(out), out)
+
+
+def test_untrained_conditioner_predicts_near_zero():
+    for model, inputs in [(make("mlp", (5,)), torch.randn(4, 5)),
+                          (make("cnn", (1, 16, 16)), torch.randn(4, 1, 16, 16)),
+                          (make("vit", (1, 16, 16)), torch.randn(4, 1, 16, 16))]:
+        assert model.eval()(inputs).abs().max() < 0.1
+
+
+def test_spec_round_trips_through_dict_and_a_weights_only_checkpoint(tmp_path):
+    spec = ConditionerSpec(kind="cnn", input_shape=(3, 64, 64), output_dim=56, filters=(32, 64, 128),
+                           dropout=0.2, spatial_attention=True, vit_drop_path=0.3)
+    values = spec.to_dict()
+    assert values == json.loads(json.dumps(values)), "to_dict must hold plain types only (lists, not tuples)"
+    assert ConditionerSpec.from_dict(values) == spec
+    torch.save({"spec": spec.to_dict()}, tmp_path / "conditioner.pt")
+    loaded = torch.load(tmp_path / "conditioner.pt", weights_only=True)
+    assert ConditionerSpec.from_dict(loaded["spec"]) == spec
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(input_shape=(1, 30, 30), vit_patch_size=8), "vit_patch_size"),
+    (dict(input_shape=(1, 32, 32), vit_dim=30, vit_heads=4), "vit_heads"),
+    (dict(kind="transformer"), "unknown conditioner kind")])
+def test_guards_raise_value_error(options, message):
+    values = dict(kind="vit", input_shape=(1, 32, 32), output_dim=4, filters=(8,), vit_patch_size=8, vit_dim=32,
+                  vit_depth=1, vit_heads=4)
+    with pytest.raises(ValueError, match=message):
+        build_conditioner(ConditionerSpec(**{**values, **options}))
+
+
+def test_mlp_learns_a_smooth_function():
+    torch.manual_seed(0)
+    inputs = torch.rand(64, 3) * 2 - 1
+    targets = torch.stack([torch.sin(2 * inputs[:, 0]), inputs[:, 1] * inputs[:, 2],
+                           torch.cos(inputs.sum(1)) - 0.5, inputs[:, 0] ** 2 - inputs[:, 2]], dim=1)
+    targets = (targets - targets.mean(0)) / targets.std(0)  # standardised, like the real latent targets
+    model = make("mlp", (3,), output_dim=4, filters=(32, 32), dropout=0.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    start = time.perf_counter()
+    losses = []
+    for _ in range(200):
+        loss = (model(inputs) - targets).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+    assert time.perf_counter() - start < 3
