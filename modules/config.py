@@ -96,17 +96,67 @@ KEYS = (
     Key("plot", "plot", int, 2, "0: save PNG plots and show them; 1: save PNGs; 2: no plots", choices=(0, 1, 2)),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
         lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
+    # ---- latent conditioner: maps what defines a design (CSV row or geometry image) to its latents
+    Key("input_type", "input_type", str, "none",
+        "what defines a design: none (train the VAE only), csv (parameters, MLP), image (CNN) or image_vit (ViT)",
+        choices=("none", "csv", "image", "image_vit")),
+    Key("param_dir", "param_dir", str, "",
+        "the parameter CSV (input_type csv) or the image folder (image, image_vit), relative to the case folder"),
+    Key("param_data_type", "param_data_type", str, "", "file type of param_dir: .csv, .png or .jpg "
+        "(default: .csv for csv, .png for images)",
+        lambda v: None if v.lower().lstrip(".") in ("csv", "png", "jpg", "jpeg") else "must be .csv, .png or .jpg"),
+    Key("num_param", "num_param", int, 0, "columns of the parameter CSV, checked when given (0: take the file's)",
+        _non_negative),
+    Key("image_size", "image_size", int, 256, "images are resized to image_size x image_size pixels", _positive),
+    Key("n_epoch", "lc_epochs", int, 500, "latent-conditioner training epochs", _positive),
+    Key("latent_conditioner_lr", "lc_lr", float, 1e-3, "peak learning rate of the conditioner's AdamW", _positive),
+    Key("latent_conditioner_batch", "lc_batch_size", int, 16, "designs per conditioner batch", _positive),
+    Key("latent_conditioner_dropout_rate", "lc_dropout", float, 0.1,
+        "conditioner dropout (the MLP's deepest block; shallower blocks drop less)",
+        lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1"),
+    Key("latent_conditioner_weight_decay", "lc_weight_decay", float, 1e-4, "conditioner AdamW weight decay",
+        _non_negative),
+    Key("lc_patience", "lc_patience", int, 100,
+        "stop the conditioner after this many epochs without a better validation loss (0: never)", _non_negative),
+    Key("use_spatial_attention", "use_spatial_attention", int, 0, "1: spatial attention in the CNN's stages",
+        choices=(0, 1)),
+    Key("lc_augment_flip", "lc_augment_flip", int, 0,
+        "1: random horizontal/vertical flips of training images (only if your geometry is symmetric)", choices=(0, 1)),
+    Key("lc_augment_shift", "lc_augment_shift", int, 0, "random shifts of training images by up to this many pixels",
+        _non_negative),
+    Key("vit_patch_size", "vit_patch_size", int, 16, "ViT patch size in pixels (must divide image_size)", _positive),
+    Key("vit_dim", "vit_dim", int, 256, "ViT token width", _positive),
+    Key("vit_depth", "vit_depth", int, 6, "ViT transformer blocks", _positive),
+    Key("vit_heads", "vit_heads", int, 8, "ViT attention heads (must divide vit_dim)", _positive),
+    Key("vit_drop_path", "vit_drop_path", float, 0.1, "ViT stochastic depth rate of the last block",
+        lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1"),
+    Key("use_e2e_training", "use_e2e_training", int, 0,
+        "1: train the conditioner through the frozen VAE decoder on the field reconstruction loss", choices=(0, 1)),
+    Key("e2e_loss_function", "e2e_loss_function", str, "MSE", "field loss of end-to-end training",
+        choices=("MSE", "MAE", "Huber", "SmoothL1")),
+    Key("use_latent_regularization", "use_latent_regularization", int, 0,
+        "1: end-to-end training also pulls the predicted latents towards the VAE's latents", choices=(0, 1)),
+    Key("latent_reg_weight", "latent_reg_weight", float, 1e-3, "weight of that latent term", _non_negative),
+    Key("e2e_vae_model_path", "e2e_vae_model_path", str, "",
+        "VAE that --lc_only=1 end-to-end training decodes through (default: model_save/SimulGen-VAE)"),
 )
 KEYS_BY_NAME = {key.name.lower(): key for key in KEYS}
 
-# Keys of the users' condition.txt that belong to the latent conditioner, which this version does not train yet:
-# they are recognised (no "unknown key" noise) and reported once as having no effect.
-CONDITIONER_KEYS = (
-    "num_param", "param_dir", "param_data_type", "input_type", "n_epoch", "latent_conditioner_lr",
-    "latent_conditioner_batch", "latent_conditioner_dropout_rate", "latent_conditioner_weight_decay",
-    "use_spatial_attention", "use_e2e_training", "e2e_loss_function", "use_latent_regularization",
-    "latent_reg_weight", "e2e_vae_model_path",
-)
+# Keys that only act in some setups: given while they cannot act, they are reported (never silently ignored).
+ONLY_WITH = {
+    **{field: (lambda c: c.input_type != "none", "input_type is none (VAE only)") for field in (
+        "param_dir", "param_data_type", "num_param", "lc_epochs", "lc_lr", "lc_batch_size", "lc_dropout",
+        "lc_weight_decay", "lc_patience", "use_e2e_training")},
+    **{field: (lambda c: c.input_type in ("image", "image_vit"), "input_type is not an image type") for field in (
+        "image_size", "lc_augment_flip", "lc_augment_shift")},
+    "use_spatial_attention": (lambda c: c.input_type == "image", "input_type is not image (CNN)"),
+    **{field: (lambda c: c.input_type == "image_vit", "input_type is not image_vit") for field in (
+        "vit_patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_drop_path")},
+    **{field: (lambda c: c.use_e2e_training == 1, "use_e2e_training is 0") for field in (
+        "e2e_loss_function", "use_latent_regularization", "e2e_vae_model_path")},
+    "latent_reg_weight": (lambda c: c.use_e2e_training == 1 and c.use_latent_regularization == 1,
+                          "use_e2e_training or use_latent_regularization is 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -164,6 +214,30 @@ class Config:
     load_all: int
     plot: int
     device: str
+    input_type: str
+    param_dir: str
+    param_data_type: str
+    num_param: int
+    image_size: int
+    lc_epochs: int
+    lc_lr: float
+    lc_batch_size: int
+    lc_dropout: float
+    lc_weight_decay: float
+    lc_patience: int
+    use_spatial_attention: int
+    lc_augment_flip: int
+    lc_augment_shift: int
+    vit_patch_size: int
+    vit_dim: int
+    vit_depth: int
+    vit_heads: int
+    vit_drop_path: float
+    use_e2e_training: int
+    e2e_loss_function: str
+    use_latent_regularization: int
+    latent_reg_weight: float
+    e2e_vae_model_path: str
 
     @property
     def n_nodes_used(self) -> int:
@@ -172,6 +246,21 @@ class Config:
     @property
     def n_levels(self) -> int:
         return len(self.encoder_filters)
+
+    @property
+    def latent_size(self) -> int:
+        """Numbers per design: the main latent plus every level's latent."""
+        return self.main_latent_dim + self.n_levels * self.level_latent_dim
+
+    @property
+    def has_conditioner(self) -> bool:
+        return self.input_type != "none"
+
+    @property
+    def condition_extension(self) -> str:
+        """param_data_type as a lower-case suffix with its dot, defaulted from input_type."""
+        given = self.param_data_type.lower().lstrip(".")
+        return "." + (given or ("csv" if self.input_type == "csv" else "png"))
 
     def to_dict(self) -> dict:
         """Plain types only (lists, not tuples), for JSON and weights-only checkpoints."""
@@ -196,6 +285,7 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
     check_consistency(config, condition_path, lines)
+    _note_keys_without_effect(config, condition_path, lines, warn)
     return config
 
 
@@ -282,10 +372,6 @@ def _split_condition_line(path, line_no, text):
 
 
 def _warn_unknown(path, line_no, name, warn):
-    if name.lower() in CONDITIONER_KEYS:
-        warn(f"{path}:{line_no}: note: '{name}' is a latent-conditioner setting; this version trains the VAE only, "
-             "so it has no effect")
-        return
     close = difflib.get_close_matches(name.lower(), list(KEYS_BY_NAME), n=1, cutoff=0.6)
     hint = f"; did you mean '{KEYS_BY_NAME[close[0]].name}'?" if close else ""
     warn(f"{path}:{line_no}: warning: unknown key '{name}' is ignored{hint}")
@@ -367,8 +453,38 @@ def check_consistency(config: Config, path, lines: dict) -> None:
          "use at least 2 designs"),
         (config.beta_hold_fraction > config.beta_ramp_end_fraction, ("beta_hold_fraction", "beta_ramp_end_fraction"),
          "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
+        *_conditioner_problems(config),
     ]
     for failed, fields, problem, fix in problems:
         if failed:
             line = next((lines[field] for field in fields if field in lines), None)
             raise InputError(path, problem, fix, line)
+
+
+def _conditioner_problems(config: Config) -> list:
+    """(failed, fields, problem, fix) rows for the latent-conditioner keys."""
+    images = config.input_type in ("image", "image_vit")
+    return [
+        (config.has_conditioner and not config.param_dir, ("input_type",),
+         f"input_type {config.input_type} needs param_dir",
+         "add 'param_dir <the parameter CSV or the image folder>' (relative to the case folder)"),
+        (config.input_type == "csv" and config.condition_extension != ".csv", ("param_data_type",),
+         f"param_data_type {config.param_data_type} does not fit input_type csv", "set param_data_type .csv"),
+        (images and config.condition_extension == ".csv", ("param_data_type",),
+         f"param_data_type .csv does not fit input_type {config.input_type}", "set param_data_type .png or .jpg"),
+        (config.input_type == "image_vit" and config.image_size % config.vit_patch_size != 0,
+         ("vit_patch_size", "image_size"), f"vit_patch_size {config.vit_patch_size} does not divide image_size "
+         f"{config.image_size}", "choose a patch size that divides the image size (e.g. 8 or 16)"),
+        (config.input_type == "image_vit" and config.vit_dim % config.vit_heads != 0, ("vit_heads", "vit_dim"),
+         f"vit_heads {config.vit_heads} does not divide vit_dim {config.vit_dim}", "make vit_dim a multiple of vit_heads"),
+        (config.use_e2e_training and not config.has_conditioner, ("use_e2e_training", "input_type"),
+         "use_e2e_training 1 trains a conditioner, but input_type is none", "set input_type csv, image or image_vit"),
+    ]
+
+
+def _note_keys_without_effect(config: Config, path, lines: dict, warn) -> None:
+    """A key the file gives that cannot act in this setup gets a note, so no setting is silently ignored."""
+    for field, line in sorted(lines.items(), key=lambda item: item[1]):
+        if field in ONLY_WITH and not ONLY_WITH[field][0](config):
+            name = next(key.name for key in KEYS if key.field == field)
+            warn(f"{path}:{line}: note: '{name}' has no effect because {ONLY_WITH[field][1]}")

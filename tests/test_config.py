@@ -43,7 +43,9 @@ def test_demo_case_files_parse():
     assert (config.n_designs, config.n_steps, config.n_nodes) == (96, 24, 400)
     assert config.epochs == 300 and config.batch_size == 16 and config.lr == 0.002
     assert config.recon_weight == 1e6 and config.loss_type == 1 and config.projection_rank == 64
-    assert config.encoder_filters == (64, 64, 32) and config.conditioner_filters == (32, 64, 128, 256, 512, 1024)
+    assert config.encoder_filters == (64, 64, 32) and config.conditioner_filters == (32, 64, 128, 256)
+    assert config.input_type == "csv" and config.param_dir == "input_data/parameters.csv" and config.use_e2e_training
+    assert (REPO / config.param_dir).exists()
 
 
 def test_case_fixture_parses(case):
@@ -276,3 +278,42 @@ def test_script_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and str(CONDITION_FILE) in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ latent-conditioner keys
+@pytest.mark.parametrize("lines, line_no, words", [
+    ("input_type csv\n", 5, "needs param_dir"),
+    ("input_type csv\nparam_dir p.csv\nparam_data_type png\n", 7, "does not fit input_type csv"),
+    ("input_type image\nparam_dir images\nparam_data_type .csv\n", 7, "does not fit input_type image"),
+    ("input_type image_vit\nparam_dir images\nimage_size 64\nvit_patch_size 12\n", 8, "does not divide image_size"),
+    ("input_type image_vit\nparam_dir images\nvit_dim 100\nvit_heads 8\n", 8, "vit_heads 8 does not divide"),
+    ("use_e2e_training 1\n", 5, "input_type is none"),
+    ("input_type mlp\n", 5, "must be one of none, csv, image, image_vit"),
+    ("input_type csv\nparam_dir p.csv\ne2e_loss_function L2\n", 7, "must be one of MSE, MAE, Huber, SmoothL1"),
+    ("latent_conditioner_dropout_rate 1\n", 5, "must be >= 0 and < 1"),
+])
+def test_conditioner_key_problems_name_the_line(case, lines, line_no, words):
+    with pytest.raises(InputError) as error:
+        load(case, BASE + lines)
+    assert f"condition.txt:{line_no}:" in error.value.message() and words in error.value.message()
+
+
+def test_conditioner_keys_are_typed_with_defaults(case):
+    config = load(case, BASE + "input_type image\nparam_dir images\nparam_data_type JPG\nn_epoch 7\n")
+    assert config.input_type == "image" and config.lc_epochs == 7 and config.condition_extension == ".jpg"
+    assert config.image_size == 256 and config.lc_batch_size == 16 and config.use_e2e_training == 0
+    assert load(case, BASE + "input_type csv\nparam_dir p.csv\n").condition_extension == ".csv"
+    assert config.latent_size == 32 + 2 * 8
+
+
+@pytest.mark.parametrize("lines, key, reason", [
+    ("vit_depth 3\n", "vit_depth", "input_type is not image_vit"),
+    ("input_type csv\nparam_dir p.csv\nimage_size 64\n", "image_size", "not an image type"),
+    ("input_type csv\nparam_dir p.csv\ne2e_loss_function MAE\n", "e2e_loss_function", "use_e2e_training is 0"),
+    ("input_type image\nparam_dir i\nuse_e2e_training 1\nlatent_reg_weight 1\n", "latent_reg_weight",
+     "use_latent_regularization is 0"),
+])
+def test_a_key_that_cannot_act_in_this_setup_gets_a_note(case, lines, key, reason):
+    warnings = []
+    load(case, BASE + lines, warn=warnings)
+    assert len(warnings) == 1 and f"'{key}' has no effect because" in warnings[0] and reason in warnings[0]
