@@ -1,6 +1,7 @@
 """Start multi-process training through torchrun, without typing its arguments.
 
     python launch_ddp.py --gpus=4                     # one process per GPU on this machine
+    python launch_ddp.py --gpus=4 --lc_only=1         # only the latent conditioner, on the saved VAE
     python launch_ddp.py --gpus=4 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1   # first of two machines
 
 Checks preset.txt and input_data/condition.txt first (a bad config: one line, exit code 2, no process started), then
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", choices=("small", "large"), help="passed to SimulGen-VAE.py")
     parser.add_argument("--load_all", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py")
     parser.add_argument("--plot", type=int, choices=(0, 1, 2), help="passed to SimulGen-VAE.py")
+    parser.add_argument("--lc_only", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py (1: train only the "
+                        "latent conditioner on the saved VAE)")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
@@ -39,7 +42,7 @@ def torchrun_command(args) -> list:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}",
                f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
                f"--master_port={args.master_port}", str(SCRIPT), "--use_ddp"]
-    for flag in ("preset", "size", "load_all", "plot"):
+    for flag in ("preset", "size", "load_all", "plot", "lc_only"):
         if getattr(args, flag) is not None:
             command.append(f"--{flag}={getattr(args, flag)}")
     return command

@@ -36,6 +36,9 @@ Outputs (relative to ``--out-root``, default: the repository root)
 * ``images/design_001.png`` ...: 64 x 64 grayscale geometry images; the
   inclusion disk is anti-aliased with gray level encoding log(k_inc)
   from [log 0.1, log 10] onto [64, 255]; row 0 is the top (y near 1).
+* ``input_data/new_designs/``: ``parameters.csv``, ``images/`` and the true
+  ``fields.npy`` of 8 more designs (seed + 1), never part of the training
+  data, for trying ``--predict``.
 
 Usage (from the repository root)::
 
@@ -72,6 +75,8 @@ def parse_args():
                         help="number of recorded snapshots")
     parser.add_argument("--t-end", type=float, default=0.4,
                         help="final (non-dimensional) time")
+    parser.add_argument("--n-new", type=int, default=8,
+                        help="extra designs, never trained on, for trying --predict")
     return parser.parse_args()
 
 
@@ -148,16 +153,17 @@ def divergence(u, kx, ky):
     return div
 
 
-def solve_transient(k, n_snapshots, t_end):
+def solve_transient(k, n_snapshots, t_end, k_max=None):
     """Integrate all designs with explicit Euler; return ``[N, T, G*G]``.
 
     A single time step, the largest allowed by ``dt <= 0.2 h^2 / k_max``
-    over the batch that divides the snapshot interval exactly, is used.
+    (k_max: the batch's largest conductivity unless given) that divides the
+    snapshot interval exactly, is used.
     """
     n, grid, _ = k.shape
     h = 1.0 / (grid - 1)
     dt_snap = t_end / n_snapshots
-    dt_max = 0.2 * h ** 2 / k.max()
+    dt_max = 0.2 * h ** 2 / (k.max() if k_max is None else k_max)
     substeps = int(np.ceil(dt_snap / dt_max))
     coef = (dt_snap / substeps) / h ** 2
     kx, ky = face_conductivities(k)
@@ -246,6 +252,20 @@ def main():
     paths = write_tables(data, params, args.grid, root / "input_data")
     paths += write_images(params, root / "images")
     print_summary(data, paths, root, time.perf_counter() - start)
+    write_new_designs(args, k.max(), root / "input_data" / "new_designs")
+
+
+def write_new_designs(args, k_max, folder):
+    """Designs drawn with another seed, solved with the same time step: parameters.csv, images/ and their true
+    fields.npy, to try --predict on designs the model has never seen and measure its error."""
+    params = sample_parameters(args.n_new, args.seed + 1)
+    k = conductivity_fields(params, args.grid)
+    data = solve_transient(k, args.steps, args.t_end, max(k_max, k.max()))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "fields.npy", data, allow_pickle=False)
+    write_csv(folder / "parameters.csv", PARAM_NAMES, params)
+    write_images(params, folder / "images")
+    print(f"{args.n_new} new designs for --predict: {folder}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ then, because the config and the data are checked before an earlier run's result
 import argparse
 import sys
 
-from modules.config import check_flag, load_config
-from modules.errors import InputError
-from modules.outputs import MODEL_FILE, archive_previous_run, make_run_folders
-from modules.reconstruct import reconstruct_file
+from pathlib import Path
+
+from modules.conditioner_case import prepare_conditioner_case, read_conditions
+from modules.config import CONDITION_FILE, check_flag, load_config
 from modules.distributed import barrier, start_runtime, stop_runtime
+from modules.errors import InputError
+from modules.outputs import (CONDITIONER_FILE, MODEL_FILE, archive_previous_conditioner, archive_previous_run,
+                             make_run_folders)
+from modules.predict import predict_file
+from modules.reconstruct import reconstruct_file
 from modules.runtime import pick_device
+from modules.train_conditioner import train_conditioner
 from modules.train_vae import prepare_case, train_vae
 
 EXIT_BAD_INPUT = 2
@@ -45,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_ddp", action="store_true",
                         help="train with DistributedDataParallel in each process that torchrun starts "
                              "(torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp, or python launch_ddp.py --gpus=K)")
+    parser.add_argument("--lc_only", type=int, choices=(0, 1), default=0,
+                        help="0: train the VAE, then the latent conditioner when input_type is set; 1: train only "
+                             "the conditioner, on the VAE in model_save/ (its files are left as they are)")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
                              "model_save/SimulGen-VAE and write them, in physical units, to --out")
-    parser.add_argument("--out", metavar="OUT.npy", help="output file of --reconstruct (must not exist yet)")
+    parser.add_argument("--predict", metavar="PATH",
+                        help="instead of training: the fields of new designs, from a CSV of their parameters or a "
+                             "folder (or one file) of their images, with model_save/latent_conditioner; "
+                             "written in physical units to --out")
+    parser.add_argument("--samples", type=int, metavar="K", default=0,
+                        help="with --predict: also draw K decoder samples per design, written with their mean and "
+                             "standard deviation beside --out")
+    parser.add_argument("--out", metavar="OUT.npy",
+                        help="output file of --reconstruct or --predict (must not exist yet)")
     return parser
 
 
@@ -57,8 +74,13 @@ def main(argv=None) -> int:
     try:
         refuse_flags_of_the_other_mode(args)
         if args.reconstruct:
-            device = pick_device(check_flag("device", args.device or "auto"))
-            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, device)
+            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
+                                                                                            args.device or "auto")))
+        elif args.predict:
+            predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE,
+                         pick_device(check_flag("device", args.device or "auto")))
+        elif args.lc_only:
+            train_conditioner_only(args)
         else:
             train(args)
     except InputError as error:
@@ -69,29 +91,77 @@ def main(argv=None) -> int:
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    if args.reconstruct:
-        unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp") if getattr(args, name) not in
-                  (None, False)]
+    if args.reconstruct and args.predict:
+        raise InputError("command line", "--reconstruct and --predict are two different modes", "give one of them")
+    mode = "--reconstruct" if args.reconstruct else "--predict" if args.predict else None
+    if mode:
+        unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp", "lc_only")
+                  if getattr(args, name) not in (None, False, 0)]
         if unused:
-            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to --reconstruct "
+            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to {mode} "
                              "(it uses the saved model's settings)", "drop them")
     elif args.out:
-        raise InputError("command line", "--out is where --reconstruct writes, but --reconstruct is not given",
-                         "add --reconstruct=PATH.npy or drop --out")
+        raise InputError("command line", "--out is where --reconstruct or --predict writes, but neither is given",
+                         "add --reconstruct=PATH.npy or --predict=PATH, or drop --out")
+    if args.lc_only and args.size:
+        raise InputError("command line", "--size sets the VAE, which --lc_only=1 does not train",
+                         "drop --size (the saved VAE keeps its size)")
+    if args.samples < 0 or (args.samples and not args.predict):
+        raise InputError("command line", f"--samples={args.samples} needs --predict and a count >= 1",
+                         "use --samples=K together with --predict, or drop it")
 
 
 def train(args) -> None:
-    overrides = {"plot": args.plot, "size": args.size, "load_all": args.load_all, "device": args.device}
-    config = load_config(args.preset, overrides, warn=lambda text: print(text, file=sys.stderr))
+    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, in one run."""
+    config = load_config(args.preset, overrides(args), warn=warn)
+    if config.use_e2e_training and config.e2e_vae_model_path:
+        raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
+                         "through the VAE it has just trained", "remove e2e_vae_model_path, or run with --lc_only=1")
     runtime = start_runtime(config.device, args.use_ddp)
     try:
         case = prepare_case(config, runtime)  # every input check happens before anything on disk moves
+        conditions = read_conditions(config) if config.has_conditioner else None
         if runtime.is_main:
-            archived = archive_previous_run()
-            if archived is not None:
-                print(f"The previous run's results were moved to {archived}/")
+            announce(archive_previous_run())
             make_run_folders()
         barrier(runtime)
         train_vae(config, runtime, case)
+        if conditions is not None:
+            barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
+            train_conditioner(config, runtime, prepare_conditioner_case(config, runtime, conditions, MODEL_FILE,
+                                                                        fields=case))
     finally:
         stop_runtime()
+
+
+def train_conditioner_only(args) -> None:
+    """--lc_only=1: the conditioner on the saved VAE; only an earlier conditioner's files are archived."""
+    config = load_config(args.preset, overrides(args), warn=warn)
+    if not config.has_conditioner:
+        raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
+                         "set input_type csv, image or image_vit (and param_dir)")
+    through_other_vae = config.use_e2e_training and config.e2e_vae_model_path
+    vae_file = Path(config.e2e_vae_model_path if through_other_vae else MODEL_FILE)
+    runtime = start_runtime(config.device, args.use_ddp)
+    try:
+        case = prepare_conditioner_case(config, runtime, read_conditions(config), vae_file)
+        if runtime.is_main:
+            announce(archive_previous_conditioner())
+            make_run_folders()
+        barrier(runtime)
+        train_conditioner(config, runtime, case)
+    finally:
+        stop_runtime()
+
+
+def overrides(args) -> dict:
+    return {"plot": args.plot, "size": args.size, "load_all": args.load_all, "device": args.device}
+
+
+def warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def announce(archived) -> None:
+    if archived is not None:
+        print(f"The previous run's results were moved to {archived}/")

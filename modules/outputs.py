@@ -1,6 +1,7 @@
 """The run's folders (relative to the working directory, so one checkout serves many case folders).
 
-A new training run first moves an earlier run's results into archive/<time stamp>/, so nothing is ever deleted.
+A new training run first moves an earlier run's results into archive/<time stamp>/, so nothing is ever deleted;
+a conditioner-only run (--lc_only=1) moves only the earlier conditioner's files and leaves the VAE's in place.
 """
 import shutil
 import time
@@ -12,6 +13,15 @@ OUTPUT_DIR = Path("output")
 ARCHIVE_DIR = Path("archive")
 MODEL_FILE = MODEL_DIR / "SimulGen-VAE"
 RUN_FOLDERS = (MODEL_DIR, CHECKPOINT_DIR, OUTPUT_DIR)
+CONDITIONER_FILE = MODEL_DIR / "latent_conditioner"
+CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
+CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, output/tensorboard/conditioner/
+PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
+PREDICTION_PLOT = OUTPUT_DIR / "prediction_samples.png"
+CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv",
+                       OUTPUT_DIR / "tensorboard" / CONDITIONER_NAME, PREDICTION_REPORT.with_suffix(".json"),
+                       PREDICTION_REPORT.with_suffix(".md"), PREDICTION_PLOT,
+                       OUTPUT_DIR / "conditioner_loss_curves.png")
 
 
 def archive_previous_run(stamp: str | None = None):
@@ -21,11 +31,21 @@ def archive_previous_run(stamp: str | None = None):
     """
     entries = [entry for folder in RUN_FOLDERS if folder.is_dir()
                for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
+    return _archive(entries, stamp)
+
+
+def archive_previous_conditioner(stamp: str | None = None):
+    """Move an earlier conditioner's model, checkpoint, logs and report into archive/<stamp>/ (same layout);
+    the VAE's files stay where they are. Returns the archive folder, or None when there was nothing to keep."""
+    return _archive([entry for entry in CONDITIONER_OUTPUTS if entry.exists()], stamp)
+
+
+def _archive(entries, stamp):
     if not entries:
         return None
     target = _fresh_folder(ARCHIVE_DIR / (stamp or time.strftime("%Y%m%d-%H%M%S")))
     for entry in entries:
-        destination = target / entry.parent.name
+        destination = target / entry.parent
         destination.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(destination / entry.name))
     return target

@@ -42,22 +42,10 @@ def training_plots(history, model, case, config, output_dir, show=False, say=pri
 
 
 def loss_curves(plt, history, path):
-    epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
     panels = [("total loss", ["train/loss", "val/loss"]), ("reconstruction", ["train/recon", "val/recon"]),
               ("KL (training)", ["train/kl_main"] + sorted(k for k in history[0] if k.startswith("train/kl_level"))),
               ("schedules", ["beta", "lr"])]
-    for axis, (title, names) in zip(axes.flat, panels):
-        for name in names:
-            values = np.array([row[name] for row in history], dtype=float)
-            axis.plot(epochs, values, label=name)
-        axis.set_yscale("log" if all(row[n] > 0 for row in history for n in names) else "linear")
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return curves(plt, history, panels, path, columns=2)
 
 
 @torch.no_grad()
@@ -67,18 +55,58 @@ def reconstruction_samples(plt, model, case, config, path):
     batch = next(case.val.batches(in_order(min(SAMPLES_SHOWN, len(case.val)), SAMPLES_SHOWN)))
     true = case.scaler.inverse(batch.float().cpu().numpy())
     recon = case.scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
+    return field_comparison(plt, case.val_indices[:len(true)], true, recon, "reconstruction", path)
+
+
+def field_comparison(plt, designs, true, other, other_label, path):
+    """One row per design: simulated field, `other` on the same colour scale, and |other - simulated|."""
     figure, axes = plt.subplots(len(true), 3, figsize=(13, 3.2 * len(true)), squeeze=False)
-    for row, design in enumerate(case.val_indices[:len(true)]):
+    for row, design in enumerate(designs):
         low, high = true[row].min(), true[row].max()
         panels = [(true[row], f"design {design}: simulation", (low, high)),
-                  (recon[row], "reconstruction", (low, high)),
-                  (np.abs(recon[row] - true[row]), "|error|", (None, None))]
+                  (other[row], other_label, (low, high)),
+                  (np.abs(other[row] - true[row]), "|error|", (None, None))]
         for axis, (image, title, (vmin, vmax)) in zip(axes[row], panels):
             shown = axis.imshow(image, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
             axis.set_title(title)
             axis.set_xlabel("node")
             axis.set_ylabel("time step")
             figure.colorbar(shown, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def conditioner_plots(history, samples, output_dir, samples_path, show=False, say=print) -> list:
+    """Conditioner loss curves and a few validation designs (simulated, predicted from their condition, error).
+    samples: (design indices, true fields, predicted fields), physical units."""
+    show = show and can_show()
+    plt = _pyplot(show)
+    names = [name for name in history[0] if name.startswith(("train/", "val/")) and
+             any(row[name] for row in history)]
+    paths = [curves(plt, history, [("conditioner losses", names), ("learning rate", ["lr"])],
+                    output_dir / "conditioner_loss_curves.png"),
+             field_comparison(plt, *samples, "predicted from the design's condition", samples_path)]
+    say(f"Plots saved: {', '.join(str(p) for p in paths)}")
+    if show:
+        plt.show()
+    plt.close("all")
+    return paths
+
+
+def curves(plt, history, panels, path, columns=None):
+    """One panel per (title, metric names), over epochs; log scale when every value is positive."""
+    epochs = [row["epoch"] for row in history]
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    for axis, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            axis.plot(epochs, [row[name] for row in history], label=name)
+        axis.set_yscale("log" if all(row[n] > 0 for row in history for n in names) else "linear")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path

@@ -82,18 +82,32 @@ def pod_errors(gram: np.ndarray, n_train: int, ranks) -> dict:
     gram: design_gram of [training designs..., validation designs...]. POD is centred on the training mean.
     Returns {r: float array [n_val]}; r = 0 is the training mean field itself.
     """
-    train_gram, cross, val_diag = gram[:n_train, :n_train], gram[n_train:, :n_train], np.diag(gram)[n_train:]
+    _, coefficients, centred_norm2, norm2 = pod_coefficients(gram, n_train)
+    errors = {}
+    for rank in ranks:
+        residual = centred_norm2 - (coefficients[:, :rank] ** 2).sum(axis=1)
+        errors[rank] = np.sqrt(np.clip(residual, 0, None) / norm2)
+    return errors
+
+
+def pod_coefficients(gram: np.ndarray, n_train: int):
+    """POD of the training designs computed from the Gram matrix alone (no mode is ever formed).
+
+    gram: design_gram of [training designs..., other designs...], physical units. Returns
+    (training coefficients [n_train, K], other designs' coefficients [n_other, K] on the same orthonormal modes,
+    ||x - training mean||^2 of the other designs [n_other], ||x||^2 of the other designs [n_other]);
+    K is the number of modes with non-negligible energy, strongest first.
+    """
+    train_gram, cross, other_norm2 = gram[:n_train, :n_train], gram[n_train:, :n_train], np.diag(gram)[n_train:]
     row_means, total_mean = train_gram.mean(axis=1), train_gram.mean()
     centring = np.eye(n_train) - 1.0 / n_train
     eigenvalues, vectors = np.linalg.eigh(centring @ train_gram @ centring)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    cross_centred = cross - cross.mean(axis=1, keepdims=True) - row_means[None, :] + total_mean
-    val_centred_norm2 = val_diag - 2 * cross.mean(axis=1) + total_mean
     useful = eigenvalues > eigenvalues[0] * 1e-12
-    coefficients = (cross_centred @ vectors[:, useful]) / np.sqrt(eigenvalues[useful])
-    errors = {}
-    for rank in ranks:
-        residual = val_centred_norm2 - (coefficients[:, :rank] ** 2).sum(axis=1)
-        errors[rank] = np.sqrt(np.clip(residual, 0, None) / val_diag)
-    return errors
+    eigenvalues, vectors = eigenvalues[useful], vectors[:, useful]
+    cross_centred = cross - cross.mean(axis=1, keepdims=True) - row_means[None, :] + total_mean
+    other_centred_norm2 = other_norm2 - 2 * cross.mean(axis=1) + total_mean
+    train_coefficients = vectors * np.sqrt(eigenvalues)
+    other_coefficients = (cross_centred @ vectors) / np.sqrt(eigenvalues)
+    return train_coefficients, other_coefficients, other_centred_norm2, other_norm2

@@ -6,11 +6,16 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLog:
-    """log(epoch, {name: float}) appends a CSV row and a TensorBoard scalar per name ('train/recon', 'lr', ...)."""
+    """log(epoch, {name: float}) appends a CSV row and a TensorBoard scalar per name ('train/recon', 'lr', ...).
 
-    def __init__(self, output_dir: Path):
-        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        self.csv_path = Path(output_dir) / "metrics.csv"
+    The VAE logs to output/metrics.csv and output/tensorboard/; a part given a name (the conditioner) logs to
+    output/<name>_metrics.csv and output/tensorboard/<name>/, so TensorBoard shows both side by side.
+    """
+
+    def __init__(self, output_dir: Path, name: str = ""):
+        tensorboard = Path(output_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(tensorboard / name if name else tensorboard))
+        self.csv_path = Path(output_dir) / (f"{name}_metrics.csv" if name else "metrics.csv")
         self._csv_file = None
         self._csv_writer = None
         self.history = []

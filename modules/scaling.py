@@ -60,3 +60,43 @@ class MinMaxScaler:
     @classmethod
     def load(cls, path) -> "MinMaxScaler":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class ColumnScaler:
+    """Standardisation per column (mean 0, std 1 on the rows it was fitted on), for design parameters and latents.
+
+    A column that barely varies keeps a floor on its std (1e-3 of the largest std, at least 1e-12), so a collapsed
+    latent dimension is not blown up into noise the conditioner would then chase.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        self.std = np.asarray(std, dtype=np.float64).reshape(-1)
+
+    @classmethod
+    def fit(cls, rows) -> "ColumnScaler":
+        rows = np.asarray(rows, dtype=np.float64)
+        std = rows.std(axis=0)
+        return cls(rows.mean(axis=0), np.maximum(std, max(float(std.max(initial=0.0)) * 1e-3, 1e-12)))
+
+    def transform(self, rows):
+        """[n, P] -> standardised [n, P] (numpy float32, or a tensor of the input's dtype)."""
+        if isinstance(rows, torch.Tensor):
+            return (rows - self._tensor(self.mean, rows)) / self._tensor(self.std, rows)
+        return ((np.asarray(rows, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, rows):
+        if isinstance(rows, torch.Tensor):
+            return rows * self._tensor(self.std, rows) + self._tensor(self.mean, rows)
+        return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
+
+    @staticmethod
+    def _tensor(values, like):
+        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+
+    def to_dict(self) -> dict:
+        return {"kind": "standard", "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ColumnScaler":
+        return cls(values["mean"], values["std"])

@@ -59,10 +59,11 @@ def train_vae(config, runtime, case: Case, say=print):
                        config.beta_ramp_end_fraction)
         train_stats = train_epoch(trainer, case, optimizer, config, beta, epoch, runtime)
         val_stats = validate(model, case, config, runtime)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves on
         scheduler.step()
         if not runtime.is_main:
             continue
-        log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, optimizer.param_groups[0]["lr"]))
+        log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, lr))
         best_val_loss = keep_checkpoints(model, config, case, optimizer, scheduler, epoch, val_stats["loss"],
                                          best_val_loss)
         report_progress(say, epoch, config, train_stats, val_stats, beta)

@@ -11,11 +11,16 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-def smooth_fields(n_designs, n_steps, n_nodes, seed=0):
-    """[n, T, M] float32 fields that depend smoothly on two hidden parameters per design (learnable, not noise)."""
+def design_parameters(n_designs, seed=0):
+    """[n, 2] (amplitude, phase): what defines each design of smooth_fields with the same seed."""
     rng = np.random.default_rng(seed)
-    amplitude = rng.uniform(0.5, 2.0, size=(n_designs, 1, 1))
-    phase = rng.uniform(0, np.pi, size=(n_designs, 1, 1))
+    return np.stack([rng.uniform(0.5, 2.0, size=n_designs), rng.uniform(0, np.pi, size=n_designs)], axis=1)
+
+
+def smooth_fields(n_designs, n_steps, n_nodes, seed=0, parameters=None):
+    """[n, T, M] float32 fields that depend smoothly on two parameters per design (learnable, not noise)."""
+    parameters = design_parameters(n_designs, seed) if parameters is None else parameters
+    amplitude, phase = parameters[:, 0, None, None], parameters[:, 1, None, None]
     time = np.linspace(0, 1, n_steps)[None, :, None]
     space = np.linspace(0, 2 * np.pi, n_nodes)[None, None, :]
     return (amplitude * np.sin(space + phase) * (0.5 + time) + 3.0).astype(np.float32)
@@ -64,3 +69,26 @@ def case(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_case(tmp_path)
     return tmp_path
+
+
+def design_image(amplitude, phase, size=16, rgb=False):
+    """A geometry-like picture of one design: a soft vertical band whose position encodes the phase and whose
+    brightness encodes the amplitude (continuous gray levels, as real geometry images have). uint8 [S, S(, 3)]."""
+    x = np.arange(size)[None, :]
+    band = np.exp(-((x - (2 + phase / np.pi * (size - 4))) ** 2) / 4.0) * np.ones((size, 1))
+    gray = np.rint(255 * band * amplitude / 2.0).astype(np.uint8)
+    if not rgb:
+        return gray
+    return np.stack([gray, np.rint(255 * band * 0.5).astype(np.uint8), np.full_like(gray, 30)], axis=-1)
+
+
+def write_conditions(folder, parameters, header=True, images="images", rgb=False, csv="input_data/parameters.csv"):
+    """The designs' parameters as a CSV and as one PNG per design (design_001.png, ...) under folder."""
+    from PIL import Image
+    folder = Path(folder)
+    lines = (["amplitude,phase"] if header else []) + [f"{a:.17g},{p:.17g}" for a, p in parameters]
+    (folder / csv).parent.mkdir(parents=True, exist_ok=True)
+    (folder / csv).write_text("\n".join(lines) + "\n")
+    (folder / images).mkdir(parents=True, exist_ok=True)
+    for number, (amplitude, phase) in enumerate(parameters, start=1):
+        Image.fromarray(design_image(amplitude, phase, rgb=rgb)).save(folder / images / f"design_{number:03d}.png")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_case
+from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
 from modules.cli import main
 from modules.distributed import shard
 from modules.runtime import Runtime
@@ -152,3 +152,29 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
         assert [list(p) for p in asked[rank]] == expected
     trained_on = [p for rank in (0, 1) for batch in global_batches for p in batch[rank::2]]
     assert sorted(trained_on) == list(range(len(prepared.train)))
+
+
+def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_path):
+    """Full run (VAE, then the e2e conditioner) on 1 and on 2 processes; then --lc_only=1 through launch_ddp."""
+    parameters = design_parameters(14, seed=3)
+    for name in ("one", "two"):
+        write_case(tmp_path / name, n=14, epochs=2, data=smooth_fields(14, 6, 20, parameters=parameters),
+                   extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 3\nuse_e2e_training 1\n"
+                         "latent_conditioner_dropout_rate 0\nlatent_conditioner_batch 4\n")
+        write_conditions(tmp_path / name, parameters)
+    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
+    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
+                 tmp_path / "two")
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    assert double.stdout.count("Training the MLP conditioner") == 1
+    one = torch.load(tmp_path / "one" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
+    difference = sum(torch.sum((one[k] - two[k]) ** 2) for k in one).sqrt()
+    assert difference <= 1e-3 * sum(torch.sum(one[k] ** 2) for k in one).sqrt()
+    assert len((tmp_path / "two" / "output" / "conditioner_metrics.csv").read_text().splitlines()) == 1 + 3
+    again = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", "--lc_only=1",
+                 f"--master_port={free_port()}"], tmp_path / "two")
+    assert again.returncode == 0, again.stderr
+    assert "--lc_only=1" in again.stdout
+    assert len(list((tmp_path / "two" / "archive").glob("*/model_save/latent_conditioner"))) == 1

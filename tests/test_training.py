@@ -86,6 +86,8 @@ def test_metrics_csv_has_a_row_per_epoch_with_losses_kl_terms_beta_and_lr(traine
     assert {"train/loss", "train/recon", "train/kl_main", "train/kl_level0", "train/kl_level1", "val/recon", "beta",
             "lr"} <= set(rows[0])
     assert float(rows[0]["beta"]) == pytest.approx(1e-4) and float(rows[-1]["beta"]) == 1.0
+    rates = [float(r["lr"]) for r in rows]  # the rate each epoch trained with: the cosine ends low, no restart spike
+    assert rates[-1] < 0.05 * max(rates) and rates[0] < max(rates)
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(trained):

@@ -1,0 +1,300 @@
+"""The latent conditioner end to end: full run, --lc_only, the three input types, end-to-end training, --predict."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import design_parameters, smooth_fields, write_case, write_conditions
+from modules.cli import main
+from test_training import working_directory
+
+N_DESIGNS, N_NEW = 24, 6
+CONDITIONER = """input_type {input_type}
+param_dir {param_dir}
+n_epoch 60
+latent_conditioner_batch 6
+latent_conditioner_lr 0.003
+latent_conditioner_dropout_rate 0.0
+image_size 16
+vit_patch_size 4
+vit_dim 32
+vit_depth 2
+vit_heads 4
+"""
+VAE_FILES = ("model_save/SimulGen-VAE", "model_save/latent_vectors.npy", "model_save/xs.npy", "model_save/scaler.json",
+             "model_save/split.json", "checkpoints/best.pt", "checkpoints/last.pt", "output/metrics.csv",
+             "output/reconstruction_error.json")
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_conditioner(folder, input_type, param_dir, extra=""):
+    """Rewrite the conditioner block of condition.txt (the VAE keys stay as they are)."""
+    path = folder / "input_data" / "condition.txt"
+    text = path.read_text().split("input_type")[0]
+    text = text if text.endswith("\n") else text + "\n"
+    settings = CONDITIONER.format(input_type=input_type, param_dir=param_dir)
+    if input_type == "csv":  # image and ViT keys would only draw "no effect" notes
+        settings = "".join(line + "\n" for line in settings.splitlines() if not line.startswith(("image", "vit")))
+    elif input_type == "image":
+        settings = "".join(line + "\n" for line in settings.splitlines() if not line.startswith("vit"))
+    path.write_text(text + settings + extra)
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """A tiny case whose designs are defined by 2 parameters (CSV and images), trained in one full run with the
+    CSV conditioner. New designs (never trained on) and their true fields are kept in new/."""
+    folder = tmp_path_factory.mktemp("conditioned")
+    parameters = design_parameters(N_DESIGNS + N_NEW, seed=3)
+    fields = smooth_fields(N_DESIGNS + N_NEW, 6, 20, parameters=parameters)
+    write_case(folder, n=N_DESIGNS, epochs=60, data=fields[:N_DESIGNS])
+    write_conditions(folder, parameters[:N_DESIGNS])
+    write_conditions(folder, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv")
+    np.save(folder / "new" / "fields.npy", fields[N_DESIGNS:])
+    set_conditioner(folder, "csv", "input_data/parameters.csv")
+    with working_directory(folder):
+        assert main(["--plot=1"]) == 0
+    return folder
+
+
+@pytest.fixture
+def copy_of(conditioned, tmp_path):
+    """A private copy of the trained case, for tests that train or write more."""
+    target = tmp_path / "case"
+    shutil.copytree(conditioned, target)
+    return target
+
+
+def report(folder):
+    return json.loads((folder / "output" / "prediction_report.json").read_text())
+
+
+def relative_error(predicted, true):
+    return np.linalg.norm((predicted - true).reshape(len(true), -1), axis=1) / np.linalg.norm(
+        true.reshape(len(true), -1), axis=1)
+
+
+# ------------------------------------------------------------------------------------------------- full run, CSV
+def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_baselines(conditioned):
+    folder = conditioned
+    assert (folder / "model_save" / "SimulGen-VAE").exists() and (folder / "model_save" / "latent_conditioner").exists()
+    result = report(folder)
+    assert result["input_type"] == "csv" and result["n_val"] == 6 and result["n_train"] == 18
+    assert set(result["baselines"]) == {"pod_gpr", "nearest_neighbour", "mean_field"}
+    assert all(isinstance(value, float) for value in result["baselines"].values())
+    assert result["conditioner_val"] < 0.5 * result["baselines"]["mean_field"]
+    assert result["vae_reconstruction_val"] <= result["conditioner_val"] * 1.5
+    assert "| conditioner (MLP)" in (folder / "output" / "prediction_report.md").read_text()
+
+
+def test_conditioner_logs_to_its_own_csv_and_tensorboard_run(conditioned):
+    rows = (conditioned / "output" / "conditioner_metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train/loss") and 2 <= len(rows) <= 61
+    events = EventAccumulator(str(conditioned / "output" / "tensorboard" / "conditioner"))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/latent_mse", "lr"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("val/loss")) == len(rows) - 1
+    for name in ("prediction_samples.png", "conditioner_loss_curves.png"):
+        with Image.open(conditioned / "output" / name) as image:
+            assert image.format == "PNG"
+
+
+def test_the_best_validation_epoch_is_the_conditioner_kept(conditioned):
+    best = torch.load(conditioned / "checkpoints" / "conditioner_best.pt", weights_only=True)
+    kept = torch.load(conditioned / "model_save" / "latent_conditioner", weights_only=True)
+    losses = [float(row.split(",")[4]) for row in
+              (conditioned / "output" / "conditioner_metrics.csv").read_text().splitlines()[1:]]
+    header = (conditioned / "output" / "conditioner_metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[4] == "val/loss"
+    assert best["best_val_loss"] == pytest.approx(min(losses), rel=1e-6) and best["epoch"] == 1 + int(np.argmin(losses))
+    assert all(torch.equal(best["state_dict"][k], kept["state_dict"][k]) for k in kept["state_dict"])
+
+
+def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):
+    out = tmp_path / "fields.npy"
+    with working_directory(conditioned):
+        assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={out}"]) == 0
+    predicted, true = np.load(out), np.load(conditioned / "new" / "fields.npy")
+    assert predicted.shape == true.shape == (N_NEW, 6, 20)
+    mean_field = np.load(conditioned / "input_data" / "dataset1.npy").mean(axis=0, keepdims=True)
+    assert relative_error(predicted, true).mean() < 0.5 * relative_error(mean_field.repeat(N_NEW, 0), true).mean()
+    assert "designs/s" in capsys.readouterr().out
+
+
+def test_predict_gives_the_same_fields_with_and_without_a_csv_header(conditioned, tmp_path):
+    source = (conditioned / "new" / "parameters.csv").read_text().splitlines()
+    (tmp_path / "plain.csv").write_text("\n".join(source[1:]) + "\n")
+    with working_directory(conditioned):
+        assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'a.npy'}"]) == 0
+        assert main([f"--predict={tmp_path / 'plain.csv'}", f"--out={tmp_path / 'b.npy'}"]) == 0
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_predict_refuses_a_csv_with_the_wrong_columns_and_keeps_the_output_free(conditioned, tmp_path, capsys):
+    (tmp_path / "three.csv").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "swapped.csv").write_text("phase,amplitude\n1,2\n")
+    with working_directory(conditioned):
+        assert main([f"--predict={tmp_path / 'three.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
+        assert "three.csv: has 3 columns but the conditioner was trained on 2 parameters" in capsys.readouterr().err
+        assert main([f"--predict={tmp_path / 'swapped.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
+        assert "trained on amplitude, phase" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditioned, tmp_path):
+    source = conditioned / "new" / "parameters.csv"
+    with working_directory(conditioned):
+        assert main([f"--predict={source}", f"--out={tmp_path / 'p.npy'}", "--samples=4"]) == 0
+        assert main([f"--predict={source}", f"--out={tmp_path / 'q.npy'}", "--samples=4"]) == 0
+    samples = np.load(tmp_path / "p_samples.npy")
+    assert samples.shape == (N_NEW, 4, 6, 20)
+    assert np.allclose(np.load(tmp_path / "p_mean.npy"), samples.mean(axis=1), atol=1e-5)
+    assert np.allclose(np.load(tmp_path / "p_std.npy"), samples.std(axis=1), atol=1e-4)
+    assert np.load(tmp_path / "p_std.npy").max() > 0  # the levels are really drawn
+    assert np.array_equal(samples, np.load(tmp_path / "q_samples.npy"))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_samples_need_predict_and_predict_never_overwrites(conditioned, tmp_path, capsys):
+    (tmp_path / "taken_mean.npy").write_bytes(b"keep")
+    with working_directory(conditioned):
+        assert main(["--samples=3"]) == 2
+        assert "--samples=3 needs --predict" in capsys.readouterr().err
+        assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'taken.npy'}",
+                     "--samples=2"]) == 2
+        assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", "--lc_only=1",
+                     f"--out={tmp_path / 'x.npy'}"]) == 2
+    assert (tmp_path / "taken_mean.npy").read_bytes() == b"keep" and not (tmp_path / "taken.npy").exists()
+
+
+def test_predict_refuses_a_conditioner_whose_vae_has_changed(copy_of, tmp_path, capsys):
+    vae = copy_of / "model_save" / "SimulGen-VAE"
+    payload = torch.load(vae, weights_only=True)
+    payload["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    torch.save(payload, vae)
+    with working_directory(copy_of):
+        assert main([f"--predict={copy_of / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
+    assert "has changed since" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ --lc_only
+def test_lc_only_without_a_saved_vae_says_so_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_case(tmp_path, n=N_DESIGNS)
+    write_conditions(tmp_path, design_parameters(N_DESIGNS, seed=3))
+    set_conditioner(tmp_path, "csv", "input_data/parameters.csv")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["--lc_only=1"]) == 2
+    assert "model_save/SimulGen-VAE: model file not found" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_lc_only_trains_a_new_conditioner_and_leaves_the_vae_files_alone(copy_of):
+    before = {name: digest(copy_of / name) for name in VAE_FILES}
+    first_conditioner = digest(copy_of / "model_save" / "latent_conditioner")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 0
+    assert {name: digest(copy_of / name) for name in VAE_FILES} == before
+    archived = list((copy_of / "archive").glob("*/model_save/latent_conditioner"))
+    assert len(archived) == 1 and digest(archived[0]) == first_conditioner
+    assert not list((copy_of / "archive").glob("*/model_save/SimulGen-VAE"))
+    assert report(copy_of)["input_type"] == "csv"
+
+
+@pytest.mark.parametrize("input_type, rgb", [("image", False), ("image", True), ("image_vit", False)])
+def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_file(copy_of, tmp_path, input_type,
+                                                                                       rgb):
+    parameters = design_parameters(N_DESIGNS + N_NEW, seed=3)
+    if rgb:
+        write_conditions(copy_of, parameters[:N_DESIGNS], rgb=True)
+        write_conditions(copy_of, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv", rgb=True)
+    set_conditioner(copy_of, input_type, "images")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 0
+        saved = torch.load("model_save/latent_conditioner", weights_only=True)
+        assert saved["channels"] == (3 if rgb else 1) and saved["spec"]["kind"] == {"image": "cnn"}.get(input_type,
+                                                                                                         "vit")
+        assert main([f"--predict={copy_of / 'new' / 'images'}", f"--out={tmp_path / 'all.npy'}"]) == 0
+        assert main([f"--predict={copy_of / 'new' / 'images' / 'design_002.png'}",
+                     f"--out={tmp_path / 'one.npy'}"]) == 0
+    result = report(copy_of)
+    assert result["input_type"] == input_type and result["baselines"]["pod_gpr"] is None
+    assert result["conditioner_val"] < result["baselines"]["mean_field"]
+    everything, single = np.load(tmp_path / "all.npy"), np.load(tmp_path / "one.npy")
+    assert everything.shape == (N_NEW, 6, 20) and np.allclose(single[0], everything[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda folder: (folder / "images" / "design_005.png").unlink(), "design_005.png is missing"),
+    (lambda folder: shutil.copy(folder / "images" / "design_001.png", folder / "images" / "design_025.png"),
+     "design_025.png"),
+])
+def test_a_wrong_image_count_stops_before_anything_moves(copy_of, capsys, change, message):
+    change(copy_of)
+    set_conditioner(copy_of, "image", "images")
+    before = digest(copy_of / "model_save" / "latent_conditioner")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 2
+        assert main([]) == 2  # a full run checks the images before archiving the VAE too
+    error = capsys.readouterr().err
+    assert message in error and "images" in error
+    assert digest(copy_of / "model_save" / "latent_conditioner") == before and not (copy_of / "archive").exists()
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
+    before = {name: digest(copy_of / name) for name in VAE_FILES}
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\ne2e_loss_function Huber\n"
+                    "use_latent_regularization 1\nlatent_reg_weight 0.01\n")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 0
+    assert {name: digest(copy_of / name) for name in VAE_FILES} == before
+    result = report(copy_of)
+    assert result["end_to_end"] and result["conditioner_val"] < 0.5 * result["baselines"]["mean_field"]
+    header = (copy_of / "output" / "conditioner_metrics.csv").read_text().splitlines()
+    assert "val/field_loss" in header[0] and float(header[1].split(",")[header[0].split(",").index("val/field_loss")])
+
+
+def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(conditioned):
+    """With the latent term off, the loss depends on the conditioner only through the decoded field: a detached
+    decoder path would leave the conditioner without gradient (and backward() would fail)."""
+    from modules.conditioner_case import prepare_conditioner_case, read_conditions
+    from modules.config import load_config
+    from modules.runtime import Runtime
+    from modules.train_conditioner import conditioner_loss, conditioner_spec
+    from modules.conditioners import build_conditioner
+    with working_directory(conditioned):
+        config = load_config(1, warn=lambda text: None)
+        config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
+        case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
+                                        "model_save/SimulGen-VAE")
+    model = build_conditioner(conditioner_spec(config, case))
+    designs = torch.as_tensor(case.fields.train_indices[:4])
+    fields = next(case.fields.train.batches([np.arange(4)]))
+    loss, (latent_mse, field_loss) = conditioner_loss(model, case, case.conditions[designs], designs, fields, config)
+    assert loss.item() == pytest.approx(field_loss.item()) and loss.item() != pytest.approx(latent_mse.item())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in case.vae.parameters())  # frozen: nothing flows into the VAE
+
+
+def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_of, capsys):
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\n"
+                    "e2e_vae_model_path elsewhere/SimulGen-VAE\n")
+    with working_directory(copy_of):
+        assert main([]) == 2
+        assert "a full run trains through the VAE it has just trained" in capsys.readouterr().err
+        assert main(["--lc_only=1"]) == 2
+        assert "elsewhere/SimulGen-VAE: model file not found" in capsys.readouterr().err
+        shutil.copytree("model_save", "elsewhere")
+        (copy_of / "model_save" / "SimulGen-VAE").unlink()  # proves the run reads the other VAE
+        assert main(["--lc_only=1"]) == 0
+        assert torch.load("model_save/latent_conditioner", weights_only=True)["vae_file"] == "elsewhere/SimulGen-VAE"
