@@ -54,6 +54,10 @@ def main(argv=None) -> int:
         print("error: command line: need --gpus >= 1, --nnodes >= 1 and 0 <= --node_rank < --nnodes. "
               "Fix: correct those flags", file=sys.stderr)
         return 2
+    if args.lc_only and args.size:
+        print("error: command line: --size sets the VAE, which --lc_only=1 does not train. Fix: drop --size",
+              file=sys.stderr)
+        return 2
     try:
         load_config(args.preset or 1, {"size": args.size, "load_all": args.load_all, "plot": args.plot},
                     warn=lambda text: None)  # the workers print the warnings

@@ -4,8 +4,9 @@
 
 The conditioner maps each design to latents, the VAE decoder maps latents to the [T, M] field. With --samples=K the
 decoder also draws K fields per design: the main latent stays the conditioner's prediction and every hierarchical
-level's latent is drawn from the decoder's prior given the levels above (the spread the VAE allows in finer detail);
-their mean and standard deviation are written beside the samples.
+level's latent is the predicted one plus noise of the decoder prior's standard deviation at that level (the spread
+the VAE allows in the finer detail, centred on the prediction); their mean and standard deviation are written
+beside the samples.
 """
 import time
 from pathlib import Path
@@ -109,13 +110,14 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     written = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(n, samples, steps, nodes))
     mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
     for start in range(0, n, config.batch_size):
-        main, _ = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + config.batch_size])), spec)
+        main, levels = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + config.batch_size])),
+                                     spec)
         stop = start + len(main)
         total, total_squares = np.zeros((len(main), steps, nodes)), np.zeros((len(main), steps, nodes))
         for draw in range(samples):
             noise = torch.randn(len(main), spec.n_levels, spec.level_latent_dim, generator=generator)
-            field = field_scaler.inverse(vae.decoder(main, sample=True, level_noise=noise.to(main.device))[0]
-                                         .float().cpu().numpy())
+            field = vae.decoder(main, level_latents=levels, sample=True, level_noise=noise.to(main.device))[0]
+            field = field_scaler.inverse(field.float().cpu().numpy())
             written[start:stop, draw] = field
             total += field
             total_squares += np.square(field, dtype=np.float64)

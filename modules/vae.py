@@ -143,8 +143,11 @@ class DecoderLevel(nn.Module):
 
     def latent(self, state, features=None, given=None, sample=True, noise=None):
         """Return (z [B, d], kl [B] or None). Posterior if encoder features are given, else the prior.
-        noise: optional standard-normal draws [B, d] to use instead of fresh ones."""
+        noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given latent is used as it is,
+        or, with sample and noise, perturbed by the prior's spread at this level (samples around a prediction)."""
         if given is not None:
+            if sample and noise is not None:
+                return given + torch.exp(self.prior(state)[1]) * noise, None
             return given, None
         prior_mean, prior_log_std = self.prior(state)
         if features is None:

@@ -105,6 +105,13 @@ def test_launch_ddp_builds_the_torchrun_command_from_its_flags():
     for part in ("--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=1234",
                  "--use_ddp", "--preset=2", "--size=large", "--load_all=1"):
         assert part in command
+    assert "--lc_only=1" in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2",
+                                                                                               "--lc_only=1"]))
+
+
+def test_launch_ddp_refuses_size_with_lc_only(capsys):
+    assert launch_ddp.main(["--gpus=2", "--lc_only=1", "--size=large"]) == 2
+    assert "--size sets the VAE" in capsys.readouterr().err
 
 
 class RecordingBatches:

@@ -99,6 +99,23 @@ def test_decoding_the_posterior_means_gives_the_deterministic_reconstruction():
         assert torch.allclose(model.decode(main, levels), model(fields, sample=False)["recon"], atol=1e-6)
 
 
+def test_samples_around_given_latents_are_centred_on_them_with_the_prior_spread():
+    """--samples: given level latents plus noise scaled by each level's prior std (zero noise: the decode itself)."""
+    model = make_model().eval()
+    main, levels = model.encode_means(torch.randn(4, 10, 30))
+    with torch.no_grad():
+        centre = model.decode(main, levels)
+        zero = model.decoder(main, level_latents=levels, sample=True, level_noise=torch.zeros_like(levels))[0]
+        noise = torch.zeros_like(levels)
+        noise[:, 0] = 1.0  # move only the coarsest level, by one prior standard deviation
+        moved = model.decoder(main, level_latents=levels, sample=True, level_noise=noise)[0]
+        prior_std = torch.exp(model.decoder.levels[-1].prior(
+            model.decoder.levels[-1].refine(model.decoder.initial(main).view(-1, *model.decoder.top_shape)))[1])
+        expected = model.decode(main, torch.cat([levels[:, :1] + prior_std[:, None], levels[:, 1:]], dim=1))
+    assert torch.equal(zero, centre)
+    assert not torch.allclose(moved, centre) and torch.allclose(moved, expected, atol=1e-6)
+
+
 def test_prior_samples_differ_and_repeat_with_the_same_seed():
     model = make_model().eval()
     torch.manual_seed(5)
