@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from modules import prediction_report
 from modules.checkpoint import file_digest, save_conditioner
 from modules.conditioners import ConditionerSpec, build_conditioner
+from modules.config import CONDITION_FILE
 from modules.data import batch_order, in_order
 from modules.design_inputs import augment_images
 from modules.distributed import shard, sum_over_ranks, wrap_model
+from modules.errors import InputError
 from modules.latents import decode_latents
 from modules.outputs import CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_NAME, OUTPUT_DIR
 from modules.run_log import RunLog
@@ -88,6 +90,9 @@ def train_conditioner(config, runtime, case: ConditionerCase, say=print):
     if not runtime.is_main:
         return None
     log.close()
+    if best["state"] is None:  # no finite validation loss in any epoch: say so rather than keep an arbitrary epoch
+        raise InputError(CONDITION_FILE, "the conditioner's validation loss was never finite",
+                         "lower latent_conditioner_lr (or check the design inputs for extreme values)")
     model.load_state_dict(best["state"])
     say(f"Best validation loss {best['loss']:.4g} at epoch {best['epoch']}; that conditioner is kept")
     save_conditioner(CONDITIONER_FILE, model, spec, facts)

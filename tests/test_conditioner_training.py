@@ -298,3 +298,15 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
         (copy_of / "model_save" / "SimulGen-VAE").unlink()  # proves the run reads the other VAE
         assert main(["--lc_only=1"]) == 0
         assert torch.load("model_save/latent_conditioner", weights_only=True)["vae_file"] == "elsewhere/SimulGen-VAE"
+
+
+def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of, monkeypatch, capsys):
+    import modules.train_conditioner as training
+    monkeypatch.setattr(training, "validate", lambda *args: {"loss": float("nan"), "latent_mse": float("nan"),
+                                                              "field_loss": 0.0})
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "lc_patience 0\n")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 2
+    assert "validation loss was never finite" in capsys.readouterr().err
+    assert not (copy_of / "model_save" / "latent_conditioner").exists()
+    assert len(list((copy_of / "archive").glob("*/model_save/latent_conditioner"))) == 1  # the earlier one is kept
