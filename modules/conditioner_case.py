@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from modules.checkpoint import load_model
-from modules.data import SimulationArray, find_dataset, make_batches
+from modules.data import SimulationArray, find_dataset
 from modules.design_inputs import (check_image_count, image_channels, image_files, read_images,
                                    read_parameters)
 from modules.errors import InputError
 from modules.latents import read_saved_latents
 from modules.scaling import ColumnScaler
 from modules.train_conditioner import ConditionerCase
-from modules.train_vae import Case
+from modules.train_vae import Case, case_of
 
 DATA_KEYS = ("data_no", "n_designs", "n_steps", "n_nodes", "n_steps_used", "node_start", "node_end", "n_vars")
 
@@ -107,7 +107,4 @@ def read_split(path: Path, config):
 
 
 def open_fields(config, runtime, scaler, split) -> Case:
-    array = SimulationArray(find_dataset(config.data_no), config)
-    batches = [make_batches(array, indices, scaler, runtime.device, bool(config.load_all), config.num_workers)
-               for indices in split]
-    return Case(array, *split, scaler, *batches)
+    return case_of(SimulationArray(find_dataset(config.data_no), config), split, scaler, config, runtime)

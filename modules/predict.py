@@ -19,7 +19,7 @@ from modules.config import Config
 from modules.design_inputs import read_condition_images, read_parameters
 from modules.errors import InputError
 from modules.latents import split_latents
-from modules.reconstruct import check_new_output
+from modules.reconstruct import check_new_output, save_new
 from modules.scaling import ColumnScaler
 
 
@@ -130,10 +130,3 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     save_new(outputs["std"], std)
     say(f"{samples} samples per design -> {outputs['samples']} {(n, samples, steps, nodes)}, their mean -> "
         f"{outputs['mean']}, standard deviation -> {outputs['std']} (largest std {float(std.max()):.4g})")
-
-
-def save_new(path: Path, values: np.ndarray) -> None:
-    """Write through a temporary file, so an interrupted run never leaves a half-written OUT.npy."""
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, values)
-    temporary.replace(path)

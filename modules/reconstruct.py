@@ -24,6 +24,13 @@ def check_new_output(out) -> Path:
     return out
 
 
+def save_new(path: Path, values: np.ndarray) -> None:
+    """Write through a temporary file, so an interrupted run never leaves a half-written output behind."""
+    temporary = path.with_name(path.name + ".tmp.npy")
+    np.save(temporary, values)
+    temporary.replace(path)
+
+
 def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
     """Reconstruct every design in `source` ([n, T, M] .npy); writes [n, T_used, M_used] to `out`; returns errors."""
     out = check_new_output(out)
@@ -35,9 +42,7 @@ def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
             batch = torch.from_numpy(scaler.transform(fields[start:start + config.batch_size])).to(device)
             pieces.append(scaler.inverse(reconstruct(model, batch).float().cpu().numpy()))
     reconstructions = np.concatenate(pieces)
-    temporary = out.with_name(out.name + ".tmp.npy")
-    np.save(temporary, reconstructions)
-    temporary.replace(out)
+    save_new(out, reconstructions)
     errors = relative_l2(reconstructions, fields)
     say(f"Reconstructed {len(fields)} designs -> {out} {tuple(reconstructions.shape)}; relative L2 error vs the "
         f"input: mean {errors.mean():.4%}, worst {errors.max():.4%}")

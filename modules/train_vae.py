@@ -79,9 +79,14 @@ def prepare_case(config, runtime) -> Case:
     array = SimulationArray(find_dataset(config.data_no), config)
     train_indices, val_indices = split_indices(config.n_designs, config.val_fraction, config.seed)
     scaler = scan_and_fit_scaler(array, train_indices, config.n_vars)
+    return case_of(array, (train_indices, val_indices), scaler, config, runtime)
+
+
+def case_of(array, split, scaler, config, runtime) -> Case:
+    """Batch sources for both sides of a (train indices, validation indices) split, scaled by `scaler`."""
     batches = [make_batches(array, indices, scaler, runtime.device, bool(config.load_all), config.num_workers)
-               for indices in (train_indices, val_indices)]
-    return Case(array, train_indices, val_indices, scaler, *batches)
+               for indices in split]
+    return Case(array, *split, scaler, *batches)
 
 
 def build_model(config, case: Case, runtime) -> HierarchicalVAE:
