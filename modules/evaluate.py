@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from modules.data import in_order
-from modules.pod import design_gram, pod_errors
+from modules.pod import pod_errors
 
 
 def relative_l2(predicted, true) -> np.ndarray:
@@ -47,8 +47,7 @@ def reconstruction_report(design_errors, case, config) -> dict:
     vae_val, vae_train = design_errors[case.val_indices], design_errors[case.train_indices]
     latent_size = config.main_latent_dim + config.n_levels * config.level_latent_dim
     ranks = sorted({0, config.main_latent_dim, latent_size})
-    gram = design_gram(case.array, np.concatenate([case.train_indices, case.val_indices]))
-    pod = pod_errors(gram, len(case.train_indices), ranks)
+    pod = pod_errors(case.split_gram(), len(case.train_indices), ranks)
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units",
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),

@@ -18,7 +18,7 @@ from modules.checkpoint import file_digest, load_conditioner, load_model
 from modules.config import Config
 from modules.design_inputs import read_condition_images, read_parameters
 from modules.errors import InputError
-from modules.latents import split_latents
+from modules.latents import decode_latents, split_latents
 from modules.reconstruct import check_new_output, save_new
 from modules.scaling import ColumnScaler
 
@@ -85,8 +85,7 @@ def predict_fields(conditioner, vae, latent_scaler, inputs, batch_size: int):
     pieces, seconds = [], 0.0
     for start in range(0, len(inputs), batch_size):
         began = time.perf_counter()
-        main, levels = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + batch_size])), vae.spec)
-        field = vae.decode(main, levels)
+        field = decode_latents(vae, latent_scaler, conditioner(inputs[start:start + batch_size]))
         synchronise(field.device)
         seconds += time.perf_counter() - began
         pieces.append(field.float().cpu().numpy())

@@ -15,7 +15,7 @@ from modules.data import in_order
 from modules.evaluate import relative_l2
 from modules.latents import decode_latents
 from modules.outputs import OUTPUT_DIR, PREDICTION_PLOT, PREDICTION_REPORT
-from modules.pod import design_gram, pod_errors
+from modules.pod import pod_errors
 
 
 def evaluate_and_write(model, case, config, history, say=print) -> dict:
@@ -58,7 +58,7 @@ def baseline_errors(case, config) -> dict:
     """{name: per-validation-design errors or None}, from one streamed Gram matrix of the designs' fields."""
     order = np.concatenate([case.fields.train_indices, case.fields.val_indices])
     n_train = len(case.fields.train_indices)
-    gram = design_gram(case.fields.array, order)
+    gram = case.fields.split_gram()  # already computed by the VAE's report when both trained in this run
     conditions = case.conditions.cpu().numpy()[order]  # standardised parameters, or image pixels
     errors = {"nearest_neighbour": nearest_neighbour_errors(gram, n_train, conditions),
               "mean_field": pod_errors(gram, n_train, [0])[0], "pod_gpr": None}

@@ -17,7 +17,7 @@ from modules.data import (SimulationArray, batch_order, find_dataset, in_order, 
 from modules.distributed import shard, sum_over_ranks, wrap_model
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
-from modules.pod import pod_node_basis
+from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.schedules import beta_at, lr_factor
@@ -36,6 +36,14 @@ class Case:
     scaler: object
     train: object
     val: object
+    _gram: np.ndarray | None = None
+
+    def split_gram(self) -> np.ndarray:
+        """design_gram of [training..., validation...] designs, the input of every POD-based baseline. Computed once
+        per run: it streams the whole dataset, and the VAE and conditioner reports both need it."""
+        if self._gram is None:
+            self._gram = design_gram(self.array, np.concatenate([self.train_indices, self.val_indices]))
+        return self._gram
 
 
 def train_vae(config, runtime, case: Case, say=print):

@@ -310,3 +310,15 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
     assert "validation loss was never finite" in capsys.readouterr().err
     assert not (copy_of / "model_save" / "latent_conditioner").exists()
     assert len(list((copy_of / "archive").glob("*/model_save/latent_conditioner"))) == 1  # the earlier one is kept
+
+
+def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_of, monkeypatch):
+    import modules.train_vae as train_vae
+    calls = []
+    original = train_vae.design_gram
+    monkeypatch.setattr(train_vae, "design_gram", lambda *args: calls.append(1) or original(*args))
+    with working_directory(copy_of):
+        assert main([]) == 0
+    assert len(calls) == 1
+    assert report(copy_of)["baselines"]["mean_field"] == pytest.approx(
+        json.loads((copy_of / "output" / "reconstruction_error.json").read_text())["pod_val"]["0"])
