@@ -2,6 +2,7 @@
 
     python launch_ddp.py --gpus=4                     # one process per GPU on this machine
     python launch_ddp.py --gpus=4 --lc_only=1         # only the latent conditioner, on the saved VAE
+    python launch_ddp.py --gpus=4 --amp=bf16 --grad_accum_steps=2   # speed flags are passed to every process
     python launch_ddp.py --gpus=4 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1   # first of two machines
 
 Checks preset.txt and input_data/condition.txt first (a bad config: one line, exit code 2, no process started), then
@@ -22,6 +23,11 @@ from modules.config import load_config  # noqa: E402
 from modules.errors import InputError  # noqa: E402
 
 
+PASSED_FLAGS = ("preset", "size", "load_all", "plot", "lc_only", "amp", "grad_checkpointing", "compile",
+                "grad_accum_steps")
+CONFIG_FLAGS = ("size", "load_all", "plot", "amp", "grad_checkpointing", "compile", "grad_accum_steps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, required=True, help="processes on this machine (one per GPU)")
@@ -31,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=int, choices=(0, 1, 2), help="passed to SimulGen-VAE.py")
     parser.add_argument("--lc_only", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py (1: train only the "
                         "latent conditioner on the saved VAE)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="passed to SimulGen-VAE.py")
+    parser.add_argument("--grad_checkpointing", type=int, choices=(0, 1), nargs="?", const=1,
+                        help="passed to SimulGen-VAE.py")
+    parser.add_argument("--compile", type=int, choices=(0, 1), nargs="?", const=1, help="passed to SimulGen-VAE.py")
+    parser.add_argument("--grad_accum_steps", type=int, help="passed to SimulGen-VAE.py")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
@@ -42,7 +53,7 @@ def torchrun_command(args) -> list:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}",
                f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
                f"--master_port={args.master_port}", str(SCRIPT), "--use_ddp"]
-    for flag in ("preset", "size", "load_all", "plot", "lc_only"):
+    for flag in PASSED_FLAGS:
         if getattr(args, flag) is not None:
             command.append(f"--{flag}={getattr(args, flag)}")
     return command
@@ -59,7 +70,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        load_config(args.preset or 1, {"size": args.size, "load_all": args.load_all, "plot": args.plot},
+        load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS},
                     warn=lambda text: None)  # the workers print the warnings
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)

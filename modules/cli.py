@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="SimulGen-VAE.py",
         description="Train a hierarchical VAE surrogate of the simulations in the current case folder "
                     "(preset.txt, input_data/condition.txt, input_data/dataset{data_No}.npy|.h5|.hdf5|.pickle).",
-        epilog="Flags that are also condition.txt keys (plot, size, load_all, device) override the file.")
+        epilog="Flags that are also condition.txt keys (plot, size, load_all, device, amp, grad_checkpointing, "
+               "compile, grad_accum_steps) override the file.")
     parser.add_argument("--preset", type=int, default=1, help="which 4-line preset of preset.txt to use (default 1)")
     parser.add_argument("--plot", type=int, choices=(0, 1, 2), default=None,
                         help="0: save PNG plots and show them at the end (only with a screen and a terminal); "
@@ -48,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory-mapped file, for data larger than RAM (default 0)")
     parser.add_argument("--device", default=None,
                         help="auto (this process's GPU if there is one, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
+                        help="mixed precision: auto = bf16 on a GPU that supports it, fp16 with loss scaling on "
+                             "older GPUs, float32 on the CPU; bf16 or fp16 force it; off = float32 (default auto)")
+    parser.add_argument("--grad_checkpointing", type=int, choices=(0, 1), nargs="?", const=1, default=None,
+                        help="recompute the activations of each level (and of the conditioner's blocks) in the "
+                             "backward pass instead of keeping them: less memory, about one more forward pass "
+                             "(default 0)")
+    parser.add_argument("--compile", type=int, choices=(0, 1), nargs="?", const=1, default=None,
+                        help="train through torch.compile of the model (the first steps compile; default 0)")
+    parser.add_argument("--grad_accum_steps", type=int, metavar="K", default=None,
+                        help="sum the gradients of K batches before each optimiser step: the effective batch is "
+                             "K x Batch_size designs (default 1)")
     parser.add_argument("--use_ddp", action="store_true",
                         help="train with DistributedDataParallel in each process that torchrun starts "
                              "(torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp, or python launch_ddp.py --gpus=K)")
@@ -95,7 +108,8 @@ def refuse_flags_of_the_other_mode(args) -> None:
         raise InputError("command line", "--reconstruct and --predict are two different modes", "give one of them")
     mode = "--reconstruct" if args.reconstruct else "--predict" if args.predict else None
     if mode:
-        unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp", "lc_only")
+        unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp", "lc_only", "amp",
+                                           "grad_checkpointing", "compile", "grad_accum_steps")
                   if getattr(args, name) not in (None, False, 0)]
         if unused:
             raise InputError("command line", f"{', '.join(unused)} only apply to training, not to {mode} "
@@ -117,8 +131,9 @@ def train(args) -> None:
     if config.use_e2e_training and config.e2e_vae_model_path:
         raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
                          "through the VAE it has just trained", "remove e2e_vae_model_path, or run with --lc_only=1")
-    runtime = start_runtime(config.device, args.use_ddp)
+    runtime = start_runtime(config, args.use_ddp)
     try:
+        announce_setup(runtime)
         case = prepare_case(config, runtime)  # every input check happens before anything on disk moves
         conditions = read_conditions(config) if config.has_conditioner else None
         if runtime.is_main:
@@ -142,8 +157,9 @@ def train_conditioner_only(args) -> None:
                          "set input_type csv, image or image_vit (and param_dir)")
     through_other_vae = config.use_e2e_training and config.e2e_vae_model_path
     vae_file = Path(config.e2e_vae_model_path if through_other_vae else MODEL_FILE)
-    runtime = start_runtime(config.device, args.use_ddp)
+    runtime = start_runtime(config, args.use_ddp)
     try:
+        announce_setup(runtime)
         case = prepare_conditioner_case(config, runtime, read_conditions(config), vae_file)
         if runtime.is_main:
             announce(archive_previous_conditioner())
@@ -154,12 +170,21 @@ def train_conditioner_only(args) -> None:
         stop_runtime()
 
 
+TRAINING_FLAGS = ("plot", "size", "load_all", "device", "amp", "grad_checkpointing", "compile", "grad_accum_steps")
+
+
 def overrides(args) -> dict:
-    return {"plot": args.plot, "size": args.size, "load_all": args.load_all, "device": args.device}
+    """The flags that are also condition.txt keys; those given override the file."""
+    return {name: getattr(args, name) for name in TRAINING_FLAGS}
 
 
 def warn(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+def announce_setup(runtime) -> None:
+    if runtime.is_main:
+        print(runtime.summary, flush=True)
 
 
 def announce(archived) -> None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from modules.recompute import run_each
+
 KINDS = ("mlp", "cnn", "vit")
 
 
@@ -82,9 +84,10 @@ class MLPConditioner(nn.Module):
         self.blocks = nn.Sequential(*[MLPBlock(filters[max(i - 1, 0)], width, spec.dropout * (i + 1) / n)
                                       for i, width in enumerate(filters)])
         self.head = nn.Sequential(nn.LayerNorm(filters[-1]), output_head(filters[-1], spec.output_dim))
+        self.recompute = False  # gradient checkpointing of the blocks (modules/recompute.py)
 
     def forward(self, params):
-        return self.head(self.blocks(self.input(params)))
+        return self.head(run_each(self.blocks, self.input(params), self.recompute))
 
 
 # ------------------------------------------------------------------------------------------------------------ CNN
@@ -145,6 +148,7 @@ class CNNConditioner(nn.Module):
                                       for i, width in enumerate(filters)])
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(spec.dropout),
                                   output_head(filters[-1], spec.output_dim))
+        self.recompute = False  # gradient checkpointing of the stages (modules/recompute.py)
 
     @staticmethod
     def _stage(in_channels, channels, stride, spec):
@@ -152,7 +156,7 @@ class CNNConditioner(nn.Module):
         return nn.Sequential(*layers, SpatialAttention()) if spec.spatial_attention else nn.Sequential(*layers)
 
     def forward(self, images):
-        return self.head(self.stages(self.stem(images)))
+        return self.head(run_each(self.stages, self.stem(images), self.recompute))
 
 
 # ------------------------------------------------------------------------------------------------------------ ViT
@@ -204,7 +208,8 @@ class ViTConditioner(nn.Module):
         self.blocks = nn.Sequential(*[TransformerBlock(dim, spec.vit_heads, rate) for rate in rates])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Sequential(nn.Dropout(spec.dropout), output_head(dim, spec.output_dim))
+        self.recompute = False  # gradient checkpointing of the blocks (modules/recompute.py)
 
     def forward(self, images):
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.position
-        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+        return self.head(self.norm(run_each(self.blocks, tokens, self.recompute)).mean(dim=1))

@@ -84,8 +84,8 @@ KEYS = (
         "training inputs scaled by a random factor in [1-a, 1+a]", _fraction),
     Key("augment_mixup_prob", "augment_mixup_prob", float, 0.0,
         "probability that a training design is mixed with another training design of its batch", _fraction),
-    Key("num_workers", "num_workers", int, 0, "DataLoader worker processes when streaming (load_all 0)",
-        _non_negative),
+    Key("num_workers", "num_workers", str, "auto", "DataLoader worker processes when streaming (load_all 0): "
+        "auto or a count", lambda v: None if v == "auto" or v.isdigit() else "must be auto or a whole number >= 0"),
     Key("hdf5_dataset", "hdf5_dataset", str, "", "dataset name inside an HDF5 file (default: its only dataset)"),
     Key("log_every", "log_every", int, 0, "print a summary line every this many epochs (0: about 20 lines a run)",
         _non_negative),
@@ -96,6 +96,13 @@ KEYS = (
     Key("plot", "plot", int, 2, "0: save PNG plots and show them; 1: save PNGs; 2: no plots", choices=(0, 1, 2)),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
         lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
+    Key("amp", "amp", str, "auto", "mixed precision: auto (bf16 on GPUs that have it, else fp16; float32 on the CPU), "
+        "bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off")),
+    Key("grad_checkpointing", "grad_checkpointing", int, 0,
+        "1: recompute each level's activations in the backward pass instead of keeping them", choices=(0, 1)),
+    Key("compile", "compile", int, 0, "1: train through torch.compile of the model", choices=(0, 1)),
+    Key("grad_accum_steps", "grad_accum_steps", int, 1,
+        "batches whose gradients are summed before each optimiser step", _positive),
     # ---- latent conditioner: maps what defines a design (CSV row or geometry image) to its latents
     Key("input_type", "input_type", str, "none",
         "what defines a design: none (train the VAE only), csv (parameters, MLP), image (CNN) or image_vit (ViT)",
@@ -207,13 +214,17 @@ class Config:
     augment_noise_std: float
     augment_amplitude: float
     augment_mixup_prob: float
-    num_workers: int
+    num_workers: str
     hdf5_dataset: str
     log_every: int
     size: str
     load_all: int
     plot: int
     device: str
+    amp: str
+    grad_checkpointing: int
+    compile: int
+    grad_accum_steps: int
     input_type: str
     param_dir: str
     param_data_type: str
@@ -268,7 +279,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        """A saved config; keys added since it was written take their defaults."""
+        defaults = {key.field: key.default for key in KEYS if key.default is not REQUIRED}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in {**defaults, **values}.items()})
 
 
 def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, condition_path=CONDITION_FILE,

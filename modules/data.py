@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from modules.errors import InputError
+from modules.runtime import available_host_bytes
 from modules.scaling import MinMaxScaler
 
 DATA_DIR = Path("input_data")
 FORMATS = (".npy", ".h5", ".hdf5", ".pickle")
-SCAN_CHUNK_BYTES = 256 * 2**20
+READ_CHUNK_BYTES = 64 * 2**20  # per streamed read: big enough for sequential I/O, small beside RAM
 
 
 def find_dataset(data_no: int, folder=DATA_DIR) -> Path:
@@ -76,7 +77,9 @@ class SimulationArray:
         else:  # h5py takes one increasing index list per read: read the step range, then pick
             first, last = int(time_index.min()), int(time_index.max()) + 1
             block = np.asarray(array[unique.tolist(), first:last, self.crop.nodes])[:, time_index - first]
-        return np.ascontiguousarray(block[inverse], dtype=np.float32)
+        if len(unique) < len(indices) or not np.array_equal(unique, indices):
+            block = block[inverse]  # a copy: only when the order asked for is not already sorted and unique
+        return np.ascontiguousarray(block, dtype=np.float32)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -143,7 +146,7 @@ def split_indices(n_designs: int, val_fraction: float, seed: int):
 
 def scan_and_fit_scaler(array: SimulationArray, train_indices, n_vars: int) -> MinMaxScaler:
     """One pass over every design: refuse NaN/Inf (naming the design), fit the scaler on the training designs only."""
-    per_chunk = max(1, SCAN_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
+    per_chunk = max(1, READ_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
     is_train = np.zeros(array.n_designs, dtype=bool)
     is_train[train_indices] = True
     low = np.full(n_vars, np.inf)
@@ -184,11 +187,16 @@ def in_order(n_items: int, batch_size: int):
 
 
 class PreloadedBatches:
-    """--load_all=1: the scaled designs live on the training device; a batch is an index into that tensor."""
+    """--load_all=1: the scaled designs live on the training device; a batch is an index into that tensor.
+    Uploaded in bounded chunks, so the host never holds a second copy of the whole set on its way to a GPU."""
 
     def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device):
         self.indices = np.asarray(indices)
-        self.data = torch.from_numpy(scaler.transform(array.read(self.indices))).to(device)
+        self.data = torch.empty((len(self.indices), *array.sample_shape), dtype=torch.float32, device=device)
+        per_chunk = max(1, READ_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
+        for start in range(0, len(self.indices), per_chunk):
+            chunk = scaler.transform(array.read(self.indices[start:start + per_chunk]))
+            self.data[start:start + len(chunk)] = torch.from_numpy(chunk)
 
     def __len__(self):
         return len(self.indices)
@@ -199,12 +207,14 @@ class PreloadedBatches:
 
 
 class StreamedBatches:
-    """--load_all=0: each batch is read from the (memory-mapped) file and scaled when it is needed."""
+    """--load_all=0: each batch is read from the (memory-mapped) file and scaled when it is needed, by num_workers
+    DataLoader processes ahead of the training step; pinned host memory makes the copy to a GPU non-blocking."""
 
-    def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device, num_workers=0):
+    def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device, num_workers=0,
+                 pin_memory=False):
         self.reader = _BatchReader(array, np.asarray(indices), scaler)
         self.device = torch.device(device)
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self):
         return len(self.reader.indices)
@@ -214,9 +224,9 @@ class StreamedBatches:
         # streamed run would sample different latent noise than a preloaded one.
         loader = torch.utils.data.DataLoader(
             self.reader, sampler=order, batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator())
+            pin_memory=self.pin_memory, generator=torch.Generator())
         for batch in loader:
-            yield batch.to(self.device, non_blocking=True)
+            yield batch.to(self.device, non_blocking=self.pin_memory)
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -232,11 +242,27 @@ class _BatchReader(torch.utils.data.Dataset):
         return torch.from_numpy(self.scaler.transform(self.array.read(self.indices[positions])))
 
 
-def make_batches(array, indices, scaler, device, load_all: bool, num_workers: int = 0):
-    """The batch source the config asks for; both kinds give identical batches for the same order."""
+def make_batches(array, indices, scaler, runtime, load_all: bool):
+    """The batch source the config asks for, loading as runtime chose; both kinds give identical batches for the
+    same order."""
     if load_all:
-        return PreloadedBatches(array, indices, scaler, device)
-    return StreamedBatches(array, indices, scaler, device, num_workers)
+        return PreloadedBatches(array, indices, scaler, runtime.device)
+    return StreamedBatches(array, indices, scaler, runtime.device, runtime.num_workers, runtime.pin_memory)
+
+
+def check_preload_fits(array: SimulationArray, n_designs: int, runtime) -> None:
+    """load_all 1 on data that would not fit is refused before anything is read, with the numbers.
+    The designs must fit in 80 % of what is free on the device (a GPU's free memory, or the host memory this process
+    may still use, shared among the processes of a run), leaving room for the model."""
+    needed = 4 * n_designs * int(np.prod(array.sample_shape))
+    if runtime.device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(runtime.device)[0], f"{runtime.device}'s free memory"
+    else:
+        free, where = available_host_bytes() // runtime.world_size, "the host memory available to each process"
+    if needed > 0.8 * free:
+        raise InputError("load_all setting", f"load_all 1 would keep {n_designs} designs ({needed / 1e9:.2f} GB) in "
+                         f"{where}, but only {free / 1e9:.2f} GB is free there",
+                         "set load_all 0 in input_data/condition.txt (or --load_all=0) to stream batches from the file")
 
 
 def load_new_simulations(path, crop: Crop) -> np.ndarray:

@@ -13,26 +13,27 @@ import torch
 import torch.distributed as dist
 
 from modules.errors import InputError
-from modules.runtime import Runtime, pick_device
+from modules.runtime import Runtime, adapted, pick_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def start_runtime(device_setting: str, use_ddp: bool) -> Runtime:
+def start_runtime(config, use_ddp: bool) -> Runtime:
     """The runtime of this process; with use_ddp, join torchrun's process group (NCCL on CUDA, gloo on CPU)."""
     if not use_ddp:
-        return Runtime(device=pick_device(device_setting))
+        return adapted(pick_device(config.device), config)
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise InputError("command line", f"--use_ddp needs torchrun's environment ({', '.join(missing)} not set)",
                          "start it with 'torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp' or "
                          "'python launch_ddp.py --gpus=K'")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_setting, int(os.environ["LOCAL_RANK"]))
+    device = pick_device(config.device, int(os.environ["LOCAL_RANK"]))
+    runtime = adapted(device, config, rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Runtime(device=device, rank=rank, world_size=world_size)
+    return runtime
 
 
 def stop_runtime() -> None:

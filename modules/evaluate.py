@@ -9,10 +9,13 @@ from modules.pod import pod_errors
 
 
 def relative_l2(predicted, true) -> np.ndarray:
-    """Per design: ||predicted - true|| / ||true|| over the whole [T, M] field. Inputs [n, T, M]."""
-    predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
-    error = np.linalg.norm((predicted - true).reshape(len(true), -1), axis=1)
-    return error / np.maximum(np.linalg.norm(true.reshape(len(true), -1), axis=1), 1e-30)
+    """Per design: ||predicted - true|| / ||true|| over the whole [T, M] field. Inputs [n, T, M].
+    Differences in float32, sums of squares accumulated in float64: no float64 copy of a batch of huge fields."""
+    true = np.asarray(true, np.float32).reshape(len(true), -1)
+    difference = np.asarray(predicted, np.float32).reshape(len(true), -1) - true
+    error2 = np.add.reduce(np.square(difference, out=difference), axis=1, dtype=np.float64)
+    norm2 = np.add.reduce(np.square(true), axis=1, dtype=np.float64)
+    return np.sqrt(error2) / np.maximum(np.sqrt(norm2), 1e-30)
 
 
 @torch.no_grad()

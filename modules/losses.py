@@ -22,7 +22,7 @@ def vae_loss(outputs, target, config, beta: float):
 
     Returns (total, parts) where parts holds detached tensors: recon, kl_main, kl_levels [L].
     """
-    recon = sum(reconstruction_loss(o["recon"], target, config.loss_type, config.huber_delta) for o in outputs)
+    recon = sum(reconstruction_loss(o["recon"].float(), target, config.loss_type, config.huber_delta) for o in outputs)
     kl_main = sum(o["kl_main"].mean() for o in outputs)
     kl_levels = sum(o["kl_levels"].mean(dim=0) for o in outputs)
     count = len(outputs)

@@ -9,29 +9,40 @@ Both stream the dataset in bounded chunks, so they work on designs far larger th
 import numpy as np
 import torch
 
-CHUNK_BYTES = 256 * 2**20
+from modules.data import READ_CHUNK_BYTES
+from modules.runtime import available_host_bytes
+
+SNAPSHOT_BYTES = 256 * 2**20  # snapshot rows kept for the node basis, at most (less when memory is short)
 
 
 def pod_node_basis(array, train_indices, scaler, rank: int, seed: int):
     """Snapshot POD of scaled training fields over nodes.
 
     Returns torch float32 (mean [M], modes [M, rank] orthonormal, scales [rank] = std of each coefficient).
-    Rows are (design, time step) snapshots, subsampled to fit CHUNK_BYTES; missing modes (fewer snapshots than
-    rank) are filled with random orthonormal directions at a small scale.
+    Rows are (design, time step) snapshots, subsampled to fit snapshot_budget(); missing modes (fewer snapshots than
+    rank) are filled with random orthonormal directions at a small scale. Works in float32 in place: the snapshots
+    are the only large array.
     """
     n_steps, n_nodes = array.sample_shape
-    snapshots = _training_snapshots(array, train_indices, scaler, max(rank, CHUNK_BYTES // (4 * n_nodes)), seed)
-    mean = snapshots.mean(axis=0)
-    centred = torch.from_numpy(snapshots - mean).double()
-    eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T)  # Gram of the rows: rows x rows, cheap
+    snapshots = _training_snapshots(array, train_indices, scaler, max(rank, snapshot_budget() // (4 * n_nodes)), seed)
+    mean = snapshots.mean(axis=0, dtype=np.float64).astype(np.float32)
+    snapshots -= mean
+    centred = torch.from_numpy(snapshots)
+    eigenvalues, vectors = torch.linalg.eigh((centred @ centred.T).double())  # Gram of the rows: rows x rows, cheap
     keep = torch.flip(torch.argsort(eigenvalues), [0])[:rank]
-    keep = keep[eigenvalues[keep] > eigenvalues.max() * 1e-12]
+    keep = keep[eigenvalues[keep] > eigenvalues.max() * 1e-6]  # float32 Gram: smaller ones are rounding noise
     singular = eigenvalues[keep].sqrt()
-    modes = (centred.T @ vectors[:, keep]) / singular
+    modes = (centred.T @ vectors[:, keep].float()).double() / singular
     modes = _complete_basis(modes, rank, seed)
     scales = torch.cat([singular, torch.zeros(rank - len(singular), dtype=singular.dtype)]) / np.sqrt(len(centred))
     scales = scales.clamp_min(max(float(scales.max()) * 1e-3, 1e-6))
     return torch.from_numpy(mean).float(), modes.float(), scales.float()
+
+
+def snapshot_budget() -> int:
+    """Bytes of snapshot rows for the node basis: SNAPSHOT_BYTES, or a quarter of the memory this process may still
+    use when that is less (a job under a tight memory limit gets a basis from fewer snapshots rather than dying)."""
+    return min(SNAPSHOT_BYTES, available_host_bytes() // 4)
 
 
 def _training_snapshots(array, train_indices, scaler, max_rows: int, seed: int) -> np.ndarray:
@@ -42,14 +53,15 @@ def _training_snapshots(array, train_indices, scaler, max_rows: int, seed: int) 
     designs = np.sort(rng.permutation(train_indices)[:max_rows]) if len(train_indices) > max_rows else train_indices
     steps_per_design = max(1, min(n_steps, max_rows // len(designs)))
     strata = np.linspace(0, n_steps, steps_per_design, endpoint=False)
-    rows = []
-    per_read = max(1, CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
+    rows = np.empty((len(designs) * steps_per_design, array.sample_shape[1]), dtype=np.float32)
+    per_read = max(1, READ_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
     for start in range(0, len(designs), per_read):
         block = scaler.transform(array.read(designs[start:start + per_read]))
         offsets = rng.uniform(0, n_steps / steps_per_design, size=(len(block), 1))
         picks = np.minimum((strata[None, :] + offsets).astype(int), n_steps - 1)
-        rows.append(np.take_along_axis(block, picks[:, :, None], axis=1).reshape(-1, block.shape[-1]))
-    return np.concatenate(rows)
+        rows[start * steps_per_design:(start + len(block)) * steps_per_design] = \
+            np.take_along_axis(block, picks[:, :, None], axis=1).reshape(-1, block.shape[-1])
+    return rows
 
 
 def _complete_basis(modes, rank: int, seed: int):
@@ -67,12 +79,14 @@ def _complete_basis(modes, rank: int, seed: int):
 def design_gram(array, indices) -> np.ndarray:
     """Inner products <x_i, x_j> of whole designs [T, M] (physical units), float64 [n, n], streamed over time."""
     n_steps, n_nodes = array.sample_shape
-    steps_per_read = max(1, CHUNK_BYTES // (4 * n_nodes * len(indices)))
+    steps_per_read = max(1, READ_CHUNK_BYTES // (4 * n_nodes * len(indices)))
     gram = np.zeros((len(indices), len(indices)))
+    columns = max(1, READ_CHUNK_BYTES // (16 * len(indices)))  # float64 slices of a quarter of a read
     for first in range(0, n_steps, steps_per_read):
         block = array.read(indices, steps=slice(first, first + steps_per_read)).reshape(len(indices), -1)
-        block = block.astype(np.float64)
-        gram += block @ block.T
+        for start in range(0, block.shape[1], columns):
+            piece = block[:, start:start + columns].astype(np.float64)  # float64 sums: POD errors subtract them
+            gram += piece @ piece.T
     return gram
 
 

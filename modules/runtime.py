@@ -1,5 +1,8 @@
-"""Where a run computes: the device (and, under torchrun, rank and world size), decided once and passed down."""
+"""Where and how a run computes: device, rank, precision and data-loading choices, decided once and passed down."""
+import os
 import random
+import resource
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -7,19 +10,63 @@ import torch
 
 from modules.errors import InputError
 
+PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 @dataclass(frozen=True)
 class Runtime:
-    """Set once at start-up (modules/distributed.py) and passed down; nothing below re-detects it."""
+    """Set once at start-up (modules/distributed.py start_runtime) and passed down; nothing below re-detects it.
+
+    amp_dtype: autocast dtype of training forward passes (None: float32). num_workers, pin_memory: how streamed
+    batches are loaded; pinned host memory is what makes the host-to-GPU copies non-blocking.
+    """
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    summary: str = ""  # what was chosen and why, printed once at start-up
 
     @property
     def is_main(self) -> bool:
         """Only the main process writes files and logs."""
         return self.rank == 0
+
+    @property
+    def non_blocking(self) -> bool:
+        return self.pin_memory
+
+    def autocast(self):
+        """Context of a training forward pass: mixed precision when amp_dtype is set, plain float32 otherwise."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling (its range is too small for small gradients); bf16 and float32 do not."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
+def adapted(device: torch.device, config, rank=0, world_size=1, local_world_size=1) -> Runtime:
+    """The runtime for this device and config: precision, loader workers and pinned memory from the hardware."""
+    amp_dtype, amp_reason = pick_precision(config.amp, device)
+    workers, workers_reason = pick_workers(config.num_workers, device, bool(config.load_all), local_world_size)
+    pin_memory = device.type == "cuda" and not config.load_all
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls and convolutions in TF32 on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    where = str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    loading = ("data preloaded on the device" if config.load_all else
+               f"streaming with {workers} DataLoader worker(s) ({workers_reason})"
+               + (", pinned memory, non-blocking copies" if pin_memory else ""))
+    summary = (f"Device setup: {where}; precision {PRECISION_NAMES[amp_dtype]} ({amp_reason}); {loading}; "
+               f"gradient checkpointing {'on' if config.grad_checkpointing else 'off'}; "
+               f"torch.compile {'on' if config.compile else 'off'}; "
+               f"gradient accumulation over {config.grad_accum_steps} batch(es)")
+    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype, num_workers=workers,
+                   pin_memory=pin_memory, summary=summary)
 
 
 def pick_device(setting: str, local_rank: int = 0) -> torch.device:
@@ -34,6 +81,63 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
         raise InputError("device setting", f"device cuda:{index} asked for, but only "
                          f"{torch.cuda.device_count()} GPU(s) are visible", "pick an existing GPU index")
     return torch.device("cuda", index)
+
+
+def pick_precision(setting: str, device: torch.device):
+    """The autocast dtype for amp = auto|bf16|fp16|off on this device, and why (for the start-up line).
+
+    auto: bf16 on a GPU that supports it (no loss scaling needed), fp16 with a grad scaler on older GPUs, float32 on
+    the CPU (CPU autocast is slower than float32 on most CPUs). bf16 and fp16 can be forced on the CPU too.
+    """
+    if setting == "off":
+        return None, "amp off"
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported()
+    if setting == "bf16" and not bf16_ok:
+        raise InputError("amp setting", f"amp bf16 asked for, but {torch.cuda.get_device_name(device)} has no bf16",
+                         "use --amp=fp16 or --amp=auto")
+    if setting == "auto":
+        if not cuda:
+            return None, "amp auto: float32 on the CPU"
+        return (torch.bfloat16, "amp auto: the GPU supports bf16") if bf16_ok else \
+            (torch.float16, "amp auto: no bf16 on this GPU, fp16 with loss scaling")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting], f"amp {setting}"
+
+
+def pick_workers(setting: str, device: torch.device, load_all: bool, local_world_size: int):
+    """DataLoader workers for streamed batches, and why. auto: none when the data is preloaded or the model trains on
+    the CPU (workers would take the cores the training threads use); on a GPU, up to 4 per process from the cores
+    this machine's processes share, so reading the next batch overlaps the current step."""
+    if setting != "auto":
+        return int(setting), "num_workers set"
+    if load_all:
+        return 0, "data preloaded"
+    if device.type != "cuda":
+        return 0, "training on the CPU"
+    return min(4, max(1, (os.cpu_count() or 2) // local_world_size - 1)), "auto"
+
+
+def available_host_bytes() -> int:
+    """Memory this process may still allocate: the smaller of MemAvailable and what its RLIMIT_DATA leaves."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    if limit != resource.RLIM_INFINITY:
+        available = min(available, max(0, limit - _data_segment_bytes()))
+    return available
+
+
+def _data_segment_bytes() -> int:
+    """VmData of this process: what RLIMIT_DATA counts (private writable memory; not memory-mapped input files)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def seed_everything(seed: int) -> None:

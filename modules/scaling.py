@@ -22,29 +22,44 @@ class MinMaxScaler:
         span = self.data_max - self.data_min
         # A constant variable maps to the middle of the range instead of dividing by zero.
         self._scale = np.where(span > 0, (self.high - self.low) / np.where(span > 0, span, 1.0), 1.0)
-        self._offset = np.where(span > 0, self.low - self.data_min * self._scale, (self.low + self.high) / 2 - self.data_min)
+        self._base = np.where(span > 0, self.low, (self.low + self.high) / 2)
 
     @property
     def n_vars(self) -> int:
         return len(self.data_min)
 
     def transform(self, values):
-        """Physical -> scaled. values: [..., M] numpy array or tensor; returns the same kind (float32)."""
-        return self._affine(values, self._scale, self._offset)
+        """Physical -> scaled: (x - min) * scale + low. values: [..., M] numpy array or tensor; returns the same kind
+        (float32). Computed in float32 in place: a chunk of a large dataset costs one float32 copy, no more."""
+        out = self._per_variable(values)
+        out -= self._constant(self.data_min, out)
+        out *= self._constant(self._scale, out)
+        out += self._constant(self._base, out)
+        return out.reshape(values.shape)
 
     def inverse(self, values):
-        """Scaled -> physical, the exact inverse of transform."""
-        return self._affine(values, 1.0 / self._scale, -self._offset / self._scale)
+        """Scaled -> physical, the inverse of transform up to float32 rounding."""
+        out = self._per_variable(values)
+        out -= self._constant(self._base, out)
+        out *= self._constant(1.0 / self._scale, out)
+        out += self._constant(self.data_min, out)
+        return out.reshape(values.shape)
 
-    def _affine(self, values, scale, offset):
+    def _per_variable(self, values):
+        """A float32 copy of values [..., M] viewed as [..., n_vars, M / n_vars]."""
         *lead, n_nodes = values.shape
-        per_var = values.reshape(*lead, self.n_vars, n_nodes // self.n_vars)
         if isinstance(values, torch.Tensor):
-            scale = torch.as_tensor(scale, dtype=values.dtype, device=values.device)
-            offset = torch.as_tensor(offset, dtype=values.dtype, device=values.device)
-            return (per_var * scale[:, None] + offset[:, None]).reshape(values.shape)
-        out = per_var.astype(np.float64) * scale[:, None] + offset[:, None]
-        return out.reshape(values.shape).astype(np.float32)
+            copy = values.to(torch.float32, copy=True)
+        else:
+            copy = np.array(values, dtype=np.float32, copy=True)
+        return copy.reshape(*lead, self.n_vars, n_nodes // self.n_vars)
+
+    @staticmethod
+    def _constant(per_variable, like):
+        """A per-variable constant shaped [n_vars, 1] to broadcast over like, in its kind and dtype."""
+        if isinstance(like, torch.Tensor):
+            return torch.as_tensor(per_variable[:, None], dtype=like.dtype, device=like.device)
+        return per_variable[:, None].astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"kind": "minmax", "data_min": self.data_min.tolist(), "data_max": self.data_max.tolist(),

@@ -25,14 +25,16 @@ from modules.conditioners import ConditionerSpec, build_conditioner
 from modules.config import CONDITION_FILE
 from modules.data import batch_order, in_order
 from modules.design_inputs import augment_images
-from modules.distributed import shard, sum_over_ranks, wrap_model
+from modules.distributed import shard, sum_over_ranks
 from modules.errors import InputError
 from modules.latents import decode_latents
 from modules.outputs import CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_NAME, OUTPUT_DIR
+from modules.recompute import enable_recompute
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.scaling import ColumnScaler
 from modules.schedules import lr_factor
+from modules.update import Updater, micro_batches, training_module
 
 NETWORK_OF_INPUT = {"csv": "mlp", "image": "cnn", "image_vit": "vit"}
 
@@ -60,8 +62,11 @@ def train_conditioner(config, runtime, case: ConditionerCase, say=print):
     say = say if runtime.is_main else (lambda text: None)
     spec = conditioner_spec(config, case)
     model = build_conditioner(spec).to(runtime.device)
-    trainer = wrap_model(model, runtime)
+    trainer = training_module(model, config, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lc_lr, weight_decay=config.lc_weight_decay)
+    updater = Updater(trainer, optimizer, runtime, config.grad_clip)
+    if config.grad_checkpointing:
+        enable_recompute(case.vae)  # end to end, the frozen decoder's activations are part of this backward pass
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
         epoch, config.lc_epochs, config.warmup_fraction, 1, min(1.0, config.lr_min / config.lc_lr)))
     objective = "end to end through the frozen decoder" if config.use_e2e_training else "latent regression"
@@ -71,7 +76,7 @@ def train_conditioner(config, runtime, case: ConditionerCase, say=print):
     facts = about(config, case)
     best = {"loss": math.inf, "epoch": 0, "state": None}
     for epoch in range(config.lc_epochs):
-        train_stats = train_epoch(trainer, case, optimizer, config, epoch, runtime)
+        train_stats = train_epoch(trainer, updater, case, config, epoch, runtime)
         val_stats = validate(model, case, config, runtime)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves on
         scheduler.step()
@@ -115,25 +120,26 @@ def about(config, case: ConditionerCase) -> dict:
             "vae_file": str(case.vae_file), "vae_sha256": file_digest(case.vae_file)}
 
 
-def train_epoch(trainer, case: ConditionerCase, optimizer, config, epoch: int, runtime) -> dict:
-    """One pass over the training designs in shuffled global batches, each rank taking its shard."""
+def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, runtime) -> dict:
+    """One pass over the training designs in shuffled global batches (an optimiser step per grad_accum_steps of
+    them), each rank taking its shard."""
     trainer.train()
     train_indices = case.fields.train_indices
-    shards = [shard(p, runtime) for p in batch_order(len(train_indices), config.lc_batch_size, shuffle=True,
-                                                     seed=config.seed, epoch=epoch)]
-    fields = field_batches(case.fields.train, shards, config)
+    groups = batch_order(len(train_indices), config.lc_batch_size * config.grad_accum_steps, shuffle=True,
+                         seed=config.seed, epoch=epoch)
+    steps = [micro_batches(group, config.lc_batch_size, runtime) for group in groups]
+    fields = field_batches(case.fields.train, [part for step in steps for part in step], config)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     sums = torch.zeros(3, device=runtime.device)
-    for (positions, weight), field_batch in zip(shards, fields):
-        designs = torch.as_tensor(train_indices[positions], device=case.conditions.device)
-        inputs = augment(case.conditions[designs], config, generator)
-        loss, parts = conditioner_loss(trainer, case, inputs, designs, field_batch, config)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainer.parameters(), config.grad_clip)
-        optimizer.step()
-        sums += torch.stack([loss.detach(), *parts]) * (len(positions) if weight else 0)
+    for step in steps:
+        for index, (positions, weight) in enumerate(step):
+            designs = torch.as_tensor(train_indices[positions], device=case.conditions.device)
+            inputs = augment(case.conditions[designs], config, generator)
+            with updater.accumulating(last=index == len(step) - 1):
+                loss, parts = conditioner_loss(trainer, case, inputs, designs, next(fields), config, runtime)
+                updater.backward(loss * weight)
+            sums += torch.stack([loss.detach(), *parts]) * (len(positions) if weight else 0)
+        updater.step()
     return averages(sum_over_ranks(sums, runtime), len(train_indices))
 
 
@@ -146,7 +152,7 @@ def validate(model, case: ConditionerCase, config, runtime) -> dict:
     sums = torch.zeros(3, device=runtime.device)
     for (positions, _), field_batch in zip(shards, field_batches(case.fields.val, shards, config)):
         designs = torch.as_tensor(case.fields.val_indices[positions], device=case.conditions.device)
-        loss, parts = conditioner_loss(model, case, case.conditions[designs], designs, field_batch, config)
+        loss, parts = conditioner_loss(model, case, case.conditions[designs], designs, field_batch, config, runtime)
         sums += torch.stack([loss, *parts]) * len(positions)
     return averages(sum_over_ranks(sums, runtime), len(case.fields.val_indices))
 
@@ -164,14 +170,18 @@ def augment(images, config, generator):
     return augment_images(images, bool(config.lc_augment_flip), config.lc_augment_shift, generator)
 
 
-def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, config):
-    """(objective, (latent MSE, field loss)) of one batch. fields: scaled [B, T, M] (end to end) or None.
-    Without end-to-end training the field loss part is reported as 0 (not computed)."""
-    predicted = model(inputs)
-    latent_mse = F.mse_loss(predicted, case.targets[designs])
+def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, config, runtime):
+    """(objective, (latent MSE, field loss)) of one batch, forward passes under the run's autocast, losses in
+    float32. fields: scaled [B, T, M] (end to end) or None; without end-to-end training the field loss part is
+    reported as 0 (not computed)."""
+    with runtime.autocast():
+        predicted = model(inputs)
+    latent_mse = F.mse_loss(predicted.float(), case.targets[designs])
     if not config.use_e2e_training:
         return latent_mse, (latent_mse.detach(), torch.zeros((), device=predicted.device))
-    field_loss = e2e_field_loss(decode_latents(case.vae, case.latent_scaler, predicted), fields, config)
+    with runtime.autocast():
+        recon = decode_latents(case.vae, case.latent_scaler, predicted.float())
+    field_loss = e2e_field_loss(recon.float(), fields, config)
     loss = field_loss
     if config.use_latent_regularization:
         loss = loss + config.latent_reg_weight * latent_mse

@@ -12,15 +12,16 @@ from tqdm import tqdm
 from modules import evaluate, plots
 from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
-from modules.data import (SimulationArray, batch_order, find_dataset, in_order, make_batches,
-                          scan_and_fit_scaler, split_indices)
-from modules.distributed import shard, sum_over_ranks, wrap_model
+from modules.data import (SimulationArray, batch_order, check_preload_fits, find_dataset, in_order,
+                          make_batches, scan_and_fit_scaler, split_indices)
+from modules.distributed import shard, sum_over_ranks
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.schedules import beta_at, lr_factor
+from modules.update import Updater, micro_batches, training_module
 from modules.vae import HierarchicalVAE, ModelSpec
 
 LAST_CHECKPOINT_SAVES = 10  # besides the end of training; "best" is saved whenever validation improves
@@ -52,8 +53,9 @@ def train_vae(config, runtime, case: Case, say=print):
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
     model = build_model(config, case, runtime)
-    trainer = wrap_model(model, runtime)
+    trainer = training_module(model, config, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    updater = Updater(trainer, optimizer, runtime, config.grad_clip)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
         epoch, config.epochs, config.warmup_fraction, config.lr_cycles, config.lr_min / config.lr))
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
@@ -65,7 +67,7 @@ def train_vae(config, runtime, case: Case, say=print):
     for epoch in range(config.epochs):
         beta = beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
                        config.beta_ramp_end_fraction)
-        train_stats = train_epoch(trainer, case, optimizer, config, beta, epoch, runtime)
+        train_stats = train_epoch(trainer, updater, case, config, beta, epoch, runtime)
         val_stats = validate(model, case, config, runtime)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves on
         scheduler.step()
@@ -92,8 +94,9 @@ def prepare_case(config, runtime) -> Case:
 
 def case_of(array, split, scaler, config, runtime) -> Case:
     """Batch sources for both sides of a (train indices, validation indices) split, scaled by `scaler`."""
-    batches = [make_batches(array, indices, scaler, runtime.device, bool(config.load_all), config.num_workers)
-               for indices in split]
+    if config.load_all:
+        check_preload_fits(array, sum(len(indices) for indices in split), runtime)
+    batches = [make_batches(array, indices, scaler, runtime, bool(config.load_all)) for indices in split]
     return Case(array, *split, scaler, *batches)
 
 
@@ -106,36 +109,38 @@ def build_model(config, case: Case, runtime) -> HierarchicalVAE:
     return model.to(runtime.device)
 
 
-def train_epoch(trainer, case: Case, optimizer, config, beta: float, epoch: int, runtime) -> dict:
-    """One pass over the training designs; each rank takes its shard of every global batch.
-    Sums stay on the device: one host sync per epoch, not per step."""
+def train_epoch(trainer, updater, case: Case, config, beta: float, epoch: int, runtime) -> dict:
+    """One pass over the training designs: an optimiser step per grad_accum_steps batches, each rank taking its
+    shard of every batch. Sums stay on the device: one host sync per epoch, not per step."""
     trainer.train()
-    global_batches = batch_order(len(case.train), config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
-    shards = [shard(positions, runtime) for positions in global_batches]
+    groups = batch_order(len(case.train), config.batch_size * config.grad_accum_steps, shuffle=True,
+                         seed=config.seed, epoch=epoch)
+    steps = [micro_batches(group, config.batch_size, runtime) for group in groups]
+    batches = case.train.batches([positions for step in steps for positions, _ in step])
+    noise = epoch_noise(config, epoch, runtime)
     sums = torch.zeros(3 + config.n_levels, device=runtime.device)
-    batches = case.train.batches([positions for positions, _ in shards])
-    for (positions, weight), batch in tqdm(zip(shards, batches), total=len(shards), leave=False,
-                                           desc=f"epoch {epoch + 1}/{config.epochs}", disable=not runtime.is_main or None):
-        inputs, targets = augment_batch(batch, config)
-        designs = case.train_indices[positions]
-        outputs = [trainer(inputs, noise=design_noise(designs, config.seed, epoch, draw, trainer, runtime))
-                   for draw in range(config.recon_samples)]
-        loss, parts = vae_loss(outputs, targets, config, beta)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainer.parameters(), config.grad_clip)
-        optimizer.step()
-        sums += weighted_parts(loss.detach(), parts, len(positions) if weight else 0)
+    for step in tqdm(steps, leave=False, desc=f"epoch {epoch + 1}/{config.epochs}",
+                     disable=not runtime.is_main or None):
+        for index, (positions, weight) in enumerate(step):
+            inputs, targets = augment_batch(next(batches), config)
+            designs = torch.as_tensor(case.train_indices[positions], device=runtime.device)
+            with updater.accumulating(last=index == len(step) - 1):
+                with runtime.autocast():
+                    outputs = [trainer(inputs, noise=draw[designs]) for draw in noise]
+                loss, parts = vae_loss(outputs, targets, config, beta)
+                updater.backward(loss * weight)
+            sums += weighted_parts(loss.detach(), parts, len(positions) if weight else 0)
+        updater.step()
     return averages(sum_over_ranks(sums, runtime), len(case.train))
 
 
-def design_noise(designs, seed: int, epoch: int, draw: int, trainer, runtime):
-    """Reparameterisation noise [B, noise_size] keyed by (seed, epoch, draw, design): the same design gets the same
-    noise however designs are batched, streamed or spread over ranks."""
-    size = getattr(trainer, "module", trainer).noise_size
-    rows = [np.random.default_rng([seed, epoch, draw, int(design)]).standard_normal(size) for design in designs]
-    return torch.from_numpy(np.stack(rows).astype(np.float32)).to(runtime.device, non_blocking=True)
+def epoch_noise(config, epoch: int, runtime) -> torch.Tensor:
+    """Reparameterisation noise [Recon_iter, N designs, noise_size] for one epoch, keyed by (seed, epoch, draw) and
+    indexed by design: the same design gets the same noise however designs are batched, streamed or spread over
+    ranks. One host-to-device copy per epoch, none per step."""
+    draws = [np.random.default_rng([config.seed, epoch, draw]).standard_normal((config.n_designs, config.latent_size))
+             for draw in range(config.recon_samples)]
+    return torch.from_numpy(np.stack(draws).astype(np.float32)).to(runtime.device)
 
 
 @torch.no_grad()
@@ -147,7 +152,9 @@ def validate(model, case: Case, config, runtime) -> dict:
               if weight]
     sums = torch.zeros(3 + config.n_levels, device=runtime.device)
     for batch in case.val.batches(shards):
-        loss, parts = vae_loss([model(batch, sample=False)], batch, config, beta=1.0)
+        with runtime.autocast():
+            outputs = [model(batch, sample=False)]
+        loss, parts = vae_loss(outputs, batch, config, beta=1.0)
         sums += weighted_parts(loss, parts, len(batch))
     return averages(sum_over_ranks(sums, runtime), len(case.val))
 
@@ -197,8 +204,7 @@ def finish(model, case: Case, config, runtime, history, say) -> dict:
     """Write the usable model, the latents of every design, the split, the report and the plots."""
     save_model(MODEL_FILE, model, config, case.scaler)
     case.scaler.save(MODEL_DIR / "scaler.json")
-    all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime.device, False,
-                               config.num_workers)
+    all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime, load_all=False)
     main_latents, level_latents, design_errors = evaluate.encode_and_score(model, all_designs, case.scaler,
                                                                            config.batch_size)
     np.save(MODEL_DIR / "latent_vectors.npy", main_latents)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.recompute import run
+
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
 
 
@@ -100,7 +102,7 @@ class GaussianHead(nn.Module):
             nn.Linear(hidden, 2 * latent_dim))
 
     def forward(self, features):
-        mean, log_std = self.net(features).chunk(2, dim=-1)
+        mean, log_std = self.net(features).float().chunk(2, dim=-1)  # float32 even under autocast: the KL needs it
         return mean, soft_clamp(log_std)
 
 
@@ -118,12 +120,13 @@ class Encoder(nn.Module):
         self.levels = nn.ModuleList(
             nn.Sequential(*[ResBlock(width) for _ in range(spec.blocks_per_level)]) for width in filters)
         self.main_head = GaussianHead(filters[-1], spec.main_latent_dim, spec.head_hidden)
+        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
 
     def forward(self, fields):
         state = self.stem(self.node_projection(fields).transpose(1, 2))
         features = []
         for downsample, level in zip(self.downsample, self.levels):
-            state = level(downsample(state))
+            state = run(level, downsample(state), recompute=self.recompute)
             features.append(state)
         main_mean, main_log_std = self.main_head(state)
         return features, main_mean, main_log_std
@@ -178,6 +181,7 @@ class Decoder(nn.Module):
         self.lengths = lengths
         self.head = nn.Conv1d(filters[0], spec.projection_rank, 3, padding=1)
         self.node_projection = nn.Linear(spec.projection_rank, spec.n_nodes)
+        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
 
     def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
         """Returns (field [B, T, M], level latents [B, L, d], level KLs [B, L] or None).
@@ -186,11 +190,11 @@ class Decoder(nn.Module):
         latents, kls = [], []
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
             level = self.levels[level_index]
-            state = level.refine(state)
+            state = run(level.refine, state, recompute=self.recompute)
             z, kl = level.latent(state, None if features is None else features[level_index],
                                  None if level_latents is None else level_latents[:, order], sample,
                                  None if level_noise is None else level_noise[:, order])
-            state = level.add_latent(state, z)
+            state = run(level.add_latent, state, z, recompute=self.recompute)
             latents.append(z)
             kls.append(kl)
             if level_index > 0:

@@ -274,12 +274,13 @@ def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(co
     with working_directory(conditioned):
         config = load_config(1, warn=lambda text: None)
         config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
-        case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
-                                        "model_save/SimulGen-VAE")
+        runtime = Runtime(torch.device("cpu"))
+        case = prepare_conditioner_case(config, runtime, read_conditions(config), "model_save/SimulGen-VAE")
     model = build_conditioner(conditioner_spec(config, case))
     designs = torch.as_tensor(case.fields.train_indices[:4])
     fields = next(case.fields.train.batches([np.arange(4)]))
-    loss, (latent_mse, field_loss) = conditioner_loss(model, case, case.conditions[designs], designs, fields, config)
+    loss, (latent_mse, field_loss) = conditioner_loss(model, case, case.conditions[designs], designs, fields, config,
+                                                      runtime)
     assert loss.item() == pytest.approx(field_loss.item()) and loss.item() != pytest.approx(latent_mse.item())
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -322,3 +323,25 @@ def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_o
     assert len(calls) == 1
     assert report(copy_of)["baselines"]["mean_field"] == pytest.approx(
         json.loads((copy_of / "output" / "reconstruction_error.json").read_text())["pod_val"]["0"])
+
+
+@pytest.mark.parametrize("input_type", ["csv", "image_vit"])
+def test_the_speed_options_apply_to_end_to_end_conditioner_training(copy_of, monkeypatch, capsys, input_type):
+    """bf16 autocast, gradient checkpointing (of the conditioner and of the frozen decoder it trains through) and
+    accumulation over 2 batches: the conditioner trains and still beats the mean field."""
+    from modules import recompute
+    from modules.vae import Decoder
+
+    checkpointed = set()
+    real_checkpoint = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda block, *args, **kwargs: checkpointed.add(
+        type(getattr(block, "__self__", block)).__name__) or real_checkpoint(block, *args, **kwargs))
+    set_conditioner(copy_of, input_type, "input_data/parameters.csv" if input_type == "csv" else "images",
+                    "use_e2e_training 1\n")
+    with working_directory(copy_of):
+        assert main(["--lc_only=1", "--amp=bf16", "--grad_checkpointing", "--grad_accum_steps=2"]) == 0
+    assert "precision bf16" in capsys.readouterr().out
+    block = {"csv": "MLPBlock", "image_vit": "TransformerBlock"}[input_type]
+    assert block in checkpointed and "DecoderLevel" in checkpointed and Decoder.__name__ not in checkpointed
+    result = report(copy_of)
+    assert result["end_to_end"] and result["conditioner_val"] < result["baselines"]["mean_field"]

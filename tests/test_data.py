@@ -15,6 +15,7 @@ from modules.config import load_config
 from modules.data import (Crop, PreloadedBatches, SimulationArray, StreamedBatches, batch_order, find_dataset,
                           load_new_simulations, make_batches, scan_and_fit_scaler, split_indices)
 from modules.errors import InputError
+from modules.runtime import Runtime
 from modules.scaling import MinMaxScaler
 
 
@@ -176,13 +177,13 @@ def test_npy_is_loaded_memory_mapped_without_pickles(case, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------ NaN / Inf
-@pytest.mark.parametrize("chunk_bytes", [data_module.SCAN_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
+@pytest.mark.parametrize("chunk_bytes", [data_module.READ_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
 def test_non_finite_values_are_refused_naming_the_design(tmp_path, monkeypatch, chunk_bytes):
     stored = smooth_fields(12, 6, 20)
     stored[7, 2, 3] = np.nan
     stored[9, 0, 0] = np.inf
     _, config = open_case(tmp_path, monkeypatch, data=stored)
-    monkeypatch.setattr(data_module, "SCAN_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(data_module, "READ_CHUNK_BYTES", chunk_bytes)
     error = refused(scan_and_fit_scaler, SimulationArray(find_dataset(1), config), np.arange(12), 1)
     assert "design (sample index) 7 " in error.problem and "dataset1.npy" in str(error)
     if chunk_bytes > 1:
@@ -207,9 +208,9 @@ def test_scaler_is_fitted_on_training_designs_only(tmp_path, monkeypatch):
     assert scaler.data_max.tolist() == [float(stored[train].max())]
 
 
-@pytest.mark.parametrize("chunk_bytes", [data_module.SCAN_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
+@pytest.mark.parametrize("chunk_bytes", [data_module.READ_CHUNK_BYTES, 1], ids=["one_chunk", "chunk_per_design"])
 def test_scaler_maps_training_data_onto_minus_to_plus_0_7(tmp_path, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(data_module, "SCAN_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(data_module, "READ_CHUNK_BYTES", chunk_bytes)
     train = np.array([0, 2, 3, 5, 8, 11])
     array, scaler = fitted(tmp_path, monkeypatch, smooth_fields(12, 6, 20), train=train)
     scaled = scaler.transform(array.read(train))
@@ -305,8 +306,10 @@ def test_preloaded_and_streamed_batches_are_identical(tmp_path, monkeypatch, fmt
 def test_make_batches_picks_the_kind_load_all_asks_for(case):
     array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
     scaler = MinMaxScaler([0.0], [1.0])
-    assert isinstance(make_batches(array, [0, 1], scaler, "cpu", load_all=True), PreloadedBatches)
-    assert isinstance(make_batches(array, [0, 1], scaler, "cpu", load_all=False, num_workers=1), StreamedBatches)
+    runtime = Runtime(device=torch.device("cpu"), num_workers=1)
+    assert isinstance(make_batches(array, [0, 1], scaler, runtime, load_all=True), PreloadedBatches)
+    streamed = make_batches(array, [0, 1], scaler, runtime, load_all=False)
+    assert isinstance(streamed, StreamedBatches) and streamed.num_workers == 1
 
 
 def test_streaming_reads_nothing_until_batches_are_asked_for(case, monkeypatch):

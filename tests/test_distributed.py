@@ -61,6 +61,27 @@ def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
     assert np.load(tmp_path / "two" / "model_save" / "latent_vectors.npy").shape == (14, 8)
 
 
+def test_two_processes_accumulating_two_half_batches_train_like_one_process_with_whole_batches(tmp_path):
+    """Under DDP, accumulation all-reduces only in each step's last micro-batch (no_sync before): 2 processes x
+    2 micro-batches of 2 designs give the model of 1 process with batches of 4."""
+    write_case(tmp_path / "one", n=14, epochs=2)
+    write_case(tmp_path / "two", n=14, epochs=2)
+    condition = tmp_path / "two" / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text().replace("Batch_size 4", "Batch_size 2") + "grad_accum_steps 2\n")
+    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
+    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
+                 tmp_path / "two")
+    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    assert "gradient accumulation over 2 batch(es)" in double.stdout
+    one = torch.load(tmp_path / "one" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in one).sqrt()
+    assert difference <= 1e-4 * sum(torch.sum(one[k].float() ** 2) for k in one).sqrt()
+    losses = [[row.split(",")[3] for row in (tmp_path / name / "output" / "metrics.csv").read_text().split()[1:]]
+              for name in ("one", "two")]
+    assert np.allclose(np.float64(losses[0]), np.float64(losses[1]), rtol=1e-5)
+
+
 def test_a_one_design_batch_on_two_ranks_keeps_both_in_step():
     positions = np.array([5])
     assert shard(positions, Runtime(torch.device("cpu"), 0, 2)) == (positions, 2.0)
@@ -137,6 +158,7 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
     from modules.config import load_config
     from modules.data import batch_order
     from modules.train_vae import build_model, prepare_case, train_epoch
+    from modules.update import Updater
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -147,8 +169,8 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
             prepared = prepare_case(config, runtime)
             recorder = RecordingBatches(prepared.train)
             model = build_model(config, prepared, runtime)
-            optimizer = torch.optim.AdamW(model.parameters())
-            train_epoch(model, dataclasses.replace(prepared, train=recorder), optimizer, config, 1.0, 0, runtime)
+            updater = Updater(model, torch.optim.AdamW(model.parameters()), runtime, grad_clip=0)
+            train_epoch(model, updater, dataclasses.replace(prepared, train=recorder), config, 1.0, 0, runtime)
             asked[rank] = recorder.asked
     finally:
         dist.destroy_process_group()

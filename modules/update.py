@@ -1,0 +1,67 @@
+"""How a training loop turns losses into parameter updates: the module it trains through (gradient checkpointing,
+torch.compile, DistributedDataParallel), mixed-precision loss scaling, gradient accumulation and clipping.
+
+    updater = Updater(training_module(model, config, runtime), optimizer, runtime, config.grad_clip)
+    for step in steps:                                  # one optimiser step = grad_accum_steps micro-batches
+        for micro_batch, last in step:
+            with updater.accumulating(last):            # DDP all-reduces the gradients only on the last one
+                with runtime.autocast():
+                    loss = ...
+                updater.backward(loss * weight)
+        updater.step()
+"""
+from contextlib import nullcontext
+
+import torch
+
+from modules.distributed import shard, wrap_model
+from modules.recompute import enable_recompute
+
+
+def training_module(model, config, runtime):
+    """What the training loop calls: model with gradient checkpointing if asked, compiled if asked, then wrapped for
+    DDP under torchrun. It shares its parameters with model, which evaluation and saving keep using."""
+    if config.grad_checkpointing:
+        enable_recompute(model)
+    trainer = torch.compile(model) if config.compile else model
+    return wrap_model(trainer, runtime)
+
+
+def micro_batches(group, batch_size: int, runtime):
+    """One optimiser step's designs (positions, up to batch_size x grad_accum_steps of them) as this rank's
+    [(positions, weight)] per micro-batch of batch_size; the weights make the accumulated gradient equal the
+    gradient of the group's mean loss, however the group is cut up and spread over ranks."""
+    parts = [group[start:start + batch_size] for start in range(0, len(group), batch_size)]
+    steps = []
+    for part in parts:
+        local, weight = shard(part, runtime)
+        steps.append((local, weight * len(part) / len(group)))
+    return steps
+
+
+class Updater:
+    """Backward passes and optimiser steps of one training run."""
+
+    def __init__(self, trainer, optimizer, runtime, grad_clip: float):
+        self.trainer, self.optimizer, self.grad_clip = trainer, optimizer, grad_clip
+        self.scaler = runtime.grad_scaler()  # active for fp16 only
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def accumulating(self, last: bool):
+        """Context of one micro-batch's forward and backward: under DDP, gradients are all-reduced only in the
+        optimiser step's last micro-batch (no_sync must cover the forward pass too)."""
+        if last or not hasattr(self.trainer, "no_sync"):
+            return nullcontext()
+        return self.trainer.no_sync()
+
+    def backward(self, loss) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        """Clip (on the unscaled gradients), step (skipped by the fp16 scaler when a gradient overflowed), reset."""
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)

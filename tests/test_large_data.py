@@ -1,0 +1,94 @@
+"""Data larger than the memory a process may use: streamed training works under a hard memory limit three times
+smaller than the dataset, also with two DDP processes (neither holds the dataset), and load_all 1 is refused.
+
+The limit is RLIMIT_DATA, which the kernel enforces on a process's private memory (heap, anonymous maps, tensors)
+but not on the memory-mapped dataset file, whose pages the kernel can always drop and re-read: exactly the memory
+that --load_all=0 relies on.
+"""
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_distributed import free_port
+
+LIMIT_BYTES = 10**9  # 1 GB
+N, T, M = 150, 50, 100_000  # 3.0 GB of float32
+CONDITION = f"""Dim1 {N}
+Dim2 {T}
+Dim3 {M}
+Training_epochs 1
+Batch_size 2
+Latent_dim 4
+Latent_dim_end 8
+projection_rank 8
+alpha 1e4
+val_fraction 0.1
+"""
+
+
+def limit_memory():
+    resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
+
+
+def run_limited(command, folder):
+    """The command in folder under the memory limit (its children inherit it)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, env=environment, timeout=600,
+                          stdin=subprocess.DEVNULL, preexec_fn=limit_memory)
+
+
+@pytest.fixture(scope="module")
+def big_dataset(tmp_path_factory):
+    """A smooth [150, 50, 100000] float32 dataset written design by design; removed after the module."""
+    path = tmp_path_factory.mktemp("big") / "dataset1.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, T, M))
+    space = np.linspace(0, 2 * np.pi, M, dtype=np.float32)
+    time = np.linspace(0, 1, T, dtype=np.float32)[:, None]
+    rng = np.random.default_rng(0)
+    for design in range(N):
+        amplitude, phase = rng.uniform(0.5, 1.5), rng.uniform(0, np.pi)
+        array[design] = amplitude * np.sin(space + phase) * (0.5 + time) + 3.0
+    array.flush()
+    del array
+    assert path.stat().st_size >= 3 * LIMIT_BYTES
+    yield path
+    path.unlink()
+
+
+def case_folder(folder, dataset):
+    """A case whose dataset is a link to the big file (no second copy on disk)."""
+    (folder / "input_data").mkdir(parents=True)
+    (folder / "preset.txt").write_text("data_No init_beta_divisor filters conditioner_filters\n1\n0\n16 8\n16 32\n")
+    (folder / "input_data" / "condition.txt").write_text(CONDITION)
+    (folder / "input_data" / "dataset1.npy").symlink_to(dataset)
+    return folder
+
+
+def test_streamed_training_fits_under_a_memory_limit_a_third_of_the_data(big_dataset, tmp_path):
+    folder = case_folder(tmp_path / "case", big_dataset)
+    trained = run_limited([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (folder / "model_save" / "SimulGen-VAE").exists() and (folder / "output" / "reconstruction_error.json").exists()
+    assert np.load(folder / "model_save" / "latent_vectors.npy").shape == (N, 8)
+    saved = {path: path.read_bytes() for path in (folder / "model_save").iterdir()}
+
+    preloaded = run_limited([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=1"], folder)
+    assert preloaded.returncode == 2
+    assert "load_all 1 would keep 150 designs (3.00 GB)" in preloaded.stderr
+    assert preloaded.stderr.count("\n") == 1 and "Traceback" not in preloaded.stderr
+    assert {path: path.read_bytes() for path in (folder / "model_save").iterdir()} == saved
+    assert not (folder / "archive").exists()
+
+
+def test_two_ddp_processes_each_stream_their_shard_under_the_limit(big_dataset, tmp_path):
+    folder = case_folder(tmp_path / "case", big_dataset)
+    trained = run_limited([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}",
+                           "--load_all=0"], folder)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.count("Training on cpu x 2 processes") == 1
+    assert np.load(folder / "model_save" / "latent_vectors.npy").shape == (N, 8)
