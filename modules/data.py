@@ -202,8 +202,17 @@ class PreloadedBatches:
         return len(self.indices)
 
     def batches(self, order):
-        for positions in order:
-            yield self.data[torch.as_tensor(positions, device=self.data.device)]
+        for positions in on_device(order, self.data.device):
+            yield self.data[positions]
+
+
+def on_device(index_arrays, device) -> list:
+    """Integer arrays -> tensors on device, all in one host-to-device copy: a small copy per step from pageable
+    memory would make the host wait for the GPU at every step."""
+    if not len(index_arrays):
+        return []
+    flat = torch.as_tensor(np.concatenate(index_arrays).astype(np.int64), device=device)
+    return list(flat.split([len(indices) for indices in index_arrays]))
 
 
 class StreamedBatches:

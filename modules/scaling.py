@@ -87,6 +87,7 @@ class ColumnScaler:
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         self.std = np.asarray(std, dtype=np.float64).reshape(-1)
+        self._tensors = {}  # (dtype, device) -> (mean, std): end-to-end training must not copy them every step
 
     @classmethod
     def fit(cls, rows) -> "ColumnScaler":
@@ -97,17 +98,22 @@ class ColumnScaler:
     def transform(self, rows):
         """[n, P] -> standardised [n, P] (numpy float32, or a tensor of the input's dtype)."""
         if isinstance(rows, torch.Tensor):
-            return (rows - self._tensor(self.mean, rows)) / self._tensor(self.std, rows)
+            mean, std = self._tensors_like(rows)
+            return (rows - mean) / std
         return ((np.asarray(rows, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
 
     def inverse(self, rows):
         if isinstance(rows, torch.Tensor):
-            return rows * self._tensor(self.std, rows) + self._tensor(self.mean, rows)
+            mean, std = self._tensors_like(rows)
+            return rows * std + mean
         return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
 
-    @staticmethod
-    def _tensor(values, like):
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    def _tensors_like(self, like):
+        key = (like.dtype, like.device)
+        if key not in self._tensors:
+            self._tensors[key] = tuple(torch.as_tensor(v, dtype=like.dtype, device=like.device)
+                                       for v in (self.mean, self.std))
+        return self._tensors[key]
 
     def to_dict(self) -> dict:
         return {"kind": "standard", "mean": self.mean.tolist(), "std": self.std.tolist()}

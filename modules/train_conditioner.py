@@ -23,7 +23,7 @@ from modules import prediction_report
 from modules.checkpoint import file_digest, save_conditioner
 from modules.conditioners import ConditionerSpec, build_conditioner
 from modules.config import CONDITION_FILE
-from modules.data import batch_order, in_order
+from modules.data import batch_order, in_order, on_device
 from modules.design_inputs import augment_images
 from modules.distributed import shard, sum_over_ranks
 from modules.errors import InputError
@@ -128,12 +128,14 @@ def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, run
     groups = batch_order(len(train_indices), config.lc_batch_size * config.grad_accum_steps, shuffle=True,
                          seed=config.seed, epoch=epoch)
     steps = [micro_batches(group, config.lc_batch_size, runtime) for group in groups]
-    fields = field_batches(case.fields.train, [part for step in steps for part in step], config)
+    parts = [part for step in steps for part in step]
+    fields = field_batches(case.fields.train, parts, config)
+    batch_designs = iter(on_device([train_indices[positions] for positions, _ in parts], case.conditions.device))
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     sums = torch.zeros(3, device=runtime.device)
     for step in steps:
         for index, (positions, weight) in enumerate(step):
-            designs = torch.as_tensor(train_indices[positions], device=case.conditions.device)
+            designs = next(batch_designs)
             inputs = augment(case.conditions[designs], config, generator)
             with updater.accumulating(last=index == len(step) - 1):
                 loss, parts = conditioner_loss(trainer, case, inputs, designs, next(fields), config, runtime)
@@ -150,8 +152,9 @@ def validate(model, case: ConditionerCase, config, runtime) -> dict:
     shards = [(p, w) for p, w in (shard(p, runtime) for p in in_order(len(case.fields.val_indices),
                                                                      config.lc_batch_size)) if w]
     sums = torch.zeros(3, device=runtime.device)
-    for (positions, _), field_batch in zip(shards, field_batches(case.fields.val, shards, config)):
-        designs = torch.as_tensor(case.fields.val_indices[positions], device=case.conditions.device)
+    batch_designs = on_device([case.fields.val_indices[positions] for positions, _ in shards], case.conditions.device)
+    for (positions, _), designs, field_batch in zip(shards, batch_designs, field_batches(case.fields.val, shards,
+                                                                                         config)):
         loss, parts = conditioner_loss(model, case, case.conditions[designs], designs, field_batch, config, runtime)
         sums += torch.stack([loss, *parts]) * len(positions)
     return averages(sum_over_ranks(sums, runtime), len(case.fields.val_indices))

@@ -13,7 +13,7 @@ from modules import evaluate, plots
 from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
 from modules.data import (SimulationArray, batch_order, check_preload_fits, find_dataset, in_order,
-                          make_batches, scan_and_fit_scaler, split_indices)
+                          make_batches, on_device, scan_and_fit_scaler, split_indices)
 from modules.distributed import shard, sum_over_ranks
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
@@ -116,14 +116,16 @@ def train_epoch(trainer, updater, case: Case, config, beta: float, epoch: int, r
     groups = batch_order(len(case.train), config.batch_size * config.grad_accum_steps, shuffle=True,
                          seed=config.seed, epoch=epoch)
     steps = [micro_batches(group, config.batch_size, runtime) for group in groups]
-    batches = case.train.batches([positions for step in steps for positions, _ in step])
+    order = [positions for step in steps for positions, _ in step]
+    batches = case.train.batches(order)
+    batch_designs = iter(on_device([case.train_indices[positions] for positions in order], runtime.device))
     noise = epoch_noise(config, epoch, runtime)
     sums = torch.zeros(3 + config.n_levels, device=runtime.device)
     for step in tqdm(steps, leave=False, desc=f"epoch {epoch + 1}/{config.epochs}",
                      disable=not runtime.is_main or None):
         for index, (positions, weight) in enumerate(step):
             inputs, targets = augment_batch(next(batches), config)
-            designs = torch.as_tensor(case.train_indices[positions], device=runtime.device)
+            designs = next(batch_designs)
             with updater.accumulating(last=index == len(step) - 1):
                 with runtime.autocast():
                     outputs = [trainer(inputs, noise=draw[designs]) for draw in noise]

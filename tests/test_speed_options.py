@@ -219,9 +219,10 @@ def test_compile_trains_through_a_compiled_graph_with_the_same_result(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------- no host syncs
-def test_an_epoch_copies_to_the_host_once_not_per_step(case, monkeypatch):
-    """Counts the calls from the project's own code that would wait for a GPU (PyTorch's optimiser reads its
-    step counter, a CPU tensor, with .item(): not a device sync)."""
+def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeypatch):
+    """Counts the calls from the project's own code that would make the host wait for a GPU: copies to the host, and
+    small copies from pageable memory to the device (PyTorch's optimiser reads its step counter, a CPU tensor, with
+    .item(): not a device sync, and not the project's call)."""
     from modules.train_vae import build_model, prepare_case, train_epoch
 
     with working_directory(case):
@@ -241,10 +242,13 @@ def test_an_epoch_copies_to_the_host_once_not_per_step(case, monkeypatch):
 
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
     train_epoch(model, updater, prepared, config, 1.0, 0, runtime)
     monkeypatch.undo()
     assert len(prepared.train) > 2 * config.batch_size  # several steps ran
-    assert syncs == ["cpu", "tolist"]  # the epoch's averages, once
+    # to the device: the batches' positions and their designs (for the noise), each once for the whole epoch;
+    # to the host: the epoch's averages, once
+    assert syncs == ["as_tensor", "as_tensor", "cpu", "tolist"]
 
 
 # ----------------------------------------------------------------------------------------- keys, flags, launcher
