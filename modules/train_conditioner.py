@@ -23,7 +23,7 @@ from modules import prediction_report
 from modules.checkpoint import file_digest, save_conditioner
 from modules.conditioners import ConditionerSpec, build_conditioner
 from modules.config import CONDITION_FILE
-from modules.data import batch_order, in_order, on_device
+from modules.data import in_order, on_device
 from modules.design_inputs import augment_images
 from modules.distributed import shard, sum_over_ranks
 from modules.errors import InputError
@@ -34,7 +34,7 @@ from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.scaling import ColumnScaler
 from modules.schedules import lr_factor
-from modules.update import Updater, micro_batches, training_module
+from modules.update import Updater, optimiser_steps, training_module
 
 NETWORK_OF_INPUT = {"csv": "mlp", "image": "cnn", "image_vit": "vit"}
 
@@ -125,9 +125,8 @@ def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, run
     them), each rank taking its shard."""
     trainer.train()
     train_indices = case.fields.train_indices
-    groups = batch_order(len(train_indices), config.lc_batch_size * config.grad_accum_steps, shuffle=True,
-                         seed=config.seed, epoch=epoch)
-    steps = [micro_batches(group, config.lc_batch_size, runtime) for group in groups]
+    steps = optimiser_steps(len(train_indices), config.lc_batch_size, config.grad_accum_steps, config.seed, epoch,
+                            runtime)
     parts = [part for step in steps for part in step]
     fields = field_batches(case.fields.train, parts, config)
     batch_designs = iter(on_device([train_indices[positions] for positions, _ in parts], case.conditions.device))

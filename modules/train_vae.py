@@ -12,8 +12,8 @@ from tqdm import tqdm
 from modules import evaluate, plots
 from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
-from modules.data import (SimulationArray, batch_order, check_preload_fits, find_dataset, in_order,
-                          make_batches, on_device, scan_and_fit_scaler, split_indices)
+from modules.data import (SimulationArray, check_preload_fits, find_dataset, in_order, make_batches, on_device,
+                          scan_and_fit_scaler, split_indices)
 from modules.distributed import shard, sum_over_ranks
 from modules.losses import vae_loss
 from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
@@ -21,7 +21,7 @@ from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.schedules import beta_at, lr_factor
-from modules.update import Updater, micro_batches, training_module
+from modules.update import Updater, optimiser_steps, training_module
 from modules.vae import HierarchicalVAE, ModelSpec
 
 LAST_CHECKPOINT_SAVES = 10  # besides the end of training; "best" is saved whenever validation improves
@@ -113,9 +113,7 @@ def train_epoch(trainer, updater, case: Case, config, beta: float, epoch: int, r
     """One pass over the training designs: an optimiser step per grad_accum_steps batches, each rank taking its
     shard of every batch. Sums stay on the device: one host sync per epoch, not per step."""
     trainer.train()
-    groups = batch_order(len(case.train), config.batch_size * config.grad_accum_steps, shuffle=True,
-                         seed=config.seed, epoch=epoch)
-    steps = [micro_batches(group, config.batch_size, runtime) for group in groups]
+    steps = optimiser_steps(len(case.train), config.batch_size, config.grad_accum_steps, config.seed, epoch, runtime)
     order = [positions for step in steps for positions, _ in step]
     batches = case.train.batches(order)
     batch_designs = iter(on_device([case.train_indices[positions] for positions in order], runtime.device))

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+from modules.data import batch_order
 from modules.distributed import shard, wrap_model
 from modules.recompute import enable_recompute
 
@@ -25,6 +26,13 @@ def training_module(model, config, runtime):
         enable_recompute(model)
     trainer = torch.compile(model) if config.compile else model
     return wrap_model(trainer, runtime)
+
+
+def optimiser_steps(n_items: int, batch_size: int, accum_steps: int, seed: int, epoch: int, runtime) -> list:
+    """An epoch of positions 0..n_items-1, shuffled by (seed, epoch), as optimiser steps of accum_steps batches:
+    each step is this rank's [(positions, weight)] per micro-batch (see micro_batches)."""
+    groups = batch_order(n_items, batch_size * accum_steps, shuffle=True, seed=seed, epoch=epoch)
+    return [micro_batches(group, batch_size, runtime) for group in groups]
 
 
 def micro_batches(group, batch_size: int, runtime):
