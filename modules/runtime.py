@@ -34,10 +34,6 @@ class Runtime:
         """Only the main process writes files and logs."""
         return self.rank == 0
 
-    @property
-    def non_blocking(self) -> bool:
-        return self.pin_memory
-
     def autocast(self):
         """Context of a training forward pass: mixed precision when amp_dtype is set, plain float32 otherwise."""
         if self.amp_dtype is None:
