@@ -207,3 +207,31 @@ def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_pat
     assert again.returncode == 0, again.stderr
     assert "--lc_only=1" in again.stdout
     assert len(list((tmp_path / "two" / "archive").glob("*/model_save/latent_conditioner"))) == 1
+
+
+def test_leaving_the_process_group_frees_ddp_wrappers_first():
+    """A DDP wrapper sits in a reference cycle; freed only at interpreter exit, its gloo work can abort the process
+    (seen once as a rank killed by SIGABRT). stop_runtime collects it while the interpreter is alive."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from modules.distributed import stop_runtime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    collecting = gc.isenabled()
+    gc.disable()  # no automatic collection may hide the cycle
+    try:
+        wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+        wrapper(torch.ones(2, 3)).sum().backward()
+        alive = weakref.ref(wrapper)
+        del wrapper
+        assert alive() is not None  # a reference cycle keeps it
+        stop_runtime()
+        assert alive() is None and not dist.is_initialized()
+    finally:
+        if collecting:
+            gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
