@@ -40,11 +40,8 @@ def micro_batches(group, batch_size: int, runtime):
     [(positions, weight)] per micro-batch of batch_size; the weights make the accumulated gradient equal the
     gradient of the group's mean loss, however the group is cut up and spread over ranks."""
     parts = [group[start:start + batch_size] for start in range(0, len(group), batch_size)]
-    steps = []
-    for part in parts:
-        local, weight = shard(part, runtime)
-        steps.append((local, weight * len(part) / len(group)))
-    return steps
+    shards = [shard(part, runtime) for part in parts]
+    return [(local, weight * len(part) / len(group)) for part, (local, weight) in zip(parts, shards)]
 
 
 class Updater:
