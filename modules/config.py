@@ -451,8 +451,8 @@ def _read_lines(path, what):
 
 # -------------------------------------------------------------------------------------------------- consistency
 def check_consistency(config: Config, path, lines: dict) -> None:
-    """Cross-key checks: crops inside the data, enough designs to split, schedule fractions in order.
-    The error points at the line of the first key involved that the file gives."""
+    """Cross-key checks: crops inside the data, enough designs to split, schedule fractions in order, enough time
+    steps for the encoder's levels. The error points at the line of the first key involved that the file gives."""
     problems = [
         (config.n_steps_used > config.n_steps, ("n_steps_used", "n_steps"),
          f"Dim2_red = {config.n_steps_used} exceeds Dim2 = {config.n_steps}", "set Dim2_red <= Dim2"),
@@ -466,12 +466,40 @@ def check_consistency(config: Config, path, lines: dict) -> None:
          "use at least 2 designs"),
         (config.beta_hold_fraction > config.beta_ramp_end_fraction, ("beta_hold_fraction", "beta_ramp_end_fraction"),
          "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
+        *_time_axis_problems(config, lines),
         *_conditioner_problems(config),
     ]
     for failed, fields, problem, fix in problems:
         if failed:
             line = next((lines[field] for field in fields if field in lines), None)
             raise InputError(path, problem, fix, line)
+
+
+def _time_axis_problems(config: Config, lines: dict) -> list:
+    """(failed, fields, problem, fix) rows for time steps too few for the encoder's levels.
+
+    Mirrors modules/vae.py: level l (0 = finest) holds ceil(T / 2**l) time steps (ModelSpec.level_lengths) and its
+    ResBlocks norm with GroupNorm(gcd(width, 8) groups). GroupNorm refuses a group of a single value ("Expected more
+    than 1 value per channel"), which a batch of one design meets at a level of 1 step whose width is 1, 2, 4 or 8
+    (one channel per group). Batches of one design are routine (the last batch of an epoch, --predict or
+    --reconstruct of one design), so such a config is refused before any training starts.
+    """
+    steps, lengths = config.n_steps_used, [config.n_steps_used]
+    for _ in config.encoder_filters[1:]:
+        lengths.append(math.ceil(lengths[-1] / 2))
+    single = [level for level, (width, length) in enumerate(zip(config.encoder_filters, lengths))
+              if length == 1 and width // math.gcd(width, 8) == 1]
+    if not single:
+        return []
+    level, name = single[-1], "Dim2_red" if "n_steps_used" in lines else "Dim2"
+    needed = 2 ** level + 1  # ceil(T / 2**level) >= 2
+    width = config.encoder_filters[level]
+    return [(True, ("n_steps_used", "n_steps"),
+             f"{name} = {steps} time steps shrink to 1 at encoder level {level + 1} of {len(lengths)} (preset.txt "
+             f"encoder filters {' '.join(map(str, config.encoder_filters))}), where width {width} leaves GroupNorm "
+             "one value per group for a single design",
+             f"keep at least {needed} time steps ({name}) or use fewer encoder filters in preset.txt (or give that "
+             "level a width other than 1, 2, 4 or 8)")]
 
 
 def _conditioner_problems(config: Config) -> list:

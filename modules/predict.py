@@ -64,6 +64,9 @@ def checked_vae_file(facts: dict, conditioner_file) -> Path:
 def read_inputs(source, config, facts) -> torch.Tensor:
     """The new designs' conditions, prepared exactly as in training: standardised parameters or [0, 1] images."""
     if config.input_type == "csv":
+        if not Path(source).is_file():  # read_parameters' own message points at param_dir, the training CSV
+            raise InputError(source, "not found" if not Path(source).exists() else "is a folder, not a CSV file",
+                             "give --predict the path of a CSV of new designs (one row of parameters per design)")
         scaler = ColumnScaler.from_dict(facts["input_scaler"])
         values, names = read_parameters(source)
         if values.shape[1] != len(scaler.mean):

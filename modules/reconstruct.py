@@ -36,6 +36,9 @@ def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
     out = check_new_output(out)
     model, config, scaler = load_model(model_file, device)
     fields = load_new_simulations(source, Crop(config))
+    if len(fields) == 0:
+        raise InputError(source, f"holds no designs (shape {tuple(fields.shape)})",
+                         "give at least one simulation, as an array of shape [n, T, M] with n >= 1")
     pieces = []
     with torch.no_grad():
         for start in range(0, len(fields), config.batch_size):

@@ -317,3 +317,63 @@ def test_a_key_that_cannot_act_in_this_setup_gets_a_note(case, lines, key, reaso
     warnings = []
     load(case, BASE + lines, warn=warnings)
     assert len(warnings) == 1 and f"'{key}' has no effect because" in warnings[0] and reason in warnings[0]
+
+
+# ------------------------------------------------------------------------------- time steps for the encoder's levels
+@pytest.mark.parametrize("filters, text, line, words, fix_words", [
+    ("16 8", BASE + "Dim2_red 1\n", 5, ["Dim2_red = 1", "level 2 of 2", "width 8"], ["at least 3 time steps"]),
+    ("16 8 8 8", BASE, 2, ["Dim2 = 6", "level 4 of 4", "16 8 8 8"], ["at least 9 time steps", "preset.txt"]),
+    ("16 8 8 8", BASE.replace("Dim2 6", "Dim2 8"), 2, ["Dim2 = 8"], ["at least 9 time steps"]),
+    ("8", BASE.replace("Dim2 6", "Dim2 1"), 2, ["Dim2 = 1", "level 1 of 1"], ["at least 2 time steps"]),
+    ("16 4", BASE.replace("Dim2 6", "Dim2 2"), 2, ["Dim2 = 2", "width 4"], ["at least 3 time steps"]),
+], ids=["dim2_red_1", "dim2_6_four_levels", "dim2_8_four_levels", "one_step_one_level", "dim2_2_width_4"])
+def test_too_few_time_steps_for_the_encoder_levels_are_refused(case, filters, text, line, words, fix_words):
+    (case / PRESET_FILE).write_text(f"header\n1\n0\n{filters}\n16 32\n")
+    error = refused(case, text)
+    assert_names(error, CONDITION_FILE, line=line, fix_words=fix_words)
+    for word in words:
+        assert word in error.problem
+
+
+@pytest.mark.parametrize("filters, text", [
+    ("16 8", BASE),  # conftest's write_case: lengths 6, 3
+    ("16 8 8 8", BASE.replace("Dim2 6", "Dim2 9")),  # lengths 9, 5, 3, 2
+    ("16 16", BASE + "Dim2_red 1\n"),  # 1 step, but two channels per GroupNorm group
+    ("12", BASE.replace("Dim2 6", "Dim2 1")),  # gcd(12, 8) = 4 groups of 3 channels
+    ("8 16", BASE.replace("Dim2 6", "Dim2 2")),  # the 1-step level is the 16-wide one
+    ("64 64 32", BASE.replace("Dim2 6", "Dim2 24")),  # the demo case's preset
+])
+def test_enough_time_steps_for_the_encoder_levels_are_accepted(case, filters, text):
+    (case / PRESET_FILE).write_text(f"header\n1\n0\n{filters}\n16 32\n")
+    assert load(case, text).encoder_filters == tuple(int(word) for word in filters.split())
+
+
+def test_time_step_check_refuses_exactly_what_the_model_cannot_run(case):
+    """check_consistency against the real model: a train-mode step of one design fails exactly when it refuses."""
+    import dataclasses
+
+    import torch
+
+    from modules.config import check_consistency
+    from modules.vae import HierarchicalVAE, ModelSpec
+
+    base = load(case)
+    for filters in [(8,), (16,), (12,), (16, 8), (16, 16), (8, 16), (16, 4), (16, 8, 8), (32, 16, 8, 4)]:
+        for steps in range(1, 6):
+            config = dataclasses.replace(base, n_steps=steps, n_steps_used=steps, encoder_filters=filters)
+            try:
+                check_consistency(config, CONDITION_FILE, {})
+                accepted = True
+            except InputError:
+                accepted = False
+            model = HierarchicalVAE(ModelSpec(n_steps=steps, n_nodes=6, projection_rank=4, filters=filters,
+                                              main_latent_dim=4, level_latent_dim=2, blocks_per_level=1,
+                                              head_hidden=8)).train()
+            try:
+                out = model(torch.randn(1, steps, 6))
+                (out["recon"].sum() + out["kl_levels"].sum()).backward()
+                runs = True
+            except ValueError as error:
+                assert "Expected more than 1 value" in str(error)
+                runs = False
+            assert accepted == runs, (filters, steps)
