@@ -76,6 +76,9 @@ KEYS = (
     Key("weight_decay", "weight_decay", float, 1e-4, "AdamW weight decay", _non_negative),
     Key("grad_clip", "grad_clip", float, 5.0, "gradient-norm clipping threshold (0 turns clipping off)",
         _non_negative),
+    Key("free_bits", "free_bits", float, 0.0, "KL floor per latent dimension in nats: a dimension whose batch-mean "
+        "KL is below it adds free_bits to the loss instead, so the KL term stops pushing it towards collapse",
+        _non_negative),
     Key("projection_rank", "projection_rank", int, 128,
         "width of the POD-initialised node projection (first and last layers)", _positive),
     Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
@@ -210,6 +213,7 @@ class Config:
     lr_min: float
     weight_decay: float
     grad_clip: float
+    free_bits: float
     projection_rank: int
     augment_noise_std: float
     augment_amplitude: float

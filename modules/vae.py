@@ -8,7 +8,8 @@ Decoder, top down: the main latent sets the coarsest state; at each level l (coa
 and a posterior q(z_l | state, h_l) = N(mu_p + dmu, sigma_p * exp(dlog)) (NVAE's residual parameterisation) give the
 level latent z_l (Latent_dim wide), which is injected over the level's time axis; the state is then upsampled to the
 next level. A last projection R -> M (the transpose POD basis at start) gives the field. The KL of each level is the
-analytic KL between exactly the q and p that z_l is sampled from.
+analytic KL between exactly the q and p that z_l is sampled from; it is also returned per latent dimension (before the
+sum), which free bits (modules/losses.py) and the collapse diagnostics (modules/latent_health.py) need.
 
 Level latents are stored and returned in generation order: index 0 is the coarsest level.
 """
@@ -145,9 +146,15 @@ class DecoderLevel(nn.Module):
         self.mix = ResBlock(width)
 
     def latent(self, state, features=None, given=None, sample=True, noise=None):
-        """Return (z [B, d], kl [B] or None). Posterior if encoder features are given, else the prior.
-        noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given latent is used as it is,
-        or, with sample and noise, perturbed by the prior's spread at this level (samples around a prediction)."""
+        """Return (z [B, d], kl [B] or None): latent_dims with the KL summed over the latent's dimensions."""
+        z, kl_dims = self.latent_dims(state, features, given, sample, noise)
+        return z, None if kl_dims is None else kl_dims.sum(dim=-1)
+
+    def latent_dims(self, state, features=None, given=None, sample=True, noise=None):
+        """Return (z [B, d], kl [B, d] or None), kl elementwise per dimension. Posterior if encoder features are
+        given, else the prior. noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given
+        latent is used as it is, or, with sample and noise, perturbed by the prior's spread at this level (samples
+        around a prediction)."""
         if given is not None:
             if sample and noise is not None:
                 return given + torch.exp(self.prior(state)[1]) * noise, None
@@ -158,7 +165,7 @@ class DecoderLevel(nn.Module):
         else:
             shift_mean, shift_log_std = self.posterior_shift(torch.cat([state, features], dim=1))
             mean, log_std = prior_mean + shift_mean, prior_log_std + shift_log_std
-            kl = gaussian_kl(mean, log_std, prior_mean, prior_log_std).sum(dim=-1)
+            kl = gaussian_kl(mean, log_std, prior_mean, prior_log_std)
         if sample:
             return mean + torch.exp(log_std) * (torch.randn_like(mean) if noise is None else noise), kl
         return mean, kl
@@ -184,14 +191,14 @@ class Decoder(nn.Module):
         self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
 
     def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
-        """Returns (field [B, T, M], level latents [B, L, d], level KLs [B, L] or None).
+        """Returns (field [B, T, M], level latents [B, L, d], level KLs per dimension [B, L, d] or None).
         level_noise: optional standard-normal draws [B, L, d] for sampling, in generation order."""
         state = self.initial(main_latent).view(-1, *self.top_shape)
         latents, kls = [], []
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
             level = self.levels[level_index]
             state = run(level.refine, state, recompute=self.recompute)
-            z, kl = level.latent(state, None if features is None else features[level_index],
+            z, kl = level.latent_dims(state, None if features is None else features[level_index],
                                  None if level_latents is None else level_latents[:, order], sample,
                                  None if level_noise is None else level_noise[:, order])
             state = run(level.add_latent, state, z, recompute=self.recompute)
@@ -220,7 +227,9 @@ class HierarchicalVAE(nn.Module):
         return self.spec.main_latent_dim + self.spec.n_levels * self.spec.level_latent_dim
 
     def forward(self, fields, sample=True, noise=None):
-        """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], latents.
+        """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], their float32
+        per-dimension terms kl_main_dims [B, D] and kl_level_dims [B, L, d] (kl_main and kl_levels are their sums),
+        main_mean [B, D] and level_latents [B, L, d] (the posterior means when sample is False).
 
         noise: optional standard-normal draws [B, noise_size] for the reparameterisation (fresh ones otherwise);
         giving them per design makes a run independent of how designs are batched or spread over processes.
@@ -230,11 +239,11 @@ class HierarchicalVAE(nn.Module):
         if sample:  # the deterministic (posterior-mean) path draws no random numbers at all
             main_noise, level_noise = self._split_noise(noise, len(fields))
             main_z = main_mean + torch.exp(main_log_std) * main_noise
-        recon, level_latents, kl_levels = self.decoder(main_z, features=features, sample=sample,
-                                                       level_noise=level_noise)
-        kl_main = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean),
-                              torch.zeros_like(main_log_std)).sum(dim=-1)
-        return {"recon": recon, "kl_main": kl_main, "kl_levels": kl_levels, "main_mean": main_mean,
+        recon, level_latents, kl_level_dims = self.decoder(main_z, features=features, sample=sample,
+                                                           level_noise=level_noise)
+        kl_main_dims = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean), torch.zeros_like(main_log_std))
+        return {"recon": recon, "kl_main": kl_main_dims.sum(dim=-1), "kl_levels": kl_level_dims.sum(dim=-1),
+                "kl_main_dims": kl_main_dims, "kl_level_dims": kl_level_dims, "main_mean": main_mean,
                 "level_latents": level_latents}
 
     def _split_noise(self, noise, count):
