@@ -12,6 +12,7 @@ the gloo backend.
 """
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from modules.errors import InputError  # noqa: E402
 
 
 PASSED_FLAGS = ("preset", "size", "load_all", "plot", "lc_only", "amp", "grad_checkpointing", "compile",
-                "grad_accum_steps")
+                "grad_accum_steps", "resume")
 CONFIG_FLAGS = ("size", "load_all", "plot", "amp", "grad_checkpointing", "compile", "grad_accum_steps")
 
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="passed to SimulGen-VAE.py")
     parser.add_argument("--compile", type=int, choices=(0, 1), nargs="?", const=1, help="passed to SimulGen-VAE.py")
     parser.add_argument("--grad_accum_steps", type=int, help="passed to SimulGen-VAE.py")
+    parser.add_argument("--resume", nargs="?", const="last", metavar="PATH",
+                        help="passed to SimulGen-VAE.py (continue from checkpoints/last.pt, or from PATH)")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
@@ -86,7 +89,16 @@ def main(argv=None) -> int:
         print(f"No GPU found: starting {args.gpus} CPU process(es) with the gloo backend.")
     command = torchrun_command(args)
     print("Running: " + shlex.join(command), flush=True)
-    return subprocess.call(command)
+    return run_forwarding_sigterm(command)
+
+
+def run_forwarding_sigterm(command) -> int:
+    """Run torchrun and pass a SIGTERM sent to this launcher on to it (torchrun then stops its workers, which save
+    their state). Ctrl-C reaches torchrun and the workers from the terminal already, so SIGINT is not forwarded."""
+    process = subprocess.Popen(command)
+    signal.signal(signal.SIGTERM, lambda number, frame: process.send_signal(number))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return process.wait()
 
 
 if __name__ == "__main__":

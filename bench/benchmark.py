@@ -360,23 +360,22 @@ def time_training(model, case, config, runtime) -> dict:
     """config.epochs epochs of train_epoch; all but the first (warm-up) are timed. Returns training rates."""
     import torch
 
-    from modules.schedules import beta_at
+    from modules.guard import Guard, StopRequest
     from modules.train_vae import train_epoch
-    from modules.update import Updater, training_module
+    from modules.update import Updater, make_optimizer, training_module
 
     trainer = training_module(model, config, runtime)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)  # as train_vae
+    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)  # as train_vae
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
+    guard = Guard(config, runtime, StopRequest())  # never entered: the benchmark sets no signal handlers
     timed = dataclasses.replace(case, train=TimedBatches(case.train))
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     wall_s = wait_s = 0.0
     for epoch in range(config.epochs):
-        beta = beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
-                       config.beta_ramp_end_fraction)
         timed.train.wait_s = 0.0
         start = time.perf_counter()
-        train_epoch(trainer, updater, timed, config, beta, epoch, runtime)
+        train_epoch(trainer, updater, timed, config, epoch, runtime, guard)
         synchronize(runtime, torch)
         if epoch > 0:  # the warm-up epoch pays for compilation, allocator growth and a cold page cache
             wall_s += time.perf_counter() - start

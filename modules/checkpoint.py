@@ -37,11 +37,10 @@ def save_model(path, model, config, scaler) -> None:
     atomic_save(model_payload(model, config, scaler), path)
 
 
-def save_checkpoint(path, model, config, scaler, optimizer, scheduler, epoch: int, best_val_loss: float) -> None:
-    """Model plus optimiser and scheduler state, so the file says exactly where training stood."""
+def save_checkpoint(path, model, config, scaler, training: dict) -> None:
+    """The model file's content plus the training state (modules/training_state.py): where training stood."""
     payload = model_payload(model, config, scaler)
-    payload.update(format=CHECKPOINT_FORMAT, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                   epoch=epoch, best_val_loss=best_val_loss)
+    payload.update(format=CHECKPOINT_FORMAT, training=training)
     atomic_save(payload, path)
 
 

@@ -4,23 +4,30 @@ Every bad input ends here as one line on stderr and exit code 2 (no traceback); 
 then, because the config and the data are checked before an earlier run's results are archived.
 """
 import argparse
+import os
 import sys
-
+from dataclasses import dataclass
 from pathlib import Path
 
+from modules import checkpoint_files
+from modules.checkpoint import CHECKPOINT_FORMAT, CONDITIONER_FORMAT
 from modules.conditioner_case import prepare_conditioner_case, read_conditions
 from modules.config import CONDITION_FILE, check_flag, load_config
 from modules.distributed import barrier, start_runtime, stop_runtime
 from modules.errors import InputError
-from modules.outputs import (CONDITIONER_FILE, MODEL_FILE, archive_previous_conditioner, archive_previous_run,
-                             make_run_folders)
+from modules.guard import Stopped
+from modules.outputs import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_FILE,
+                             archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.predict import predict_file
 from modules.reconstruct import reconstruct_file
 from modules.runtime import pick_device
 from modules.train_conditioner import train_conditioner
 from modules.train_vae import prepare_case, train_vae
+from modules.training_state import read_checkpoint
 
 EXIT_BAD_INPUT = 2
+AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint
+CONDITIONER_HINT = "python SimulGen-VAE.py (or --lc_only=1) with input_type set"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -67,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lc_only", type=int, choices=(0, 1), default=0,
                         help="0: train the VAE, then the latent conditioner when input_type is set; 1: train only "
                              "the conditioner, on the VAE in model_save/ (its files are left as they are)")
+    parser.add_argument("--resume", nargs="?", const=AUTO_RESUME, default=None, metavar="PATH",
+                        help="continue an interrupted training from its last checkpoint: checkpoints/last.pt (with "
+                             "--lc_only=1: checkpoints/conditioner_last.pt), or the checkpoint PATH; the config must "
+                             "be the one that wrote it (device, amp and other runtime settings may differ)")
+    parser.add_argument("--checkpoints", choices=("list", "clean"), default=None,
+                        help="instead of training: list the checkpoints in checkpoints/ and archive/*/checkpoints/ "
+                             "as resumable, not resumable, corrupt or leftover; clean: also remove the useless ones "
+                             "(corrupt and leftover files; in checkpoints/ also those this config cannot resume)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
                              "model_save/SimulGen-VAE and write them, in physical units, to --out")
@@ -86,7 +103,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         refuse_flags_of_the_other_mode(args)
-        if args.reconstruct:
+        if args.checkpoints:
+            checkpoint_files.run(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
+        elif args.reconstruct:
             reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
                                                                                             args.device or "auto")))
         elif args.predict:
@@ -99,22 +118,30 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Stopped as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{stop}; the training state is saved in {stop.checkpoint}. Continue with the same command plus "
+                  "--resume", file=sys.stderr)
+        return 128 + stop.signal_number
     return 0
 
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    if args.reconstruct and args.predict:
-        raise InputError("command line", "--reconstruct and --predict are two different modes", "give one of them")
-    mode = "--reconstruct" if args.reconstruct else "--predict" if args.predict else None
+    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict") if getattr(args, name)]
+    if len(modes) > 1:
+        raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
+    mode = modes[0] if modes else None
+    if args.dry_run and args.checkpoints != "clean":
+        raise InputError("command line", "--dry_run only applies to --checkpoints=clean", "add it, or drop --dry_run")
     if mode:
         unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp", "lc_only", "amp",
-                                           "grad_checkpointing", "compile", "grad_accum_steps")
+                                           "grad_checkpointing", "compile", "grad_accum_steps", "resume")
                   if getattr(args, name) not in (None, False, 0)]
         if unused:
-            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to {mode} "
-                             "(it uses the saved model's settings)", "drop them")
-    elif args.out:
+            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to {mode}",
+                             "drop them")
+    if args.out and mode not in ("--reconstruct", "--predict"):
         raise InputError("command line", "--out is where --reconstruct or --predict writes, but neither is given",
                          "add --reconstruct=PATH.npy or --predict=PATH, or drop --out")
     if args.lc_only and args.size:
@@ -126,7 +153,8 @@ def refuse_flags_of_the_other_mode(args) -> None:
 
 
 def train(args) -> None:
-    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, in one run."""
+    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, in one run; with --resume,
+    from where the checkpoint stood (a finished VAE is not trained again)."""
     config = load_config(args.preset, overrides(args), warn=warn)
     if config.use_e2e_training and config.e2e_vae_model_path:
         raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
@@ -134,23 +162,30 @@ def train(args) -> None:
     runtime = start_runtime(config, args.use_ddp)
     try:
         announce_setup(runtime)
+        plan = resume_plan(args.resume, config) if args.resume else None
         case = prepare_case(config, runtime)  # every input check happens before anything on disk moves
         conditions = read_conditions(config) if config.has_conditioner else None
-        if runtime.is_main:
+        if runtime.is_main and plan is None:
             announce(archive_previous_run())
+        if runtime.is_main:
             make_run_folders()
         barrier(runtime)
-        train_vae(config, runtime, case)
+        if plan is None or not plan.vae_finished:
+            train_vae(config, runtime, case, resume=plan and plan.vae)
+        elif runtime.is_main:
+            print(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
         if conditions is not None:
             barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
             train_conditioner(config, runtime, prepare_conditioner_case(config, runtime, conditions, MODEL_FILE,
-                                                                        fields=case))
+                                                                        fields=case),
+                              resume=plan and plan.conditioner)
     finally:
         stop_runtime()
 
 
 def train_conditioner_only(args) -> None:
-    """--lc_only=1: the conditioner on the saved VAE; only an earlier conditioner's files are archived."""
+    """--lc_only=1: the conditioner on the saved VAE; only an earlier conditioner's files are archived (none with
+    --resume, which continues checkpoints/conditioner_last.pt or the checkpoint given)."""
     config = load_config(args.preset, overrides(args), warn=warn)
     if not config.has_conditioner:
         raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
@@ -160,14 +195,43 @@ def train_conditioner_only(args) -> None:
     runtime = start_runtime(config, args.use_ddp)
     try:
         announce_setup(runtime)
+        resume = None
+        if args.resume:
+            resume = CONDITIONER_LAST if args.resume == AUTO_RESUME else Path(args.resume)
+            read_checkpoint(resume, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT)
         case = prepare_conditioner_case(config, runtime, read_conditions(config), vae_file)
-        if runtime.is_main:
+        if runtime.is_main and resume is None:
             announce(archive_previous_conditioner())
+        if runtime.is_main:
             make_run_folders()
         barrier(runtime)
-        train_conditioner(config, runtime, case)
+        train_conditioner(config, runtime, case, resume=resume)
     finally:
         stop_runtime()
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    vae: Path | None             # VAE checkpoint to continue from
+    vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
+    conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
+
+
+def resume_plan(given: str, config) -> ResumePlan:
+    """What --resume[=PATH] of a full run continues: each checkpoint is checked here, before anything runs."""
+    path = LAST_CHECKPOINT if given == AUTO_RESUME else Path(given)
+    payload = read_checkpoint(path, config, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
+    if payload["format"] == CONDITIONER_FORMAT:
+        if not MODEL_FILE.exists():
+            raise InputError(path, f"is a conditioner checkpoint, but the VAE it needs ({MODEL_FILE}) is missing",
+                             "resume the VAE first (--resume), or train it again")
+        return ResumePlan(None, True, path)
+    finished = payload["training"]["progress"]["finished"] and MODEL_FILE.exists()
+    conditioner = None
+    if finished and config.has_conditioner and CONDITIONER_LAST.exists():
+        read_checkpoint(CONDITIONER_LAST, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT)
+        conditioner = CONDITIONER_LAST
+    return ResumePlan(path, finished, conditioner)
 
 
 TRAINING_FLAGS = ("plot", "size", "load_all", "device", "amp", "grad_checkpointing", "compile", "grad_accum_steps")

@@ -79,6 +79,21 @@ KEYS = (
     Key("free_bits", "free_bits", float, 0.0, "KL floor per latent dimension in nats: a dimension whose batch-mean "
         "KL is below it adds free_bits to the loss instead, so the KL term stops pushing it towards collapse",
         _non_negative),
+    Key("patience", "patience", int, 0,
+        "stop the VAE after this many epochs without a better validation loss (0: never)", _non_negative),
+    Key("save_every", "save_every", int, 10,
+        "write checkpoints/last.pt, the full training state, every this many epochs", _positive),
+    Key("max_skipped_steps", "max_skipped_steps", int, 20, "optimiser steps in a row with a non-finite loss or "
+        "gradient that are skipped before the run restores its last checkpoint", _positive),
+    Key("divergence_factor", "divergence_factor", float, 10.0, "a validation loss above this many times the best "
+        "so far (or not finite) restores the last checkpoint", lambda v: None if v > 1 else "must be > 1"),
+    Key("recovery_lr_factor", "recovery_lr_factor", float, 0.5,
+        "each restore of the last checkpoint multiplies the learning rate by this",
+        lambda v: None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"),
+    Key("max_recoveries", "max_recoveries", int, 3,
+        "restores of the last checkpoint a run may make before it stops with an error", _non_negative),
+    Key("deterministic", "deterministic", int, 0, "1: torch's deterministic algorithms (ops that have none warn)",
+        choices=(0, 1)),
     Key("projection_rank", "projection_rank", int, 128,
         "width of the POD-initialised node projection (first and last layers)", _positive),
     Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
@@ -169,6 +184,25 @@ ONLY_WITH = {
 }
 
 
+# Settings a resumed run may change: where and how fast it runs, how it logs, and how it reacts to trouble. Every other
+# setting shapes the model or its training, so a checkpoint is resumed only with the config that wrote it.
+RESUMABLE_CHANGES = frozenset({
+    "preset_index", "device", "amp", "load_all", "num_workers", "plot", "log_every", "compile", "grad_checkpointing",
+    "save_every", "patience", "lc_patience", "max_skipped_steps", "divergence_factor", "recovery_lr_factor",
+    "max_recoveries", "deterministic"})
+PRESET_NAMES = {"data_no": "preset data_No", "init_beta_divisor": "preset init_beta_divisor",
+                "encoder_filters": "preset encoder filters", "conditioner_filters": "preset conditioner filters"}
+
+
+def changed_settings(saved: dict, config: "Config") -> list:
+    """'name saved -> now' for each setting that differs between a saved config (Config.to_dict) and config,
+    leaving out RESUMABLE_CHANGES; names as the user writes them (condition.txt keys, preset lines)."""
+    names = {**{key.field: key.name for key in KEYS}, **PRESET_NAMES}
+    now = Config.from_dict(saved).to_dict()  # fills keys newer than the saved config with their defaults
+    current = config.to_dict()
+    return [f"{names.get(field, field)} {now[field]} -> {current[field]}" for field in current
+            if field not in RESUMABLE_CHANGES and now.get(field) != current[field]]
+
 @dataclass(frozen=True)
 class Preset:
     """One 4-line block of preset.txt."""
@@ -214,6 +248,13 @@ class Config:
     weight_decay: float
     grad_clip: float
     free_bits: float
+    patience: int
+    save_every: int
+    max_skipped_steps: int
+    divergence_factor: float
+    recovery_lr_factor: float
+    max_recoveries: int
+    deterministic: int
     projection_rank: int
     augment_noise_std: float
     augment_amplitude: float

@@ -6,6 +6,7 @@ Every rank computes; only rank 0 writes files and prints. Each global batch (the
 per-rank shards, each rank reads only its shard, and the loss is weighted so that DistributedDataParallel's gradient
 average equals the gradient of the whole batch: K processes train the same model as one process with the same batch.
 """
+import dataclasses
 import gc
 import os
 
@@ -34,7 +35,9 @@ def start_runtime(config, use_ddp: bool) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return runtime
+    # host-side decisions (stop requests) travel over gloo on the CPU; with NCCL they would make the host wait
+    control_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return dataclasses.replace(runtime, control_group=control_group)
 
 
 def stop_runtime() -> None:
@@ -56,6 +59,16 @@ def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """True in every process if flag is true in any: a host-side decision (a stop request) shared without touching
+    the GPU, over the CPU control group."""
+    if runtime.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=runtime.control_group)
+    return bool(value[0] > 0)
 
 
 def shard(positions: np.ndarray, runtime: Runtime):

@@ -14,12 +14,15 @@ ARCHIVE_DIR = Path("archive")
 MODEL_FILE = MODEL_DIR / "SimulGen-VAE"
 RUN_FOLDERS = (MODEL_DIR, CHECKPOINT_DIR, OUTPUT_DIR)
 CONDITIONER_FILE = MODEL_DIR / "latent_conditioner"
+BEST_CHECKPOINT = CHECKPOINT_DIR / "best.pt"    # the VAE's full training state at its best validation loss
+LAST_CHECKPOINT = CHECKPOINT_DIR / "last.pt"    # ... at the latest save: what --resume continues from
 CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
+CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, output/tensorboard/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
 PREDICTION_PLOT = OUTPUT_DIR / "prediction_samples.png"
-CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv",
-                       OUTPUT_DIR / "tensorboard" / CONDITIONER_NAME, PREDICTION_REPORT.with_suffix(".json"),
+CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, CONDITIONER_LAST,
+                       OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", OUTPUT_DIR / "tensorboard" / CONDITIONER_NAME, PREDICTION_REPORT.with_suffix(".json"),
                        PREDICTION_REPORT.with_suffix(".md"), PREDICTION_PLOT,
                        OUTPUT_DIR / "conditioner_loss_curves.png")
 

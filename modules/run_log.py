@@ -12,13 +12,24 @@ class RunLog:
     output/<name>_metrics.csv and output/tensorboard/<name>/, so TensorBoard shows both side by side.
     """
 
-    def __init__(self, output_dir: Path, name: str = ""):
-        tensorboard = Path(output_dir) / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(tensorboard / name if name else tensorboard))
+    def __init__(self, output_dir: Path, name: str = "", history: list | None = None):
+        self.tensorboard_dir = Path(output_dir) / "tensorboard" / name if name else Path(output_dir) / "tensorboard"
         self.csv_path = Path(output_dir) / (f"{name}_metrics.csv" if name else "metrics.csv")
-        self._csv_file = None
-        self._csv_writer = None
+        self.writer = self._csv_file = self._csv_writer = None
+        self.rewind(history or [])
+
+    def rewind(self, history: list) -> None:
+        """Continue after `history` (the epochs a resumed or restored state has done): the CSV is rewritten with
+        them, and TensorBoard hides what was logged for later epochs, so no epoch appears twice."""
+        self.close()
         self.history = []
+        self._csv_file = self._csv_writer = None
+        self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=len(history) + 1 if history else None)
+        if history:
+            self._open_csv(history[0])
+            for epoch, record in enumerate(history, start=1):
+                self._csv_writer.writerow({"epoch": epoch, **record})
+            self.history = [{"epoch": epoch, **record} for epoch, record in enumerate(history, start=1)]
 
     def log(self, epoch: int, values: dict) -> None:
         row = {"epoch": epoch, **values}
@@ -26,13 +37,17 @@ class RunLog:
         for name, value in values.items():
             self.writer.add_scalar(name, value, epoch)
         if self._csv_writer is None:
-            self._csv_file = open(self.csv_path, "w", newline="")
-            self._csv_writer = csv.DictWriter(self._csv_file, fieldnames=list(row))
-            self._csv_writer.writeheader()
+            self._open_csv(values)
         self._csv_writer.writerow(row)
         self._csv_file.flush()
 
+    def _open_csv(self, values: dict) -> None:
+        self._csv_file = open(self.csv_path, "w", newline="")
+        self._csv_writer = csv.DictWriter(self._csv_file, fieldnames=["epoch", *values])
+        self._csv_writer.writeheader()
+
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if self._csv_file is not None:
             self._csv_file.close()

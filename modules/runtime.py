@@ -28,6 +28,7 @@ class Runtime:
     num_workers: int = 0
     pin_memory: bool = False
     summary: str = ""  # what was chosen and why, printed once at start-up
+    control_group: object = None  # process group for host-side flags under DDP (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -50,6 +51,8 @@ def adapted(device: torch.device, config, rank=0, world_size=1, local_world_size
     amp_dtype, amp_reason = pick_precision(config.amp, device)
     workers, workers_reason = pick_workers(config.num_workers, device, bool(config.load_all), local_world_size)
     pin_memory = device.type == "cuda" and not config.load_all
+    if config.deterministic:
+        use_deterministic_algorithms()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls and convolutions in TF32 on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
@@ -60,7 +63,8 @@ def adapted(device: torch.device, config, rank=0, world_size=1, local_world_size
     summary = (f"Device setup: {where}; precision {PRECISION_NAMES[amp_dtype]} ({amp_reason}); {loading}; "
                f"gradient checkpointing {'on' if config.grad_checkpointing else 'off'}; "
                f"torch.compile {'on' if config.compile else 'off'}; "
-               f"gradient accumulation over {config.grad_accum_steps} batch(es)")
+               f"gradient accumulation over {config.grad_accum_steps} batch(es)"
+               + ("; deterministic algorithms" if config.deterministic else ""))
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype, num_workers=workers,
                    pin_memory=pin_memory, summary=summary)
 
@@ -134,6 +138,15 @@ def _data_segment_bytes() -> int:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData"))
     except (OSError, StopIteration):
         return 0
+
+
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic kernels where they exist; an op without one warns instead of failing (on a GPU, e.g. the
+    backward pass of adaptive pooling), so a run on request never dies for it. cuBLAS needs its workspace fixed
+    before its first use for deterministic matmuls."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

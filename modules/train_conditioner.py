@@ -9,9 +9,7 @@ Two objectives (use_e2e_training):
 The split is the VAE's (model_save/split.json): the VAE's validation designs are the conditioner's, never trained on.
 Read top to bottom: train_conditioner() is the whole run.
 """
-import copy
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from modules import prediction_report
-from modules.checkpoint import file_digest, save_conditioner
+from modules.checkpoint import CONDITIONER_FORMAT, file_digest, read_payload, save_conditioner
 from modules.conditioners import ConditionerSpec, build_conditioner
-from modules.config import CONDITION_FILE
 from modules.data import in_order, on_device
 from modules.design_inputs import augment_images
 from modules.distributed import shard, sum_over_ranks
+from modules.epoch_loop import EpochResult, Task, run_epochs, starting_sums
 from modules.errors import InputError
 from modules.latents import decode_latents
-from modules.outputs import CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_NAME, OUTPUT_DIR
+from modules.outputs import CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME, OUTPUT_DIR
 from modules.recompute import enable_recompute
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.scaling import ColumnScaler
 from modules.schedules import lr_factor
-from modules.update import Updater, optimiser_steps, training_module
+from modules.training_state import Progress, restore_training, training_entry
+from modules.update import Updater, make_optimizer, optimiser_steps, training_module
 
 NETWORK_OF_INPUT = {"csv": "mlp", "image": "cnn", "image_vit": "vit"}
 
@@ -55,53 +54,64 @@ class ConditionerCase:
     vae_file: Path
 
 
-def train_conditioner(config, runtime, case: ConditionerCase, say=print):
-    """Full conditioner run. Every rank trains; rank 0 writes the model, logs and the prediction report and
-    returns the report; other ranks return None."""
+def train_conditioner(config, runtime, case: ConditionerCase, resume=None, say=print):
+    """Full conditioner run, from scratch or, with resume (a conditioner checkpoint path checked by
+    training_state.read_checkpoint), from where it stood. Every rank trains; rank 0 writes the model, logs and the
+    prediction report and returns the report; other ranks return None."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
     spec = conditioner_spec(config, case)
     model = build_conditioner(spec).to(runtime.device)
     trainer = training_module(model, config, runtime)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lc_lr, weight_decay=config.lc_weight_decay)
+    optimizer = make_optimizer(model.parameters(), config.lc_lr, config.lc_weight_decay)
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
     if config.grad_checkpointing:
         enable_recompute(case.vae)  # end to end, the frozen decoder's activations are part of this backward pass
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
-        epoch, config.lc_epochs, config.warmup_fraction, 1, min(1.0, config.lr_min / config.lc_lr)))
+    task = conditioner_task(model, trainer, updater, spec, case, config, runtime, say)
+    progress = task.restore(resume) if resume else Progress()
     objective = "end to end through the frozen decoder" if config.use_e2e_training else "latent regression"
     say(f"Training the {spec.kind.upper()} conditioner ({objective}) on {len(case.fields.train_indices)} designs, "
         f"validating on {len(case.fields.val_indices)}; {sum(p.numel() for p in model.parameters()):,} parameters")
-    log = RunLog(OUTPUT_DIR, CONDITIONER_NAME) if runtime.is_main else None
-    facts = about(config, case)
-    best = {"loss": math.inf, "epoch": 0, "state": None}
-    for epoch in range(config.lc_epochs):
-        train_stats = train_epoch(trainer, updater, case, config, epoch, runtime)
-        val_stats = validate(model, case, config, runtime)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves on
-        scheduler.step()
-        if val_stats["loss"] < best["loss"]:
-            best = {"loss": val_stats["loss"], "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
-            if runtime.is_main:
-                save_conditioner(CONDITIONER_CHECKPOINT, model, spec, facts,
-                                 {"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_val_loss": best["loss"]})
-        if runtime.is_main:
-            log.log(epoch + 1, {**{f"train/{k}": v for k, v in train_stats.items()},
-                                **{f"val/{k}": v for k, v in val_stats.items()}, "lr": lr})
-            report_progress(say, epoch, config, train_stats, val_stats)
-        if config.lc_patience and epoch + 1 - best["epoch"] >= config.lc_patience:
-            say(f"Early stop at epoch {epoch + 1}: no better validation loss for {config.lc_patience} epochs")
-            break
+    if resume:
+        say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
+    log = RunLog(OUTPUT_DIR, CONDITIONER_NAME, history=progress.history) if runtime.is_main else None
+    progress = run_epochs(task, progress, config, runtime, log, say)
     if not runtime.is_main:
         return None
     log.close()
-    if best["state"] is None:  # no finite validation loss in any epoch: say so rather than keep an arbitrary epoch
-        raise InputError(CONDITION_FILE, "the conditioner's validation loss was never finite",
-                         "lower latent_conditioner_lr (or check the design inputs for extreme values)")
-    model.load_state_dict(best["state"])
-    say(f"Best validation loss {best['loss']:.4g} at epoch {best['epoch']}; that conditioner is kept")
-    save_conditioner(CONDITIONER_FILE, model, spec, facts)
+    model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
+    say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
+    save_conditioner(CONDITIONER_FILE, model, spec, about(config, case))
     return prediction_report.evaluate_and_write(model, case, config, log.history, say)
+
+
+def conditioner_task(model, trainer, updater, spec, case: ConditionerCase, config, runtime, say) -> Task:
+    """The conditioner's training as the shared epoch loop runs it (modules/epoch_loop.py)."""
+    facts = about(config, case)
+
+    def save(path, progress):
+        save_conditioner(path, model, spec, facts,
+                         {"training": training_entry(updater.optimizer, updater.scaler, progress, runtime.device)})
+
+    def restore(path):
+        payload = read_payload(path, formats=(CONDITIONER_FORMAT,))
+        if payload.get("vae_sha256") != facts["vae_sha256"]:
+            raise InputError(path, f"was trained through another VAE than {case.vae_file} holds now",
+                             "start the conditioner afresh without --resume")
+        return restore_training(payload, path, model, updater.optimizer, updater.scaler, runtime.device)
+
+    return Task(name="conditioner", epochs=config.lc_epochs, patience=config.lc_patience, watched="loss",
+                learning_rate=lambda epoch: config.lc_lr * lr_factor(epoch, config.lc_epochs, config.warmup_fraction,
+                                                                     1, min(1.0, config.lr_min / config.lc_lr)),
+                optimizer=updater.optimizer,
+                train_epoch=lambda epoch, first_step, partial_sums, guard: train_epoch(
+                    trainer, updater, case, config, epoch, runtime, guard, first_step, partial_sums),
+                validate=lambda: validate(model, case, config, runtime),
+                record=lambda epoch, train_stats, val_stats: {**{f"train/{k}": v for k, v in train_stats.items()},
+                                                             **{f"val/{k}": v for k, v in val_stats.items()}},
+                report=lambda epoch, train_stats, val_stats: report_progress(say, epoch, config, train_stats,
+                                                                             val_stats),
+                save=save, restore=restore, best_path=CONDITIONER_CHECKPOINT, last_path=CONDITIONER_LAST)
 
 
 def conditioner_spec(config, case: ConditionerCase) -> ConditionerSpec:
@@ -120,19 +130,21 @@ def about(config, case: ConditionerCase) -> dict:
             "vae_file": str(case.vae_file), "vae_sha256": file_digest(case.vae_file)}
 
 
-def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, runtime) -> dict:
+def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, runtime, guard, first_step=0,
+                partial_sums=None) -> EpochResult:
     """One pass over the training designs in shuffled global batches (an optimiser step per grad_accum_steps of
-    them), each rank taking its shard."""
+    them), each rank taking its shard, from optimiser step first_step on (a resumed epoch; partial_sums are the
+    loss sums of the steps before)."""
     trainer.train()
     train_indices = case.fields.train_indices
     steps = optimiser_steps(len(train_indices), config.lc_batch_size, config.grad_accum_steps, config.seed, epoch,
-                            runtime)
+                            runtime)[first_step:]
     parts = [part for step in steps for part in step]
     fields = field_batches(case.fields.train, parts, config)
     batch_designs = iter(on_device([train_indices[positions] for positions, _ in parts], case.conditions.device))
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    sums = torch.zeros(3, device=runtime.device)
-    for step in steps:
+    sums = starting_sums(partial_sums, 3, runtime)
+    for done, step in enumerate(steps, start=first_step + 1):
+        generator = step_generator(config.seed, epoch, done)
         for index, (positions, weight) in enumerate(step):
             designs = next(batch_designs)
             inputs = augment(case.conditions[designs], config, generator)
@@ -140,8 +152,10 @@ def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, run
                 loss, parts = conditioner_loss(trainer, case, inputs, designs, next(fields), config, runtime)
                 updater.backward(loss * weight)
             sums += torch.stack([loss.detach(), *parts]) * (len(positions) if weight else 0)
-        updater.step()
-    return averages(sum_over_ranks(sums, runtime), len(train_indices))
+        event = guard.after_step(updater.step())
+        if event:
+            return EpochResult(None, event, done, sum_over_ranks(sums, runtime).cpu().tolist())
+    return EpochResult(averages(sum_over_ranks(sums, runtime), len(train_indices)))
 
 
 @torch.no_grad()
@@ -164,6 +178,12 @@ def field_batches(source, shards, config):
     if config.use_e2e_training:
         return source.batches([positions for positions, _ in shards])
     return itertools.repeat(None)
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The CPU generator of one optimiser step's image augmentations, keyed by (seed, epoch, step): a run resumed
+    inside an epoch draws the same flips and shifts as one that was never interrupted."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]))
 
 
 def augment(images, config, generator):

@@ -2,30 +2,29 @@
 
 Read top to bottom: train_vae() is the whole run; each step below it is one named function.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from modules import evaluate, plots
+from modules import evaluate, latent_health, plots
 from modules.augment import augment_batch
 from modules.checkpoint import read_payload, save_checkpoint, save_model
 from modules.data import (SimulationArray, check_preload_fits, find_dataset, in_order, make_batches, on_device,
                           scan_and_fit_scaler, split_indices)
 from modules.distributed import shard, sum_over_ranks
+from modules.epoch_loop import EpochResult, Task, run_epochs, starting_sums
+from modules.errors import InputError
 from modules.losses import vae_loss
-from modules.outputs import CHECKPOINT_DIR, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
+from modules.outputs import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
 from modules.runtime import seed_everything
 from modules.schedules import beta_at, lr_factor
-from modules.update import Updater, optimiser_steps, training_module
+from modules.training_state import Progress, restore_training, training_entry
+from modules.update import Updater, make_optimizer, optimiser_steps, training_module
 from modules.vae import HierarchicalVAE, ModelSpec
-
-LAST_CHECKPOINT_SAVES = 10  # besides the end of training; "best" is saved whenever validation improves
-
 
 @dataclass
 class Case:
@@ -47,41 +46,72 @@ class Case:
         return self._gram
 
 
-def train_vae(config, runtime, case: Case, say=print):
-    """Full VAE training run on a prepared case. Every rank trains; rank 0 writes everything and returns the
-    reconstruction report (also written to output/), the other ranks return None."""
+def train_vae(config, runtime, case: Case, resume=None, say=print):
+    """Full VAE training run on a prepared case, from scratch or, with resume (a checkpoint path checked by
+    training_state.read_checkpoint), from where that checkpoint stood. Every rank trains; rank 0 writes everything
+    and returns the reconstruction report (also written to output/), the other ranks return None."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
-    model = build_model(config, case, runtime)
+    model = build_model(config, case, runtime, pod_start=resume is None)
     trainer = training_module(model, config, runtime)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(
-        epoch, config.epochs, config.warmup_fraction, config.lr_cycles, config.lr_min / config.lr))
+    task = vae_task(model, trainer, updater, case, config, runtime, say)
+    progress = task.restore(resume) if resume else Progress()
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
         f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in model.parameters()):,} parameters")
-    log = RunLog(OUTPUT_DIR) if runtime.is_main else None
-    best_val_loss = math.inf
-    for epoch in range(config.epochs):
-        beta = beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
-                       config.beta_ramp_end_fraction)
-        train_stats = train_epoch(trainer, updater, case, config, beta, epoch, runtime)
-        val_stats = validate(model, case, config, runtime)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves on
-        scheduler.step()
-        if not runtime.is_main:
-            continue
-        log.log(epoch + 1, epoch_record(train_stats, val_stats, beta, lr))
-        best_val_loss = keep_checkpoints(model, config, case, optimizer, scheduler, epoch, val_stats["loss"],
-                                         best_val_loss)
-        report_progress(say, epoch, config, train_stats, val_stats, beta)
+    if resume:
+        say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
+    log = RunLog(OUTPUT_DIR, history=progress.history) if runtime.is_main else None
+    run_epochs(task, progress, config, runtime, log, say)
     if not runtime.is_main:
         return None
     log.close()
-    model.load_state_dict(read_payload(CHECKPOINT_DIR / "best.pt")["state_dict"])
+    model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
     return finish(model, case, config, runtime, log.history, say)
+
+
+def vae_task(model, trainer, updater, case: Case, config, runtime, say) -> Task:
+    """The VAE's training as the shared epoch loop runs it (modules/epoch_loop.py)."""
+    def save(path, progress):
+        save_checkpoint(path, model, config, case.scaler,
+                        training_entry(updater.optimizer, updater.scaler, progress, runtime.device))
+
+    def restore(path):
+        return restore_state(path, model, updater, case, runtime)
+
+    collapse = CollapseWatch(config, say)
+
+    def report(epoch, train_stats, val_stats):
+        report_progress(say, epoch, config, train_stats, val_stats)
+        collapse.check(epoch, val_stats["latents"])
+
+    return Task(name="VAE", epochs=config.epochs, patience=config.patience, watched="recon",
+                learning_rate=lambda epoch: config.lr * lr_factor(epoch, config.epochs, config.warmup_fraction,
+                                                                  config.lr_cycles, config.lr_min / config.lr),
+                optimizer=updater.optimizer,
+                train_epoch=lambda epoch, first_step, partial_sums, guard: train_epoch(
+                    trainer, updater, case, config, epoch, runtime, guard, first_step, partial_sums),
+                validate=lambda: validate(model, case, config, runtime),
+                record=lambda epoch, train_stats, val_stats: epoch_record(train_stats, val_stats,
+                                                                         beta_of(config, epoch)),
+                report=report, save=save, restore=restore, best_path=BEST_CHECKPOINT, last_path=LAST_CHECKPOINT)
+
+
+def restore_state(path, model, updater, case: Case, runtime) -> Progress:
+    """Load a VAE checkpoint's full state into this run; refused if the data changed since it was written."""
+    payload = read_payload(path)
+    if payload["scaler"] != case.scaler.to_dict():
+        raise InputError(path, "was written for other data: the dataset's value ranges have changed since",
+                         "resume with the data the run started with, or start a new run without --resume")
+    return restore_training(payload, path, model, updater.optimizer, updater.scaler, runtime.device)
+
+
+def beta_of(config, epoch: int) -> float:
+    return beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
+                   config.beta_ramp_end_fraction)
 
 
 def prepare_case(config, runtime) -> Case:
@@ -100,27 +130,35 @@ def case_of(array, split, scaler, config, runtime) -> Case:
     return Case(array, *split, scaler, *batches)
 
 
-def build_model(config, case: Case, runtime) -> HierarchicalVAE:
-    """A fresh VAE whose node projections start as the training data's POD basis."""
+def build_model(config, case: Case, runtime, pod_start=True) -> HierarchicalVAE:
+    """A fresh VAE whose node projections start as the training data's POD basis (pod_start; a resumed run loads
+    its weights instead, so the POD pass over the data is skipped)."""
     model = HierarchicalVAE(ModelSpec.from_config(config))
-    mean, modes, scales = pod_node_basis(case.array, case.train_indices, case.scaler,
-                                         model.spec.projection_rank, config.seed)
-    model.init_node_projections(mean, modes, scales)
+    if pod_start:
+        mean, modes, scales = pod_node_basis(case.array, case.train_indices, case.scaler,
+                                             model.spec.projection_rank, config.seed)
+        model.init_node_projections(mean, modes, scales)
     return model.to(runtime.device)
 
 
-def train_epoch(trainer, updater, case: Case, config, beta: float, epoch: int, runtime) -> dict:
+def train_epoch(trainer, updater, case: Case, config, epoch: int, runtime, guard, first_step=0,
+                partial_sums=None) -> EpochResult:
     """One pass over the training designs: an optimiser step per grad_accum_steps batches, each rank taking its
-    shard of every batch. Sums stay on the device: one host sync per epoch, not per step."""
+    shard of every batch, from optimiser step first_step on (a resumed epoch; partial_sums are the loss sums of
+    the steps before). Sums stay on the device: one host sync per epoch besides the guard's per step."""
     trainer.train()
-    steps = optimiser_steps(len(case.train), config.batch_size, config.grad_accum_steps, config.seed, epoch, runtime)
+    beta = beta_of(config, epoch)
+    all_steps = optimiser_steps(len(case.train), config.batch_size, config.grad_accum_steps, config.seed, epoch,
+                                runtime)
+    steps = all_steps[first_step:]
     order = [positions for step in steps for positions, _ in step]
     batches = case.train.batches(order)
     batch_designs = iter(on_device([case.train_indices[positions] for positions in order], runtime.device))
     noise = epoch_noise(config, epoch, runtime)
-    sums = torch.zeros(3 + config.n_levels, device=runtime.device)
-    for step in tqdm(steps, leave=False, desc=f"epoch {epoch + 1}/{config.epochs}",
-                     disable=not runtime.is_main or None):
+    sums = starting_sums(partial_sums, 3 + config.n_levels, runtime)
+    progress_bar = tqdm(steps, leave=False, desc=f"epoch {epoch + 1}/{config.epochs}", initial=first_step,
+                        total=len(all_steps), disable=not runtime.is_main or None)
+    for done, step in enumerate(progress_bar, start=first_step + 1):
         for index, (positions, weight) in enumerate(step):
             inputs, targets = augment_batch(next(batches), config)
             designs = next(batch_designs)
@@ -130,8 +168,11 @@ def train_epoch(trainer, updater, case: Case, config, beta: float, epoch: int, r
                 loss, parts = vae_loss(outputs, targets, config, beta)
                 updater.backward(loss * weight)
             sums += weighted_parts(loss.detach(), parts, len(positions) if weight else 0)
-        updater.step()
-    return averages(sum_over_ranks(sums, runtime), len(case.train))
+        event = guard.after_step(updater.step())
+        if event:
+            progress_bar.close()
+            return EpochResult(None, event, done, sum_over_ranks(sums, runtime).cpu().tolist())
+    return EpochResult(averages(sum_over_ranks(sums, runtime), len(case.train)))
 
 
 def epoch_noise(config, epoch: int, runtime) -> torch.Tensor:
@@ -146,17 +187,23 @@ def epoch_noise(config, epoch: int, runtime) -> torch.Tensor:
 @torch.no_grad()
 def validate(model, case: Case, config, runtime) -> dict:
     """Validation along the posterior-mean path, sharded over ranks; 'loss' uses beta = 1 so that epochs compare
-    fairly while beta ramps up."""
+    fairly while beta ramps up. 'latents' holds the collapse diagnostics (modules/latent_health.py)."""
     model.eval()
     shards = [positions for positions, weight in (shard(p, runtime) for p in in_order(len(case.val), config.batch_size))
               if weight]
-    sums = torch.zeros(3 + config.n_levels, device=runtime.device)
+    losses = torch.zeros(3 + config.n_levels, device=runtime.device)
+    health = torch.zeros(3 * config.latent_size, device=runtime.device)
     for batch in case.val.batches(shards):
         with runtime.autocast():
             outputs = [model(batch, sample=False)]
         loss, parts = vae_loss(outputs, batch, config, beta=1.0)
-        sums += weighted_parts(loss, parts, len(batch))
-    return averages(sum_over_ranks(sums, runtime), len(case.val))
+        losses += weighted_parts(loss, parts, len(batch))
+        health += latent_health.batch_sums(outputs[0])
+    totals = sum_over_ranks(torch.cat([losses, health]), runtime)
+    stats = averages(totals[:len(losses)], len(case.val))
+    stats["latents"] = latent_health.summarise(totals[len(losses):], len(case.val), config.main_latent_dim,
+                                               config.n_levels, config.level_latent_dim)
+    return stats
 
 
 def weighted_parts(loss, parts, count: int):
@@ -170,34 +217,38 @@ def averages(sums, count: int) -> dict:
     return {"loss": values[0], "recon": values[1], "kl_main": values[2], "kl_levels": values[3:]}
 
 
-def epoch_record(train_stats, val_stats, beta, lr) -> dict:
-    record = {"beta": beta, "lr": lr}
+def epoch_record(train_stats, val_stats, beta) -> dict:
+    record = {"beta": beta}
     for split, stats in (("train", train_stats), ("val", val_stats)):
         record.update({f"{split}/loss": stats["loss"], f"{split}/recon": stats["recon"],
                        f"{split}/kl_main": stats["kl_main"]})
         record.update({f"{split}/kl_level{i}": kl for i, kl in enumerate(stats["kl_levels"])})
-    return record
+    return {**record, **latent_health.log_record(val_stats["latents"])}
 
 
-def keep_checkpoints(model, config, case, optimizer, scheduler, epoch, val_loss, best_val_loss) -> float:
-    """best.pt whenever validation improves, last.pt LAST_CHECKPOINT_SAVES times a run and at the end.
-    Returns the best validation loss so far."""
-    state = (model, config, case.scaler, optimizer, scheduler, epoch + 1)
-    if val_loss < best_val_loss:
-        best_val_loss = val_loss
-        save_checkpoint(CHECKPOINT_DIR / "best.pt", *state, best_val_loss)
-    every = max(1, config.epochs // LAST_CHECKPOINT_SAVES)
-    if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
-        save_checkpoint(CHECKPOINT_DIR / "last.pt", *state, best_val_loss)
-    return best_val_loss
+class CollapseWatch:
+    """Warns when a level (or the main latent) collapses: once when it happens, not every epoch. Collapse is only
+    judged once the KL weight starts rising (beta_hold_fraction): before, the KL term barely acts."""
+
+    def __init__(self, config, say):
+        self.first_epoch = int(config.beta_hold_fraction * config.epochs)
+        self.say, self.collapsed = say, []
+
+    def check(self, epoch: int, summary: dict) -> None:
+        collapsed = latent_health.collapsed_groups(summary)
+        new = [group for group in collapsed if group not in self.collapsed]
+        if epoch >= self.first_epoch and new:
+            self.say(f"warning: epoch {epoch + 1}: {latent_health.collapse_warning(new, summary)}")
+        self.collapsed = collapsed if epoch >= self.first_epoch else []
 
 
-def report_progress(say, epoch, config, train_stats, val_stats, beta) -> None:
+def report_progress(say, epoch, config, train_stats, val_stats) -> None:
     every = config.log_every or max(1, config.epochs // 20)
     if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
         say(f"epoch {epoch + 1:>5}/{config.epochs}  train loss {train_stats['loss']:.4g}  "
             f"recon {train_stats['recon']:.3g}  val recon {val_stats['recon']:.3g}  "
-            f"KL main {train_stats['kl_main']:.3g}  KL levels {sum(train_stats['kl_levels']):.3g}  beta {beta:.3g}")
+            f"KL main {train_stats['kl_main']:.3g}  KL levels {sum(train_stats['kl_levels']):.3g}  "
+            f"beta {beta_of(config, epoch):.3g}")
 
 
 def finish(model, case: Case, config, runtime, history, say) -> dict:

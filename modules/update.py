@@ -8,8 +8,9 @@ torch.compile, DistributedDataParallel), mixed-precision loss scaling, gradient 
                 with runtime.autocast():
                     loss = ...
                 updater.backward(loss * weight)
-        updater.step()
+        updater.step()                                  # skipped (weights untouched) if a gradient is not finite
 """
+import math
 from contextlib import nullcontext
 
 import torch
@@ -44,10 +45,18 @@ def micro_batches(group, batch_size: int, runtime):
     return [(local, weight * len(part) / len(group)) for part, (local, weight) in zip(parts, shards)]
 
 
+def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused: its step takes the skip flag (found_inf) as a device tensor, so skipping a non-finite step
+    costs no host sync (GradScaler uses the same mechanism)."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 class Updater:
     """Backward passes and optimiser steps of one training run."""
 
     def __init__(self, trainer, optimizer, runtime, grad_clip: float):
+        if not optimizer.defaults.get("fused"):
+            raise ValueError("Updater needs a fused optimiser (make_optimizer): only it can skip a step on the device")
         self.trainer, self.optimizer, self.grad_clip = trainer, optimizer, grad_clip
         self.scaler = runtime.grad_scaler()  # active for fp16 only
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -62,11 +71,20 @@ class Updater:
     def backward(self, loss) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> None:
-        """Clip (on the unscaled gradients), step (skipped by the fp16 scaler when a gradient overflowed), reset."""
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
-        self.scaler.step(self.optimizer)
+    def step(self) -> torch.Tensor:
+        """Unscale, clip, step and reset. A step whose gradient is not finite (a NaN or Inf loss or gradient) is
+        skipped: weights, AdamW moments and step count stay as they were. The decision stays on the device (the
+        fused AdamW reads the flag there; the fp16 scaler has its own), so the host never waits for it. Returns that
+        flag, a device scalar: 1.0 when the step was skipped. Under DDP the gradients are all-reduced before, so
+        every rank sees the same norm and skips the same steps."""
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip if self.grad_clip > 0 else math.inf)
+        skipped = (~torch.isfinite(norm)).float()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips on the inf/NaN that unscale_ found: the same gradients
+        else:
+            self.optimizer.found_inf, self.optimizer.grad_scale = skipped, None
+            self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return skipped

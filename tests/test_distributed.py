@@ -1,4 +1,5 @@
 """DDP: real torchrun with the gloo backend trains the same model as one process, and writes each output once."""
+import csv
 import importlib.util
 import os
 import socket
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
+from modules import cli
 from modules.cli import main
 from modules.distributed import shard
 from modules.runtime import Runtime
@@ -31,6 +33,12 @@ def run(command, folder):
                           stdin=subprocess.DEVNULL)
 
 
+def column(csv_path, name) -> np.ndarray:
+    """One column of a metrics CSV, as numbers."""
+    with open(csv_path, newline="") as handle:
+        return np.array([float(row[name]) for row in csv.DictReader(handle)])
+
+
 def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
     for name in ("one", "two"):
         write_case(tmp_path / name, n=14, epochs=3)
@@ -48,10 +56,9 @@ def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in one).sqrt()
     assert difference <= 1e-4 * sum(torch.sum(one[k].float() ** 2) for k in one).sqrt()
-    single_losses = [row.split(",")[3] for row in (tmp_path / "one" / "output" / "metrics.csv").read_text().split()]
-    double_losses = [row.split(",")[3] for row in (tmp_path / "two" / "output" / "metrics.csv").read_text().split()]
-    assert single_losses[0] == double_losses[0] == "train/loss"
-    assert np.allclose(np.float64(single_losses[1:]), np.float64(double_losses[1:]), rtol=1e-5)
+    single_losses, double_losses = (column(tmp_path / name / "output" / "metrics.csv", "train/loss")
+                                    for name in ("one", "two"))
+    assert np.allclose(single_losses, double_losses, rtol=1e-5)
     recon_one = np.load(tmp_path / "one" / "model_save" / "xs.npy")
     recon_two = np.load(tmp_path / "two" / "model_save" / "xs.npy")
     assert np.allclose(recon_one, recon_two, atol=1e-3)
@@ -77,9 +84,8 @@ def test_two_processes_accumulating_two_half_batches_train_like_one_process_with
     two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in one).sqrt()
     assert difference <= 1e-4 * sum(torch.sum(one[k].float() ** 2) for k in one).sqrt()
-    losses = [[row.split(",")[3] for row in (tmp_path / name / "output" / "metrics.csv").read_text().split()[1:]]
-              for name in ("one", "two")]
-    assert np.allclose(np.float64(losses[0]), np.float64(losses[1]), rtol=1e-5)
+    losses = [column(tmp_path / name / "output" / "metrics.csv", "train/loss") for name in ("one", "two")]
+    assert np.allclose(losses[0], losses[1], rtol=1e-5)
 
 
 def test_a_one_design_batch_on_two_ranks_keeps_both_in_step():
@@ -128,6 +134,10 @@ def test_launch_ddp_builds_the_torchrun_command_from_its_flags():
         assert part in command
     assert "--lc_only=1" in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2",
                                                                                                "--lc_only=1"]))
+    resumed = launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2", "--resume"]))
+    assert "--resume=last" in resumed and cli.build_parser().parse_args(["--resume=last"]).resume == cli.AUTO_RESUME
+    assert "--resume=run/last.pt" in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(
+        ["--gpus=2", "--resume=run/last.pt"]))
 
 
 def test_launch_ddp_refuses_size_with_lc_only(capsys):
@@ -158,7 +168,8 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
     from modules.config import load_config
     from modules.data import batch_order
     from modules.train_vae import build_model, prepare_case, train_epoch
-    from modules.update import Updater
+    from modules.guard import Guard, StopRequest
+    from modules.update import Updater, make_optimizer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -169,8 +180,9 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
             prepared = prepare_case(config, runtime)
             recorder = RecordingBatches(prepared.train)
             model = build_model(config, prepared, runtime)
-            updater = Updater(model, torch.optim.AdamW(model.parameters()), runtime, grad_clip=0)
-            train_epoch(model, updater, dataclasses.replace(prepared, train=recorder), config, 1.0, 0, runtime)
+            updater = Updater(model, make_optimizer(model.parameters(), 1e-3, 0.0), runtime, grad_clip=0)
+            train_epoch(model, updater, dataclasses.replace(prepared, train=recorder), config, 0, runtime,
+                        Guard(config, runtime, StopRequest()))
             asked[rank] = recorder.asked
     finally:
         dist.destroy_process_group()

@@ -14,7 +14,8 @@ from modules.config import load_config
 from modules.errors import InputError
 from modules.recompute import enable_recompute
 from modules.runtime import Runtime, adapted, pick_precision, pick_workers
-from modules.update import Updater, micro_batches
+from modules.guard import Guard, StopRequest
+from modules.update import Updater, make_optimizer, micro_batches
 from modules.vae import HierarchicalVAE, ModelSpec
 from test_training import metrics, working_directory
 
@@ -95,15 +96,15 @@ def test_autocast_runs_the_forward_pass_in_the_chosen_precision_with_float32_kl_
 def test_fp16_loss_scaling_skips_a_step_whose_gradient_overflowed():
     layer = torch.nn.Linear(4, 1)
     before = layer.weight.detach().clone()
-    updater = Updater(layer, torch.optim.SGD(layer.parameters(), lr=0.1),
+    updater = Updater(layer, make_optimizer(layer.parameters(), 0.1, 0.0),
                       Runtime(torch.device("cpu"), amp_dtype=torch.float16), grad_clip=1.0)
     assert updater.scaler.is_enabled()
     scale = updater.scaler.get_scale()
     updater.backward(layer(torch.full((2, 4), float("inf"))).sum())
-    updater.step()
+    assert updater.step() == 1.0
     assert torch.equal(layer.weight, before) and updater.scaler.get_scale() < scale
     updater.backward(layer(torch.ones(2, 4)).sum())
-    updater.step()
+    assert updater.step() == 0.0
     assert not torch.equal(layer.weight, before)
 
 
@@ -230,7 +231,7 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
         runtime = Runtime(torch.device("cpu"))
         prepared = prepare_case(config, runtime)
     model = build_model(config, prepared, runtime)
-    updater = Updater(model, torch.optim.AdamW(model.parameters()), runtime, config.grad_clip)
+    updater = Updater(model, make_optimizer(model.parameters(), 1e-3, 0.0), runtime, config.grad_clip)
     syncs = []
 
     def counting(name, real):
@@ -243,12 +244,14 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
-    train_epoch(model, updater, prepared, config, 1.0, 0, runtime)
+    guard = Guard(config, runtime, StopRequest())
+    train_epoch(model, updater, prepared, config, 0, runtime, guard)
+    guard.end_epoch()
     monkeypatch.undo()
     assert len(prepared.train) > 2 * config.batch_size  # several steps ran
     # to the device: the batches' positions and their designs (for the noise), each once for the whole epoch;
-    # to the host: the epoch's averages, once
-    assert syncs == ["as_tensor", "as_tensor", "cpu", "tolist"]
+    # to the host: the epoch's averages, once, and the skipped-step counts, once (skipping itself stays on the device)
+    assert syncs == ["as_tensor", "as_tensor", "cpu", "tolist", "tolist"]
 
 
 # ----------------------------------------------------------------------------------------- keys, flags, launcher

@@ -74,9 +74,12 @@ def test_best_and_last_checkpoints_are_kept(trained):
     folder, _ = trained
     best = torch.load(folder / "checkpoints" / "best.pt", weights_only=True)
     last = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == EPOCHS and 1 <= best["epoch"] <= EPOCHS
-    assert {"optimizer", "scheduler"} <= set(last)
-    assert best["best_val_loss"] == pytest.approx(min(float(r["val/loss"]) for r in metrics(folder)), rel=1e-6)
+    last_progress, best_progress = last["training"]["progress"], best["training"]["progress"]
+    assert last_progress["epoch"] == EPOCHS and last_progress["finished"] and 1 <= best_progress["epoch"] <= EPOCHS
+    assert {"optimizer", "grad_scaler", "rng", "progress"} <= set(last["training"])
+    assert best_progress["best_val_loss"] == pytest.approx(min(float(r["val/loss"]) for r in metrics(folder)),
+                                                           rel=1e-6)
+    assert best_progress["best_epoch"] == best_progress["epoch"]
 
 
 def test_metrics_csv_has_a_row_per_epoch_with_losses_kl_terms_beta_and_lr(trained):
