@@ -1,0 +1,171 @@
+"""A catalogue of broken inputs, each run through the real command line (SimulGen-VAE.py in a subprocess).
+
+It pins the promise of the README: every bad input (config, data, CSV, images, flags, the files given to --predict
+and --reconstruct) stops the program with ONE line on stderr, `error: <file>[:<line>]: <problem>. Fix: <fix>`,
+naming the file (and the line or key where there is one), with exit code 2, no traceback, and every file of the
+earlier run in the case folder exactly as it was (nothing changed, moved to archive/, added or deleted).
+"""
+import hashlib
+import shutil
+import subprocess
+import sys
+from contextlib import chdir
+
+import numpy as np
+import pytest
+
+from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
+from modules.cli import main
+
+N_DESIGNS = 12  # write_case's default case: 12 designs of 6 steps x 20 nodes
+CONDITIONERS = {
+    "vae": "",
+    "csv": "input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 1\nlatent_conditioner_batch 4\n",
+    "image": "input_type image\nparam_dir images\nimage_size 16\nn_epoch 1\nlatent_conditioner_batch 4\n",
+}
+RUN_FOLDERS = ("model_save", "checkpoints", "output")
+
+
+def fresh_case(folder, conditioner):
+    """A valid tiny case: the VAE keys of write_case plus the conditioner block ('vae' for none)."""
+    write_case(folder, epochs=1, extra=CONDITIONERS[conditioner])
+    write_conditions(folder, design_parameters(N_DESIGNS))
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A real trained run (VAE and CSV conditioner) of the valid case: its model_save/, checkpoints/ and output/
+    are what a bad run must leave alone, and --predict/--reconstruct reach their input checks with it."""
+    folder = tmp_path_factory.mktemp("earlier")
+    fresh_case(folder, "csv")
+    with chdir(folder):
+        assert main(["--plot=2"]) == 0
+    return folder
+
+
+def snapshot(folder):
+    """Every file (relative path -> sha256) and every folder under folder."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            for path in sorted(folder.rglob("*"))}
+
+
+# ---- ways to break a valid case folder
+def remove(relative):
+    return lambda folder: (folder / relative).unlink()
+
+
+def replace(relative, old, new):
+    def apply(folder):
+        text = (folder / relative).read_text()
+        assert old in text, f"{old!r} not in {relative}"
+        (folder / relative).write_text(text.replace(old, new, 1))
+    return apply
+
+
+def append(relative, text):
+    return lambda folder: (folder / relative).write_text((folder / relative).read_text() + text)
+
+
+def replace_line(relative, number, text):
+    def apply(folder):
+        lines = (folder / relative).read_text().splitlines()
+        lines[number - 1] = text
+        (folder / relative).write_text("\n".join(lines) + "\n")
+    return apply
+
+
+def drop_last_line(relative):
+    return lambda folder: (folder / relative).write_text(
+        "".join((folder / relative).read_text().splitlines(keepends=True)[:-1]))
+
+
+def write_bytes(relative, data):
+    return lambda folder: (folder / relative).write_bytes(data)
+
+
+def save_array(relative, array):
+    return lambda folder: np.save(folder / relative, array)
+
+
+def truncate(relative):
+    def apply(folder):
+        data = (folder / relative).read_bytes()
+        (folder / relative).write_bytes(data[: len(data) // 2])
+    return apply
+
+
+def nothing(folder):
+    pass
+
+
+def with_nan(design, step, node):
+    data = smooth_fields(N_DESIGNS, 6, 20)
+    data[design, step, node] = np.nan
+    return data
+
+
+DATASET, CONDITION, CSV = "input_data/dataset1.npy", "input_data/condition.txt", "input_data/parameters.csv"
+
+CASES = [
+    # (valid case it starts from, how it is broken, command-line arguments, words the one line must contain; id)
+    pytest.param("vae", remove(DATASET), [], ["input_data/dataset1.npy", "not found"], id="missing-dataset"),
+    pytest.param("vae", save_array(DATASET, smooth_fields(N_DESIGNS, 6, 21)), [],
+                 ["input_data/dataset1.npy", "(12, 6, 21)", "Dim1, Dim2, Dim3"], id="dataset-of-the-wrong-shape"),
+    pytest.param("vae", save_array(DATASET, with_nan(5, 2, 3)), [],
+                 ["input_data/dataset1.npy", "design (sample index) 5", "nan"], id="nan-in-the-data"),
+    pytest.param("vae", replace("preset.txt", "\n16 8\n", "\n16 x\n"), [], ["preset.txt:4", "encoder filters"],
+                 id="preset-filter-line-not-numbers"),
+    pytest.param("vae", replace(CONDITION, "Batch_size 4", "Batch_size -4"), [],
+                 ["input_data/condition.txt:5", "Batch_size"], id="negative-batch-size"),
+    pytest.param("vae", append(CONDITION, "Loss_type 7\n"), [], ["input_data/condition.txt:12", "Loss_type"],
+                 id="unknown-loss-type"),
+    pytest.param("vae", replace(CONDITION, "LearningR 0.003", "LearningR fast"), [],
+                 ["input_data/condition.txt:6", "LearningR", "'fast'"], id="non-numeric-value"),
+    pytest.param("vae", replace(CONDITION, "Training_epochs 1\n", ""), [],
+                 ["input_data/condition.txt", "Training_epochs", "missing"], id="missing-required-key"),
+    pytest.param("csv", write_bytes(CSV, b""), [], ["input_data/parameters.csv", "no data rows"], id="empty-csv"),
+    pytest.param("csv", replace_line(CSV, 4, "1.5,abc"), [], ["input_data/parameters.csv:4", "column 2 (phase)"],
+                 id="csv-cell-not-a-number"),
+    pytest.param("csv", drop_last_line(CSV), [], ["input_data/parameters.csv", "11 data rows", "Dim1"],
+                 id="csv-one-row-too-few"),
+    pytest.param("image", write_bytes("images/design_003.png", bytes([7, 200, 13, 99, 1, 0, 255, 42])), [],
+                 ["images/design_003.png", "cannot read it as an image"], id="corrupt-image"),
+    pytest.param("image", remove("images/design_005.png"), [], ["images", "Dim1", "design_005.png is missing"],
+                 id="one-image-too-few"),
+    pytest.param("vae", nothing, ["--plot=5"], ["command line", "--plot"], id="bad-flag-value"),
+    pytest.param("csv", nothing, ["--predict=missing.csv", "--out=fields.npy"], ["missing.csv", "not found"],
+                 id="predict-a-missing-file"),
+    pytest.param("vae", save_array("wrong.npy", smooth_fields(3, 5, 20)), ["--reconstruct=wrong.npy", "--out=r.npy"],
+                 ["wrong.npy", "(3, 5, 20)"], id="reconstruct-an-array-of-the-wrong-shape"),
+    pytest.param("vae", save_array("empty.npy", smooth_fields(0, 6, 20)), ["--reconstruct=empty.npy", "--out=r.npy"],
+                 ["empty.npy"], id="reconstruct-an-array-of-no-designs"),
+    pytest.param("vae", append(CONDITION, "Dim2_red 1\n"), [], ["input_data/condition.txt:12", "Dim2_red"],
+                 id="one-time-step-kept"),
+    pytest.param("csv", replace(CONDITION, "Latent_dim 4", "Latent_dim 6"), ["--resume"],
+                 ["checkpoints/last.pt", "another config", "Latent_dim 4 -> 6"], id="checkpoint-of-another-config"),
+    pytest.param("csv", truncate("checkpoints/last.pt"), ["--resume"],
+                 ["checkpoints/last.pt", "cannot be loaded safely"], id="truncated-checkpoint"),
+]
+
+
+@pytest.mark.parametrize("conditioner, breakage, argv, words", CASES)
+def test_a_bad_input_is_one_line_exit_code_2_and_leaves_the_earlier_run_alone(earlier_run, tmp_path, conditioner,
+                                                                               breakage, argv, words):
+    folder = tmp_path / "case"
+    fresh_case(folder, conditioner)
+    for name in RUN_FOLDERS:
+        shutil.copytree(earlier_run / name, folder / name)
+    breakage(folder)
+    before = snapshot(folder)
+
+    result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), *argv], cwd=folder,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Fix:" in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in: {lines[0]}"
+    assert snapshot(folder) == before
