@@ -145,7 +145,7 @@ def train_epoch(trainer, updater, case: Case, config, epoch: int, runtime, guard
                 partial_sums=None) -> EpochResult:
     """One pass over the training designs: an optimiser step per grad_accum_steps batches, each rank taking its
     shard of every batch, from optimiser step first_step on (a resumed epoch; partial_sums are the loss sums of
-    the steps before). Sums stay on the device: one host sync per epoch besides the guard's per step."""
+    the steps before). Loss sums and skip counts stay on the device: one host sync per epoch, not per step."""
     trainer.train()
     beta = beta_of(config, epoch)
     all_steps = optimiser_steps(len(case.train), config.batch_size, config.grad_accum_steps, config.seed, epoch,

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,6 +91,9 @@ def set_random_states(states: dict, device: torch.device) -> None:
 def read_checkpoint(path, config, formats: tuple, train_hint: str) -> dict:
     """A checkpoint to resume from, refused (InputError) unless it is whole, holds a training state and was written
     by a config that trains the same way as `config` (runtime settings such as device or amp may differ)."""
+    if not Path(path).exists():
+        raise InputError(path, "no checkpoint to resume from", "start the run without --resume, or give "
+                         "--resume=PATH of a checkpoint (python SimulGen-VAE.py --checkpoints=list shows them)")
     return check_resumable(read_payload(path, formats=formats, train_hint=train_hint), path, config)
 
 

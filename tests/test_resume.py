@@ -174,7 +174,7 @@ def test_resume_refuses_a_damaged_or_missing_checkpoint_without_loading_half_of_
     error = capsys.readouterr().err
     assert error.startswith(f"error: {broken}: ") and error.count("\n") == 1
     assert {"truncated": "cannot be loaded safely", "not a checkpoint": "not the kind of SimulGenVAE file",
-            "missing": "not found"}[damage] in error
+            "missing": "no checkpoint to resume from"}[damage] in error
 
 
 def test_a_final_model_is_not_a_checkpoint_to_resume_from(short_run, capsys):
@@ -241,6 +241,34 @@ def test_a_stopped_conditioner_resumes_exactly_without_training_the_vae_again(tm
     assert (folder / "model_save" / "SimulGen-VAE").read_bytes() == vae_file  # not retrained, not rewritten
     assert_same_weights(weights(tmp_path / "whole" / "model_save" / "latent_conditioner"),
                         weights(folder / "model_save" / "latent_conditioner"))
+
+
+def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, monkeypatch, capsys):
+    import modules.guard as guard
+
+    write_case(tmp_path, n=12, epochs=2, extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 6\n"
+                                              "latent_conditioner_batch 4\nlc_patience 0\n")
+    write_conditions(tmp_path, design_parameters(12))
+    real, steps = guard.Guard.after_step, []
+
+    def after_step(self, skipped):  # a stop request in the conditioner's 8th optimiser step (epoch 3 of 6)
+        steps.append(1)
+        if len(steps) == 8:
+            self.stop.signal_number = signal.SIGINT
+        return real(self, skipped)
+
+    with working_directory(tmp_path):
+        assert main(["--lc_only=0"]) == 0
+        assert main(["--lc_only=1"]) == 0
+        whole = weights("model_save/latent_conditioner")
+        monkeypatch.setattr(guard.Guard, "after_step", after_step)
+        assert main(["--lc_only=1"]) == 128 + signal.SIGINT
+        monkeypatch.setattr(guard.Guard, "after_step", real)
+        capsys.readouterr()
+        assert main(["--lc_only=1", "--resume"]) == 0
+    assert "Resuming from checkpoints/conditioner_last.pt: epoch 2, step 2" in capsys.readouterr().out
+    assert_same_weights(whole, weights(tmp_path / "model_save" / "latent_conditioner"))
+    assert len(list((tmp_path / "archive").glob("*/model_save/latent_conditioner"))) == 2  # resuming archives none
 
 
 # ------------------------------------------------------------------------------------------- reproducibility
