@@ -17,6 +17,7 @@ from modules.distributed import shard, sum_over_ranks
 from modules.epoch_loop import EpochResult, Task, run_epochs, starting_sums
 from modules.errors import InputError
 from modules.losses import vae_loss
+from modules.memorization import memorization_check
 from modules.outputs import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
@@ -252,7 +253,8 @@ def report_progress(say, epoch, config, train_stats, val_stats) -> None:
 
 
 def finish(model, case: Case, config, runtime, history, say) -> dict:
-    """Write the usable model, the latents of every design, the split, the report and the plots."""
+    """Write the usable model, the latents of every design, the split, the reports (reconstruction, memorization) and
+    the plots."""
     save_model(MODEL_FILE, model, config, case.scaler)
     case.scaler.save(MODEL_DIR / "scaler.json")
     all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime, load_all=False)
@@ -263,6 +265,7 @@ def finish(model, case: Case, config, runtime, history, say) -> dict:
     evaluate.save_split(MODEL_DIR / "split.json", case.train_indices, case.val_indices)
     report = evaluate.reconstruction_report(design_errors, case, config)
     evaluate.write_report(report, OUTPUT_DIR, say)
+    memorization_check(model, case, config, OUTPUT_DIR, say)
     if config.plot < 2:
         plots.training_plots(history, model, case, config, OUTPUT_DIR, show=config.plot == 0, say=say)
     return report
