@@ -146,11 +146,6 @@ class DecoderLevel(nn.Module):
         self.mix = ResBlock(width)
 
     def latent(self, state, features=None, given=None, sample=True, noise=None):
-        """Return (z [B, d], kl [B] or None): latent_dims with the KL summed over the latent's dimensions."""
-        z, kl_dims = self.latent_dims(state, features, given, sample, noise)
-        return z, None if kl_dims is None else kl_dims.sum(dim=-1)
-
-    def latent_dims(self, state, features=None, given=None, sample=True, noise=None):
         """Return (z [B, d], kl [B, d] or None), kl elementwise per dimension. Posterior if encoder features are
         given, else the prior. noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given
         latent is used as it is, or, with sample and noise, perturbed by the prior's spread at this level (samples
@@ -198,7 +193,7 @@ class Decoder(nn.Module):
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
             level = self.levels[level_index]
             state = run(level.refine, state, recompute=self.recompute)
-            z, kl = level.latent_dims(state, None if features is None else features[level_index],
+            z, kl = level.latent(state, None if features is None else features[level_index],
                                  None if level_latents is None else level_latents[:, order], sample,
                                  None if level_noise is None else level_noise[:, order])
             state = run(level.add_latent, state, z, recompute=self.recompute)

@@ -68,7 +68,8 @@ def test_level_kl_is_the_kl_of_the_distribution_it_samples_from():
     state = torch.randn(1, level.width, level.length).expand(20000, -1, -1)
     features = torch.randn(1, level.width, level.length).expand(20000, -1, -1)
     with torch.no_grad():
-        z, kl = level.latent(state, features=features, sample=True)
+        z, kl_dims = level.latent(state, features=features, sample=True)
+        kl = kl_dims.sum(-1)
         prior_mean, prior_log_std = level.prior(state[:1])
         shift_mean, shift_log_std = level.posterior_shift(torch.cat([state[:1], features[:1]], dim=1))
     q = Normal(prior_mean + shift_mean, (prior_log_std + shift_log_std).exp())
