@@ -22,14 +22,13 @@ class RunLog:
         """Continue after `history` (the epochs a resumed or restored state has done): the CSV is rewritten with
         them, and TensorBoard hides what was logged for later epochs, so no epoch appears twice."""
         self.close()
-        self.history = []
         self._csv_file = self._csv_writer = None
         self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=len(history) + 1 if history else None)
+        self.history = [{"epoch": epoch, **record} for epoch, record in enumerate(history, start=1)]
         if history:
             self._open_csv(history[0])
-            for epoch, record in enumerate(history, start=1):
-                self._csv_writer.writerow({"epoch": epoch, **record})
-            self.history = [{"epoch": epoch, **record} for epoch, record in enumerate(history, start=1)]
+            self._csv_writer.writerows(self.history)
+            self._csv_file.flush()
 
     def log(self, epoch: int, values: dict) -> None:
         row = {"epoch": epoch, **values}
