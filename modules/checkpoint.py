@@ -33,8 +33,9 @@ def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) 
             "scaler": scaler.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def save_model(path, model, config, scaler) -> None:
-    atomic_save(model_payload(model, config, scaler), path)
+def save_model(path, model, config, scaler, run_id: str | None = None) -> None:
+    """The usable VAE; run_id: the run (runs/<id>/) that trained it, which a conditioner-only run records."""
+    atomic_save({**model_payload(model, config, scaler), "run_id": run_id}, path)
 
 
 def save_checkpoint(path, model, config, scaler, training: dict) -> None:

@@ -10,16 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules import checkpoint_files
-from modules.checkpoint import CHECKPOINT_FORMAT, CONDITIONER_FORMAT
+from modules.checkpoint import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.conditioner_case import prepare_conditioner_case, read_conditions
-from modules.config import CONDITION_FILE, check_flag, load_config
+from modules.config import CONDITION_FILE, PRESET_FILE, check_flag, load_config
 from modules.distributed import barrier, start_runtime, stop_runtime
 from modules.errors import InputError
+from modules.evaluation_report import evaluate_and_write
+from modules.field_layout import read_field_layout
 from modules.guard import Stopped
-from modules.outputs import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_FILE,
-                             archive_previous_conditioner, archive_previous_run, make_run_folders)
+from modules.outputs import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
+                             archive_previous_conditioner, archive_previous_evaluation, archive_previous_run,
+                             make_run_folders)
+from modules.plots import parameter_column
 from modules.predict import predict_file
 from modules.reconstruct import reconstruct_file
+from modules.runs import (CONDITIONER_RUN_FILES, SORT_KEYS, VAE_RUN_FILES, list_runs, note_conditioner, note_vae,
+                          recording, run_of, start_run)
 from modules.runtime import pick_device
 from modules.train_conditioner import train_conditioner
 from modules.train_vae import prepare_case, train_vae
@@ -82,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of training: list the checkpoints in checkpoints/ and archive/*/checkpoints/ "
                              "as resumable, not resumable, corrupt or leftover; clean: also remove the useless ones "
                              "(corrupt and leftover files; in checkpoints/ also those this config cannot resume)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="instead of training: score the VAE (and conditioner) in model_save/ on the case's "
+                             "data next to POD, POD + Gaussian-process regression and nearest-neighbour baselines; "
+                             "writes output/evaluation.json and .md, and plots with --plot=0/1 (every training run "
+                             "ends with this)")
+    parser.add_argument("--list_runs", nargs="?", const="date", choices=SORT_KEYS, default=None,
+                        help="instead of training: list the runs recorded in runs/, newest first (date, the "
+                             "default), by the VAE's best validation loss (val_loss) or by the conditioner's "
+                             "(lc_val_loss)")
     parser.add_argument("--dry_run", action="store_true",
                         help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
@@ -103,7 +118,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         refuse_flags_of_the_other_mode(args)
-        if args.checkpoints:
+        if args.list_runs:
+            print(list_runs(args.list_runs))
+        elif args.evaluate:
+            evaluate_only(args)
+        elif args.checkpoints:
             checkpoint_files.run(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
         elif args.reconstruct:
             reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
@@ -128,7 +147,8 @@ def main(argv=None) -> int:
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict") if getattr(args, name)]
+    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs")
+             if getattr(args, name)]
     if len(modes) > 1:
         raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
     mode = modes[0] if modes else None
@@ -137,9 +157,12 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if mode:
         unused = [f"--{name}" for name in ("plot", "size", "load_all", "use_ddp", "lc_only", "amp",
                                            "grad_checkpointing", "compile", "grad_accum_steps", "resume")
-                  if getattr(args, name) not in (None, False, 0)]
+                  if flag_given(args, name) and not (name == "plot" and mode == "--evaluate")]
+        if mode == "--list_runs" and args.device:
+            unused.append("--device")
         if unused:
-            raise InputError("command line", f"{', '.join(unused)} only apply to training, not to {mode}",
+            where = "training and --evaluate" if unused == ["--plot"] else "training"
+            raise InputError("command line", f"{', '.join(unused)} only apply to {where}, not to {mode}",
                              "drop them")
     if args.out and mode not in ("--reconstruct", "--predict"):
         raise InputError("command line", "--out is where --reconstruct or --predict writes, but neither is given",
@@ -152,9 +175,16 @@ def refuse_flags_of_the_other_mode(args) -> None:
                          "use --samples=K together with --predict, or drop it")
 
 
+def flag_given(args, name: str) -> bool:
+    """Whether the user gave this flag (an explicit --plot=0 counts; --lc_only=0 is the default mode)."""
+    value = getattr(args, name)
+    return value is not None and value is not False and not (name == "lc_only" and value == 0)
+
+
 def train(args) -> None:
-    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, in one run; with --resume,
-    from where the checkpoint stood (a finished VAE is not trained again)."""
+    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, then the evaluation, in one
+    run recorded in runs/<id>/; with --resume, from where the checkpoint stood (a finished VAE is not trained again)
+    and in the same run record."""
     config = load_config(args.preset, overrides(args), warn=warn)
     if config.use_e2e_training and config.e2e_vae_model_path:
         raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
@@ -165,27 +195,32 @@ def train(args) -> None:
         plan = resume_plan(args.resume, config) if args.resume else None
         case = prepare_case(config, runtime)  # every input check happens before anything on disk moves
         conditions = read_conditions(config) if config.has_conditioner else None
+        check_plot_settings(config, conditions)
         if runtime.is_main and plan is None:
             announce(archive_previous_run())
-        if runtime.is_main:
-            make_run_folders()
-        barrier(runtime)
-        if plan is None or not plan.vae_finished:
-            train_vae(config, runtime, case, resume=plan and plan.vae)
-        elif runtime.is_main:
-            print(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
-        if conditions is not None:
-            barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
-            train_conditioner(config, runtime, prepare_conditioner_case(config, runtime, conditions, MODEL_FILE,
-                                                                        fields=case),
-                              resume=plan and plan.conditioner)
+        run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", plan and plan.run_id)
+        with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES):
+            barrier(runtime)
+            if plan is None or not plan.vae_finished:
+                note_vae(run, train_vae(config, runtime, case, run, resume=plan and plan.vae))
+            elif runtime.is_main:
+                print(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
+            if conditions is not None:
+                barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
+                note_conditioner(run, train_conditioner(
+                    config, runtime, prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case),
+                    run, resume=plan and plan.conditioner))
+            stop_runtime()  # the other processes are done: the main one evaluates alone
+            if runtime.is_main:
+                evaluate_and_write(config, runtime, case)
     finally:
         stop_runtime()
 
 
 def train_conditioner_only(args) -> None:
-    """--lc_only=1: the conditioner on the saved VAE; only an earlier conditioner's files are archived (none with
-    --resume, which continues checkpoints/conditioner_last.pt or the checkpoint given)."""
+    """--lc_only=1: the conditioner on the saved VAE, then the evaluation, as a run of its own (runs/<id>/); only an
+    earlier conditioner's files and evaluation are archived (none with --resume, which continues
+    checkpoints/conditioner_last.pt or the checkpoint given, in its run record)."""
     config = load_config(args.preset, overrides(args), warn=warn)
     if not config.has_conditioner:
         raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
@@ -195,19 +230,65 @@ def train_conditioner_only(args) -> None:
     runtime = start_runtime(config, args.use_ddp)
     try:
         announce_setup(runtime)
-        resume = None
+        resume, run_id = None, None
         if args.resume:
             resume = CONDITIONER_LAST if args.resume == AUTO_RESUME else Path(args.resume)
-            read_checkpoint(resume, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT)
-        case = prepare_conditioner_case(config, runtime, read_conditions(config), vae_file)
+            run_id = run_of(read_checkpoint(resume, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT))
+        conditions = read_conditions(config)
+        check_plot_settings(config, conditions)
+        case = prepare_conditioner_case(config, runtime, conditions, vae_file)
         if runtime.is_main and resume is None:
             announce(archive_previous_conditioner())
-        if runtime.is_main:
-            make_run_folders()
-        barrier(runtime)
-        train_conditioner(config, runtime, case, resume=resume)
+        run = open_run(config, runtime, "conditioner", run_id, vae_file)
+        with recording(run, CONDITIONER_RUN_FILES):
+            barrier(runtime)
+            note_conditioner(run, train_conditioner(config, runtime, case, run, resume=resume))
+            stop_runtime()
+            if runtime.is_main:
+                evaluate_and_write(config, runtime, case.fields, vae_file)
     finally:
         stop_runtime()
+
+
+def evaluate_only(args) -> None:
+    """--evaluate: the saved models scored anew; an earlier evaluation is archived first."""
+    config = load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn)
+    for needed in (MODEL_FILE, MODEL_DIR / "split.json"):
+        if not needed.exists():
+            raise InputError(needed, "not found: there is no trained VAE to evaluate in this case folder",
+                             "train one first (python SimulGen-VAE.py), or run from the case folder that holds it")
+    check_plot_settings(config, read_conditions(config) if config.has_conditioner else None)
+    runtime = start_runtime(config, use_ddp=False)
+    archived = archive_previous_evaluation()
+    if archived is not None:
+        print(f"The previous evaluation was moved to {archived}/")
+    make_run_folders()
+    evaluate_and_write(config, runtime)
+
+
+def check_plot_settings(config, conditions) -> None:
+    """The plot settings that need files (node_coordinates, the CSV's columns) are checked with the other inputs,
+    before anything trains, so a typo cannot end a long run."""
+    if config.plot == 2:
+        return
+    read_field_layout(config)
+    if config.plot_color_by:
+        if conditions is None or conditions.channels is not None:
+            raise InputError(CONDITION_FILE, f"plot_color_by {config.plot_color_by} names a parameter, but the "
+                             "designs are not defined by a parameter CSV", "drop plot_color_by")
+        parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
+
+
+def open_run(config, runtime, kind: str, run_id=None, vae_file=None):
+    """The main process records the run in runs/<id>/ (a resumed run keeps its id; a conditioner-only run names the
+    run that trained vae_file, its VAE); other processes get None."""
+    if not runtime.is_main:
+        return None
+    make_run_folders()
+    vae_run = read_payload(vae_file).get("run_id") if vae_file else None
+    run = start_run(kind, sys.argv, config.to_dict(), [PRESET_FILE, CONDITION_FILE], run_id=run_id, vae_run=vae_run)
+    print(f"Run {run.id}: recorded in {run.folder}/ (python SimulGen-VAE.py --list_runs compares runs)")
+    return run
 
 
 @dataclass(frozen=True)
@@ -215,6 +296,7 @@ class ResumePlan:
     vae: Path | None             # VAE checkpoint to continue from
     vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
     conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
+    run_id: str | None = None    # the run record the checkpoint belongs to (continued in runs/<id>/)
 
 
 def resume_plan(given: str, config) -> ResumePlan:
@@ -225,13 +307,13 @@ def resume_plan(given: str, config) -> ResumePlan:
         if not MODEL_FILE.exists():
             raise InputError(path, f"is a conditioner checkpoint, but the VAE it needs ({MODEL_FILE}) is missing",
                              "resume the VAE first (--resume), or train it again")
-        return ResumePlan(None, True, path)
+        return ResumePlan(None, True, path, run_of(payload))
     finished = payload["training"]["progress"]["finished"] and MODEL_FILE.exists()
     conditioner = None
     if finished and config.has_conditioner and CONDITIONER_LAST.exists():
         read_checkpoint(CONDITIONER_LAST, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT)
         conditioner = CONDITIONER_LAST
-    return ResumePlan(path, finished, conditioner)
+    return ResumePlan(path, finished, conditioner, run_of(payload))
 
 
 TRAINING_FLAGS = ("plot", "size", "load_all", "device", "amp", "grad_checkpointing", "compile", "grad_accum_steps")

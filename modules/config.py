@@ -43,6 +43,16 @@ def _fraction(value):
     return None if 0 <= value <= 1 else "must be between 0 and 1"
 
 
+def _whole_numbers(text: str, what: str, count: int | None = None, positive: bool = False):
+    """Check a space-separated list of whole numbers (>= 0, or > 0 when positive); count: exactly that many."""
+    words = text.replace(",", " ").split()
+    if not all(word.isdigit() for word in words) or (positive and any(int(word) == 0 for word in words)):
+        return f"must be {'positive' if positive else 'non-negative'} whole {what} separated by spaces"
+    if count is not None and len(words) != count:
+        return f"must be {count} whole numbers"
+    return None
+
+
 KEYS = (
     Key("Dim1", "n_designs", int, REQUIRED, "number of designs N in the dataset", _positive),
     Key("Dim2", "n_steps", int, REQUIRED, "number of time steps T in the dataset", _positive),
@@ -112,6 +122,16 @@ KEYS = (
     Key("load_all", "load_all", int, 0, "1: preload the scaled data on the device; 0: stream from the file",
         choices=(0, 1)),
     Key("plot", "plot", int, 2, "0: save PNG plots and show them; 1: save PNGs; 2: no plots", choices=(0, 1, 2)),
+    Key("plot_designs", "plot_designs", str, "", "designs (0-based indices) whose fields the plots show (default: "
+        "the validation designs with the median and the largest error)", lambda v: _whole_numbers(v, "indices")),
+    Key("plot_steps", "plot_steps", str, "", "time steps (0-based, of the steps kept) the field plots show "
+        "(default: a quarter, half way and the last)", lambda v: _whole_numbers(v, "time steps")),
+    Key("plot_color_by", "plot_color_by", str, "", "parameter (CSV column name or 1-based number) that colours the "
+        "latent-space plots (default: the first parameter; without a CSV, each design's reconstruction error)"),
+    Key("grid_shape", "grid_shape", str, "", "H W: each variable's nodes form an H x W grid (row-major), so fields "
+        "are drawn as maps", lambda v: _whole_numbers(v, "grid sizes", count=2, positive=True)),
+    Key("node_coordinates", "node_coordinates", str, "", ".npy or .csv of x, y (2 or 3 columns) per node of one "
+        "variable, in node order, so fields are drawn as maps on the mesh"),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
         lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
     Key("amp", "amp", str, "auto", "mixed precision: auto (bf16 on GPUs that have it, else fp16; float32 on the CPU), "
@@ -179,6 +199,8 @@ ONLY_WITH = {
         "vit_patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_drop_path")},
     **{field: (lambda c: c.use_e2e_training == 1, "use_e2e_training is 0") for field in (
         "e2e_loss_function", "use_latent_regularization", "e2e_vae_model_path")},
+    **{field: (lambda c: c.plot < 2, "plot is 2 (no plots)") for field in (
+        "plot_designs", "plot_steps", "plot_color_by", "grid_shape", "node_coordinates")},
     "latent_reg_weight": (lambda c: c.use_e2e_training == 1 and c.use_latent_regularization == 1,
                           "use_e2e_training or use_latent_regularization is 0"),
 }
@@ -187,7 +209,8 @@ ONLY_WITH = {
 # Settings a resumed run may change: where and how fast it runs, how it logs, and how it reacts to trouble. Every other
 # setting shapes the model or its training, so a checkpoint is resumed only with the config that wrote it.
 RESUMABLE_CHANGES = frozenset({
-    "preset_index", "device", "amp", "load_all", "num_workers", "plot", "log_every", "compile", "grad_checkpointing",
+    "preset_index", "device", "amp", "load_all", "num_workers", "plot", "plot_designs", "plot_steps", "plot_color_by",
+    "grid_shape", "node_coordinates", "log_every", "compile", "grad_checkpointing",
     "save_every", "patience", "lc_patience", "max_skipped_steps", "divergence_factor", "recovery_lr_factor",
     "max_recoveries", "deterministic"})
 PRESET_NAMES = {"data_no": "preset data_No", "init_beta_divisor": "preset init_beta_divisor",
@@ -265,6 +288,11 @@ class Config:
     size: str
     load_all: int
     plot: int
+    plot_designs: str
+    plot_steps: str
+    plot_color_by: str
+    grid_shape: str
+    node_coordinates: str
     device: str
     amp: str
     grad_checkpointing: int
@@ -512,6 +540,7 @@ def check_consistency(config: Config, path, lines: dict) -> None:
         (config.beta_hold_fraction > config.beta_ramp_end_fraction, ("beta_hold_fraction", "beta_ramp_end_fraction"),
          "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
         *_time_axis_problems(config, lines),
+        *_plot_problems(config),
         *_conditioner_problems(config),
     ]
     for failed, fields, problem, fix in problems:
@@ -545,6 +574,30 @@ def _time_axis_problems(config: Config, lines: dict) -> list:
              "one value per group for a single design",
              f"keep at least {needed} time steps ({name}) or use fewer encoder filters in preset.txt (or give that "
              "level a width other than 1, 2, 4 or 8)")]
+
+
+def _plot_problems(config: Config) -> list:
+    """(failed, fields, problem, fix) rows for the plot keys that depend on the data's shape."""
+    nodes = config.n_nodes_used // config.n_vars
+    grid = [int(word) for word in config.grid_shape.replace(",", " ").split()]
+    designs = [int(word) for word in config.plot_designs.replace(",", " ").split()]
+    steps = [int(word) for word in config.plot_steps.replace(",", " ").split()]
+    return [
+        (bool(grid) and math.prod(grid) != nodes, ("grid_shape",),
+         f"grid_shape {' x '.join(map(str, grid))} holds {math.prod(grid or [0])} nodes, but each variable has "
+         f"{nodes} (Dim3_end - Dim3_start = {config.n_nodes_used}, num_var = {config.n_vars})",
+         "give H W with H x W = the nodes of one variable, or drop grid_shape"),
+        (bool(grid) and bool(config.node_coordinates), ("grid_shape", "node_coordinates"),
+         "grid_shape and node_coordinates both say where the nodes are", "keep one of them"),
+        (any(design >= config.n_designs for design in designs), ("plot_designs",),
+         f"plot_designs {config.plot_designs} names a design beyond Dim1 = {config.n_designs}",
+         f"use indices from 0 to {config.n_designs - 1}"),
+        (any(step >= config.n_steps_used for step in steps), ("plot_steps",),
+         f"plot_steps {config.plot_steps} names a step beyond the {config.n_steps_used} time steps kept",
+         f"use steps from 0 to {config.n_steps_used - 1}"),
+        (len(designs) * max(1, len(steps)) * config.n_vars > 24, ("plot_designs", "plot_steps"),
+         "plot_designs x plot_steps x num_var asks for more than 24 rows of field plots", "choose fewer"),
+    ]
 
 
 def _conditioner_problems(config: Config) -> list:

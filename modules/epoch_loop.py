@@ -62,7 +62,7 @@ def run_epochs(task: Task, progress: Progress, config, runtime, log, say) -> Pro
     """Train until every epoch is done or early stopping ends it; returns the final Progress (saved as last)."""
     with StopRequest() as stop:
         guard = Guard(config, runtime, stop)
-        if progress == Progress():
+        if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to
             save(task, task.last_path, progress, runtime)
         while not progress.finished:
             lr = set_learning_rate(task.optimizer, progress.lr_scale * task.learning_rate(progress.epoch))

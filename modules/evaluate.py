@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from modules.data import in_order
+from modules.field_errors import FieldErrors
 from modules.pod import pod_errors
 
 
@@ -25,19 +26,23 @@ def reconstruct(model, fields_scaled):
 
 
 @torch.no_grad()
-def encode_and_score(model, batches, scaler, batch_size: int):
-    """One pass over a batch source, in its order, along the posterior-mean path. Returns float32 main latents
-    [n, D], level latents [n, L, d] (decoding them gives the reconstruction) and each design's relative L2 error
-    in physical units [n]."""
+def encode_and_score(model, batches, scaler, batch_size: int, designs, n_vars: int):
+    """One pass over a batch source, in its order (its dataset indices: designs), along the posterior-mean path.
+    Returns float32 main latents [n, D], level latents [n, L, d] (decoding them gives the reconstruction), each
+    design's KL per latent dimension [n, D + L*d] (nats) and the reconstruction's FieldErrors in physical units."""
     model.eval()
-    mains, levels, errors = [], [], []
+    mains, levels, kls = [], [], []
+    errors = FieldErrors.empty(designs, model.spec.n_steps, n_vars)
+    first = 0
     for batch in batches.batches(in_order(len(batches), batch_size)):
         out = model(batch, sample=False)
         mains.append(out["main_mean"].float().cpu().numpy())
         levels.append(out["level_latents"].float().cpu().numpy())
+        kls.append(torch.cat([out["kl_main_dims"], out["kl_level_dims"].flatten(1)], dim=1).float().cpu().numpy())
         recon = scaler.inverse(out["recon"].float().cpu().numpy())
-        errors.append(relative_l2(recon, scaler.inverse(batch.float().cpu().numpy())))
-    return np.concatenate(mains), np.concatenate(levels), np.concatenate(errors)
+        errors.add(slice(first, first + len(batch)), recon, scaler.inverse(batch.float().cpu().numpy()))
+        first += len(batch)
+    return np.concatenate(mains), np.concatenate(levels), np.concatenate(kls), errors
 
 
 def save_split(path, train_indices, val_indices) -> None:

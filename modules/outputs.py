@@ -1,7 +1,8 @@
 """The run's folders (relative to the working directory, so one checkout serves many case folders).
 
 A new training run first moves an earlier run's results into archive/<time stamp>/, so nothing is ever deleted;
-a conditioner-only run (--lc_only=1) moves only the earlier conditioner's files and leaves the VAE's in place.
+a conditioner-only run (--lc_only=1) moves only the earlier conditioner's files and the evaluation (which it
+writes anew) and leaves the VAE's in place; --evaluate moves only an earlier evaluation.
 """
 import shutil
 import time
@@ -21,10 +22,13 @@ CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, output/tensorboard/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
 PREDICTION_PLOT = OUTPUT_DIR / "prediction_samples.png"
+EVALUATION_OUTPUTS = tuple(OUTPUT_DIR / name for name in (
+    "evaluation.json", "evaluation.md", "memorization.json", "evaluation_reconstruction_fields.png",
+    "evaluation_prediction_fields.png", "evaluation_error_per_step.png", "latent_space.png", "active_units.png"))
 CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, CONDITIONER_LAST,
-                       OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", OUTPUT_DIR / "tensorboard" / CONDITIONER_NAME, PREDICTION_REPORT.with_suffix(".json"),
+                       OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", PREDICTION_REPORT.with_suffix(".json"),
                        PREDICTION_REPORT.with_suffix(".md"), PREDICTION_PLOT,
-                       OUTPUT_DIR / "conditioner_loss_curves.png")
+                       OUTPUT_DIR / "conditioner_loss_curves.png", *EVALUATION_OUTPUTS)
 
 
 def archive_previous_run(stamp: str | None = None):
@@ -41,6 +45,11 @@ def archive_previous_conditioner(stamp: str | None = None):
     """Move an earlier conditioner's model, checkpoint, logs and report into archive/<stamp>/ (same layout);
     the VAE's files stay where they are. Returns the archive folder, or None when there was nothing to keep."""
     return _archive([entry for entry in CONDITIONER_OUTPUTS if entry.exists()], stamp)
+
+
+def archive_previous_evaluation(stamp: str | None = None):
+    """Move an earlier evaluation's report and plots into archive/<stamp>/ before --evaluate writes new ones."""
+    return _archive([entry for entry in EVALUATION_OUTPUTS if entry.exists()], stamp)
 
 
 def _archive(entries, stamp):

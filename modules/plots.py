@@ -7,8 +7,13 @@ import matplotlib
 import numpy as np
 import torch
 
+from modules import evaluation_plots as evaluation_plots_module
+from modules.config import CONDITION_FILE
 from modules.data import in_order
+from modules.errors import InputError
 from modules.evaluate import reconstruct
+from modules.field_layout import read_field_layout
+from modules.outputs import OUTPUT_DIR
 
 SAMPLES_SHOWN = 3
 
@@ -17,6 +22,13 @@ def can_show() -> bool:
     has_screen = sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or
                                                              os.environ.get("WAYLAND_DISPLAY"))
     return has_screen and sys.stdin is not None and sys.stdin.isatty()
+
+
+def will_show(asked: bool, say) -> bool:
+    """Whether --plot=0's windows can be shown; says so when they cannot (they are still saved)."""
+    if asked and not can_show():
+        say("No screen or terminal to show plots on: they are only saved.")
+    return asked and can_show()
 
 
 def _pyplot(show: bool):
@@ -28,9 +40,7 @@ def _pyplot(show: bool):
 
 def training_plots(history, model, case, config, output_dir, show=False, say=print) -> list:
     """Loss curves and a few validation designs (true, reconstructed, error). Returns the PNG paths."""
-    show = show and can_show()
-    if config.plot == 0 and not show:
-        say("No screen or terminal to show plots on: they are only saved.")
+    show = will_show(show, say)
     plt = _pyplot(show)
     paths = [loss_curves(plt, history, output_dir / "loss_curves.png"),
              reconstruction_samples(plt, model, case, config, output_dir / "reconstruction_samples.png")]
@@ -80,7 +90,7 @@ def field_comparison(plt, designs, true, other, other_label, path):
 def conditioner_plots(history, samples, output_dir, samples_path, show=False, say=print) -> list:
     """Conditioner loss curves and a few validation designs (simulated, predicted from their condition, error).
     samples: (design indices, true fields, predicted fields), physical units."""
-    show = show and can_show()
+    show = will_show(show, say)
     plt = _pyplot(show)
     names = [name for name in history[0] if name.startswith(("train/", "val/")) and
              any(row[name] for row in history)]
@@ -110,3 +120,93 @@ def curves(plt, history, panels, path, columns=None):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
+
+
+def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
+    """The evaluation's PNGs in output/ (modules/evaluation_plots.py draws them): simulated, predicted and error
+    fields of chosen designs and time steps, for the VAE and the conditioner; the error per time step of every
+    predictor; the main latents by PCA and t-SNE; active units per level. Returns the paths. config: the current
+    one (plot settings, node layout)."""
+    show = will_show(show, say)
+    plt = _pyplot(show)
+    layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
+    fields = [("reconstruction", report["reconstruction"]["vae"], "VAE reconstruction",
+               evaluation.reconstruct)]
+    if evaluation.predict is not None:
+        fields.append(("prediction", report["prediction"]["conditioner"], "predicted from the design's condition",
+                       evaluation.predict))
+    paths = []
+    for name, summary, label, predict in fields:
+        designs = chosen_designs(config, summary["per_design_relative_l2"])
+        steps = chosen_steps(config, n_steps, len(designs) * config.n_vars)
+        paths.append(evaluation_plots_module.field_snapshots(
+            plt, layout, designs, steps, evaluation.case.array.read(designs), predict(np.asarray(designs)), label,
+            OUTPUT_DIR / f"evaluation_{name}_fields.png"))
+    paths.append(evaluation_plots_module.error_per_step(plt, error_curves(report),
+                                                        OUTPUT_DIR / "evaluation_error_per_step.png"))
+    colour, colour_label = design_colours(config, evaluation)
+    is_validation = np.isin(np.arange(len(evaluation.main_latents)), evaluation.case.val_indices)
+    paths.append(evaluation_plots_module.latent_maps(plt, evaluation.main_latents, colour, colour_label,
+                                                     is_validation, OUTPUT_DIR / "latent_space.png",
+                                                     evaluation.config.seed))
+    paths.append(evaluation_plots_module.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
+    say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
+    if show:
+        plt.show()
+    plt.close("all")
+    return paths
+
+
+def chosen_designs(config, per_design: dict) -> list:
+    """plot_designs, or the validation designs with the median and the largest error of this predictor."""
+    if config.plot_designs:
+        return [int(word) for word in config.plot_designs.replace(",", " ").split()]
+    ranked = sorted(per_design, key=lambda design: per_design[design])
+    return list(dict.fromkeys([int(ranked[len(ranked) // 2]), int(ranked[-1])]))
+
+
+def chosen_steps(config, n_steps: int, rows_per_step: int) -> list:
+    """plot_steps, or a quarter of the way, half way and the last step (only the last when that makes more than
+    MAX_SNAPSHOT_ROWS rows of maps)."""
+    if config.plot_steps:
+        return [int(word) for word in config.plot_steps.replace(",", " ").split()]
+    steps = sorted({n_steps // 4, n_steps // 2, n_steps - 1})
+    return steps if len(steps) * rows_per_step <= evaluation_plots_module.MAX_SNAPSHOT_ROWS else [n_steps - 1]
+
+
+def error_curves(report) -> dict:
+    """{label: relative L2 error per time step [T]} of every predictor in the report (NaN where undefined)."""
+    curves = {}
+    for section in ("reconstruction", "prediction"):
+        for name, summary in (report[section] or {}).items():
+            repeated = section == "prediction" and name == "mean_field"  # the same curve as in reconstruction
+            if isinstance(summary, dict) and "per_step" in summary and not repeated:
+                values = summary["per_step"]["relative_l2"]
+                curves[f"{section}: {report['labels'][name]}"] = np.array(
+                    [np.nan if value is None else value for value in values])
+    return curves
+
+
+def design_colours(config, evaluation):
+    """([N] values, label) colouring the latent-space plots: the plot_color_by parameter (default the first), or,
+    when designs are not defined by parameters, each design's VAE reconstruction error."""
+    conditions = evaluation.conditions
+    if conditions is None or conditions.channels is not None:
+        return evaluation.reconstruction.relative_l2(), "VAE reconstruction error (relative L2)"
+    column = parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
+    label = conditions.param_names[column] if conditions.param_names else f"parameter {column + 1}"
+    return conditions.values[:, column], label
+
+
+def parameter_column(wanted: str, names, n_columns: int) -> int:
+    """The 0-based column plot_color_by names: '' (the first), a 1-based number or a CSV header name."""
+    if not wanted:
+        return 0
+    if wanted.isdigit() and 1 <= int(wanted) <= n_columns:
+        return int(wanted) - 1
+    lowered = [name.strip().lower() for name in names or []]
+    if wanted.strip().lower() in lowered:
+        return lowered.index(wanted.strip().lower())
+    columns = ", ".join(names) if names else f"numbers 1 to {n_columns} (the CSV has no header)"
+    raise InputError(CONDITION_FILE, f"plot_color_by {wanted} is not a parameter of param_dir",
+                     f"name one of its columns: {columns}")

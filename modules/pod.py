@@ -114,14 +114,31 @@ def pod_coefficients(gram: np.ndarray, n_train: int):
     """
     train_gram, cross, other_norm2 = gram[:n_train, :n_train], gram[n_train:, :n_train], np.diag(gram)[n_train:]
     row_means, total_mean = train_gram.mean(axis=1), train_gram.mean()
-    centring = np.eye(n_train) - 1.0 / n_train
-    eigenvalues, vectors = np.linalg.eigh(centring @ train_gram @ centring)
-    order = np.argsort(eigenvalues)[::-1]
-    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    useful = eigenvalues > eigenvalues[0] * 1e-12
-    eigenvalues, vectors = eigenvalues[useful], vectors[:, useful]
+    eigenvalues, vectors = _centred_eigen(train_gram)
     cross_centred = cross - cross.mean(axis=1, keepdims=True) - row_means[None, :] + total_mean
     other_centred_norm2 = other_norm2 - 2 * cross.mean(axis=1) + total_mean
     train_coefficients = vectors * np.sqrt(eigenvalues)
     other_coefficients = (cross_centred @ vectors) / np.sqrt(eigenvalues)
     return train_coefficients, other_coefficients, other_centred_norm2, other_norm2
+
+
+def _centred_eigen(train_gram: np.ndarray):
+    """Eigenvalues (strongest first, negligible ones dropped) and eigenvectors [n_train, K] of the centred Gram
+    matrix of the training designs: mode k is u_k = sum_j vectors[j, k] (x_j - mean) / sqrt(eigenvalues[k])."""
+    n_train = len(train_gram)
+    centring = np.eye(n_train) - 1.0 / n_train
+    eigenvalues, vectors = np.linalg.eigh(centring @ train_gram @ centring)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    useful = eigenvalues > eigenvalues[0] * 1e-12
+    return eigenvalues[useful], vectors[:, useful]
+
+
+def combination_weights(gram: np.ndarray, n_train: int, coefficients: np.ndarray) -> np.ndarray:
+    """The field mean + sum_k coefficients[:, k] u_k (POD modes of pod_coefficients, strongest first) written as a
+    weighted sum of the training designs: weights [n, n_train] with field = weights @ training fields. This is how
+    the baselines' fields are formed without ever forming a mode (see baselines.score_combinations)."""
+    eigenvalues, vectors = _centred_eigen(gram[:n_train, :n_train])
+    rank = coefficients.shape[1]
+    weights = (coefficients / np.sqrt(eigenvalues[:rank])) @ vectors[:, :rank].T  # on (x_j - mean)
+    return weights + (1.0 - weights.sum(axis=1, keepdims=True)) / n_train  # mean = sum_j x_j / n_train

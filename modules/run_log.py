@@ -1,4 +1,4 @@
-"""Per-epoch numbers: TensorBoard event files and output/metrics.csv, written by the main process only."""
+"""Per-epoch numbers: a CSV file and TensorBoard event files, written by the main process only."""
 import csv
 from pathlib import Path
 
@@ -8,13 +8,12 @@ from torch.utils.tensorboard import SummaryWriter
 class RunLog:
     """log(epoch, {name: float}) appends a CSV row and a TensorBoard scalar per name ('train/recon', 'lr', ...).
 
-    The VAE logs to output/metrics.csv and output/tensorboard/; a part given a name (the conditioner) logs to
-    output/<name>_metrics.csv and output/tensorboard/<name>/, so TensorBoard shows both side by side.
+    The VAE logs to output/metrics.csv and runs/<run id>/vae/, the conditioner to output/conditioner_metrics.csv and
+    runs/<run id>/conditioner/, so `tensorboard --logdir runs` shows both parts of every run side by side.
     """
 
-    def __init__(self, output_dir: Path, name: str = "", history: list | None = None):
-        self.tensorboard_dir = Path(output_dir) / "tensorboard" / name if name else Path(output_dir) / "tensorboard"
-        self.csv_path = Path(output_dir) / (f"{name}_metrics.csv" if name else "metrics.csv")
+    def __init__(self, csv_path: Path, tensorboard_dir: Path, history: list | None = None):
+        self.tensorboard_dir, self.csv_path = Path(tensorboard_dir), Path(csv_path)
         self.writer = self._csv_file = self._csv_writer = None
         self.rewind(history or [])
 

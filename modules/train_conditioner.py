@@ -9,6 +9,7 @@ Two objectives (use_e2e_training):
 The split is the VAE's (model_save/split.json): the VAE's validation designs are the conditioner's, never trained on.
 Read top to bottom: train_conditioner() is the whole run.
 """
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,11 @@ class ConditionerCase:
     vae_file: Path
 
 
-def train_conditioner(config, runtime, case: ConditionerCase, resume=None, say=print):
+def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=None, say=print):
     """Full conditioner run, from scratch or, with resume (a conditioner checkpoint path checked by
     training_state.read_checkpoint), from where it stood. Every rank trains; rank 0 writes the model, logs and the
-    prediction report and returns the report; other ranks return None."""
+    prediction report (TensorBoard events in the run record's folder) and returns the report with the best validation
+    loss and its epoch; other ranks return None."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
     spec = conditioner_spec(config, case)
@@ -69,12 +71,15 @@ def train_conditioner(config, runtime, case: ConditionerCase, resume=None, say=p
         enable_recompute(case.vae)  # end to end, the frozen decoder's activations are part of this backward pass
     task = conditioner_task(model, trainer, updater, spec, case, config, runtime, say)
     progress = task.restore(resume) if resume else Progress()
+    if run is not None:
+        progress = dataclasses.replace(progress, run_id=run.id)
     objective = "end to end through the frozen decoder" if config.use_e2e_training else "latent regression"
     say(f"Training the {spec.kind.upper()} conditioner ({objective}) on {len(case.fields.train_indices)} designs, "
         f"validating on {len(case.fields.val_indices)}; {sum(p.numel() for p in model.parameters()):,} parameters")
     if resume:
         say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
-    log = RunLog(OUTPUT_DIR, CONDITIONER_NAME, history=progress.history) if runtime.is_main else None
+    log = RunLog(OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", run.log_dir(CONDITIONER_NAME),
+                 progress.history) if runtime.is_main else None
     progress = run_epochs(task, progress, config, runtime, log, say)
     if not runtime.is_main:
         return None
@@ -82,7 +87,9 @@ def train_conditioner(config, runtime, case: ConditionerCase, resume=None, say=p
     model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
     say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
     save_conditioner(CONDITIONER_FILE, model, spec, about(config, case))
-    return prediction_report.evaluate_and_write(model, case, config, log.history, say)
+    report = prediction_report.evaluate_and_write(model, case, config, log.history, say)
+    return {**report, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,
+            "best_epoch": progress.best_epoch}
 
 
 def conditioner_task(model, trainer, updater, spec, case: ConditionerCase, config, runtime, say) -> Task:

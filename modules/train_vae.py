@@ -2,6 +2,7 @@
 
 Read top to bottom: train_vae() is the whole run; each step below it is one named function.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,6 @@ from modules.distributed import shard, sum_over_ranks
 from modules.epoch_loop import EpochResult, Task, run_epochs, starting_sums
 from modules.errors import InputError
 from modules.losses import vae_loss
-from modules.memorization import memorization_check
 from modules.outputs import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.pod import design_gram, pod_node_basis
 from modules.run_log import RunLog
@@ -47,10 +47,11 @@ class Case:
         return self._gram
 
 
-def train_vae(config, runtime, case: Case, resume=None, say=print):
+def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
     """Full VAE training run on a prepared case, from scratch or, with resume (a checkpoint path checked by
-    training_state.read_checkpoint), from where that checkpoint stood. Every rank trains; rank 0 writes everything
-    and returns the reconstruction report (also written to output/), the other ranks return None."""
+    training_state.read_checkpoint), from where that checkpoint stood. Every rank trains; rank 0 (given the run record
+    of modules/runs.py, where its TensorBoard events go) writes everything and returns the reconstruction report
+    (also written to output/) with the best validation loss and its epoch; the other ranks return None."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
     model = build_model(config, case, runtime, pod_start=resume is None)
@@ -59,19 +60,23 @@ def train_vae(config, runtime, case: Case, resume=None, say=print):
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
     task = vae_task(model, trainer, updater, case, config, runtime, say)
     progress = task.restore(resume) if resume else Progress()
+    if run is not None:
+        progress = dataclasses.replace(progress, run_id=run.id)
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
         f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in model.parameters()):,} parameters")
     if resume:
         say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
-    log = RunLog(OUTPUT_DIR, history=progress.history) if runtime.is_main else None
-    run_epochs(task, progress, config, runtime, log, say)
+    log = RunLog(OUTPUT_DIR / "metrics.csv", run.log_dir("vae"), progress.history) if runtime.is_main else None
+    progress = run_epochs(task, progress, config, runtime, log, say)
     if not runtime.is_main:
         return None
     log.close()
     model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
-    return finish(model, case, config, runtime, log.history, say)
+    report = finish(model, case, config, runtime, log.history, run, say)
+    return {**report, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,
+            "best_epoch": progress.best_epoch}
 
 
 def vae_task(model, trainer, updater, case: Case, config, runtime, say) -> Task:
@@ -252,20 +257,20 @@ def report_progress(say, epoch, config, train_stats, val_stats) -> None:
             f"beta {beta_of(config, epoch):.3g}")
 
 
-def finish(model, case: Case, config, runtime, history, say) -> dict:
-    """Write the usable model, the latents of every design, the split, the reports (reconstruction, memorization) and
-    the plots."""
-    save_model(MODEL_FILE, model, config, case.scaler)
+def finish(model, case: Case, config, runtime, history, run, say) -> dict:
+    """Write the usable model, the latents of every design, the split, the reconstruction report and the training
+    plots (the full evaluation follows at the end of the run: modules/evaluation.py)."""
+    save_model(MODEL_FILE, model, config, case.scaler, run.id)
     case.scaler.save(MODEL_DIR / "scaler.json")
     all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime, load_all=False)
-    main_latents, level_latents, design_errors = evaluate.encode_and_score(model, all_designs, case.scaler,
-                                                                           config.batch_size)
+    main_latents, level_latents, _, errors = evaluate.encode_and_score(model, all_designs, case.scaler,
+                                                                       config.batch_size, np.arange(config.n_designs),
+                                                                       config.n_vars)
     np.save(MODEL_DIR / "latent_vectors.npy", main_latents)
     np.save(MODEL_DIR / "xs.npy", level_latents)
     evaluate.save_split(MODEL_DIR / "split.json", case.train_indices, case.val_indices)
-    report = evaluate.reconstruction_report(design_errors, case, config)
+    report = evaluate.reconstruction_report(errors.relative_l2(), case, config)
     evaluate.write_report(report, OUTPUT_DIR, say)
-    memorization_check(model, case, config, OUTPUT_DIR, say)
     if config.plot < 2:
         plots.training_plots(history, model, case, config, OUTPUT_DIR, show=config.plot == 0, say=say)
     return report

@@ -34,6 +34,7 @@ class Progress:
     recoveries: int = 0
     finished: bool = False              # every epoch done, or stopped early
     history: list = field(default_factory=list)  # one log record {name: float} per completed epoch
+    run_id: str = ""                    # the run (modules/runs.py) this training belongs to; kept on --resume
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

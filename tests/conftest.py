@@ -92,3 +92,10 @@ def write_conditions(folder, parameters, header=True, images="images", rgb=False
     (folder / images).mkdir(parents=True, exist_ok=True)
     for number, (amplitude, phase) in enumerate(parameters, start=1):
         Image.fromarray(design_image(amplitude, phase, rgb=rgb)).save(folder / images / f"design_{number:03d}.png")
+
+
+def tensorboard_dir(folder, part="vae"):
+    """The TensorBoard folder of `part` ('vae' or 'conditioner') of the one run recorded in folder/runs/."""
+    runs = sorted(path for path in (Path(folder) / "runs").iterdir() if path.is_dir())
+    assert len(runs) == 1, f"expected one run in {folder}/runs, found {[run.name for run in runs]}"
+    return runs[0] / part

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import design_parameters, smooth_fields, write_case, write_conditions
+from conftest import design_parameters, smooth_fields, tensorboard_dir, write_case, write_conditions
 from modules.cli import main
 from test_training import working_directory
 
@@ -95,10 +95,27 @@ def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_bas
     assert "| conditioner (MLP)" in (folder / "output" / "prediction_report.md").read_text()
 
 
+def test_the_run_ends_with_an_evaluation_of_both_models_against_the_same_baselines(conditioned):
+    evaluation = json.loads((conditioned / "output" / "evaluation.json").read_text())
+    prediction, result = evaluation["prediction"], report(conditioned)
+    assert set(prediction) == {"note", "conditioner", "pod_gpr", "nearest_neighbour", "mean_field"}
+    assert prediction["note"] is None
+    assert prediction["conditioner"]["relative_l2"]["mean"] == pytest.approx(result["conditioner_val"], rel=1e-5)
+    for name in ("pod_gpr", "nearest_neighbour", "mean_field"):
+        assert prediction[name]["relative_l2"]["mean"] == pytest.approx(result["baselines"][name], rel=1e-4)
+    assert prediction["conditioner"]["worst_designs"][0]["design"] == result["conditioner_val_worst_design"]
+    assert evaluation["labels"]["conditioner"] == "conditioner (MLP)"
+    for name in ("evaluation_prediction_fields", "latent_space"):
+        assert (conditioned / "output" / f"{name}.png").stat().st_size > 10_000
+    run = json.loads(next((conditioned / "runs").glob("*/run.json")).read_text())
+    assert run["results"]["pod_gpr_val_error"] == pytest.approx(result["baselines"]["pod_gpr"])
+    assert run["results"]["conditioner_best_val_loss"] > 0 and run["results"]["vae_epochs"] == 60
+
+
 def test_conditioner_logs_to_its_own_csv_and_tensorboard_run(conditioned):
     rows = (conditioned / "output" / "conditioner_metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train/loss") and 2 <= len(rows) <= 61
-    events = EventAccumulator(str(conditioned / "output" / "tensorboard" / "conditioner"))
+    events = EventAccumulator(str(tensorboard_dir(conditioned, "conditioner")))
     events.Reload()
     assert {"train/loss", "val/loss", "val/latent_mse", "lr"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("val/loss")) == len(rows) - 1
@@ -209,6 +226,14 @@ def test_lc_only_trains_a_new_conditioner_and_leaves_the_vae_files_alone(copy_of
     assert len(archived) == 1 and digest(archived[0]) == first_conditioner
     assert not list((copy_of / "archive").glob("*/model_save/SimulGen-VAE"))
     assert report(copy_of)["input_type"] == "csv"
+    # a run of its own, recorded as a conditioner on the VAE of the first run, with the evaluation redone
+    first, second = (json.loads(path.read_text()) for path in sorted((copy_of / "runs").glob("*/run.json")))
+    assert first["kind"] == "vae+conditioner" and second["kind"] == "conditioner" and second["vae_run"] == first["id"]
+    assert second["status"] == "finished" and "vae_epochs" not in second["results"]
+    assert second["results"]["prediction_val_error"] == pytest.approx(report(copy_of)["conditioner_val"])
+    assert len(list((copy_of / "archive").glob("*/output/evaluation.json"))) == 1
+    assert (copy_of / "runs" / second["id"] / "evaluation.json").read_text() == \
+        (copy_of / "output" / "evaluation.json").read_text()
 
 
 @pytest.mark.parametrize("input_type, rgb", [("image", False), ("image", True), ("image_vit", False)])

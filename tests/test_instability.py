@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, write_case
+from conftest import REPO, tensorboard_dir, write_case
 from modules.cli import main
 from modules.runtime import Runtime
 from modules.schedules import lr_factor
@@ -80,7 +80,7 @@ def test_too_many_skips_in_a_row_restore_the_last_checkpoint_with_a_lower_learni
     config_lr, scale = 0.003, [1, 1, 0.5, 0.5, 0.5, 0.5]
     expected = [config_lr * s * lr_factor(epoch, 6, 0.05, 1, 1e-6 / config_lr) for epoch, s in enumerate(scale)]
     assert [float(row["lr"]) for row in rows] == pytest.approx(expected, rel=1e-12)
-    events = EventAccumulator(str(tmp_path / "output" / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(tmp_path)))
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
@@ -192,7 +192,7 @@ def test_collapse_is_logged_per_level_and_warned_about_and_free_bits_prevent_it(
     row = metrics(tmp_path / "plain")[-1]
     assert {"kl_dim/main/07", "kl_dim/level0/03", "kl_dim/level1/00"} <= set(row)
     assert all(float(row[f"kl_dim/level0/0{dim}"]) < 0.005 for dim in range(4))
-    events = EventAccumulator(str(tmp_path / "plain" / "output" / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(tmp_path / "plain")))
     events.Reload()
     assert {"active_units/level0", "kl_dim/level1/02"} <= set(events.Tags()["scalars"])
     kept = collapse_run(tmp_path / "free_bits", 0.5)

@@ -1,5 +1,6 @@
 """Checkpoints and --resume: a killed, pre-empted or interrupted run continues exactly where it stood, a checkpoint
 of another config or a damaged one is refused, --checkpoints lists and cleans, and a seed makes runs repeatable."""
+import json
 import signal
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def assert_same_weights(one, two):
     assert all(torch.equal(one[name], two[name]) for name in one)
 
 
+def run_record(folder):
+    """run.json of the one run recorded in folder/runs/."""
+    records = list((folder / "runs").glob("*/run.json"))
+    assert len(records) == 1, records
+    return json.loads(records[0].read_text())
+
+
 def vae_case(folder, extra="save_every 2\n"):
     write_case(folder, n=12, epochs=EPOCHS, extra=extra)
     return folder
@@ -77,6 +85,8 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_weights_of_an_unint
                         weights(folder / "model_save" / "SimulGen-VAE"))
     assert metrics(folder) == metrics(uninterrupted)  # the log continues: every epoch once, the same numbers
     assert not (folder / "archive").exists()  # resuming archives nothing
+    record = run_record(folder)  # the same run record, marked finished, with the resume noted
+    assert record["status"] == "finished" and len(record["resumed"]) == 1
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
@@ -91,7 +101,10 @@ def test_a_stop_signal_saves_the_state_inside_the_epoch_and_exits_cleanly(uninte
     assert f"stopped by {stop_signal.name}" in error and "--resume" in error
     progress = progress_of(folder / "checkpoints" / "last.pt")
     assert progress["epoch"] < EPOCHS and not progress["finished"]
+    assert run_record(folder)["status"] == "stopped" and stop_signal.name in run_record(folder)["detail"]
+    assert progress["run_id"] == run_record(folder)["id"]
     finish(folder, "--resume")
+    assert run_record(folder)["status"] == "finished"
     assert_same_weights(weights(uninterrupted / "model_save" / "SimulGen-VAE"),
                         weights(folder / "model_save" / "SimulGen-VAE"))
     assert metrics(folder) == metrics(uninterrupted)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, smooth_fields, write_case
+from conftest import REPO, smooth_fields, tensorboard_dir, write_case
 from modules.checkpoint import load_model
 from modules.cli import main
 
@@ -95,7 +95,7 @@ def test_metrics_csv_has_a_row_per_epoch_with_losses_kl_terms_beta_and_lr(traine
 
 def test_tensorboard_event_files_hold_the_logged_scalars(trained):
     folder, _ = trained
-    events = EventAccumulator(str(folder / "output" / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(folder)))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/kl_main", "train/kl_level0", "train/kl_level1", "val/loss", "beta", "lr"} <= tags
