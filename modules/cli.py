@@ -24,8 +24,8 @@ from modules.outputs import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT
 from modules.plots import parameter_column
 from modules.predict import predict_file
 from modules.reconstruct import reconstruct_file
-from modules.runs import (CONDITIONER_RUN_FILES, SORT_KEYS, VAE_RUN_FILES, list_runs, note_conditioner, note_vae,
-                          recording, run_of, start_run)
+from modules.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, SORT_KEYS, VAE_RUN_FILES, list_runs,
+                          note_conditioner, note_vae, recording, run_of, start_run)
 from modules.runtime import pick_device
 from modules.train_conditioner import train_conditioner
 from modules.train_vae import prepare_case, train_vae
@@ -199,7 +199,7 @@ def train(args) -> None:
         if runtime.is_main and plan is None:
             announce(archive_previous_run())
         run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", plan and plan.run_id)
-        with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES):
+        with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
             if plan is None or not plan.vae_finished:
                 note_vae(run, train_vae(config, runtime, case, run, resume=plan and plan.vae))
@@ -240,7 +240,7 @@ def train_conditioner_only(args) -> None:
         if runtime.is_main and resume is None:
             announce(archive_previous_conditioner())
         run = open_run(config, runtime, "conditioner", run_id, vae_file)
-        with recording(run, CONDITIONER_RUN_FILES):
+        with recording(run, CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
             note_conditioner(run, train_conditioner(config, runtime, case, run, resume=resume))
             stop_runtime()

@@ -193,9 +193,10 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------- a run's life, as the command line drives it
+# what recording() copies into the run's folder when it ends, by part of the run
 VAE_RUN_FILES = tuple(OUTPUT_DIR / name for name in ("metrics.csv", "reconstruction_error.json"))
-CONDITIONER_RUN_FILES = tuple(OUTPUT_DIR / name for name in (
-    "conditioner_metrics.csv", "prediction_report.json", "evaluation.json", "evaluation.md", "memorization.json"))
+CONDITIONER_RUN_FILES = tuple(OUTPUT_DIR / name for name in ("conditioner_metrics.csv", "prediction_report.json"))
+EVALUATION_RUN_FILES = tuple(OUTPUT_DIR / name for name in ("evaluation.json", "evaluation.md", "memorization.json"))
 
 
 @contextmanager
