@@ -63,9 +63,11 @@ def evaluate_saved(config, runtime, case=None, vae_file=MODEL_FILE, say=print) -
     if case is None:
         case = open_fields(vae_config, runtime, scaler, read_split(Path(vae_file).parent / "split.json", vae_config))
     say(f"Evaluating {vae_file} on {len(case.val_indices)} validation designs ...")
-    every = make_batches(case.array, np.arange(vae_config.n_designs), scaler, runtime, load_all=False)
-    mains, levels, kl, reconstruction = encode_and_score(vae, every, scaler, vae_config.batch_size,
-                                                         np.arange(vae_config.n_designs), vae_config.n_vars)
+    if case.encoded is None:  # not just computed by the training run that saved this VAE
+        every = make_batches(case.array, np.arange(vae_config.n_designs), scaler, runtime, load_all=False)
+        case.encoded = encode_and_score(vae, every, scaler, vae_config.batch_size, np.arange(vae_config.n_designs),
+                                        vae_config.n_vars)
+    mains, levels, kl, reconstruction = case.encoded
     conditioner, note = saved_conditioner(runtime.device)
     conditions_config = Config.from_dict(conditioner[1]["config"]) if conditioner else config
     conditions = read_conditions(conditions_config) if conditions_config.has_conditioner else None

@@ -29,7 +29,9 @@ from modules.vae import HierarchicalVAE, ModelSpec
 
 @dataclass
 class Case:
-    """The dataset, its split and scaler, and batch sources for both splits."""
+    """The dataset, its split and scaler, and batch sources for both splits. `encoded` is evaluate.encode_and_score of
+    every design by the saved VAE, kept by finish() so that the evaluation at the end of the run needs no second pass.
+    """
 
     array: SimulationArray
     train_indices: np.ndarray
@@ -38,6 +40,7 @@ class Case:
     train: object
     val: object
     _gram: np.ndarray | None = None
+    encoded: tuple | None = None
 
     def split_gram(self) -> np.ndarray:
         """design_gram of [training..., validation...] designs, the input of every POD-based baseline. Computed once
@@ -263,9 +266,9 @@ def finish(model, case: Case, config, runtime, history, run, say) -> dict:
     save_model(MODEL_FILE, model, config, case.scaler, run.id)
     case.scaler.save(MODEL_DIR / "scaler.json")
     all_designs = make_batches(case.array, np.arange(config.n_designs), case.scaler, runtime, load_all=False)
-    main_latents, level_latents, _, errors = evaluate.encode_and_score(model, all_designs, case.scaler,
-                                                                       config.batch_size, np.arange(config.n_designs),
-                                                                       config.n_vars)
+    case.encoded = evaluate.encode_and_score(model, all_designs, case.scaler, config.batch_size,
+                                             np.arange(config.n_designs), config.n_vars)
+    main_latents, level_latents, _, errors = case.encoded
     np.save(MODEL_DIR / "latent_vectors.npy", main_latents)
     np.save(MODEL_DIR / "xs.npy", level_latents)
     evaluate.save_split(MODEL_DIR / "split.json", case.train_indices, case.val_indices)

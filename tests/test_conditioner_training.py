@@ -342,13 +342,18 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
 
 
 def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_of, monkeypatch):
+    """... and encodes every design once, for the saved latents, the reconstruction report and the evaluation."""
+    import modules.evaluate as evaluate
+    import modules.evaluation as evaluation
     import modules.train_vae as train_vae
-    calls = []
-    original = train_vae.design_gram
+    calls, encodings = [], []
+    original, encode = train_vae.design_gram, evaluate.encode_and_score
     monkeypatch.setattr(train_vae, "design_gram", lambda *args: calls.append(1) or original(*args))
+    for module in (evaluate, evaluation):
+        monkeypatch.setattr(module, "encode_and_score", lambda *args: encodings.append(1) or encode(*args))
     with working_directory(copy_of):
         assert main([]) == 0
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(encodings) == 1
     assert report(copy_of)["baselines"]["mean_field"] == pytest.approx(
         json.loads((copy_of / "output" / "reconstruction_error.json").read_text())["pod_val"]["0"])
 
