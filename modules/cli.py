@@ -257,7 +257,8 @@ def evaluate_only(args) -> None:
         if not needed.exists():
             raise InputError(needed, "not found: there is no trained VAE to evaluate in this case folder",
                              "train one first (python SimulGen-VAE.py), or run from the case folder that holds it")
-    check_plot_settings(config, read_conditions(config) if config.has_conditioner else None)
+    named_column = config.has_conditioner and config.plot_color_by and config.plot < 2
+    check_plot_settings(config, read_conditions(config) if named_column else None)  # else only the evaluation reads
     runtime = start_runtime(config, use_ddp=False)
     archived = archive_previous_evaluation()
     if archived is not None:
