@@ -43,6 +43,14 @@ def _fraction(value):
     return None if 0 <= value <= 1 else "must be between 0 and 1"
 
 
+MAX_FIELD_PLOT_ROWS = 24  # rows of field maps in one plot (designs x steps x variables): 3.3 inches each
+
+
+def whole_numbers(text: str) -> tuple:
+    """A list key as written ('3 7 12' or '3, 7, 12'; checked by _whole_numbers) -> (3, 7, 12); '' -> ()."""
+    return tuple(int(word) for word in text.replace(",", " ").split())
+
+
 def _whole_numbers(text: str, what: str, count: int | None = None, positive: bool = False):
     """Check a space-separated list of whole numbers (>= 0, or > 0 when positive); count: exactly that many."""
     words = text.replace(",", " ").split()
@@ -579,9 +587,7 @@ def _time_axis_problems(config: Config, lines: dict) -> list:
 def _plot_problems(config: Config) -> list:
     """(failed, fields, problem, fix) rows for the plot keys that depend on the data's shape."""
     nodes = config.n_nodes_used // config.n_vars
-    grid = [int(word) for word in config.grid_shape.replace(",", " ").split()]
-    designs = [int(word) for word in config.plot_designs.replace(",", " ").split()]
-    steps = [int(word) for word in config.plot_steps.replace(",", " ").split()]
+    grid, designs, steps = (whole_numbers(text) for text in (config.grid_shape, config.plot_designs, config.plot_steps))
     return [
         (bool(grid) and math.prod(grid) != nodes, ("grid_shape",),
          f"grid_shape {' x '.join(map(str, grid))} holds {math.prod(grid or [0])} nodes, but each variable has "
@@ -595,8 +601,9 @@ def _plot_problems(config: Config) -> list:
         (any(step >= config.n_steps_used for step in steps), ("plot_steps",),
          f"plot_steps {config.plot_steps} names a step beyond the {config.n_steps_used} time steps kept",
          f"use steps from 0 to {config.n_steps_used - 1}"),
-        (len(designs) * max(1, len(steps)) * config.n_vars > 24, ("plot_designs", "plot_steps"),
-         "plot_designs x plot_steps x num_var asks for more than 24 rows of field plots", "choose fewer"),
+        (len(designs) * max(1, len(steps)) * config.n_vars > MAX_FIELD_PLOT_ROWS, ("plot_designs", "plot_steps"),
+         f"plot_designs x plot_steps x num_var asks for more than {MAX_FIELD_PLOT_ROWS} rows of field plots",
+         "choose fewer"),
     ]
 
 

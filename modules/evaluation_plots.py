@@ -9,10 +9,11 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from modules.config import MAX_FIELD_PLOT_ROWS
 from modules.latent_health import ACTIVE_KL
 
 DPI = 110
-MAX_SNAPSHOT_ROWS = 24  # one row is 3.3 inches: 24 rows is already a ~8700 pixel tall picture
+MAX_SNAPSHOT_ROWS = MAX_FIELD_PLOT_ROWS  # one row is 3.3 inches: 24 rows is already a ~8700 pixel tall picture
 COLUMN_WIDTH, ROW_HEIGHT = 4.4, 3.3  # inches per panel, so a figure's width grows with its columns
 TSNE_MIN_DESIGNS = 4
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modules.config import whole_numbers
 from modules.errors import InputError
 
 COORDINATES_FIX = "give one row of x, y (or x, y, z) per node of one variable, in node order, in a .npy or .csv file"
@@ -42,7 +43,7 @@ def read_field_layout(config) -> FieldLayout:
     """The layout that config.grid_shape ("H W") or config.node_coordinates (a .npy or .csv path, relative to the
     working directory) describe; a line of nodes when both are empty. Raises InputError for a bad coordinates file."""
     if config.grid_shape:
-        return FieldLayout(config.n_vars, grid_shape=tuple(int(size) for size in config.grid_shape.split()))
+        return FieldLayout(config.n_vars, grid_shape=whole_numbers(config.grid_shape))
     if config.node_coordinates:
         nodes = config.n_nodes_used // config.n_vars
         return FieldLayout(config.n_vars, coordinates=read_coordinates(Path(config.node_coordinates), nodes))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from modules import evaluation_plots as evaluation_plots_module
-from modules.config import CONDITION_FILE
+from modules.config import CONDITION_FILE, whole_numbers
 from modules.data import in_order
 from modules.errors import InputError
 from modules.evaluate import reconstruct
@@ -160,7 +160,7 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
 def chosen_designs(config, per_design: dict) -> list:
     """plot_designs, or the validation designs with the median and the largest error of this predictor."""
     if config.plot_designs:
-        return [int(word) for word in config.plot_designs.replace(",", " ").split()]
+        return list(whole_numbers(config.plot_designs))
     ranked = sorted(per_design, key=lambda design: per_design[design])
     return list(dict.fromkeys([int(ranked[len(ranked) // 2]), int(ranked[-1])]))
 
@@ -169,7 +169,7 @@ def chosen_steps(config, n_steps: int, rows_per_step: int) -> list:
     """plot_steps, or a quarter of the way, half way and the last step (only the last when that makes more than
     MAX_SNAPSHOT_ROWS rows of maps)."""
     if config.plot_steps:
-        return [int(word) for word in config.plot_steps.replace(",", " ").split()]
+        return list(whole_numbers(config.plot_steps))
     steps = sorted({n_steps // 4, n_steps // 2, n_steps - 1})
     return steps if len(steps) * rows_per_step <= evaluation_plots_module.MAX_SNAPSHOT_ROWS else [n_steps - 1]
 

@@ -149,6 +149,7 @@ def test_layout_kind_follows_the_config(tmp_path):
     layout = read_field_layout(config(n_vars=2, grid_shape="10 20"))
     assert (layout.kind, layout.grid_shape) == ("grid", (10, 20))
     assert [len(part) for part in layout.variables(np.arange(400))] == [200, 200]
+    assert read_field_layout(config(n_vars=2, grid_shape="10, 20")).grid_shape == (10, 20)  # as the config accepts
 
 
 def test_coordinates_read_from_npy_relative_to_the_working_directory(tmp_path, monkeypatch):
