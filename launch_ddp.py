@@ -20,7 +20,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent / "SimulGen-VAE.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from modules.config import load_config  # noqa: E402
+from modules.config.settings import load_config  # noqa: E402
 from modules.errors import InputError  # noqa: E402
 
 

@@ -282,10 +282,10 @@ def measure_case(batch_size: int) -> dict:
     """Setup, training and prediction of the case in the working directory, with the project's own code."""
     import torch
 
-    from modules.config import load_config
-    from modules.distributed import start_runtime
-    from modules.runtime import PRECISION_NAMES, seed_everything
-    from modules.train_vae import build_model, prepare_case
+    from modules.config.settings import load_config
+    from modules.training.distributed import start_runtime
+    from modules.training.runtime import PRECISION_NAMES, seed_everything
+    from modules.training.vae_training import build_model, prepare_case
 
     config = load_config(1, warn=lambda text: None)
     runtime = start_runtime(config, use_ddp=False)
@@ -337,7 +337,7 @@ def activation_gb(model, case, config, runtime) -> float:
     import numpy as np
     import torch
 
-    from modules.recompute import enable_recompute
+    from modules.models.grad_checkpointing import enable_recompute
 
     if config.grad_checkpointing:
         enable_recompute(model)
@@ -360,9 +360,9 @@ def time_training(model, case, config, runtime) -> dict:
     """config.epochs epochs of train_epoch; all but the first (warm-up) are timed. Returns training rates."""
     import torch
 
-    from modules.guard import Guard, StopRequest
-    from modules.train_vae import train_epoch
-    from modules.update import Updater, make_optimizer, training_module
+    from modules.training.guard import Guard, StopRequest
+    from modules.training.vae_training import train_epoch
+    from modules.training.optimizer_step import Updater, make_optimizer, training_module
 
     trainer = training_module(model, config, runtime)
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)  # as train_vae
@@ -398,7 +398,7 @@ def time_prediction(model, config, runtime, batch_size: int) -> dict:
     ceil(PREDICT_DESIGNS / batch_size) timed batches after one untimed warm-up batch. Returns designs/s."""
     import torch
 
-    from modules.conditioners import ConditionerSpec, build_conditioner
+    from modules.models.conditioners import ConditionerSpec, build_conditioner
 
     spec = ConditionerSpec(kind="mlp", input_shape=(CONDITIONER_INPUTS,), output_dim=config.latent_size,
                            filters=CONDITIONER_FILTERS)
@@ -418,7 +418,7 @@ def time_prediction(model, config, runtime, batch_size: int) -> dict:
 
 def predict_batch(conditioner, model, params, runtime):
     """params [B, 4] -> fields [B, T, M] float32 on the host."""
-    from modules.latents import split_latents
+    from modules.models.latents import split_latents
 
     with runtime.autocast():
         main, levels = split_latents(conditioner(params), model.spec)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one_step(args) -> None:
     import torch
 
-    from modules.vae import HierarchicalVAE, ModelSpec
+    from modules.models.vae import HierarchicalVAE, ModelSpec
 
     spec = ModelSpec(n_steps=args.steps, n_nodes=args.nodes, projection_rank=args.rank, filters=tuple(args.filters),
                      main_latent_dim=32, level_latent_dim=8, blocks_per_level=1 if args.size == "small" else 2,

@@ -9,27 +9,27 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules import checkpoint_files
-from modules.checkpoint import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
-from modules.conditioner_case import prepare_conditioner_case, read_conditions
-from modules.config import CONDITION_FILE, PRESET_FILE, check_flag, load_config
-from modules.distributed import barrier, start_runtime, stop_runtime
+from modules.commands import checkpoints as checkpoint_files
+from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
+from modules.training.conditioner_case import prepare_conditioner_case, read_conditions
+from modules.config.settings import CONDITION_FILE, PRESET_FILE, check_flag, load_config
+from modules.training.distributed import barrier, start_runtime, stop_runtime
 from modules.errors import InputError
-from modules.evaluation_report import evaluate_and_write
-from modules.field_layout import read_field_layout
-from modules.guard import Stopped
-from modules.outputs import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
+from modules.evaluation.report import evaluate_and_write
+from modules.data.field_layout import read_field_layout
+from modules.training.guard import Stopped
+from modules.storage.paths import (CONDITIONER_FILE, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
                              archive_previous_conditioner, archive_previous_evaluation, archive_previous_run,
                              make_run_folders)
-from modules.plots import parameter_column
-from modules.predict import predict_file
-from modules.reconstruct import reconstruct_file
-from modules.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, SORT_KEYS, VAE_RUN_FILES, list_runs,
+from modules.evaluation.figures import parameter_column
+from modules.commands.predict import predict_file
+from modules.commands.reconstruct import reconstruct_file
+from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, SORT_KEYS, VAE_RUN_FILES, list_runs,
                           note_conditioner, note_vae, recording, run_of, start_run)
-from modules.runtime import pick_device
-from modules.train_conditioner import train_conditioner
-from modules.train_vae import prepare_case, train_vae
-from modules.training_state import read_checkpoint
+from modules.training.runtime import pick_device
+from modules.training.conditioner_training import train_conditioner
+from modules.training.vae_training import prepare_case, train_vae
+from modules.training.state import read_checkpoint
 
 EXIT_BAD_INPUT = 2
 AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint

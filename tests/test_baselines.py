@@ -1,7 +1,7 @@
 """The prediction baselines, computed from the Gram matrix, equal the same predictors computed on explicit fields."""
 import numpy as np
 
-from modules.baselines import fit_gpr, nearest_neighbour_errors, pod_gpr_errors
+from modules.evaluation.baselines import fit_gpr, nearest_neighbour_errors, pod_gpr_errors
 
 
 def fields_and_parameters(n=30, size=50, seed=0):

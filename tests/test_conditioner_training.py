@@ -293,11 +293,11 @@ def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
 def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(conditioned):
     """With the latent term off, the loss depends on the conditioner only through the decoded field: a detached
     decoder path would leave the conditioner without gradient (and backward() would fail)."""
-    from modules.conditioner_case import prepare_conditioner_case, read_conditions
-    from modules.config import load_config
-    from modules.runtime import Runtime
-    from modules.train_conditioner import conditioner_loss, conditioner_spec
-    from modules.conditioners import build_conditioner
+    from modules.training.conditioner_case import prepare_conditioner_case, read_conditions
+    from modules.config.settings import load_config
+    from modules.training.runtime import Runtime
+    from modules.training.conditioner_training import conditioner_loss, conditioner_spec
+    from modules.models.conditioners import build_conditioner
     with working_directory(conditioned):
         config = load_config(1, warn=lambda text: None)
         config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
@@ -329,7 +329,7 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
 
 
 def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of, monkeypatch, capsys):
-    import modules.train_conditioner as training
+    import modules.training.conditioner_training as training
     monkeypatch.setattr(training, "validate", lambda *args: {"loss": float("nan"), "latent_mse": float("nan"),
                                                               "field_loss": 0.0})
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "lc_patience 0\n")
@@ -343,9 +343,9 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
 
 def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_of, monkeypatch):
     """... and encodes every design once, for the saved latents, the reconstruction report and the evaluation."""
-    import modules.evaluate as evaluate
-    import modules.evaluation as evaluation
-    import modules.train_vae as train_vae
+    import modules.evaluation.reconstruction_report as evaluate
+    import modules.evaluation.evaluation as evaluation
+    import modules.training.vae_training as train_vae
     calls, encodings = [], []
     original, encode = train_vae.design_gram, evaluate.encode_and_score
     monkeypatch.setattr(train_vae, "design_gram", lambda *args: calls.append(1) or original(*args))
@@ -362,8 +362,8 @@ def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_o
 def test_the_speed_options_apply_to_end_to_end_conditioner_training(copy_of, monkeypatch, capsys, input_type):
     """bf16 autocast, gradient checkpointing (of the conditioner and of the frozen decoder it trains through) and
     accumulation over 2 batches: the conditioner trains and still beats the mean field."""
-    from modules import recompute
-    from modules.vae import Decoder
+    from modules.models import grad_checkpointing as recompute
+    from modules.models.vae import Decoder
 
     checkpointed = set()
     real_checkpoint = recompute.checkpoint

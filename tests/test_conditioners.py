@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from modules.conditioners import ConditionerSpec, build_conditioner
+from modules.models.conditioners import ConditionerSpec, build_conditioner
 
 SMALL_VIT = dict(vit_patch_size=8, vit_dim=32, vit_depth=2, vit_heads=4)
 

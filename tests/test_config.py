@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO, write_case
-from modules.config import CONDITION_FILE, PRESET_FILE, load_config
+from modules.config.settings import CONDITION_FILE, PRESET_FILE, load_config
 from modules.errors import InputError
 
 BASE = """\
@@ -354,8 +354,8 @@ def test_time_step_check_refuses_exactly_what_the_model_cannot_run(case):
 
     import torch
 
-    from modules.config import check_consistency
-    from modules.vae import HierarchicalVAE, ModelSpec
+    from modules.config.settings import check_consistency
+    from modules.models.vae import HierarchicalVAE, ModelSpec
 
     base = load(case)
     for filters in [(8,), (16,), (12,), (16, 8), (16, 16), (8, 16), (16, 4), (16, 8, 8), (32, 16, 8, 4)]:

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import smooth_fields, write_case
-from modules import data as data_module
-from modules.augment import augment_batch
-from modules.config import load_config
-from modules.data import (Crop, PreloadedBatches, SimulationArray, StreamedBatches, batch_order, find_dataset,
-                          load_new_simulations, make_batches, scan_and_fit_scaler, split_indices)
+from modules.data import dataset as data_module
+from modules.data.augment import augment_batch
+from modules.config.settings import load_config
+from modules.data.dataset import Crop, SimulationArray, find_dataset, load_new_simulations, scan_and_fit_scaler, split_indices
+from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
 from modules.errors import InputError
-from modules.runtime import Runtime
-from modules.scaling import MinMaxScaler
+from modules.training.runtime import Runtime
+from modules.data.scaling import MinMaxScaler
 
 
 def _no_warning(text):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.design_inputs import (augment_images, check_image_count, image_channels, image_files, natural_key,
+from modules.data.design_inputs import (augment_images, check_image_count, image_channels, image_files, natural_key,
                                    read_condition_images, read_images, read_parameters)
 from modules.errors import InputError
 

@@ -13,8 +13,8 @@ import torch
 from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
 from modules import cli
 from modules.cli import main
-from modules.distributed import shard
-from modules.runtime import Runtime
+from modules.training.distributed import shard
+from modules.training.runtime import Runtime
 
 spec = importlib.util.spec_from_file_location("launch_ddp", REPO / "launch_ddp.py")
 launch_ddp = importlib.util.module_from_spec(spec)
@@ -165,11 +165,11 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
 
     import torch.distributed as dist
 
-    from modules.config import load_config
-    from modules.data import batch_order
-    from modules.train_vae import build_model, prepare_case, train_epoch
-    from modules.guard import Guard, StopRequest
-    from modules.update import Updater, make_optimizer
+    from modules.config.settings import load_config
+    from modules.data.batches import batch_order
+    from modules.training.vae_training import build_model, prepare_case, train_epoch
+    from modules.training.guard import Guard, StopRequest
+    from modules.training.optimizer_step import Updater, make_optimizer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -229,7 +229,7 @@ def test_leaving_the_process_group_frees_ddp_wrappers_first():
 
     import torch.distributed as dist
 
-    from modules.distributed import stop_runtime
+    from modules.training.distributed import stop_runtime
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     collecting = gc.isenabled()

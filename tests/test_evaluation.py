@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from conftest import REPO, smooth_fields, write_case
-from modules.baselines import (baseline_weights, nearest_neighbour_errors, pod_gpr_errors, score_combinations)
+from modules.evaluation.baselines import (baseline_weights, nearest_neighbour_errors, pod_gpr_errors, score_combinations)
 from modules.cli import main
-from modules.config import load_config
-from modules.evaluate import relative_l2
-from modules.field_errors import FieldErrors
-from modules.pod import pod_errors
-from modules.runtime import Runtime
-from modules.train_vae import prepare_case
+from modules.config.settings import load_config
+from modules.evaluation.reconstruction_report import relative_l2
+from modules.evaluation.metrics import FieldErrors
+from modules.models.pod import pod_errors
+from modules.training.runtime import Runtime
+from modules.training.vae_training import prepare_case
 from test_training import working_directory
 
 

@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, tensorboard_dir, write_case
 from modules.cli import main
-from modules.runtime import Runtime
-from modules.schedules import lr_factor
-from modules.update import Updater, make_optimizer
+from modules.training.runtime import Runtime
+from modules.training.schedules import lr_factor
+from modules.training.optimizer_step import Updater, make_optimizer
 from test_distributed import free_port
 from test_training import metrics, working_directory
 
@@ -36,7 +36,7 @@ def test_a_step_with_a_nan_gradient_leaves_weights_and_optimiser_state_untouched
 
 def nan_training_losses(monkeypatch, calls):
     """Make the VAE's training loss NaN on the given training-loss calls (1-based; validation is left alone)."""
-    import modules.train_vae as train_vae
+    import modules.training.vae_training as train_vae
 
     real, count = train_vae.vae_loss, [0]
 
@@ -86,7 +86,7 @@ def test_too_many_skips_in_a_row_restore_the_last_checkpoint_with_a_lower_learni
 
 
 def test_a_diverging_validation_error_restores_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import modules.train_vae as train_vae
+    import modules.training.vae_training as train_vae
 
     real, calls = train_vae.validate, [0]
 
@@ -117,7 +117,7 @@ def test_when_restores_do_not_help_the_run_stops_with_one_clear_line(tmp_path, m
 
 
 def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path, monkeypatch, capsys):
-    import modules.train_vae as train_vae
+    import modules.training.vae_training as train_vae
 
     real, calls = train_vae.validate, [0]
 
@@ -140,7 +140,7 @@ DDP_SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {repo!r})
-import modules.train_vae as train_vae
+import modules.training.vae_training as train_vae
 from modules.cli import main
 
 real, count = train_vae.vae_loss, [0]

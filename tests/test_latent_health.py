@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modules.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups, log_record,
+from modules.evaluation.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups, log_record,
                                    summarise)
-from modules.losses import reconstruction_loss, vae_loss
-from modules.vae import HierarchicalVAE, ModelSpec
+from modules.training.losses import reconstruction_loss, vae_loss
+from modules.models.vae import HierarchicalVAE, ModelSpec
 
 SPEC = ModelSpec(n_steps=8, n_nodes=10, projection_rank=4, filters=(8, 4), main_latent_dim=4, level_latent_dim=3,
                  blocks_per_level=1, head_hidden=16)

@@ -5,12 +5,12 @@ import numpy as np
 import torch
 
 from conftest import design_parameters, smooth_fields, write_case
-from modules.checkpoint import load_model
+from modules.storage.model_files import load_model
 from modules.cli import main
-from modules.config import load_config
-from modules.memorization import cross_products, nearest_from_inner_products, summarise, write_prior_samples
-from modules.runtime import Runtime
-from modules.train_vae import prepare_case
+from modules.config.settings import load_config
+from modules.evaluation.memorization import cross_products, nearest_from_inner_products, summarise, write_prior_samples
+from modules.training.runtime import Runtime
+from modules.training.vae_training import prepare_case
 from test_training import working_directory
 
 N_DESIGNS = 40

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from modules.losses import reconstruction_loss
-from modules.pod import pod_errors
-from modules.schedules import beta_at, lr_factor
-from modules.vae import HierarchicalVAE, ModelSpec, gaussian_kl
+from modules.training.losses import reconstruction_loss
+from modules.models.pod import pod_errors
+from modules.training.schedules import beta_at, lr_factor
+from modules.models.vae import HierarchicalVAE, ModelSpec, gaussian_kl
 
 
 def make_model(n_steps=10, n_nodes=30, filters=(16, 8, 8), rank=6, blocks=1, seed=0):
@@ -197,10 +197,10 @@ def test_pod_baseline_errors_match_an_explicit_svd():
 
 def test_pod_snapshots_span_the_whole_transient_when_rows_are_scarce(case, monkeypatch):
     """With fewer snapshot rows than designs x steps, each design contributes other steps: not all step 0."""
-    from modules.config import load_config
-    from modules.data import SimulationArray, find_dataset
-    from modules.pod import _training_snapshots
-    from modules.scaling import MinMaxScaler
+    from modules.config.settings import load_config
+    from modules.data.dataset import SimulationArray, find_dataset
+    from modules.models.pod import _training_snapshots
+    from modules.data.scaling import MinMaxScaler
 
     data = np.broadcast_to(np.arange(6, dtype=np.float32)[None, :, None], (12, 6, 20)).copy()
     np.save("input_data/dataset1.npy", data)

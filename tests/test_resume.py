@@ -113,7 +113,7 @@ def test_a_stop_signal_saves_the_state_inside_the_epoch_and_exits_cleanly(uninte
 def test_a_run_stopped_inside_an_epoch_saves_that_step_and_its_partial_sums(tmp_path, monkeypatch, capsys):
     """A stop request in the middle of epoch 2 (here: raised by the second optimiser step itself) is saved as
     'epoch 1 done, 2 steps of epoch 2 done' with the loss sums of those steps; resuming finishes the epoch."""
-    import modules.guard as guard
+    import modules.training.guard as guard
 
     write_case(tmp_path, n=20, epochs=3)  # 15 training designs, batches of 4: 4 steps per epoch
     steps = []
@@ -257,7 +257,7 @@ def test_a_stopped_conditioner_resumes_exactly_without_training_the_vae_again(tm
 
 
 def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, monkeypatch, capsys):
-    import modules.guard as guard
+    import modules.training.guard as guard
 
     write_case(tmp_path, n=12, epochs=2, extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 6\n"
                                               "latent_conditioner_batch 4\nlc_patience 0\n")

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import write_case
 from modules import cli
 from modules.cli import main
-from modules.runs import RUN_FILE, end_run, list_runs, new_run_id, start_run, update_run
+from modules.storage.runs import RUN_FILE, end_run, list_runs, new_run_id, start_run, update_run
 from test_training import working_directory
 
 NOON = datetime(2024, 5, 17, 12, 30, 5)

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import REPO, write_case
-from modules import recompute
+from modules.models import grad_checkpointing as recompute
 from modules.cli import main
-from modules.conditioners import ConditionerSpec, build_conditioner
-from modules.config import load_config
+from modules.models.conditioners import ConditionerSpec, build_conditioner
+from modules.config.settings import load_config
 from modules.errors import InputError
-from modules.recompute import enable_recompute
-from modules.runtime import Runtime, adapted, pick_precision, pick_workers
-from modules.guard import Guard, StopRequest
-from modules.update import Updater, make_optimizer, micro_batches
-from modules.vae import HierarchicalVAE, ModelSpec
+from modules.models.grad_checkpointing import enable_recompute
+from modules.training.runtime import Runtime, adapted, pick_precision, pick_workers
+from modules.training.guard import Guard, StopRequest
+from modules.training.optimizer_step import Updater, make_optimizer, micro_batches
+from modules.models.vae import HierarchicalVAE, ModelSpec
 from test_training import metrics, working_directory
 
 SPEC = ModelSpec(n_steps=12, n_nodes=30, projection_rank=8, filters=(16, 16, 8), main_latent_dim=4,
@@ -224,7 +224,7 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
     """Counts the calls from the project's own code that would make the host wait for a GPU: copies to the host, and
     small copies from pageable memory to the device (PyTorch's optimiser reads its step counter, a CPU tensor, with
     .item(): not a device sync, and not the project's call)."""
-    from modules.train_vae import build_model, prepare_case, train_epoch
+    from modules.training.vae_training import build_model, prepare_case, train_epoch
 
     with working_directory(case):
         config = load_config(1, {"load_all": 1}, warn=lambda text: None)

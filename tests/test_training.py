@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, smooth_fields, tensorboard_dir, write_case
-from modules.checkpoint import load_model
+from modules.storage.model_files import load_model
 from modules.cli import main
 
 EPOCHS = 40

@@ -1,0 +1,110 @@
+"""Batches of scaled designs for training and evaluation passes: which designs go together, and where they come
+from (preloaded on the device, or streamed from the memory-mapped file by DataLoader workers)."""
+import numpy as np
+import torch
+
+from modules.data.dataset import READ_CHUNK_BYTES, SimulationArray
+from modules.data.scaling import MinMaxScaler
+from modules.errors import InputError
+from modules.training.runtime import available_host_bytes
+
+def batch_order(n_items: int, batch_size: int, shuffle: bool, seed: int, epoch: int):
+    """Positions 0..n_items-1 cut into batches; shuffled by (seed, epoch) so every loader sees the same batches."""
+    positions = np.arange(n_items)
+    if shuffle:
+        positions = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return [positions[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def in_order(n_items: int, batch_size: int):
+    """Every position once, in order: the batches of evaluation passes."""
+    return batch_order(n_items, batch_size, shuffle=False, seed=0, epoch=0)
+
+
+class PreloadedBatches:
+    """--load_all=1: the scaled designs live on the training device; a batch is an index into that tensor.
+    Uploaded in bounded chunks, so the host never holds a second copy of the whole set on its way to a GPU."""
+
+    def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device):
+        self.indices = np.asarray(indices)
+        self.data = torch.empty((len(self.indices), *array.sample_shape), dtype=torch.float32, device=device)
+        per_chunk = max(1, READ_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
+        for start in range(0, len(self.indices), per_chunk):
+            chunk = scaler.transform(array.read(self.indices[start:start + per_chunk]))
+            self.data[start:start + len(chunk)] = torch.from_numpy(chunk)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def batches(self, order):
+        for positions in on_device(order, self.data.device):
+            yield self.data[positions]
+
+
+def on_device(index_arrays, device) -> list:
+    """Integer arrays -> tensors on device, all in one host-to-device copy: a small copy per step from pageable
+    memory would make the host wait for the GPU at every step."""
+    if not len(index_arrays):
+        return []
+    flat = torch.as_tensor(np.concatenate(index_arrays).astype(np.int64), device=device)
+    return list(flat.split([len(indices) for indices in index_arrays]))
+
+
+class StreamedBatches:
+    """--load_all=0: each batch is read from the (memory-mapped) file and scaled when it is needed, by num_workers
+    DataLoader processes ahead of the training step; pinned host memory makes the copy to a GPU non-blocking."""
+
+    def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device, num_workers=0,
+                 pin_memory=False):
+        self.reader = _BatchReader(array, np.asarray(indices), scaler)
+        self.device = torch.device(device)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def __len__(self):
+        return len(self.reader.indices)
+
+    def batches(self, order):
+        # A private generator: otherwise each DataLoader iterator draws its seed from torch's global RNG, and a
+        # streamed run would sample different latent noise than a preloaded one.
+        loader = torch.utils.data.DataLoader(
+            self.reader, sampler=order, batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, generator=torch.Generator())
+        for batch in loader:
+            yield batch.to(self.device, non_blocking=self.pin_memory)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Dataset whose item is a whole batch: one read per batch keeps memory-mapped I/O sequential-ish."""
+
+    def __init__(self, array, indices, scaler):
+        self.array, self.indices, self.scaler = array, indices, scaler
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, positions):
+        return torch.from_numpy(self.scaler.transform(self.array.read(self.indices[positions])))
+
+
+def make_batches(array, indices, scaler, runtime, load_all: bool):
+    """The batch source the config asks for, loading as runtime chose; both kinds give identical batches for the
+    same order."""
+    if load_all:
+        return PreloadedBatches(array, indices, scaler, runtime.device)
+    return StreamedBatches(array, indices, scaler, runtime.device, runtime.num_workers, runtime.pin_memory)
+
+
+def check_preload_fits(array: SimulationArray, n_designs: int, runtime) -> None:
+    """load_all 1 on data that would not fit is refused before anything is read, with the numbers.
+    The designs must fit in 80 % of what is free on the device (a GPU's free memory, or the host memory this process
+    may still use, shared among the processes of a run), leaving room for the model."""
+    needed = 4 * n_designs * int(np.prod(array.sample_shape))
+    if runtime.device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(runtime.device)[0], f"{runtime.device}'s free memory"
+    else:
+        free, where = available_host_bytes() // runtime.world_size, "the host memory available to each process"
+    if needed > 0.8 * free:
+        raise InputError("load_all setting", f"load_all 1 would keep {n_designs} designs ({needed / 1e9:.2f} GB) in "
+                         f"{where}, but only {free / 1e9:.2f} GB is free there",
+                         "set load_all 0 in input_data/condition.txt (or --load_all=0) to stream batches from the file")
+

@@ -1,0 +1,212 @@
+"""PNG plots of a training run. --plot=1 saves them; --plot=0 also shows them, once, at the end of the run, and only
+when there is a screen and a terminal: a headless or batch job never blocks on a window."""
+import os
+import sys
+
+import matplotlib
+import numpy as np
+import torch
+
+from modules.evaluation import drawing as evaluation_plots_module
+from modules.config.settings import CONDITION_FILE, whole_numbers
+from modules.data.batches import in_order
+from modules.errors import InputError
+from modules.evaluation.reconstruction_report import reconstruct
+from modules.data.field_layout import read_field_layout
+from modules.storage.paths import OUTPUT_DIR
+
+SAMPLES_SHOWN = 3
+
+
+def can_show() -> bool:
+    has_screen = sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or
+                                                             os.environ.get("WAYLAND_DISPLAY"))
+    return has_screen and sys.stdin is not None and sys.stdin.isatty()
+
+
+def will_show(asked: bool, say) -> bool:
+    """Whether --plot=0's windows can be shown; says so when they cannot (they are still saved)."""
+    if asked and not can_show():
+        say("No screen or terminal to show plots on: they are only saved.")
+    return asked and can_show()
+
+
+def _pyplot(show: bool):
+    if not show:
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def training_plots(history, model, case, config, output_dir, show=False, say=print) -> list:
+    """Loss curves and a few validation designs (true, reconstructed, error). Returns the PNG paths."""
+    show = will_show(show, say)
+    plt = _pyplot(show)
+    paths = [loss_curves(plt, history, output_dir / "loss_curves.png"),
+             reconstruction_samples(plt, model, case, config, output_dir / "reconstruction_samples.png")]
+    say(f"Plots saved: {', '.join(str(p) for p in paths)}")
+    if show:
+        plt.show()
+    plt.close("all")
+    return paths
+
+
+def loss_curves(plt, history, path):
+    panels = [("total loss", ["train/loss", "val/loss"]), ("reconstruction", ["train/recon", "val/recon"]),
+              ("KL (training)", ["train/kl_main"] + sorted(k for k in history[0] if k.startswith("train/kl_level"))),
+              ("schedules", ["beta", "lr"])]
+    return curves(plt, history, panels, path, columns=2)
+
+
+@torch.no_grad()
+def reconstruction_samples(plt, model, case, config, path):
+    """True / reconstructed / |error| maps (time down, nodes across) for the first validation designs."""
+    model.eval()
+    batch = next(case.val.batches(in_order(min(SAMPLES_SHOWN, len(case.val)), SAMPLES_SHOWN)))
+    true = case.scaler.inverse(batch.float().cpu().numpy())
+    recon = case.scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
+    return field_comparison(plt, case.val_indices[:len(true)], true, recon, "reconstruction", path)
+
+
+def field_comparison(plt, designs, true, other, other_label, path):
+    """One row per design: simulated field, `other` on the same colour scale, and |other - simulated|."""
+    figure, axes = plt.subplots(len(true), 3, figsize=(13, 3.2 * len(true)), squeeze=False)
+    for row, design in enumerate(designs):
+        low, high = true[row].min(), true[row].max()
+        panels = [(true[row], f"design {design}: simulation", (low, high)),
+                  (other[row], other_label, (low, high)),
+                  (np.abs(other[row] - true[row]), "|error|", (None, None))]
+        for axis, (image, title, (vmin, vmax)) in zip(axes[row], panels):
+            shown = axis.imshow(image, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
+            axis.set_title(title)
+            axis.set_xlabel("node")
+            axis.set_ylabel("time step")
+            figure.colorbar(shown, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def conditioner_plots(history, samples, output_dir, samples_path, show=False, say=print) -> list:
+    """Conditioner loss curves and a few validation designs (simulated, predicted from their condition, error).
+    samples: (design indices, true fields, predicted fields), physical units."""
+    show = will_show(show, say)
+    plt = _pyplot(show)
+    names = [name for name in history[0] if name.startswith(("train/", "val/")) and
+             any(row[name] for row in history)]
+    paths = [curves(plt, history, [("conditioner losses", names), ("learning rate", ["lr"])],
+                    output_dir / "conditioner_loss_curves.png"),
+             field_comparison(plt, *samples, "predicted from the design's condition", samples_path)]
+    say(f"Plots saved: {', '.join(str(p) for p in paths)}")
+    if show:
+        plt.show()
+    plt.close("all")
+    return paths
+
+
+def curves(plt, history, panels, path, columns=None):
+    """One panel per (title, metric names), over epochs; log scale when every value is positive."""
+    epochs = [row["epoch"] for row in history]
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    for axis, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            axis.plot(epochs, [row[name] for row in history], label=name)
+        axis.set_yscale("log" if all(row[n] > 0 for row in history for n in names) else "linear")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
+    """The evaluation's PNGs in output/ (modules/evaluation_plots.py draws them): simulated, predicted and error
+    fields of chosen designs and time steps, for the VAE and the conditioner; the error per time step of every
+    predictor; the main latents by PCA and t-SNE; active units per level. Returns the paths. config: the current
+    one (plot settings, node layout)."""
+    show = will_show(show, say)
+    plt = _pyplot(show)
+    layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
+    fields = [("reconstruction", report["reconstruction"]["vae"], "VAE reconstruction",
+               evaluation.reconstruct)]
+    if evaluation.predict is not None:
+        fields.append(("prediction", report["prediction"]["conditioner"], "predicted from the design's condition",
+                       evaluation.predict))
+    paths = []
+    for name, summary, label, predict in fields:
+        designs = chosen_designs(config, summary["per_design_relative_l2"])
+        steps = chosen_steps(config, n_steps, len(designs) * config.n_vars)
+        paths.append(evaluation_plots_module.field_snapshots(
+            plt, layout, designs, steps, evaluation.case.array.read(designs), predict(np.asarray(designs)), label,
+            OUTPUT_DIR / f"evaluation_{name}_fields.png"))
+    paths.append(evaluation_plots_module.error_per_step(plt, error_curves(report),
+                                                        OUTPUT_DIR / "evaluation_error_per_step.png"))
+    colour, colour_label = design_colours(config, evaluation)
+    is_validation = np.isin(np.arange(len(evaluation.main_latents)), evaluation.case.val_indices)
+    paths.append(evaluation_plots_module.latent_maps(plt, evaluation.main_latents, colour, colour_label,
+                                                     is_validation, OUTPUT_DIR / "latent_space.png",
+                                                     evaluation.config.seed))
+    paths.append(evaluation_plots_module.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
+    say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
+    if show:
+        plt.show()
+    plt.close("all")
+    return paths
+
+
+def chosen_designs(config, per_design: dict) -> list:
+    """plot_designs, or the validation designs with the median and the largest error of this predictor."""
+    if config.plot_designs:
+        return list(whole_numbers(config.plot_designs))
+    ranked = sorted(per_design, key=lambda design: per_design[design])
+    return list(dict.fromkeys([int(ranked[len(ranked) // 2]), int(ranked[-1])]))
+
+
+def chosen_steps(config, n_steps: int, rows_per_step: int) -> list:
+    """plot_steps, or a quarter of the way, half way and the last step (only the last when that makes more than
+    MAX_SNAPSHOT_ROWS rows of maps)."""
+    if config.plot_steps:
+        return list(whole_numbers(config.plot_steps))
+    steps = sorted({n_steps // 4, n_steps // 2, n_steps - 1})
+    return steps if len(steps) * rows_per_step <= evaluation_plots_module.MAX_SNAPSHOT_ROWS else [n_steps - 1]
+
+
+def error_curves(report) -> dict:
+    """{label: relative L2 error per time step [T]} of every predictor in the report (NaN where undefined)."""
+    curves = {}
+    for section in ("reconstruction", "prediction"):
+        for name, summary in (report[section] or {}).items():
+            repeated = section == "prediction" and name == "mean_field"  # the same curve as in reconstruction
+            if isinstance(summary, dict) and "per_step" in summary and not repeated:
+                values = summary["per_step"]["relative_l2"]
+                curves[f"{section}: {report['labels'][name]}"] = np.array(
+                    [np.nan if value is None else value for value in values])
+    return curves
+
+
+def design_colours(config, evaluation):
+    """([N] values, label) colouring the latent-space plots: the plot_color_by parameter (default the first), or,
+    when designs are not defined by parameters, each design's VAE reconstruction error."""
+    conditions = evaluation.conditions
+    if conditions is None or conditions.channels is not None:
+        return evaluation.reconstruction.relative_l2(), "VAE reconstruction error (relative L2)"
+    column = parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
+    label = conditions.param_names[column] if conditions.param_names else f"parameter {column + 1}"
+    return conditions.values[:, column], label
+
+
+def parameter_column(wanted: str, names, n_columns: int) -> int:
+    """The 0-based column plot_color_by names: '' (the first), a 1-based number or a CSV header name."""
+    if not wanted:
+        return 0
+    if wanted.isdigit() and 1 <= int(wanted) <= n_columns:
+        return int(wanted) - 1
+    lowered = [name.strip().lower() for name in names or []]
+    if wanted.strip().lower() in lowered:
+        return lowered.index(wanted.strip().lower())
+    columns = ", ".join(names) if names else f"numbers 1 to {n_columns} (the CSV has no header)"
+    raise InputError(CONDITION_FILE, f"plot_color_by {wanted} is not a parameter of param_dir",
+                     f"name one of its columns: {columns}")

@@ -1,0 +1,144 @@
+"""Proper orthogonal decomposition: the basis that initialises the node projections, and the POD baseline.
+
+Both stream the dataset in bounded chunks, so they work on designs far larger than RAM:
+- pod_node_basis: snapshot POD over (design, time step) rows of the scaled training data -> M x R basis.
+- design_gram + pod_errors: POD over whole designs (each [T, M] field one vector), computed from the Gram matrix of
+  inner products, which gives the exact rank-r projection error of every validation design without ever forming
+  the modes. This is the baseline a VAE with r latent numbers per design must beat.
+"""
+import numpy as np
+import torch
+
+from modules.data.dataset import READ_CHUNK_BYTES
+from modules.training.runtime import available_host_bytes
+
+SNAPSHOT_BYTES = 256 * 2**20  # snapshot rows kept for the node basis, at most (less when memory is short)
+
+
+def pod_node_basis(array, train_indices, scaler, rank: int, seed: int):
+    """Snapshot POD of scaled training fields over nodes.
+
+    Returns torch float32 (mean [M], modes [M, rank] orthonormal, scales [rank] = std of each coefficient).
+    Rows are (design, time step) snapshots, subsampled to fit snapshot_budget(); missing modes (fewer snapshots than
+    rank) are filled with random orthonormal directions at a small scale. Works in float32 in place: the snapshots
+    are the only large array.
+    """
+    n_steps, n_nodes = array.sample_shape
+    snapshots = _training_snapshots(array, train_indices, scaler, max(rank, snapshot_budget() // (4 * n_nodes)), seed)
+    mean = snapshots.mean(axis=0, dtype=np.float64).astype(np.float32)
+    snapshots -= mean
+    centred = torch.from_numpy(snapshots)
+    eigenvalues, vectors = torch.linalg.eigh((centred @ centred.T).double())  # Gram of the rows: rows x rows, cheap
+    keep = torch.flip(torch.argsort(eigenvalues), [0])[:rank]
+    keep = keep[eigenvalues[keep] > eigenvalues.max() * 1e-6]  # float32 Gram: smaller ones are rounding noise
+    singular = eigenvalues[keep].sqrt()
+    modes = (centred.T @ vectors[:, keep].float()).double() / singular
+    modes = _complete_basis(modes, rank, seed)
+    scales = torch.cat([singular, torch.zeros(rank - len(singular), dtype=singular.dtype)]) / np.sqrt(len(centred))
+    scales = scales.clamp_min(max(float(scales.max()) * 1e-3, 1e-6))
+    return torch.from_numpy(mean).float(), modes.float(), scales.float()
+
+
+def snapshot_budget() -> int:
+    """Bytes of snapshot rows for the node basis: SNAPSHOT_BYTES, or a quarter of the memory this process may still
+    use when that is less (a job under a tight memory limit gets a basis from fewer snapshots rather than dying)."""
+    return min(SNAPSHOT_BYTES, available_host_bytes() // 4)
+
+
+def _training_snapshots(array, train_indices, scaler, max_rows: int, seed: int) -> np.ndarray:
+    """Scaled snapshot rows [rows, M]: all time steps of all training designs, or a stratified random subsample
+    (each design its own steps, spread over the whole time axis, so every phase of the transient is represented)."""
+    n_steps, _ = array.sample_shape
+    rng = np.random.default_rng(seed)
+    designs = np.sort(rng.permutation(train_indices)[:max_rows]) if len(train_indices) > max_rows else train_indices
+    steps_per_design = max(1, min(n_steps, max_rows // len(designs)))
+    strata = np.linspace(0, n_steps, steps_per_design, endpoint=False)
+    rows = np.empty((len(designs) * steps_per_design, array.sample_shape[1]), dtype=np.float32)
+    per_read = max(1, READ_CHUNK_BYTES // (4 * int(np.prod(array.sample_shape))))
+    for start in range(0, len(designs), per_read):
+        block = scaler.transform(array.read(designs[start:start + per_read]))
+        offsets = rng.uniform(0, n_steps / steps_per_design, size=(len(block), 1))
+        picks = np.minimum((strata[None, :] + offsets).astype(int), n_steps - 1)
+        rows[start * steps_per_design:(start + len(block)) * steps_per_design] = \
+            np.take_along_axis(block, picks[:, :, None], axis=1).reshape(-1, block.shape[-1])
+    return rows
+
+
+def _complete_basis(modes, rank: int, seed: int):
+    """Pad [M, k] orthonormal columns to [M, rank] with random directions orthogonal to them."""
+    n_nodes, found = modes.shape
+    if found >= rank:
+        return modes
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randn(n_nodes, rank - found, generator=generator, dtype=modes.dtype)
+    extra -= modes @ (modes.T @ extra)
+    extra, _ = torch.linalg.qr(extra)
+    return torch.cat([modes, extra], dim=1)
+
+
+def design_gram(array, indices) -> np.ndarray:
+    """Inner products <x_i, x_j> of whole designs [T, M] (physical units), float64 [n, n], streamed over time."""
+    n_steps, n_nodes = array.sample_shape
+    steps_per_read = max(1, READ_CHUNK_BYTES // (4 * n_nodes * len(indices)))
+    gram = np.zeros((len(indices), len(indices)))
+    columns = max(1, READ_CHUNK_BYTES // (16 * len(indices)))  # float64 slices of a quarter of a read
+    for first in range(0, n_steps, steps_per_read):
+        block = array.read(indices, steps=slice(first, first + steps_per_read)).reshape(len(indices), -1)
+        for start in range(0, block.shape[1], columns):
+            piece = block[:, start:start + columns].astype(np.float64)  # float64 sums: POD errors subtract them
+            gram += piece @ piece.T
+    return gram
+
+
+def pod_errors(gram: np.ndarray, n_train: int, ranks) -> dict:
+    """Relative L2 error of each validation design projected on the training designs' first r POD modes.
+
+    gram: design_gram of [training designs..., validation designs...]. POD is centred on the training mean.
+    Returns {r: float array [n_val]}; r = 0 is the training mean field itself.
+    """
+    _, coefficients, centred_norm2, norm2 = pod_coefficients(gram, n_train)
+    errors = {}
+    for rank in ranks:
+        residual = centred_norm2 - (coefficients[:, :rank] ** 2).sum(axis=1)
+        errors[rank] = np.sqrt(np.clip(residual, 0, None) / norm2)
+    return errors
+
+
+def pod_coefficients(gram: np.ndarray, n_train: int):
+    """POD of the training designs computed from the Gram matrix alone (no mode is ever formed).
+
+    gram: design_gram of [training designs..., other designs...], physical units. Returns
+    (training coefficients [n_train, K], other designs' coefficients [n_other, K] on the same orthonormal modes,
+    ||x - training mean||^2 of the other designs [n_other], ||x||^2 of the other designs [n_other]);
+    K is the number of modes with non-negligible energy, strongest first.
+    """
+    train_gram, cross, other_norm2 = gram[:n_train, :n_train], gram[n_train:, :n_train], np.diag(gram)[n_train:]
+    row_means, total_mean = train_gram.mean(axis=1), train_gram.mean()
+    eigenvalues, vectors = _centred_eigen(train_gram)
+    cross_centred = cross - cross.mean(axis=1, keepdims=True) - row_means[None, :] + total_mean
+    other_centred_norm2 = other_norm2 - 2 * cross.mean(axis=1) + total_mean
+    train_coefficients = vectors * np.sqrt(eigenvalues)
+    other_coefficients = (cross_centred @ vectors) / np.sqrt(eigenvalues)
+    return train_coefficients, other_coefficients, other_centred_norm2, other_norm2
+
+
+def _centred_eigen(train_gram: np.ndarray):
+    """Eigenvalues (strongest first, negligible ones dropped) and eigenvectors [n_train, K] of the centred Gram
+    matrix of the training designs: mode k is u_k = sum_j vectors[j, k] (x_j - mean) / sqrt(eigenvalues[k])."""
+    n_train = len(train_gram)
+    centring = np.eye(n_train) - 1.0 / n_train
+    eigenvalues, vectors = np.linalg.eigh(centring @ train_gram @ centring)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    useful = eigenvalues > eigenvalues[0] * 1e-12
+    return eigenvalues[useful], vectors[:, useful]
+
+
+def combination_weights(gram: np.ndarray, n_train: int, coefficients: np.ndarray) -> np.ndarray:
+    """The field mean + sum_k coefficients[:, k] u_k (POD modes of pod_coefficients, strongest first) written as a
+    weighted sum of the training designs: weights [n, n_train] with field = weights @ training fields. This is how
+    the baselines' fields are formed without ever forming a mode (see baselines.score_combinations)."""
+    eigenvalues, vectors = _centred_eigen(gram[:n_train, :n_train])
+    rank = coefficients.shape[1]
+    weights = (coefficients / np.sqrt(eigenvalues[:rank])) @ vectors[:, :rank].T  # on (x_j - mean)
+    return weights + (1.0 - weights.sum(axis=1, keepdims=True)) / n_train  # mean = sum_j x_j / n_train

@@ -1,0 +1,282 @@
+"""Hierarchical VAE over transient fields [B, T, M].
+
+Encoder: a low-rank node projection (M -> R, initialised from POD modes) turns each time step into R coefficients;
+convolution levels over time (one per encoder filter, each halving T after the first) give features h_l; the top
+level yields the main latent (Latent_dim_end, standard normal prior).
+
+Decoder, top down: the main latent sets the coarsest state; at each level l (coarsest first) a prior p(z_l | state)
+and a posterior q(z_l | state, h_l) = N(mu_p + dmu, sigma_p * exp(dlog)) (NVAE's residual parameterisation) give the
+level latent z_l (Latent_dim wide), which is injected over the level's time axis; the state is then upsampled to the
+next level. A last projection R -> M (the transpose POD basis at start) gives the field. The KL of each level is the
+analytic KL between exactly the q and p that z_l is sampled from; it is also returned per latent dimension (before the
+sum), which free bits (modules/losses.py) and the collapse diagnostics (modules/latent_health.py) need.
+
+Level latents are stored and returned in generation order: index 0 is the coarsest level.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.models.grad_checkpointing import run
+
+POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of one VAE; stored with the weights so a saved model can be rebuilt exactly."""
+
+    n_steps: int
+    n_nodes: int
+    projection_rank: int
+    filters: tuple
+    main_latent_dim: int
+    level_latent_dim: int
+    blocks_per_level: int
+    head_hidden: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelSpec":
+        large = config.size == "large"
+        return cls(n_steps=config.n_steps_used, n_nodes=config.n_nodes_used,
+                   projection_rank=min(config.projection_rank, config.n_nodes_used),
+                   filters=tuple(config.encoder_filters), main_latent_dim=config.main_latent_dim,
+                   level_latent_dim=config.level_latent_dim, blocks_per_level=2 if large else 1,
+                   head_hidden=256 if large else 128)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.filters)
+
+    @property
+    def level_lengths(self) -> list:
+        """Time length of each level's features, finest first: T, ceil(T/2), ceil(T/4), ..."""
+        lengths = [self.n_steps]
+        for _ in self.filters[1:]:
+            lengths.append(math.ceil(lengths[-1] / 2))
+        return lengths
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "filters": list(self.filters)}
+
+    @classmethod
+    def from_dict(cls, values) -> "ModelSpec":
+        return cls(**{**values, "filters": tuple(values["filters"])})
+
+
+def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
+    """Elementwise KL( N(mean_q, exp(log_std_q)^2) || N(mean_p, exp(log_std_p)^2) )."""
+    variance_ratio = torch.exp(2 * (log_std_q - log_std_p))
+    mean_term = ((mean_q - mean_p) * torch.exp(-log_std_p)) ** 2
+    return 0.5 * (variance_ratio + mean_term - 1) - (log_std_q - log_std_p)
+
+
+def soft_clamp(log_std, limit=5.0):
+    """Keeps log-std in (-limit, limit) smoothly, so exp() never overflows early in training."""
+    return limit * torch.tanh(log_std / limit)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block over time: GroupNorm, SiLU, Conv1d, twice."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = math.gcd(channels, 8)
+        self.body = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv1d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv1d(channels, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class GaussianHead(nn.Module):
+    """Features [B, C, L] -> (mean, log_std), each [B, latent_dim]."""
+
+    def __init__(self, channels: int, latent_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.AdaptiveAvgPool1d(POOLED_STEPS), nn.Flatten(), nn.Linear(channels * POOLED_STEPS, hidden), nn.SiLU(),
+            nn.Linear(hidden, 2 * latent_dim))
+
+    def forward(self, features):
+        mean, log_std = self.net(features).float().chunk(2, dim=-1)  # float32 even under autocast: the KL needs it
+        return mean, soft_clamp(log_std)
+
+
+class Encoder(nn.Module):
+    """[B, T, M] -> per-level features (finest first) and the main latent's (mean, log_std)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        filters = spec.filters
+        self.node_projection = nn.Linear(spec.n_nodes, spec.projection_rank)
+        self.stem = nn.Conv1d(spec.projection_rank, filters[0], 3, padding=1)
+        self.downsample = nn.ModuleList(
+            [nn.Identity()] + [nn.Conv1d(filters[i - 1], filters[i], 3, stride=2, padding=1)
+                               for i in range(1, len(filters))])
+        self.levels = nn.ModuleList(
+            nn.Sequential(*[ResBlock(width) for _ in range(spec.blocks_per_level)]) for width in filters)
+        self.main_head = GaussianHead(filters[-1], spec.main_latent_dim, spec.head_hidden)
+        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
+
+    def forward(self, fields):
+        state = self.stem(self.node_projection(fields).transpose(1, 2))
+        features = []
+        for downsample, level in zip(self.downsample, self.levels):
+            state = run(level, downsample(state), recompute=self.recompute)
+            features.append(state)
+        main_mean, main_log_std = self.main_head(state)
+        return features, main_mean, main_log_std
+
+
+class DecoderLevel(nn.Module):
+    """One top-down level: refine the state, give the prior and posterior of z_l, inject z_l over time."""
+
+    def __init__(self, width: int, length: int, spec: ModelSpec):
+        super().__init__()
+        self.width, self.length = width, length
+        self.refine = nn.Sequential(*[ResBlock(width) for _ in range(spec.blocks_per_level)])
+        self.prior = GaussianHead(width, spec.level_latent_dim, spec.head_hidden)
+        self.posterior_shift = GaussianHead(2 * width, spec.level_latent_dim, spec.head_hidden)
+        self.inject = nn.Linear(spec.level_latent_dim, width * length)
+        self.mix = ResBlock(width)
+
+    def latent(self, state, features=None, given=None, sample=True, noise=None):
+        """Return (z [B, d], kl [B, d] or None), kl elementwise per dimension. Posterior if encoder features are
+        given, else the prior. noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given
+        latent is used as it is, or, with sample and noise, perturbed by the prior's spread at this level (samples
+        around a prediction)."""
+        if given is not None:
+            if sample and noise is not None:
+                return given + torch.exp(self.prior(state)[1]) * noise, None
+            return given, None
+        prior_mean, prior_log_std = self.prior(state)
+        if features is None:
+            mean, log_std, kl = prior_mean, prior_log_std, None
+        else:
+            shift_mean, shift_log_std = self.posterior_shift(torch.cat([state, features], dim=1))
+            mean, log_std = prior_mean + shift_mean, prior_log_std + shift_log_std
+            kl = gaussian_kl(mean, log_std, prior_mean, prior_log_std)
+        if sample:
+            return mean + torch.exp(log_std) * (torch.randn_like(mean) if noise is None else noise), kl
+        return mean, kl
+
+    def add_latent(self, state, z):
+        return self.mix(state + self.inject(z).view(-1, self.width, self.length))
+
+
+class Decoder(nn.Module):
+    """Main latent [B, D] (+ level latents or encoder features) -> field [B, T, M]."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        filters, lengths = spec.filters, spec.level_lengths
+        self.top_shape = (filters[-1], lengths[-1])
+        self.initial = nn.Linear(spec.main_latent_dim, filters[-1] * lengths[-1])
+        self.levels = nn.ModuleList(DecoderLevel(w, n, spec) for w, n in zip(filters, lengths))
+        self.upsample = nn.ModuleList(nn.Conv1d(filters[i], filters[i - 1], 3, padding=1)
+                                      for i in range(1, len(filters)))
+        self.lengths = lengths
+        self.head = nn.Conv1d(filters[0], spec.projection_rank, 3, padding=1)
+        self.node_projection = nn.Linear(spec.projection_rank, spec.n_nodes)
+        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
+
+    def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
+        """Returns (field [B, T, M], level latents [B, L, d], level KLs per dimension [B, L, d] or None).
+        level_noise: optional standard-normal draws [B, L, d] for sampling, in generation order."""
+        state = self.initial(main_latent).view(-1, *self.top_shape)
+        latents, kls = [], []
+        for order, level_index in enumerate(reversed(range(len(self.levels)))):
+            level = self.levels[level_index]
+            state = run(level.refine, state, recompute=self.recompute)
+            z, kl = level.latent(state, None if features is None else features[level_index],
+                                 None if level_latents is None else level_latents[:, order], sample,
+                                 None if level_noise is None else level_noise[:, order])
+            state = run(level.add_latent, state, z, recompute=self.recompute)
+            latents.append(z)
+            kls.append(kl)
+            if level_index > 0:
+                state = F.interpolate(state, size=self.lengths[level_index - 1], mode="nearest")
+                state = self.upsample[level_index - 1](state)
+        field = self.node_projection(self.head(state).transpose(1, 2))
+        level_kl = torch.stack(kls, dim=1) if kls[0] is not None else None
+        return field, torch.stack(latents, dim=1), level_kl
+
+
+class HierarchicalVAE(nn.Module):
+    """The whole model; every level's latent is used by the decoder (no dead parameters)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.encoder = Encoder(spec)
+        self.decoder = Decoder(spec)
+
+    @property
+    def noise_size(self) -> int:
+        """Standard-normal numbers one posterior sample of one design uses: main latent, then each level."""
+        return self.spec.main_latent_dim + self.spec.n_levels * self.spec.level_latent_dim
+
+    def forward(self, fields, sample=True, noise=None):
+        """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], their float32
+        per-dimension terms kl_main_dims [B, D] and kl_level_dims [B, L, d] (kl_main and kl_levels are their sums),
+        main_mean [B, D] and level_latents [B, L, d] (the posterior means when sample is False).
+
+        noise: optional standard-normal draws [B, noise_size] for the reparameterisation (fresh ones otherwise);
+        giving them per design makes a run independent of how designs are batched or spread over processes.
+        """
+        features, main_mean, main_log_std = self.encoder(fields)
+        main_z, level_noise = main_mean, None
+        if sample:  # the deterministic (posterior-mean) path draws no random numbers at all
+            main_noise, level_noise = self._split_noise(noise, len(fields))
+            main_z = main_mean + torch.exp(main_log_std) * main_noise
+        recon, level_latents, kl_level_dims = self.decoder(main_z, features=features, sample=sample,
+                                                           level_noise=level_noise)
+        kl_main_dims = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean), torch.zeros_like(main_log_std))
+        return {"recon": recon, "kl_main": kl_main_dims.sum(dim=-1), "kl_levels": kl_level_dims.sum(dim=-1),
+                "kl_main_dims": kl_main_dims, "kl_level_dims": kl_level_dims, "main_mean": main_mean,
+                "level_latents": level_latents}
+
+    def _split_noise(self, noise, count):
+        if noise is None:
+            return torch.randn(count, self.spec.main_latent_dim, device=self.decoder.initial.weight.device), None
+        main = noise[:, :self.spec.main_latent_dim]
+        levels = noise[:, self.spec.main_latent_dim:].reshape(count, self.spec.n_levels, self.spec.level_latent_dim)
+        return main, levels
+
+    @torch.no_grad()
+    def encode_means(self, fields):
+        """Posterior means along the mean path: (main [B, D], levels [B, L, d]); decode() of them is the recon."""
+        features, main_mean, _ = self.encoder(fields)
+        _, level_means, _ = self.decoder(main_mean, features=features, sample=False)
+        return main_mean, level_means
+
+    def decode(self, main_latent, level_latents):
+        """Latents [B, D] and [B, L, d] -> field [B, T, M] (scaled units). Differentiable."""
+        return self.decoder(main_latent, level_latents=level_latents)[0]
+
+    @torch.no_grad()
+    def generate(self, n: int):
+        """n new fields [n, T, M] (scaled) sampled from the prior: main ~ N(0, I), each level from its prior.
+        Draws from torch's global generator: seed it for repeatable samples."""
+        device = self.decoder.initial.weight.device
+        main_z = torch.randn(n, self.spec.main_latent_dim, device=device)
+        return self.decoder(main_z, sample=True)[0]
+
+    @torch.no_grad()
+    def init_node_projections(self, mean, modes, scales):
+        """Start the first and last layers as a whitened POD basis.
+
+        mean [M], modes [M, R] (orthonormal columns), scales [R] (std of each coefficient): the encoder maps a field
+        to unit-variance POD coefficients and the decoder maps coefficients back, so training starts from the
+        best linear rank-R compression instead of from noise.
+        """
+        encode, decode = self.encoder.node_projection, self.decoder.node_projection
+        encode.weight.copy_(modes.T / scales[:, None])
+        encode.bias.copy_(-(modes.T @ mean) / scales)
+        decode.weight.copy_(modes * scales[None, :])
+        decode.bias.copy_(mean)

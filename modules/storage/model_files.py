@@ -1,0 +1,104 @@
+"""Saving and loading models and training checkpoints: plain tensors and plain types only, written atomically.
+
+Everything here loads with torch.load(weights_only=True): no pickled classes, so a checkpoint file cannot run code.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from modules.models.conditioners import ConditionerSpec, build_conditioner
+from modules.config.settings import Config
+from modules.errors import InputError
+from modules.data.scaling import MinMaxScaler
+from modules.models.vae import HierarchicalVAE, ModelSpec
+
+MODEL_FORMAT = "simulgenvae-model-v1"
+CHECKPOINT_FORMAT = "simulgenvae-checkpoint-v1"
+CONDITIONER_FORMAT = "simulgenvae-conditioner-v1"
+
+
+def atomic_save(payload: dict, path) -> None:
+    """torch.save to a temporary file, then rename: a killed job never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) -> dict:
+    return {"format": MODEL_FORMAT, "spec": model.spec.to_dict(), "config": config.to_dict(),
+            "scaler": scaler.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def save_model(path, model, config, scaler, run_id: str | None = None) -> None:
+    """The usable VAE; run_id: the run (runs/<id>/) that trained it, which a conditioner-only run records."""
+    atomic_save({**model_payload(model, config, scaler), "run_id": run_id}, path)
+
+
+def save_checkpoint(path, model, config, scaler, training: dict) -> None:
+    """The model file's content plus the training state (modules/training_state.py): where training stood."""
+    payload = model_payload(model, config, scaler)
+    payload.update(format=CHECKPOINT_FORMAT, training=training)
+    atomic_save(payload, path)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on device, Config, MinMaxScaler) from a saved model or checkpoint file."""
+    payload = read_payload(path)
+    try:
+        model = HierarchicalVAE(ModelSpec.from_dict(payload["spec"]))
+        model.load_state_dict(payload["state_dict"])
+        config, scaler = Config.from_dict(payload["config"]), MinMaxScaler.from_dict(payload["scaler"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise InputError(path, f"is not a complete SimulGenVAE model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})", "point to a model written by this version") from None
+    return model.to(device).eval(), config, scaler
+
+
+def save_conditioner(path, model, spec: ConditionerSpec, about: dict, extra: dict | None = None) -> None:
+    """A latent conditioner with what a prediction needs (about: config, scalers, image channels, parameter names,
+    the VAE file it decodes through and that file's digest), all plain types. extra: training state (checkpoints)."""
+    payload = {"format": CONDITIONER_FORMAT, "spec": spec.to_dict(), **about, **(extra or {}),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    atomic_save(payload, path)
+
+
+def load_conditioner(path, device="cpu"):
+    """(conditioner in eval mode on device, the payload's plain facts) from a saved latent conditioner."""
+    payload = read_payload(path, formats=(CONDITIONER_FORMAT,), train_hint="python SimulGen-VAE.py --lc_only=1 "
+                           "(with input_type csv, image or image_vit in input_data/condition.txt)")
+    try:
+        model = build_conditioner(ConditionerSpec.from_dict(payload["spec"]))
+        model.load_state_dict(payload.pop("state_dict"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise InputError(path, f"is not a complete latent conditioner ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})", "retrain it with --lc_only=1") from None
+    return model.to(device).eval(), payload
+
+
+def file_digest(path) -> str:
+    """sha256 of a file, read in blocks: ties a conditioner to the exact VAE it was trained with."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_payload(path, formats=(MODEL_FORMAT, CHECKPOINT_FORMAT), train_hint="python SimulGen-VAE.py") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "model file not found", f"train it first ({train_hint})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or a pickle of arbitrary objects
+        raise InputError(path, f"cannot be loaded safely ({type(error).__name__})",
+                         "the file is corrupt or not a SimulGenVAE model; retrain or use another file") from None
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        found = payload.get("format", "unknown") if isinstance(payload, dict) else "unknown"
+        raise InputError(path, f"is not the kind of SimulGenVAE file expected here (format {found})",
+                         f"point to a file written by {train_hint}")
+    return payload
