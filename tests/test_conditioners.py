@@ -1,7 +1,6 @@
 """Latent conditioners: shapes for every kind, no dead parameters, dropout and stochastic depth, specs that survive
 saving, the guards, and an MLP that actually learns."""
 import json
-import time
 
 import pytest
 import torch
@@ -148,7 +147,6 @@ def test_mlp_learns_a_smooth_function():
     targets = (targets - targets.mean(0)) / targets.std(0)  # standardised, like the real latent targets
     model = make("mlp", (3,), output_dim=4, filters=(32, 32), dropout=0.0)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
     losses = []
     for _ in range(200):
         loss = (model(inputs) - targets).pow(2).mean()
@@ -156,5 +154,4 @@ def test_mlp_learns_a_smooth_function():
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10
-    assert time.perf_counter() - start < 3
+    assert losses[-1] < losses[0] / 10  # speed is the benchmark's business (bench/), never a timed unit test
