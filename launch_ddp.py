@@ -20,29 +20,22 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent / "SimulGen-VAE.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from modules.config.settings import load_config  # noqa: E402
+from modules.config import FLAG_KEYS, load_config  # noqa: E402
+from modules.config.keys import add_key_flags  # noqa: E402
 from modules.errors import InputError  # noqa: E402
 
 
-PASSED_FLAGS = ("preset", "size", "load_all", "plot", "lc_only", "amp", "grad_checkpointing", "compile",
-                "grad_accum_steps", "resume")
-CONFIG_FLAGS = ("size", "load_all", "plot", "amp", "grad_checkpointing", "compile", "grad_accum_steps")
+CONFIG_FLAGS = tuple(key.field for key in FLAG_KEYS if key.launched)  # condition.txt keys passed on as flags
+PASSED_FLAGS = ("preset", *CONFIG_FLAGS, "lc_only", "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, required=True, help="processes on this machine (one per GPU)")
     parser.add_argument("--preset", type=int, help="passed to SimulGen-VAE.py")
-    parser.add_argument("--size", choices=("small", "large"), help="passed to SimulGen-VAE.py")
-    parser.add_argument("--load_all", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py")
-    parser.add_argument("--plot", type=int, choices=(0, 1, 2), help="passed to SimulGen-VAE.py")
+    add_key_flags(parser, [key for key in FLAG_KEYS if key.launched])  # passed to SimulGen-VAE.py
     parser.add_argument("--lc_only", type=int, choices=(0, 1), help="passed to SimulGen-VAE.py (1: train only the "
                         "latent conditioner on the saved VAE)")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="passed to SimulGen-VAE.py")
-    parser.add_argument("--grad_checkpointing", type=int, choices=(0, 1), nargs="?", const=1,
-                        help="passed to SimulGen-VAE.py")
-    parser.add_argument("--compile", type=int, choices=(0, 1), nargs="?", const=1, help="passed to SimulGen-VAE.py")
-    parser.add_argument("--grad_accum_steps", type=int, help="passed to SimulGen-VAE.py")
     parser.add_argument("--resume", nargs="?", const="last", metavar="PATH",
                         help="passed to SimulGen-VAE.py (continue from checkpoints/last.pt, or from PATH)")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")

@@ -282,10 +282,11 @@ def measure_case(batch_size: int) -> dict:
     """Setup, training and prediction of the case in the working directory, with the project's own code."""
     import torch
 
-    from modules.config.settings import load_config
+    from modules.config import load_config
+    from modules.data.case import prepare_case
     from modules.training.distributed import start_runtime
     from modules.training.runtime import PRECISION_NAMES, seed_everything
-    from modules.training.vae_training import build_model, prepare_case
+    from modules.training.vae_training import build_model
 
     config = load_config(1, warn=lambda text: None)
     runtime = start_runtime(config, use_ddp=False)
@@ -337,10 +338,10 @@ def activation_gb(model, case, config, runtime) -> float:
     import numpy as np
     import torch
 
-    from modules.models.grad_checkpointing import enable_recompute
+    from modules.models.grad_checkpointing import enable_grad_checkpointing
 
     if config.grad_checkpointing:
-        enable_recompute(model)
+        enable_grad_checkpointing(model)
     weights = {parameter.data_ptr() for parameter in model.parameters()}
     kept = {}
 
@@ -361,21 +362,24 @@ def time_training(model, case, config, runtime) -> dict:
     import torch
 
     from modules.training.guard import Guard, StopRequest
-    from modules.training.vae_training import train_epoch
+    from modules.training.loop import train_epoch
     from modules.training.optimizer_step import Updater, make_optimizer, training_module
+    from modules.training.state import Progress
+    from modules.training.vae_training import VAETraining
 
     trainer = training_module(model, config, runtime)
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)  # as train_vae
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
     guard = Guard(config, runtime, StopRequest())  # never entered: the benchmark sets no signal handlers
     timed = dataclasses.replace(case, train=TimedBatches(case.train))
+    job = VAETraining(model, timed, config, runtime, say=print)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     wall_s = wait_s = 0.0
     for epoch in range(config.epochs):
         timed.train.wait_s = 0.0
         start = time.perf_counter()
-        train_epoch(trainer, updater, timed, config, epoch, runtime, guard)
+        train_epoch(job, trainer, updater, guard, Progress(epoch=epoch), config, runtime)
         synchronize(runtime, torch)
         if epoch > 0:  # the warm-up epoch pays for compilation, allocator growth and a cold page cache
             wall_s += time.perf_counter() - start

@@ -1,7 +1,8 @@
-"""The prediction baselines, computed from the Gram matrix, equal the same predictors computed on explicit fields."""
+"""The baselines' fields, written as weighted sums of the training designs from the Gram matrix alone, equal the same
+predictors computed on explicit fields."""
 import numpy as np
 
-from modules.evaluation.baselines import fit_gpr, nearest_neighbour_errors, pod_gpr_errors
+from modules.evaluation.baselines import baseline_weights, fit_gpr
 
 
 def fields_and_parameters(n=30, size=50, seed=0):
@@ -21,8 +22,8 @@ def test_nearest_neighbour_matches_the_explicit_nearest_training_design():
     fields, parameters = fields_and_parameters()
     n_train = 22
     nearest = [np.argmin(((parameters[:n_train] - p) ** 2).sum(axis=1)) for p in parameters[n_train:]]
-    expected = relative(fields[nearest], fields[n_train:])
-    assert np.allclose(nearest_neighbour_errors(fields @ fields.T, n_train, parameters), expected, rtol=1e-6)
+    weights = baseline_weights(fields @ fields.T, n_train, {"pod": 3}, conditions=parameters)["nearest_neighbour"]
+    assert np.allclose(weights @ fields[:n_train], fields[nearest])
 
 
 def test_pod_gpr_matches_explicit_pod_modes_and_per_mode_gps():
@@ -33,7 +34,8 @@ def test_pod_gpr_matches_explicit_pod_modes_and_per_mode_gps():
     coefficients = (fields[:n_train] - mean) @ modes[:rank].T
     predicted = np.stack([fit_gpr(parameters[:n_train], coefficients[:, k], 0).predict(parameters[n_train:])
                           for k in range(rank)], axis=1)
-    expected = relative(mean + predicted @ modes[:rank], fields[n_train:])
-    result = pod_gpr_errors(fields @ fields.T, n_train, parameters, rank, seed=0)
-    assert np.allclose(result, expected, rtol=1e-4, atol=1e-7)
+    expected = mean + predicted @ modes[:rank]
+    weights = baseline_weights(fields @ fields.T, n_train, {"pod": rank}, parameters=parameters, seed=0)["pod_gpr"]
+    assert np.allclose(weights @ fields[:n_train], expected, rtol=1e-4, atol=1e-6)
+    result = relative(weights @ fields[:n_train], fields[n_train:])
     assert result.mean() < 0.5 * relative(np.repeat(mean[None], 8, 0), fields[n_train:]).mean()

@@ -293,11 +293,11 @@ def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
 def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(conditioned):
     """With the latent term off, the loss depends on the conditioner only through the decoded field: a detached
     decoder path would leave the conditioner without gradient (and backward() would fail)."""
-    from modules.training.conditioner_case import prepare_conditioner_case, read_conditions
-    from modules.config.settings import load_config
-    from modules.training.runtime import Runtime
-    from modules.training.conditioner_training import conditioner_loss, conditioner_spec
+    from modules.config import load_config
+    from modules.data.conditions import read_conditions
     from modules.models.conditioners import build_conditioner
+    from modules.training.conditioner_training import conditioner_loss, conditioner_spec, prepare_conditioner_case
+    from modules.training.runtime import Runtime
     with working_directory(conditioned):
         config = load_config(1, warn=lambda text: None)
         config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
@@ -329,9 +329,9 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
 
 
 def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of, monkeypatch, capsys):
-    import modules.training.conditioner_training as training
-    monkeypatch.setattr(training, "validate", lambda *args: {"loss": float("nan"), "latent_mse": float("nan"),
-                                                              "field_loss": 0.0})
+    from modules.training.conditioner_training import ConditionerTraining
+    monkeypatch.setattr(ConditionerTraining, "validate", lambda self: {"loss": float("nan"), "latent_mse": float("nan"),
+                                                                       "field_loss": 0.0})
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "lc_patience 0\n")
     with working_directory(copy_of):
         assert main(["--lc_only=1"]) == 2
@@ -341,19 +341,27 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
     assert len(list((copy_of / "archive").glob("*/model_save/latent_conditioner"))) == 1  # the earlier one is kept
 
 
-def test_a_full_run_streams_the_designs_gram_matrix_once_for_both_reports(copy_of, monkeypatch):
-    """... and encodes every design once, for the saved latents, the reconstruction report and the evaluation."""
-    import modules.evaluation.reconstruction_report as evaluate
+def test_a_full_run_reads_the_data_once_per_pass_for_all_its_reports(copy_of, monkeypatch):
+    """The reconstruction report, the prediction report and the evaluation are views of one evaluation: the design
+    Gram matrix, the encoding of every design, the baselines' streamed pass, the memorization check and the
+    conditioner's pass over the validation designs are each made once. (Before, the Gram matrix and the conditioner's
+    pass were made twice, or served from caches.)"""
+    import collections
+
     import modules.evaluation.evaluation as evaluation
-    import modules.training.vae_training as train_vae
-    calls, encodings = [], []
-    original, encode = train_vae.design_gram, evaluate.encode_and_score
-    monkeypatch.setattr(train_vae, "design_gram", lambda *args: calls.append(1) or original(*args))
-    for module in (evaluate, evaluation):
-        monkeypatch.setattr(module, "encode_and_score", lambda *args: encodings.append(1) or encode(*args))
+    calls = collections.Counter()
+    for name in ("design_gram", "make_batches", "score_combinations", "memorization_check"):
+        original = getattr(evaluation, name)
+        monkeypatch.setattr(evaluation, name, lambda *args, name=name, original=original, **kwargs:
+                            calls.update([name]) or original(*args, **kwargs))
+    predicted, predict = [], evaluation.Evaluation.predict
+    monkeypatch.setattr(evaluation.Evaluation, "predict",
+                        lambda self, designs: predicted.extend(int(d) for d in designs) or predict(self, designs))
     with working_directory(copy_of):
-        assert main([]) == 0
-    assert len(calls) == 1 and len(encodings) == 1
+        assert main(["--plot=2"]) == 0
+    assert calls == {"design_gram": 1, "make_batches": 1, "score_combinations": 1, "memorization_check": 1}
+    val = json.loads((copy_of / "model_save" / "split.json").read_text())["val"]
+    assert sorted(predicted) == sorted(val)  # each validation design once
     assert report(copy_of)["baselines"]["mean_field"] == pytest.approx(
         json.loads((copy_of / "output" / "reconstruction_error.json").read_text())["pod_val"]["0"])
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO, write_case
-from modules.config.settings import CONDITION_FILE, PRESET_FILE, load_config
+from modules.config import CONDITION_FILE, PRESET_FILE, load_config
 from modules.errors import InputError
 
 BASE = """\
@@ -262,6 +262,7 @@ def test_cli_turns_bad_config_into_exit_2_and_one_line(case, capsys):
 
 def test_cli_bad_device_flag_exits_2_on_a_gpu_machine(case, monkeypatch, capsys):
     import torch
+
     from modules.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -354,7 +355,7 @@ def test_time_step_check_refuses_exactly_what_the_model_cannot_run(case):
 
     import torch
 
-    from modules.config.settings import check_consistency
+    from modules.config.checks import check_consistency
     from modules.models.vae import HierarchicalVAE, ModelSpec
 
     base = load(case)

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from conftest import smooth_fields, write_case
+from modules.config import load_config
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
-from modules.config.settings import load_config
-from modules.data.dataset import Crop, SimulationArray, find_dataset, load_new_simulations, scan_and_fit_scaler, split_indices
 from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
+from modules.data.dataset import (Crop, SimulationArray, find_dataset, load_new_simulations, scan_and_fit_scaler,
+                                  split_indices)
+from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
 from modules.training.runtime import Runtime
-from modules.data.scaling import MinMaxScaler
 
 
 def _no_warning(text):

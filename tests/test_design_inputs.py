@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from modules.data.design_inputs import (augment_images, check_image_count, image_channels, image_files, natural_key,
-                                   read_condition_images, read_images, read_parameters)
+                                        read_condition_images, read_images, read_parameters)
 from modules.errors import InputError
 
 VALUES = np.array([[1e-3, -0.5, 10.0], [2.5, 0.0, -1e4], [3.0, 7.25, 0.1]])

@@ -165,11 +165,14 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
 
     import torch.distributed as dist
 
-    from modules.config.settings import load_config
+    from modules.config import load_config
     from modules.data.batches import batch_order
-    from modules.training.vae_training import build_model, prepare_case, train_epoch
+    from modules.data.case import prepare_case
     from modules.training.guard import Guard, StopRequest
+    from modules.training.loop import train_epoch
     from modules.training.optimizer_step import Updater, make_optimizer
+    from modules.training.state import Progress
+    from modules.training.vae_training import VAETraining, build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -181,8 +184,8 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
             recorder = RecordingBatches(prepared.train)
             model = build_model(config, prepared, runtime)
             updater = Updater(model, make_optimizer(model.parameters(), 1e-3, 0.0), runtime, grad_clip=0)
-            train_epoch(model, updater, dataclasses.replace(prepared, train=recorder), config, 0, runtime,
-                        Guard(config, runtime, StopRequest()))
+            job = VAETraining(model, dataclasses.replace(prepared, train=recorder), config, runtime, say=print)
+            train_epoch(job, model, updater, Guard(config, runtime, StopRequest()), Progress(), config, runtime)
             asked[rank] = recorder.asked
     finally:
         dist.destroy_process_group()

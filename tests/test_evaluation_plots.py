@@ -9,9 +9,9 @@ from PIL import Image
 matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from modules.evaluation import drawing as evaluation_plots  # noqa: E402
-from modules.errors import InputError  # noqa: E402
 from modules.data.field_layout import FieldLayout, read_field_layout  # noqa: E402
+from modules.errors import InputError  # noqa: E402
+from modules.evaluation import drawing as evaluation_plots  # noqa: E402
 
 GRID = FieldLayout(1, grid_shape=(20, 20))
 LINE = FieldLayout(1)

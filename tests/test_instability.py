@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distributed import free_port
 
 from conftest import REPO, tensorboard_dir, write_case
 from modules.cli import main
+from modules.training.optimizer_step import Updater, make_optimizer
 from modules.training.runtime import Runtime
 from modules.training.schedules import lr_factor
-from modules.training.optimizer_step import Updater, make_optimizer
-from test_distributed import free_port
 from test_training import metrics, working_directory
 
 
@@ -88,14 +88,14 @@ def test_too_many_skips_in_a_row_restore_the_last_checkpoint_with_a_lower_learni
 def test_a_diverging_validation_error_restores_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     import modules.training.vae_training as train_vae
 
-    real, calls = train_vae.validate, [0]
+    real, calls = train_vae.VAETraining.validate, [0]
 
-    def validate(*args):
-        stats = real(*args)
+    def validate(self):
+        stats = real(self)
         calls[0] += 1
         return {**stats, "recon": stats["recon"] * 1000} if calls[0] == 3 else stats
 
-    monkeypatch.setattr(train_vae, "validate", validate)
+    monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
     with working_directory(case_of(tmp_path, epochs=4, extra="save_every 1\n")):
         assert main([]) == 0
     out = capsys.readouterr().out
@@ -119,14 +119,14 @@ def test_when_restores_do_not_help_the_run_stops_with_one_clear_line(tmp_path, m
 def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path, monkeypatch, capsys):
     import modules.training.vae_training as train_vae
 
-    real, calls = train_vae.validate, [0]
+    real, calls = train_vae.VAETraining.validate, [0]
 
-    def validate(*args):
-        stats = real(*args)
+    def validate(self):
+        stats = real(self)
         calls[0] += 1
         return {**stats, "loss": 100.0 + calls[0]}  # only the first epoch is ever the best
 
-    monkeypatch.setattr(train_vae, "validate", validate)
+    monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
     with working_directory(case_of(tmp_path, epochs=10, extra="patience 3\n")):
         assert main([]) == 0
     assert "Early stop of the VAE at epoch 4: no better validation loss for 3 epochs (best 101 at epoch 1)" in \

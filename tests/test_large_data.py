@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from test_distributed import free_port
 
 from conftest import REPO
-from test_distributed import free_port
 
 LIMIT_BYTES = 10**9  # 1 GB
 N, T, M = 150, 50, 100_000  # 3.0 GB of float32

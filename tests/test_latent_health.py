@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modules.evaluation.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups, log_record,
-                                   summarise)
-from modules.training.losses import reconstruction_loss, vae_loss
+from modules.evaluation.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups,
+                                              log_record, summarise)
 from modules.models.vae import HierarchicalVAE, ModelSpec
+from modules.training.losses import LOSS_NAMES, field_loss, vae_loss
 
 SPEC = ModelSpec(n_steps=8, n_nodes=10, projection_rank=4, filters=(8, 4), main_latent_dim=4, level_latent_dim=3,
                  blocks_per_level=1, head_hidden=16)
@@ -25,7 +25,7 @@ def model_and_fields(seed=0, batch=5):
 
 def old_vae_loss(outputs, target, config, beta):
     """The loss before free bits existed, kept here to pin free_bits 0 to it."""
-    recon = sum(reconstruction_loss(o["recon"].float(), target, config.loss_type, config.huber_delta) for o in outputs)
+    recon = sum(field_loss(o["recon"].float(), target, LOSS_NAMES[config.loss_type], config.huber_delta) for o in outputs)
     kl_main = sum(o["kl_main"].mean() for o in outputs) / len(outputs)
     kl_levels = sum(o["kl_levels"].mean(dim=0) for o in outputs) / len(outputs)
     return config.recon_weight * recon / len(outputs) + beta * (kl_main + kl_levels.sum())
@@ -101,7 +101,7 @@ def test_free_bits_on_the_real_model_reports_unclamped_means_over_the_samples():
     model, fields = model_and_fields()
     outputs = [model(fields) for _ in range(2)]
     total, parts = vae_loss(outputs, fields, config(5.0), beta=1.0)  # a floor above every dimension's KL
-    recon = sum(reconstruction_loss(o["recon"], fields, 1, 0.1) for o in outputs) / 2
+    recon = sum(field_loss(o["recon"], fields, "MSE", 0.1) for o in outputs) / 2
     assert total.item() == pytest.approx(recon.item() + 5.0 * (D + L * d), rel=1e-5)
     expected = (outputs[0]["kl_level_dims"].mean(0) + outputs[1]["kl_level_dims"].mean(0)) / 2
     assert torch.allclose(parts["kl_level_dims"], expected) and torch.allclose(parts["kl_levels"], expected.sum(-1))

@@ -5,12 +5,14 @@ import numpy as np
 import torch
 
 from conftest import design_parameters, smooth_fields, write_case
-from modules.storage.model_files import load_model
 from modules.cli import main
-from modules.config.settings import load_config
-from modules.evaluation.memorization import cross_products, nearest_from_inner_products, summarise, write_prior_samples
+from modules.config import load_config
+from modules.data.case import prepare_case
+from modules.evaluation.memorization import (cross_products, nearest_from_inner_products, summarise_distances,
+                                             write_prior_samples)
+from modules.models.pod import design_gram
+from modules.storage.model_files import load_model
 from modules.training.runtime import Runtime
-from modules.training.vae_training import prepare_case
 from test_training import working_directory
 
 N_DESIGNS = 40
@@ -28,17 +30,21 @@ def nearest(fields, case, folder):
     np.save(folder / "fields.npy", fields)
     norm2, cross = cross_products(folder / "fields.npy", case.array, case.train_indices)
     n_train = len(case.train_indices)
-    return nearest_from_inner_products(norm2, cross, np.diag(case.split_gram())[:n_train])
+    return nearest_from_inner_products(norm2, cross, np.diag(split_gram(case))[:n_train])
+
+
+def split_gram(case):
+    return design_gram(case.array, np.concatenate([case.train_indices, case.val_indices]))
 
 
 def heldout(case):
-    gram, n_train = case.split_gram(), len(case.train_indices)
+    gram, n_train = split_gram(case), len(case.train_indices)
     return nearest_from_inner_products(np.diag(gram)[n_train:], gram[n_train:, :n_train], np.diag(gram)[:n_train])
 
 
 def test_copies_of_training_designs_are_reported_as_memorization(tmp_path):
     case = family_case(tmp_path)
-    report = summarise(nearest(case.array.read(case.train_indices[:10]), case, tmp_path), heldout(case),
+    report = summarise_distances(nearest(case.array.read(case.train_indices[:10]), case, tmp_path), heldout(case),
                        len(case.train_indices))
     assert report["samples_nearest_distance"]["max"] < 1e-6 < report["heldout_nearest_distance"]["min"]
     assert report["share_closer_than_heldout_p5"] == 1.0 and "memorization" in report["verdict"]
@@ -47,7 +53,7 @@ def test_copies_of_training_designs_are_reported_as_memorization(tmp_path):
 def test_new_designs_of_the_family_are_not(tmp_path):
     case = family_case(tmp_path)
     new = smooth_fields(10, 6, 20, parameters=design_parameters(10, seed=5))  # the same family, other designs
-    report = summarise(nearest(new, case, tmp_path), heldout(case), len(case.train_indices))
+    report = summarise_distances(nearest(new, case, tmp_path), heldout(case), len(case.train_indices))
     assert report["share_closer_than_heldout_p5"] <= 0.2 and report["verdict"].startswith("no sign")
     assert report["samples_nearest_distance"]["min"] > 1e-3
 

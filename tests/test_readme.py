@@ -3,7 +3,7 @@ import re
 
 from conftest import REPO
 from modules.cli import build_parser
-from modules.config.settings import KEYS
+from modules.config import KEYS
 
 README = (REPO / "README.md").read_text()
 

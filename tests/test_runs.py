@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import write_case
 from modules import cli
 from modules.cli import main
+from modules.commands import train as train_command
 from modules.storage.runs import RUN_FILE, end_run, list_runs, new_run_id, start_run, update_run
 from test_training import working_directory
 
@@ -198,7 +199,7 @@ def test_every_training_run_is_recorded_and_listed_and_tensorboard_shows_them_si
 def test_a_run_that_fails_after_it_started_is_recorded_as_failed(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(cli, "train_vae", broken)
+    monkeypatch.setattr(train_command, "train_vae", broken)
     write_case(tmp_path, n=12, epochs=2)
     with working_directory(tmp_path), pytest.raises(RuntimeError):
         cli.main([])

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import REPO, write_case
-from modules.models import grad_checkpointing as recompute
 from modules.cli import main
-from modules.models.conditioners import ConditionerSpec, build_conditioner
-from modules.config.settings import load_config
+from modules.config import load_config
 from modules.errors import InputError
-from modules.models.grad_checkpointing import enable_recompute
-from modules.training.runtime import Runtime, adapted, pick_precision, pick_workers
+from modules.models import grad_checkpointing as recompute
+from modules.models.conditioners import ConditionerSpec, build_conditioner
+from modules.models.grad_checkpointing import enable_grad_checkpointing
+from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.training.guard import Guard, StopRequest
 from modules.training.optimizer_step import Updater, make_optimizer, micro_batches
-from modules.models.vae import HierarchicalVAE, ModelSpec
+from modules.training.runtime import Runtime, adapted, pick_precision, pick_workers
 from test_training import metrics, working_directory
 
 SPEC = ModelSpec(n_steps=12, n_nodes=30, projection_rank=8, filters=(16, 16, 8), main_latent_dim=4,
@@ -162,7 +162,7 @@ def test_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(kind
     model, inputs = build().train(), make_inputs()
     plain = gradients(model, inputs, call)
     plain_bytes = saved_bytes(model, inputs, call)
-    enable_recompute(model)
+    enable_grad_checkpointing(model)
     recomputed = gradients(model, inputs, call)
     assert plain.keys() == recomputed.keys()
     for name in plain:  # dropout and stochastic depth draw the same masks in the recomputation
@@ -224,7 +224,10 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
     """Counts the calls from the project's own code that would make the host wait for a GPU: copies to the host, and
     small copies from pageable memory to the device (PyTorch's optimiser reads its step counter, a CPU tensor, with
     .item(): not a device sync, and not the project's call)."""
-    from modules.training.vae_training import build_model, prepare_case, train_epoch
+    from modules.data.case import prepare_case
+    from modules.training.loop import train_epoch
+    from modules.training.state import Progress
+    from modules.training.vae_training import VAETraining, build_model
 
     with working_directory(case):
         config = load_config(1, {"load_all": 1}, warn=lambda text: None)
@@ -245,7 +248,8 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
     guard = Guard(config, runtime, StopRequest())
-    train_epoch(model, updater, prepared, config, 0, runtime, guard)
+    job = VAETraining(model, prepared, config, runtime, say=print)
+    train_epoch(job, model, updater, guard, Progress(), config, runtime)
     guard.end_epoch()
     monkeypatch.undo()
     assert len(prepared.train) > 2 * config.batch_size  # several steps ran

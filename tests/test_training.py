@@ -14,8 +14,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, smooth_fields, tensorboard_dir, write_case
-from modules.storage.model_files import load_model
 from modules.cli import main
+from modules.storage.model_files import load_model
 
 EPOCHS = 40
 

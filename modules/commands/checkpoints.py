@@ -10,8 +10,8 @@ Useless, and removed by clean: corrupt and leftover files anywhere, and in check
 """
 from pathlib import Path
 
-from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.errors import InputError
+from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.paths import ARCHIVE_DIR, CHECKPOINT_DIR
 from modules.training.state import check_resumable
 
@@ -45,7 +45,7 @@ def useless(path: Path, status: str) -> bool:
     return status in (CORRUPT, LEFTOVER) or (status == NOT_RESUMABLE and in_live_folder)
 
 
-def run(action: str, dry_run: bool, config, say=print) -> list:
+def checkpoints_command(action: str, dry_run: bool, config, say=print) -> list:
     """List every checkpoint with its status; with action 'clean', remove the useless ones (or, with dry_run, only
     say which). Returns the paths removed or, in a dry run, those that would be."""
     entries = survey(config)

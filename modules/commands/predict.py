@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.storage.model_files import file_digest, load_conditioner, load_model
-from modules.config.settings import Config
+from modules.config import Config
 from modules.data.design_inputs import read_condition_images, read_parameters
-from modules.errors import InputError
-from modules.models.latents import decode_latents, split_latents
-from modules.commands.reconstruct import check_new_output, save_new
 from modules.data.scaling import ColumnScaler
+from modules.errors import InputError
+from modules.models.conditioners import CONDITIONERS
+from modules.models.latents import decode_latents, split_latents
+from modules.storage.atomic import save_array, temporary_path
+from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.paths import new_output_file
 
 
 def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> np.ndarray:
@@ -33,7 +35,7 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
     latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
     scaled, seconds = predict_fields(conditioner, vae, latent_scaler, inputs, config.batch_size)
     fields = field_scaler.inverse(scaled)
-    save_new(outputs["out"], fields)
+    save_array(outputs["out"], fields)
     say(f"Predicted {len(fields)} designs -> {outputs['out']} {tuple(fields.shape)} in {seconds:.3f} s of model "
         f"time ({len(fields) / max(seconds, 1e-9):,.0f} designs/s on {device})")
     if samples:
@@ -43,27 +45,17 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
 
 def output_paths(out, samples: int) -> dict:
     """OUT.npy, and with samples OUT_samples.npy, OUT_mean.npy, OUT_std.npy; none may exist yet."""
-    out = check_new_output(out)
+    out = new_output_file(out, "--predict")
     paths = {"out": out}
     if samples:
         for kind in ("samples", "mean", "std"):
-            paths[kind] = check_new_output(out.with_name(f"{out.stem}_{kind}.npy"))
+            paths[kind] = new_output_file(out.with_name(f"{out.stem}_{kind}.npy"), "--predict")
     return paths
-
-
-def checked_vae_file(facts: dict, conditioner_file) -> Path:
-    """The VAE the conditioner was trained with, unchanged since (its latents mean nothing to another VAE)."""
-    vae_file = Path(facts["vae_file"])
-    if not vae_file.exists() or file_digest(vae_file) != facts["vae_sha256"]:
-        state = "is missing" if not vae_file.exists() else "has changed since"
-        raise InputError(conditioner_file, f"was trained with the VAE {vae_file}, which {state}",
-                         "retrain the conditioner for the current VAE (--lc_only=1)")
-    return vae_file
 
 
 def read_inputs(source, config, facts) -> torch.Tensor:
     """The new designs' conditions, prepared exactly as in training: standardised parameters or [0, 1] images."""
-    if config.input_type == "csv":
+    if CONDITIONERS[config.input_type].reads == "parameters":
         if not Path(source).is_file():  # read_parameters' own message points at param_dir, the training CSV
             raise InputError(source, "not found" if not Path(source).exists() else "is a folder, not a CSV file",
                              "give --predict the path of a CSV of new designs (one row of parameters per design)")
@@ -108,7 +100,7 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     generator = torch.Generator().manual_seed(config.seed)
     spec = vae.spec
     n, (steps, nodes) = len(inputs), (config.n_steps_used, config.n_nodes_used)
-    temporary = outputs["samples"].with_name(outputs["samples"].name + ".tmp.npy")
+    temporary = temporary_path(outputs["samples"])  # written draw by draw, renamed once whole
     written = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(n, samples, steps, nodes))
     mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
     for start in range(0, n, config.batch_size):
@@ -128,7 +120,7 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     written.flush()
     del written
     temporary.replace(outputs["samples"])
-    save_new(outputs["mean"], mean)
-    save_new(outputs["std"], std)
+    save_array(outputs["mean"], mean)
+    save_array(outputs["std"], std)
     say(f"{samples} samples per design -> {outputs['samples']} {(n, samples, steps, nodes)}, their mean -> "
         f"{outputs['mean']}, standard deviation -> {outputs['std']} (largest std {float(std.max()):.4g})")

@@ -8,6 +8,7 @@ from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
 from modules.training.runtime import available_host_bytes
 
+
 def batch_order(n_items: int, batch_size: int, shuffle: bool, seed: int, epoch: int):
     """Positions 0..n_items-1 cut into batches; shuffled by (seed, epoch) so every loader sees the same batches."""
     positions = np.arange(n_items)

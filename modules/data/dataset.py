@@ -10,11 +10,9 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from modules.errors import InputError
-from modules.training.runtime import available_host_bytes
 from modules.data.scaling import MinMaxScaler
+from modules.errors import InputError
 
 DATA_DIR = Path("input_data")
 FORMATS = (".npy", ".h5", ".hdf5", ".pickle")

@@ -14,7 +14,6 @@ from PIL import Image
 
 from modules.errors import InputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 DIGITS = re.compile(r"([0-9]+)")

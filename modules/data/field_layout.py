@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modules.config.settings import whole_numbers
+from modules.config.keys import whole_numbers
 from modules.errors import InputError
 
 COORDINATES_FIX = "give one row of x, y (or x, y, z) per node of one variable, in node order, in a .npy or .csv file"

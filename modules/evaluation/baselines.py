@@ -5,10 +5,9 @@
 - POD + Gaussian-process regression (when the designs are defined by parameters): the training fields' POD
   coefficients, as many as the VAE has latent numbers, are regressed on the parameters with a GP.
 
-Both are computed from the Gram matrix of the designs' fields (modules/pod.py), so they stream the data once and
-never hold the [N, T, M] array in memory.
+Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
+designs' fields (models/pod.py), so scoring streams the data once and never holds the [N, T, M] array in memory.
 """
-import hashlib
 import warnings
 
 import numpy as np
@@ -31,47 +30,11 @@ def nearest_training_designs(n_train: int, conditions: np.ndarray) -> np.ndarray
     return distances.argmin(axis=1)
 
 
-def nearest_neighbour_errors(gram: np.ndarray, n_train: int, conditions: np.ndarray) -> np.ndarray:
-    """Relative L2 error [n_val] of predicting each validation design by its nearest training design.
-
-    gram: design_gram of [training..., validation...]; conditions: [n_train + n_val, ...] in the same order.
-    """
-    nearest = nearest_training_designs(n_train, conditions)
-    val_rows = np.arange(n_train, len(gram))
-    squared = gram[val_rows, val_rows] + gram[nearest, nearest] - 2 * gram[val_rows, nearest]
-    return np.sqrt(np.clip(squared, 0, None) / gram[val_rows, val_rows])
-
-
-def pod_gpr_errors(gram: np.ndarray, n_train: int, parameters: np.ndarray, rank: int, seed: int) -> np.ndarray:
-    """Relative L2 error [n_val] of POD (rank modes of the training designs) + GP regression of the coefficients.
-
-    parameters: standardised [n_train + n_val, P] in the order of gram. Each coefficient gets its own GP with an
-    anisotropic RBF kernel (one length scale per parameter) plus noise: the usual POD + GPR surrogate. (One GP shared
-    by all coefficients measured worse on the demo case, 1.0 % against 0.85 %.)
-    """
-    _, val_coefficients, val_centred_norm2, val_norm2 = pod_coefficients(gram, n_train)
-    predicted = pod_gpr_coefficients(gram, n_train, parameters, rank, seed)
-    rank = predicted.shape[1]
-    # ||x - mean - sum_k c~_k u_k||^2 with orthonormal modes u_k and true coefficients c_k = <x - mean, u_k>
-    squared = val_centred_norm2 - 2 * (predicted * val_coefficients[:, :rank]).sum(axis=1) + (predicted ** 2).sum(1)
-    return np.sqrt(np.clip(squared, 0, None) / val_norm2)
-
-
 def pod_gpr_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray, rank: int, seed: int):
-    """The validation designs' POD coefficients [n_val, min(rank, modes)] predicted from their parameters. The last
-    result is kept: a full run needs it for the prediction report and again for the evaluation, and fitting one GP
-    per coefficient is the slow part of both (about 8 s on the demo)."""
-    key = hashlib.sha1(b"".join([gram.tobytes(), parameters.tobytes(), str((n_train, rank, seed)).encode()])).digest()
-    if key not in _last_gpr_fit:
-        _last_gpr_fit.clear()
-        _last_gpr_fit[key] = _fit_pod_gpr(gram, n_train, parameters, rank, seed)
-    return _last_gpr_fit[key].copy()
-
-
-_last_gpr_fit = {}
-
-
-def _fit_pod_gpr(gram, n_train, parameters, rank, seed):
+    """The validation designs' POD coefficients [n_val, min(rank, modes)] predicted from their standardised
+    parameters [n_train + n_val, P] (order of gram). Each coefficient gets its own GP with an anisotropic RBF kernel
+    (one length scale per parameter) plus noise: the usual POD + GPR surrogate. (One GP shared by all coefficients
+    measured worse on the demo case, 1.0 % against 0.85 %.)"""
     train_coefficients = pod_coefficients(gram, n_train)[0]
     return np.stack([fit_gpr(parameters[:n_train], train_coefficients[:, mode], seed).predict(parameters[n_train:])
                      for mode in range(min(rank, train_coefficients.shape[1]))], axis=1)
@@ -87,14 +50,17 @@ def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int) -> GaussianProce
         return model.fit(inputs, targets)
 
 
-def baseline_weights(gram: np.ndarray, n_train: int, rank: int, conditions=None, parameters=None, seed: int = 0):
+def baseline_weights(gram: np.ndarray, n_train: int, pod_ranks: dict, conditions=None, parameters=None,
+                     seed: int = 0):
     """{name: weights [n_val, n_train]}: each baseline's field of every validation design as a weighted sum of the
-    training designs. "pod": the design's own projection on `rank` POD modes (a reconstruction: the yardstick of
-    the VAE); "mean_field"; with conditions, "nearest_neighbour"; with standardised parameters, "pod_gpr"."""
+    training designs. pod_ranks {name: rank}: the design's own projection on `rank` POD modes (a reconstruction: the
+    yardstick of the VAE); "mean_field"; with conditions, "nearest_neighbour"; with standardised parameters,
+    "pod_gpr" (as many modes as the largest POD rank)."""
     n_val = len(gram) - n_train
     coefficients = pod_coefficients(gram, n_train)[1]
-    weights = {"pod": combination_weights(gram, n_train, coefficients[:, :rank]),
-               "mean_field": np.full((n_val, n_train), 1.0 / n_train)}
+    weights = {name: combination_weights(gram, n_train, coefficients[:, :rank]) for name, rank in pod_ranks.items()}
+    weights["mean_field"] = np.full((n_val, n_train), 1.0 / n_train)
+    rank = max(pod_ranks.values())
     if conditions is not None:
         weights["nearest_neighbour"] = np.eye(n_train)[nearest_training_designs(n_train, conditions)]
     if parameters is not None:

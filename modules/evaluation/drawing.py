@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from modules.config.settings import MAX_FIELD_PLOT_ROWS
+from modules.config.keys import MAX_FIELD_PLOT_ROWS
 from modules.evaluation.latent_health import ACTIVE_KL
 
 DPI = 110

@@ -1,19 +1,18 @@
-"""PNG plots of a training run. --plot=1 saves them; --plot=0 also shows them, once, at the end of the run, and only
-when there is a screen and a terminal: a headless or batch job never blocks on a window."""
+"""Which PNG plots a run writes to output/, from its training history and its evaluation (evaluation/drawing.py
+draws the evaluation's). --plot=1 saves them; --plot=0 also shows them, once, at the end of the run, and only when
+there is a screen and a terminal: a headless or batch job never blocks on a window."""
 import os
 import sys
 
 import matplotlib
 import numpy as np
-import torch
 
-from modules.evaluation import drawing as evaluation_plots_module
-from modules.config.settings import CONDITION_FILE, whole_numbers
-from modules.data.batches import in_order
-from modules.errors import InputError
-from modules.evaluation.reconstruction_report import reconstruct
+from modules.config import CONDITION_FILE
+from modules.config.keys import whole_numbers
 from modules.data.field_layout import read_field_layout
-from modules.storage.paths import OUTPUT_DIR
+from modules.errors import InputError
+from modules.evaluation import drawing
+from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
 
 SAMPLES_SHOWN = 3
 
@@ -38,12 +37,14 @@ def _pyplot(show: bool):
     return plt
 
 
-def training_plots(history, model, case, config, output_dir, show=False, say=print) -> list:
-    """Loss curves and a few validation designs (true, reconstructed, error). Returns the PNG paths."""
+def training_plots(history, evaluation, show=False, say=print) -> list:
+    """The VAE's loss curves and its first validation designs (true, reconstructed, error). Returns the PNG paths."""
     show = will_show(show, say)
     plt = _pyplot(show)
-    paths = [loss_curves(plt, history, output_dir / "loss_curves.png"),
-             reconstruction_samples(plt, model, case, config, output_dir / "reconstruction_samples.png")]
+    designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
+    paths = [loss_curves(plt, history, OUTPUT_DIR / "loss_curves.png"),
+             field_comparison(plt, designs, evaluation.case.array.read(designs), evaluation.reconstruct(designs),
+                              "reconstruction", OUTPUT_DIR / "reconstruction_samples.png")]
     say(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
@@ -56,16 +57,6 @@ def loss_curves(plt, history, path):
               ("KL (training)", ["train/kl_main"] + sorted(k for k in history[0] if k.startswith("train/kl_level"))),
               ("schedules", ["beta", "lr"])]
     return curves(plt, history, panels, path, columns=2)
-
-
-@torch.no_grad()
-def reconstruction_samples(plt, model, case, config, path):
-    """True / reconstructed / |error| maps (time down, nodes across) for the first validation designs."""
-    model.eval()
-    batch = next(case.val.batches(in_order(min(SAMPLES_SHOWN, len(case.val)), SAMPLES_SHOWN)))
-    true = case.scaler.inverse(batch.float().cpu().numpy())
-    recon = case.scaler.inverse(reconstruct(model, batch).float().cpu().numpy())
-    return field_comparison(plt, case.val_indices[:len(true)], true, recon, "reconstruction", path)
 
 
 def field_comparison(plt, designs, true, other, other_label, path):
@@ -87,16 +78,18 @@ def field_comparison(plt, designs, true, other, other_label, path):
     return path
 
 
-def conditioner_plots(history, samples, output_dir, samples_path, show=False, say=print) -> list:
-    """Conditioner loss curves and a few validation designs (simulated, predicted from their condition, error).
-    samples: (design indices, true fields, predicted fields), physical units."""
+def conditioner_plots(history, evaluation, show=False, say=print) -> list:
+    """The conditioner's loss curves and its first validation designs (simulated, predicted from their condition,
+    error). Returns the PNG paths."""
     show = will_show(show, say)
     plt = _pyplot(show)
+    designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
     names = [name for name in history[0] if name.startswith(("train/", "val/")) and
              any(row[name] for row in history)]
     paths = [curves(plt, history, [("conditioner losses", names), ("learning rate", ["lr"])],
-                    output_dir / "conditioner_loss_curves.png"),
-             field_comparison(plt, *samples, "predicted from the design's condition", samples_path)]
+                    OUTPUT_DIR / "conditioner_loss_curves.png"),
+             field_comparison(plt, designs, evaluation.case.array.read(designs), evaluation.predict(designs),
+                              "predicted from the design's condition", PREDICTION_PLOT)]
     say(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
@@ -123,7 +116,7 @@ def curves(plt, history, panels, path, columns=None):
 
 
 def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
-    """The evaluation's PNGs in output/ (modules/evaluation_plots.py draws them): simulated, predicted and error
+    """The evaluation's PNGs in output/: simulated, predicted and error
     fields of chosen designs and time steps, for the VAE and the conditioner; the error per time step of every
     predictor; the main latents by PCA and t-SNE; active units per level. Returns the paths. config: the current
     one (plot settings, node layout)."""
@@ -132,24 +125,24 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
     layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
     fields = [("reconstruction", report["reconstruction"]["vae"], "VAE reconstruction",
                evaluation.reconstruct)]
-    if evaluation.predict is not None:
+    if evaluation.prediction is not None:
         fields.append(("prediction", report["prediction"]["conditioner"], "predicted from the design's condition",
                        evaluation.predict))
     paths = []
     for name, summary, label, predict in fields:
         designs = chosen_designs(config, summary["per_design_relative_l2"])
         steps = chosen_steps(config, n_steps, len(designs) * config.n_vars)
-        paths.append(evaluation_plots_module.field_snapshots(
+        paths.append(drawing.field_snapshots(
             plt, layout, designs, steps, evaluation.case.array.read(designs), predict(np.asarray(designs)), label,
             OUTPUT_DIR / f"evaluation_{name}_fields.png"))
-    paths.append(evaluation_plots_module.error_per_step(plt, error_curves(report),
+    paths.append(drawing.error_per_step(plt, error_curves(report),
                                                         OUTPUT_DIR / "evaluation_error_per_step.png"))
     colour, colour_label = design_colours(config, evaluation)
-    is_validation = np.isin(np.arange(len(evaluation.main_latents)), evaluation.case.val_indices)
-    paths.append(evaluation_plots_module.latent_maps(plt, evaluation.main_latents, colour, colour_label,
+    is_validation = np.isin(np.arange(len(evaluation.encoding.main_latents)), evaluation.case.val_indices)
+    paths.append(drawing.latent_maps(plt, evaluation.encoding.main_latents, colour, colour_label,
                                                      is_validation, OUTPUT_DIR / "latent_space.png",
                                                      evaluation.config.seed))
-    paths.append(evaluation_plots_module.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
+    paths.append(drawing.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
     say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
     if show:
         plt.show()
@@ -171,7 +164,7 @@ def chosen_steps(config, n_steps: int, rows_per_step: int) -> list:
     if config.plot_steps:
         return list(whole_numbers(config.plot_steps))
     steps = sorted({n_steps // 4, n_steps // 2, n_steps - 1})
-    return steps if len(steps) * rows_per_step <= evaluation_plots_module.MAX_SNAPSHOT_ROWS else [n_steps - 1]
+    return steps if len(steps) * rows_per_step <= drawing.MAX_SNAPSHOT_ROWS else [n_steps - 1]
 
 
 def error_curves(report) -> dict:
@@ -192,7 +185,7 @@ def design_colours(config, evaluation):
     when designs are not defined by parameters, each design's VAE reconstruction error."""
     conditions = evaluation.conditions
     if conditions is None or conditions.channels is not None:
-        return evaluation.reconstruction.relative_l2(), "VAE reconstruction error (relative L2)"
+        return evaluation.encoding.errors.relative_l2(), "VAE reconstruction error (relative L2)"
     column = parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
     label = conditions.param_names[column] if conditions.param_names else f"parameter {column + 1}"
     return conditions.values[:, column], label

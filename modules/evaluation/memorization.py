@@ -13,7 +13,6 @@ Distances come from inner products, like the POD baseline's: the held-out ones f
 over time steps, against the samples written to a temporary .npy in output/ (removed at the end; as large as the
 validation designs). Memory stays bounded at any mesh size, and the training data is read once.
 """
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,26 +25,18 @@ COPY_SHARE = 0.5    # above: most samples are nearer a training design than new 
 NEW_SHARE = 0.2     # below: samples are as far from the training set as new designs (about 0.05 expected)
 
 
-def memorization_check(model, case, config, output_dir, say=print) -> dict:
-    """Sample, measure, write output_dir/memorization.json, print a short summary; returns the report."""
+def memorization_check(model, case, gram, seed: int, scratch_dir) -> dict:
+    """Draw as many prior samples as there are validation designs (seeded), measure both distributions, return the
+    report. gram: design_gram of [training..., validation...] designs; scratch_dir: where the samples' temporary
+    .npy goes (the data's disk, not /tmp)."""
     n_train = len(case.train_indices)
-    gram = case.split_gram()  # [training..., validation...]
     train_norm2 = np.diag(gram)[:n_train]
     heldout = nearest_from_inner_products(np.diag(gram)[n_train:], gram[n_train:, :n_train], train_norm2)
-    with tempfile.TemporaryDirectory(dir=output_dir) as folder:  # beside the outputs: the data's disk, not /tmp
-        samples_file = write_prior_samples(Path(folder) / "samples.npy", model, case.scaler,
-                                           len(case.val_indices), config.seed)
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as folder:
+        samples_file = write_prior_samples(Path(folder) / "samples.npy", model, case.scaler, len(case.val_indices),
+                                           seed)
         sample_norm2, cross = cross_products(samples_file, case.array, case.train_indices)
-    report = summarise(nearest_from_inner_products(sample_norm2, cross, train_norm2), heldout, n_train)
-    (output_dir / "memorization.json").write_text(json.dumps(report, indent=2))
-    samples, held = report["samples_nearest_distance"], report["heldout_nearest_distance"]
-    say(f"Memorization check ({report['n_samples']} prior samples, {report['n_heldout']} held-out designs; relative "
-        f"L2 distance to the nearest of {n_train} training designs):")
-    say(f"  samples: median {samples['median']:.4%}, 5th percentile {samples['p5']:.4%}; held-out designs: median "
-        f"{held['median']:.4%}, 5th percentile {held['p5']:.4%}")
-    say(f"  {report['share_closer_than_heldout_p5']:.0%} of the samples are nearer a training design than 95 % of "
-        f"new designs are: {report['verdict']} (written to {output_dir / 'memorization.json'})")
-    return report
+    return summarise_distances(nearest_from_inner_products(sample_norm2, cross, train_norm2), heldout, n_train)
 
 
 @torch.no_grad()
@@ -91,7 +82,7 @@ def nearest_from_inner_products(norm2, cross, train_norm2) -> np.ndarray:
     return relative.min(axis=1)
 
 
-def summarise(samples: np.ndarray, heldout: np.ndarray, n_train: int) -> dict:
+def summarise_distances(samples: np.ndarray, heldout: np.ndarray, n_train: int) -> dict:
     """The report of two nearest-distance distributions (fractions, not percent)."""
     threshold = float(np.percentile(heldout, 5))
     share = float(np.mean(samples < threshold))

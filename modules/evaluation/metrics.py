@@ -88,3 +88,13 @@ def spread(values: np.ndarray, designs: np.ndarray) -> dict:
 def nan_to_none(values) -> list:
     """JSON has no NaN: undefined entries become null."""
     return [None if not np.isfinite(value) else float(value) for value in values]
+
+
+def relative_l2(predicted, true) -> np.ndarray:
+    """Per design: ||predicted - true|| / ||true|| over the whole [T, M] field. Inputs [n, T, M].
+    Differences in float32, sums of squares accumulated in float64: no float64 copy of a batch of huge fields."""
+    true = np.asarray(true, np.float32).reshape(len(true), -1)
+    difference = np.asarray(predicted, np.float32).reshape(len(true), -1) - true
+    error2 = np.add.reduce(np.square(difference, out=difference), axis=1, dtype=np.float64)
+    norm2 = np.add.reduce(np.square(true), axis=1, dtype=np.float64)
+    return np.sqrt(error2) / np.maximum(np.sqrt(norm2), 1e-30)

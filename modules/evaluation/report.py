@@ -1,24 +1,166 @@
-"""The evaluation (modules/evaluation.py) as output/evaluation.json (every number), output/evaluation.md (tables a
-person reads) and a few printed lines."""
+"""Every report of an evaluation (evaluation/evaluation.py), each a view of the same numbers: what is written to
+output/ and what is printed.
+
+- reconstruction_error.json: the VAE against POD on the validation designs (after the VAE trains);
+- prediction_report.json and .md: the conditioner against the baselines (after the conditioner trains);
+- evaluation.json (every number), evaluation.md (the tables a person reads) and memorization.json (at the end of
+  every run, and --evaluate), with the evaluation plots when --plot is 0 or 1.
+"""
 import json
 
 import numpy as np
 
-from modules.evaluation import figures as plots
-from modules.evaluation.evaluation import evaluate_saved
-from modules.storage.paths import MODEL_FILE, OUTPUT_DIR
+from modules.evaluation import figures
+from modules.models.conditioners import CONDITIONERS
+from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 
+RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
 EVALUATION_JSON = OUTPUT_DIR / "evaluation.json"
 EVALUATION_MD = OUTPUT_DIR / "evaluation.md"
+MEMORIZATION_JSON = OUTPUT_DIR / "memorization.json"
 STEPS_IN_TABLE = 10  # evenly spaced time steps in the .md table (the .json and the plot have every step)
-CONDITIONER_NAMES = {"csv": "MLP", "image": "CNN", "image_vit": "ViT"}
 
 
-def build_report(evaluation) -> dict:
-    """Plain JSON: reconstruction and prediction tables of predictors, the memorization check, active units."""
+def conditioner_kind(config: dict) -> str:
+    """'MLP', 'CNN, end to end', ... of a conditioner's saved config."""
+    return CONDITIONERS[config["input_type"]].label + (", end to end" if config["use_e2e_training"] else "")
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+def reconstruction_report(evaluation) -> dict:
+    """The VAE against POD with as many numbers per design (and as many as its main latent) and the mean field, on
+    the validation designs: mean relative L2 errors."""
     config, case = evaluation.config, evaluation.case
-    n_nodes = case.array.sample_shape[1]
-    reconstruction = {"vae": evaluation.reconstruction.subset(case.val_indices).summary(n_nodes),
+    errors = evaluation.encoding.errors.relative_l2()
+    vae_val, vae_train = errors[case.val_indices], errors[case.train_indices]
+    pod = {0: evaluation.baselines["mean_field"], config.main_latent_dim: evaluation.baselines["pod_main"],
+           config.latent_size: evaluation.baselines["pod"]}
+    return {
+        "metric": "mean relative L2 error of the whole [T, M] field, physical units",
+        "n_train": len(case.train_indices), "n_val": len(case.val_indices),
+        "latent_numbers_per_design": config.latent_size,
+        "vae_val": float(vae_val.mean()), "vae_val_median": float(np.median(vae_val)),
+        "vae_val_worst": float(vae_val.max()), "vae_train": float(vae_train.mean()),
+        "pod_val": {str(rank): float(pod[rank].relative_l2().mean()) for rank in sorted(pod)},
+        "pod_note": "POD rank r keeps r numbers per design; rank 0 is the training mean field",
+        "pod_rank_cap": len(case.train_indices) - 1,
+        "vae_val_per_design": {int(i): float(e) for i, e in zip(case.val_indices, vae_val)},
+    }
+
+
+def write_reconstruction_report(evaluation, say=print) -> dict:
+    report = reconstruction_report(evaluation)
+    RECONSTRUCTION_REPORT.write_text(json.dumps(report, indent=2))
+    size = report["latent_numbers_per_design"]
+    say(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
+    say(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
+        f"{report['vae_train']:.4%})")
+    for rank, error in report["pod_val"].items():
+        label = "mean field (POD rank 0)" if rank == "0" else f"POD rank {rank}"
+        capped = "  (rank capped by the training-set size)" if int(rank) > report["pod_rank_cap"] else ""
+        say(f"  {label}: {error:.4%}{capped}")
+    say(f"  written to {RECONSTRUCTION_REPORT}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- prediction
+def prediction_report(evaluation) -> dict:
+    """The conditioner against POD + GPR, the nearest training design and the mean field on the validation designs
+    (which neither network trained on), with the VAE's own reconstruction of them: the floor for any conditioner
+    through this decoder. Mean relative L2 errors."""
+    config, case, baselines = evaluation.config, evaluation.case, evaluation.baselines
+    facts_config = evaluation.conditioner.facts["config"]
+    predicted = evaluation.prediction.relative_l2()
+    worst = int(np.argmax(predicted))
+    means = {name: float(baselines[name].relative_l2().mean()) if name in baselines else None
+             for name in ("pod_gpr", "nearest_neighbour", "mean_field")}
+    return {
+        "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
+        "input_type": facts_config["input_type"], "end_to_end": bool(facts_config["use_e2e_training"]),
+        "n_train": len(case.train_indices), "n_val": len(case.val_indices),
+        "latent_numbers_per_design": config.latent_size,
+        "conditioner_val": float(predicted.mean()), "conditioner_val_median": float(np.median(predicted)),
+        "conditioner_val_worst": float(predicted[worst]),
+        "conditioner_val_worst_design": int(case.val_indices[worst]),
+        "vae_reconstruction_val": float(evaluation.encoding.errors.relative_l2()[case.val_indices].mean()),
+        "baselines": means,
+        "baseline_notes": {
+            "pod_gpr": f"POD of the training fields with {config.latent_size} modes, coefficients regressed on the "
+                       "parameters by a Gaussian process" + ("" if means["pod_gpr"] is not None else
+                                                             "; not applicable: designs are defined by images"),
+            "nearest_neighbour": "the field of the training design with the closest condition",
+            "mean_field": "the training designs' mean field, whatever the design"},
+        "conditioner_val_per_design": {int(i): float(e) for i, e in zip(case.val_indices, predicted)},
+    }
+
+
+def write_prediction_report(evaluation, say=print) -> dict:
+    report = prediction_report(evaluation)
+    PREDICTION_REPORT.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    PREDICTION_REPORT.with_suffix(".md").write_text(prediction_markdown(report))
+    say(f"Validation prediction error (mean relative L2, physical units, {report['n_val']} designs never trained "
+        "on):")
+    for label, value in prediction_rows(report):
+        say(f"  {label}: {value}")
+    say(f"  written to {PREDICTION_REPORT.with_suffix('.json')} and .md")
+    return report
+
+
+def prediction_rows(report: dict) -> list:
+    def percent(value):
+        return "n/a (designs are defined by images)" if value is None else f"{value:.4%}"
+    baselines = report["baselines"]
+    kind = conditioner_kind({"input_type": report["input_type"], "use_e2e_training": report["end_to_end"]})
+    return [(f"conditioner ({kind})", f"{percent(report['conditioner_val'])} (median "
+             f"{report['conditioner_val_median']:.4%}, worst {report['conditioner_val_worst']:.4%} on design "
+             f"{report['conditioner_val_worst_design']})"),
+            ("VAE reconstruction of the same designs (the floor through this decoder)",
+             percent(report["vae_reconstruction_val"])),
+            (f"POD ({report['latent_numbers_per_design']} modes) + Gaussian-process regression",
+             percent(baselines["pod_gpr"])),
+            ("nearest training design in condition space", percent(baselines["nearest_neighbour"])),
+            ("training mean field", percent(baselines["mean_field"]))]
+
+
+def prediction_markdown(report: dict) -> str:
+    lines = ["# Prediction of unseen designs", "",
+             f"{report['metric']}: {report['n_val']} validation designs, {report['n_train']} training designs.", "",
+             "| predictor | mean relative L2 |", "|---|---|"]
+    lines += [f"| {label} | {value} |" for label, value in prediction_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def write_evaluation(evaluation, config, say=print) -> dict:
+    """evaluation.json and .md, memorization.json, the printed summary and, with --plot 0/1, the evaluation plots;
+    returns the report. config: the current one (plot settings)."""
+    say(f"Evaluating {evaluation.vae_file} on {len(evaluation.case.val_indices)} validation designs ...")
+    report = evaluation_report(evaluation)
+    MEMORIZATION_JSON.write_text(json.dumps(report["memorization"], indent=2))
+    say_memorization(report["memorization"], say)
+    if config.plot < 2:
+        report["plots"] = [str(path) for path in figures.evaluation_plots(evaluation, report, config,
+                                                                          show=config.plot == 0, say=say)]
+    write_evaluation_report(report, say)
+    return report
+
+
+def say_memorization(report: dict, say) -> None:
+    samples, held = report["samples_nearest_distance"], report["heldout_nearest_distance"]
+    say(f"Memorization check ({report['n_samples']} prior samples, {report['n_heldout']} held-out designs; relative "
+        f"L2 distance to the nearest of {report['n_train']} training designs):")
+    say(f"  samples: median {samples['median']:.4%}, 5th percentile {samples['p5']:.4%}; held-out designs: median "
+        f"{held['median']:.4%}, 5th percentile {held['p5']:.4%}")
+    say(f"  {report['share_closer_than_heldout_p5']:.0%} of the samples are nearer a training design than 95 % of "
+        f"new designs are: {report['verdict']} (written to {MEMORIZATION_JSON})")
+
+
+def evaluation_report(evaluation) -> dict:
+    """output/evaluation.json: reconstruction and prediction tables of predictors, the memorization check, active
+    units; plain JSON."""
+    config, case = evaluation.config, evaluation.case
+    n_nodes = evaluation.n_nodes
+    reconstruction = {"vae": evaluation.encoding.errors.subset(case.val_indices).summary(n_nodes),
                       **{name: evaluation.baselines[name].summary(n_nodes) for name in ("pod", "mean_field")}}
     report = {
         "metrics": "relative L2 = ||predicted - simulated|| / ||simulated|| over a design's whole [T, M] field; "
@@ -29,7 +171,7 @@ def build_report(evaluation) -> dict:
         "n_nodes": n_nodes, "latent_numbers_per_design": config.latent_size,
         "labels": labels(evaluation),
         "reconstruction": reconstruction,
-        "reconstruction_training_designs": evaluation.reconstruction.subset(case.train_indices).summary(
+        "reconstruction_training_designs": evaluation.encoding.errors.subset(case.train_indices).summary(
             n_nodes, per_step=False),
         "prediction": prediction_section(evaluation, n_nodes),
         "memorization": evaluation.memorization,
@@ -42,10 +184,8 @@ def build_report(evaluation) -> dict:
 def labels(evaluation) -> dict:
     size = evaluation.config.latent_size
     kind = ""
-    if evaluation.conditioner_config is not None:
-        facts_config = evaluation.conditioner_config
-        kind = CONDITIONER_NAMES[facts_config["input_type"]] + (", end to end" if facts_config["use_e2e_training"]
-                                                               else "")
+    if evaluation.conditioner is not None:
+        kind = conditioner_kind(evaluation.conditioner.facts["config"])
     return {"vae": f"VAE ({size} latent numbers per design)", "pod": f"POD, {size} modes",
             "mean_field": "training mean field", "conditioner": f"conditioner ({kind})",
             "pod_gpr": f"POD ({size} modes) + Gaussian-process regression",
@@ -56,9 +196,10 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     """Predictors of unseen designs from their conditions; None when input_type is none."""
     if evaluation.conditions is None:
         return None
+    prediction = evaluation.prediction  # first: it sets prediction_note
     section = {"note": evaluation.prediction_note}
-    if evaluation.prediction is not None:
-        section["conditioner"] = evaluation.prediction.summary(n_nodes)
+    if prediction is not None:
+        section["conditioner"] = prediction.summary(n_nodes)
     for name in ("pod_gpr", "nearest_neighbour", "mean_field"):
         if name in evaluation.baselines:
             section[name] = evaluation.baselines[name].summary(n_nodes)
@@ -67,9 +208,9 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     return section
 
 
-def write_report(report: dict, say=print) -> None:
+def write_evaluation_report(report: dict, say=print) -> None:
     EVALUATION_JSON.write_text(json.dumps(report, indent=2))
-    EVALUATION_MD.write_text(markdown(report))
+    EVALUATION_MD.write_text(evaluation_markdown(report))
     say(f"Evaluation ({report['n_val']} validation designs, physical units): mean relative L2 / mean max-abs error")
     for section in ("reconstruction", "prediction"):
         for name, summary in predictors(report, section):
@@ -84,15 +225,15 @@ def predictors(report: dict, section: str) -> list:
     return [(name, value) for name, value in (report[section] or {}).items() if isinstance(value, dict)]
 
 
-def markdown(report: dict) -> str:
+def evaluation_markdown(report: dict) -> str:
     lines = ["# Evaluation", "", report["metrics"] + ".", "",
              f"{report['n_val']} validation designs (never trained on), {report['n_train']} training designs, "
              f"{report['n_steps']} time steps x {report['n_nodes']} nodes.", ""]
-    lines += table("Reconstruction of the validation designs", report, "reconstruction")
+    lines += predictor_table("Reconstruction of the validation designs", report, "reconstruction")
     training = report["reconstruction_training_designs"]["relative_l2"]
     lines += [f"The VAE on its training designs: mean {training['mean']:.4%}, median {training['median']:.4%}.", ""]
     if report["prediction"] is not None:
-        lines += table("Prediction of unseen designs from their conditions", report, "prediction")
+        lines += predictor_table("Prediction of unseen designs from their conditions", report, "prediction")
         lines += [f"{note}." for key, note in report["prediction"].items() if key.startswith("note") and note]
         lines += [""]
     lines += worst_designs(report)
@@ -105,7 +246,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table(title: str, report: dict, section: str) -> list:
+def predictor_table(title: str, report: dict, section: str) -> list:
     lines = [f"## {title}", "", "| predictor | mean relative L2 | median | worst (design) | mean max-abs | "
              "worst max-abs (design) |", "|---|---|---|---|---|---|"]
     for name, summary in predictors(report, section):
@@ -149,16 +290,3 @@ def memorization_lines(memorization: dict) -> list:
             f"median {samples['median']:.4%}; of {memorization['n_heldout']} held-out designs: median "
             f"{heldout['median']:.4%}. {memorization['share_closer_than_heldout_p5']:.0%} of the samples are nearer "
             f"a training design than 95 % of new designs are: {memorization['verdict']}.", ""]
-
-
-def evaluate_and_write(config, runtime, case=None, vae_file=MODEL_FILE, say=print) -> dict:
-    """Evaluate the saved models (modules/evaluation.py), write the report and, with --plot 0/1, the plots;
-    returns the report. config: the current one (plot settings); case: the VAE run's Case when it was just trained;
-    vae_file: the VAE to evaluate (the one a conditioner-only run trained through)."""
-    evaluation = evaluate_saved(config, runtime, case, vae_file, say)
-    report = build_report(evaluation)
-    if config.plot < 2:
-        report["plots"] = [str(path) for path in plots.evaluation_plots(evaluation, report, config,
-                                                                        show=config.plot == 0, say=say)]
-    write_report(report, say)
-    return report

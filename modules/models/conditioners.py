@@ -15,9 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from modules.models.grad_checkpointing import run_each
-
-KINDS = ("mlp", "cnn", "vit")
+from modules.models.grad_checkpointing import run_blocks
 
 
 @dataclass(frozen=True)
@@ -46,10 +44,10 @@ class ConditionerSpec:
 
 def build_conditioner(spec: ConditionerSpec) -> nn.Module:
     """The network for spec.kind: forward maps [B, *input_shape] float32 to [B, output_dim]."""
-    builders = {"mlp": MLPConditioner, "cnn": CNNConditioner, "vit": ViTConditioner}
-    if spec.kind not in builders:
-        raise ValueError(f"unknown conditioner kind {spec.kind!r}; expected one of {KINDS}")
-    return builders[spec.kind](spec)
+    networks = {row.kind: row.network for row in CONDITIONERS.values()}
+    if spec.kind not in networks:
+        raise ValueError(f"unknown conditioner kind {spec.kind!r}; expected one of {tuple(networks)}")
+    return networks[spec.kind](spec)
 
 
 def output_head(width: int, output_dim: int) -> nn.Linear:
@@ -84,10 +82,10 @@ class MLPConditioner(nn.Module):
         self.blocks = nn.Sequential(*[MLPBlock(filters[max(i - 1, 0)], width, spec.dropout * (i + 1) / n)
                                       for i, width in enumerate(filters)])
         self.head = nn.Sequential(nn.LayerNorm(filters[-1]), output_head(filters[-1], spec.output_dim))
-        self.recompute = False  # gradient checkpointing of the blocks (modules/recompute.py)
+        self.recompute = False  # gradient checkpointing of the blocks (--grad_checkpointing)
 
     def forward(self, params):
-        return self.head(run_each(self.blocks, self.input(params), self.recompute))
+        return self.head(run_blocks(self.blocks, self.input(params), self.recompute))
 
 
 # ------------------------------------------------------------------------------------------------------------ CNN
@@ -148,7 +146,7 @@ class CNNConditioner(nn.Module):
                                       for i, width in enumerate(filters)])
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(spec.dropout),
                                   output_head(filters[-1], spec.output_dim))
-        self.recompute = False  # gradient checkpointing of the stages (modules/recompute.py)
+        self.recompute = False  # gradient checkpointing of the stages (--grad_checkpointing)
 
     @staticmethod
     def _stage(in_channels, channels, stride, spec):
@@ -156,7 +154,7 @@ class CNNConditioner(nn.Module):
         return nn.Sequential(*layers, SpatialAttention()) if spec.spatial_attention else nn.Sequential(*layers)
 
     def forward(self, images):
-        return self.head(run_each(self.stages, self.stem(images), self.recompute))
+        return self.head(run_blocks(self.stages, self.stem(images), self.recompute))
 
 
 # ------------------------------------------------------------------------------------------------------------ ViT
@@ -208,8 +206,27 @@ class ViTConditioner(nn.Module):
         self.blocks = nn.Sequential(*[TransformerBlock(dim, spec.vit_heads, rate) for rate in rates])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Sequential(nn.Dropout(spec.dropout), output_head(dim, spec.output_dim))
-        self.recompute = False  # gradient checkpointing of the blocks (modules/recompute.py)
+        self.recompute = False  # gradient checkpointing of the blocks (--grad_checkpointing)
 
     def forward(self, images):
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.position
-        return self.head(self.norm(run_each(self.blocks, tokens, self.recompute)).mean(dim=1))
+        return self.head(self.norm(run_blocks(self.blocks, tokens, self.recompute)).mean(dim=1))
+
+
+@dataclass(frozen=True)
+class Conditioner:
+    """One row of CONDITIONERS: what a value of input_type trains."""
+
+    kind: str           # ConditionerSpec.kind, as saved in conditioner files
+    label: str          # in reports and messages
+    network: type       # built from a ConditionerSpec
+    reads: str          # what param_dir holds: "parameters" (a CSV) or "images" (a folder)
+
+
+# input_type -> its conditioner. A new conditioner is its network class and a row here (and the value in input_type's
+# choices in config.keys).
+CONDITIONERS = {
+    "csv": Conditioner("mlp", "MLP", MLPConditioner, "parameters"),
+    "image": Conditioner("cnn", "CNN", CNNConditioner, "images"),
+    "image_vit": Conditioner("vit", "ViT", ViTConditioner, "images"),
+}

@@ -4,7 +4,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def run(block, *inputs, recompute: bool):
+def run_block(block, *inputs, recompute: bool):
     """block(*inputs), recomputed in the backward pass when recompute is on and gradients are being recorded.
     The non-reentrant form also restores the RNG state, so dropout and stochastic depth draw the same masks twice."""
     if recompute and torch.is_grad_enabled():
@@ -12,14 +12,14 @@ def run(block, *inputs, recompute: bool):
     return block(*inputs)
 
 
-def run_each(blocks, x, recompute: bool):
+def run_blocks(blocks, x, recompute: bool):
     """x through every block of a Sequential, each checkpointed on its own."""
     for block in blocks:
-        x = run(block, x, recompute=recompute)
+        x = run_block(block, x, recompute=recompute)
     return x
 
 
-def enable_recompute(model: torch.nn.Module) -> None:
+def enable_grad_checkpointing(model: torch.nn.Module) -> None:
     """Turn gradient checkpointing on in every part of model that supports it (those with a recompute flag)."""
     for module in model.modules():
         if hasattr(module, "recompute"):

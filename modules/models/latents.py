@@ -28,6 +28,12 @@ def decode_latents(vae, latent_scaler, standardised: torch.Tensor) -> torch.Tens
     return vae.decode(*split_latents(latent_scaler.inverse(standardised), vae.spec))
 
 
+def save_latents(folder, main: np.ndarray, levels: np.ndarray) -> None:
+    """The latents of every design, [N, D] and [N, L, d], as latent_vectors.npy and xs.npy in folder."""
+    np.save(Path(folder) / "latent_vectors.npy", main)
+    np.save(Path(folder) / "xs.npy", levels)
+
+
 def read_saved_latents(folder, spec, n_designs: int) -> np.ndarray:
     """latent_vectors.npy and xs.npy of a VAE run in `folder`, joined and checked against the VAE and the data."""
     paths = [Path(folder) / "latent_vectors.npy", Path(folder) / "xs.npy"]

@@ -2,9 +2,9 @@
 
 Both stream the dataset in bounded chunks, so they work on designs far larger than RAM:
 - pod_node_basis: snapshot POD over (design, time step) rows of the scaled training data -> M x R basis.
-- design_gram + pod_errors: POD over whole designs (each [T, M] field one vector), computed from the Gram matrix of
-  inner products, which gives the exact rank-r projection error of every validation design without ever forming
-  the modes. This is the baseline a VAE with r latent numbers per design must beat.
+- design_gram + pod_coefficients: POD over whole designs (each [T, M] field one vector), computed from the Gram matrix
+  of inner products without ever forming the modes; combination_weights writes a projection on r modes as a
+  weighted sum of the training designs. This is the baseline a VAE with r latent numbers per design must beat.
 """
 import numpy as np
 import torch
@@ -88,20 +88,6 @@ def design_gram(array, indices) -> np.ndarray:
             piece = block[:, start:start + columns].astype(np.float64)  # float64 sums: POD errors subtract them
             gram += piece @ piece.T
     return gram
-
-
-def pod_errors(gram: np.ndarray, n_train: int, ranks) -> dict:
-    """Relative L2 error of each validation design projected on the training designs' first r POD modes.
-
-    gram: design_gram of [training designs..., validation designs...]. POD is centred on the training mean.
-    Returns {r: float array [n_val]}; r = 0 is the training mean field itself.
-    """
-    _, coefficients, centred_norm2, norm2 = pod_coefficients(gram, n_train)
-    errors = {}
-    for rank in ranks:
-        residual = centred_norm2 - (coefficients[:, :rank] ** 2).sum(axis=1)
-        errors[rank] = np.sqrt(np.clip(residual, 0, None) / norm2)
-    return errors
 
 
 def pod_coefficients(gram: np.ndarray, n_train: int):

@@ -9,7 +9,7 @@ and a posterior q(z_l | state, h_l) = N(mu_p + dmu, sigma_p * exp(dlog)) (NVAE's
 level latent z_l (Latent_dim wide), which is injected over the level's time axis; the state is then upsampled to the
 next level. A last projection R -> M (the transpose POD basis at start) gives the field. The KL of each level is the
 analytic KL between exactly the q and p that z_l is sampled from; it is also returned per latent dimension (before the
-sum), which free bits (modules/losses.py) and the collapse diagnostics (modules/latent_health.py) need.
+sum), which free bits (training.losses) and the collapse diagnostics (evaluation.latent_health) need.
 
 Level latents are stored and returned in generation order: index 0 is the coarsest level.
 """
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.models.grad_checkpointing import run
+from modules.config.settings import level_lengths
+from modules.models.grad_checkpointing import run_block
 
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
 
@@ -54,10 +55,7 @@ class ModelSpec:
     @property
     def level_lengths(self) -> list:
         """Time length of each level's features, finest first: T, ceil(T/2), ceil(T/4), ..."""
-        lengths = [self.n_steps]
-        for _ in self.filters[1:]:
-            lengths.append(math.ceil(lengths[-1] / 2))
-        return lengths
+        return level_lengths(self.n_steps, self.n_levels)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "filters": list(self.filters)}
@@ -121,13 +119,13 @@ class Encoder(nn.Module):
         self.levels = nn.ModuleList(
             nn.Sequential(*[ResBlock(width) for _ in range(spec.blocks_per_level)]) for width in filters)
         self.main_head = GaussianHead(filters[-1], spec.main_latent_dim, spec.head_hidden)
-        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
+        self.recompute = False  # gradient checkpointing of the levels (--grad_checkpointing)
 
     def forward(self, fields):
         state = self.stem(self.node_projection(fields).transpose(1, 2))
         features = []
         for downsample, level in zip(self.downsample, self.levels):
-            state = run(level, downsample(state), recompute=self.recompute)
+            state = run_block(level, downsample(state), recompute=self.recompute)
             features.append(state)
         main_mean, main_log_std = self.main_head(state)
         return features, main_mean, main_log_std
@@ -183,7 +181,7 @@ class Decoder(nn.Module):
         self.lengths = lengths
         self.head = nn.Conv1d(filters[0], spec.projection_rank, 3, padding=1)
         self.node_projection = nn.Linear(spec.projection_rank, spec.n_nodes)
-        self.recompute = False  # gradient checkpointing of the levels (modules/recompute.py)
+        self.recompute = False  # gradient checkpointing of the levels (--grad_checkpointing)
 
     def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
         """Returns (field [B, T, M], level latents [B, L, d], level KLs per dimension [B, L, d] or None).
@@ -192,11 +190,11 @@ class Decoder(nn.Module):
         latents, kls = [], []
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
             level = self.levels[level_index]
-            state = run(level.refine, state, recompute=self.recompute)
+            state = run_block(level.refine, state, recompute=self.recompute)
             z, kl = level.latent(state, None if features is None else features[level_index],
                                  None if level_latents is None else level_latents[:, order], sample,
                                  None if level_noise is None else level_noise[:, order])
-            state = run(level.add_latent, state, z, recompute=self.recompute)
+            state = run_block(level.add_latent, state, z, recompute=self.recompute)
             latents.append(z)
             kls.append(kl)
             if level_index > 0:

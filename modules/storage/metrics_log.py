@@ -5,7 +5,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 
-class RunLog:
+class MetricsLog:
     """log(epoch, {name: float}) appends a CSV row and a TensorBoard scalar per name ('train/recon', 'lr', ...).
 
     The VAE logs to output/metrics.csv and runs/<run id>/vae/, the conditioner to output/conditioner_metrics.csv and

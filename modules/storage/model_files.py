@@ -3,29 +3,20 @@
 Everything here loads with torch.load(weights_only=True): no pickled classes, so a checkpoint file cannot run code.
 """
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
-from modules.models.conditioners import ConditionerSpec, build_conditioner
-from modules.config.settings import Config
-from modules.errors import InputError
+from modules.config import Config
 from modules.data.scaling import MinMaxScaler
+from modules.errors import InputError
+from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.vae import HierarchicalVAE, ModelSpec
+from modules.storage.atomic import save_torch
 
 MODEL_FORMAT = "simulgenvae-model-v1"
 CHECKPOINT_FORMAT = "simulgenvae-checkpoint-v1"
 CONDITIONER_FORMAT = "simulgenvae-conditioner-v1"
-
-
-def atomic_save(payload: dict, path) -> None:
-    """torch.save to a temporary file, then rename: a killed job never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
 
 
 def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) -> dict:
@@ -35,14 +26,14 @@ def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) 
 
 def save_model(path, model, config, scaler, run_id: str | None = None) -> None:
     """The usable VAE; run_id: the run (runs/<id>/) that trained it, which a conditioner-only run records."""
-    atomic_save({**model_payload(model, config, scaler), "run_id": run_id}, path)
+    save_torch(path, {**model_payload(model, config, scaler), "run_id": run_id})
 
 
 def save_checkpoint(path, model, config, scaler, training: dict) -> None:
-    """The model file's content plus the training state (modules/training_state.py): where training stood."""
+    """The model file's content plus the training state (training.state): where training stood."""
     payload = model_payload(model, config, scaler)
     payload.update(format=CHECKPOINT_FORMAT, training=training)
-    atomic_save(payload, path)
+    save_torch(path, payload)
 
 
 def load_model(path, device="cpu"):
@@ -63,7 +54,7 @@ def save_conditioner(path, model, spec: ConditionerSpec, about: dict, extra: dic
     the VAE file it decodes through and that file's digest), all plain types. extra: training state (checkpoints)."""
     payload = {"format": CONDITIONER_FORMAT, "spec": spec.to_dict(), **about, **(extra or {}),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    atomic_save(payload, path)
+    save_torch(path, payload)
 
 
 def load_conditioner(path, device="cpu"):
@@ -102,3 +93,13 @@ def read_payload(path, formats=(MODEL_FORMAT, CHECKPOINT_FORMAT), train_hint="py
         raise InputError(path, f"is not the kind of SimulGenVAE file expected here (format {found})",
                          f"point to a file written by {train_hint}")
     return payload
+
+
+def checked_vae_file(facts: dict, conditioner_file) -> Path:
+    """The VAE the conditioner was trained with, unchanged since (its latents mean nothing to another VAE)."""
+    vae_file = Path(facts["vae_file"])
+    if not vae_file.exists() or file_digest(vae_file) != facts["vae_sha256"]:
+        state = "is missing" if not vae_file.exists() else "has changed since"
+        raise InputError(conditioner_file, f"was trained with the VAE {vae_file}, which {state}",
+                         "retrain the conditioner for the current VAE (--lc_only=1)")
+    return vae_file

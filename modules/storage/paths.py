@@ -8,6 +8,8 @@ import shutil
 import time
 from pathlib import Path
 
+from modules.errors import InputError
+
 MODEL_DIR = Path("model_save")
 CHECKPOINT_DIR = Path("checkpoints")
 OUTPUT_DIR = Path("output")
@@ -75,3 +77,18 @@ def _fresh_folder(base: Path) -> Path:
 def make_run_folders() -> None:
     for folder in RUN_FOLDERS:
         folder.mkdir(parents=True, exist_ok=True)
+
+
+def new_output_file(out, command: str) -> Path:
+    """The output path of command (--reconstruct, --predict) must be a new .npy file in an existing folder: never
+    overwrite a user's file."""
+    if out is None:
+        raise InputError("command line", f"{command} needs --out", "add --out=OUT.npy")
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise InputError(out, "output must be an .npy file", "give --out a name ending in .npy")
+    if out.exists():
+        raise InputError(out, "already exists and would be overwritten", "choose another --out or move that file")
+    if not out.parent.is_dir():
+        raise InputError(out, f"folder {out.parent} does not exist", "create it or choose another --out")
+    return out

@@ -6,7 +6,6 @@ runs/<id>/conditioner/, so `tensorboard --logdir runs` shows all runs side by si
 the command line opens a run with start_run() and wraps its work in recording(), which marks how it ended.
 """
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 from modules.errors import InputError
-from modules.training.guard import Stopped
+from modules.storage.atomic import save_json
 from modules.storage.paths import OUTPUT_DIR
+from modules.training.guard import Stopped
 
 RUNS_DIR = Path("runs")
 RUN_FILE = "run.json"
@@ -67,13 +67,13 @@ def start_run(kind: str, command: list, config: dict, copies: list, run_id: str 
         record["resumed"] = [*(earlier if isinstance(earlier, list) else []), _now()]
     else:
         record = _new_record(run, kind, vae_run, command, config, copies)
-    _write_json(run.folder / RUN_FILE, record)
+    save_json(run.folder / RUN_FILE, record)
     return run
 
 
 def _new_record(run: Run, kind: str, vae_run, command: list, config: dict, copies) -> dict:
     run.folder.mkdir(parents=True, exist_ok=True)
-    _write_json(run.folder / "config.json", config)
+    save_json(run.folder / "config.json", config)
     _copy_existing(copies, run.folder)
     return {"id": run.id, "kind": kind, "vae_run": vae_run, "command": " ".join(str(part) for part in command),
             "started": _now(), "ended": None, "status": "unfinished", "detail": None, "resumed": [], "results": {}}
@@ -83,7 +83,7 @@ def update_run(run: Run, **results) -> None:
     """Merge results (plain JSON numbers, strings or None) into run.json's 'results'."""
     record = _read(run.folder / RUN_FILE) or {}
     record["results"] = {**_results(record), **results}
-    _write_json(run.folder / RUN_FILE, record)
+    save_json(run.folder / RUN_FILE, record)
 
 
 def end_run(run: Run, status: str, detail: str | None = None, files=()) -> None:
@@ -91,7 +91,7 @@ def end_run(run: Run, status: str, detail: str | None = None, files=()) -> None:
     path in files (output/metrics.csv, ...) into its folder, replacing an earlier copy; missing files are skipped."""
     record = _read(run.folder / RUN_FILE) or {"id": run.id}
     record.update(ended=_now(), status=status, detail=detail)
-    _write_json(run.folder / RUN_FILE, record)
+    save_json(run.folder / RUN_FILE, record)
     _copy_existing(files, run.folder)
 
 
@@ -120,7 +120,7 @@ def _sorted(records: list, sort: str) -> list:
 
 
 def _loss_key(value):
-    return (0, value) if _is_number(value) else (1, 0)
+    return (0, value) if _is_plain_number(value) else (1, 0)
 
 
 def _row(record: dict) -> tuple:
@@ -129,9 +129,9 @@ def _row(record: dict) -> tuple:
     if kind == "conditioner":
         kind = f"conditioner on {record.get('vae_run') or '?'}"
     return (str(record.get("id")), _date(record.get("started")), str(record.get("status") or "-"), str(kind or "-"),
-            _number(results.get("vae_epochs"), "{:.0f}"), _number(results.get("vae_best_val_loss"), "{:.4g}"),
+            _formatted(results.get("vae_epochs"), "{:.0f}"), _formatted(results.get("vae_best_val_loss"), "{:.4g}"),
             _percent(results.get("vae_val_error")), _percent(results.get("pod_val_error")),
-            _number(results.get("conditioner_best_val_loss"), "{:.4g}"), _percent(results.get("prediction_val_error")))
+            _formatted(results.get("conditioner_best_val_loss"), "{:.4g}"), _percent(results.get("prediction_val_error")))
 
 
 def _align(rows: list) -> list:
@@ -147,15 +147,15 @@ def _date(started) -> str:
         return "-"
 
 
-def _number(value, form: str) -> str:
-    return form.format(value) if _is_number(value) else "-"
+def _formatted(value, form: str) -> str:
+    return form.format(value) if _is_plain_number(value) else "-"
 
 
 def _percent(value) -> str:
-    return f"{100 * value:.2f}%" if _is_number(value) else "-"
+    return f"{100 * value:.2f}%" if _is_plain_number(value) else "-"
 
 
-def _is_number(value) -> bool:
+def _is_plain_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -171,15 +171,6 @@ def _read(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def _write_json(path: Path, data) -> None:
-    # Written beside and renamed, so a run killed mid-write leaves the old file whole, never half of a new one.
-    # The folder is made again in case it was deleted while the run went on: its record is still worth keeping.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def _copy_existing(paths, folder: Path) -> None:
@@ -218,20 +209,19 @@ def recording(run, files):
     end_run(run, "finished", None, files)
 
 
-def note_vae(run, report) -> None:
-    """The VAE's final numbers into the run record (main process only: the others have no report)."""
-    if run is not None and report is not None:
-        update_run(run, vae_epochs=report["epochs"], vae_best_epoch=report["best_epoch"],
-                   vae_best_val_loss=report["best_val_loss"], vae_val_error=report["vae_val"],
-                   pod_val_error=report["pod_val"].get(str(report["latent_numbers_per_design"])))
+def note_vae(run, progress, reconstruction: dict) -> None:
+    """The VAE's final numbers into the run record: its training (a Progress) and its reconstruction report."""
+    update_run(run, vae_epochs=progress.epoch, vae_best_epoch=progress.best_epoch,
+               vae_best_val_loss=progress.best_val_loss, vae_val_error=reconstruction["vae_val"],
+               pod_val_error=reconstruction["pod_val"].get(str(reconstruction["latent_numbers_per_design"])))
 
 
-def note_conditioner(run, report) -> None:
-    if run is not None and report is not None:
-        update_run(run, conditioner_epochs=report["epochs"], conditioner_best_epoch=report["best_epoch"],
-                   conditioner_best_val_loss=report["best_val_loss"], prediction_val_error=report["conditioner_val"],
-                   pod_gpr_val_error=report["baselines"]["pod_gpr"],
-                   nearest_neighbour_val_error=report["baselines"]["nearest_neighbour"])
+def note_conditioner(run, progress, prediction: dict) -> None:
+    """The conditioner's final numbers into the run record: its training and its prediction report."""
+    update_run(run, conditioner_epochs=progress.epoch, conditioner_best_epoch=progress.best_epoch,
+               conditioner_best_val_loss=progress.best_val_loss, prediction_val_error=prediction["conditioner_val"],
+               pod_gpr_val_error=prediction["baselines"]["pod_gpr"],
+               nearest_neighbour_val_error=prediction["baselines"]["nearest_neighbour"])
 
 
 def run_of(payload: dict):

@@ -1,4 +1,4 @@
-"""Train the latent conditioner: from what defines a design (CSV row or geometry image) to the VAE's latents.
+"""The latent conditioner's training: from what defines a design (CSV row or geometry image) to the VAE's latents.
 
 Two objectives (use_e2e_training):
 - 0: regress the VAE's latents (main + every level), each dimension standardised on the training designs.
@@ -7,9 +7,9 @@ Two objectives (use_e2e_training):
   pull towards the VAE's latents (use_latent_regularization).
 
 The split is the VAE's (model_save/split.json): the VAE's validation designs are the conditioner's, never trained on.
-Read top to bottom: train_conditioner() is the whole run.
+prepare_conditioner_case() gathers what training reads, once the VAE exists (straight after VAE training, or from
+model_save/ with --lc_only=1); train_conditioner() runs the training loop on it and saves the best conditioner.
 """
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,34 +18,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.evaluation import prediction_report
-from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, read_payload, save_conditioner
-from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.data.batches import in_order, on_device
+from modules.data.case import Case, check_same_data, saved_case
+from modules.data.conditions import Conditions
 from modules.data.design_inputs import augment_images
-from modules.training.distributed import shard, sum_over_ranks
-from modules.training.loop import EpochResult, Task, run_epochs, starting_sums
-from modules.errors import InputError
-from modules.models.latents import decode_latents
-from modules.storage.paths import CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME, OUTPUT_DIR
-from modules.models.grad_checkpointing import enable_recompute
-from modules.storage.metrics_log import RunLog
-from modules.training.runtime import seed_everything
 from modules.data.scaling import ColumnScaler
+from modules.errors import InputError
+from modules.models.conditioners import CONDITIONERS, ConditionerSpec, build_conditioner
+from modules.models.grad_checkpointing import enable_grad_checkpointing
+from modules.models.latents import decode_latents, read_saved_latents
+from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, load_model, read_payload, save_conditioner
+from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME,
+                                   OUTPUT_DIR)
+from modules.training.distributed import shard, sum_over_ranks
+from modules.training.loop import train
+from modules.training.losses import field_loss
+from modules.training.runtime import seed_everything
 from modules.training.schedules import lr_factor
-from modules.training.state import Progress, restore_training, training_entry
-from modules.training.optimizer_step import Updater, make_optimizer, optimiser_steps, training_module
-
-NETWORK_OF_INPUT = {"csv": "mlp", "image": "cnn", "image_vit": "vit"}
 
 
 @dataclass
 class ConditionerCase:
-    """Everything conditioner training reads; built by modules/conditioner_case.py."""
+    """Everything conditioner training reads."""
 
-    fields: object                      # the VAE's Case: dataset, split, field scaler, field batch sources
+    fields: Case                        # the VAE's case: dataset, split, field scaler, field batch sources
     conditions: torch.Tensor            # [N, P] standardised parameters or [N, C, S, S] images, dataset order
-    raw_conditions: np.ndarray          # the same before standardisation (the nearest-neighbour baseline uses it)
+    raw_conditions: np.ndarray          # the same before standardisation
     input_scaler: ColumnScaler | None   # parameters only
     channels: int | None                # images only
     param_names: list | None            # the CSV header, if it had one
@@ -55,81 +53,64 @@ class ConditionerCase:
     vae_file: Path
 
 
+def prepare_conditioner_case(config, runtime, conditions: Conditions, vae_file, fields: Case | None = None):
+    """The trained VAE (frozen), its standardised latents and the conditions on the device.
+
+    fields: the VAE run's Case when it was just trained in this process; otherwise the data is opened with the
+    saved VAE's scaler and split (model_save/scaler in the model file, split.json beside it).
+    """
+    vae_file = Path(vae_file)
+    vae, vae_config, field_scaler = load_model(vae_file, runtime.device)
+    check_same_data(config, vae_config, vae_file)
+    vae.requires_grad_(False)  # frozen: end-to-end gradients pass through it to the conditioner, never into it
+    latents = read_saved_latents(vae_file.parent, vae.spec, config.n_designs)
+    if fields is None:
+        fields = saved_case(config, runtime, field_scaler, vae_file)
+    train_rows = fields.train_indices
+    latent_scaler = ColumnScaler.fit(latents[train_rows])
+    input_scaler = ColumnScaler.fit(conditions.values[train_rows]) if conditions.channels is None else None
+    inputs = conditions.values if input_scaler is None else input_scaler.transform(conditions.values)
+    return ConditionerCase(
+        fields=fields, conditions=torch.as_tensor(inputs, dtype=torch.float32, device=runtime.device),
+        raw_conditions=conditions.values, input_scaler=input_scaler, channels=conditions.channels,
+        param_names=conditions.param_names,
+        targets=torch.as_tensor(latent_scaler.transform(latents), device=runtime.device),
+        latent_scaler=latent_scaler, vae=vae, vae_file=vae_file)
+
+
 def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=None, say=print):
-    """Full conditioner run, from scratch or, with resume (a conditioner checkpoint path checked by
-    training_state.read_checkpoint), from where it stood. Every rank trains; rank 0 writes the model, logs and the
-    prediction report (TensorBoard events in the run record's folder) and returns the report with the best validation
-    loss and its epoch; other ranks return None."""
+    """Train the conditioner, from scratch or, with resume (a conditioner checkpoint path checked by
+    training.state.read_checkpoint), from where it stood. Every rank trains; the main process saves the best epoch's
+    conditioner as model_save/latent_conditioner and returns (the final Progress, the per-epoch log records); other
+    ranks return None."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
     spec = conditioner_spec(config, case)
-    model = build_conditioner(spec).to(runtime.device)
-    trainer = training_module(model, config, runtime)
-    optimizer = make_optimizer(model.parameters(), config.lc_lr, config.lc_weight_decay)
-    updater = Updater(trainer, optimizer, runtime, config.grad_clip)
+    job = ConditionerTraining(build_conditioner(spec).to(runtime.device), spec, case, config, runtime, say)
     if config.grad_checkpointing:
-        enable_recompute(case.vae)  # end to end, the frozen decoder's activations are part of this backward pass
-    task = conditioner_task(model, trainer, updater, spec, case, config, runtime, say)
-    progress = task.restore(resume) if resume else Progress()
-    if run is not None:
-        progress = dataclasses.replace(progress, run_id=run.id)
+        enable_grad_checkpointing(case.vae)  # end to end, the frozen decoder's activations are in this backward pass
     objective = "end to end through the frozen decoder" if config.use_e2e_training else "latent regression"
     say(f"Training the {spec.kind.upper()} conditioner ({objective}) on {len(case.fields.train_indices)} designs, "
-        f"validating on {len(case.fields.val_indices)}; {sum(p.numel() for p in model.parameters()):,} parameters")
-    if resume:
-        say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
-    log = RunLog(OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", run.log_dir(CONDITIONER_NAME),
-                 progress.history) if runtime.is_main else None
-    progress = run_epochs(task, progress, config, runtime, log, say)
+        f"validating on {len(case.fields.val_indices)}; {sum(p.numel() for p in job.model.parameters()):,} "
+        "parameters")
+    progress, history = train(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
-    log.close()
-    model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
+    job.model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
     say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
-    save_conditioner(CONDITIONER_FILE, model, spec, about(config, case))
-    report = prediction_report.evaluate_and_write(model, case, config, log.history, say)
-    return {**report, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,
-            "best_epoch": progress.best_epoch}
-
-
-def conditioner_task(model, trainer, updater, spec, case: ConditionerCase, config, runtime, say) -> Task:
-    """The conditioner's training as the shared epoch loop runs it (modules/epoch_loop.py)."""
-    facts = about(config, case)
-
-    def save(path, progress):
-        save_conditioner(path, model, spec, facts,
-                         {"training": training_entry(updater.optimizer, updater.scaler, progress, runtime.device)})
-
-    def restore(path):
-        payload = read_payload(path, formats=(CONDITIONER_FORMAT,))
-        if payload.get("vae_sha256") != facts["vae_sha256"]:
-            raise InputError(path, f"was trained through another VAE than {case.vae_file} holds now",
-                             "start the conditioner afresh without --resume")
-        return restore_training(payload, path, model, updater.optimizer, updater.scaler, runtime.device)
-
-    return Task(name="conditioner", epochs=config.lc_epochs, patience=config.lc_patience, watched="loss",
-                learning_rate=lambda epoch: config.lc_lr * lr_factor(epoch, config.lc_epochs, config.warmup_fraction,
-                                                                     1, min(1.0, config.lr_min / config.lc_lr)),
-                optimizer=updater.optimizer,
-                train_epoch=lambda epoch, first_step, partial_sums, guard: train_epoch(
-                    trainer, updater, case, config, epoch, runtime, guard, first_step, partial_sums),
-                validate=lambda: validate(model, case, config, runtime),
-                record=lambda epoch, train_stats, val_stats: {**{f"train/{k}": v for k, v in train_stats.items()},
-                                                             **{f"val/{k}": v for k, v in val_stats.items()}},
-                report=lambda epoch, train_stats, val_stats: report_progress(say, epoch, config, train_stats,
-                                                                             val_stats),
-                save=save, restore=restore, best_path=CONDITIONER_CHECKPOINT, last_path=CONDITIONER_LAST)
+    save_conditioner(CONDITIONER_FILE, job.model, spec, job.facts)
+    return progress, history
 
 
 def conditioner_spec(config, case: ConditionerCase) -> ConditionerSpec:
-    return ConditionerSpec(kind=NETWORK_OF_INPUT[config.input_type], input_shape=tuple(case.conditions.shape[1:]),
+    return ConditionerSpec(kind=CONDITIONERS[config.input_type].kind, input_shape=tuple(case.conditions.shape[1:]),
                            output_dim=case.targets.shape[1], filters=config.conditioner_filters,
                            dropout=config.lc_dropout, spatial_attention=bool(config.use_spatial_attention),
                            vit_patch_size=config.vit_patch_size, vit_dim=config.vit_dim, vit_depth=config.vit_depth,
                            vit_heads=config.vit_heads, vit_drop_path=config.vit_drop_path)
 
 
-def about(config, case: ConditionerCase) -> dict:
+def conditioner_facts(config, case: ConditionerCase) -> dict:
     """The plain facts a prediction needs besides the weights."""
     return {"config": config.to_dict(), "latent_scaler": case.latent_scaler.to_dict(),
             "input_scaler": None if case.input_scaler is None else case.input_scaler.to_dict(),
@@ -137,47 +118,83 @@ def about(config, case: ConditionerCase) -> dict:
             "vae_file": str(case.vae_file), "vae_sha256": file_digest(case.vae_file)}
 
 
-def train_epoch(trainer, updater, case: ConditionerCase, config, epoch: int, runtime, guard, first_step=0,
-                partial_sums=None) -> EpochResult:
-    """One pass over the training designs in shuffled global batches (an optimiser step per grad_accum_steps of
-    them), each rank taking its shard, from optimiser step first_step on (a resumed epoch; partial_sums are the
-    loss sums of the steps before)."""
-    trainer.train()
-    train_indices = case.fields.train_indices
-    steps = optimiser_steps(len(train_indices), config.lc_batch_size, config.grad_accum_steps, config.seed, epoch,
-                            runtime)[first_step:]
-    parts = [part for step in steps for part in step]
-    fields = field_batches(case.fields.train, parts, config)
-    batch_designs = iter(on_device([train_indices[positions] for positions, _ in parts], case.conditions.device))
-    sums = starting_sums(partial_sums, 3, runtime)
-    for done, step in enumerate(steps, start=first_step + 1):
-        generator = step_generator(config.seed, epoch, done)
-        for index, (positions, weight) in enumerate(step):
-            designs = next(batch_designs)
-            inputs = augment(case.conditions[designs], config, generator)
-            with updater.accumulating(last=index == len(step) - 1):
-                loss, parts = conditioner_loss(trainer, case, inputs, designs, next(fields), config, runtime)
-                updater.backward(loss * weight)
-            sums += torch.stack([loss.detach(), *parts]) * (len(positions) if weight else 0)
-        event = guard.after_step(updater.step())
-        if event:
-            return EpochResult(None, event, done, sum_over_ranks(sums, runtime).cpu().tolist())
-    return EpochResult(averages(sum_over_ranks(sums, runtime), len(train_indices)))
+class ConditionerTraining:
+    """The conditioner as the training loop trains it. Its loss parts are [loss, latent MSE, field loss]."""
 
+    name, watched, log_part, n_parts = "conditioner", "loss", CONDITIONER_NAME, 3
+    best_path, last_path = CONDITIONER_CHECKPOINT, CONDITIONER_LAST
+    metrics_file = OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv"
 
-@torch.no_grad()
-def validate(model, case: ConditionerCase, config, runtime) -> dict:
-    """The training objective on the validation designs (no dropout, no augmentation), sharded over ranks."""
-    model.eval()
-    shards = [(p, w) for p, w in (shard(p, runtime) for p in in_order(len(case.fields.val_indices),
-                                                                     config.lc_batch_size)) if w]
-    sums = torch.zeros(3, device=runtime.device)
-    batch_designs = on_device([case.fields.val_indices[positions] for positions, _ in shards], case.conditions.device)
-    for (positions, _), designs, field_batch in zip(shards, batch_designs, field_batches(case.fields.val, shards,
-                                                                                         config)):
-        loss, parts = conditioner_loss(model, case, case.conditions[designs], designs, field_batch, config, runtime)
-        sums += torch.stack([loss, *parts]) * len(positions)
-    return averages(sum_over_ranks(sums, runtime), len(case.fields.val_indices))
+    def __init__(self, model, spec, case: ConditionerCase, config, runtime, say):
+        self.model, self.spec, self.case, self.config, self.runtime, self.say = model, spec, case, config, runtime, say
+        self.epochs, self.patience, self.batch_size = config.lc_epochs, config.lc_patience, config.lc_batch_size
+        self.peak_lr, self.weight_decay = config.lc_lr, config.lc_weight_decay
+        self.n_train = len(case.fields.train_indices)
+        self.facts = conditioner_facts(config, case)
+
+    def learning_rate(self, epoch: int) -> float:
+        config = self.config
+        return config.lc_lr * lr_factor(epoch, config.lc_epochs, config.warmup_fraction, 1,
+                                        min(1.0, config.lr_min / config.lc_lr))
+
+    def training_batches(self, epoch: int, micro_batches):
+        """(dataset indices on the conditions' device, scaled fields [b, T, M] or None) per micro-batch."""
+        train_indices = self.case.fields.train_indices
+        designs = on_device([train_indices[positions] for positions, _ in micro_batches], self.case.conditions.device)
+        return zip(designs, field_batches(self.case.fields.train, micro_batches, self.config))
+
+    def batch_loss(self, trainer, batch, generator):
+        """(loss, detached parts) of a micro-batch; image augmentations draw from the optimiser step's generator."""
+        designs, fields = batch
+        inputs = self.case.conditions[designs]
+        if CONDITIONERS[self.config.input_type].reads == "images":
+            inputs = augment_images(inputs, bool(self.config.lc_augment_flip), self.config.lc_augment_shift,
+                                    generator)
+        loss, parts = conditioner_loss(trainer, self.case, inputs, designs, fields, self.config, self.runtime)
+        return loss, torch.stack([loss.detach(), *parts])
+
+    def averages(self, sums, count: int) -> dict:
+        loss, latent_mse, field_error = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
+        return {"loss": loss, "latent_mse": latent_mse, "field_loss": field_error}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """The training objective on the validation designs (no dropout, no augmentation), sharded over ranks."""
+        case, config, runtime = self.case, self.config, self.runtime
+        self.model.eval()
+        val_indices = case.fields.val_indices
+        shards = [(p, w) for p, w in (shard(p, runtime) for p in in_order(len(val_indices), config.lc_batch_size))
+                  if w]
+        sums = torch.zeros(3, device=runtime.device)
+        batch_designs = on_device([val_indices[positions] for positions, _ in shards], case.conditions.device)
+        for (positions, _), designs, fields in zip(shards, batch_designs, field_batches(case.fields.val, shards,
+                                                                                        config)):
+            loss, parts = conditioner_loss(self.model, case, case.conditions[designs], designs, fields, config,
+                                           runtime)
+            sums += torch.stack([loss, *parts]) * len(positions)
+        return self.averages(sum_over_ranks(sums, runtime), len(val_indices))
+
+    def record(self, epoch: int, train_stats: dict, val_stats: dict) -> dict:
+        return {**{f"train/{k}": v for k, v in train_stats.items()}, **{f"val/{k}": v for k, v in val_stats.items()}}
+
+    def report(self, epoch: int, train_stats: dict, val_stats: dict) -> None:
+        config = self.config
+        every = config.log_every or max(1, config.lc_epochs // 20)
+        if (epoch + 1) % every == 0 or epoch + 1 == config.lc_epochs:
+            field = f"  val field loss {val_stats['field_loss']:.3g}" if config.use_e2e_training else ""
+            self.say(f"conditioner epoch {epoch + 1:>5}/{config.lc_epochs}  train loss {train_stats['loss']:.4g}  "
+                     f"val loss {val_stats['loss']:.4g}  val latent MSE {val_stats['latent_mse']:.3g}{field}")
+
+    def save(self, path, training: dict) -> None:
+        save_conditioner(path, self.model, self.spec, self.facts, {"training": training})
+
+    def resumable(self, path) -> dict:
+        """A conditioner checkpoint's payload, refused if it was trained through another VAE than the current one."""
+        payload = read_payload(path, formats=(CONDITIONER_FORMAT,))
+        if payload.get("vae_sha256") != self.facts["vae_sha256"]:
+            raise InputError(path, f"was trained through another VAE than {self.case.vae_file} holds now",
+                             "start the conditioner afresh without --resume")
+        return payload
 
 
 def field_batches(source, shards, config):
@@ -185,18 +202,6 @@ def field_batches(source, shards, config):
     if config.use_e2e_training:
         return source.batches([positions for positions, _ in shards])
     return itertools.repeat(None)
-
-
-def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    """The CPU generator of one optimiser step's image augmentations, keyed by (seed, epoch, step): a run resumed
-    inside an epoch draws the same flips and shifts as one that was never interrupted."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]))
-
-
-def augment(images, config, generator):
-    if config.input_type == "csv":
-        return images
-    return augment_images(images, bool(config.lc_augment_flip), config.lc_augment_shift, generator)
 
 
 def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, config, runtime):
@@ -210,32 +215,8 @@ def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, conf
         return latent_mse, (latent_mse.detach(), torch.zeros((), device=predicted.device))
     with runtime.autocast():
         recon = decode_latents(case.vae, case.latent_scaler, predicted.float())
-    field_loss = e2e_field_loss(recon.float(), fields, config)
-    loss = field_loss
+    field_error = field_loss(recon.float(), fields, config.e2e_loss_function, config.huber_delta)
+    loss = field_error
     if config.use_latent_regularization:
         loss = loss + config.latent_reg_weight * latent_mse
-    return loss, (latent_mse.detach(), field_loss.detach())
-
-
-def e2e_field_loss(recon, target, config):
-    """e2e_loss_function between fields in scaled units; Huber/SmoothL1 use huber_delta."""
-    if config.e2e_loss_function == "MSE":
-        return F.mse_loss(recon, target)
-    if config.e2e_loss_function == "MAE":
-        return F.l1_loss(recon, target)
-    if config.e2e_loss_function == "Huber":
-        return F.huber_loss(recon, target, delta=config.huber_delta)
-    return F.smooth_l1_loss(recon, target, beta=config.huber_delta)
-
-
-def averages(sums, count: int) -> dict:
-    loss, latent_mse, field_loss = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
-    return {"loss": loss, "latent_mse": latent_mse, "field_loss": field_loss}
-
-
-def report_progress(say, epoch, config, train_stats, val_stats) -> None:
-    every = config.log_every or max(1, config.lc_epochs // 20)
-    if (epoch + 1) % every == 0 or epoch + 1 == config.lc_epochs:
-        field = (f"  val field loss {val_stats['field_loss']:.3g}" if config.use_e2e_training else "")
-        say(f"conditioner epoch {epoch + 1:>5}/{config.lc_epochs}  train loss {train_stats['loss']:.4g}  "
-            f"val loss {val_stats['loss']:.4g}  val latent MSE {val_stats['latent_mse']:.3g}{field}")
+    return loss, (latent_mse.detach(), field_error.detach())

@@ -1,147 +1,174 @@
-"""The epoch loop the VAE and the conditioner share: learning rate, checkpoints, resume, stop requests, recovery from
-instability and early stopping.
+"""The training loop of the VAE and of the conditioner, read top to bottom in train() (one epoch's optimiser steps
+in train_epoch()).
 
-    progress = run_epochs(task, progress, config, runtime, log, say)
+    progress, history = train(job, config, runtime, run, say, resume=None)
 
-A Task is what differs between the two trainings: how one epoch trains and validates, how a checkpoint is written
-and read back, what is logged. When to save, what to do on a signal, a NaN or a diverging loss, and when to stop are
-decided here, the same way for both:
-- every save_every epochs (and at the end) the full state goes to last_path, and to best_path whenever the
+A job (VAETraining, ConditionerTraining) is what differs between the two: the network, the loss of a batch, the
+validation numbers, what a checkpoint holds and what is logged. Everything else is decided here, the same way for
+both:
+- an epoch is cut into optimiser steps of grad_accum_steps micro-batches; each rank takes its shard of every batch;
+- every save_every epochs (and at the end) the full state goes to job.last_path, and to job.best_path whenever the
   validation loss improves; a fresh run also saves its starting state, so a recovery always has a state to go to;
-- a stop request (SIGTERM, SIGINT) ends the current optimiser step, saves last_path with the step inside the epoch,
-  and raises Stopped: --resume continues from that very step;
-- a step with a non-finite gradient is skipped (Updater); max_skipped_steps of them in a row (seen at the end of
-  the epoch) or a diverging validation loss restore last_path and multiply the learning rate by
-  recovery_lr_factor; after max_recoveries restores the run stops with one clear line;
+- a stop request (SIGTERM, SIGINT) ends the current optimiser step, saves job.last_path with the step inside the
+  epoch and raises Stopped: --resume continues from that very step;
+- a step with a non-finite gradient is skipped (Updater); max_skipped_steps of them in a row (seen at the end of the
+  epoch) or a diverging validation loss restore job.last_path and multiply the learning rate by recovery_lr_factor;
+  after max_recoveries restores the run stops with one clear line;
 - patience epochs without a better validation loss end the run early.
+
+A job provides: name, epochs, patience, watched (the validation number divergence is judged on), batch_size,
+n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_file, log_part, and
+learning_rate(epoch), training_batches(epoch, micro_batches), batch_loss(trainer, batch, generator),
+averages(sums, count), validate(), record(epoch, train, val), report(epoch, train, val), save(path, training) and
+resumable(path).
 """
 import dataclasses
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from modules.config.settings import CONDITION_FILE
-from modules.training.distributed import barrier
+from modules.config import CONDITION_FILE
 from modules.errors import InputError
-from modules.training.guard import Guard, StopRequest, Stopped
-from modules.training.state import Progress
+from modules.storage.metrics_log import MetricsLog
+from modules.training.distributed import barrier, sum_over_ranks
+from modules.training.guard import Guard, Stopped, StopRequest
+from modules.training.optimizer_step import Updater, make_optimizer, optimiser_steps, training_module
+from modules.training.state import Progress, restore_training, training_entry
 
 
-@dataclass
-class Task:
-    """One training, as the epoch loop sees it."""
+def train(job, config, runtime, run, say, resume=None):
+    """Train job.model from scratch or, with resume (a checkpoint path already checked), from where that checkpoint
+    stood, until every epoch is done or early stopping ends it. Returns (the final Progress, saved as last; the
+    per-epoch log records). run: the run record (main process) or None (other ranks, which neither log nor write)."""
+    trainer = training_module(job.model, config, runtime)
+    optimizer = make_optimizer(job.model.parameters(), job.peak_lr, job.weight_decay)
+    updater = Updater(trainer, optimizer, runtime, config.grad_clip)
 
-    name: str                   # "VAE" or "conditioner", for messages
-    epochs: int
-    patience: int               # 0: no early stopping
-    watched: str                # the validation number divergence is judged on ("recon", "loss")
-    learning_rate: Callable     # epoch -> the schedule's learning rate, before recoveries scale it
-    optimizer: torch.optim.Optimizer
-    train_epoch: Callable       # (epoch, first step, partial sums or None, guard) -> EpochResult
-    validate: Callable          # () -> {"loss": float, ...}, the same on every rank
-    record: Callable            # (epoch, train stats, val stats) -> {name: float}, the epoch's log record
-    report: Callable            # (epoch, train stats, val stats) -> None, a progress line now and then
-    save: Callable              # (path, progress) -> None, the full state; called on rank 0 only
-    restore: Callable           # (path) -> Progress, loads the full state; called on every rank
-    best_path: Path
-    last_path: Path
+    def save(path, progress):
+        if runtime.is_main:
+            job.save(path, training_entry(optimizer, updater.scaler, progress, runtime.device))
 
+    def restore(path) -> Progress:
+        return restore_training(job.resumable(path), path, job.model, optimizer, updater.scaler, runtime.device)
 
-@dataclass
-class EpochResult:
-    stats: dict | None          # the epoch's training averages; None when interrupted
-    event: str | None = None    # why the epoch was interrupted: 'stop'
-    step: int = 0               # optimiser steps done when interrupted
-    sums: list | None = None    # the loss sums so far when interrupted, all ranks added
-
-
-def run_epochs(task: Task, progress: Progress, config, runtime, log, say) -> Progress:
-    """Train until every epoch is done or early stopping ends it; returns the final Progress (saved as last)."""
+    progress = restore(resume) if resume else Progress()
+    if run is not None:
+        progress = dataclasses.replace(progress, run_id=run.id)
+    if resume:
+        say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
+    log = MetricsLog(job.metrics_file, run.log_dir(job.log_part), progress.history) if run is not None else None
     with StopRequest() as stop:
         guard = Guard(config, runtime, stop)
         if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to
-            save(task, task.last_path, progress, runtime)
+            save(job.last_path, progress)
         while not progress.finished:
-            lr = set_learning_rate(task.optimizer, progress.lr_scale * task.learning_rate(progress.epoch))
+            epoch = progress.epoch
+            lr = set_learning_rate(optimizer, progress.lr_scale * job.learning_rate(epoch))
             guard.new_epoch()
-            result = task.train_epoch(progress.epoch, progress.step, progress.partial_sums, guard)
-            if result.event == "stop":
-                stop_now(task, dataclasses.replace(progress, step=result.step, partial_sums=result.sums), guard,
-                         runtime, f"in epoch {progress.epoch + 1}, after optimiser step {result.step}")
+
+            # Train one epoch (from the step a stop request interrupted, when resumed inside it).
+            train_stats, interrupted = train_epoch(job, trainer, updater, guard, progress, config, runtime)
+            if interrupted is not None:
+                stop_now(job, interrupted, guard, save, runtime,
+                         f"in epoch {epoch + 1}, after optimiser step {interrupted.step}")
+
+            # Too many skipped steps in a row: back to the last saved state, with a lower learning rate.
             skipped, unstable = guard.end_epoch()
             if unstable:
                 reason = f"{config.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient"
-                progress = recover(task, progress, reason, config, runtime, log, say)
+                progress = recover(job, progress, reason, restore, config, runtime, log, say)
                 guard.restart_count()
                 continue
-            val_stats = task.validate()
-            diverged = guard.divergence(val_stats["loss"], val_stats[task.watched],
-                                        best_of(progress.history, f"val/{task.watched}"))
+
+            # Validate; a diverging validation loss also goes back to the last saved state.
+            val_stats = job.validate()
+            diverged = guard.divergence(val_stats["loss"], val_stats[job.watched],
+                                        best_of(progress.history, f"val/{job.watched}"))
             if diverged:
-                progress = recover(task, progress, diverged, config, runtime, log, say)
+                progress = recover(job, progress, diverged, restore, config, runtime, log, say)
                 continue
-            progress = end_epoch(task, progress, result.stats, val_stats, lr, skipped, config, runtime, log, say)
+
+            # Log the epoch, keep the best and the last state, stop early.
+            epoch += 1
+            record = {**job.record(epoch - 1, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
+            improved = val_stats["loss"] < progress.best_val_loss
+            best_loss, best_epoch = ((val_stats["loss"], epoch) if improved
+                                     else (progress.best_val_loss, progress.best_epoch))
+            early = job.patience > 0 and epoch - best_epoch >= job.patience
+            progress = dataclasses.replace(progress, epoch=epoch, step=0, partial_sums=None, best_val_loss=best_loss,
+                                           best_epoch=best_epoch, finished=epoch >= job.epochs or early,
+                                           history=progress.history + [record])
+            if log is not None:
+                log.log(epoch, record)
+            job.report(epoch - 1, train_stats, val_stats)
+            if improved:
+                save(job.best_path, progress)
+            if epoch % config.save_every == 0 or progress.finished:
+                save(job.last_path, progress)
+            if early and epoch < job.epochs:
+                say(f"Early stop of the {job.name} at epoch {epoch}: no better validation loss for {job.patience} "
+                    f"epochs (best {best_loss:.4g} at epoch {best_epoch})")
             if guard.stop_requested():
-                stop_now(task, progress, guard, runtime, f"after epoch {progress.epoch}")
-    return progress
+                stop_now(job, progress, guard, save, runtime, f"after epoch {epoch}")
+    if log is None:
+        return progress, None
+    log.close()
+    return progress, log.history
 
 
-def end_epoch(task, progress, train_stats, val_stats, lr, skipped, config, runtime, log, say) -> Progress:
-    """Log the epoch, keep the best and the last state, decide whether training is over."""
-    epoch = progress.epoch + 1
-    record = {**task.record(epoch - 1, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
-    improved = val_stats["loss"] < progress.best_val_loss
-    best_loss, best_epoch = (val_stats["loss"], epoch) if improved else (progress.best_val_loss, progress.best_epoch)
-    early = task.patience > 0 and epoch - best_epoch >= task.patience
-    progress = dataclasses.replace(progress, epoch=epoch, step=0, partial_sums=None, best_val_loss=best_loss,
-                                   best_epoch=best_epoch, finished=epoch >= task.epochs or early,
-                                   history=progress.history + [record])
-    if log is not None:
-        log.log(epoch, record)
-    task.report(epoch - 1, train_stats, val_stats)
-    if improved:
-        save(task, task.best_path, progress, runtime)
-    if epoch % config.save_every == 0 or progress.finished:
-        save(task, task.last_path, progress, runtime)
-    if early and epoch < task.epochs:
-        say(f"Early stop of the {task.name} at epoch {epoch}: no better validation loss for {task.patience} epochs "
-            f"(best {best_loss:.4g} at epoch {best_epoch})")
-    return progress
+def train_epoch(job, trainer, updater, guard, progress, config, runtime):
+    """One pass over the training designs: an optimiser step per grad_accum_steps micro-batches, each rank taking its
+    shard of every batch, from optimiser step progress.step on (a resumed epoch; progress.partial_sums are the loss
+    sums of the steps before). The loss sums and skip counts stay on the device: one host sync per epoch, not per
+    step. Returns (the epoch's averages, None), or (None, progress at the step a stop request ended) when stopped."""
+    epoch = progress.epoch
+    trainer.train()
+    all_steps = optimiser_steps(job.n_train, job.batch_size, config.grad_accum_steps, config.seed, epoch, runtime)
+    steps = all_steps[progress.step:]
+    batches = job.training_batches(epoch, [part for step in steps for part in step])
+    sums = starting_sums(progress.partial_sums, job.n_parts, runtime)
+    progress_bar = tqdm(steps, leave=False, desc=f"{job.name} epoch {epoch + 1}/{job.epochs}", initial=progress.step,
+                        total=len(all_steps), disable=not runtime.is_main or None)
+    for done, step in enumerate(progress_bar, start=progress.step + 1):
+        generator = step_generator(config.seed, epoch, done)
+        for index, (positions, weight) in enumerate(step):
+            with updater.accumulating(last=index == len(step) - 1):
+                loss, parts = job.batch_loss(trainer, next(batches), generator)
+                updater.backward(loss * weight)
+            sums += parts * (len(positions) if weight else 0)
+        if guard.after_step(updater.step()) == "stop":
+            progress_bar.close()
+            partial = sum_over_ranks(sums, runtime).cpu().tolist()
+            return None, dataclasses.replace(progress, step=done, partial_sums=partial)
+    return job.averages(sum_over_ranks(sums, runtime), job.n_train), None
 
 
-def recover(task, progress, reason, config, runtime, log, say) -> Progress:
+def recover(job, progress, reason, restore, config, runtime, log, say) -> Progress:
     """Go back to the last saved state with a lower learning rate, or stop when restores have not helped."""
     if progress.recoveries >= config.max_recoveries:
-        raise InputError(CONDITION_FILE, f"{task.name} training is unstable in epoch {progress.epoch + 1}: {reason}, "
+        raise InputError(CONDITION_FILE, f"{job.name} training is unstable in epoch {progress.epoch + 1}: {reason}, "
                          f"after {progress.recoveries} restore(s) with a lower learning rate (max_recoveries "
                          f"{config.max_recoveries})", "lower the learning rate (LearningR or latent_conditioner_lr) "
                          "or grad_clip; the last good state is kept in checkpoints/")
     barrier(runtime)
-    restored = task.restore(task.last_path)
+    restored = restore(job.last_path)
     recovered = dataclasses.replace(restored, lr_scale=progress.lr_scale * config.recovery_lr_factor,
                                     recoveries=progress.recoveries + 1, best_val_loss=progress.best_val_loss,
                                     best_epoch=progress.best_epoch, finished=False)
-    say(f"{task.name} epoch {progress.epoch + 1}: {reason}. Restored {task.last_path} (saved after epoch "
+    say(f"{job.name} epoch {progress.epoch + 1}: {reason}. Restored {job.last_path} (saved after epoch "
         f"{restored.epoch}) and lowered the learning rate to {recovered.lr_scale:g} x its schedule "
         f"(restore {recovered.recoveries} of max_recoveries {config.max_recoveries})")
-    progress = recovered
     if log is not None:
-        log.rewind(progress.history)
-    return progress
+        log.rewind(recovered.history)
+    return recovered
 
 
-def stop_now(task, progress, guard, runtime, where: str):
-    save(task, task.last_path, progress, runtime)
+def stop_now(job, progress, guard, save, runtime, where: str):
+    save(job.last_path, progress)
     barrier(runtime)
-    raise Stopped(guard.signal_number(), task.last_path, f"{where} of the {task.name}")
-
-
-def save(task, path, progress, runtime) -> None:
-    if runtime.is_main:
-        task.save(path, progress)
+    raise Stopped(guard.signal_number(), job.last_path, f"{where} of the {job.name}")
 
 
 def set_learning_rate(optimizer, lr: float) -> float:
@@ -160,3 +187,9 @@ def starting_sums(partial_sums, size: int, runtime) -> torch.Tensor:
     if partial_sums is None or not runtime.is_main:
         return torch.zeros(size, device=runtime.device)
     return torch.tensor(partial_sums, dtype=torch.float32, device=runtime.device)
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The CPU generator of one optimiser step's random augmentations, keyed by (seed, epoch, step): a run resumed
+    inside an epoch draws the same flips and shifts as one that was never interrupted."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]))

@@ -7,20 +7,21 @@ decoder keeps a reason to use it. With free_bits 0 the KL term is the plain batc
 """
 import torch.nn.functional as F
 
-LOSS_NAMES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
+LOSS_NAMES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}  # Loss_type's numbers
 
 
-def reconstruction_loss(recon, target, loss_type: int, delta: float):
-    """Mean elementwise loss between fields of the same shape (scaled units); loss_type as Loss_type."""
-    if loss_type == 1:
+def field_loss(recon, target, name: str, delta: float):
+    """Mean elementwise loss between fields of the same shape (scaled units): MSE, MAE, SmoothL1 or Huber (the last
+    two with threshold delta). The VAE's is Loss_type (LOSS_NAMES), end-to-end training's e2e_loss_function."""
+    if name == "MSE":
         return F.mse_loss(recon, target)
-    if loss_type == 2:
+    if name == "MAE":
         return F.l1_loss(recon, target)
-    if loss_type == 3:
+    if name == "SmoothL1":
         return F.smooth_l1_loss(recon, target, beta=delta)
-    if loss_type == 4:
+    if name == "Huber":
         return F.huber_loss(recon, target, delta=delta)
-    raise ValueError(f"unknown loss type {loss_type}")  # config validation makes this unreachable from user input
+    raise ValueError(f"unknown loss {name!r}")  # config validation makes this unreachable from user input
 
 
 def free_bits_kl(kl_main_dims, kl_level_dims, free_bits: float):
@@ -36,7 +37,8 @@ def vae_loss(outputs, target, config, beta: float):
     the outputs: recon, kl_main, kl_levels [L], kl_main_dims [D], kl_level_dims [L, d].
     """
     count = len(outputs)
-    recon = sum(reconstruction_loss(o["recon"].float(), target, config.loss_type, config.huber_delta) for o in outputs)
+    name = LOSS_NAMES[config.loss_type]
+    recon = sum(field_loss(o["recon"].float(), target, name, config.huber_delta) for o in outputs)
     kl_main = sum(o["kl_main"].mean() for o in outputs)
     kl_levels = sum(o["kl_levels"].mean(dim=0) for o in outputs)
     recon, kl_main, kl_levels = recon / count, kl_main / count, kl_levels / count

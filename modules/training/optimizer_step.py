@@ -16,15 +16,15 @@ from contextlib import nullcontext
 import torch
 
 from modules.data.batches import batch_order
+from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.training.distributed import shard, wrap_model
-from modules.models.grad_checkpointing import enable_recompute
 
 
 def training_module(model, config, runtime):
     """What the training loop calls: model with gradient checkpointing if asked, compiled if asked, then wrapped for
     DDP under torchrun. It shares its parameters with model, which evaluation and saving keep using."""
     if config.grad_checkpointing:
-        enable_recompute(model)
+        enable_grad_checkpointing(model)
     trainer = torch.compile(model) if config.compile else model
     return wrap_model(trainer, runtime)
 

@@ -15,7 +15,7 @@ PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 @dataclass(frozen=True)
 class Runtime:
-    """Set once at start-up (modules/distributed.py start_runtime) and passed down; nothing below re-detects it.
+    """Set once at start-up (training.distributed.start_runtime) and passed down; nothing below re-detects it.
 
     amp_dtype: autocast dtype of training forward passes (None: float32). num_workers, pin_memory: how streamed
     batches are loaded; pinned host memory is what makes the host-to-GPU copies non-blocking.

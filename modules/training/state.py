@@ -4,7 +4,7 @@ A checkpoint's "training" entry holds the optimiser (AdamW's moments and step co
 random generator (Python, NumPy, torch on the CPU and on this process's GPU) and Progress: epochs done, the step
 inside an epoch that a stop request interrupted, the best validation loss, the learning-rate scale after recoveries
 and the per-epoch log. All of it is tensors, numbers, strings and lists, so it loads with torch.load(weights_only=True).
-The learning rate and the KL weight are pure functions of the epoch (modules/schedules.py) times that scale, so no
+The learning rate and the KL weight are pure functions of the epoch (training.schedules) times that scale, so no
 scheduler object needs saving.
 """
 import dataclasses
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.storage.model_files import read_payload
 from modules.config.settings import changed_settings
 from modules.errors import InputError
+from modules.storage.model_files import read_payload
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Progress:
     recoveries: int = 0
     finished: bool = False              # every epoch done, or stopped early
     history: list = field(default_factory=list)  # one log record {name: float} per completed epoch
-    run_id: str = ""                    # the run (modules/runs.py) this training belongs to; kept on --resume
+    run_id: str = ""                    # the run (storage.runs) this training belongs to; kept on --resume
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,179 @@
+"""Training runs: the VAE, then the conditioner (python SimulGen-VAE.py), or the conditioner alone on the saved VAE
+(--lc_only=1), each recorded in runs/<id>/ and ending with the evaluation of what it saved.
+
+Every input check happens before anything on disk moves: the config, the data, the conditions, the plot settings
+and any checkpoint to resume; only then is an earlier run's output archived.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.config import CONDITION_FILE, PRESET_FILE
+from modules.data.case import prepare_case
+from modules.data.conditions import read_conditions
+from modules.data.field_layout import read_field_layout
+from modules.errors import InputError
+from modules.evaluation import figures
+from modules.evaluation.evaluation import Evaluation
+from modules.evaluation.report import write_evaluation, write_prediction_report, write_reconstruction_report
+from modules.models.latents import save_latents
+from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
+from modules.storage.paths import (CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
+                                   archive_previous_conditioner, archive_previous_run, make_run_folders)
+from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
+                                  note_vae, recording, run_of, start_run)
+from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
+from modules.training.distributed import barrier, start_runtime, stop_runtime
+from modules.training.state import read_checkpoint
+from modules.training.vae_training import train_vae
+
+AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint
+CONDITIONER_HINT = "python SimulGen-VAE.py (or --lc_only=1) with input_type set"
+
+
+def train_all(config, use_ddp: bool, resume, say=print) -> None:
+    """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, then the evaluation, in one
+    run recorded in runs/<id>/; with resume (--resume's value), from where the checkpoint stood (a finished VAE is not
+    trained again) and in the same run record."""
+    if config.use_e2e_training and config.e2e_vae_model_path:
+        raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
+                         "through the VAE it has just trained", "remove e2e_vae_model_path, or run with --lc_only=1")
+    runtime = start_runtime(config, use_ddp)
+    try:
+        announce_setup(runtime)
+        plan = resume_plan(resume, config) if resume else None
+        case = prepare_case(config, runtime)
+        conditions = read_conditions(config) if config.has_conditioner else None
+        check_plot_settings(config, conditions)
+        if runtime.is_main and plan is None:
+            announce(archive_previous_run(), say)
+        run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", say,
+                       plan and plan.run_id)
+        with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
+            barrier(runtime)
+            trained = None
+            if plan is None or not plan.vae_finished:
+                trained = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say)
+            elif runtime.is_main:
+                say(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
+            evaluation = None
+            if runtime.is_main:
+                evaluation = Evaluation(config, runtime, case, MODEL_FILE, conditions)
+                if trained is not None:
+                    progress, history = trained
+                    save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
+                    note_vae(run, progress, write_reconstruction_report(evaluation, say))
+                    if config.plot < 2:
+                        figures.training_plots(history, evaluation, show=config.plot == 0, say=say)
+            if conditions is not None:
+                barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
+                fields = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
+                trained = train_conditioner(config, runtime, fields, run, resume=plan and plan.conditioner, say=say)
+                if runtime.is_main:
+                    report_conditioner(evaluation, run, *trained, config, say)
+            stop_runtime()  # the other processes are done: the main one evaluates alone
+            if runtime.is_main:
+                write_evaluation(evaluation, config, say)
+    finally:
+        stop_runtime()
+
+
+def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
+    """--lc_only=1: the conditioner on the saved VAE, then the evaluation, as a run of its own (runs/<id>/); only an
+    earlier conditioner's files and evaluation are archived (none with resume, which continues
+    checkpoints/conditioner_last.pt or the checkpoint given, in its run record)."""
+    if not config.has_conditioner:
+        raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
+                         "set input_type csv, image or image_vit (and param_dir)")
+    through_other_vae = config.use_e2e_training and config.e2e_vae_model_path
+    vae_file = Path(config.e2e_vae_model_path if through_other_vae else MODEL_FILE)
+    runtime = start_runtime(config, use_ddp)
+    try:
+        announce_setup(runtime)
+        checkpoint, run_id = None, None
+        if resume:
+            checkpoint = CONDITIONER_LAST if resume == AUTO_RESUME else Path(resume)
+            run_id = run_of(read_checkpoint(checkpoint, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT))
+        conditions = read_conditions(config)
+        check_plot_settings(config, conditions)
+        case = prepare_conditioner_case(config, runtime, conditions, vae_file)
+        if runtime.is_main and checkpoint is None:
+            announce(archive_previous_conditioner(), say)
+        run = open_run(config, runtime, "conditioner", say, run_id, vae_file)
+        with recording(run, CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
+            barrier(runtime)
+            trained = train_conditioner(config, runtime, case, run, resume=checkpoint, say=say)
+            stop_runtime()
+            if runtime.is_main:
+                evaluation = Evaluation(config, runtime, case.fields, vae_file, conditions)
+                report_conditioner(evaluation, run, *trained, config, say)
+                write_evaluation(evaluation, config, say)
+    finally:
+        stop_runtime()
+
+
+def report_conditioner(evaluation, run, progress, history, config, say) -> None:
+    """The prediction report, the run record's numbers and the conditioner's plots, once it is saved."""
+    note_conditioner(run, progress, write_prediction_report(evaluation, say))
+    if config.plot < 2:
+        figures.conditioner_plots(history, evaluation, show=config.plot == 0, say=say)
+
+
+def check_plot_settings(config, conditions) -> None:
+    """The plot settings that need files (node_coordinates, the CSV's columns) are checked with the other inputs,
+    before anything trains, so a typo cannot end a long run."""
+    if config.plot == 2:
+        return
+    read_field_layout(config)
+    if config.plot_color_by:
+        if conditions is None or conditions.channels is not None:
+            raise InputError(CONDITION_FILE, f"plot_color_by {config.plot_color_by} names a parameter, but the "
+                             "designs are not defined by a parameter CSV", "drop plot_color_by")
+        figures.parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
+
+
+def open_run(config, runtime, kind: str, say, run_id=None, vae_file=None):
+    """The main process records the run in runs/<id>/ (a resumed run keeps its id; a conditioner-only run names the
+    run that trained vae_file, its VAE); other processes get None."""
+    if not runtime.is_main:
+        return None
+    make_run_folders()
+    vae_run = read_payload(vae_file).get("run_id") if vae_file else None
+    run = start_run(kind, sys.argv, config.to_dict(), [PRESET_FILE, CONDITION_FILE], run_id=run_id, vae_run=vae_run)
+    say(f"Run {run.id}: recorded in {run.folder}/ (python SimulGen-VAE.py --list_runs compares runs)")
+    return run
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    vae: Path | None             # VAE checkpoint to continue from
+    vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
+    conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
+    run_id: str | None = None    # the run record the checkpoint belongs to (continued in runs/<id>/)
+
+
+def resume_plan(given: str, config) -> ResumePlan:
+    """What --resume[=PATH] of a full run continues: each checkpoint is checked here, before anything runs."""
+    path = LAST_CHECKPOINT if given == AUTO_RESUME else Path(given)
+    payload = read_checkpoint(path, config, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
+    if payload["format"] == CONDITIONER_FORMAT:
+        if not MODEL_FILE.exists():
+            raise InputError(path, f"is a conditioner checkpoint, but the VAE it needs ({MODEL_FILE}) is missing",
+                             "resume the VAE first (--resume), or train it again")
+        return ResumePlan(None, True, path, run_of(payload))
+    finished = payload["training"]["progress"]["finished"] and MODEL_FILE.exists()
+    conditioner = None
+    if finished and config.has_conditioner and CONDITIONER_LAST.exists():
+        read_checkpoint(CONDITIONER_LAST, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT)
+        conditioner = CONDITIONER_LAST
+    return ResumePlan(path, finished, conditioner, run_of(payload))
+
+
+def announce_setup(runtime) -> None:
+    if runtime.is_main:
+        print(runtime.summary, flush=True)  # before the first slow step, also under torchrun's pipes
+
+
+def announce(archived, say) -> None:
+    if archived is not None:
+        say(f"The previous run's results were moved to {archived}/")

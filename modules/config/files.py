@@ -1,0 +1,180 @@
+"""Read preset.txt and input_data/condition.txt into one validated Config: the only code that knows the users' file
+formats. Command-line flags that are also keys (config.keys) override the file's values."""
+import dataclasses
+import difflib
+import math
+import re
+from pathlib import Path
+
+from modules.config.checks import check_consistency, note_keys_without_effect
+from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED
+from modules.config.settings import Config, Preset
+from modules.errors import InputError
+
+PRESET_FILE = Path("preset.txt")
+CONDITION_FILE = Path("input_data/condition.txt")
+
+
+def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, condition_path=CONDITION_FILE,
+                warn=print) -> Config:
+    """Read both files (paths relative to the working directory), apply command-line overrides, validate.
+
+    overrides: {field: value} from flags the user actually gave (None values are ignored).
+    Raises InputError naming the file, line and fix.
+    """
+    preset = read_preset(preset_path, preset_index)
+    values, lines = read_condition(condition_path, warn)
+    values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
+    values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
+    values["node_end"] = values["node_end"] or values["n_nodes"]
+    config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
+    check_consistency(config, condition_path, lines)
+    note_keys_without_effect(config, condition_path, lines, warn)
+    return config
+
+
+def check_flag(field: str, value):
+    """A command-line value for a condition.txt key gets the same conversion and checks as the file's value."""
+    key = KEYS_BY_FIELD[field]
+    return _checked_value("command line", None, key, str(value))
+
+
+# ----------------------------------------------------------------------------------------------------- preset.txt
+def read_preset(path, index: int) -> Preset:
+    """Return the index-th (1-based) 4-line preset of preset.txt. Line 1 is a header; blank lines are skipped."""
+    lines = [(n, text.strip()) for n, text in enumerate(_read_lines(path, "preset file"), start=1)]
+    body = [(n, text) for n, text in lines[1:] if text]
+    if not body or len(body) % 4:
+        raise InputError(path, f"has {len(body)} non-blank lines after the header, not a multiple of 4", (
+            "give each preset as 4 lines: data_No, init_beta_divisor, encoder filters, conditioner filters"))
+    count = len(body) // 4
+    if not 1 <= index <= count:
+        raise InputError(path, f"preset {index} asked for, but the file holds presets 1..{count}",
+                         f"use --preset=K with K between 1 and {count}")
+    block = body[4 * (index - 1): 4 * index]
+    return Preset(
+        data_no=_preset_number(path, block[0], int, "data_No"),
+        init_beta_divisor=_preset_number(path, block[1], float, "init_beta_divisor"),
+        encoder_filters=_preset_filters(path, block[2], "encoder filters"),
+        conditioner_filters=_preset_filters(path, block[3], "conditioner filters"))
+
+
+def _preset_number(path, numbered_line, kind, what):
+    line_no, text = numbered_line
+    try:
+        return _convert(text, kind)
+    except ValueError:
+        raise InputError(path, f"{what} is '{text}', not a single {_kind_words(kind)}",
+                         f"write {what} as one number on this line", line_no) from None
+
+
+def _preset_filters(path, numbered_line, what):
+    line_no, text = numbered_line
+    try:
+        filters = tuple(_convert(word, int) for word in text.replace(",", " ").split())
+    except ValueError:
+        filters = ()
+    if not filters or min(filters) <= 0:
+        raise InputError(path, f"{what} '{text}' are not positive whole numbers",
+                         f"write the {what} as numbers separated by spaces, e.g. '256 128 64'", line_no)
+    return filters
+
+
+# ------------------------------------------------------------------------------------------------ condition.txt
+def read_condition(path, warn=print):
+    """Parse condition.txt into ({field: typed value} with defaults for keys not given, {field: line number})."""
+    given, lines = {}, {}
+    for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
+        entry = _split_condition_line(path, line_no, text)
+        if entry is None:
+            continue
+        name, raw = entry
+        key = KEYS_BY_NAME.get(name.lower())
+        if key is None:
+            _warn_unknown(path, line_no, name, warn)
+            continue
+        if key.field in given:
+            raise InputError(path, f"key '{key.name}' is given twice", "keep one line for it", line_no)
+        given[key.field] = _checked_value(path, line_no, key, raw)
+        lines[key.field] = line_no
+    return _with_defaults(path, given), lines
+
+
+_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
+
+
+def _split_condition_line(path, line_no, text):
+    """Return (key, raw value), or None for blank and comment lines. Accepts 'key value' and 'key: value'."""
+    text = text.split("#", 1)[0].strip()
+    if not text or text[0] in "%'":
+        return None
+    match = _LINE.match(text)
+    if match is None:
+        raise InputError(path, f"cannot read '{text}' as 'key value'",
+                         "write one 'key value' per line, or start the line with # to comment it out", line_no)
+    return match.group(1), match.group(2).strip()
+
+
+def _warn_unknown(path, line_no, name, warn):
+    close = difflib.get_close_matches(name.lower(), list(KEYS_BY_NAME), n=1, cutoff=0.6)
+    hint = f"; did you mean '{KEYS_BY_NAME[close[0]].name}'?" if close else ""
+    warn(f"{path}:{line_no}: warning: unknown key '{name}' is ignored{hint}")
+
+
+def _checked_value(path, line_no, key, raw):
+    if raw == "":
+        raise InputError(path, f"key '{key.name}' has no value", f"write '{key.name} <value>'", line_no)
+    try:
+        value = _convert(raw, key.kind)
+    except ValueError:
+        raise InputError(path, f"{key.name} is '{raw}', not a {_kind_words(key.kind)}",
+                         f"give {key.name} a {_kind_words(key.kind)} ({key.help})", line_no) from None
+    problem = None
+    if key.choices and value not in key.choices:
+        problem = f"must be one of {', '.join(map(str, key.choices))}"
+    elif key.check is not None:
+        problem = key.check(value)
+    if problem:
+        raise InputError(path, f"{key.name} = {raw} {problem}", f"change {key.name} ({key.help})", line_no)
+    return value
+
+
+def _with_defaults(path, given):
+    values = {}
+    for key in KEYS:
+        if key.field in given:
+            values[key.field] = given[key.field]
+        elif key.default is REQUIRED:
+            raise InputError(path, f"required key '{key.name}' is missing",
+                             f"add a line '{key.name} <value>' ({key.help})")
+        else:
+            values[key.field] = key.default
+    return values
+
+
+def _convert(raw: str, kind: type):
+    """Parse a number the way users write them: '1e6', '1000000', '16' and '16.0' all work for the right kind."""
+    raw = raw.strip()
+    if kind is str:
+        return raw
+    number = float(raw)
+    if not math.isfinite(number):
+        raise ValueError(raw)
+    if kind is int:
+        if number != int(number):
+            raise ValueError(raw)
+        return int(number)
+    return number
+
+
+def _kind_words(kind):
+    return {int: "whole number", float: "number", str: "word"}[kind]
+
+
+def _read_lines(path, what):
+    try:
+        return Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise InputError(path, f"{what} not found", f"run from the case folder that holds {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"{what} cannot be read ({error})", "save it as a plain UTF-8 text file") from None
