@@ -1,4 +1,4 @@
-"""Command line of SimulGen-VAE.py: parse flags, load the config, run the chosen command (modules/commands/).
+"""Command line of SimulGen-VAE.py: parse flags, load the config, run the chosen command (from commands).
 
 Every bad input ends here as one line on stderr and exit code 2 (no traceback); nothing on disk has been changed by
 then, because the config and the data are checked before an earlier run's results are archived.
@@ -21,7 +21,7 @@ from modules.training.guard import Stopped
 from modules.training.runtime import pick_device
 
 EXIT_BAD_INPUT = 2
-# flags that only training reads (device also serves --reconstruct and --predict)
+# flags that only training reads (device also serves --reconstruct and --predict, plot --evaluate)
 TRAINING_ONLY_FLAGS = (*(key.field for key in FLAG_KEYS if key.field != "device"), "use_ddp", "lc_only", "resume")
 
 

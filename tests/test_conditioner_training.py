@@ -204,6 +204,25 @@ def test_predict_refuses_a_conditioner_whose_vae_has_changed(copy_of, tmp_path, 
     assert "has changed since" in capsys.readouterr().err
 
 
+def test_evaluate_leaves_out_a_conditioner_whose_vae_has_changed_and_says_why(copy_of, capsys):
+    """Its conditions are read with the current config, not the stale conditioner's: without input_type there is no
+    prediction section; with it, the section says why the conditioner is not scored."""
+    vae = copy_of / "model_save" / "SimulGen-VAE"
+    torch.save({**torch.load(vae, weights_only=True), "run_id": "another VAE"}, vae)  # other bytes, still loadable
+    condition = copy_of / "input_data" / "condition.txt"
+    csv_block = condition.read_text()
+    condition.write_text(csv_block.split("input_type")[0])
+    with working_directory(copy_of):
+        assert main(["--evaluate"]) == 0
+        assert json.loads((copy_of / "output" / "evaluation.json").read_text())["prediction"] is None
+        condition.write_text(csv_block)
+        assert main(["--evaluate"]) == 0
+    prediction = json.loads((copy_of / "output" / "evaluation.json").read_text())["prediction"]
+    assert "conditioner" not in prediction and "pod_gpr" in prediction
+    assert "is not evaluated: was trained with the VAE model_save/SimulGen-VAE, which has changed since" in \
+        prediction["note"]
+
+
 # ------------------------------------------------------------------------------------------------------ --lc_only
 def test_lc_only_without_a_saved_vae_says_so_and_changes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -51,26 +51,27 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
                        plan and plan.run_id)
         with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
-            trained = None
+            vae_result = None
             if plan is None or not plan.vae_finished:
-                trained = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say)
+                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say)
             elif runtime.is_main:
                 say(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
             evaluation = None
             if runtime.is_main:
                 evaluation = Evaluation(config, runtime, case, MODEL_FILE, conditions)
-                if trained is not None:
-                    progress, history = trained
+                if vae_result is not None:
+                    progress, history = vae_result
                     save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
                     note_vae(run, progress, write_reconstruction_report(evaluation, say))
                     if config.plot < 2:
                         figures.training_plots(history, evaluation, show=config.plot == 0, say=say)
             if conditions is not None:
                 barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
-                fields = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
-                trained = train_conditioner(config, runtime, fields, run, resume=plan and plan.conditioner, say=say)
+                conditioner_case = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
+                conditioner_result = train_conditioner(config, runtime, conditioner_case, run,
+                                                       resume=plan and plan.conditioner, say=say)
                 if runtime.is_main:
-                    report_conditioner(evaluation, run, *trained, config, say)
+                    report_conditioner(evaluation, run, *conditioner_result, config, say)
             stop_runtime()  # the other processes are done: the main one evaluates alone
             if runtime.is_main:
                 write_evaluation(evaluation, config, say)
@@ -96,17 +97,17 @@ def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
             run_id = run_of(read_checkpoint(checkpoint, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT))
         conditions = read_conditions(config)
         check_plot_settings(config, conditions)
-        case = prepare_conditioner_case(config, runtime, conditions, vae_file)
+        conditioner_case = prepare_conditioner_case(config, runtime, conditions, vae_file)
         if runtime.is_main and checkpoint is None:
             announce(archive_previous_conditioner(), say)
         run = open_run(config, runtime, "conditioner", say, run_id, vae_file)
         with recording(run, CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
-            trained = train_conditioner(config, runtime, case, run, resume=checkpoint, say=say)
+            conditioner_result = train_conditioner(config, runtime, conditioner_case, run, resume=checkpoint, say=say)
             stop_runtime()
             if runtime.is_main:
-                evaluation = Evaluation(config, runtime, case.fields, vae_file, conditions)
-                report_conditioner(evaluation, run, *trained, config, say)
+                evaluation = Evaluation(config, runtime, conditioner_case.fields, vae_file, conditions)
+                report_conditioner(evaluation, run, *conditioner_result, config, say)
                 write_evaluation(evaluation, config, say)
     finally:
         stop_runtime()

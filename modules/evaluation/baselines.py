@@ -6,7 +6,7 @@
   coefficients, as many as the VAE has latent numbers, are regressed on the parameters with a GP.
 
 Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
-designs' fields (models/pod.py), so scoring streams the data once and never holds the [N, T, M] array in memory.
+designs' fields (models.pod), so scoring streams the data once and never holds the [N, T, M] array in memory.
 """
 import warnings
 

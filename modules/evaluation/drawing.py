@@ -162,7 +162,7 @@ def _scatter_designs(axis, points, colour, norm, is_validation):
 
 
 def active_units(plt, summary, path):
-    """summary {group: {"units", "active", "kl", "kl_dims"}} (modules.latent_health.summarise) -> active units per
+    """summary {group: {"units", "active", "kl", "kl_dims"}} (evaluation.latent_health.summarise) -> active units per
     group (left) and each dimension's mean KL in nats against the activity threshold ACTIVE_KL (right)."""
     names = list(summary)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")

@@ -1,6 +1,6 @@
 """How good the saved surrogate is, next to what a user would otherwise use: every number of every report, each
-computed once, from the saved files, in physical units. The reports (evaluation/report.py) and the plots
-(evaluation/figures.py) are views of one Evaluation.
+computed once, from the saved files, in physical units. The reports (evaluation.report) and the plots
+(evaluation.figures) are views of one Evaluation.
 
 - Reconstruction (what the VAE keeps of a design): the VAE against POD with as many numbers per design (and with
   as many as the main latent) and the training mean field, on the validation designs; the VAE on its training
@@ -36,7 +36,8 @@ from modules.evaluation.memorization import memorization_check
 from modules.evaluation.metrics import FieldErrors
 from modules.models.latents import decode_latents
 from modules.models.pod import design_gram
-from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.model_files import (CONDITIONER_FORMAT, checked_vae_file, load_conditioner, load_model,
+                                         read_payload)
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE, OUTPUT_DIR
 
 
@@ -70,6 +71,7 @@ class Evaluation:
         check_same_data(config, self.config, vae_file)
         self.case = case if case is not None else saved_case(self.config, runtime, scaler, vae_file)
         self.runtime, self.vae_file, self.conditions = runtime, vae_file, conditions
+        self.prediction_note = None  # why there are conditions but no prediction (set with conditioner)
         self.n_nodes = self.case.array.sample_shape[1]
 
     # ------------------------------------------------------------------------------------------ reconstruction
@@ -127,9 +129,12 @@ class Evaluation:
     # -------------------------------------------------------------------------------------------- prediction
     @cached_property
     def conditioner(self) -> SavedConditioner | None:
-        """The conditioner in model_save/ when it decodes through this VAE, unchanged; else None (see
-        prediction_note). Read on first use: a training run asks once its conditioner is saved."""
-        if self.conditions is None or not CONDITIONER_FILE.exists():
+        """The conditioner in model_save/ when the VAE it was trained with is unchanged; else None, with the reason
+        in prediction_note. Read once and kept: it must not be asked for before the conditioner file is final."""
+        if self.conditions is None:
+            return None
+        if not CONDITIONER_FILE.exists():
+            self.prediction_note = f"no conditioner in {CONDITIONER_FILE.parent}/ yet (train one with --lc_only=1)"
             return None
         network, facts = load_conditioner(CONDITIONER_FILE, self.runtime.device)
         try:
@@ -142,14 +147,10 @@ class Evaluation:
         vae, _, field_scaler = load_model(vae_file, self.runtime.device)
         return SavedConditioner(network, facts, vae, field_scaler)
 
-    prediction_note = None  # why there is no prediction when there are conditions, or None
-
     @cached_property
     def prediction(self) -> FieldErrors | None:
         """The conditioner's FieldErrors on the validation designs, a batch of designs at a time."""
         if self.conditioner is None:
-            if self.conditions is not None and self.prediction_note is None:
-                self.prediction_note = f"no conditioner in {CONDITIONER_FILE.parent}/ yet (train one with --lc_only=1)"
             return None
         case = self.case
         errors = FieldErrors.empty(case.val_indices, case.array.sample_shape[0], self.config.n_vars)
@@ -161,8 +162,8 @@ class Evaluation:
 
     @torch.no_grad()
     def predict(self, designs) -> np.ndarray:
-        """The conditioner's fields [b, T, M] of these designs (dataset indices), physical units, decoded by this VAE
-        and its conditions prepared with the conditioner's own saved scalers (as --predict does)."""
+        """The conditioner's fields [b, T, M] of these designs (dataset indices), physical units, decoded by the VAE
+        it was trained with and its conditions prepared with its own saved scalers (as --predict does)."""
         conditioner = self.conditioner
         values = self.conditions.values[designs]
         if conditioner.facts.get("input_scaler"):
@@ -190,9 +191,14 @@ class Evaluation:
 
 def saved_conditions(config):
     """What defines each design for an evaluation of the saved models (--evaluate): read with the config the saved
-    conditioner was trained with, when there is one (its param_dir, image size), else with config; None when
-    input_type is none there."""
+    conditioner was trained with (its param_dir, image size) when it can be evaluated (its VAE is unchanged), else
+    with config; None when input_type is none there."""
     conditions_config = config
     if CONDITIONER_FILE.exists():
-        conditions_config = Config.from_dict(load_conditioner(CONDITIONER_FILE)[1]["config"])
+        facts = read_payload(CONDITIONER_FILE, formats=(CONDITIONER_FORMAT,))
+        try:
+            checked_vae_file(facts, CONDITIONER_FILE)
+            conditions_config = Config.from_dict(facts["config"])
+        except (InputError, KeyError, TypeError):  # evaluated without it; the report says why
+            pass
     return read_conditions(conditions_config) if conditions_config.has_conditioner else None

@@ -1,4 +1,4 @@
-"""Which PNG plots a run writes to output/, from its training history and its evaluation (evaluation/drawing.py
+"""Which PNG plots a run writes to output/, from its training history and its evaluation (evaluation.drawing
 draws the evaluation's). --plot=1 saves them; --plot=0 also shows them, once, at the end of the run, and only when
 there is a screen and a terminal: a headless or batch job never blocks on a window."""
 import os
@@ -116,10 +116,9 @@ def curves(plt, history, panels, path, columns=None):
 
 
 def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
-    """The evaluation's PNGs in output/: simulated, predicted and error
-    fields of chosen designs and time steps, for the VAE and the conditioner; the error per time step of every
-    predictor; the main latents by PCA and t-SNE; active units per level. Returns the paths. config: the current
-    one (plot settings, node layout)."""
+    """The evaluation's PNGs in output/: simulated, predicted and error fields of chosen designs and time steps, for
+    the VAE and the conditioner; the error per time step of every predictor; the main latents by PCA and t-SNE;
+    active units per level. Returns the paths. config: the current one (plot settings, node layout)."""
     show = will_show(show, say)
     plt = _pyplot(show)
     layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
@@ -135,13 +134,11 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
         paths.append(drawing.field_snapshots(
             plt, layout, designs, steps, evaluation.case.array.read(designs), predict(np.asarray(designs)), label,
             OUTPUT_DIR / f"evaluation_{name}_fields.png"))
-    paths.append(drawing.error_per_step(plt, error_curves(report),
-                                                        OUTPUT_DIR / "evaluation_error_per_step.png"))
+    paths.append(drawing.error_per_step(plt, error_curves(report), OUTPUT_DIR / "evaluation_error_per_step.png"))
     colour, colour_label = design_colours(config, evaluation)
     is_validation = np.isin(np.arange(len(evaluation.encoding.main_latents)), evaluation.case.val_indices)
-    paths.append(drawing.latent_maps(plt, evaluation.encoding.main_latents, colour, colour_label,
-                                                     is_validation, OUTPUT_DIR / "latent_space.png",
-                                                     evaluation.config.seed))
+    paths.append(drawing.latent_maps(plt, evaluation.encoding.main_latents, colour, colour_label, is_validation,
+                                     OUTPUT_DIR / "latent_space.png", evaluation.config.seed))
     paths.append(drawing.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
     say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
     if show:

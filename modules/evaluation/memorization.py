@@ -8,10 +8,10 @@ both distributions and the share of samples closer to a training design than 95 
 (below the held-out 5th percentile): about 5 % for samples that look like new designs, near 100 % for copies.
 As many samples are drawn as there are held-out designs, seeded by `seed`.
 
-Distances come from inner products, like the POD baseline's: the held-out ones from the run's design Gram matrix
-(already computed for the reconstruction report), the samples' from one pass over the training designs streamed
-over time steps, against the samples written to a temporary .npy in output/ (removed at the end; as large as the
-validation designs). Memory stays bounded at any mesh size, and the training data is read once.
+Distances come from inner products, like the POD baseline's: the held-out ones from the evaluation's design Gram
+matrix, the samples' from one pass over the training designs streamed over time steps, against the samples written
+to a temporary .npy in output/ (removed at the end; as large as the validation designs). Memory stays bounded at
+any mesh size, and the training data is read once.
 """
 import tempfile
 from pathlib import Path

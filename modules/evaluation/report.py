@@ -1,5 +1,5 @@
-"""Every report of an evaluation (evaluation/evaluation.py), each a view of the same numbers: what is written to
-output/ and what is printed.
+"""Every report of an evaluation (evaluation.evaluation.Evaluation), each a view of the same numbers: what is
+written to output/ and what is printed.
 
 - reconstruction_error.json: the VAE against POD on the validation designs (after the VAE trains);
 - prediction_report.json and .md: the conditioner against the baselines (after the conditioner trains);
@@ -196,7 +196,7 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     """Predictors of unseen designs from their conditions; None when input_type is none."""
     if evaluation.conditions is None:
         return None
-    prediction = evaluation.prediction  # first: it sets prediction_note
+    prediction = evaluation.prediction  # first: reading the conditioner sets prediction_note
     section = {"note": evaluation.prediction_note}
     if prediction is not None:
         section["conditioner"] = prediction.summary(n_nodes)

@@ -131,7 +131,8 @@ def _row(record: dict) -> tuple:
     return (str(record.get("id")), _date(record.get("started")), str(record.get("status") or "-"), str(kind or "-"),
             _formatted(results.get("vae_epochs"), "{:.0f}"), _formatted(results.get("vae_best_val_loss"), "{:.4g}"),
             _percent(results.get("vae_val_error")), _percent(results.get("pod_val_error")),
-            _formatted(results.get("conditioner_best_val_loss"), "{:.4g}"), _percent(results.get("prediction_val_error")))
+            _formatted(results.get("conditioner_best_val_loss"), "{:.4g}"),
+            _percent(results.get("prediction_val_error")))
 
 
 def _align(rows: list) -> list:

@@ -31,7 +31,7 @@ from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, load_mo
 from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME,
                                    OUTPUT_DIR)
 from modules.training.distributed import shard, sum_over_ranks
-from modules.training.loop import train
+from modules.training.loop import run_training
 from modules.training.losses import field_loss
 from modules.training.runtime import seed_everything
 from modules.training.schedules import lr_factor
@@ -93,7 +93,7 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     say(f"Training the {spec.kind.upper()} conditioner ({objective}) on {len(case.fields.train_indices)} designs, "
         f"validating on {len(case.fields.val_indices)}; {sum(p.numel() for p in job.model.parameters()):,} "
         "parameters")
-    progress, history = train(job, config, runtime, run, say, resume)
+    progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
     job.model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
@@ -154,8 +154,8 @@ class ConditionerTraining:
         return loss, torch.stack([loss.detach(), *parts])
 
     def averages(self, sums, count: int) -> dict:
-        loss, latent_mse, field_error = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
-        return {"loss": loss, "latent_mse": latent_mse, "field_loss": field_error}
+        loss, latent_mse, e2e_loss = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
+        return {"loss": loss, "latent_mse": latent_mse, "field_loss": e2e_loss}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -215,8 +215,8 @@ def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, conf
         return latent_mse, (latent_mse.detach(), torch.zeros((), device=predicted.device))
     with runtime.autocast():
         recon = decode_latents(case.vae, case.latent_scaler, predicted.float())
-    field_error = field_loss(recon.float(), fields, config.e2e_loss_function, config.huber_delta)
-    loss = field_error
+    e2e_loss = field_loss(recon.float(), fields, config.e2e_loss_function, config.huber_delta)
+    loss = e2e_loss
     if config.use_latent_regularization:
         loss = loss + config.latent_reg_weight * latent_mse
-    return loss, (latent_mse.detach(), field_error.detach())
+    return loss, (latent_mse.detach(), e2e_loss.detach())

@@ -7,6 +7,7 @@ per-rank shards, each rank reads only its shard, and the loss is weighted so tha
 average equals the gradient of the whole batch: K processes train the same model as one process with the same batch.
 """
 import dataclasses
+import datetime
 import gc
 import os
 
@@ -18,6 +19,10 @@ from modules.errors import InputError
 from modules.training.runtime import Runtime, adapted, pick_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective waits for the slowest rank. Between the VAE and the conditioner the main process alone saves
+# the model and scores it (streamed passes over the whole dataset: minutes at 484 x 200 x 95,008) while the others
+# wait at a barrier; NCCL's default of 10 minutes could end a large run there.
+WAIT_FOR_MAIN = datetime.timedelta(hours=2)
 
 
 def start_runtime(config, use_ddp: bool) -> Runtime:
@@ -34,9 +39,10 @@ def start_runtime(config, use_ddp: bool) -> Runtime:
     runtime = adapted(device, config, rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=WAIT_FOR_MAIN)
     # host-side decisions (stop requests) travel over gloo on the CPU; with NCCL they would make the host wait
-    control_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    control_group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN) if device.type == "cuda" else None
     return dataclasses.replace(runtime, control_group=control_group)
 
 

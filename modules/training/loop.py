@@ -1,7 +1,7 @@
-"""The training loop of the VAE and of the conditioner, read top to bottom in train() (one epoch's optimiser steps
-in train_epoch()).
+"""The training loop of the VAE and of the conditioner, read top to bottom in run_training() (one epoch's optimiser
+steps in train_epoch()).
 
-    progress, history = train(job, config, runtime, run, say, resume=None)
+    progress, history = run_training(job, config, runtime, run, say, resume=None)
 
 A job (VAETraining, ConditionerTraining) is what differs between the two: the network, the loss of a batch, the
 validation numbers, what a checkpoint holds and what is logged. Everything else is decided here, the same way for
@@ -18,9 +18,15 @@ both:
 
 A job provides: name, epochs, patience, watched (the validation number divergence is judged on), batch_size,
 n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_file, log_part, and
-learning_rate(epoch), training_batches(epoch, micro_batches), batch_loss(trainer, batch, generator),
-averages(sums, count), validate(), record(epoch, train, val), report(epoch, train, val), save(path, training) and
-resumable(path).
+- learning_rate(epoch): the schedule's rate, before recoveries scale it;
+- training_batches(epoch, micro_batches): an iterator of one batch per micro-batch ([(positions, weight)] of the
+  training designs, this rank's); it starts the epoch, whose losses the next batch_loss calls compute;
+- batch_loss(trainer, batch, generator): (loss, its parts [n_parts] detached), each a mean over the batch's
+  designs; generator: the optimiser step's seeded CPU generator for random augmentations;
+- averages(sums, count), validate() (a dict with "loss" and watched, the same on every rank), record(epoch, train,
+  val) (the epoch's log record), report(epoch, train, val) (progress lines);
+- save(path, training): the full state, training being the optimiser's, the random generators' and Progress;
+  resumable(path): a checkpoint's payload, refused (InputError) when it does not fit this job.
 """
 import dataclasses
 import math
@@ -38,7 +44,7 @@ from modules.training.optimizer_step import Updater, make_optimizer, optimiser_s
 from modules.training.state import Progress, restore_training, training_entry
 
 
-def train(job, config, runtime, run, say, resume=None):
+def run_training(job, config, runtime, run, say, resume=None):
     """Train job.model from scratch or, with resume (a checkpoint path already checked), from where that checkpoint
     stood, until every epoch is done or early stopping ends it. Returns (the final Progress, saved as last; the
     per-epoch log records). run: the run record (main process) or None (other ranks, which neither log nor write)."""

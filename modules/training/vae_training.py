@@ -13,7 +13,7 @@ from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import read_payload, save_checkpoint, save_model
 from modules.storage.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.training.distributed import shard, sum_over_ranks
-from modules.training.loop import train
+from modules.training.loop import run_training
 from modules.training.losses import vae_loss
 from modules.training.runtime import seed_everything
 from modules.training.schedules import beta_at, lr_factor
@@ -31,7 +31,7 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
     say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
         f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in job.model.parameters()):,} parameters")
-    progress, history = train(job, config, runtime, run, say, resume)
+    progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
     job.model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
