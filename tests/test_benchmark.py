@@ -9,6 +9,8 @@ import numpy as np
 
 from conftest import REPO, smooth_fields
 
+sys.path.insert(0, str(REPO / "bench"))
+
 TINY = ["--filters", "16", "8", "--batch", "4", "--epochs", "2", "--device", "cpu"]
 
 
@@ -52,3 +54,42 @@ def test_real_data_file_gives_the_shape(tmp_path):
     assert report["inputs"]["shape"] == [10, 5, 30]
     assert len(report["rows"]) == 1 and report["rows"][0]["samples_per_s"] > 0
     assert len(table_lines(done.stdout)) == 2 + 1
+
+
+# ---------------------------------------------------------------------------------------------- accuracy benchmark
+def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and_pod_gpr(tmp_path):
+    """A smoke run of bench/accuracy.py on tiny versions of its cases: each is trained by the real command line in
+    its own case folder, and every row carries the run's own evaluation numbers."""
+    arguments = ["--designs", "16", "--steps", "6", "--grid", "6", "--line", "24", "--epochs", "2", "--lc_epochs", "2",
+                 "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "accuracy.json")]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), *arguments], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert [row["case"] for row in rows] == ["demo", "pulse", "burgers"]
+    assert rows[1]["shape"] == [16, 6, 36] and rows[2]["shape"] == [16, 6, 24]
+    for row in rows:
+        evaluation = json.loads((tmp_path / "work" / row["case"] / "output" / "evaluation.json").read_text())
+        assert row["vae"] == evaluation["reconstruction"]["vae"]["relative_l2"]["mean"]
+        assert row["pod_gpr"] == evaluation["prediction"]["pod_gpr"]["relative_l2"]["mean"]
+        assert 0 <= row["pod"] < row["mean_field"] and row["conditioner_label"].startswith("conditioner (MLP")
+    table = table_lines(done.stdout)
+    assert table[0].startswith("| case | designs") and len(table) == 2 + 3
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), *arguments], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode != 0 and "exists" in again.stderr  # an earlier benchmark's folders are never overwritten
+
+
+def test_generated_cases_are_the_physics_they_claim():
+    from cases import burgers_fields, burgers_parameters, pulse_fields, pulse_parameters
+
+    parameters = pulse_parameters(3, 0)
+    pulse = pulse_fields(parameters, steps=4, grid=32)
+    times = np.arange(1, 5) / 4
+    peak = 0.08 ** 2 / (0.08 ** 2 + 2 * parameters[:, 4:5] * times)  # the peak falls as the pulse spreads
+    assert np.all(pulse.max(axis=2) <= peak + 1e-6) and np.all(pulse.max(axis=2) >= 0.85 * peak)  # nodes miss it
+    assert np.allclose(pulse.sum(axis=2), pulse.sum(axis=2)[:, :1], rtol=1e-3)  # mass is conserved
+    parameters = burgers_parameters(3, 0)
+    burgers = burgers_fields(parameters, steps=4, nodes=128)
+    assert np.allclose(burgers.mean(axis=2), parameters[:, :1], atol=1e-6)  # a conservative scheme keeps the mean
+    assert np.all(burgers.max(axis=2) <= (parameters[:, 0] + parameters[:, 1])[:, None] + 1e-5)  # no new extrema

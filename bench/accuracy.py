@@ -1,0 +1,108 @@
+"""Accuracy benchmark: SimulGenVAE against POD and POD + GPR on several generated cases, trained as a user would.
+
+    python bench/accuracy.py                                   # demo, pulse and burgers at full size (minutes each)
+    python bench/accuracy.py --cases pulse --epochs 50 --json pulse.json
+    python bench/accuracy.py --designs 24 --steps 6 --grid 8 --line 32 --epochs 2 --lc_epochs 2   # a smoke run
+
+Each case (bench/cases.py) is written into its own case folder under --workdir and trained with
+`python SimulGen-VAE.py` there, defaults as shipped unless a flag here overrides them; the numbers come from the
+run's own output/evaluation.json, on its validation designs (never trained on), in physical units:
+- reconstruction: the VAE against POD with as many modes as the VAE has latent numbers per design;
+- prediction from the design's parameters: the conditioner against POD + Gaussian-process regression, the nearest
+  training design and the training mean field.
+Prints a markdown table (what the README carries) and writes every number as JSON (--json, or after the table).
+Never tune on one case: the point of the benchmark is to report all of them.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cases import REPO, Size, write_case  # noqa: E402
+
+CASES = ("demo", "pulse", "burgers")
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--designs", type=int, default=Size.designs, help="designs of the generated cases")
+    parser.add_argument("--steps", type=int, default=Size.steps, help="time steps of the generated cases")
+    parser.add_argument("--grid", type=int, default=Size.grid, help="pulse: grid x grid nodes")
+    parser.add_argument("--line", type=int, default=Size.line, help="burgers: nodes on the line")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="VAE epochs (Training_epochs); 0: the case's own (demo 300, generated 200)")
+    parser.add_argument("--lc_epochs", type=int, default=0,
+                        help="conditioner epochs (n_epoch); 0: the case's own (demo 400, generated 500)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated designs")
+    parser.add_argument("--workdir", default="bench_accuracy", help="where the case folders are written")
+    parser.add_argument("--json", help="write the report here")
+    return parser.parse_args(argv)
+
+
+def run_case(name: str, args) -> dict:
+    folder = Path(args.workdir) / name
+    if folder.exists():
+        raise SystemExit(f"error: {folder} exists. Fix: remove it or give another --workdir")
+    size = Size(designs=args.designs, steps=args.steps, grid=args.grid, line=args.line)
+    facts = write_case(folder, name, size, args.epochs, args.lc_epochs, args.seed)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py")], cwd=folder, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - start
+    (folder / "run.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the {name} case failed (exit {done.returncode}); see {folder / 'run.log'}")
+    report = json.loads((folder / "output" / "evaluation.json").read_text())
+    reconstruction, prediction = report["reconstruction"], report["prediction"]
+    return {**facts, "n_train": report["n_train"], "n_val": report["n_val"],
+            "latent_numbers": report["latent_numbers_per_design"], "run_s": seconds,
+            "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
+            "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
+            "pod_gpr": mean_l2(prediction["pod_gpr"]), "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
+            "mean_field": mean_l2(prediction["mean_field"])}
+
+
+def mean_l2(summary: dict) -> float:
+    return summary["relative_l2"]["mean"]
+
+
+def table(rows: list) -> str:
+    lines = ["| case | designs (train / val) | T x M | latent numbers | VAE reconstruction | POD, same size | "
+             "conditioner prediction | POD + GPR | nearest design | mean field | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        _, steps, nodes = row["shape"]
+        lines.append(f"| {row['case']} | {row['n_train']} / {row['n_val']} | {steps} x {nodes} | "
+                     f"{row['latent_numbers']} | {row['vae']:.2%} | {row['pod']:.2%} | {row['conditioner']:.2%} "
+                     f"({row['conditioner_label'].removeprefix('conditioner (').rstrip(')')}) | {row['pod_gpr']:.2%} "
+                     f"| {row['nearest_neighbour']:.2%} | {row['mean_field']:.2%} | {row['run_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    rows = []
+    for name in args.cases:
+        print(f"{name}: training ...", flush=True)
+        rows.append(run_case(name, args))
+    report = {"metric": "mean relative L2 error of the whole [T, M] field on the validation designs, physical "
+                        "units", "rows": rows, "arguments": vars(args),
+              "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}}
+    print(table(rows))
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Generated cases for the accuracy benchmark (bench/accuracy.py): closed forms or short solves, deterministic for a
+seed, each written as a case folder that SimulGenVAE trains on as a user's would be.
+
+- pulse: a Gaussian pulse advected and diffused on a periodic unit square, u_t + a . grad u = D lap u, in closed
+  form. 5 parameters per design: start x0, y0, direction theta, speed v, diffusivity D. A feature that moves across
+  the mesh: what a spatially linear decoder (and POD) cannot compress.
+- burgers: viscous Burgers u_t + u u_x = nu u_xx on a periodic [0, 2 pi) from u0 = a + b sin(x - phi), solved by
+  finite volumes (Rusanov flux, central diffusion, explicit steps); 4 parameters a, b, phi, nu. A steepening front
+  that travels at a speed set by a.
+- demo: the shipped heat-conduction case (input_data/), copied as it is.
+"""
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Size:
+    designs: int = 205      # 164 training and 41 validation designs at val_fraction 0.2
+    steps: int = 24
+    grid: int = 48          # pulse: grid x grid nodes
+    line: int = 256         # burgers: nodes on the line
+
+
+def pulse_fields(parameters: np.ndarray, steps: int, grid: int) -> np.ndarray:
+    """[n, steps, grid * grid] float32 fields at t = k / steps (k = 1..steps), node index iy * grid + ix; parameters
+    [n, 5] = (x0, y0, theta, v, D). Width sigma(t)^2 = sigma0^2 + 2 D t, mass conserved, periodic images summed."""
+    sigma0 = 0.08  # at 205 designs POD with 64 modes then misses about half of a held-out field: hard for linear ROMs
+    x = np.arange(grid) / grid
+    nodes_x, nodes_y = np.meshgrid(x, x)  # [grid, grid]: row iy, column ix
+    times = np.arange(1, steps + 1) / steps
+    fields = np.zeros((len(parameters), steps, grid, grid))
+    for design, (x0, y0, theta, speed, diffusivity) in enumerate(parameters):
+        for step, t in enumerate(times):
+            cx, cy = x0 + speed * t * np.cos(theta), y0 + speed * t * np.sin(theta)
+            variance = sigma0 ** 2 + 2 * diffusivity * t
+            dx = (nodes_x - cx + 0.5) % 1.0 - 0.5  # nearest periodic image
+            dy = (nodes_y - cy + 0.5) % 1.0 - 0.5
+            fields[design, step] = sigma0 ** 2 / variance * np.exp(-(dx ** 2 + dy ** 2) / (2 * variance))
+    return fields.reshape(len(parameters), steps, grid * grid).astype(np.float32)
+
+
+def pulse_parameters(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.uniform(0, 1, n), rng.uniform(0, 1, n), rng.uniform(0, 2 * np.pi, n),
+                     rng.uniform(0.2, 0.8, n), 10 ** rng.uniform(-4, -3, n)], axis=1)
+
+
+def burgers_fields(parameters: np.ndarray, steps: int, nodes: int, t_end: float = 2.0) -> np.ndarray:
+    """[n, steps, nodes] float32 snapshots at t = k t_end / steps (k = 1..steps) of every design at once;
+    parameters [n, 4] = (a, b, phi, nu)."""
+    a, b, phi, nu = (parameters[:, i:i + 1] for i in range(4))
+    dx = 2 * np.pi / nodes
+    x = np.arange(nodes) * dx
+    u = a + b * np.sin(x[None, :] - phi)
+    out = np.empty((len(parameters), steps, nodes))
+    t, next_snapshot = 0.0, 1
+    while next_snapshot <= steps:
+        target = next_snapshot * t_end / steps
+        speed = np.abs(u).max()
+        dt = min(0.4 * dx / speed, 0.2 * dx ** 2 / nu.max(), target - t)
+        right = np.roll(u, -1, axis=1)
+        flux = 0.25 * (u ** 2 + right ** 2) - 0.5 * np.maximum(np.abs(u), np.abs(right)) * (right - u)  # Rusanov
+        diffusion = nu * (right - 2 * u + np.roll(u, 1, axis=1)) / dx ** 2
+        u = u - dt / dx * (flux - np.roll(flux, 1, axis=1)) + dt * diffusion
+        t += dt
+        if t >= target - 1e-12:
+            out[:, next_snapshot - 1] = u
+            next_snapshot += 1
+    return out.astype(np.float32)
+
+
+def burgers_parameters(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.uniform(0.5, 1.5, n), rng.uniform(0.5, 1.0, n), rng.uniform(0, 2 * np.pi, n),
+                     10 ** rng.uniform(-2, -1.3, n)], axis=1)
+
+
+PRESET = "data_No, init_beta_divisor, encoder_filters, conditioner_filters\n1\n0\n{filters}\n32 64 128 256\n"
+CONDITION = """\
+Dim1 {n}
+Dim2 {steps}
+Dim3 {nodes}
+Training_epochs {epochs}
+Batch_size 16
+input_type csv
+param_dir input_data/parameters.csv
+n_epoch {lc_epochs}
+plot 2
+"""
+
+
+def write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int, seed: int = 0) -> dict:
+    """Write case `name` into folder (preset.txt, input_data/); returns what defines it."""
+    data = folder / "input_data"
+    data.mkdir(parents=True, exist_ok=True)
+    if name == "demo":
+        for file in ("condition.txt", "dataset1.npy", "parameters.csv", "node_coordinates.csv"):
+            shutil.copyfile(REPO / "input_data" / file, data / file)
+        shutil.copyfile(REPO / "preset.txt", folder / "preset.txt")
+        text = _set_key((data / "condition.txt").read_text(), "plot", "2")  # a key given twice is refused: replace
+        text = _set_key(text, "Training_epochs", str(epochs) if epochs else None)
+        text = _set_key(text, "n_epoch", str(lc_epochs) if lc_epochs else None)
+        (data / "condition.txt").write_text(text)
+        shape = np.load(data / "dataset1.npy", mmap_mode="r").shape
+        return {"case": name, "shape": list(shape), "parameters": "cx, cy, radius, conductivity"}
+    if name == "pulse":
+        parameters = pulse_parameters(size.designs, seed)
+        fields = pulse_fields(parameters, size.steps, size.grid)
+        names, filters = "x0,y0,theta,v,D", "256 128 64 32"
+    elif name == "burgers":
+        parameters = burgers_parameters(size.designs, seed)
+        fields = burgers_fields(parameters, size.steps, size.line)
+        names, filters = "a,b,phi,nu", "256 128 64 32"
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    np.save(data / "dataset1.npy", fields)
+    np.savetxt(data / "parameters.csv", parameters, delimiter=",", header=names, comments="", fmt="%.8g")
+    (folder / "preset.txt").write_text(PRESET.format(filters=filters))
+    n, steps, nodes = fields.shape
+    (data / "condition.txt").write_text(CONDITION.format(n=n, steps=steps, nodes=nodes, epochs=epochs or 200,
+                                                         lc_epochs=lc_epochs or 500))
+    return {"case": name, "shape": list(fields.shape), "parameters": names.replace(",", ", ")}
+
+
+def _set_key(text: str, key: str, value: str | None) -> str:
+    """condition.txt text with key's line replaced by 'key value' (value None: unchanged)."""
+    if value is None:
+        return text
+    lines = [line for line in text.splitlines() if line.split("#")[0].split()[:1] != [key]]
+    return "\n".join(lines + [f"{key} {value}"]) + "\n"
