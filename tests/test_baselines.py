@@ -2,7 +2,8 @@
 predictors computed on explicit fields."""
 import numpy as np
 
-from modules.evaluation.baselines import baseline_weights, fit_gpr
+from modules.evaluation.baselines import baseline_weights
+from modules.models.gaussian_process import fit_gpr
 
 
 def fields_and_parameters(n=30, size=50, seed=0):

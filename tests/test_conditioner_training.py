@@ -51,7 +51,8 @@ def set_conditioner(folder, input_type, param_dir, extra=""):
 @pytest.fixture(scope="module")
 def conditioned(tmp_path_factory):
     """A tiny case whose designs are defined by 2 parameters (CSV and images), trained in one full run with the
-    CSV conditioner. New designs (never trained on) and their true fields are kept in new/."""
+    CSV conditioner, the MLP (latent_gp 0: the GP candidate has tests of its own). New designs (never trained on) and
+    their true fields are kept in new/."""
     folder = tmp_path_factory.mktemp("conditioned")
     parameters = design_parameters(N_DESIGNS + N_NEW, seed=3)
     fields = smooth_fields(N_DESIGNS + N_NEW, 6, 20, parameters=parameters)
@@ -59,7 +60,7 @@ def conditioned(tmp_path_factory):
     write_conditions(folder, parameters[:N_DESIGNS])
     write_conditions(folder, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv")
     np.save(folder / "new" / "fields.npy", fields[N_DESIGNS:])
-    set_conditioner(folder, "csv", "input_data/parameters.csv")
+    set_conditioner(folder, "csv", "input_data/parameters.csv", "latent_gp 0\n")
     with working_directory(folder):
         assert main(["--plot=1"]) == 0
     return folder
@@ -135,6 +136,55 @@ def test_the_best_validation_epoch_is_the_conditioner_kept(conditioned):
     assert progress["best_val_loss"] == pytest.approx(min(losses), rel=1e-6)
     assert progress["epoch"] == progress["best_epoch"] == 1 + int(np.argmin(losses))
     assert all(torch.equal(best["state_dict"][k], kept["state_dict"][k]) for k in kept["state_dict"])
+
+
+def test_a_csv_case_keeps_whichever_of_the_mlp_and_the_latent_gp_predicts_better_and_says_so(copy_of, capsys):
+    assert report(copy_of)["conditioner_choice"] is None  # latent_gp 0: the MLP alone
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv")  # latent_gp 1, the default
+    with working_directory(copy_of):
+        assert main(["--lc_only=1"]) == 0
+    choice = report(copy_of)["conditioner_choice"]
+    errors = choice["validation_relative_l2"]
+    assert set(errors) == {"mlp", "gpr"} and choice["kept"] == min(errors, key=errors.get)
+    label = {"mlp": "MLP", "gpr": "GP on latents"}[choice["kept"]]
+    assert f"Kept the {label} as the conditioner" in capsys.readouterr().out
+    assert report(copy_of)["conditioner"] == label
+    kept = torch.load(copy_of / "model_save" / "latent_conditioner", weights_only=True)
+    assert kept["spec"]["kind"] == choice["kept"]
+    assert json.loads((copy_of / "output" / "evaluation.json").read_text())["labels"]["conditioner"] == \
+        f"conditioner ({label})"
+
+
+def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_other(copy_of, tmp_path, capsys):
+    """Against an untrained MLP (which predicts the mean latents) the GP is kept; --predict and --evaluate then run
+    through it, and it predicts new designs far better than the mean field."""
+    from modules.config import load_config
+    from modules.data.conditions import read_conditions
+    from modules.models.conditioners import build_conditioner
+    from modules.storage.model_files import save_conditioner
+    from modules.training.conditioner_training import (conditioner_facts, conditioner_spec, network_or_latent_gp,
+                                                       prepare_conditioner_case)
+    from modules.training.runtime import Runtime
+    with working_directory(copy_of):
+        config = load_config(1, warn=lambda text: None)
+        case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
+                                        "model_save/SimulGen-VAE")
+        spec = conditioner_spec(config, case)
+        kept, kept_spec, choice = network_or_latent_gp(build_conditioner(spec), spec, case, config, print)
+        assert choice["kept"] == "gpr" and kept_spec.gp_points == len(case.fields.train_indices)
+        save_conditioner("model_save/latent_conditioner", kept, kept_spec, {**conditioner_facts(config, case),
+                                                                            "choice": choice})
+        assert main([f"--predict={copy_of / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'gp.npy'}"]) == 0
+        assert main(["--evaluate"]) == 0
+    assert "Kept the GP on latents as the conditioner" in capsys.readouterr().out
+    truth = np.load(copy_of / "new" / "fields.npy")
+    mean_field = np.load(copy_of / "input_data" / "dataset1.npy").mean(axis=0, keepdims=True)
+    error = relative_error(np.load(tmp_path / "gp.npy"), truth)
+    assert error.mean() < 0.5 * relative_error(np.broadcast_to(mean_field, truth.shape), truth).mean()
+    evaluation = json.loads((copy_of / "output" / "evaluation.json").read_text())
+    assert evaluation["labels"]["conditioner"] == "conditioner (GP on latents)"
+    assert evaluation["prediction"]["conditioner"]["relative_l2"]["mean"] < \
+        evaluation["prediction"]["mean_field"]["relative_l2"]["mean"]
 
 
 def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):

@@ -2,6 +2,7 @@
 saving, the guards, and an MLP that actually learns."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -155,3 +156,17 @@ def test_mlp_learns_a_smooth_function():
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10  # speed is the benchmark's business (bench/), never a timed unit test
+
+
+def test_the_latent_gp_conditioner_is_the_posterior_mean_of_one_fitted_gp_per_latent_number():
+    """Its tensors reproduce scikit-learn's predictions, on new inputs, in a module that is saved as a state dict."""
+    from modules.models.gaussian_process import GPRConditioner, fit_gpr
+    rng = np.random.default_rng(0)
+    inputs, new = rng.uniform(-1, 1, (40, 3)), rng.uniform(-1, 1, (7, 3))
+    targets = np.stack([np.sin(2 * inputs[:, 0]) + inputs[:, 1], inputs[:, 2] ** 2 - inputs[:, 0]], axis=1)
+    spec = ConditionerSpec("gpr", (3,), 2, (8,), gp_points=40)
+    fitted = GPRConditioner(spec).fit(inputs, targets, seed=0)
+    rebuilt = build_conditioner(spec)
+    rebuilt.load_state_dict(fitted.state_dict())
+    expected = np.stack([fit_gpr(inputs, targets[:, k], 0).predict(new) for k in range(2)], axis=1)
+    assert np.allclose(rebuilt(torch.as_tensor(new, dtype=torch.float32)).numpy(), expected, atol=1e-4)

@@ -14,8 +14,9 @@ from conftest import REPO, smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
-from modules.evaluation.baselines import baseline_weights, fit_gpr, score_combinations
+from modules.evaluation.baselines import baseline_weights, score_combinations
 from modules.evaluation.metrics import FieldErrors, relative_l2
+from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import design_gram
 from modules.training.runtime import Runtime
 from test_training import working_directory

@@ -71,6 +71,7 @@ WITH_END_TO_END = (lambda c: c.use_e2e_training == 1, "use_e2e_training is 0")
 WITH_LATENT_REGULARIZATION = (lambda c: c.use_e2e_training == 1 and c.use_latent_regularization == 1,
                               "use_e2e_training or use_latent_regularization is 0")
 WITH_PLOTS = (lambda c: c.plot < 2, "plot is 2 (no plots)")
+WITH_PARAMETERS = (lambda c: c.input_type == "csv", "input_type is not csv")
 
 KEYS = (
     Key("Dim1", "n_designs", int, REQUIRED, "number of designs N in the dataset", _positive, data=True),
@@ -212,6 +213,9 @@ KEYS = (
     Key("lc_patience", "lc_patience", int, 100,
         "stop the conditioner after this many epochs without a better validation loss (0: never)", _non_negative,
         resumable=True, only_with=WITH_CONDITIONER),
+    Key("latent_gp", "latent_gp", int, 1, "1: also fit a Gaussian-process regressor from the parameters to the "
+        "latents (one GP per latent number) and keep it instead of the MLP when it predicts the validation designs' "
+        "fields better; 0: keep the MLP", choices=(0, 1), resumable=True, only_with=WITH_PARAMETERS),
     Key("use_spatial_attention", "use_spatial_attention", int, 0, "1: spatial attention in the CNN's stages",
         choices=(0, 1), only_with=WITH_CNN),
     Key("lc_augment_flip", "lc_augment_flip", int, 0,

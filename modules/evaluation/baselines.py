@@ -8,15 +8,11 @@
 Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
 designs' fields (models.pod), so scoring streams the data once and never holds the [N, T, M] array in memory.
 """
-import warnings
-
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from modules.data.dataset import READ_CHUNK_BYTES
 from modules.evaluation.metrics import FieldErrors
+from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import combination_weights, pod_coefficients
 
 
@@ -38,16 +34,6 @@ def pod_gpr_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray,
     train_coefficients = pod_coefficients(gram, n_train)[0]
     return np.stack([fit_gpr(parameters[:n_train], train_coefficients[:, mode], seed).predict(parameters[n_train:])
                      for mode in range(min(rank, train_coefficients.shape[1]))], axis=1)
-
-
-def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int) -> GaussianProcessRegressor:
-    n_params = inputs.shape[1]
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(n_params), (1e-2, 1e3))
-              + WhiteKernel(1e-4, (1e-8, 1e-1)))
-    model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=1, random_state=seed)
-    with warnings.catch_warnings():  # a length scale at its bound is a fact of the data, not a failure
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(inputs, targets)
 
 
 def baseline_weights(gram: np.ndarray, n_train: int, pod_ranks: dict, conditions=None, parameters=None,

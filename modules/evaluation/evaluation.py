@@ -36,8 +36,7 @@ from modules.evaluation.memorization import memorization_check
 from modules.evaluation.metrics import FieldErrors
 from modules.models.latents import decode_latents
 from modules.models.pod import design_gram
-from modules.storage.model_files import (CONDITIONER_FORMAT, checked_vae_file, load_conditioner, load_model,
-                                         read_payload)
+from modules.storage.model_files import CONDITIONER_FORMAT, checked_vae_file, load_conditioner, load_model, read_payload
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE, OUTPUT_DIR
 
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from modules.evaluation import figures
-from modules.models.conditioners import CONDITIONERS
+from modules.models.conditioners import LATENT_GP, NETWORKS
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 
 RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
@@ -21,9 +21,11 @@ MEMORIZATION_JSON = OUTPUT_DIR / "memorization.json"
 STEPS_IN_TABLE = 10  # evenly spaced time steps in the .md table (the .json and the plot have every step)
 
 
-def conditioner_kind(config: dict) -> str:
-    """'MLP', 'CNN, end to end', ... of a conditioner's saved config."""
-    return CONDITIONERS[config["input_type"]].label + (", end to end" if config["use_e2e_training"] else "")
+def conditioner_kind(facts: dict) -> str:
+    """'MLP', 'CNN, end to end', 'GP on latents', ... of a saved conditioner (its file's facts)."""
+    kind = facts["spec"]["kind"]
+    trained_end_to_end = facts["config"]["use_e2e_training"] and kind != LATENT_GP.kind  # a GP is fitted
+    return NETWORKS[kind].label + (", end to end" if trained_end_to_end else "")
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction
@@ -69,14 +71,15 @@ def prediction_report(evaluation) -> dict:
     (which neither network trained on), with the VAE's own reconstruction of them: the floor for any conditioner
     through this decoder. Mean relative L2 errors."""
     config, case, baselines = evaluation.config, evaluation.case, evaluation.baselines
-    facts_config = evaluation.conditioner.facts["config"]
+    facts = evaluation.conditioner.facts
     predicted = evaluation.prediction.relative_l2()
     worst = int(np.argmax(predicted))
     means = {name: float(baselines[name].relative_l2().mean()) if name in baselines else None
              for name in ("pod_gpr", "nearest_neighbour", "mean_field")}
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
-        "input_type": facts_config["input_type"], "end_to_end": bool(facts_config["use_e2e_training"]),
+        "input_type": facts["config"]["input_type"], "end_to_end": bool(facts["config"]["use_e2e_training"]),
+        "conditioner": conditioner_kind(facts), "conditioner_choice": facts.get("choice"),
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),
         "latent_numbers_per_design": config.latent_size,
         "conditioner_val": float(predicted.mean()), "conditioner_val_median": float(np.median(predicted)),
@@ -110,8 +113,7 @@ def prediction_rows(report: dict) -> list:
     def percent(value):
         return "n/a (designs are defined by images)" if value is None else f"{value:.4%}"
     baselines = report["baselines"]
-    kind = conditioner_kind({"input_type": report["input_type"], "use_e2e_training": report["end_to_end"]})
-    return [(f"conditioner ({kind})", f"{percent(report['conditioner_val'])} (median "
+    return [(f"conditioner ({report['conditioner']})", f"{percent(report['conditioner_val'])} (median "
              f"{report['conditioner_val_median']:.4%}, worst {report['conditioner_val_worst']:.4%} on design "
              f"{report['conditioner_val_worst_design']})"),
             ("VAE reconstruction of the same designs (the floor through this decoder)",
@@ -185,7 +187,7 @@ def labels(evaluation) -> dict:
     size = evaluation.config.latent_size
     kind = ""
     if evaluation.conditioner is not None:
-        kind = conditioner_kind(evaluation.conditioner.facts["config"])
+        kind = conditioner_kind(evaluation.conditioner.facts)
     return {"vae": f"VAE ({size} latent numbers per design)", "pod": f"POD, {size} modes",
             "mean_field": "training mean field", "conditioner": f"conditioner ({kind})",
             "pod_gpr": f"POD ({size} modes) + Gaussian-process regression",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import run_blocks
 
 
@@ -33,6 +34,7 @@ class ConditionerSpec:
     vit_depth: int = 6
     vit_heads: int = 8
     vit_drop_path: float = 0.1
+    gp_points: int = 0  # gpr: the training designs the GPs' posterior means are sums over
 
     def to_dict(self) -> dict:
         return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters)}
@@ -44,10 +46,9 @@ class ConditionerSpec:
 
 def build_conditioner(spec: ConditionerSpec) -> nn.Module:
     """The network for spec.kind: forward maps [B, *input_shape] float32 to [B, output_dim]."""
-    networks = {row.kind: row.network for row in CONDITIONERS.values()}
-    if spec.kind not in networks:
-        raise ValueError(f"unknown conditioner kind {spec.kind!r}; expected one of {tuple(networks)}")
-    return networks[spec.kind](spec)
+    if spec.kind not in NETWORKS:
+        raise ValueError(f"unknown conditioner kind {spec.kind!r}; expected one of {tuple(NETWORKS)}")
+    return NETWORKS[spec.kind].network(spec)
 
 
 def output_head(width: int, output_dim: int) -> nn.Linear:
@@ -230,3 +231,6 @@ CONDITIONERS = {
     "image": Conditioner("cnn", "CNN", CNNConditioner, "images"),
     "image_vit": Conditioner("vit", "ViT", ViTConditioner, "images"),
 }
+# Fitted, not trained, on parameters: kept instead of the MLP when it predicts better (latent_gp).
+LATENT_GP = Conditioner("gpr", "GP on latents", GPRConditioner, "parameters")
+NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP)}
