@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import REPO, Size, write_case  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from modules.models.conditioners import NETWORKS  # noqa: E402
+
 CASES = ("demo", "pulse", "burgers")
 
 
@@ -61,10 +64,12 @@ def run_case(name: str, args) -> dict:
         raise SystemExit(f"error: the {name} case failed (exit {done.returncode}); see {folder / 'run.log'}")
     report = json.loads((folder / "output" / "evaluation.json").read_text())
     reconstruction, prediction = report["reconstruction"], report["prediction"]
+    choice = json.loads((folder / "output" / "prediction_report.json").read_text())["conditioner_choice"]
     return {**facts, "n_train": report["n_train"], "n_val": report["n_val"],
             "latent_numbers": report["latent_numbers_per_design"], "run_s": seconds,
             "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
+            "candidates": (choice or {}).get("validation_relative_l2"),
             "pod_gpr": mean_l2(prediction["pod_gpr"]), "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
             "mean_field": mean_l2(prediction["mean_field"])}
 
@@ -75,14 +80,17 @@ def mean_l2(summary: dict) -> float:
 
 def table(rows: list) -> str:
     lines = ["| case | designs (train / val) | T x M | latent numbers | VAE reconstruction | POD, same size | "
-             "conditioner prediction | POD + GPR | nearest design | mean field | run |",
+             "conditioner prediction (kept; the other candidate) | POD + GPR | nearest design | mean field | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         _, steps, nodes = row["shape"]
+        kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
+        others = [f"{NETWORKS[kind].label} {error:.2%}" for kind, error in (row["candidates"] or {}).items()
+                  if not kept.startswith(NETWORKS[kind].label)]
         lines.append(f"| {row['case']} | {row['n_train']} / {row['n_val']} | {steps} x {nodes} | "
                      f"{row['latent_numbers']} | {row['vae']:.2%} | {row['pod']:.2%} | {row['conditioner']:.2%} "
-                     f"({row['conditioner_label'].removeprefix('conditioner (').rstrip(')')}) | {row['pod_gpr']:.2%} "
-                     f"| {row['nearest_neighbour']:.2%} | {row['mean_field']:.2%} | {row['run_s']:.0f} s |")
+                     f"({'; not kept: '.join([kept, *others])}) | {row['pod_gpr']:.2%} | "
+                     f"{row['nearest_neighbour']:.2%} | {row['mean_field']:.2%} | {row['run_s']:.0f} s |")
     return "\n".join(lines)
 
 

@@ -151,6 +151,8 @@ def test_a_csv_case_keeps_whichever_of_the_mlp_and_the_latent_gp_predicts_better
     assert report(copy_of)["conditioner"] == label
     kept = torch.load(copy_of / "model_save" / "latent_conditioner", weights_only=True)
     assert kept["spec"]["kind"] == choice["kept"]
+    records = [json.loads(path.read_text()) for path in (copy_of / "runs").glob("*/run.json")]
+    assert [record["results"]["conditioner_kept"] for record in records if record["kind"] == "conditioner"] == [label]
     assert json.loads((copy_of / "output" / "evaluation.json").read_text())["labels"]["conditioner"] == \
         f"conditioner ({label})"
 
@@ -185,6 +187,30 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
     assert evaluation["labels"]["conditioner"] == "conditioner (GP on latents)"
     assert evaluation["prediction"]["conditioner"]["relative_l2"]["mean"] < \
         evaluation["prediction"]["mean_field"]["relative_l2"]["mean"]
+
+
+def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditioner(conditioned, monkeypatch, capsys):
+    from modules.config import load_config
+    from modules.data.conditions import read_conditions
+    from modules.models import gaussian_process
+    from modules.models.conditioners import build_conditioner
+    from modules.training.conditioner_training import conditioner_spec, network_or_latent_gp, prepare_conditioner_case
+    from modules.training.runtime import Runtime
+
+    def singular(self, *args):
+        raise np.linalg.LinAlgError("matrix is singular")
+    monkeypatch.setattr(gaussian_process.GPRConditioner, "fit", singular)
+    with working_directory(conditioned):
+        config = load_config(1, warn=lambda text: None)
+        case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
+                                        "model_save/SimulGen-VAE")
+    spec = conditioner_spec(config, case)
+    network = build_conditioner(spec)
+    kept, kept_spec, choice = network_or_latent_gp(network, spec, case, config, print)
+    assert kept is network and kept_spec == spec
+    assert choice == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular"}
+    assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); the MLP is kept" in \
+        capsys.readouterr().out
 
 
 def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):

@@ -12,6 +12,7 @@ from modules.config.keys import whole_numbers
 from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.evaluation import drawing
+from modules.models.conditioners import LATENT_GP
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
 
 SAMPLES_SHOWN = 3
@@ -86,7 +87,10 @@ def conditioner_plots(history, evaluation, show=False, say=print) -> list:
     designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
     names = [name for name in history[0] if name.startswith(("train/", "val/")) and
              any(row[name] for row in history)]
-    paths = [curves(plt, history, [("conditioner losses", names), ("learning rate", ["lr"])],
+    kind = evaluation.conditioner.facts["spec"]["kind"] if evaluation.conditioner is not None else None
+    title = "conditioner losses" + (" (this network was not kept: the GP on the latents predicts better)"
+                                    if kind == LATENT_GP.kind else "")
+    paths = [curves(plt, history, [(title, names), ("learning rate", ["lr"])],
                     OUTPUT_DIR / "conditioner_loss_curves.png"),
              field_comparison(plt, designs, evaluation.case.array.read(designs), evaluation.predict(designs),
                               "predicted from the design's condition", PREDICTION_PLOT)]

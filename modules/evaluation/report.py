@@ -78,7 +78,8 @@ def prediction_report(evaluation) -> dict:
              for name in ("pod_gpr", "nearest_neighbour", "mean_field")}
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
-        "input_type": facts["config"]["input_type"], "end_to_end": bool(facts["config"]["use_e2e_training"]),
+        "input_type": facts["config"]["input_type"],
+        "end_to_end": bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] != LATENT_GP.kind,
         "conditioner": conditioner_kind(facts), "conditioner_choice": facts.get("choice"),
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),
         "latent_numbers_per_design": config.latent_size,

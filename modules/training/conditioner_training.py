@@ -39,6 +39,8 @@ from modules.training.losses import field_loss
 from modules.training.runtime import seed_everything
 from modules.training.schedules import lr_factor
 
+LATENT_GP_MOST_DESIGNS = 1000  # a GP fit costs n^3 per optimiser iteration and latent number: minutes at this n
+
 
 @dataclass
 class ConditionerCase:
@@ -103,7 +105,11 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
     kept, kept_spec, choice = job.model, spec, None
     if config.latent_gp and CONDITIONERS[config.input_type].reads == "parameters":
-        kept, kept_spec, choice = network_or_latent_gp(job.model, spec, case, config, say)
+        if len(case.fields.train_indices) <= LATENT_GP_MOST_DESIGNS:
+            kept, kept_spec, choice = network_or_latent_gp(job.model, spec, case, config, say)
+        else:
+            say(f"note: no GP on the latents: {len(case.fields.train_indices)} training designs are more than the "
+                f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the {NETWORKS[spec.kind].label} is kept")
     save_conditioner(CONDITIONER_FILE, kept, kept_spec, {**job.facts, "choice": choice})
     return progress, history
 
@@ -115,8 +121,14 @@ def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
     physical units; a GP takes seconds to fit for a few hundred designs."""
     train = case.fields.train_indices
     gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train))
-    latent_gp = GPRConditioner(gp_spec).fit(case.conditions[train].double().cpu().numpy(),
-                                            case.targets[train].double().cpu().numpy(), config.seed)
+    say(f"Fitting a Gaussian process per latent number ({spec.output_dim}) on the {len(train)} training designs ...")
+    try:
+        latent_gp = GPRConditioner(gp_spec).fit(case.conditions[train].double().cpu().numpy(),
+                                                case.targets[train].double().cpu().numpy(), config.seed)
+    except (np.linalg.LinAlgError, ValueError, MemoryError) as error:  # the trained network is still a conditioner
+        say(f"warning: the GP on the latents could not be fitted ({type(error).__name__}: {error}); the "
+            f"{NETWORKS[spec.kind].label} is kept")
+        return network, spec, {"kept": spec.kind, "gp_failed": f"{type(error).__name__}: {error}"}
     latent_gp = latent_gp.to(case.conditions.device)
     errors = validation_field_errors({spec.kind: network, LATENT_GP.kind: latent_gp}, case, config.lc_batch_size)
     keep_gp = errors[LATENT_GP.kind] < errors[spec.kind]
