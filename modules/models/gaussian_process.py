@@ -57,7 +57,7 @@ class GPRConditioner(nn.Module):
             model = fit_gpr(inputs, targets[:, dim], seed)
             signal = model.kernel_.k1  # ConstantKernel * RBF; the WhiteKernel only acts on the training points
             self.amplitudes[dim] = signal.k1.constant_value
-            self.length_scales[dim] = torch.as_tensor(np.broadcast_to(signal.k2.length_scale, inputs.shape[1]))
+            self.length_scales[dim] = torch.as_tensor(np.broadcast_to(signal.k2.length_scale, inputs.shape[1]).copy())
             self.weights[:, dim] = torch.as_tensor(model.alpha_.reshape(-1))
             self.target_mean[dim] = float(np.asarray(model._y_train_mean).reshape(-1)[0])
             self.target_std[dim] = float(np.asarray(model._y_train_std).reshape(-1)[0])
