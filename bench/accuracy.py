@@ -3,6 +3,7 @@
     python bench/accuracy.py                                   # demo, pulse and burgers at full size (minutes each)
     python bench/accuracy.py --cases pulse --epochs 50 --json pulse.json
     python bench/accuracy.py --designs 24 --steps 6 --grid 8 --line 32 --epochs 2 --lc_epochs 2   # a smoke run
+    python bench/accuracy.py --set pod_path 0 --set alpha 1e6 --workdir bench_free   # another setting, every case
 
 Each case (bench/cases.py) is written into its own case folder under --workdir and trained with
 `python SimulGen-VAE.py` there, defaults as shipped unless a flag here overrides them; the numbers come from the
@@ -43,6 +44,8 @@ def parse_arguments(argv=None):
                         help="VAE epochs (Training_epochs); 0: the case's own (demo 300, generated 200)")
     parser.add_argument("--lc_epochs", type=int, default=0,
                         help="conditioner epochs (n_epoch); 0: the case's own (demo 400, generated 500)")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a condition.txt key for every case (repeatable): measure a setting on all of them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated designs")
     parser.add_argument("--workdir", default="bench_accuracy", help="where the case folders are written")
     parser.add_argument("--json", help="write the report here")
@@ -54,7 +57,7 @@ def run_case(name: str, args) -> dict:
     if folder.exists():
         raise SystemExit(f"error: {folder} exists. Fix: remove it or give another --workdir")
     size = Size(designs=args.designs, steps=args.steps, grid=args.grid, line=args.line)
-    facts = write_case(folder, name, size, args.epochs, args.lc_epochs, args.seed)
+    facts = write_case(folder, name, size, args.epochs, args.lc_epochs, args.seed, dict(args.set))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py")], cwd=folder, capture_output=True,
                           text=True)

@@ -94,8 +94,18 @@ plot 2
 """
 
 
-def write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int, seed: int = 0) -> dict:
-    """Write case `name` into folder (preset.txt, input_data/); returns what defines it."""
+def write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int, seed: int = 0,
+               settings: dict | None = None) -> dict:
+    """Write case `name` into folder (preset.txt, input_data/); returns what defines it. settings: condition.txt
+    keys set (or replaced) in every case."""
+    facts = _write_case(folder, name, size, epochs, lc_epochs, seed)
+    condition = folder / "input_data" / "condition.txt"
+    for key, value in (settings or {}).items():
+        condition.write_text(_set_key(condition.read_text(), key, value))
+    return {**facts, **({"settings": settings} if settings else {})}
+
+
+def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int, seed: int) -> dict:
     data = folder / "input_data"
     data.mkdir(parents=True, exist_ok=True)
     if name == "demo":
