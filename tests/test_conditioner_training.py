@@ -254,6 +254,8 @@ def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditio
     assert np.allclose(np.load(tmp_path / "p_mean.npy"), samples.mean(axis=1), atol=1e-5)
     assert np.allclose(np.load(tmp_path / "p_std.npy"), samples.std(axis=1), atol=1e-4)
     assert np.load(tmp_path / "p_std.npy").max() > 0  # the levels are really drawn
+    prediction = np.load(tmp_path / "p.npy")  # and the draws are around the prediction, the POD path included
+    assert np.linalg.norm(np.load(tmp_path / "p_mean.npy") - prediction) < 0.1 * np.linalg.norm(prediction)
     assert np.array_equal(samples, np.load(tmp_path / "q_samples.npy"))
     assert not list(tmp_path.glob("*.tmp*"))
 

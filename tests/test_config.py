@@ -42,7 +42,7 @@ def test_demo_case_files_parse():
     config = load_config(preset_path=REPO / PRESET_FILE, condition_path=REPO / CONDITION_FILE, warn=_no_warning)
     assert (config.n_designs, config.n_steps, config.n_nodes) == (96, 24, 400)
     assert config.epochs == 300 and config.batch_size == 16 and config.lr == 0.002
-    assert config.recon_weight == 1e6 and config.loss_type == 1 and config.projection_rank == 64
+    assert config.recon_weight == "auto" and config.loss_type == 1 and config.projection_rank == 64
     assert config.encoder_filters == (64, 64, 32) and config.conditioner_filters == (32, 64, 128, 256)
     assert config.input_type == "csv" and config.param_dir == "input_data/parameters.csv" and config.use_e2e_training
     assert (REPO / config.param_dir).exists()
@@ -61,8 +61,8 @@ def test_space_colon_tab_forms_and_comments_all_read(case):
 
 
 def test_exponent_and_plain_numbers_give_the_same_float(case):
-    short = load(case, BASE + "alpha 1e6\n").recon_weight
-    long = load(case, BASE + "alpha 1000000\n").recon_weight
+    short = load(case, BASE + "alpha 1e6\n").fixed_recon_weight
+    long = load(case, BASE + "alpha 1000000\n").fixed_recon_weight
     assert short == long == 1e6 and isinstance(short, float)
 
 
@@ -80,7 +80,7 @@ def test_defaults_are_filled(case):
     config = load(case, BASE)
     assert config.n_steps_used == 6 and config.node_start == 0 and config.node_end == 20
     assert config.n_nodes_used == 20 and config.n_vars == 1
-    assert config.batch_size == 16 and config.loss_type == 1 and config.recon_weight == 1e6 and config.seed == 42
+    assert config.batch_size == 16 and config.loss_type == 1 and config.recon_weight == "auto" and config.seed == 42
     assert config.size == "small" and config.load_all == 0 and config.plot == 2 and config.device == "auto"
 
 
@@ -150,6 +150,21 @@ def test_non_positive_counts_are_refused(case, line, key):
     error = refused(case, text)
     assert_names(error, CONDITION_FILE, line=4, fix_words=[key])
     assert "> 0" in error.problem
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "big"])
+def test_alpha_is_auto_or_a_positive_number(case, value):
+    error = refused(case, BASE + f"alpha {value}\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["alpha"])
+    assert "auto or a number > 0" in error.problem
+
+
+def test_alpha_auto_needs_a_likelihood_loss(case):
+    assert load(case, BASE + "Loss_type 2\n").fixed_recon_weight is None
+    error = refused(case, BASE + "Loss_type 3\n")
+    assert_names(error, CONDITION_FILE, line=5, fix_words=["alpha"])
+    assert "Loss_type 3" in error.problem
+    assert load(case, BASE + "Loss_type 3\nalpha 1e6\n").fixed_recon_weight == 1e6
 
 
 def test_unknown_loss_type_is_refused(case):

@@ -40,8 +40,8 @@ def nan_training_losses(monkeypatch, calls):
 
     real, count = train_vae.vae_loss, [0]
 
-    def loss(outputs, targets, config, beta):
-        total, parts = real(outputs, targets, config, beta)
+    def loss(outputs, targets, config, beta, noise_std):
+        total, parts = real(outputs, targets, config, beta, noise_std)
         if torch.is_grad_enabled():
             count[0] += 1
             if count[0] in calls:
@@ -93,7 +93,7 @@ def test_a_diverging_validation_error_restores_the_last_checkpoint(tmp_path, mon
     def validate(self):
         stats = real(self)
         calls[0] += 1
-        return {**stats, "recon": stats["recon"] * 1000} if calls[0] == 3 else stats
+        return {**stats, "recon": 1.0} if calls[0] == 4 else stats  # the starting state, epochs 1, 2, then 3
 
     monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
     with working_directory(case_of(tmp_path, epochs=4, extra="save_every 1\n")):
@@ -124,12 +124,12 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
     def validate(self):
         stats = real(self)
         calls[0] += 1
-        return {**stats, "loss": 100.0 + calls[0]}  # only the first epoch is ever the best
+        return {**stats, "loss": 1000.0 if calls[0] == 1 else 100.0 + calls[0]}  # the best: epoch 1, not the start
 
     monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
     with working_directory(case_of(tmp_path, epochs=10, extra="patience 3\n")):
         assert main([]) == 0
-    assert "Early stop of the VAE at epoch 4: no better validation loss for 3 epochs (best 101 at epoch 1)" in \
+    assert "Early stop of the VAE at epoch 4: no better validation loss for 3 epochs (best 102 at epoch 1)" in \
         capsys.readouterr().out
     assert len(metrics(tmp_path)) == 4
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["training"]["progress"]
@@ -145,8 +145,8 @@ from modules.cli import main
 
 real, count = train_vae.vae_loss, [0]
 
-def loss(outputs, targets, config, beta):  # NaN on rank 1 only, in its 2nd and 3rd training steps
-    total, parts = real(outputs, targets, config, beta)
+def loss(outputs, targets, config, beta, noise_std):  # NaN on rank 1 only, in its 2nd and 3rd training steps
+    total, parts = real(outputs, targets, config, beta, noise_std)
     if torch.is_grad_enabled() and torch.distributed.get_rank() == 1:
         count[0] += 1
         if count[0] in (2, 3):
@@ -173,9 +173,10 @@ def test_under_ddp_a_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- posterior collapse
-def collapse_run(folder, free_bits):
-    """A KL-dominated run (alpha 1e-2): without free bits every latent collapses onto its prior."""
-    write_case(folder, n=12, epochs=20, extra=f"free_bits {free_bits}\n")
+def collapse_run(folder, free_bits, pod_path=0):
+    """A KL-dominated run (alpha 1e-2): without free bits and without the POD path (whose posterior means start at
+    the POD coefficients) every latent collapses onto its prior."""
+    write_case(folder, n=12, epochs=20, extra=f"free_bits {free_bits}\npod_path {pod_path}\n")
     condition = folder / "input_data" / "condition.txt"
     condition.write_text(condition.read_text().replace("alpha 1e4", "alpha 1e-2"))
     with working_directory(folder):
@@ -198,3 +199,7 @@ def test_collapse_is_logged_per_level_and_warned_about_and_free_bits_prevent_it(
     kept = collapse_run(tmp_path / "free_bits", 0.5)
     assert sum(kept.values()) >= 3 and sum(kept.values()) > sum(collapsed.values())
     assert not math.isnan(float(metrics(tmp_path / "free_bits")[-1]["val/loss"]))
+
+
+def test_on_the_pod_path_the_main_latent_does_not_collapse_where_the_network_alone_does(tmp_path, capsys):
+    assert collapse_run(tmp_path, 0, pod_path=1)["main"] >= 1  # the same run: see the test above for pod_path 0

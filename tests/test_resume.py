@@ -129,7 +129,8 @@ def test_a_run_stopped_inside_an_epoch_saves_that_step_and_its_partial_sums(tmp_
     with working_directory(tmp_path):
         assert main([]) == 128 + signal.SIGTERM
         progress = progress_of("checkpoints/last.pt")
-        assert (progress["epoch"], progress["step"], len(progress["partial_sums"])) == (1, 2, 3 + 2)
+        # the sums: loss, recon, KL main, KL of each of the 2 levels, recon of the 1 variable
+        assert (progress["epoch"], progress["step"], len(progress["partial_sums"])) == (1, 2, 3 + 2 + 1)
         monkeypatch.setattr(guard.Guard, "after_step", real)
         assert main(["--resume"]) == 0
     assert "Resuming from checkpoints/last.pt: epoch 1, step 2" in capsys.readouterr().out

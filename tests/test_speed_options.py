@@ -115,7 +115,9 @@ def test_bf16_training_runs_and_differs_from_float32_by_rounding_only(tmp_path, 
     fp32 = [float(row["train/recon"]) for row in metrics(tmp_path / "fp32")]
     bf16 = [float(row["train/recon"]) for row in metrics(tmp_path / "bf16")]
     assert fp32 != bf16  # autocast really ran
-    assert bf16[0] == pytest.approx(fp32[0], rel=0.05)  # the first epoch differs by rounding; later ones drift
+    # the first epoch differs by rounding (of the residual network: the POD path runs in float32 and fits this
+    # smooth case almost exactly, so the error left is small and its rounding shows); later ones drift
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.15)
     assert bf16[-1] < bf16[0]  # and it trains
     assert all(v.dtype == torch.float32 for v in trained_state(tmp_path / "bf16").values())
 

@@ -110,7 +110,7 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
         total, total_squares = np.zeros((len(main), steps, nodes)), np.zeros((len(main), steps, nodes))
         for draw in range(samples):
             noise = torch.randn(len(main), spec.n_levels, spec.level_latent_dim, generator=generator)
-            field = vae.decoder(main, level_latents=levels, sample=True, level_noise=noise.to(main.device))[0]
+            field = vae.decode_around(main, levels, noise.to(main.device))
             field = field_scaler.inverse(field.float().cpu().numpy())
             written[start:stop, draw] = field
             total += field

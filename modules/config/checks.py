@@ -23,6 +23,9 @@ def check_consistency(config, path, lines: dict) -> None:
          "use at least 2 designs"),
         (config.beta_hold_fraction > config.beta_ramp_end_fraction, ("beta_hold_fraction", "beta_ramp_end_fraction"),
          "beta_hold_fraction is after beta_ramp_end_fraction", "set beta_hold_fraction <= beta_ramp_end_fraction"),
+        (config.recon_weight == "auto" and config.loss_type not in (1, 2), ("recon_weight", "loss_type"),
+         f"alpha auto is a Gaussian (Loss_type 1) or Laplace (Loss_type 2) likelihood; Loss_type {config.loss_type} "
+         "is neither", "give alpha a number (e.g. alpha 1e6) or use Loss_type 1 or 2"),
         *_time_axis_problems(config, lines),
         *_plot_problems(config),
         *_conditioner_problems(config),

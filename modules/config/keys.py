@@ -43,6 +43,15 @@ def _non_negative(value):
     return None if value >= 0 else "must be >= 0"
 
 
+def _auto_or_positive(text: str):
+    if text == "auto":
+        return None
+    try:
+        return None if float(text) > 0 else "must be auto or a number > 0"
+    except ValueError:
+        return "must be auto or a number > 0"
+
+
 def _fraction(value):
     return None if 0 <= value <= 1 else "must be between 0 and 1"
 
@@ -90,7 +99,9 @@ KEYS = (
     Key("Latent_dim_end", "main_latent_dim", int, 32, "size of the main latent", _positive),
     Key("Loss_type", "loss_type", int, 1, "reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber",
         choices=(1, 2, 3, 4)),
-    Key("alpha", "recon_weight", float, 1e6, "weight of the reconstruction term", _positive),
+    Key("alpha", "recon_weight", str, "auto", "the reconstruction term: auto (a Gaussian likelihood, Laplace for "
+        "Loss_type 2, whose noise scale per variable is set after each epoch to the validation designs' error) or a "
+        "number (a fixed weight on the mean loss, as in the original SimulGenVAE)", _auto_or_positive),
     Key("Recon_iter", "recon_samples", int, 1, "posterior samples averaged in the reconstruction term", _positive),
     Key("huber_delta", "huber_delta", float, 0.1, "threshold of SmoothL1/Huber, in scaled units", _positive),
     Key("seed", "seed", int, 42, "seeds Python, NumPy, torch and the train/validation split", _non_negative),
@@ -129,6 +140,9 @@ KEYS = (
         choices=(0, 1), resumable=True),
     Key("projection_rank", "projection_rank", int, 128,
         "width of the POD-initialised node projection (first and last layers)", _positive),
+    Key("pod_path", "pod_path", int, 1, "1: every latent number is also a whitened design-POD coefficient of a "
+        "frozen linear path, and the network learns a residual on top of it (reconstruction starts as good as POD "
+        "with as many modes); 0: the network alone", choices=(0, 1)),
     Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
         _non_negative),
     Key("augment_amplitude", "augment_amplitude", float, 0.0,

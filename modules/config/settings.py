@@ -50,6 +50,11 @@ class ConfigViews:
         return self.main_latent_dim + self.n_levels * self.level_latent_dim
 
     @property
+    def fixed_recon_weight(self) -> float | None:
+        """alpha as a number, or None for alpha auto (the likelihood's noise scale is learnt: training.losses)."""
+        return None if self.recon_weight == "auto" else float(self.recon_weight)
+
+    @property
     def has_conditioner(self) -> bool:
         return self.input_type != "none"
 

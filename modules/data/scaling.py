@@ -45,6 +45,10 @@ class MinMaxScaler:
         out += self._constant(self.data_min, out)
         return out.reshape(values.shape)
 
+    def physical_spread(self, scaled_spread):
+        """A spread (a standard deviation, an error) per variable [n_vars] in scaled units -> physical units."""
+        return np.asarray(scaled_spread, dtype=np.float64) / self._scale
+
     def _per_variable(self, values):
         """A float32 copy of values [..., M] viewed as [..., n_vars, M / n_vars]."""
         *lead, n_nodes = values.shape

@@ -13,6 +13,7 @@ import numpy as np
 from modules.evaluation import figures
 from modules.models.conditioners import LATENT_GP, NETWORKS
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
+from modules.training.losses import LOSS_NAMES
 
 RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
 EVALUATION_JSON = OUTPUT_DIR / "evaluation.json"
@@ -177,11 +178,32 @@ def evaluation_report(evaluation) -> dict:
         "reconstruction_training_designs": evaluation.encoding.errors.subset(case.train_indices).summary(
             n_nodes, per_step=False),
         "prediction": prediction_section(evaluation, n_nodes),
+        "likelihood": likelihood_section(evaluation),
         "memorization": evaluation.memorization,
         "active_units": {group: {"active": values["active"], "units": values["units"], "kl": values["kl"]}
                          for group, values in evaluation.latent_summary.items()},
     }
     return report
+
+
+def likelihood_section(evaluation) -> dict:
+    """The reconstruction term the VAE was trained with (training.losses): a fixed alpha, or the likelihood whose
+    noise scale per variable training set (its last value, in scaled and physical units)."""
+    config = evaluation.config
+    if config.fixed_recon_weight is not None:
+        return {"alpha": config.fixed_recon_weight, "model": f"fixed weight on the mean {LOSS_NAMES[config.loss_type]}"}
+    scaled = evaluation.vae.noise_std.cpu().double().numpy()
+    return {"alpha": "auto", "model": "Gaussian" if config.loss_type == 1 else "Laplace",
+            "noise_std_scaled": scaled.tolist(),
+            "noise_std_physical": evaluation.case.scaler.physical_spread(scaled).tolist()}
+
+
+def likelihood_words(likelihood: dict) -> str:
+    if likelihood["alpha"] != "auto":
+        return f"alpha {likelihood['alpha']:g} ({likelihood['model']})"
+    noise = ", ".join(f"{value:.3g}" for value in likelihood["noise_std_physical"])
+    return (f"alpha auto: a {likelihood['model']} likelihood with a noise scale of {noise} per variable "
+            f"(physical units)")
 
 
 def labels(evaluation) -> dict:
@@ -220,6 +242,7 @@ def write_evaluation_report(report: dict, say=print) -> None:
             say(f"  {section} {report['labels'][name]}: {summary['relative_l2']['mean']:.4%} / "
                 f"{summary['max_abs_error'][0]['mean']:.4g} (worst design {summary['relative_l2']['max_design']}: "
                 f"{summary['relative_l2']['max']:.4%})")
+    say(f"  the VAE's reconstruction term: {likelihood_words(report['likelihood'])}")
     say(f"  written to {EVALUATION_JSON} and {EVALUATION_MD.name}")
 
 
@@ -234,7 +257,8 @@ def evaluation_markdown(report: dict) -> str:
              f"{report['n_steps']} time steps x {report['n_nodes']} nodes.", ""]
     lines += predictor_table("Reconstruction of the validation designs", report, "reconstruction")
     training = report["reconstruction_training_designs"]["relative_l2"]
-    lines += [f"The VAE on its training designs: mean {training['mean']:.4%}, median {training['median']:.4%}.", ""]
+    lines += [f"The VAE on its training designs: mean {training['mean']:.4%}, median {training['median']:.4%}.", "",
+              f"The VAE's reconstruction term: {likelihood_words(report['likelihood'])}.", ""]
     if report["prediction"] is not None:
         lines += predictor_table("Prediction of unseen designs from their conditions", report, "prediction")
         lines += [f"{note}." for key, note in report["prediction"].items() if key.startswith("note") and note]

@@ -2,6 +2,7 @@
 
 Both stream the dataset in bounded chunks, so they work on designs far larger than RAM:
 - pod_node_basis: snapshot POD over (design, time step) rows of the scaled training data -> M x R basis.
+- design_pod_basis: POD over whole designs inside that node basis -> the VAE's frozen linear path (models.pod_path).
 - design_gram + pod_coefficients: POD over whole designs (each [T, M] field one vector), computed from the Gram matrix
   of inner products without ever forming the modes; combination_weights writes a projection on r modes as a
   weighted sum of the training designs. This is the baseline a VAE with r latent numbers per design must beat.
@@ -74,6 +75,48 @@ def _complete_basis(modes, rank: int, seed: int):
     extra -= modes @ (modes.T @ extra)
     extra, _ = torch.linalg.qr(extra)
     return torch.cat([modes, extra], dim=1)
+
+
+def design_pod_basis(array, train_indices, scaler, node_mean, node_modes, rank: int):
+    """POD over whole training designs, computed inside the node basis so that it stays small at any mesh size.
+
+    node_mean [M], node_modes [M, R] (orthonormal, pod_node_basis): each scaled design x [T, M] becomes its node
+    coefficients a = (x - node_mean) node_modes [T, R]; POD over those vectors of T * R numbers gives the design modes.
+    Returns torch float32 (coefficient_mean [T, R], modes [rank, T, R] (orthonormal, strongest first), scales
+    [rank] = std of the training designs' coefficient on each mode, residual_mse = the mean squared error per
+    value of the rank-mode reconstruction of the training designs, node truncation included). The whole design
+    POD costs one streamed pass over the training designs and N * T * R floats (50 MB for 484 designs x 200 steps
+    x 128).
+    Modes the training designs do not have (rank above their number less one) are zero with a scale of 1: those
+    latent numbers carry nothing on the linear path and are left to the network (a random direction instead would
+    make them noise that a conditioner, after standardising each latent number, regresses at full weight).
+    """
+    n_steps, n_nodes = array.sample_shape
+    node_mean64, node_modes64 = node_mean.double().numpy(), node_modes.double().numpy()
+    coefficients = np.empty((len(train_indices), n_steps * node_modes.shape[1]))
+    centred_energy = 0.0  # sum of ||x - node_mean||^2 over the training designs
+    per_read = max(1, READ_CHUNK_BYTES // (8 * n_steps * n_nodes))
+    for start in range(0, len(train_indices), per_read):
+        block = scaler.transform(array.read(train_indices[start:start + per_read])).astype(np.float64) - node_mean64
+        centred_energy += float(np.sum(block ** 2))
+        coefficients[start:start + len(block)] = (block @ node_modes64).reshape(len(block), -1)
+    coefficient_mean = coefficients.mean(axis=0)
+    coefficients -= coefficient_mean
+    eigenvalues, vectors = np.linalg.eigh(coefficients @ coefficients.T)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    kept = int(min(rank, np.sum(eigenvalues > max(eigenvalues[0], 0.0) * 1e-12)))
+    singular = np.sqrt(eigenvalues[:kept])
+    modes = np.zeros((coefficients.shape[1], rank))
+    modes[:, :kept] = (coefficients.T @ vectors[:, :kept]) / singular
+    scales = np.ones(rank)
+    scales[:kept] = singular / np.sqrt(len(train_indices))
+    node_energy = float(np.sum(coefficients ** 2)) + len(train_indices) * float(coefficient_mean @ coefficient_mean)
+    residual = centred_energy - node_energy + float(np.sum(eigenvalues[kept:].clip(min=0)))
+    residual_mse = max(residual, 0.0) / (len(train_indices) * n_steps * n_nodes)
+    return (torch.from_numpy(coefficient_mean).float().view(n_steps, -1),
+            torch.from_numpy(modes.T).float().reshape(rank, n_steps, -1), torch.from_numpy(scales).float(),
+            residual_mse)
 
 
 def design_gram(array, indices) -> np.ndarray:

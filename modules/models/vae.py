@@ -11,6 +11,14 @@ next level. A last projection R -> M (the transpose POD basis at start) gives th
 analytic KL between exactly the q and p that z_l is sampled from; it is also returned per latent dimension (before the
 sum), which free bits (training.losses) and the collapse diagnostics (evaluation.latent_health) need.
 
+With the POD path (spec.pod_modes, condition.txt pod_path 1, the default) the latent numbers, main first and then the
+levels in generation order, are also the whitened coefficients of a frozen design POD (models.pod_path): the field is
+that linear path plus the network above as a residual whose last layer starts at zero, and each posterior mean is
+the design's POD coefficient plus a learned shift that starts at zero. The KL stays the exact KL of what is sampled.
+
+The model also holds the likelihood's noise scale per variable (noise_std, scaled units): with alpha auto training
+sets it each epoch (training.losses); it is stored with the weights so that a report can state it.
+
 Level latents are stored and returned in generation order: index 0 is the coarsest level.
 """
 import math
@@ -22,8 +30,10 @@ from torch import nn
 
 from modules.config.settings import level_lengths
 from modules.models.grad_checkpointing import run_block
+from modules.models.pod_path import PODPath
 
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
+START_LOG_STD = -4.0  # POD path: posterior spread at the start, 2 % of a whitened coefficient's spread over designs
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class ModelSpec:
     level_latent_dim: int
     blocks_per_level: int
     head_hidden: int
+    pod_modes: int = 0  # latent numbers carried by the frozen POD path: 0 (none) or all of them
+    n_vars: int = 1  # variables side by side along the node axis (one likelihood scale each)
 
     @classmethod
     def from_config(cls, config) -> "ModelSpec":
@@ -46,11 +58,16 @@ class ModelSpec:
                    projection_rank=min(config.projection_rank, config.n_nodes_used),
                    filters=tuple(config.encoder_filters), main_latent_dim=config.main_latent_dim,
                    level_latent_dim=config.level_latent_dim, blocks_per_level=2 if large else 1,
-                   head_hidden=256 if large else 128)
+                   head_hidden=256 if large else 128, pod_modes=config.latent_size if config.pod_path else 0,
+                   n_vars=config.n_vars)
 
     @property
     def n_levels(self) -> int:
         return len(self.filters)
+
+    @property
+    def latent_size(self) -> int:
+        return self.main_latent_dim + self.n_levels * self.level_latent_dim
 
     @property
     def level_lengths(self) -> list:
@@ -104,6 +121,14 @@ class GaussianHead(nn.Module):
         mean, log_std = self.net(features).float().chunk(2, dim=-1)  # float32 even under autocast: the KL needs it
         return mean, soft_clamp(log_std)
 
+    @torch.no_grad()
+    def start_as_shift(self, log_std: float) -> None:
+        """Output a zero mean and this log-std whatever the features, until training moves it (the POD path)."""
+        last = self.net[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[last.out_features // 2:] = log_std
+
 
 class Encoder(nn.Module):
     """[B, T, M] -> per-level features (finest first) and the main latent's (mean, log_std)."""
@@ -143,11 +168,12 @@ class DecoderLevel(nn.Module):
         self.inject = nn.Linear(spec.level_latent_dim, width * length)
         self.mix = ResBlock(width)
 
-    def latent(self, state, features=None, given=None, sample=True, noise=None):
+    def latent(self, state, features=None, given=None, sample=True, noise=None, anchor=None):
         """Return (z [B, d], kl [B, d] or None), kl elementwise per dimension. Posterior if encoder features are
         given, else the prior. noise: optional standard-normal draws [B, d] to use instead of fresh ones. A given
         latent is used as it is, or, with sample and noise, perturbed by the prior's spread at this level (samples
-        around a prediction)."""
+        around a prediction). anchor [B, d]: the design's POD coefficients (POD path), which the posterior mean
+        shifts instead of the prior mean."""
         if given is not None:
             if sample and noise is not None:
                 return given + torch.exp(self.prior(state)[1]) * noise, None
@@ -157,7 +183,8 @@ class DecoderLevel(nn.Module):
             mean, log_std, kl = prior_mean, prior_log_std, None
         else:
             shift_mean, shift_log_std = self.posterior_shift(torch.cat([state, features], dim=1))
-            mean, log_std = prior_mean + shift_mean, prior_log_std + shift_log_std
+            mean = (prior_mean if anchor is None else anchor) + shift_mean
+            log_std = prior_log_std + shift_log_std
             kl = gaussian_kl(mean, log_std, prior_mean, prior_log_std)
         if sample:
             return mean + torch.exp(log_std) * (torch.randn_like(mean) if noise is None else noise), kl
@@ -183,9 +210,11 @@ class Decoder(nn.Module):
         self.node_projection = nn.Linear(spec.projection_rank, spec.n_nodes)
         self.recompute = False  # gradient checkpointing of the levels (--grad_checkpointing)
 
-    def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None):
+    def forward(self, main_latent, features=None, level_latents=None, sample=True, level_noise=None,
+                level_anchors=None):
         """Returns (field [B, T, M], level latents [B, L, d], level KLs per dimension [B, L, d] or None).
-        level_noise: optional standard-normal draws [B, L, d] for sampling, in generation order."""
+        level_noise: optional standard-normal draws [B, L, d] for sampling, in generation order; level_anchors
+        [B, L, d]: the posterior means' POD coefficients (POD path), in generation order."""
         state = self.initial(main_latent).view(-1, *self.top_shape)
         latents, kls = [], []
         for order, level_index in enumerate(reversed(range(len(self.levels)))):
@@ -193,7 +222,8 @@ class Decoder(nn.Module):
             state = run_block(level.refine, state, recompute=self.recompute)
             z, kl = level.latent(state, None if features is None else features[level_index],
                                  None if level_latents is None else level_latents[:, order], sample,
-                                 None if level_noise is None else level_noise[:, order])
+                                 None if level_noise is None else level_noise[:, order],
+                                 None if level_anchors is None else level_anchors[:, order])
             state = run_block(level.add_latent, state, z, recompute=self.recompute)
             latents.append(z)
             kls.append(kl)
@@ -213,11 +243,13 @@ class HierarchicalVAE(nn.Module):
         self.spec = spec
         self.encoder = Encoder(spec)
         self.decoder = Decoder(spec)
+        self.pod = PODPath(spec.n_steps, spec.n_nodes, spec.projection_rank, spec.pod_modes) if spec.pod_modes else None
+        self.register_buffer("noise_std", torch.full((spec.n_vars,), 0.1))
 
     @property
     def noise_size(self) -> int:
         """Standard-normal numbers one posterior sample of one design uses: main latent, then each level."""
-        return self.spec.main_latent_dim + self.spec.n_levels * self.spec.level_latent_dim
+        return self.spec.latent_size
 
     def forward(self, fields, sample=True, noise=None):
         """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], their float32
@@ -228,34 +260,56 @@ class HierarchicalVAE(nn.Module):
         giving them per design makes a run independent of how designs are batched or spread over processes.
         """
         features, main_mean, main_log_std = self.encoder(fields)
+        level_anchors = None
+        if self.pod is not None:
+            anchors = self.pod.encode(fields)
+            main_mean = main_mean + anchors[:, :self.spec.main_latent_dim]
+            level_anchors = self._split(anchors)[1]
         main_z, level_noise = main_mean, None
         if sample:  # the deterministic (posterior-mean) path draws no random numbers at all
             main_noise, level_noise = self._split_noise(noise, len(fields))
             main_z = main_mean + torch.exp(main_log_std) * main_noise
-        recon, level_latents, kl_level_dims = self.decoder(main_z, features=features, sample=sample,
-                                                           level_noise=level_noise)
+        residual, level_latents, kl_level_dims = self.decoder(main_z, features=features, sample=sample,
+                                                              level_noise=level_noise, level_anchors=level_anchors)
         kl_main_dims = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean), torch.zeros_like(main_log_std))
-        return {"recon": recon, "kl_main": kl_main_dims.sum(dim=-1), "kl_levels": kl_level_dims.sum(dim=-1),
-                "kl_main_dims": kl_main_dims, "kl_level_dims": kl_level_dims, "main_mean": main_mean,
-                "level_latents": level_latents}
+        return {"recon": self._with_pod_path(residual, main_z, level_latents), "kl_main": kl_main_dims.sum(dim=-1),
+                "kl_levels": kl_level_dims.sum(dim=-1), "kl_main_dims": kl_main_dims, "kl_level_dims": kl_level_dims,
+                "main_mean": main_mean, "level_latents": level_latents}
+
+    def _with_pod_path(self, residual, main_latent, level_latents):
+        """The decoder's field plus, on the POD path, the frozen linear part of the same latents."""
+        if self.pod is None:
+            return residual
+        return residual + self.pod.decode(torch.cat([main_latent, level_latents.flatten(1)], dim=1))
+
+    def _split(self, numbers):
+        """[B, D + L*d] -> main [B, D], levels [B, L, d]."""
+        main = numbers[:, :self.spec.main_latent_dim]
+        return main, numbers[:, self.spec.main_latent_dim:].reshape(len(numbers), self.spec.n_levels,
+                                                                    self.spec.level_latent_dim)
 
     def _split_noise(self, noise, count):
         if noise is None:
             return torch.randn(count, self.spec.main_latent_dim, device=self.decoder.initial.weight.device), None
-        main = noise[:, :self.spec.main_latent_dim]
-        levels = noise[:, self.spec.main_latent_dim:].reshape(count, self.spec.n_levels, self.spec.level_latent_dim)
-        return main, levels
+        return self._split(noise)
 
     @torch.no_grad()
     def encode_means(self, fields):
         """Posterior means along the mean path: (main [B, D], levels [B, L, d]); decode() of them is the recon."""
-        features, main_mean, _ = self.encoder(fields)
-        _, level_means, _ = self.decoder(main_mean, features=features, sample=False)
-        return main_mean, level_means
+        outputs = self(fields, sample=False)
+        return outputs["main_mean"], outputs["level_latents"]
 
     def decode(self, main_latent, level_latents):
         """Latents [B, D] and [B, L, d] -> field [B, T, M] (scaled units). Differentiable."""
-        return self.decoder(main_latent, level_latents=level_latents)[0]
+        residual = self.decoder(main_latent, level_latents=level_latents)[0]
+        return self._with_pod_path(residual, main_latent, level_latents)
+
+    def decode_around(self, main_latent, level_latents, level_noise):
+        """Fields [B, T, M] around given latents: the main latent as given, each level's latent plus level_noise
+        [B, L, d] times that level's prior spread (the spread the VAE allows in the finer detail): --samples."""
+        residual, drawn_levels, _ = self.decoder(main_latent, level_latents=level_latents, sample=True,
+                                                 level_noise=level_noise)
+        return self._with_pod_path(residual, main_latent, drawn_levels)
 
     @torch.no_grad()
     def generate(self, n: int):
@@ -263,7 +317,8 @@ class HierarchicalVAE(nn.Module):
         Draws from torch's global generator: seed it for repeatable samples."""
         device = self.decoder.initial.weight.device
         main_z = torch.randn(n, self.spec.main_latent_dim, device=device)
-        return self.decoder(main_z, sample=True)[0]
+        residual, level_latents, _ = self.decoder(main_z, sample=True)
+        return self._with_pod_path(residual, main_z, level_latents)
 
     @torch.no_grad()
     def init_node_projections(self, mean, modes, scales):
@@ -271,10 +326,24 @@ class HierarchicalVAE(nn.Module):
 
         mean [M], modes [M, R] (orthonormal columns), scales [R] (std of each coefficient): the encoder maps a field
         to unit-variance POD coefficients and the decoder maps coefficients back, so training starts from the
-        best linear rank-R compression instead of from noise.
+        best linear rank-R compression instead of from noise. On the POD path the decoder's projection has no bias:
+        the mean is the POD path's.
         """
         encode, decode = self.encoder.node_projection, self.decoder.node_projection
         encode.weight.copy_(modes.T / scales[:, None])
         encode.bias.copy_(-(modes.T @ mean) / scales)
         decode.weight.copy_(modes * scales[None, :])
-        decode.bias.copy_(mean)
+        decode.bias.copy_(mean if self.pod is None else torch.zeros_like(mean))
+
+    @torch.no_grad()
+    def start_pod_path(self, node_mean, node_modes, coefficient_mean, modes, scales, residual_mse: float):
+        """Set the frozen POD path (models.pod.design_pod_basis) and start the network as a residual of zero, the
+        posterior means at the POD coefficients with a small spread, and the likelihood's noise at the POD path's
+        own error on the training designs."""
+        self.pod.set_basis(node_mean, node_modes, coefficient_mean, modes, scales)
+        self.decoder.head.weight.zero_()
+        self.decoder.head.bias.zero_()
+        self.encoder.main_head.start_as_shift(START_LOG_STD)
+        for level in self.decoder.levels:
+            level.posterior_shift.start_as_shift(START_LOG_STD)
+        self.noise_std.fill_(max(residual_mse, 1e-10) ** 0.5)

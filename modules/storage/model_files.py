@@ -41,7 +41,8 @@ def load_model(path, device="cpu"):
     payload = read_payload(path)
     try:
         model = HierarchicalVAE(ModelSpec.from_dict(payload["spec"]))
-        model.load_state_dict(payload["state_dict"])
+        # files from before the likelihood's noise scale was stored were trained with a fixed alpha, which ignores it
+        model.load_state_dict({"noise_std": model.noise_std, **payload["state_dict"]})
         config, scaler = Config.from_dict(payload["config"]), MinMaxScaler.from_dict(payload["scaler"])
     except (KeyError, TypeError, RuntimeError) as error:
         raise InputError(path, f"is not a complete SimulGenVAE model ({type(error).__name__}: "

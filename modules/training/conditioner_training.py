@@ -175,7 +175,7 @@ def conditioner_facts(config, case: ConditionerCase) -> dict:
 class ConditionerTraining:
     """The conditioner as the training loop trains it. Its loss parts are [loss, latent MSE, field loss]."""
 
-    name, watched, log_part, n_parts = "conditioner", "loss", CONDITIONER_NAME, 3
+    name, watched, log_part, n_parts, divergence_floor = "conditioner", "loss", CONDITIONER_NAME, 3, 1e-12
     best_path, last_path = CONDITIONER_CHECKPOINT, CONDITIONER_LAST
     metrics_file = OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv"
 
@@ -210,6 +210,9 @@ class ConditionerTraining:
     def averages(self, sums, count: int) -> dict:
         loss, latent_mse, e2e_loss = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
         return {"loss": loss, "latent_mse": latent_mse, "field_loss": e2e_loss}
+
+    def after_epoch(self, train_stats: dict, val_stats: dict) -> None:
+        """Nothing to update between epochs (the training loop's contract)."""
 
     @torch.no_grad()
     def validate(self) -> dict:

@@ -93,13 +93,15 @@ class Guard:
         """The signal that stopped the run; a process that did not get it itself reports SIGTERM."""
         return self.stop.signal_number or signal.SIGTERM
 
-    def divergence(self, val_loss: float, watched: float, best_watched: float) -> str | None:
+    def divergence(self, val_loss: float, watched: float, best_watched: float, floor: float = 1e-12) -> str | None:
         """Why this epoch's validation numbers mean the run has diverged, or None: the loss is not finite, or the
         watched part of it (the VAE's reconstruction error, the conditioner's loss) rose over divergence_factor
-        times its best so far. Every rank sees the same all-reduced numbers."""
+        times its best so far, or times floor when the best is below it (an error that small is good whatever its
+        ratio to the best: a run that starts from POD's near-exact fit of a smooth case has not diverged when it
+        fluctuates around it). Every rank sees the same all-reduced numbers."""
         if not (math.isfinite(val_loss) and math.isfinite(watched)):
             return f"the validation loss is {val_loss if not math.isfinite(val_loss) else watched}"
-        if math.isfinite(best_watched) and watched > self.divergence_factor * max(best_watched, 1e-12):
+        if math.isfinite(best_watched) and watched > self.divergence_factor * max(best_watched, floor):
             return (f"the validation error {watched:.4g} is over divergence_factor = {self.divergence_factor:g} "
                     f"times its best so far ({best_watched:.4g})")
         return None

@@ -8,7 +8,8 @@ validation numbers, what a checkpoint holds and what is logged. Everything else 
 both:
 - an epoch is cut into optimiser steps of grad_accum_steps micro-batches; each rank takes its shard of every batch;
 - every save_every epochs (and at the end) the full state goes to job.last_path, and to job.best_path whenever the
-  validation loss improves; a fresh run also saves its starting state, so a recovery always has a state to go to;
+  validation loss improves; a fresh run also validates and saves its starting state (epoch 0) as both, so a
+  recovery always has a state to go to and training can only improve on where it started;
 - a stop request (SIGTERM, SIGINT) ends the current optimiser step, saves job.last_path with the step inside the
   epoch and raises Stopped: --resume continues from that very step;
 - a step with a non-finite gradient is skipped (Updater); max_skipped_steps of them in a row (seen at the end of the
@@ -16,15 +17,17 @@ both:
   after max_recoveries restores the run stops with one clear line;
 - patience epochs without a better validation loss end the run early.
 
-A job provides: name, epochs, patience, watched (the validation number divergence is judged on), batch_size,
+A job provides: name, epochs, patience, watched (the validation number divergence is judged on),
+divergence_floor (a watched value below which no rise counts as divergence), batch_size,
 n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_file, log_part, and
 - learning_rate(epoch): the schedule's rate, before recoveries scale it;
 - training_batches(epoch, micro_batches): an iterator of one batch per micro-batch ([(positions, weight)] of the
   training designs, this rank's); it starts the epoch, whose losses the next batch_loss calls compute;
 - batch_loss(trainer, batch, generator): (loss, its parts [n_parts] detached), each a mean over the batch's
   designs; generator: the optimiser step's seeded CPU generator for random augmentations;
-- averages(sums, count), validate() (a dict with "loss" and watched, the same on every rank), record(epoch, train,
-  val) (the epoch's log record), report(epoch, train, val) (progress lines);
+- averages(sums, count), after_epoch(train, val) (its own update once an epoch is validated, before it is
+  saved; in every process), validate() (a dict with "loss" and watched, the same on every rank), record(epoch,
+  train, val) (the epoch's log record), report(epoch, train, val) (progress lines);
 - save(path, training): the full state, training being the optimiser's, the random generators' and Progress;
   resumable(path): a checkpoint's payload, refused (InputError) when it does not fit this job.
 """
@@ -67,8 +70,11 @@ def run_training(job, config, runtime, run, say, resume=None):
     log = MetricsLog(job.metrics_file, run.log_dir(job.log_part), progress.history) if run is not None else None
     with StopRequest() as stop:
         guard = Guard(config, runtime, stop)
-        if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to
+        if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to,
+            # and the starting state is the first candidate for the best (the VAE's POD path starts as good as POD)
+            progress = dataclasses.replace(progress, best_val_loss=job.validate()["loss"])
             save(job.last_path, progress)
+            save(job.best_path, progress)
         while not progress.finished:
             epoch = progress.epoch
             lr = set_learning_rate(optimizer, progress.lr_scale * job.learning_rate(epoch))
@@ -91,12 +97,14 @@ def run_training(job, config, runtime, run, say, resume=None):
             # Validate; a diverging validation loss also goes back to the last saved state.
             val_stats = job.validate()
             diverged = guard.divergence(val_stats["loss"], val_stats[job.watched],
-                                        best_of(progress.history, f"val/{job.watched}"))
+                                        best_of(progress.history, f"val/{job.watched}"), job.divergence_floor)
             if diverged:
                 progress = recover(job, progress, diverged, restore, config, runtime, log, say)
                 continue
 
-            # Log the epoch, keep the best and the last state, stop early.
+            # The job's own end of epoch (the VAE sets its likelihood's noise scale); log the epoch, keep the best
+            # and the last state, stop early.
+            job.after_epoch(train_stats, val_stats)
             epoch += 1
             record = {**job.record(epoch - 1, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
             improved = val_stats["loss"] < progress.best_val_loss

@@ -6,15 +6,16 @@ import torch
 from modules.data.augment import augment_batch
 from modules.data.batches import in_order, on_device
 from modules.data.case import Case, save_split
+from modules.data.scaling import HIGH, LOW
 from modules.errors import InputError
 from modules.evaluation import latent_health
-from modules.models.pod import pod_node_basis
+from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import read_payload, save_checkpoint, save_model
 from modules.storage.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
 from modules.training.distributed import shard, sum_over_ranks
 from modules.training.loop import run_training
-from modules.training.losses import vae_loss
+from modules.training.losses import LOSS_NAMES, loss_of_uniform_error, optimal_noise_std, vae_loss, validation_loss
 from modules.training.runtime import seed_everything
 from modules.training.schedules import beta_at, lr_factor
 
@@ -34,6 +35,10 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
     progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
+    kept = (f"epoch {progress.best_epoch}" if progress.best_epoch else
+            "the starting state (no epoch of training did better on the validation designs"
+            + (": the frozen POD path alone)" if job.model.pod is not None else ")"))
+    say(f"Best validation loss {progress.best_val_loss:.4g}: {kept}; that VAE is kept")
     job.model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
     save_model(MODEL_FILE, job.model, config, case.scaler, run.id)
     case.scaler.save(MODEL_DIR / "scaler.json")
@@ -42,13 +47,17 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
 
 
 def build_model(config, case: Case, runtime, pod_start=True) -> HierarchicalVAE:
-    """A fresh VAE whose node projections start as the training data's POD basis (pod_start; a resumed run loads
-    its weights instead, so the POD pass over the data is skipped)."""
+    """A fresh VAE whose node projections start as the training data's POD basis and, with pod_path 1, whose frozen
+    POD path is the training designs' design POD (pod_start; a resumed run loads its weights and buffers instead, so
+    the POD passes over the data are skipped)."""
     model = HierarchicalVAE(ModelSpec.from_config(config))
     if pod_start:
         mean, modes, scales = pod_node_basis(case.array, case.train_indices, case.scaler,
                                              model.spec.projection_rank, config.seed)
         model.init_node_projections(mean, modes, scales)
+        if model.pod is not None:
+            model.start_pod_path(mean, modes, *design_pod_basis(case.array, case.train_indices, case.scaler, mean,
+                                                                modes, model.spec.pod_modes))
     return model.to(runtime.device)
 
 
@@ -58,7 +67,8 @@ def beta_of(config, epoch: int) -> float:
 
 
 class VAETraining:
-    """The VAE as the training loop trains it. Its loss parts are [loss, recon, kl_main, kl_level...]."""
+    """The VAE as the training loop trains it. Its loss parts are [loss, recon, kl_main, kl_level..., recon_var...]
+    (loss_parts)."""
 
     name, watched, log_part = "VAE", "recon", "vae"
     best_path, last_path, metrics_file = BEST_CHECKPOINT, LAST_CHECKPOINT, OUTPUT_DIR / "metrics.csv"
@@ -67,8 +77,11 @@ class VAETraining:
         self.model, self.case, self.config, self.runtime = model, case, config, runtime
         self.epochs, self.patience, self.batch_size = config.epochs, config.patience, config.batch_size
         self.peak_lr, self.weight_decay = config.lr, config.weight_decay
-        self.n_train, self.n_parts = len(case.train), 3 + config.n_levels
+        self.n_train, self.n_parts = len(case.train), 3 + config.n_levels + config.n_vars
         self.collapse = CollapseWatch(config, say)
+        # no rise of the validation error below that of an error of 1 % of the scaled range counts as divergence
+        self.divergence_floor = loss_of_uniform_error(0.01 * (HIGH - LOW), LOSS_NAMES[config.loss_type],
+                                                      config.huber_delta)
         self.say, self.epoch, self.noise = say, 0, None
 
     def learning_rate(self, epoch: int) -> float:
@@ -90,12 +103,23 @@ class VAETraining:
         inputs, targets = augment_batch(fields, self.config)
         with self.runtime.autocast():
             outputs = [trainer(inputs, noise=draw[designs]) for draw in self.noise]
-        loss, parts = vae_loss(outputs, targets, self.config, beta_of(self.config, self.epoch))
+        loss, parts = vae_loss(outputs, targets, self.config, beta_of(self.config, self.epoch), self.model.noise_std)
         return loss, loss_parts(loss.detach(), parts)
 
     def averages(self, sums, count: int) -> dict:
         values = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
-        return {"loss": values[0], "recon": values[1], "kl_main": values[2], "kl_levels": values[3:]}
+        levels = 3 + self.config.n_levels
+        return {"loss": values[0], "recon": values[1], "kl_main": values[2], "kl_levels": values[3:levels],
+                "recon_vars": values[levels:]}
+
+    @torch.no_grad()
+    def after_epoch(self, train_stats: dict, val_stats: dict) -> None:
+        """With alpha auto, the likelihood's noise scale becomes this epoch's validation error per variable (the
+        maximum-likelihood scale for designs the model was not trained on; training.losses says why not the training
+        error): the same on every rank, saved with the weights, so a resumed run goes on with it."""
+        if self.config.fixed_recon_weight is None:
+            errors = torch.tensor(val_stats["recon_vars"], device=self.model.noise_std.device)
+            self.model.noise_std.copy_(optimal_noise_std(errors, LOSS_NAMES[self.config.loss_type]))
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -110,17 +134,21 @@ class VAETraining:
         for batch in case.val.batches(shards):
             with runtime.autocast():
                 outputs = [model(batch, sample=False)]
-            loss, parts = vae_loss(outputs, batch, config, beta=1.0)
+            loss, parts = vae_loss(outputs, batch, config, 1.0, model.noise_std)
             losses += loss_parts(loss, parts) * len(batch)
             health += latent_health.batch_sums(outputs[0])
         totals = sum_over_ranks(torch.cat([losses, health]), runtime)
         stats = self.averages(totals[:len(losses)], len(case.val))
+        kl_total = torch.tensor(stats["kl_main"] + sum(stats["kl_levels"]))
+        values_per_variable = model.spec.n_steps * model.spec.n_nodes // model.spec.n_vars
+        stats["loss"] = float(validation_loss(torch.tensor(stats["recon_vars"]), kl_total, config, values_per_variable))
         stats["latents"] = latent_health.summarise(totals[len(losses):], len(case.val), config.main_latent_dim,
                                                    config.n_levels, config.level_latent_dim)
         return stats
 
     def record(self, epoch: int, train_stats: dict, val_stats: dict) -> dict:
         record = {"beta": beta_of(self.config, epoch)}
+        record.update({f"noise_std{v}": float(std) for v, std in enumerate(self.model.noise_std.cpu())})
         for split, stats in (("train", train_stats), ("val", val_stats)):
             record.update({f"{split}/loss": stats["loss"], f"{split}/recon": stats["recon"],
                            f"{split}/kl_main": stats["kl_main"]})
@@ -159,8 +187,9 @@ def epoch_noise(config, epoch: int, runtime) -> torch.Tensor:
 
 
 def loss_parts(loss, parts) -> torch.Tensor:
-    """[loss, recon, kl_main, kl_level...] of a batch, each a mean over its designs."""
-    return torch.cat([loss.reshape(1), parts["recon"].reshape(1), parts["kl_main"].reshape(1), parts["kl_levels"]])
+    """[loss, recon, kl_main, kl_level..., recon_var...] of a batch, each a mean over its designs."""
+    return torch.cat([loss.reshape(1), parts["recon"].reshape(1), parts["kl_main"].reshape(1), parts["kl_levels"],
+                      parts["recon_vars"]])
 
 
 class CollapseWatch:
