@@ -6,6 +6,7 @@ import pytest
 
 from conftest import REPO, write_case
 from modules.config import CONDITION_FILE, PRESET_FILE, load_config
+from modules.config.settings import Config, changed_settings
 from modules.errors import InputError
 
 BASE = """\
@@ -61,9 +62,19 @@ def test_space_colon_tab_forms_and_comments_all_read(case):
 
 
 def test_exponent_and_plain_numbers_give_the_same_float(case):
-    short = load(case, BASE + "alpha 1e6\n").fixed_recon_weight
-    long = load(case, BASE + "alpha 1000000\n").fixed_recon_weight
-    assert short == long == 1e6 and isinstance(short, float)
+    short = load(case, BASE + "alpha 1e6\n")
+    long = load(case, BASE + "alpha 1000000\n")
+    assert short.fixed_recon_weight == long.fixed_recon_weight == 1e6 and isinstance(short.fixed_recon_weight, float)
+    assert short.recon_weight == long.recon_weight  # one setting: a checkpoint of one resumes with the other
+    assert changed_settings(short.to_dict(), long) == []
+
+
+def test_a_config_saved_before_a_key_existed_reads_as_it_was_meant(case):
+    saved = load(case, BASE).to_dict()
+    del saved["pod_path"]  # written before the POD path: the network alone
+    saved["recon_weight"] = 1000000.0  # alpha was a float then
+    config = Config.from_dict(saved)
+    assert config.pod_path == 0 and config.recon_weight == "1000000.0" and config.fixed_recon_weight == 1e6
 
 
 def test_whole_float_reads_as_int(case):

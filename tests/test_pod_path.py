@@ -18,13 +18,14 @@ from modules.training.vae_training import build_model
 from test_training import metrics, working_directory
 
 
-def noisy_case(folder, extra="", epochs=1, n=40):
+def noisy_case(folder, extra="", epochs=1, n=40, alpha="1e4"):
     """40 designs of the smooth family plus noise (no small POD basis is exact), node basis as wide as the mesh."""
     noise = np.random.default_rng(3).normal(scale=0.2, size=(n, 6, 20))
     write_case(folder, n=n, t=6, m=20, epochs=epochs, extra=extra,
                data=(smooth_fields(n, 6, 20) + noise).astype(np.float32))
     condition = folder / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("projection_rank 8", "projection_rank 20"))
+    condition.write_text(condition.read_text().replace("projection_rank 8", "projection_rank 20")
+                         .replace("alpha 1e4", f"alpha {alpha}"))
     with working_directory(folder):
         config = load_config(1, warn=lambda text: None)
         return config, prepare_case(config, Runtime(torch.device("cpu")))
@@ -92,9 +93,7 @@ def test_the_starting_state_is_kept_when_no_epoch_does_better(tmp_path, monkeypa
 
 
 def test_alpha_auto_sets_the_noise_to_the_validation_error_and_reports_it(tmp_path):
-    noisy_case(tmp_path, epochs=3)
-    condition = tmp_path / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("alpha 1e4", "alpha auto"))
+    noisy_case(tmp_path, epochs=3, alpha="auto")
     with working_directory(tmp_path):
         assert main([]) == 0
     rows = metrics(tmp_path)
@@ -116,3 +115,15 @@ def test_a_fixed_alpha_is_reported_as_such(tmp_path):
         assert main([]) == 0
     likelihood = json.loads((tmp_path / "output" / "evaluation.json").read_text())["likelihood"]
     assert likelihood == {"alpha": 1e4, "model": "fixed weight on the mean MSE"}
+
+
+@pytest.mark.parametrize("alpha", ["auto", "1e4"])
+def test_with_alpha_auto_the_step_is_taken_on_nats_per_value(tmp_path, alpha):
+    """The logged loss is in nats per design; the optimiser steps on it divided by T * M (float16's range)."""
+    config, case = noisy_case(tmp_path, alpha=alpha)
+    runtime = Runtime(torch.device("cpu"))
+    job = vae_training.VAETraining(build_model(config, case, runtime), case, config, runtime, say=lambda text: None)
+    batches = job.training_batches(0, [(np.arange(4), 1.0)])
+    step_loss, parts = job.batch_loss(job.model, next(batches), None)
+    values = config.n_steps_used * config.n_nodes_used
+    assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (values if alpha == "auto" else 1), rel=1e-6)

@@ -136,7 +136,7 @@ def _checked_value(path, line_no, key, raw):
         problem = key.check(value)
     if problem:
         raise InputError(path, f"{key.name} = {raw} {problem}", f"change {key.name} ({key.help})", line_no)
-    return value
+    return key.canonical(value) if key.canonical else value
 
 
 def _with_defaults(path, given):

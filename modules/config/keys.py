@@ -8,6 +8,8 @@ and one-line description (the README's key table mirrors it; a test keeps them i
 - data: it says which data a model was trained on (a saved VAE is refused for data that differs).
 - only_with: (condition on the Config, why not): given while the condition is false, the key is reported as having
   no effect, never silently ignored.
+- canonical: the one spelling a value is stored in (alpha 1e6 and 1000000 are one setting, for --resume too).
+- earlier: what a saved config written before the key existed meant by leaving it out, when not the default.
 """
 import re
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ class Key:
     resumable: bool = False
     data: bool = False
     only_with: tuple | None = None
+    canonical: object = None  # callable(value) -> value
+    earlier: object = None
 
 
 def _positive(value):
@@ -50,6 +54,11 @@ def _auto_or_positive(text: str):
         return None if float(text) > 0 else "must be auto or a number > 0"
     except ValueError:
         return "must be auto or a number > 0"
+
+
+def _auto_or_number(value) -> str:
+    """'auto', or the number in one spelling ('1e6', '1000000' and 1e6 -> '1000000.0')."""
+    return "auto" if value == "auto" else repr(float(value))
 
 
 def _fraction(value):
@@ -101,7 +110,8 @@ KEYS = (
         choices=(1, 2, 3, 4)),
     Key("alpha", "recon_weight", str, "auto", "the reconstruction term: auto (a Gaussian likelihood, Laplace for "
         "Loss_type 2, whose noise scale per variable is set after each epoch to the validation designs' error) or a "
-        "number (a fixed weight on the mean loss, as in the original SimulGenVAE)", _auto_or_positive),
+        "number (a fixed weight on the mean loss, as in the original SimulGenVAE)", _auto_or_positive,
+        canonical=_auto_or_number),
     Key("Recon_iter", "recon_samples", int, 1, "posterior samples averaged in the reconstruction term", _positive),
     Key("huber_delta", "huber_delta", float, 0.1, "threshold of SmoothL1/Huber, in scaled units", _positive),
     Key("seed", "seed", int, 42, "seeds Python, NumPy, torch and the train/validation split", _non_negative),
@@ -142,7 +152,7 @@ KEYS = (
         "width of the POD-initialised node projection (first and last layers)", _positive),
     Key("pod_path", "pod_path", int, 1, "1: every latent number is also a whitened design-POD coefficient of a "
         "frozen linear path, and the network learns a residual on top of it (reconstruction starts as good as POD "
-        "with as many modes); 0: the network alone", choices=(0, 1)),
+        "with as many modes); 0: the network alone", choices=(0, 1), earlier=0),
     Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
         _non_negative),
     Key("augment_amplitude", "augment_amplitude", float, 0.0,

@@ -70,9 +70,16 @@ class ConfigViews:
 
     @classmethod
     def from_dict(cls, values: dict):
-        """A saved config; keys added since it was written take their defaults."""
-        defaults = {key.field: key.default for key in KEYS if key.default is not REQUIRED}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in {**defaults, **values}.items()})
+        """A saved config; keys added since it was written take what leaving them out meant then (Key.earlier) or
+        their defaults, and values are stored in their canonical spelling."""
+        defaults = {key.field: key.default if key.earlier is None else key.earlier for key in KEYS
+                    if key.default is not REQUIRED}
+        merged = {**defaults, **values}
+        for field, value in merged.items():
+            key = KEYS_BY_FIELD.get(field)
+            if key is not None and key.canonical is not None:
+                merged[field] = key.canonical(value)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 
 # Everything a run needs, typed and checked: the preset index, the preset's four lines, then every key's field.

@@ -95,10 +95,11 @@ def design_pod_basis(array, train_indices, scaler, node_mean, node_modes, rank: 
     node_mean64, node_modes64 = node_mean.double().numpy(), node_modes.double().numpy()
     coefficients = np.empty((len(train_indices), n_steps * node_modes.shape[1]))
     centred_energy = 0.0  # sum of ||x - node_mean||^2 over the training designs
-    per_read = max(1, READ_CHUNK_BYTES // (8 * n_steps * n_nodes))
+    per_read = max(1, READ_CHUNK_BYTES // (8 * n_steps * n_nodes))  # the float64 block; the float32 read is half
     for start in range(0, len(train_indices), per_read):
-        block = scaler.transform(array.read(train_indices[start:start + per_read])).astype(np.float64) - node_mean64
-        centred_energy += float(np.sum(block ** 2))
+        block = scaler.transform(array.read(train_indices[start:start + per_read])).astype(np.float64)
+        block -= node_mean64
+        centred_energy += float(np.vdot(block, block))
         coefficients[start:start + len(block)] = (block @ node_modes64).reshape(len(block), -1)
     coefficient_mean = coefficients.mean(axis=0)
     coefficients -= coefficient_mean

@@ -33,7 +33,7 @@ from modules.models.grad_checkpointing import run_block
 from modules.models.pod_path import PODPath
 
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
-START_LOG_STD = -4.0  # POD path: posterior spread at the start, 2 % of a whitened coefficient's spread over designs
+START_LOG_STD = -4.0  # POD path: posterior log-std before soft_clamp (-3.3 after): 3.6 % of a coefficient's spread
 
 
 @dataclass(frozen=True)
@@ -338,12 +338,14 @@ class HierarchicalVAE(nn.Module):
     @torch.no_grad()
     def start_pod_path(self, node_mean, node_modes, coefficient_mean, modes, scales, residual_mse: float):
         """Set the frozen POD path (models.pod.design_pod_basis) and start the network as a residual of zero, the
-        posterior means at the POD coefficients with a small spread, and the likelihood's noise at the POD path's
-        own error on the training designs."""
+        posterior means at the POD coefficients with a small spread, each level's prior at N(0, 1) (the whitened
+        coefficients' own distribution: the starting model is POD's generative model) and the likelihood's noise at
+        the POD path's own error on the training designs."""
         self.pod.set_basis(node_mean, node_modes, coefficient_mean, modes, scales)
         self.decoder.head.weight.zero_()
         self.decoder.head.bias.zero_()
         self.encoder.main_head.start_as_shift(START_LOG_STD)
         for level in self.decoder.levels:
             level.posterior_shift.start_as_shift(START_LOG_STD)
+            level.prior.start_as_shift(0.0)
         self.noise_std.fill_(max(residual_mse, 1e-10) ** 0.5)

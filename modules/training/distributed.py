@@ -94,4 +94,7 @@ def wrap_model(model, runtime: Runtime):
     if runtime.world_size == 1:
         return model
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # Buffers are not re-sent before every forward: the model's are the frozen POD path (tens of MB at 95k nodes) and
+    # the likelihood's noise scale, which every rank sets alike from all-reduced numbers. DDP's construction sends
+    # rank 0's parameters and buffers once, so every rank starts from rank 0's POD basis.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

@@ -23,8 +23,8 @@ n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_fi
 - learning_rate(epoch): the schedule's rate, before recoveries scale it;
 - training_batches(epoch, micro_batches): an iterator of one batch per micro-batch ([(positions, weight)] of the
   training designs, this rank's); it starts the epoch, whose losses the next batch_loss calls compute;
-- batch_loss(trainer, batch, generator): (loss, its parts [n_parts] detached), each a mean over the batch's
-  designs; generator: the optimiser step's seeded CPU generator for random augmentations;
+- batch_loss(trainer, batch, generator): (the loss to step on, its parts [n_parts] detached), each a mean over the
+  batch's designs; generator: the optimiser step's seeded CPU generator for random augmentations;
 - averages(sums, count), after_epoch(train, val) (its own update once an epoch is validated, before it is
   saved; in every process), validate() (a dict with "loss" and watched, the same on every rank), record(epoch,
   train, val) (the epoch's log record), report(epoch, train, val) (progress lines);

@@ -52,7 +52,7 @@ def loss_of_uniform_error(error: float, name: str, delta: float) -> float:
 def loss_by_variable(recon, target, name: str, delta: float, n_vars: int):
     """Mean loss of each variable [n_vars] (variables side by side along the node axis of [B, T, M])."""
     elementwise = field_loss(recon, target, name, delta, reduction="none")
-    return elementwise.reshape(*elementwise.shape[:-1], n_vars, -1).transpose(0, -2).reshape(n_vars, -1).mean(dim=1)
+    return elementwise.reshape(-1, n_vars, elementwise.shape[-1] // n_vars).mean(dim=(0, 2))  # a view, not a copy
 
 
 def likelihood_nll(mean_loss, noise_std, name: str, values_per_variable: int):

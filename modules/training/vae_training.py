@@ -97,14 +97,19 @@ class VAETraining:
         return zip(self.case.train.batches(order), designs)
 
     def batch_loss(self, trainer, batch, generator):
-        """(loss, detached parts) of a micro-batch: each design's noise is its own (epoch_noise), whatever the
-        batching; the step's generator is not needed (augment_batch draws from torch's seeded global generator)."""
+        """(loss to step on, detached parts) of a micro-batch: each design's noise is its own (epoch_noise), whatever
+        the batching; the step's generator is not needed (augment_batch draws from torch's seeded global generator).
+
+        With alpha auto the parts are in nats per design, but the step is taken on nats per value (divided by T * M,
+        a constant factor AdamW's steps barely depend on): per design, the gradients at 200 x 95,008 values would
+        overflow float16 long before the loss scaler could back off; per value they are of the size alpha 1e6 gave."""
         fields, designs = batch
         inputs, targets = augment_batch(fields, self.config)
         with self.runtime.autocast():
             outputs = [trainer(inputs, noise=draw[designs]) for draw in self.noise]
         loss, parts = vae_loss(outputs, targets, self.config, beta_of(self.config, self.epoch), self.model.noise_std)
-        return loss, loss_parts(loss.detach(), parts)
+        step_loss = loss if self.config.fixed_recon_weight is not None else loss / targets[0].numel()
+        return step_loss, loss_parts(loss.detach(), parts)
 
     def averages(self, sums, count: int) -> dict:
         values = (sums / count).cpu().tolist()  # the epoch's single device-to-host copy
