@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="SimulGen-VAE.py",
         description="Train a hierarchical VAE surrogate of the simulations in the current case folder "
-                    "(preset.txt, input_data/condition.txt, input_data/dataset{data_No}.npy|.h5|.hdf5|.pickle).",
+                    "(preset.txt, input_data/condition.txt, input_data/dataset{data_No}.npy|.h5|.hdf5|.pickle, or that "
+                    "file in the case folder itself).",
         epilog=f"Flags that are also condition.txt keys ({', '.join(key.field for key in FLAG_KEYS)}) override the "
                "file.")
     parser.add_argument("--preset", type=int, default=1, help="which 4-line preset of preset.txt to use (default 1)")

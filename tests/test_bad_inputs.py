@@ -5,6 +5,7 @@ and --reconstruct) stops the program with ONE line on stderr, `error: <file>[:<l
 naming the file (and the line or key where there is one), with exit code 2, no traceback, and every file of the
 earlier run in the case folder exactly as it was (nothing changed, moved to archive/, added or deleted).
 """
+import argparse
 import hashlib
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import chdir
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
 from modules.cli import main
@@ -94,6 +96,13 @@ def truncate(relative):
     return apply
 
 
+def pickled_model(relative):
+    """A whole pickled Python object in place of the model file, as the original SimulGenVAE saves its models."""
+    def apply(folder):
+        torch.save(argparse.Namespace(encoder="a pickled network"), folder / relative)
+    return apply
+
+
 def nothing(folder):
     pass
 
@@ -145,6 +154,9 @@ CASES = [
                  ["checkpoints/last.pt", "another config", "Latent_dim 4 -> 6"], id="checkpoint-of-another-config"),
     pytest.param("csv", truncate("checkpoints/last.pt"), ["--resume"],
                  ["checkpoints/last.pt", "cannot be loaded safely"], id="truncated-checkpoint"),
+    pytest.param("vae", pickled_model("model_save/SimulGen-VAE"), ["--evaluate"],
+                 ["model_save/SimulGen-VAE", "pickled Python object (argparse.Namespace)", "original SimulGenVAE",
+                  "retrain"], id="a-model-file-of-the-original-simulgenvae"),
 ]
 
 

@@ -416,13 +416,24 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
                     "e2e_vae_model_path elsewhere/SimulGen-VAE\n")
     with working_directory(copy_of):
         assert main([]) == 2
-        assert "a full run trains through the VAE it has just trained" in capsys.readouterr().err
+        assert "a full run trains through the VAE it has just trained (model_save/SimulGen-VAE)" in \
+            capsys.readouterr().err
         assert main(["--lc_only=1"]) == 2
         assert "elsewhere/SimulGen-VAE: model file not found" in capsys.readouterr().err
         shutil.copytree("model_save", "elsewhere")
         (copy_of / "model_save" / "SimulGen-VAE").unlink()  # proves the run reads the other VAE
         assert main(["--lc_only=1"]) == 0
         assert torch.load("model_save/latent_conditioner", weights_only=True)["vae_file"] == "elsewhere/SimulGen-VAE"
+
+
+def test_a_full_run_accepts_e2e_vae_model_path_naming_the_vae_it_writes(copy_of):
+    """The original SimulGenVAE's condition.txt ships e2e_vae_model_path model_save/SimulGen-VAE."""
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\nlatent_gp 0\n"
+                    "e2e_vae_model_path model_save/SimulGen-VAE\n")
+    with working_directory(copy_of):
+        assert main([]) == 0
+    assert torch.load(copy_of / "model_save" / "latent_conditioner", weights_only=True)["vae_file"] == \
+        "model_save/SimulGen-VAE"
 
 
 def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of, monkeypatch, capsys):

@@ -170,6 +170,13 @@ def test_alpha_is_auto_or_a_positive_number(case, value):
     assert "auto or a number > 0" in error.problem
 
 
+def test_the_original_simulgenvae_s_unused_keys_give_one_quiet_line(case):
+    notes = []
+    load(case, BASE + "RESERVED 0\nRESERVED 0\nStretch 0\nnum_aug_f 0\nrec_graph 0\n", warn=notes)
+    assert notes == [f"{CONDITION_FILE}: note: keys of the original SimulGenVAE that this version has no use for are "
+                     "ignored: RESERVED (lines 5, 6), Stretch (line 7), num_aug_f (line 8), rec_graph (line 9)"]
+
+
 def test_alpha_auto_needs_a_likelihood_loss(case):
     assert load(case, BASE + "Loss_type 2\n").fixed_recon_weight is None
     error = refused(case, BASE + "Loss_type 3\n")

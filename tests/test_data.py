@@ -2,6 +2,7 @@
 the scaler is fitted on training designs only and inverts exactly, and every loader serves the same batches."""
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import smooth_fields, write_case
+from modules.cli import main
 from modules.config import load_config
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
@@ -159,6 +161,20 @@ class _TouchOnUnpickle:
         return Path.touch, (self.path,)
 
 
+def test_a_dataset_in_the_case_folder_itself_is_found_as_the_original_kept_it(case):
+    (case / "input_data" / "dataset1.npy").rename(case / "dataset1.npy")
+    assert find_dataset(1) == Path("dataset1.npy")
+    np.save(case / "input_data" / "dataset1.npy", smooth_fields(12, 6, 20))
+    error = refused(find_dataset, 1)
+    assert "input_data/dataset1.npy" in error.problem and "dataset1.npy, " in error.problem
+
+
+def test_a_missing_dataset_names_both_places(case):
+    (case / "input_data" / "dataset1.npy").unlink()
+    error = refused(find_dataset, 1)
+    assert "input_data/ or ./" in error.fix and "dataset1.npy" in error.fix
+
+
 def test_object_npy_is_refused_and_never_unpickled(case):
     evidence = case / "unpickled"
     objects = np.empty((12, 6, 20), dtype=object)
@@ -166,6 +182,25 @@ def test_object_npy_is_refused_and_never_unpickled(case):
     np.save(case / "input_data" / "dataset1.npy", objects, allow_pickle=True)
     error = refused(SimulationArray, find_dataset(1), load_config(warn=_no_warning))
     assert "dataset1.npy" in str(error) and "cannot read" in error.problem
+    assert not evidence.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_legacy_pickle_of_an_array_is_read_with_any_protocol(case, protocol):
+    data = smooth_fields(12, 6, 20)
+    (case / "input_data" / "dataset1.npy").unlink()
+    (case / "input_data" / "dataset1.pickle").write_bytes(pickle.dumps(data, protocol=protocol))
+    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    assert np.array_equal(array.read(range(12)), data)
+
+
+def test_a_legacy_pickle_holding_anything_but_arrays_is_refused_without_running_it(case, capsys):
+    evidence = case / "unpickled"
+    (case / "input_data" / "dataset1.npy").unlink()
+    (case / "input_data" / "dataset1.pickle").write_bytes(pickle.dumps([_TouchOnUnpickle(evidence)]))
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "dataset1.pickle" in error and "pathlib" in error and "not only numpy" in error
     assert not evidence.exists()
 
 

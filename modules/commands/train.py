@@ -35,9 +35,10 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
     """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, then the evaluation, in one
     run recorded in runs/<id>/; with resume (--resume's value), from where the checkpoint stood (a finished VAE is not
     trained again) and in the same run record."""
-    if config.use_e2e_training and config.e2e_vae_model_path:
-        raise InputError(CONDITION_FILE, "e2e_vae_model_path names a VAE to train through, but a full run trains "
-                         "through the VAE it has just trained", "remove e2e_vae_model_path, or run with --lc_only=1")
+    if config.use_e2e_training and config.e2e_vae_model_path and not names_model_file(config.e2e_vae_model_path):
+        raise InputError(CONDITION_FILE, f"e2e_vae_model_path names another VAE to train through "
+                         f"({config.e2e_vae_model_path}), but a full run trains through the VAE it has just trained "
+                         f"({MODEL_FILE})", "remove e2e_vae_model_path, or run with --lc_only=1")
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
@@ -151,6 +152,11 @@ class ResumePlan:
     vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
     conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
     run_id: str | None = None    # the run record the checkpoint belongs to (continued in runs/<id>/)
+
+
+def names_model_file(path: str) -> bool:
+    """Whether path is the VAE file a run writes (the original SimulGenVAE's condition.txt names it for e2e)."""
+    return Path(path).resolve() == MODEL_FILE.resolve()
 
 
 def resume_plan(given: str, config) -> ResumePlan:

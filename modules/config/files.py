@@ -83,13 +83,16 @@ def _preset_filters(path, numbered_line, what):
 # ------------------------------------------------------------------------------------------------ condition.txt
 def read_condition(path, warn=print):
     """Parse condition.txt into ({field: typed value} with defaults for keys not given, {field: line number})."""
-    given, lines = {}, {}
+    given, lines, obsolete = {}, {}, {}
     for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
         entry = _split_condition_line(path, line_no, text)
         if entry is None:
             continue
         name, raw = entry
         key = KEYS_BY_NAME.get(name.lower())
+        if key is None and name.lower() in ORIGINAL_UNUSED_KEYS:
+            obsolete.setdefault(name, []).append(line_no)
+            continue
         if key is None:
             _warn_unknown(path, line_no, name, warn)
             continue
@@ -97,8 +100,16 @@ def read_condition(path, warn=print):
             raise InputError(path, f"key '{key.name}' is given twice", "keep one line for it", line_no)
         given[key.field] = _checked_value(path, line_no, key, raw)
         lines[key.field] = line_no
+    if obsolete:
+        listed = ", ".join(f"{name} (line{'s' if len(at) > 1 else ''} {', '.join(map(str, at))})"
+                           for name, at in obsolete.items())
+        warn(f"{path}: note: keys of the original SimulGenVAE that this version has no use for are ignored: {listed}")
     return _with_defaults(path, given), lines
 
+
+# Keys of the original SimulGenVAE's condition.txt with nothing to set here (placeholders, and options of its own
+# pipeline that this one does not have): one quiet line for all of them, not a warning each.
+ORIGINAL_UNUSED_KEYS = {"reserved", "stretch", "num_aug_f", "num_aug_a", "rec_graph", "n_sample"}
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
 

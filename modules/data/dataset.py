@@ -1,9 +1,11 @@
 """Simulation data: find and open the dataset file, check it, split it, and serve scaled batches.
 
 The dataset is one array [N designs, T time steps, M nodes] in input_data/dataset{data_No}.npy (memory-mapped),
-.h5/.hdf5 (read lazily with h5py) or the legacy .pickle (a pickled numpy array: trusted files only, since unpickling
-runs code). Reads always go through SimulationArray.read, which applies the config's time subsampling and node crop,
-so a dataset larger than RAM is never loaded whole unless --load_all=1 asks for it.
+.h5/.hdf5 (read lazily with h5py) or the original SimulGenVAE's .pickle (a pickled numpy array, read by an unpickler
+that builds numpy arrays and nothing else: a pickle is a program, and one from elsewhere must not run); the file may
+also lie in the case folder itself, where the original kept it. Reads always go through SimulationArray.read, which
+applies the config's time subsampling and node crop, so a dataset larger than RAM is never loaded whole unless
+--load_all=1 asks for it.
 """
 import os
 import pickle
@@ -19,12 +21,15 @@ FORMATS = (".npy", ".h5", ".hdf5", ".pickle")
 READ_CHUNK_BYTES = 64 * 2**20  # per streamed read: big enough for sequential I/O, small beside RAM
 
 
-def find_dataset(data_no: int, folder=DATA_DIR) -> Path:
-    """Return the one file input_data/dataset{data_no}.{npy,h5,hdf5,pickle}."""
-    found = [folder / f"dataset{data_no}{ext}" for ext in FORMATS if (folder / f"dataset{data_no}{ext}").exists()]
+def find_dataset(data_no: int, folders=(DATA_DIR, Path("."))) -> Path:
+    """Return the one file dataset{data_no}.{npy,h5,hdf5,pickle} in input_data/ or, where the original SimulGenVAE
+    kept it, in the case folder itself."""
+    names = [f"dataset{data_no}{ext}" for ext in FORMATS]
+    found = [folder / name for folder in folders for name in names if (folder / name).exists()]
     if not found:
-        raise InputError(folder / f"dataset{data_no}.npy", "dataset file not found",
-                         f"put the data in {folder}/dataset{data_no}.npy (or .h5/.hdf5/.pickle), or change data_No "
+        places = " or ".join(f"{folder}/" for folder in folders)
+        raise InputError(folders[0] / names[0], "dataset file not found",
+                         f"put the data in {places} as dataset{data_no}.npy (or .h5/.hdf5/.pickle), or change data_No "
                          "in preset.txt")
     if len(found) > 1:
         raise InputError(found[0], f"several dataset files for data_No {data_no}: {', '.join(map(str, found))}",
@@ -108,16 +113,38 @@ def _open_array(path: Path, hdf5_dataset: str):
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if path.suffix in (".h5", ".hdf5"):
             return _open_hdf5(path, hdf5_dataset)
-        with open(path, "rb") as handle:  # legacy format, trusted files only
-            array = pickle.load(handle)
+        with open(path, "rb") as handle:
+            array = _ArrayUnpickler(handle).load()
     except InputError:
         raise
+    except _Refused as refused:
+        raise InputError(path, f"holds a {refused} object, not only numpy arrays: refused without unpickling it "
+                         "(unpickling can run any code)", "save the results as an [N, T, M] .npy array (numpy.save) "
+                         "or HDF5 dataset") from None
     except Exception as error:  # any unreadable file ends up here: say which and why
         raise InputError(path, f"cannot read the dataset ({type(error).__name__}: {error})",
                          "check the file is a complete .npy/.h5 array of shape [N, T, M]") from None
     if not isinstance(array, np.ndarray) or array.ndim != 3:
         raise InputError(path, "the pickle does not hold a 3-D numpy array", "save the results as an [N, T, M] array")
     return array
+
+
+class _Refused(Exception):
+    """A pickle asked for something other than what a numpy array is made of."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays (any pickle protocol, numpy 1 or 2) and refuses every other class or function before
+    calling it."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
 
 
 def _open_hdf5(path: Path, name: str):

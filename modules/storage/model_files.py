@@ -3,6 +3,7 @@
 Everything here loads with torch.load(weights_only=True): no pickled classes, so a checkpoint file cannot run code.
 """
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -87,6 +88,11 @@ def read_payload(path, formats=(MODEL_FORMAT, CHECKPOINT_FORMAT), train_hint="py
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, or a pickle of arbitrary objects
+        pickled = re.findall(r"GLOBAL ([\w.]+)", str(error))
+        if pickled:  # torch.save of a whole model, as the original SimulGenVAE writes its model files
+            raise InputError(path, f"is a pickled Python object ({pickled[0]}), as the original SimulGenVAE's model "
+                             "files are: it cannot be loaded safely (unpickling runs code), and the original's "
+                             "latents mean nothing to this version", f"retrain here ({train_hint})") from None
         raise InputError(path, f"cannot be loaded safely ({type(error).__name__})",
                          "the file is corrupt or not a SimulGenVAE model; retrain or use another file") from None
     if not isinstance(payload, dict) or payload.get("format") not in formats:
