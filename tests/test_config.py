@@ -177,6 +177,17 @@ def test_the_original_simulgenvae_s_unused_keys_give_one_quiet_line(case):
                      "ignored: RESERVED (lines 5, 6), Stretch (line 7), num_aug_f (line 8), rec_graph (line 9)"]
 
 
+def test_a_param_dir_with_a_leading_slash_is_the_case_folder_s_as_in_the_original(case):
+    (case / "images").mkdir()
+    notes = []
+    assert load(case, BASE + "input_type image\nparam_dir /images\n", warn=notes).param_dir == "images"
+    assert notes == [f"{CONDITION_FILE}: note: param_dir /images does not exist; using images in the case folder (the "
+                     "original SimulGenVAE's paths are relative to it even with a leading /)"]
+    real = load(case, BASE + f"input_type image\nparam_dir {case / 'images'}\n").param_dir
+    assert real == str(case / "images")  # an absolute path that exists stays
+    assert load(case, BASE + "input_type image\nparam_dir /elsewhere\n").param_dir == "/elsewhere"  # as given
+
+
 def test_alpha_auto_needs_a_likelihood_loss(case):
     assert load(case, BASE + "Loss_type 2\n").fixed_recon_weight is None
     error = refused(case, BASE + "Loss_type 3\n")

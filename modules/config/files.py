@@ -25,12 +25,27 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     preset = read_preset(preset_path, preset_index)
     values, lines = read_condition(condition_path, warn)
     values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
+    values["param_dir"] = _case_relative(values["param_dir"], condition_path, warn)
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
     check_consistency(config, condition_path, lines)
     note_keys_without_effect(config, condition_path, lines, warn)
     return config
+
+
+def _case_relative(param_dir: str, path, warn) -> str:
+    """The original SimulGenVAE's paths are relative to the case folder even with a leading '/' (its condition.txt
+    ships 'param_dir /images'): an absolute param_dir that does not exist, while the same path inside the case folder
+    does, means the latter; said once. Anything else is kept as given (a missing path is reported where it is read)."""
+    given = Path(param_dir)
+    if param_dir and given.is_absolute() and not given.exists():
+        inside = Path(*given.parts[1:])
+        if inside.exists():
+            warn(f"{path}: note: param_dir {param_dir} does not exist; using {inside} in the case folder (the original "
+                 "SimulGenVAE's paths are relative to it even with a leading /)")
+            return str(inside)
+    return param_dir
 
 
 def check_flag(field: str, value):
