@@ -72,7 +72,7 @@ def run_case(name: str, args) -> dict:
             "latent_numbers": report["latent_numbers_per_design"], "run_s": seconds,
             "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
-            "candidates": (choice or {}).get("validation_relative_l2"),
+            "kept": (choice or {}).get("kept"), "candidates": (choice or {}).get("validation_relative_l2"),
             "pod_gpr": mean_l2(prediction["pod_gpr"]), "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
             "mean_field": mean_l2(prediction["mean_field"])}
 
@@ -89,7 +89,7 @@ def table(rows: list) -> str:
         _, steps, nodes = row["shape"]
         kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
         others = [f"{NETWORKS[kind].label} {error:.2%}" for kind, error in (row["candidates"] or {}).items()
-                  if not kept.startswith(NETWORKS[kind].label)]
+                  if kind != row["kept"]]
         lines.append(f"| {row['case']} | {row['n_train']} / {row['n_val']} | {steps} x {nodes} | "
                      f"{row['latent_numbers']} | {row['vae']:.2%} | {row['pod']:.2%} | {row['conditioner']:.2%} "
                      f"({'; not kept: '.join([kept, *others])}) | {row['pod_gpr']:.2%} | "

@@ -24,9 +24,12 @@ STEPS_IN_TABLE = 10  # evenly spaced time steps in the .md table (the .json and 
 
 def conditioner_kind(facts: dict) -> str:
     """'MLP', 'CNN, end to end', 'GP on latents', ... of a saved conditioner (its file's facts)."""
-    kind = facts["spec"]["kind"]
-    trained_end_to_end = facts["config"]["use_e2e_training"] and kind != LATENT_GP.kind  # a GP is fitted
-    return NETWORKS[kind].label + (", end to end" if trained_end_to_end else "")
+    return NETWORKS[facts["spec"]["kind"]].label + (", end to end" if trained_end_to_end(facts) else "")
+
+
+def trained_end_to_end(facts: dict) -> bool:
+    """Whether a saved conditioner was trained through the decoder (a GP on the latents is fitted, never)."""
+    return bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] != LATENT_GP.kind
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction
@@ -80,7 +83,7 @@ def prediction_report(evaluation) -> dict:
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
         "input_type": facts["config"]["input_type"],
-        "end_to_end": bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] != LATENT_GP.kind,
+        "end_to_end": trained_end_to_end(facts),
         "conditioner": conditioner_kind(facts), "conditioner_choice": facts.get("choice"),
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),
         "latent_numbers_per_design": config.latent_size,

@@ -30,6 +30,7 @@ from torch import nn
 
 from modules.config.settings import level_lengths
 from modules.models.grad_checkpointing import run_block
+from modules.models.latents import split_latents
 from modules.models.pod_path import PODPath
 
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
@@ -264,7 +265,7 @@ class HierarchicalVAE(nn.Module):
         if self.pod is not None:
             anchors = self.pod.encode(fields)
             main_mean = main_mean + anchors[:, :self.spec.main_latent_dim]
-            level_anchors = self._split(anchors)[1]
+            level_anchors = split_latents(anchors, self.spec)[1]
         main_z, level_noise = main_mean, None
         if sample:  # the deterministic (posterior-mean) path draws no random numbers at all
             main_noise, level_noise = self._split_noise(noise, len(fields))
@@ -282,16 +283,10 @@ class HierarchicalVAE(nn.Module):
             return residual
         return residual + self.pod.decode(torch.cat([main_latent, level_latents.flatten(1)], dim=1))
 
-    def _split(self, numbers):
-        """[B, D + L*d] -> main [B, D], levels [B, L, d]."""
-        main = numbers[:, :self.spec.main_latent_dim]
-        return main, numbers[:, self.spec.main_latent_dim:].reshape(len(numbers), self.spec.n_levels,
-                                                                    self.spec.level_latent_dim)
-
     def _split_noise(self, noise, count):
         if noise is None:
             return torch.randn(count, self.spec.main_latent_dim, device=self.decoder.initial.weight.device), None
-        return self._split(noise)
+        return split_latents(noise, self.spec)
 
     @torch.no_grad()
     def encode_means(self, fields):

@@ -93,7 +93,7 @@ class Guard:
         """The signal that stopped the run; a process that did not get it itself reports SIGTERM."""
         return self.stop.signal_number or signal.SIGTERM
 
-    def divergence(self, val_loss: float, watched: float, best_watched: float, floor: float = 1e-12) -> str | None:
+    def divergence(self, val_loss: float, watched: float, best_watched: float, floor: float) -> str | None:
         """Why this epoch's validation numbers mean the run has diverged, or None: the loss is not finite, or the
         watched part of it (the VAE's reconstruction error, the conditioner's loss) rose over divergence_factor
         times its best so far, or times floor when the best is below it (an error that small is good whatever its

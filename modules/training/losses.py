@@ -82,9 +82,7 @@ def reconstruction_term(mean_loss, config, noise_std, values_per_variable: int):
 def validation_loss(mean_loss, kl_total, config, values_per_variable: int):
     """The number validation epochs are compared on (beta = 1): with alpha auto the NLL at the validation designs'
     own best noise scale, so that it does not depend on the scale training used in that epoch."""
-    if config.fixed_recon_weight is not None:
-        return config.fixed_recon_weight * mean_loss.mean() + kl_total
-    noise_std = optimal_noise_std(mean_loss, LOSS_NAMES[config.loss_type])
+    noise_std = optimal_noise_std(mean_loss, LOSS_NAMES[config.loss_type])  # unused with a fixed alpha
     return reconstruction_term(mean_loss, config, noise_std, values_per_variable) + kl_total
 
 
