@@ -12,6 +12,7 @@ import torch
 from conftest import smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
+from modules.config.settings import data_changes
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
 from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
@@ -118,10 +119,27 @@ def test_corrupt_file_is_refused_without_traceback(tmp_path, monkeypatch, suffix
 
 
 # -------------------------------------------------------------------------------------------- crop and subsampling
-def test_dim2_red_keeps_evenly_spaced_steps_with_first_and_last(tmp_path, monkeypatch):
+def test_dim2_red_keeps_the_first_steps_as_the_original_simulgenvae(tmp_path, monkeypatch):
     stored, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra="Dim2_red 4\n")
+    assert Crop(config).time_index.tolist() == [0, 1, 2, 3]
+    assert Crop(config).steps_said == "the first 4 of 10 steps (0-3)"
+    np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([1, 0]), stored[[1, 0], :4])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "h5"])
+def test_dim2_spacing_even_keeps_evenly_spaced_steps_with_first_and_last(tmp_path, monkeypatch, fmt):
+    stored, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), fmt=fmt,
+                               extra="Dim2_red 4\nDim2_spacing even\n")
     assert Crop(config).time_index.tolist() == [0, 3, 6, 9]
+    assert Crop(config).steps_said == "4 of 10 steps, evenly spaced (0, 3, 6, 9)"
     np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([1, 0]), stored[[1, 0]][:, [0, 3, 6, 9]])
+
+
+def test_a_model_saved_before_dim2_spacing_kept_evenly_spaced_steps(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra="Dim2_red 4\n")
+    saved = {field: value for field, value in config.to_dict().items() if field != "steps_spacing"}
+    assert type(config).from_dict(saved).steps_spacing == "even"
+    assert data_changes(type(config).from_dict(saved), config) == ["Dim2_spacing even -> first"]
 
 
 @pytest.mark.parametrize("fmt", ["npy", "h5"])

@@ -90,13 +90,17 @@ WITH_LATENT_REGULARIZATION = (lambda c: c.use_e2e_training == 1 and c.use_latent
                               "use_e2e_training or use_latent_regularization is 0")
 WITH_PLOTS = (lambda c: c.plot < 2, "plot is 2 (no plots)")
 WITH_PARAMETERS = (lambda c: c.input_type == "csv", "input_type is not csv")
+WITH_FEWER_STEPS = (lambda c: c.n_steps_used < c.n_steps, "Dim2_red is not below Dim2 (every step is kept)")
 
 KEYS = (
     Key("Dim1", "n_designs", int, REQUIRED, "number of designs N in the dataset", _positive, data=True),
     Key("Dim2", "n_steps", int, REQUIRED, "number of time steps T in the dataset", _positive, data=True),
     Key("Dim3", "n_nodes", int, REQUIRED, "number of mesh nodes M in the dataset", _positive, data=True),
-    Key("Dim2_red", "n_steps_used", int, None, "time steps kept, evenly spaced over T (default: all T)", _positive,
-        data=True),
+    Key("Dim2_red", "n_steps_used", int, None, "time steps kept: the first Dim2_red, as in the original SimulGenVAE "
+        "(Dim2_spacing even: spread evenly over T) (default: all T)", _positive, data=True),
+    Key("Dim2_spacing", "steps_spacing", str, "first", "which Dim2_red steps are kept: first (steps 0 to Dim2_red-1) "
+        "or even (spread evenly over T, the first and last included)", choices=("first", "even"), data=True,
+        only_with=WITH_FEWER_STEPS, earlier="even"),
     Key("Dim3_start", "node_start", int, 0, "first node kept (crop start, 0-based)", _non_negative, data=True),
     Key("Dim3_end", "node_end", int, None, "one past the last node kept (default: M)", _positive, data=True),
     Key("num_var", "n_vars", int, 1, "variables stored side by side along the node axis, each scaled on its own",

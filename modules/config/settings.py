@@ -103,7 +103,7 @@ def changed_settings(saved: dict, config) -> list:
 
 def data_changes(trained: "Config", config) -> list:
     """'name trained -> now' for each setting that says which data a model was trained on (the preset's data_No and
-    the keys marked data) and differs between the two configs."""
-    fields = ["data_no", *(key.field for key in KEYS if key.data)]
-    return [f"{field} {getattr(trained, field)} -> {getattr(config, field)}" for field in fields
+    the keys marked data) and differs between the two configs; names as the user writes them."""
+    names = {"data_no": "preset data_No", **{key.field: key.name for key in KEYS if key.data}}
+    return [f"{name} {getattr(trained, field)} -> {getattr(config, field)}" for field, name in names.items()
             if getattr(trained, field) != getattr(config, field)]

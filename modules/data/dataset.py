@@ -38,13 +38,29 @@ def find_dataset(data_no: int, folders=(DATA_DIR, Path("."))) -> Path:
 
 
 class Crop:
-    """Which time steps (evenly spaced, Dim2_red of them) and which nodes (Dim3_start..Dim3_end) a run keeps."""
+    """Which time steps (Dim2_red of them: the first, or spread evenly with Dim2_spacing even) and which nodes
+    (Dim3_start..Dim3_end) a run keeps."""
 
     def __init__(self, config):
         self.raw_shape = (config.n_steps, config.n_nodes)
-        self.time_index = np.round(np.linspace(0, config.n_steps - 1, config.n_steps_used)).astype(np.int64)
+        if config.steps_spacing == "even":
+            self.time_index = np.round(np.linspace(0, config.n_steps - 1, config.n_steps_used)).astype(np.int64)
+        else:
+            self.time_index = np.arange(config.n_steps_used, dtype=np.int64)
         self.nodes = slice(config.node_start, config.node_end)
         self.shape = (len(self.time_index), config.node_end - config.node_start)
+
+    @property
+    def steps_said(self) -> str:
+        """Which steps are kept, in words: '24 steps', 'the first 5 of 10 steps (0-4)', '5 of 10 steps, evenly
+        spaced (0, 2, 4, 7, 9)'."""
+        kept, total = len(self.time_index), self.raw_shape[0]
+        if kept == total:
+            return f"{kept} steps"
+        if self.time_index[-1] == kept - 1:
+            return f"the first {kept} of {total} steps (0-{kept - 1})"
+        shown = ", ".join(map(str, self.time_index[:6])) + (", ..." if kept > 6 else "")
+        return f"{kept} of {total} steps, evenly spaced ({shown})"
 
 
 class SimulationArray:

@@ -30,7 +30,7 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
     job = VAETraining(build_model(config, case, runtime, pod_start=resume is None), case, config, runtime, say)
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
-        f"{len(case.val_indices)} validation designs of {case.array.sample_shape[0]} steps x "
+        f"{len(case.val_indices)} validation designs of {case.array.crop.steps_said} x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in job.model.parameters()):,} parameters")
     progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
