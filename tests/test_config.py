@@ -177,6 +177,41 @@ def test_the_original_simulgenvae_s_unused_keys_give_one_quiet_line(case):
                      "ignored: RESERVED (lines 5, 6), Stretch (line 7), num_aug_f (line 8), rec_graph (line 9)"]
 
 
+def test_the_original_simulgenvae_s_header_and_pipeline_keys_are_named_never_mistaken_for_ours(case):
+    notes = []
+    load(case, "Common params\n" + BASE + "mae_weight 0.1\nhier_weight 0.5\nuse_pca 0\n", warn=notes)
+    assert len(notes) == 1 and "Common (line 1), mae_weight (line 6), hier_weight (line 7), use_pca (line 8)" in notes[0]
+    assert "did you mean" not in notes[0]
+
+
+E2E = "input_type csv\nparam_dir p.csv\nuse_e2e_training 1\nuse_latent_regularization 1\nlatent_reg_weight 0.001\n"
+
+
+def test_lc_alpha_of_the_original_keeps_the_ratio_of_field_and_latent_weights(case):
+    notes = []
+    config = load(case, BASE + E2E + "LC_alpha 1000\n", warn=notes)
+    assert config.latent_reg_weight == pytest.approx(1e-6)
+    assert notes == [f"{CONDITION_FILE}:10: note: LC_alpha 1000 (the original's weight of the field loss) is read as "
+                     "latent_reg_weight 0.001 / 1000 = 1e-06, which keeps the ratio of the two weights (all that "
+                     "AdamW sees). To silence this, write 'latent_reg_weight 1e-06' and remove LC_alpha"]
+    assert load(case, BASE + E2E + "LC_alpha 1\n", warn=notes).latent_reg_weight == 0.001
+
+
+def test_lc_alpha_without_latent_regularisation_is_said_to_have_no_effect(case):
+    notes = []
+    config = load(case, BASE + E2E.replace("use_latent_regularization 1", "use_latent_regularization 0")
+                  + "LC_alpha 1000\n", warn=notes)
+    assert config.latent_reg_weight == 0.001
+    assert any("LC_alpha has no effect" in note for note in notes)
+    assert not any("did you mean 'alpha'" in note for note in notes)
+
+
+@pytest.mark.parametrize("value", ["0", "big"])
+def test_a_bad_lc_alpha_names_its_line(case, value):
+    error = refused(case, BASE + E2E + f"LC_alpha {value}\n")
+    assert_names(error, CONDITION_FILE, line=10, fix_words=["LC_alpha"])
+
+
 def test_a_param_dir_with_a_leading_slash_is_the_case_folder_s_as_in_the_original(case):
     (case / "images").mkdir()
     notes = []

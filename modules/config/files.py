@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from modules.config.checks import check_consistency, note_keys_without_effect
-from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED
+from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED, Key
 from modules.config.settings import Config, Preset
 from modules.errors import InputError
 
@@ -98,7 +98,7 @@ def _preset_filters(path, numbered_line, what):
 # ------------------------------------------------------------------------------------------------ condition.txt
 def read_condition(path, warn=print):
     """Parse condition.txt into ({field: typed value} with defaults for keys not given, {field: line number})."""
-    given, lines, obsolete = {}, {}, {}
+    given, lines, obsolete, field_weight = {}, {}, {}, None
     for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
         entry = _split_condition_line(path, line_no, text)
         if entry is None:
@@ -107,6 +107,9 @@ def read_condition(path, warn=print):
         key = KEYS_BY_NAME.get(name.lower())
         if key is None and name.lower() in ORIGINAL_UNUSED_KEYS:
             obsolete.setdefault(name, []).append(line_no)
+            continue
+        if key is None and name.lower() == "lc_alpha":
+            field_weight = (line_no, _checked_value(path, line_no, LC_ALPHA, raw))
             continue
         if key is None:
             _warn_unknown(path, line_no, name, warn)
@@ -119,12 +122,45 @@ def read_condition(path, warn=print):
         listed = ", ".join(f"{name} (line{'s' if len(at) > 1 else ''} {', '.join(map(str, at))})"
                            for name, at in obsolete.items())
         warn(f"{path}: note: keys of the original SimulGenVAE that this version has no use for are ignored: {listed}")
-    return _with_defaults(path, given), lines
+    values = _with_defaults(path, given)
+    if field_weight is not None:
+        _apply_field_weight(path, *field_weight, values, warn)
+    return values, lines
 
 
-# Keys of the original SimulGenVAE's condition.txt with nothing to set here (placeholders, and options of its own
-# pipeline that this one does not have): one quiet line for all of them, not a warning each.
-ORIGINAL_UNUSED_KEYS = {"reserved", "stretch", "num_aug_f", "num_aug_a", "rec_graph", "n_sample"}
+# Keys of the original SimulGenVAE's condition.txt (over its history) with nothing to set here: placeholders, its
+# header line, and options of its own pipeline that this one does not have. One quiet line names all of them, not a
+# warning each, and no key of another meaning is suggested for them.
+ORIGINAL_UNUSED_KEYS = {
+    "reserved", "stretch", "num_aug_f", "num_aug_a", "rec_graph", "n_sample", "common", "dim3_red", "debug_mode",
+    "use_pca", "pca_patch_size", "pca_components", "pinn_lr", "pinn_batch", "traditional_ml_mode",
+    "traditional_ml_scaler", "traditional_ml_n_components", "traditional_ml_k_best",
+    "traditional_ml_feature_selection", "traditional_ml_cv_folds", "traditional_ml_use_spatial_features",
+    "use_enhanced_loss", "enhancement_preset", "use_perceptual_loss", "perceptual_weight", "perceptual_similarity",
+    "perceptual_feature_layers", "use_multiscale_loss", "mse_weight", "mae_weight", "huber_weight", "huber_beta",
+    "main_weight", "hier_weight", "use_consistency_loss", "consistency_weight", "consistency_temperature",
+    "consistency_detach_original", "use_improved_e2e", "e2e_memory_efficient", "e2e_batch_reduction_factor"}
+
+# The original's LC_alpha: end to end with latent regularisation, its conditioner minimised
+# LC_alpha x field loss + latent_reg_weight x latent error. Only the ratio of the two weights shapes training (AdamW
+# is invariant to the scale of the loss), so it is read as latent_reg_weight / LC_alpha with the field loss at 1.
+LC_ALPHA = Key("LC_alpha", "", float, 1.0, "the original SimulGenVAE's weight of the end-to-end field loss against "
+               "latent_reg_weight x the latent error", lambda v: None if v > 0 else "must be > 0")
+
+
+def _apply_field_weight(path, line_no, weight, values, warn) -> None:
+    """Fold the original's LC_alpha into latent_reg_weight, said in one line (see LC_ALPHA)."""
+    if not (values["use_e2e_training"] and values["use_latent_regularization"]):
+        warn(f"{path}:{line_no}: note: LC_alpha has no effect: as in the original SimulGenVAE, it only weighs the "
+             "end-to-end field loss against the latent term (use_e2e_training 1 and use_latent_regularization 1)")
+        return
+    if weight == 1:
+        return
+    equivalent = values["latent_reg_weight"] / weight
+    warn(f"{path}:{line_no}: note: LC_alpha {weight:g} (the original's weight of the field loss) is read as "
+         f"latent_reg_weight {values['latent_reg_weight']:g} / {weight:g} = {equivalent:.6g}, which keeps the ratio "
+         f"of the two weights (all that AdamW sees). To silence this, write 'latent_reg_weight {equivalent:.6g}' and remove LC_alpha")
+    values["latent_reg_weight"] = equivalent
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
 
