@@ -2,7 +2,9 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO, write_case
 from modules.config import CONDITION_FILE, PRESET_FILE, load_config
@@ -210,6 +212,37 @@ def test_lc_alpha_without_latent_regularisation_is_said_to_have_no_effect(case):
 def test_a_bad_lc_alpha_names_its_line(case, value):
     error = refused(case, BASE + E2E + f"LC_alpha {value}\n")
     assert_names(error, CONDITION_FILE, line=10, fix_words=["LC_alpha"])
+
+
+def write_images(folder, sizes):
+    folder.mkdir()
+    for number, (width, height) in enumerate(sizes, start=1):
+        Image.fromarray(np.full((height, width), 40 * number, dtype=np.uint8)).save(folder / f"design_{number}.png")
+
+
+IMAGES = "input_type image\nparam_dir images\n"
+
+
+def test_image_size_auto_is_the_images_own_size_when_square_and_alike(case):
+    write_images(case / "images", [(24, 24)] * 3)
+    notes = []
+    assert load(case, BASE + IMAGES, warn=notes).image_size == 24
+    assert notes == [f"{CONDITION_FILE}: note: image_size auto: the images are 24 x 24 pixels and are used at that "
+                     "size"]
+    assert load(case, BASE + IMAGES + "image_size 32\n", warn=notes).image_size == 32
+    assert load(case, BASE + IMAGES + "image_size AUTO\n", warn=notes).image_size == 24
+
+
+def test_image_size_auto_resizes_to_the_original_s_256_when_images_differ(case):
+    write_images(case / "images", [(24, 24), (32, 24)])
+    notes = []
+    assert load(case, BASE + IMAGES, warn=notes).image_size == 256
+    assert len(notes) == 1 and "design_1.png 24 x 24, design_2.png 32 x 24" in notes[0] and "set image_size" in notes[0]
+
+
+def test_image_size_auto_without_images_is_the_value_earlier_configs_hold(case):
+    notes = []
+    assert load(case, BASE, warn=notes).image_size == 256 and notes == []
 
 
 def test_a_param_dir_with_a_leading_slash_is_the_case_folder_s_as_in_the_original(case):

@@ -9,6 +9,7 @@ from pathlib import Path
 from modules.config.checks import check_consistency, note_keys_without_effect
 from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED, Key
 from modules.config.settings import Config, Preset
+from modules.data.design_inputs import image_files, image_sizes
 from modules.errors import InputError
 
 PRESET_FILE = Path("preset.txt")
@@ -26,6 +27,7 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     values, lines = read_condition(condition_path, warn)
     values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
     values["param_dir"] = _case_relative(values["param_dir"], condition_path, warn)
+    values["image_size"] = _image_size(values, condition_path, warn)
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
@@ -46,6 +48,33 @@ def _case_relative(param_dir: str, path, warn) -> str:
                  "SimulGenVAE's paths are relative to it even with a leading /)")
             return str(inside)
     return param_dir
+
+
+AUTO = "auto"  # the value of a key whose default follows from the case's files (image_size)
+ORIGINAL_IMAGE_SIZE = 256  # the original SimulGenVAE resized every image to 256 x 256
+
+
+def _image_size(values, path, warn) -> int:
+    """image_size auto: the images' own size when they are all square and of one size (read from their headers), else
+    the original's 256; said once. Without images (no effect) it is 256, the value configs saved before auto hold."""
+    if values["image_size"] != AUTO:
+        return values["image_size"]
+    if values["input_type"] not in ("image", "image_vit"):
+        return ORIGINAL_IMAGE_SIZE
+    extension = "." + (values["param_data_type"].lower().lstrip(".") or "png")
+    try:
+        sizes = image_sizes(image_files(values["param_dir"], extension))
+    except InputError:  # a missing folder or bad image is reported where the images are read, before training
+        return ORIGINAL_IMAGE_SIZE
+    width, height = next(iter(sizes))
+    if len(sizes) == 1 and width == height:
+        warn(f"{path}: note: image_size auto: the images are {width} x {height} pixels and are used at that size")
+        return width
+    shown = ", ".join(f"{name} {w} x {h}" for (w, h), name in list(sizes.items())[:3])
+    warn(f"{path}: note: image_size auto: the images are not all square and of one size ({shown}), so they are "
+         f"resized to {ORIGINAL_IMAGE_SIZE} x {ORIGINAL_IMAGE_SIZE} as in the original SimulGenVAE; set image_size "
+         "to choose")
+    return ORIGINAL_IMAGE_SIZE
 
 
 def check_flag(field: str, value):
@@ -186,6 +215,8 @@ def _warn_unknown(path, line_no, name, warn):
 def _checked_value(path, line_no, key, raw):
     if raw == "":
         raise InputError(path, f"key '{key.name}' has no value", f"write '{key.name} <value>'", line_no)
+    if key.default == AUTO and key.kind is not str and raw.lower() == AUTO:
+        return AUTO  # resolved from the case's files in load_config
     try:
         value = _convert(raw, key.kind)
     except ValueError:

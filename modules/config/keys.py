@@ -226,7 +226,8 @@ KEYS = (
         only_with=WITH_CONDITIONER),
     Key("num_param", "num_param", int, 0, "columns of the parameter CSV, checked when given (0: take the file's)",
         _non_negative, only_with=WITH_CONDITIONER),
-    Key("image_size", "image_size", int, 256, "images are resized to image_size x image_size pixels", _positive,
+    Key("image_size", "image_size", int, "auto", "images are resized to image_size x image_size pixels; auto: the "
+        "images' own size when all are square and alike, else 256 (the original SimulGenVAE's)", _positive,
         only_with=WITH_IMAGES),
     Key("n_epoch", "lc_epochs", int, 500, "latent-conditioner training epochs", _positive, only_with=WITH_CONDITIONER),
     Key("latent_conditioner_lr", "lc_lr", float, 1e-3, "peak learning rate of the conditioner's AdamW", _positive,

@@ -180,6 +180,19 @@ def _renumbered(file: Path, match: re.Match, number: int) -> str:
 
 # ---- pixels
 
+def image_sizes(paths) -> dict:
+    """{(width, height): the first file of that size} of the images, read from their headers only."""
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.setdefault(image.size, Path(path).name)
+        except Exception as error:  # truncated, corrupt or not an image at all: say which file
+            raise InputError(path, f"cannot read it as an image ({type(error).__name__}: {error})",
+                             "replace it with a valid image file") from None
+    return sizes
+
+
 def image_channels(paths) -> int:
     """1 when every image is grayscale (a gray mode, or R, G and B identical), 3 when any has colour."""
     return 3 if any(_has_colour(_pixels(path)) for path in paths) else 1
