@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "ends with this)")
     parser.add_argument("--list_runs", nargs="?", const="date", choices=SORT_KEYS, default=None,
                         help="instead of training: list the runs recorded in runs/, newest first (date, the "
-                             "default), by the VAE's best validation loss (val_loss) or by the conditioner's "
-                             "(lc_val_loss)")
+                             "default), by the VAE's reconstruction error of the validation designs (val_loss: mean "
+                             "relative L2, %%) or by the conditioner's prediction error of them (lc_val_loss)")
     parser.add_argument("--dry_run", action="store_true",
                         help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",

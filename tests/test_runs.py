@@ -113,12 +113,14 @@ def test_end_run_sets_status_and_copies_only_existing_files(tmp_path):
 
 @pytest.fixture
 def three_runs(tmp_path):
-    """Oldest: losses 0.3 / 0.1; middle: no losses; newest: VAE loss 0.2 only. Returns (runs_dir, ids by age)."""
+    """Oldest: validation errors 3 % (VAE) / 1 % (prediction); middle: none; newest: VAE 2 % only. Their losses
+    rank the other way round, so the sorts show which number they follow. Returns (runs_dir, ids by age)."""
     runs = [start_run("vae", [], {}, [], run_id=run_id, runs_dir=tmp_path / "runs")
             for run_id in ("old", "middle", "new")]
-    set_started(runs[0], "2024-01-01T10:00:00", vae_best_val_loss=0.3, conditioner_best_val_loss=0.1)
+    set_started(runs[0], "2024-01-01T10:00:00", vae_val_error=0.03, prediction_val_error=0.01,
+                vae_best_val_loss=10.0, conditioner_best_val_loss=0.5)
     set_started(runs[1], "2024-02-01T10:00:00")
-    set_started(runs[2], "2024-03-01T10:00:00", vae_best_val_loss=0.2)
+    set_started(runs[2], "2024-03-01T10:00:00", vae_val_error=0.02, vae_best_val_loss=20.0)
     return tmp_path / "runs", ["old", "middle", "new"]
 
 
@@ -132,14 +134,32 @@ def test_list_runs_order(three_runs, sort, order):
 
 def test_list_runs_formats_numbers_and_marks_missing_ones(tmp_path):
     run = start_run("conditioner", [], {}, [], run_id="20240517-123005", runs_dir=tmp_path / "runs")
-    update_run(run, vae_epochs=120, vae_best_val_loss=0.000123456, vae_val_error=0.0069, prediction_val_error=0.1234)
+    update_run(run, vae_epochs=120, vae_best_val_loss=0.000123456, vae_val_error=0.0069, prediction_val_error=0.1234,
+               conditioner_best_val_loss=63.4)
     lines = list_runs(runs_dir=tmp_path / "runs").splitlines()
-    assert len(lines) == 3 and lines[0].startswith("run ")
+    assert len(lines) == 4 and lines[0].startswith("run ")
     assert lines[-1] == f"TensorBoard, all runs side by side: tensorboard --logdir {tmp_path / 'runs'}"
+    assert lines[-2].startswith("val error: mean relative L2 error of the validation designs' fields")
     row = lines[1]
     assert row.startswith("20240517-123005") and "conditioner on ?" in row and "unfinished" in row
-    assert row.split()[-6:] == ["120", "0.0001235", "0.69%", "-", "-", "12.34%"]
+    assert row.split()[-4:] == ["120", "0.690%", "-", "12.3%"]
+    assert "0.0001235" not in row and "63.4" not in row  # the losses mean nothing to a user: not shown
     assert len(lines[0]) == len(row)  # aligned: the last column is right-aligned under its header
+    assert "best val loss" not in lines[0] and lines[0].split("  ")[-1] == "prediction val error"
+
+
+def test_runs_recorded_without_the_error_still_list_as_a_dash_and_sort_last(tmp_path):
+    runs = [start_run("vae", [], {}, [], run_id=run_id, runs_dir=tmp_path / "runs")
+            for run_id in ("before", "after", "broken")]
+    set_started(runs[0], "2024-03-01T10:00:00", vae_epochs=50, vae_best_val_loss=0.01)  # before errors were recorded
+    set_started(runs[1], "2024-01-01T10:00:00", vae_epochs=60, vae_best_val_loss=63.4, vae_val_error=0.25)
+    set_started(runs[2], "2024-02-01T10:00:00", vae_val_error=float("nan"), prediction_val_error="1 %")
+    ids = ["before", "after", "broken"]
+    assert table_ids(list_runs("val_loss", tmp_path / "runs"), ids) == ["after", "before", "broken"]
+    assert table_ids(list_runs("lc_val_loss", tmp_path / "runs"), ids) == ["before", "broken", "after"]  # by date
+    rows = {line.split()[0]: line.split() for line in list_runs(runs_dir=tmp_path / "runs").splitlines()}
+    assert rows["before"][-4:] == ["50", "-", "-", "-"] and rows["after"][-4:] == ["60", "25.0%", "-", "-"]
+    assert rows["broken"][-4:] == ["-"] * 4
 
 
 def test_unreadable_run_json_gets_its_own_line(three_runs):
@@ -153,7 +173,7 @@ def test_unreadable_run_json_gets_its_own_line(three_runs):
         text = list_runs(sort, runs_dir)
         assert table_ids(text, ["broken", "list", "no-record", *ids])[-2:] == ["list", "broken"]
     broken = next(line for line in text.splitlines() if line.startswith("broken"))
-    assert "unreadable run.json" in broken and broken.split()[-6:] == ["-"] * 6
+    assert "unreadable run.json" in broken and broken.split()[-5:] == ["-"] * 5
 
 
 def test_no_runs_gives_one_line(tmp_path):
@@ -186,9 +206,11 @@ def test_every_training_run_is_recorded_and_listed_and_tensorboard_shows_them_si
     assert "LearningR 0.003" in (tmp_path / "runs" / first["id"] / "condition.txt").read_text()
     assert json.loads((tmp_path / "runs" / second["id"] / "config.json").read_text())["lr"] == 0.0001
     assert (tmp_path / "runs" / first["id"] / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
-    ids_by_loss = [line.split()[0] for line in by_loss[1:3]]
-    losses = {record["id"]: record["results"]["vae_best_val_loss"] for record in records}
-    assert ids_by_loss == sorted(losses, key=losses.get)
+    ids_by_error = [line.split()[0] for line in by_loss[1:3]]
+    errors = {record["id"]: record["results"]["vae_val_error"] for record in records}
+    assert ids_by_error == sorted(errors, key=errors.get)
+    for record, line in zip(sorted(records, key=lambda r: errors[r["id"]]), by_loss[1:3]):
+        assert f"{100 * errors[record['id']]:#.3g}%" in line.split()  # the VAE's validation error, in %
     assert [line.split()[0] for line in by_date[1:3]] == [second["id"], first["id"]]
     for record in records:  # one TensorBoard folder per run, under one log dir
         events = EventAccumulator(str(tmp_path / "runs" / record["id"] / "vae"))

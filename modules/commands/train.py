@@ -65,7 +65,7 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
                     save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
                     note_vae(run, progress, write_reconstruction_report(evaluation, say))
                     if config.plot < 2:
-                        figures.training_plots(history, evaluation, show=config.plot == 0, say=say)
+                        figures.training_plots(history, evaluation, show=config.plot == 0, say=say, config=config)
             if conditions is not None:
                 barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
                 conditioner_case = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
@@ -118,7 +118,7 @@ def report_conditioner(evaluation, run, progress, history, config, say) -> None:
     """The prediction report, the run record's numbers and the conditioner's plots, once it is saved."""
     note_conditioner(run, progress, write_prediction_report(evaluation, say))
     if config.plot < 2:
-        figures.conditioner_plots(history, evaluation, show=config.plot == 0, say=say)
+        figures.conditioner_plots(history, evaluation, show=config.plot == 0, say=say, config=config)
 
 
 def check_plot_settings(config, conditions) -> None:

@@ -1,8 +1,9 @@
 """PNG figures of an evaluation: field snapshots drawn in space, error per time step, latent maps, active units.
 
 Every function takes `plt` (matplotlib.pyplot, its backend already chosen by the caller), writes one PNG at `path`
-(dpi 110) and returns `path`. Figures are left open: the caller shows or closes them. Field values are physical and
-unit-less, so axes say "value".
+(dpi 110) and returns `path`. Figures are left open: the caller shows or closes them. Every axis and colourbar is
+labelled with its unit; field values are in the case's physical units, which the data does not name, so they say
+"physical units".
 """
 import matplotlib.tri
 import numpy as np
@@ -16,6 +17,7 @@ DPI = 110
 MAX_SNAPSHOT_ROWS = MAX_FIELD_PLOT_ROWS  # one row is 3.3 inches: 24 rows is already a ~8700 pixel tall picture
 COLUMN_WIDTH, ROW_HEIGHT = 4.4, 3.3  # inches per panel, so a figure's width grows with its columns
 TSNE_MIN_DESIGNS = 4
+VALUE_LABEL, ERROR_LABEL = "value (physical units)", "|error| (physical units)"
 
 
 def _save(figure, path):
@@ -49,8 +51,8 @@ def _map_row(figure, axes, layout, simulated, other, title, label):
     """Three maps of one variable's nodes [M / n_vars]: simulation and prediction share a colour scale."""
     both = np.concatenate([simulated, other])
     limits = (np.nanmin(both), np.nanmax(both))
-    panels = [(simulated, f"{title}: simulation", limits, "value"), (other, label, limits, "value"),
-              (np.abs(other - simulated), "|error|", (None, None), "|error| (value)")]
+    panels = [(simulated, f"{title}: simulation", limits, VALUE_LABEL), (other, label, limits, VALUE_LABEL),
+              (np.abs(other - simulated), "|error|", (None, None), ERROR_LABEL)]
     for axis, (values, name, (low, high), bar_label) in zip(axes, panels):
         shown = _draw_map(axis, layout, values, low, high)
         axis.set_title(name)
@@ -60,15 +62,15 @@ def _map_row(figure, axes, layout, simulated, other, title, label):
 def _draw_map(axis, layout, values, low, high):
     """values [M / n_vars] drawn where the nodes are; returns the artist for the colourbar."""
     if layout.kind == "grid":
-        axis.set_xlabel("grid column")
-        axis.set_ylabel("grid row")
+        axis.set_xlabel("grid column index")
+        axis.set_ylabel("grid row index")
         # node spacing is unknown, so the grid fills the panel rather than assuming square cells
         return axis.imshow(values.reshape(layout.grid_shape), origin="lower", aspect="auto", vmin=low, vmax=high,
                            cmap="viridis", interpolation="nearest")
     x, y = layout.coordinates[:, 0], layout.coordinates[:, 1]
     axis.set_aspect("equal")
-    axis.set_xlabel("x")
-    axis.set_ylabel("y")
+    axis.set_xlabel("x (units of node_coordinates)")
+    axis.set_ylabel("y (units of node_coordinates)")
     try:
         triangles = matplotlib.tri.Triangulation(x, y)
     except (RuntimeError, ValueError):  # Delaunay fails for collinear or too few nodes: show the nodes themselves
@@ -83,18 +85,18 @@ def _line_row(figure, axes, layout, simulated, other, title, label):
     axes[0].plot(nodes, simulated, label="simulation")
     axes[0].plot(nodes, other, "--", label=label)
     axes[0].set_title(f"{title}: simulation and {label}", fontsize=9)  # a long predictor name must fit
-    axes[0].set_ylabel("value")
+    axes[0].set_ylabel(VALUE_LABEL)
     axes[0].legend(fontsize=7)
     axes[1].plot(nodes, np.abs(other - simulated), color="tab:red")
     axes[1].set_title("|error|")
-    axes[1].set_ylabel("|error| (value)")
+    axes[1].set_ylabel(ERROR_LABEL)
     for axis in axes:
         axis.set_xlabel("node index")
 
 
-def error_per_step(plt, curves: dict, path, ylabel="relative L2 error"):
-    """One line per {label: [T] values} over time step index (NaN where undefined leaves a gap); log scale when
-    every finite value is positive."""
+def error_per_step(plt, curves: dict, path, ylabel="relative L2 error (%)"):
+    """One line per {label: [T] values, in the unit ylabel names} over time step index (NaN where undefined leaves a
+    gap); log scale when every finite value is positive. The title is ylabel without its unit."""
     figure, axis = plt.subplots(figsize=(7, 4.2 + 0.22 * len(curves)), layout="constrained")
     for label, values in curves.items():
         values = np.asarray(values, dtype=float)
@@ -102,8 +104,8 @@ def error_per_step(plt, curves: dict, path, ylabel="relative L2 error"):
     finite = np.concatenate([np.asarray(v, dtype=float).ravel() for v in curves.values()] or [np.zeros(0)])
     finite = finite[np.isfinite(finite)]
     axis.set_yscale("log" if finite.size and (finite > 0).all() else "linear")
-    axis.set_title(f"{ylabel} per time step")
-    axis.set_xlabel("time step")
+    axis.set_title(f"{ylabel.split(' (')[0]} per time step")
+    axis.set_xlabel("time step index")
     axis.set_ylabel(ylabel)
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)  # below: never over a curve
     return _save(figure, path)
@@ -123,8 +125,8 @@ def latent_maps(plt, latents, colour, colour_label, is_validation, path, seed=0)
     axes[0].set_ylabel(labels[1])
     if len(latents) >= TSNE_MIN_DESIGNS:
         _scatter_designs(axes[1], _tsne_points(latents, seed), colour, norm, is_validation)
-        axes[1].set_xlabel("t-SNE 1")
-        axes[1].set_ylabel("t-SNE 2")
+        axes[1].set_xlabel("t-SNE 1 (no unit)")
+        axes[1].set_ylabel("t-SNE 2 (no unit)")
     else:
         axes[1].text(0.5, 0.5, f"t-SNE needs at least {TSNE_MIN_DESIGNS} designs", ha="center", va="center",
                      transform=axes[1].transAxes)
@@ -139,7 +141,8 @@ def _pca_points(latents):
     pca = PCA(n_components=count).fit(latents)
     points = np.zeros((len(latents), 2))
     points[:, :count] = pca.transform(latents)
-    labels = [f"PC{i + 1} ({100 * share:.0f} % of variance)" for i, share in enumerate(pca.explained_variance_ratio_)]
+    labels = [f"PC{i + 1} (latent units; {100 * share:.0f} % of variance)"
+              for i, share in enumerate(pca.explained_variance_ratio_)]
     return points, labels + ["PC2: none (all designs at 0)"] * (2 - count)
 
 
@@ -193,5 +196,5 @@ def _active_bars(axis, names, summary):
     axis.set_ylim(0, max(units + [1]) * 1.15)  # room for the annotations above the tallest bar
     axis.set_title("active latent units")
     axis.set_xlabel("latent group")
-    axis.set_ylabel("units")
+    axis.set_ylabel("latent units (count)")
     axis.legend(fontsize=8)

@@ -5,6 +5,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 from modules.config import CONDITION_FILE
@@ -14,8 +15,11 @@ from modules.errors import InputError
 from modules.evaluation import drawing
 from modules.models.conditioners import LATENT_GP
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
+from modules.training.losses import LOSS_NAMES
 
 SAMPLES_SHOWN = 3
+# the unit of each loss of fields (training.losses.field_loss) on the scaled values; SmoothL1 is Huber / delta
+LOSS_UNITS = {"MSE": "scaled units²", "MAE": "scaled units", "SmoothL1": "scaled units", "Huber": "scaled units²"}
 
 
 def can_show() -> bool:
@@ -38,14 +42,15 @@ def _pyplot(show: bool):
     return plt
 
 
-def training_plots(history, evaluation, show=False, say=print) -> list:
-    """The VAE's loss curves and its first validation designs (true, reconstructed, error). Returns the PNG paths."""
+def training_plots(history, evaluation, show=False, say=print, config=None) -> list:
+    """The VAE's loss curves and its first validation designs (simulated, reconstructed, error). config: the current
+    one (node layout, plot steps, loss); the VAE's own when None. Returns the PNG paths."""
     show = will_show(show, say)
     plt = _pyplot(show)
-    designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
-    paths = [loss_curves(plt, history, OUTPUT_DIR / "loss_curves.png"),
-             field_comparison(plt, designs, evaluation.case.array.read(designs), evaluation.reconstruct(designs),
-                              "reconstruction", OUTPUT_DIR / "reconstruction_samples.png")]
+    config = config or evaluation.config
+    paths = [loss_curves(plt, history, config, OUTPUT_DIR / "loss_curves.png"),
+             field_samples(plt, evaluation, config, evaluation.reconstruct, "VAE reconstruction",
+                           OUTPUT_DIR / "reconstruction_samples.png")]
     say(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
@@ -53,47 +58,62 @@ def training_plots(history, evaluation, show=False, say=print) -> list:
     return paths
 
 
-def loss_curves(plt, history, path):
-    panels = [("total loss", ["train/loss", "val/loss"]), ("reconstruction", ["train/recon", "val/recon"]),
-              ("KL (training)", ["train/kl_main"] + sorted(k for k in history[0] if k.startswith("train/kl_level"))),
-              ("schedules", ["beta", "lr"])]
+def loss_curves(plt, history, config, path):
+    """The VAE's losses as training.losses defines them: per design, the reconstruction term per value."""
+    name = LOSS_NAMES[config.loss_type]
+    total = "loss per design (nats)" if config.fixed_recon_weight is None else "loss per design (alpha-weighted)"
+    panels = [("total loss", ["train/loss", "val/loss"], total),
+              ("reconstruction", ["train/recon", "val/recon"], f"mean {name} per value ({LOSS_UNITS[name]})"),
+              ("KL (training)", ["train/kl_main"] + sorted(k for k in history[0] if k.startswith("train/kl_level")),
+               "KL per design (nats)"),
+              ("schedules", ["beta", "lr"], "β and learning rate (no unit)")]
     return curves(plt, history, panels, path, columns=2)
 
 
+def field_samples(plt, evaluation, config, predict, label, path):
+    """The first SAMPLES_SHOWN validation designs: simulated, `label` (predict(designs) [n, T, M]) and |error|, as
+    maps at a few time steps (drawing.field_snapshots) when config says where the nodes are, else as time x node
+    images. Fewer designs (and steps) are shown when they would make more than MAX_SNAPSHOT_ROWS rows of maps."""
+    layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
+    designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
+    steps = chosen_steps(config, n_steps, len(designs) * layout.n_vars)[:drawing.MAX_SNAPSHOT_ROWS // layout.n_vars]
+    designs = designs[:max(1, drawing.MAX_SNAPSHOT_ROWS // max(1, len(steps) * layout.n_vars))]
+    true, other = evaluation.case.array.read(designs), predict(designs)
+    if layout.kind == "line" or not steps:
+        return field_comparison(plt, designs, true, other, label, path)
+    return drawing.field_snapshots(plt, layout, designs, steps, true, other, label, path)
+
+
 def field_comparison(plt, designs, true, other, other_label, path):
-    """One row per design: simulated field, `other` on the same colour scale, and |other - simulated|."""
+    """One row per design: simulated field, `other` on the same colour scale, and |other - simulated|, each as a
+    time x node image (for fields whose node positions are unknown)."""
     figure, axes = plt.subplots(len(true), 3, figsize=(13, 3.2 * len(true)), squeeze=False)
     for row, design in enumerate(designs):
         low, high = true[row].min(), true[row].max()
-        panels = [(true[row], f"design {design}: simulation", (low, high)),
-                  (other[row], other_label, (low, high)),
-                  (np.abs(other[row] - true[row]), "|error|", (None, None))]
-        for axis, (image, title, (vmin, vmax)) in zip(axes[row], panels):
+        panels = [(true[row], f"design {design}: simulation", (low, high), drawing.VALUE_LABEL),
+                  (other[row], other_label, (low, high), drawing.VALUE_LABEL),
+                  (np.abs(other[row] - true[row]), "|error|", (None, None), drawing.ERROR_LABEL)]
+        for axis, (image, title, (vmin, vmax), bar_label) in zip(axes[row], panels):
             shown = axis.imshow(image, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
             axis.set_title(title)
-            axis.set_xlabel("node")
-            axis.set_ylabel("time step")
-            figure.colorbar(shown, ax=axis)
+            axis.set_xlabel("node index")
+            axis.set_ylabel("time step index")
+            figure.colorbar(shown, ax=axis, label=bar_label)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
 
 
-def conditioner_plots(history, evaluation, show=False, say=print) -> list:
+def conditioner_plots(history, evaluation, show=False, say=print, config=None) -> list:
     """The conditioner's loss curves and its first validation designs (simulated, predicted from their condition,
-    error). Returns the PNG paths."""
+    error). config: the current one (node layout, plot steps); the VAE's when None. Returns the PNG paths."""
     show = will_show(show, say)
     plt = _pyplot(show)
-    designs = evaluation.case.val_indices[:SAMPLES_SHOWN]
-    names = [name for name in history[0] if name.startswith(("train/", "val/")) and
-             any(row[name] for row in history)]
-    kind = evaluation.conditioner.facts["spec"]["kind"] if evaluation.conditioner is not None else None
-    title = "conditioner losses" + (" (this network was not kept: the GP on the latents predicts better)"
-                                    if kind == LATENT_GP.kind else "")
-    paths = [curves(plt, history, [(title, names), ("learning rate", ["lr"])],
-                    OUTPUT_DIR / "conditioner_loss_curves.png"),
-             field_comparison(plt, designs, evaluation.case.array.read(designs), evaluation.predict(designs),
-                              "predicted from the design's condition", PREDICTION_PLOT)]
+    config = config or evaluation.config
+    paths = [curves(plt, history, conditioner_panels(history, evaluation), OUTPUT_DIR / "conditioner_loss_curves.png",
+                    columns=2),
+             field_samples(plt, evaluation, config, evaluation.predict, "predicted from the design's condition",
+                           PREDICTION_PLOT)]
     say(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
@@ -101,19 +121,49 @@ def conditioner_plots(history, evaluation, show=False, say=print) -> list:
     return paths
 
 
+def conditioner_panels(history, evaluation) -> list:
+    """(title, names, y label) of the conditioner's curves: its objective; trained end to end, also the latent MSE
+    and (when the objective adds the two) the field loss, each in a panel of its own since their scales differ by
+    orders of magnitude; the learning rate."""
+    facts = evaluation.conditioner.facts if evaluation.conditioner is not None else {}
+    trained = facts.get("config", {})  # the conditioner's own settings, which a --lc_only run may have changed
+    title = "conditioner objective" + ("\n(this network was not kept: the GP on the latents predicts better)"
+                                       if facts.get("spec", {}).get("kind") == LATENT_GP.kind else "")
+    latent = "MSE of the standardised latents (no unit)"
+    learning_rate = ("learning rate", ["lr"], "learning rate (no unit)")
+    if not any(row.get("train/field_loss") for row in history):  # not end to end: the objective is the latent MSE
+        return [(title, ["train/loss", "val/loss"], latent), learning_rate]
+    name = trained.get("e2e_loss_function", "MSE")
+    field = f"field {name} per value ({LOSS_UNITS.get(name, 'scaled units')})"
+    if not trained.get("use_latent_regularization"):  # the objective is the field loss itself
+        return [(title, ["train/loss", "val/loss"], field), ("latent MSE", ["train/latent_mse", "val/latent_mse"],
+                                                            latent), learning_rate]
+    weight = trained.get("latent_reg_weight")
+    return [(title, ["train/loss", "val/loss"], f"field loss + {weight:g} x latent MSE (mixed units)"),
+            ("field loss (through the decoder)", ["train/field_loss", "val/field_loss"], field),
+            ("latent MSE", ["train/latent_mse", "val/latent_mse"], latent), learning_rate]
+
+
 def curves(plt, history, panels, path, columns=None):
-    """One panel per (title, metric names), over epochs; log scale when every value is positive."""
+    """One panel per (title, metric names, y label), over epochs; log scale when every value is positive. Names
+    missing from the history are left out, and a panel with none of its names."""
     epochs = [row["epoch"] for row in history]
-    columns = columns or len(panels)
+    panels = [(title, [name for name in names if name in history[0]], ylabel) for title, names, ylabel in panels]
+    panels = [panel for panel in panels if panel[1]]
+    columns = min(columns or len(panels), len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
-    for axis, (title, names) in zip(axes.flat, panels):
+    for axis, (title, names, ylabel) in zip(axes.flat, panels):
         for name in names:
             axis.plot(epochs, [row[name] for row in history], label=name)
         axis.set_yscale("log" if all(row[n] > 0 for row in history for n in names) else "linear")
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.set_ylabel(ylabel)
         axis.legend(fontsize=7)
+    for axis in axes.flat[len(panels):]:
+        axis.set_axis_off()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
@@ -138,7 +188,8 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
         paths.append(drawing.field_snapshots(
             plt, layout, designs, steps, evaluation.case.array.read(designs), predict(np.asarray(designs)), label,
             OUTPUT_DIR / f"evaluation_{name}_fields.png"))
-    paths.append(drawing.error_per_step(plt, error_curves(report), OUTPUT_DIR / "evaluation_error_per_step.png"))
+    paths.append(drawing.error_per_step(plt, error_curves(report), OUTPUT_DIR / "evaluation_error_per_step.png",
+                                        ylabel="relative L2 error (%)"))
     colour, colour_label = design_colours(config, evaluation)
     is_validation = np.isin(np.arange(len(evaluation.encoding.main_latents)), evaluation.case.val_indices)
     paths.append(drawing.latent_maps(plt, evaluation.encoding.main_latents, colour, colour_label, is_validation,
@@ -169,14 +220,15 @@ def chosen_steps(config, n_steps: int, rows_per_step: int) -> list:
 
 
 def error_curves(report) -> dict:
-    """{label: relative L2 error per time step [T]} of every predictor in the report (NaN where undefined)."""
+    """{label: relative L2 error per time step [T], in %} of every predictor in the report (NaN where undefined);
+    percent, as every report prints it."""
     curves = {}
     for section in ("reconstruction", "prediction"):
         for name, summary in (report[section] or {}).items():
             repeated = section == "prediction" and name == "mean_field"  # the same curve as in reconstruction
             if isinstance(summary, dict) and "per_step" in summary and not repeated:
                 values = summary["per_step"]["relative_l2"]
-                curves[f"{section}: {report['labels'][name]}"] = np.array(
+                curves[f"{section}: {report['labels'][name]}"] = 100 * np.array(
                     [np.nan if value is None else value for value in values])
     return curves
 
@@ -186,7 +238,7 @@ def design_colours(config, evaluation):
     when designs are not defined by parameters, each design's VAE reconstruction error."""
     conditions = evaluation.conditions
     if conditions is None or conditions.channels is not None:
-        return evaluation.encoding.errors.relative_l2(), "VAE reconstruction error (relative L2)"
+        return 100 * evaluation.encoding.errors.relative_l2(), "VAE reconstruction error (relative L2, %)"
     column = parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
     label = conditions.param_names[column] if conditions.param_names else f"parameter {column + 1}"
     return conditions.values[:, column], label

@@ -6,6 +6,7 @@ runs/<id>/conditioner/, so `tensorboard --logdir runs` shows all runs side by si
 the command line opens a run with start_run() and wraps its work in recording(), which marks how it ended.
 """
 import json
+import math
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,11 +20,14 @@ from modules.training.guard import Stopped
 
 RUNS_DIR = Path("runs")
 RUN_FILE = "run.json"
-SORT_KEYS = ("date", "val_loss", "lc_val_loss")
+SORT_KEYS = ("date", "val_loss", "lc_val_loss")  # the names users' scripts pass
+# what the two 'loss' sorts order by: the validation designs' errors in %, not the (alpha-weighted) training losses
+SORTED_BY = {"val_loss": "vae_val_error", "lc_val_loss": "prediction_val_error"}
 KINDS = ("vae", "vae+conditioner", "conditioner")
 ID_FORMAT = "%Y%m%d-%H%M%S"
-HEADER = ("run", "started", "status", "kind", "VAE epochs", "VAE best val loss", "VAE val error", "POD val error",
-          "cond. best val loss", "prediction val error")
+HEADER = ("run", "started", "status", "kind", "VAE epochs", "VAE val error", "POD val error", "prediction val error")
+ERRORS_NOTE = ("val error: mean relative L2 error of the validation designs' fields in physical units (VAE, POD: "
+               "reconstruction; prediction: from each design's condition)")
 NUMERIC_FROM = 4  # columns from here on hold numbers and are right-aligned
 
 
@@ -96,9 +100,10 @@ def end_run(run: Run, status: str, detail: str | None = None, files=()) -> None:
 
 
 def list_runs(sort: str = "date", runs_dir=RUNS_DIR) -> str:
-    """The text of a table of every run under runs_dir, sorted by 'date' (newest first), 'val_loss' (the VAE's best
-    validation loss) or 'lc_val_loss' (the conditioner's), runs without that loss last. Never raises on a damaged
-    run.json (it gets a line of its own); raises ValueError for an unknown sort."""
+    """The text of a table of every run under runs_dir, sorted by 'date' (newest first), 'val_loss' (the VAE's
+    reconstruction error of the validation designs, in %) or 'lc_val_loss' (the conditioner's prediction error of
+    them), runs without that error (runs recorded before it was, runs without that part) last. Never raises on a
+    damaged run.json (it gets a line of its own); raises ValueError for an unknown sort."""
     if sort not in SORT_KEYS:
         raise ValueError(f"unknown sort {sort!r}; expected one of {SORT_KEYS}")
     runs_dir = Path(runs_dir)
@@ -107,19 +112,19 @@ def list_runs(sort: str = "date", runs_dir=RUNS_DIR) -> str:
     if not records:
         return f"No runs yet in {runs_dir}/: a training run (python SimulGen-VAE.py) records one."
     rows = [_row(record) for record in _sorted(records, sort)]
-    return "\n".join([*_align([HEADER, *rows]), f"TensorBoard, all runs side by side: tensorboard --logdir {runs_dir}"])
+    return "\n".join([*_align([HEADER, *rows]), ERRORS_NOTE,
+                      f"TensorBoard, all runs side by side: tensorboard --logdir {runs_dir}"])
 
 
 def _sorted(records: list, sort: str) -> list:
-    # Sorting by date first and then (stably) by loss puts runs without that loss last, newest first among them.
+    # Sorting by date first and then (stably) by error puts runs without that error last, newest first among them.
     by_date = sorted(records, key=lambda r: (str(r.get("started") or ""), str(r.get("id"))), reverse=True)
     if sort == "date":
         return by_date
-    key = "vae_best_val_loss" if sort == "val_loss" else "conditioner_best_val_loss"
-    return sorted(by_date, key=lambda r: _loss_key(_results(r).get(key)))
+    return sorted(by_date, key=lambda r: _missing_last(_results(r).get(SORTED_BY[sort])))
 
 
-def _loss_key(value):
+def _missing_last(value):
     return (0, value) if _is_plain_number(value) else (1, 0)
 
 
@@ -129,10 +134,8 @@ def _row(record: dict) -> tuple:
     if kind == "conditioner":
         kind = f"conditioner on {record.get('vae_run') or '?'}"
     return (str(record.get("id")), _date(record.get("started")), str(record.get("status") or "-"), str(kind or "-"),
-            _formatted(results.get("vae_epochs"), "{:.0f}"), _formatted(results.get("vae_best_val_loss"), "{:.4g}"),
-            _percent(results.get("vae_val_error")), _percent(results.get("pod_val_error")),
-            _formatted(results.get("conditioner_best_val_loss"), "{:.4g}"),
-            _percent(results.get("prediction_val_error")))
+            _formatted(results.get("vae_epochs"), "{:.0f}"), _percent(results.get("vae_val_error")),
+            _percent(results.get("pod_val_error")), _percent(results.get("prediction_val_error")))
 
 
 def _align(rows: list) -> list:
@@ -153,11 +156,16 @@ def _formatted(value, form: str) -> str:
 
 
 def _percent(value) -> str:
-    return f"{100 * value:.2f}%" if _is_plain_number(value) else "-"
+    """A fraction as percent to 3 significant digits (0.0153 -> '1.53%', 0.0001525 -> '0.0152%', 17.65 -> '1765%');
+    '-' when it is missing (a run recorded before it was)."""
+    if not _is_plain_number(value):
+        return "-"
+    return f"{100 * value:.0f}%" if abs(value) >= 1 else f"{100 * value:#.3g}%"
 
 
 def _is_plain_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, not NaN): what a table cell shows and a sort orders."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _results(record: dict) -> dict:
