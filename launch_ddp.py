@@ -5,8 +5,9 @@
     python launch_ddp.py --gpus=4 --amp=bf16 --grad_accum_steps=2   # speed flags are passed to every process
     python launch_ddp.py --gpus=4 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1   # first of two machines
 
-Checks preset.txt and input_data/condition.txt first (a bad config: one line, exit code 2, no process started), then
-runs `python -m torch.distributed.run ... SimulGen-VAE.py --use_ddp ...`, prints that command, and exits with its exit
+First makes every check of the case's inputs that SimulGen-VAE.py makes before training (config, data, design
+inputs, the VAE a --lc_only=1 run uses, a checkpoint to --resume, another run writing in the case folder): what it
+would refuse gets one line and exit code 2, and no process is started. Then it runs `python -m torch.distributed.run ... SimulGen-VAE.py --use_ddp ...`, prints that command, and exits with its exit
 code (torchrun's: 1 when a worker failed). On a machine without GPUs, --gpus=K starts K CPU processes that train with
 the gloo backend.
 """
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
     parser.add_argument("--master_port", type=int, default=29500, help="free TCP port on that machine (default 29500)")
+    parser.add_argument("--train_latent_conditioner_only", help=argparse.SUPPRESS)  # the original's: refused below
     return parser
 
 
@@ -61,17 +63,26 @@ def main(argv=None) -> int:
         print("error: command line: need --gpus >= 1, --nnodes >= 1 and 0 <= --node_rank < --nnodes. "
               "Fix: correct those flags", file=sys.stderr)
         return 2
+    if args.train_latent_conditioner_only is not None:
+        print("error: command line: --train_latent_conditioner_only is the original SimulGenVAE launcher's flag. "
+              f"Fix: use --lc_only={args.train_latent_conditioner_only}", file=sys.stderr)
+        return 2
     if args.lc_only and args.size:
         print("error: command line: --size sets the VAE, which --lc_only=1 does not train. Fix: drop --size",
               file=sys.stderr)
         return 2
     try:
-        load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS},
-                    warn=lambda text: None)  # the workers print the warnings
+        config = load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS},
+                             warn=lambda text: None)  # the workers print the warnings
+        from modules.commands.train import check_training_inputs  # imports torch: --help stays fast without it
+        from modules.storage.case_lock import check_case_folder_free
+        check_case_folder_free()
+        print("Checking the case's inputs as SimulGen-VAE.py will (the data is read once)...", flush=True)
+        check_training_inputs(config, bool(args.lc_only), args.resume)
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
         return 2
-    import torch  # only here: --help stays fast
+    import torch
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available and args.gpus > available:

@@ -4,7 +4,9 @@ Every bad input ends here as one line on stderr and exit code 2 (no traceback); 
 then, because the config and the data are checked before an earlier run's results are archived.
 """
 import argparse
+import contextlib
 import os
+import shlex
 import sys
 
 from modules.commands.checkpoints import checkpoints_command
@@ -15,6 +17,7 @@ from modules.commands.train import AUTO_RESUME, train_all, train_conditioner_onl
 from modules.config import FLAG_KEYS, check_flag, load_config
 from modules.config.keys import add_key_flags
 from modules.errors import InputError
+from modules.storage.case_lock import case_folder_lock
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE
 from modules.storage.runs import SORT_KEYS, list_runs
 from modules.training.guard import Stopped
@@ -88,20 +91,17 @@ def main(argv=None) -> int:
         refuse_flags_of_the_other_mode(args)
         if args.list_runs:
             print(list_runs(args.list_runs))
-        elif args.evaluate:
-            evaluate_saved(load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn))
-        elif args.checkpoints:
-            checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
         elif args.reconstruct:
             reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
                                                                                             args.device or "auto")))
         elif args.predict:
             predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE,
                          pick_device(check_flag("device", args.device or "auto")))
-        elif args.lc_only:
-            train_conditioner_only(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+        elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
+            checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
         else:
-            train_all(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+            with writing_in_the_case_folder(sys.argv[1:] if argv is None else argv):
+                run_writer(args)
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -111,6 +111,26 @@ def main(argv=None) -> int:
                   "--resume", file=sys.stderr)
         return 128 + stop.signal_number
     return 0
+
+
+def run_writer(args) -> None:
+    """The modes that write in the case folder: training, --evaluate and --checkpoints=clean."""
+    if args.evaluate:
+        evaluate_saved(load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn))
+    elif args.checkpoints:
+        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
+    elif args.lc_only:
+        train_conditioner_only(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+    else:
+        train_all(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+
+
+def writing_in_the_case_folder(argv):
+    """The case folder's lock (storage.case_lock), taken by the main process; the other processes of a DDP run
+    write nothing there."""
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return case_folder_lock(shlex.join(["SimulGen-VAE.py", *argv]))
 
 
 def refuse_flags_of_the_other_mode(args) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
 from modules.cli import main
+from modules.storage.case_lock import LOCK_FILE
 
 N_DESIGNS = 12  # write_case's default case: 12 designs of 6 steps x 20 nodes
 CONDITIONERS = {
@@ -46,9 +47,10 @@ def earlier_run(tmp_path_factory):
 
 
 def snapshot(folder):
-    """Every file (relative path -> sha256) and every folder under folder."""
+    """Every file (relative path -> sha256) and every folder under folder, but the case folder's lock file, which
+    any writing command creates (empty again once it lets go: tests/test_case_lock.py)."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            for path in sorted(folder.rglob("*"))}
+            for path in sorted(folder.rglob("*")) if path.name != LOCK_FILE.name}
 
 
 # ---- ways to break a valid case folder

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import design_parameters, smooth_fields, tensorboard_dir, write_case, write_conditions
 from modules.cli import main
+from modules.storage.case_lock import LOCK_FILE
 from test_training import working_directory
 
 N_DESIGNS, N_NEW = 24, 6
@@ -310,7 +311,8 @@ def test_lc_only_without_a_saved_vae_says_so_and_changes_nothing(tmp_path, monke
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["--lc_only=1"]) == 2
     assert "model_save/SimulGen-VAE: model file not found" in capsys.readouterr().err
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # the case folder's lock, taken and let go
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != LOCK_FILE.name) == before
 
 
 def test_lc_only_trains_a_new_conditioner_and_leaves_the_vae_files_alone(copy_of):

@@ -148,6 +148,32 @@ def test_launch_ddp_builds_the_torchrun_command_from_its_flags():
         ["--gpus=2", "--resume=run/last.pt"]))
 
 
+@pytest.mark.parametrize("extra, flags, words", [
+    # the original SimulGenVAE's condition.txt names another VAE to train through; a full run refuses it
+    ("input_type csv\nparam_dir p.csv\nuse_e2e_training 1\ne2e_vae_model_path elsewhere/vae\n", [],
+     "e2e_vae_model_path names another VAE"),
+    ("input_type image\nparam_dir images\n", [], "image folder not found"),
+    ("", ["--lc_only=1"], "input_type is none"),
+    ("input_type csv\nparam_dir p.csv\n", ["--lc_only=1"], "p.csv"),
+    ("", ["--resume"], "checkpoints/last.pt"),
+], ids=["other-vae", "no-images", "lc-only-without-conditioner", "lc-only-missing-csv", "resume-without-checkpoint"])
+def test_launch_ddp_refuses_what_the_main_script_refuses_without_starting_a_process(tmp_path, monkeypatch, capsys,
+                                                                                    extra, flags, words):
+    monkeypatch.chdir(tmp_path)
+    write_case(tmp_path, extra=extra)
+    monkeypatch.setattr(launch_ddp, "run_forwarding_sigterm", lambda command: pytest.fail("torchrun was started"))
+    assert launch_ddp.main(["--gpus=2", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and words in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".simulgen.lock", "input_data", "preset.txt"]
+
+
+def test_launch_ddp_refuses_the_original_launcher_s_flag_and_names_ours(capsys):
+    assert launch_ddp.main(["--gpus=2", "--train_latent_conditioner_only=1"]) == 2
+    assert capsys.readouterr().err == ("error: command line: --train_latent_conditioner_only is the original "
+                                       "SimulGenVAE launcher's flag. Fix: use --lc_only=1\n")
+
+
 def test_launch_ddp_refuses_size_with_lc_only(capsys):
     assert launch_ddp.main(["--gpus=2", "--lc_only=1", "--size=large"]) == 2
     assert "--size sets the VAE" in capsys.readouterr().err

@@ -4,9 +4,12 @@
 Every input check happens before anything on disk moves: the config, the data, the conditions, the plot settings
 and any checkpoint to resume; only then is an earlier run's output archived.
 """
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from modules.config import CONDITION_FILE, PRESET_FILE
 from modules.data.case import prepare_case
@@ -24,6 +27,7 @@ from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, V
                                   note_vae, recording, run_of, start_run)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
 from modules.training.distributed import barrier, start_runtime, stop_runtime
+from modules.training.runtime import adapted
 from modules.training.state import read_checkpoint
 from modules.training.vae_training import train_vae
 
@@ -35,17 +39,10 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
     """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, then the evaluation, in one
     run recorded in runs/<id>/; with resume (--resume's value), from where the checkpoint stood (a finished VAE is not
     trained again) and in the same run record."""
-    if config.use_e2e_training and config.e2e_vae_model_path and not names_model_file(config.e2e_vae_model_path):
-        raise InputError(CONDITION_FILE, f"e2e_vae_model_path names another VAE to train through "
-                         f"({config.e2e_vae_model_path}), but a full run trains through the VAE it has just trained "
-                         f"({MODEL_FILE})", "remove e2e_vae_model_path, or run with --lc_only=1")
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        plan = resume_plan(resume, config) if resume else None
-        case = prepare_case(config, runtime)
-        conditions = read_conditions(config) if config.has_conditioner else None
-        check_plot_settings(config, conditions)
+        plan, case, conditions = full_run_inputs(config, runtime, resume)
         if runtime.is_main and plan is None:
             announce(archive_previous_run(), say)
         run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", say,
@@ -84,21 +81,11 @@ def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
     """--lc_only=1: the conditioner on the saved VAE, then the evaluation, as a run of its own (runs/<id>/); only an
     earlier conditioner's files and evaluation are archived (none with resume, which continues
     checkpoints/conditioner_last.pt or the checkpoint given, in its run record)."""
-    if not config.has_conditioner:
-        raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
-                         "set input_type csv, image or image_vit (and param_dir)")
-    through_other_vae = config.use_e2e_training and config.e2e_vae_model_path
-    vae_file = Path(config.e2e_vae_model_path if through_other_vae else MODEL_FILE)
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        checkpoint, run_id = None, None
-        if resume:
-            checkpoint = CONDITIONER_LAST if resume == AUTO_RESUME else Path(resume)
-            run_id = run_of(read_checkpoint(checkpoint, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT))
-        conditions = read_conditions(config)
-        check_plot_settings(config, conditions)
-        conditioner_case = prepare_conditioner_case(config, runtime, conditions, vae_file)
+        checkpoint, run_id, conditions, conditioner_case = conditioner_only_inputs(config, runtime, resume)
+        vae_file = conditioner_case.vae_file
         if runtime.is_main and checkpoint is None:
             announce(archive_previous_conditioner(), say)
         run = open_run(config, runtime, "conditioner", say, run_id, vae_file)
@@ -112,6 +99,47 @@ def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
                 write_evaluation(evaluation, config, say)
     finally:
         stop_runtime()
+
+
+def full_run_inputs(config, runtime, resume):
+    """Every check of a full run's inputs, before anything on disk moves: (the resume plan or None, the Case, the
+    Conditions or None)."""
+    if config.use_e2e_training and config.e2e_vae_model_path and not names_model_file(config.e2e_vae_model_path):
+        raise InputError(CONDITION_FILE, f"e2e_vae_model_path names another VAE to train through "
+                         f"({config.e2e_vae_model_path}), but a full run trains through the VAE it has just trained "
+                         f"({MODEL_FILE})", "remove e2e_vae_model_path, or run with --lc_only=1")
+    plan = resume_plan(resume, config) if resume else None
+    case = prepare_case(config, runtime)
+    conditions = read_conditions(config) if config.has_conditioner else None
+    check_plot_settings(config, conditions)
+    return plan, case, conditions
+
+
+def conditioner_only_inputs(config, runtime, resume):
+    """Every check of a --lc_only=1 run's inputs, before anything on disk moves: (the checkpoint to resume or None,
+    its run id or None, the Conditions, the ConditionerCase on the saved VAE)."""
+    if not config.has_conditioner:
+        raise InputError(CONDITION_FILE, "--lc_only=1 trains the latent conditioner, but input_type is none",
+                         "set input_type csv, image or image_vit (and param_dir)")
+    through_other_vae = config.use_e2e_training and config.e2e_vae_model_path
+    vae_file = Path(config.e2e_vae_model_path if through_other_vae else MODEL_FILE)
+    checkpoint, run_id = None, None
+    if resume:
+        checkpoint = CONDITIONER_LAST if resume == AUTO_RESUME else Path(resume)
+        run_id = run_of(read_checkpoint(checkpoint, config, (CONDITIONER_FORMAT,), CONDITIONER_HINT))
+    conditions = read_conditions(config)
+    check_plot_settings(config, conditions)
+    return checkpoint, run_id, conditions, prepare_conditioner_case(config, runtime, conditions, vae_file)
+
+
+def check_training_inputs(config, lc_only: bool, resume) -> None:
+    """The checks of a training's inputs without the training, on the CPU (launch_ddp.py runs them before starting
+    torchrun, so that a case this script would refuse starts no process). Streams the data once; preloads nothing."""
+    runtime = adapted(torch.device("cpu"), dataclasses.replace(config, load_all=0, amp="off", num_workers="0"))
+    if lc_only:
+        conditioner_only_inputs(config, runtime, resume)
+    else:
+        full_run_inputs(config, runtime, resume)
 
 
 def report_conditioner(evaluation, run, progress, history, config, say) -> None:
