@@ -8,6 +8,7 @@ import contextlib
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from modules.commands.checkpoints import checkpoints_command
 from modules.commands.evaluate import evaluate_saved
@@ -17,6 +18,7 @@ from modules.commands.train import AUTO_RESUME, train_all, train_conditioner_onl
 from modules.config import FLAG_KEYS, check_flag, load_config
 from modules.config.keys import add_key_flags
 from modules.errors import InputError
+from modules.storage.atomic import DiskFull, is_out_of_space
 from modules.storage.case_lock import case_folder_lock
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE
 from modules.storage.runs import SORT_KEYS, list_runs
@@ -104,6 +106,12 @@ def main(argv=None) -> int:
                 run_writer(args)
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        if not is_out_of_space(error):
+            raise
+        # a write that storage.atomic does not make (TensorBoard events, a memory-mapped output, archiving)
+        print(f"error: {DiskFull(error.filename or Path.cwd()).message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Stopped as stop:
         if os.environ.get("RANK", "0") == "0":

@@ -20,7 +20,7 @@ from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
 from modules.models.conditioners import CONDITIONERS
 from modules.models.latents import decode_latents, split_latents
-from modules.storage.atomic import save_array, temporary_path
+from modules.storage.atomic import array_written_in_place, save_array
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import new_output_file
 
@@ -100,26 +100,22 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     generator = torch.Generator().manual_seed(config.seed)
     spec = vae.spec
     n, (steps, nodes) = len(inputs), (config.n_steps_used, config.n_nodes_used)
-    temporary = temporary_path(outputs["samples"])  # written draw by draw, renamed once whole
-    written = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(n, samples, steps, nodes))
     mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
-    for start in range(0, n, config.batch_size):
-        main, levels = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + config.batch_size])),
-                                     spec)
-        stop = start + len(main)
-        total, total_squares = np.zeros((len(main), steps, nodes)), np.zeros((len(main), steps, nodes))
-        for draw in range(samples):
-            noise = torch.randn(len(main), spec.n_levels, spec.level_latent_dim, generator=generator)
-            field = vae.decode_around(main, levels, noise.to(main.device))
-            field = field_scaler.inverse(field.float().cpu().numpy())
-            written[start:stop, draw] = field
-            total += field
-            total_squares += np.square(field, dtype=np.float64)
-        mean[start:stop] = total / samples
-        std[start:stop] = np.sqrt(np.clip(total_squares / samples - np.square(total / samples), 0, None))
-    written.flush()
-    del written
-    temporary.replace(outputs["samples"])
+    with array_written_in_place(outputs["samples"], (n, samples, steps, nodes)) as written:  # renamed once whole
+        for start in range(0, n, config.batch_size):
+            main, levels = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + config.batch_size])),
+                                         spec)
+            stop = start + len(main)
+            total, total_squares = np.zeros((len(main), steps, nodes)), np.zeros((len(main), steps, nodes))
+            for draw in range(samples):
+                noise = torch.randn(len(main), spec.n_levels, spec.level_latent_dim, generator=generator)
+                field = vae.decode_around(main, levels, noise.to(main.device))
+                field = field_scaler.inverse(field.float().cpu().numpy())
+                written[start:stop, draw] = field
+                total += field
+                total_squares += np.square(field, dtype=np.float64)
+            mean[start:stop] = total / samples
+            std[start:stop] = np.sqrt(np.clip(total_squares / samples - np.square(total / samples), 0, None))
     save_array(outputs["mean"], mean)
     save_array(outputs["std"], std)
     say(f"{samples} samples per design -> {outputs['samples']} {(n, samples, steps, nodes)}, their mean -> "

@@ -11,6 +11,7 @@ from modules.config.settings import data_changes
 from modules.data.batches import check_preload_fits, make_batches
 from modules.data.dataset import SimulationArray, find_dataset, scan_and_fit_scaler, split_indices
 from modules.errors import InputError
+from modules.storage.atomic import save_json
 
 
 @dataclass
@@ -55,7 +56,7 @@ def check_same_data(config, vae_config, vae_file) -> None:
 
 
 def save_split(path, train_indices, val_indices) -> None:
-    path.write_text(json.dumps({"train": [int(i) for i in train_indices], "val": [int(i) for i in val_indices]}))
+    save_json(path, {"train": [int(i) for i in train_indices], "val": [int(i) for i in val_indices]})
 
 
 def read_split(path: Path, config):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modules.storage.atomic import save_json
+
 LOW, HIGH = -0.7, 0.7
 
 
@@ -74,7 +76,7 @@ class MinMaxScaler:
         return cls(values["data_min"], values["data_max"], values["low"], values["high"])
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "MinMaxScaler":

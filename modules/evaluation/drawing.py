@@ -12,6 +12,7 @@ from sklearn.manifold import TSNE
 
 from modules.config.keys import MAX_FIELD_PLOT_ROWS
 from modules.evaluation.latent_health import ACTIVE_KL
+from modules.storage.atomic import save_figure
 
 DPI = 110
 MAX_SNAPSHOT_ROWS = MAX_FIELD_PLOT_ROWS  # one row is 3.3 inches: 24 rows is already a ~8700 pixel tall picture
@@ -21,7 +22,7 @@ VALUE_LABEL, ERROR_LABEL = "value (physical units)", "|error| (physical units)"
 
 
 def _save(figure, path):
-    figure.savefig(path, dpi=DPI)
+    save_figure(path, figure, DPI)
     return path
 
 

@@ -14,6 +14,7 @@ from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.evaluation import drawing
 from modules.models.conditioners import LATENT_GP
+from modules.storage.atomic import save_figure
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
 from modules.training.losses import LOSS_NAMES
 
@@ -100,7 +101,7 @@ def field_comparison(plt, designs, true, other, other_label, path):
             axis.set_ylabel("time step index")
             figure.colorbar(shown, ax=axis, label=bar_label)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(path, figure, 110)
     return path
 
 
@@ -165,7 +166,7 @@ def curves(plt, history, panels, path, columns=None):
     for axis in axes.flat[len(panels):]:
         axis.set_axis_off()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(path, figure, 110)
     return path
 
 

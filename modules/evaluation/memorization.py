@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from modules.data.dataset import READ_CHUNK_BYTES
+from modules.storage.atomic import check_room
 
 COPY_SHARE = 0.5    # above: most samples are nearer a training design than new designs ever are
 NEW_SHARE = 0.2     # below: samples are as far from the training set as new designs (about 0.05 expected)
@@ -46,6 +47,7 @@ def write_prior_samples(path, model, scaler, count: int, seed: int, batch: int =
     device = model.decoder.initial.weight.device
     model.eval()
     spec = model.spec
+    check_room(path, (count, spec.n_steps, spec.n_nodes))
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, spec.n_steps, spec.n_nodes))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -6,12 +6,12 @@ written to output/ and what is printed.
 - evaluation.json (every number), evaluation.md (the tables a person reads) and memorization.json (at the end of
   every run, and --evaluate), with the evaluation plots when --plot is 0 or 1.
 """
-import json
 
 import numpy as np
 
 from modules.evaluation import figures
 from modules.models.conditioners import LATENT_GP, NETWORKS
+from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 from modules.training.losses import LOSS_NAMES
 
@@ -56,7 +56,7 @@ def reconstruction_report(evaluation) -> dict:
 
 def write_reconstruction_report(evaluation, say=print) -> dict:
     report = reconstruction_report(evaluation)
-    RECONSTRUCTION_REPORT.write_text(json.dumps(report, indent=2))
+    save_json(RECONSTRUCTION_REPORT, report)
     size = report["latent_numbers_per_design"]
     say(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
     say(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
@@ -104,8 +104,8 @@ def prediction_report(evaluation) -> dict:
 
 def write_prediction_report(evaluation, say=print) -> dict:
     report = prediction_report(evaluation)
-    PREDICTION_REPORT.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    PREDICTION_REPORT.with_suffix(".md").write_text(prediction_markdown(report))
+    save_json(PREDICTION_REPORT.with_suffix(".json"), report)
+    save_text(PREDICTION_REPORT.with_suffix(".md"), prediction_markdown(report))
     say(f"Validation prediction error (mean relative L2, physical units, {report['n_val']} designs never trained "
         "on):")
     for label, value in prediction_rows(report):
@@ -143,7 +143,7 @@ def write_evaluation(evaluation, config, say=print) -> dict:
     returns the report. config: the current one (plot settings)."""
     say(f"Evaluating {evaluation.vae_file} on {len(evaluation.case.val_indices)} validation designs ...")
     report = evaluation_report(evaluation)
-    MEMORIZATION_JSON.write_text(json.dumps(report["memorization"], indent=2))
+    save_json(MEMORIZATION_JSON, report["memorization"])
     say_memorization(report["memorization"], say)
     if config.plot < 2:
         report["plots"] = [str(path) for path in figures.evaluation_plots(evaluation, report, config,
@@ -237,8 +237,8 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
 
 
 def write_evaluation_report(report: dict, say=print) -> None:
-    EVALUATION_JSON.write_text(json.dumps(report, indent=2))
-    EVALUATION_MD.write_text(evaluation_markdown(report))
+    save_json(EVALUATION_JSON, report)
+    save_text(EVALUATION_MD, evaluation_markdown(report))
     say(f"Evaluation ({report['n_val']} validation designs, physical units): mean relative L2 / mean max-abs error")
     for section in ("reconstruction", "prediction"):
         for name, summary in predictors(report, section):

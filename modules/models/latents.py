@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from modules.errors import InputError
+from modules.storage.atomic import save_array
 
 
 def join_latents(main: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -30,8 +31,8 @@ def decode_latents(vae, latent_scaler, standardised: torch.Tensor) -> torch.Tens
 
 def save_latents(folder, main: np.ndarray, levels: np.ndarray) -> None:
     """The latents of every design, [N, D] and [N, L, d], as latent_vectors.npy and xs.npy in folder."""
-    np.save(Path(folder) / "latent_vectors.npy", main)
-    np.save(Path(folder) / "xs.npy", levels)
+    save_array(Path(folder) / "latent_vectors.npy", main)
+    save_array(Path(folder) / "xs.npy", levels)
 
 
 def read_saved_latents(folder, spec, n_designs: int) -> np.ndarray:

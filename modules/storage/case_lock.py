@@ -44,11 +44,13 @@ def case_folder_lock(what: str):
     holds raises InputError naming that process. The lock is released on leaving the block or when the process
     ends."""
     handle = _locked()
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                 "\n")
-    handle.flush()
+    record = f"pid {os.getpid()} on {socket.gethostname()}, {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(record.encode())
+    except OSError:
+        pass  # a full disk: the lock holds all the same, only the record of who holds it is missing
     try:
         yield
     finally:
@@ -65,7 +67,7 @@ def check_case_folder_free() -> None:
 def _locked():
     """The lock file, open and locked by this process; InputError naming the holder when another one holds it."""
     try:
-        handle = open(LOCK_FILE, "a+", encoding="utf-8")
+        handle = open(LOCK_FILE, "a+b", buffering=0)  # unbuffered: a write fails at once or not at all
     except OSError as error:
         raise InputError(Path.cwd() / LOCK_FILE, f"cannot create the case folder's lock file ({error.strerror})",
                          "run from a case folder you can write to") from None
@@ -79,4 +81,4 @@ def _locked():
 
 def _holder(handle) -> str:
     handle.seek(0)
-    return handle.read().strip() or "it has just started"
+    return handle.read().decode(errors="replace").strip() or "it has just started"

@@ -1,8 +1,12 @@
 """Per-epoch numbers: a CSV file and TensorBoard event files, written by the main process only."""
 import csv
+import io
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+
+from modules.storage.atomic import DiskFull, is_out_of_space
 
 
 class MetricsLog:
@@ -14,38 +18,61 @@ class MetricsLog:
 
     def __init__(self, csv_path: Path, tensorboard_dir: Path, history: list | None = None):
         self.tensorboard_dir, self.csv_path = Path(tensorboard_dir), Path(csv_path)
-        self.writer = self._csv_file = self._csv_writer = None
+        self.writer = self._csv_file = self._fields = None
         self.rewind(history or [])
 
     def rewind(self, history: list) -> None:
         """Continue after `history` (the epochs a resumed or restored state has done): the CSV is rewritten with
         them, and TensorBoard hides what was logged for later epochs, so no epoch appears twice."""
         self.close()
-        self._csv_file = self._csv_writer = None
-        self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=len(history) + 1 if history else None)
+        self._csv_file = self._fields = None
+        with self._tensorboard_space():
+            self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir),
+                                        purge_step=len(history) + 1 if history else None)
         self.history = [{"epoch": epoch, **record} for epoch, record in enumerate(history, start=1)]
         if history:
-            self._open_csv(history[0])
-            self._csv_writer.writerows(self.history)
-            self._csv_file.flush()
+            self._append(self.history)
 
     def log(self, epoch: int, values: dict) -> None:
         row = {"epoch": epoch, **values}
         self.history.append(row)
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, epoch)
-        if self._csv_writer is None:
-            self._open_csv(values)
-        self._csv_writer.writerow(row)
-        self._csv_file.flush()
+        with self._tensorboard_space():
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, epoch)
+        self._append([row])
 
-    def _open_csv(self, values: dict) -> None:
-        self._csv_file = open(self.csv_path, "w", newline="")
-        self._csv_writer = csv.DictWriter(self._csv_file, fieldnames=["epoch", *values])
-        self._csv_writer.writeheader()
+    @contextmanager
+    def _tensorboard_space(self):
+        """TensorBoard writes its events in a thread of its own and reports a full disk, without a file name, at a
+        later call: said as DiskFull naming the events folder."""
+        try:
+            yield
+        except OSError as error:
+            if not is_out_of_space(error):
+                raise
+            raise DiskFull(self.tensorboard_dir) from None
+
+    def _append(self, rows: list) -> None:
+        """Rows to the CSV (made, with its header, by the first), each call written through at once. On a full disk
+        the file is cut back to its last whole row and DiskFull is raised."""
+        if self._csv_file is None:
+            self._csv_file = open(self.csv_path, "wb", buffering=0)  # unbuffered: nothing is left to flush later
+            self._fields = list(rows[0])
+            rows = [dict(zip(self._fields, self._fields)), *rows]
+        text = io.StringIO()
+        csv.DictWriter(text, fieldnames=self._fields).writerows(rows)
+        whole_rows_end = self._csv_file.tell()
+        try:
+            self._csv_file.write(text.getvalue().encode())
+        except OSError as error:
+            if not is_out_of_space(error):
+                raise
+            self._csv_file.truncate(whole_rows_end)
+            raise DiskFull(self.csv_path) from None
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
         if self._csv_file is not None:
             self._csv_file.close()
+        if self.writer is not None:
+            with self._tensorboard_space():
+                self.writer.close()

@@ -7,14 +7,13 @@ the command line opens a run with start_run() and wraps its work in recording(),
 """
 import json
 import math
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from modules.errors import InputError
-from modules.storage.atomic import save_json
+from modules.storage.atomic import DiskFull, save_bytes, save_json
 from modules.storage.paths import OUTPUT_DIR
 from modules.training.guard import Stopped
 
@@ -185,7 +184,7 @@ def _read(path: Path) -> dict | None:
 def _copy_existing(paths, folder: Path) -> None:
     for path in map(Path, paths):
         if path.is_file():
-            shutil.copyfile(path, folder / path.name)
+            save_bytes(folder / path.name, path.read_bytes())  # whole or not at all, like every file we write
 
 
 def _now() -> str:
@@ -213,7 +212,10 @@ def recording(run, files):
         raise
     except BaseException as error:
         detail = error.message() if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
-        end_run(run, "failed", detail.splitlines()[0] if detail else type(error).__name__, files)
+        try:
+            end_run(run, "failed", detail.splitlines()[0] if detail else type(error).__name__, files)
+        except DiskFull:
+            pass  # no room even for the record: the error that stopped the run is the one to report
         raise
     end_run(run, "finished", None, files)
 
