@@ -437,10 +437,13 @@ def cropped(case):
     return Crop(config)
 
 
-def test_new_simulations_may_be_raw_or_already_cropped(case, cropped):
+@pytest.mark.parametrize("spacing, steps", [("first", [0, 1, 2]), ("even", [0, 2, 5])])
+def test_new_simulations_may_be_raw_or_already_cropped(case, spacing, steps):
+    cropped = Crop(dataclasses.replace(load_config(warn=_no_warning), n_steps_used=3, node_start=2, node_end=12,
+                                       steps_spacing=spacing))
     raw = smooth_fields(2, 6, 20, seed=3).astype(np.float64)
     np.save(case / "raw.npy", raw)
-    expected = raw[:, [0, 2, 5], 2:12].astype(np.float32)
+    expected = raw[:, steps, 2:12].astype(np.float32)
     from_raw = load_new_simulations(case / "raw.npy", cropped)
     assert from_raw.dtype == np.float32 and from_raw.shape == (2, 3, 10)
     np.testing.assert_array_equal(from_raw, expected)
