@@ -16,6 +16,7 @@ from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.evaluation.baselines import baseline_weights, score_combinations
 from modules.evaluation.metrics import FieldErrors, relative_l2
+from modules.evaluation.report import not_learnt_warnings
 from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import design_gram
 from modules.training.runtime import Runtime
@@ -206,3 +207,23 @@ def test_node_coordinates_draw_maps_on_the_mesh_for_chosen_designs_and_steps(tmp
         assert main(["--plot=1"]) == 0
     with Image.open(tmp_path / "output" / "evaluation_reconstruction_fields.png") as image:
         assert image.width > 1200 and 2 * 250 < image.height < 3 * 400  # 2 designs x 1 step, 3 panels
+
+
+def summary(error):
+    return {"relative_l2": {"mean": error}}
+
+
+@pytest.mark.parametrize("vae, conditioner, said", [
+    (0.01, 0.02, []),
+    (0.095, None, ["the VAE's reconstruction of the validation designs (9.5000%) is hardly better than"]),
+    (0.2, 0.05, ["the VAE's reconstruction of the validation designs (20.0000%) is worse than"]),
+    (0.01, 0.3, ["the conditioner's prediction of the validation designs (30.0000%) is worse than the training "
+                 "designs' mean field (10.0000%)"]),
+])
+def test_a_model_not_clearly_better_than_the_mean_field_is_warned_about(vae, conditioner, said):
+    report = {"reconstruction": {"vae": summary(vae), "mean_field": summary(0.1)},
+              "prediction": None if conditioner is None else {"conditioner": summary(conditioner)}}
+    warnings = not_learnt_warnings(report)
+    assert len(warnings) == len(said)
+    for warning, start in zip(warnings, said):
+        assert warning.startswith(start) and "this model has not learnt the case" in warning

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, smooth_fields, tensorboard_dir, write_case
 from modules.cli import main
 from modules.storage.model_files import load_model
+from modules.training import loop, vae_training
 
 EPOCHS = 40
 
@@ -172,6 +173,29 @@ def test_bad_data_changes_nothing_already_on_disk(case, capsys):
     assert "design (sample index) 3" in capsys.readouterr().err
     after = {p: digest(p) for p in case.rglob("*") if p.is_file() and "input_data" not in p.parts}
     assert after == before and not (case / "archive").exists()
+
+
+def test_a_run_of_three_epochs_raises_the_kl_weight_and_the_learning_rate_step_by_step(case, monkeypatch):
+    seen = []
+    original_loss = vae_training.vae_loss
+
+    def recording_loss(outputs, target, config, beta, noise_std):
+        if torch.is_grad_enabled():  # a training step (validation uses beta 1, without gradients)
+            seen.append(beta)
+        return original_loss(outputs, target, config, beta, noise_std)
+
+    rates = []
+    original_rate = loop.set_learning_rate
+    monkeypatch.setattr(vae_training, "vae_loss", recording_loss)
+    monkeypatch.setattr(loop, "set_learning_rate", lambda optimizer, lr: rates.append(lr) or original_rate(
+        optimizer, lr))
+    write_case(case, epochs=3)  # 9 training designs in batches of 4: 3 optimiser steps an epoch
+    assert main([]) == 0
+    betas = seen
+    assert len(betas) == 9 and betas == sorted(betas) and betas[-1] == 1.0
+    assert len(set(betas)) >= 6  # it moves inside epochs, not once an epoch
+    assert max(later - earlier for earlier, later in zip(betas, betas[1:])) < 0.4  # once an epoch: 0.82 in one go
+    assert len(set(rates)) > 3
 
 
 def test_same_seed_same_run_and_another_seed_another_run(tmp_path):

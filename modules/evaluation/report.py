@@ -7,6 +7,8 @@ written to output/ and what is printed.
   every run, and --evaluate), with the evaluation plots when --plot is 0 or 1.
 """
 
+import sys
+
 import numpy as np
 
 from modules.evaluation import figures
@@ -186,7 +188,31 @@ def evaluation_report(evaluation) -> dict:
         "active_units": {group: {"active": values["active"], "units": values["units"], "kl": values["kl"]}
                          for group, values in evaluation.latent_summary.items()},
     }
+    report["warnings"] = not_learnt_warnings(report)
     return report
+
+
+NOT_LEARNT_RATIO = 0.9  # an error above 90 % of the mean field's: the model has learnt next to nothing of the case
+
+
+def not_learnt_warnings(report: dict) -> list:
+    """A sentence for the VAE's reconstruction and for the conditioner's prediction of the validation designs when
+    either is not clearly better than the training designs' mean field (what a model that learnt nothing gives):
+    a short trial run, a learning rate that diverged, or a case the settings do not suit."""
+    warnings = []
+    baseline = report["reconstruction"]["mean_field"]["relative_l2"]["mean"]
+    checks = [("VAE's reconstruction", report["reconstruction"]["vae"]["relative_l2"]["mean"],
+               "more Training_epochs, or a lower LearningR")]
+    if report["prediction"] is not None:
+        checks.append(("conditioner's prediction", report["prediction"]["conditioner"]["relative_l2"]["mean"],
+                       "more n_epoch, or a lower latent_conditioner_lr"))
+    for what, error, fix in checks:
+        if error >= NOT_LEARNT_RATIO * baseline:
+            compared = "worse than" if error > baseline else "hardly better than"
+            warnings.append(f"the {what} of the validation designs ({error:.4%}) is {compared} the training designs' "
+                            f"mean field ({baseline:.4%}), which knows nothing of a design: this model has not learnt "
+                            f"the case. Try {fix}; see the loss curves")
+    return warnings
 
 
 def likelihood_section(evaluation) -> dict:
@@ -237,6 +263,7 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
 
 
 def write_evaluation_report(report: dict, say=print) -> None:
+    """The files and the printed summary; each of report's warnings (not_learnt_warnings) last, loudly, on stderr."""
     save_json(EVALUATION_JSON, report)
     save_text(EVALUATION_MD, evaluation_markdown(report))
     say(f"Evaluation ({report['n_val']} validation designs, physical units): mean relative L2 / mean max-abs error")
@@ -247,6 +274,8 @@ def write_evaluation_report(report: dict, say=print) -> None:
                 f"{summary['relative_l2']['max']:.4%})")
     say(f"  the VAE's reconstruction term: {likelihood_words(report['likelihood'])}")
     say(f"  written to {EVALUATION_JSON} and {EVALUATION_MD.name}")
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
 
 
 def predictors(report: dict, section: str) -> list:
@@ -255,7 +284,8 @@ def predictors(report: dict, section: str) -> list:
 
 
 def evaluation_markdown(report: dict) -> str:
-    lines = ["# Evaluation", "", report["metrics"] + ".", "",
+    lines = ["# Evaluation", "", *[f"**Warning: {warning}.**\n" for warning in report.get("warnings", [])],
+             report["metrics"] + ".", "",
              f"{report['n_val']} validation designs (never trained on), {report['n_train']} training designs, "
              f"{report['n_steps']} time steps x {report['n_nodes']} nodes.", ""]
     lines += predictor_table("Reconstruction of the validation designs", report, "reconstruction")

@@ -186,9 +186,9 @@ class ConditionerTraining:
         self.n_train = len(case.fields.train_indices)
         self.facts = conditioner_facts(config, case)
 
-    def learning_rate(self, epoch: int) -> float:
+    def learning_rate(self, position: float) -> float:
         config = self.config
-        return config.lc_lr * lr_factor(epoch, config.lc_epochs, config.warmup_fraction, 1,
+        return config.lc_lr * lr_factor(position, config.lc_epochs, config.warmup_fraction, 1,
                                         min(1.0, config.lr_min / config.lc_lr))
 
     def training_batches(self, epoch: int, micro_batches):

@@ -20,7 +20,8 @@ both:
 A job provides: name, epochs, patience, watched (the validation number divergence is judged on),
 divergence_floor (a watched value below which no rise counts as divergence), batch_size,
 n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_file, log_part, and
-- learning_rate(epoch): the schedule's rate, before recoveries scale it;
+- learning_rate(position): the schedule's rate at a position in epochs (set at every optimiser step), before
+  recoveries scale it; position: the loop sets it before each step's batch_loss (the VAE's KL weight follows it);
 - training_batches(epoch, micro_batches): an iterator of one batch per micro-batch ([(positions, weight)] of the
   training designs, this rank's); it starts the epoch, whose losses the next batch_loss calls compute;
 - batch_loss(trainer, batch, generator): (the loss to step on, its parts [n_parts] detached), each a mean over the
@@ -146,6 +147,10 @@ def train_epoch(job, trainer, updater, guard, progress, config, runtime):
     progress_bar = tqdm(steps, leave=False, desc=f"{job.name} epoch {epoch + 1}/{job.epochs}", initial=progress.step,
                         total=len(all_steps), disable=not runtime.is_main or None)
     for done, step in enumerate(progress_bar, start=progress.step + 1):
+        # the schedules move on at every optimiser step, not once an epoch, so that a run of a few epochs changes
+        # its learning rate and KL weight gradually too
+        job.position = epoch + (done - 1) / len(all_steps)
+        set_learning_rate(updater.optimizer, progress.lr_scale * job.learning_rate(job.position))
         generator = step_generator(config.seed, epoch, done)
         for index, (positions, weight) in enumerate(step):
             with updater.accumulating(last=index == len(step) - 1):

@@ -61,8 +61,9 @@ def build_model(config, case: Case, runtime, pod_start=True) -> HierarchicalVAE:
     return model.to(runtime.device)
 
 
-def beta_of(config, epoch: int) -> float:
-    return beta_at(epoch, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
+def beta_of(config, position: float) -> float:
+    """The KL weight at a position in epochs (an optimiser step's: epoch + fraction of it done)."""
+    return beta_at(position, config.epochs, config.init_beta_divisor, config.beta_hold_fraction,
                    config.beta_ramp_end_fraction)
 
 
@@ -83,10 +84,11 @@ class VAETraining:
         self.divergence_floor = loss_of_uniform_error(0.01 * (HIGH - LOW), LOSS_NAMES[config.loss_type],
                                                       config.huber_delta)
         self.say, self.epoch, self.noise = say, 0, None
+        self.position = 0.0  # the optimiser step's position in epochs, set by the training loop (KL weight)
 
-    def learning_rate(self, epoch: int) -> float:
+    def learning_rate(self, position: float) -> float:
         config = self.config
-        return config.lr * lr_factor(epoch, config.epochs, config.warmup_fraction, config.lr_cycles,
+        return config.lr * lr_factor(position, config.epochs, config.warmup_fraction, config.lr_cycles,
                                      config.lr_min / config.lr)
 
     def training_batches(self, epoch: int, micro_batches):
@@ -107,7 +109,8 @@ class VAETraining:
         inputs, targets = augment_batch(fields, self.config)
         with self.runtime.autocast():
             outputs = [trainer(inputs, noise=draw[designs]) for draw in self.noise]
-        loss, parts = vae_loss(outputs, targets, self.config, beta_of(self.config, self.epoch), self.model.noise_std)
+        loss, parts = vae_loss(outputs, targets, self.config, beta_of(self.config, self.position),
+                               self.model.noise_std)
         step_loss = loss if self.config.fixed_recon_weight is not None else loss / targets[0].numel()
         return step_loss, loss_parts(loss.detach(), parts)
 
