@@ -174,6 +174,8 @@ def test_plot_0_of_evaluate_does_not_block_without_a_terminal(trained, tmp_path)
     ("grid_shape 4 5\nnode_coordinates xy.npy\n", "grid_shape and node_coordinates both"),
     ("plot_designs 3 99\n", "plot_designs 3 99 names a design beyond Dim1 = 12"),
     ("plot_steps 6\n", "plot_steps 6 names a step beyond the 6 time steps"),
+    # 2 designs by default x 4 steps x 4 variables: 32 rows of maps
+    ("num_var 4\nplot_steps 0 1 2 3\n", "plot_designs (2 when not given) x plot_steps x num_var asks for more than 24"),
     ("node_coordinates missing.npy\n", "missing.npy"),
     ("node_coordinates xy.npy\n", "xy.npy: has 19 rows"),
     ("plot_color_by amplitude\n", "plot_color_by amplitude names a parameter"),

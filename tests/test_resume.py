@@ -110,6 +110,26 @@ def test_a_stop_signal_saves_the_state_inside_the_epoch_and_exits_cleanly(uninte
     assert metrics(folder) == metrics(uninterrupted)
 
 
+def test_a_run_pre_empted_twice_resumes_twice_to_the_weights_of_an_uninterrupted_run(uninterrupted, tmp_path):
+    folder = vae_case(tmp_path)
+    process = start(folder)
+    wait_for_checkpoint(folder, "checkpoints/last.pt", 2, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    first_stop = progress_of(folder / "checkpoints" / "last.pt")["epoch"]
+    process = start(folder, "--resume")  # pre-empted again, later in the run
+    wait_for_checkpoint(folder, "checkpoints/last.pt", first_stop + 2, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert first_stop < progress_of(folder / "checkpoints" / "last.pt")["epoch"] < EPOCHS
+    finish(folder, "--resume")
+    assert_same_weights(weights(uninterrupted / "model_save" / "SimulGen-VAE"),
+                        weights(folder / "model_save" / "SimulGen-VAE"))
+    assert metrics(folder) == metrics(uninterrupted)
+    record = run_record(folder)
+    assert record["status"] == "finished" and len(record["resumed"]) == 2
+
+
 def test_a_run_stopped_inside_an_epoch_saves_that_step_and_its_partial_sums(tmp_path, monkeypatch, capsys):
     """A stop request in the middle of epoch 2 (here: raised by the second optimiser step itself) is saved as
     'epoch 1 done, 2 steps of epoch 2 done' with the loss sums of those steps; resuming finishes the epoch."""

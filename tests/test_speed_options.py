@@ -24,7 +24,9 @@ SPEC = ModelSpec(n_steps=12, n_nodes=30, projection_rank=8, filters=(16, 16, 8),
 
 
 def trained_state(folder):
-    return torch.load(folder / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    """The weights at the end of training (the last checkpoint): the kept model may be the untrained starting state
+    on the POD path, the same whatever the batching."""
+    return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
 
 
 def relative_difference(one: dict, two: dict) -> float:

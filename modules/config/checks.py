@@ -2,7 +2,7 @@
 encoder's levels, plot and conditioner settings that fit the data), and notes on keys that cannot act."""
 import math
 
-from modules.config.keys import KEYS_BY_FIELD, MAX_FIELD_PLOT_ROWS, whole_numbers
+from modules.config.keys import DEFAULT_PLOT_DESIGNS, KEYS_BY_FIELD, MAX_FIELD_PLOT_ROWS, whole_numbers
 from modules.config.settings import level_lengths
 from modules.errors import InputError
 
@@ -78,9 +78,9 @@ def _plot_problems(config) -> list:
         (any(step >= config.n_steps_used for step in steps), ("plot_steps",),
          f"plot_steps {config.plot_steps} names a step beyond the {config.n_steps_used} time steps kept",
          f"use steps from 0 to {config.n_steps_used - 1}"),
-        (len(designs) * max(1, len(steps)) * config.n_vars > MAX_FIELD_PLOT_ROWS, ("plot_designs", "plot_steps"),
-         f"plot_designs x plot_steps x num_var asks for more than {MAX_FIELD_PLOT_ROWS} rows of field plots",
-         "choose fewer"),
+        ((len(designs) or DEFAULT_PLOT_DESIGNS) * max(1, len(steps)) * config.n_vars > MAX_FIELD_PLOT_ROWS,
+         ("plot_designs", "plot_steps"), f"plot_designs ({DEFAULT_PLOT_DESIGNS} when not given) x plot_steps x "
+         f"num_var asks for more than {MAX_FIELD_PLOT_ROWS} rows of field plots", "choose fewer"),
     ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 REQUIRED = object()  # default marker for keys the user must give
 MAX_FIELD_PLOT_ROWS = 24  # rows of field maps in one plot (designs x steps x variables): 3.3 inches each
+DEFAULT_PLOT_DESIGNS = 2  # the evaluation plots' designs without plot_designs: the median and the largest error
 
 
 @dataclass(frozen=True)

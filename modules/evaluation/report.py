@@ -203,7 +203,7 @@ def not_learnt_warnings(report: dict) -> list:
     baseline = report["reconstruction"]["mean_field"]["relative_l2"]["mean"]
     checks = [("VAE's reconstruction", report["reconstruction"]["vae"]["relative_l2"]["mean"],
                "more Training_epochs, or a lower LearningR")]
-    if report["prediction"] is not None:
+    if report["prediction"] is not None and "conditioner" in report["prediction"]:  # it may be left out (a note)
         checks.append(("conditioner's prediction", report["prediction"]["conditioner"]["relative_l2"]["mean"],
                        "more n_epoch, or a lower latent_conditioner_lr"))
     for what, error, fix in checks:
