@@ -7,7 +7,8 @@
 
 First makes every check of the case's inputs that SimulGen-VAE.py makes before training (config, data, design
 inputs, the VAE a --lc_only=1 run uses, a checkpoint to --resume, another run writing in the case folder): what it
-would refuse gets one line and exit code 2, and no process is started. Then it runs `python -m torch.distributed.run ... SimulGen-VAE.py --use_ddp ...`, prints that command, and exits with its exit
+would refuse gets one line and exit code 2, and no process is started. Then it runs
+`python -m torch.distributed.run ... SimulGen-VAE.py --use_ddp ...`, prints that command, and exits with its exit
 code (torchrun's: 1 when a worker failed). On a machine without GPUs, --gpus=K starts K CPU processes that train with
 the gloo backend.
 """
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
         return 2
-    import torch
+    import torch  # only here: --help stays fast
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available and args.gpus > available:

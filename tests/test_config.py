@@ -182,7 +182,8 @@ def test_the_original_simulgenvae_s_unused_keys_give_one_quiet_line(case):
 def test_the_original_simulgenvae_s_header_and_pipeline_keys_are_named_never_mistaken_for_ours(case):
     notes = []
     load(case, "Common params\n" + BASE + "mae_weight 0.1\nhier_weight 0.5\nuse_pca 0\n", warn=notes)
-    assert len(notes) == 1 and "Common (line 1), mae_weight (line 6), hier_weight (line 7), use_pca (line 8)" in notes[0]
+    assert len(notes) == 1
+    assert "Common (line 1), mae_weight (line 6), hier_weight (line 7), use_pca (line 8)" in notes[0]
     assert "did you mean" not in notes[0]
 
 

@@ -188,7 +188,8 @@ def _apply_field_weight(path, line_no, weight, values, warn) -> None:
     equivalent = values["latent_reg_weight"] / weight
     warn(f"{path}:{line_no}: note: LC_alpha {weight:g} (the original's weight of the field loss) is read as "
          f"latent_reg_weight {values['latent_reg_weight']:g} / {weight:g} = {equivalent:.6g}, which keeps the ratio "
-         f"of the two weights (all that AdamW sees). To silence this, write 'latent_reg_weight {equivalent:.6g}' and remove LC_alpha")
+         f"of the two weights (all that AdamW sees). To silence this, write 'latent_reg_weight {equivalent:.6g}' "
+         "and remove LC_alpha")
     values["latent_reg_weight"] = equivalent
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
