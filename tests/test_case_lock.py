@@ -1,6 +1,7 @@
 """One writer per case folder: a second training (or --evaluate, or launch_ddp.py) in a folder where a run is
 writing is refused with one line naming that run, and the first one finishes intact; a lock left by a process that
 died is no obstacle."""
+import errno
 import importlib.util
 import os
 import signal
@@ -13,6 +14,7 @@ import torch
 
 from conftest import REPO, write_case
 from modules.errors import InputError
+from modules.storage import case_lock
 from modules.storage.case_lock import LOCK_FILE, case_folder_lock, check_case_folder_free
 
 spec = importlib.util.spec_from_file_location("launch_ddp", REPO / "launch_ddp.py")
@@ -81,3 +83,16 @@ def test_the_lock_of_a_killed_process_is_no_obstacle(tmp_path, monkeypatch):
     with case_folder_lock("the next run"):
         assert LOCK_FILE.read_text().startswith(f"pid {os.getpid()} ")
     assert LOCK_FILE.read_text() == ""  # let go: nobody holds it
+
+
+def test_a_file_system_without_locks_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def unsupported(handle):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(case_lock, "_lock", unsupported)
+    with case_folder_lock("a run on Lustre"):
+        assert LOCK_FILE.read_text().startswith(f"pid {os.getpid()} ")
+    assert capsys.readouterr().err == (f"note: this file system cannot lock {LOCK_FILE} (No locks available): nothing "
+                                       "stops a second run in this case folder meanwhile\n")

@@ -195,8 +195,9 @@ def test_lc_alpha_of_the_original_keeps_the_ratio_of_field_and_latent_weights(ca
     config = load(case, BASE + E2E + "LC_alpha 1000\n", warn=notes)
     assert config.latent_reg_weight == pytest.approx(1e-6)
     assert notes == [f"{CONDITION_FILE}:10: note: LC_alpha 1000 (the original's weight of the field loss) is read as "
-                     "latent_reg_weight 0.001 / 1000 = 1e-06, which keeps the ratio of the two weights (all that "
-                     "AdamW sees). To silence this, write 'latent_reg_weight 1e-06' and remove LC_alpha"]
+                     "latent_reg_weight 0.001 / 1000 = 1e-06, which keeps the ratio of the two weights (AdamW's steps "
+                     "barely depend on the loss's overall scale). To silence this, write 'latent_reg_weight 1e-06' and "
+                     "remove LC_alpha"]
     assert load(case, BASE + E2E + "LC_alpha 1\n", warn=notes).latent_reg_weight == 0.001
 
 
@@ -213,6 +214,8 @@ def test_lc_alpha_without_latent_regularisation_is_said_to_have_no_effect(case):
 def test_a_bad_lc_alpha_names_its_line(case, value):
     error = refused(case, BASE + E2E + f"LC_alpha {value}\n")
     assert_names(error, CONDITION_FILE, line=10, fix_words=["LC_alpha"])
+    twice = refused(case, BASE + E2E + "LC_alpha 10\nLC_alpha 1000\n")
+    assert_names(twice, CONDITION_FILE, line=11, fix_words=["keep one"])
 
 
 def write_images(folder, sizes):
@@ -238,7 +241,19 @@ def test_image_size_auto_resizes_to_the_original_s_256_when_images_differ(case):
     write_images(case / "images", [(24, 24), (32, 24)])
     notes = []
     assert load(case, BASE + IMAGES, warn=notes).image_size == 256
-    assert len(notes) == 1 and "design_1.png 24 x 24, design_2.png 32 x 24" in notes[0] and "set image_size" in notes[0]
+    assert len(notes) == 1 and "design_1.png 24 x 24, design_2.png 32 x 24) are not all square" in notes[0]
+    assert "set image_size" in notes[0]
+
+
+@pytest.mark.parametrize("size, settings, why", [
+    (300, IMAGES, "larger than 256"),
+    (24, "input_type image_vit\nparam_dir images\n", "not a multiple of vit_patch_size 16"),
+])
+def test_image_size_auto_takes_256_for_large_images_or_a_size_the_vit_cannot_cut(case, size, settings, why):
+    write_images(case / "images", [(size, size)] * 2)
+    notes = []
+    assert load(case, BASE + settings, warn=notes).image_size == 256
+    assert len(notes) == 1 and why in notes[0]
 
 
 def test_image_size_auto_without_images_is_the_value_earlier_configs_hold(case):

@@ -12,7 +12,7 @@ import torch
 from conftest import smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
-from modules.config.settings import data_changes
+from modules.config.settings import changed_settings, data_changes
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
 from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
@@ -27,13 +27,14 @@ def _no_warning(text):
     raise AssertionError(f"unexpected warning: {text}")
 
 
-def open_case(folder, monkeypatch, data=None, fmt="npy", extra=""):
-    """Write a case with this data (default: smooth [12, 6, 20] fields) into folder, work there; return (data, config)."""
+def open_case(folder, monkeypatch, data=None, fmt="npy", extra="", warn=None):
+    """Write a case with this data (default: smooth [12, 6, 20] fields) into folder, work there; return (data, config).
+    warn: receives the config's notes (default: none expected)."""
     monkeypatch.chdir(folder)
     data = smooth_fields(12, 6, 20) if data is None else data
     n, t, m = data.shape
     write_case(folder, n=n, t=t, m=m, fmt=fmt, extra=extra, data=data)
-    return data, load_config(warn=_no_warning)
+    return data, load_config(warn=warn or _no_warning)
 
 
 def counting_fields(n=5, t=10, m=16):
@@ -140,6 +141,17 @@ def test_a_model_saved_before_dim2_spacing_kept_evenly_spaced_steps(tmp_path, mo
     saved = {field: value for field, value in config.to_dict().items() if field != "steps_spacing"}
     assert type(config).from_dict(saved).steps_spacing == "even"
     assert data_changes(type(config).from_dict(saved), config) == ["Dim2_spacing even -> first"]
+
+
+@pytest.mark.parametrize("written", ["", "Dim2_spacing even\n"])
+def test_with_every_step_kept_dim2_spacing_never_tells_two_configs_apart(tmp_path, monkeypatch, written):
+    notes = []
+    _, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra=written, warn=notes.append)
+    saved = {field: value for field, value in config.to_dict().items() if field != "steps_spacing"}  # before the key
+    assert config.steps_spacing == type(config).from_dict(saved).steps_spacing == "first"
+    assert data_changes(type(config).from_dict(saved), config) == []
+    assert changed_settings(saved, config) == []
+    assert ("has no effect" in " ".join(notes)) == bool(written)
 
 
 @pytest.mark.parametrize("fmt", ["npy", "h5"])

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, design_parameters, smooth_fields, write_case, write_conditions
 from modules import cli
 from modules.cli import main
+from modules.data import case as case_module
 from modules.training.distributed import shard
 from modules.training.runtime import Runtime
 
@@ -166,6 +167,18 @@ def test_launch_ddp_refuses_what_the_main_script_refuses_without_starting_a_proc
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: ") and words in error
     assert sorted(path.name for path in tmp_path.iterdir()) == [".simulgen.lock", "input_data", "preset.txt"]
+
+
+def test_launch_ddp_checks_a_preloading_case_without_preloading_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_case(tmp_path, extra="load_all 1\n")
+    monkeypatch.setattr(case_module, "check_preload_fits", lambda *args: pytest.fail("the launcher preloaded"))
+    monkeypatch.setattr(case_module, "make_batches", lambda array, indices, scaler, runtime, preload: pytest.fail(
+        "the launcher preloaded") if preload else None)
+    started = []
+    monkeypatch.setattr(launch_ddp, "run_forwarding_sigterm", lambda command: started.append(command) or 0)
+    assert launch_ddp.main(["--gpus=2"]) == 0
+    assert "--load_all" not in " ".join(started[0])  # the workers read load_all 1 from condition.txt themselves
 
 
 def test_launch_ddp_refuses_the_original_launcher_s_flag_and_names_ours(capsys):

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, write_case
 from modules.storage import atomic
 from modules.storage.atomic import DiskFull, array_written_in_place, save_bytes, write_atomically
+from modules.storage.metrics_log import MetricsLog
 
 
 def test_a_file_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
@@ -109,3 +110,32 @@ def test_training_on_a_full_disk_fails_cleanly_and_the_earlier_run_stays_intact(
     (small_disk / "filler").unlink()
     again = train(small_disk)  # with room again, the same command works
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+class FillingFile:
+    """An unbuffered file on a disk that fills up: the first write takes half the bytes, the next finds no room."""
+
+    def __init__(self, real):
+        self.real, self.writes = real, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.write(bytes(data[:len(data) // 2]))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_the_metrics_csv_is_cut_back_to_its_last_whole_row_when_the_disk_fills_mid_row(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv", tmp_path / "events")
+    log.log(1, {"train/loss": 1.0, "lr": 0.001})
+    whole = (tmp_path / "metrics.csv").read_bytes()
+    log._csv_file = FillingFile(log._csv_file)
+    with pytest.raises(DiskFull) as full:
+        log.log(2, {"train/loss": 0.5, "lr": 0.001})
+    assert str(tmp_path / "metrics.csv") in full.value.message()
+    assert (tmp_path / "metrics.csv").read_bytes() == whole == b"epoch,train/loss,lr\r\n1,1.0,0.001\r\n"
+    log._csv_file = log._csv_file.real
+    log.close()

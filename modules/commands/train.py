@@ -6,7 +6,6 @@ and any checkpoint to resume; only then is an earlier run's output archived.
 """
 import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,11 +134,12 @@ def conditioner_only_inputs(config, runtime, resume):
 def check_training_inputs(config, lc_only: bool, resume) -> None:
     """The checks of a training's inputs without the training, on the CPU (launch_ddp.py runs them before starting
     torchrun, so that a case this script would refuse starts no process). Streams the data once; preloads nothing."""
-    runtime = adapted(torch.device("cpu"), dataclasses.replace(config, load_all=0, amp="off", num_workers="0"))
+    streaming = dataclasses.replace(config, load_all=0, amp="off", num_workers="0")  # all resumable: same checks
+    runtime = adapted(torch.device("cpu"), streaming)
     if lc_only:
-        conditioner_only_inputs(config, runtime, resume)
+        conditioner_only_inputs(streaming, runtime, resume)
     else:
-        full_run_inputs(config, runtime, resume)
+        full_run_inputs(streaming, runtime, resume)
 
 
 def report_conditioner(evaluation, run, progress, history, config, say) -> None:
@@ -174,7 +174,7 @@ def open_run(config, runtime, kind: str, say, run_id=None, vae_file=None):
     return run
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ResumePlan:
     vae: Path | None             # VAE checkpoint to continue from
     vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modules.config.checks import check_consistency, note_keys_without_effect
 from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED, Key
-from modules.config.settings import Config, Preset
+from modules.config.settings import Config, Preset, same_steps_spelt_once
 from modules.data.design_inputs import image_files, image_sizes
 from modules.errors import InputError
 
@@ -30,7 +30,7 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     values["image_size"] = _image_size(values, condition_path, warn)
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
-    config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **values)
+    config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **same_steps_spelt_once(values))
     check_consistency(config, condition_path, lines)
     note_keys_without_effect(config, condition_path, lines, warn)
     return config
@@ -55,8 +55,9 @@ ORIGINAL_IMAGE_SIZE = 256  # the original SimulGenVAE resized every image to 256
 
 
 def _image_size(values, path, warn) -> int:
-    """image_size auto: the images' own size when they are all square and of one size (read from their headers), else
-    the original's 256; said once. Without images (no effect) it is 256, the value configs saved before auto hold."""
+    """image_size auto: the images' own size when they are all square and of one size (read from their headers), at
+    most 256 and, for the ViT, a multiple of its patch; else the original's 256; said once. Without images (no
+    effect) it is 256, the value configs saved before auto hold."""
     if values["image_size"] != AUTO:
         return values["image_size"]
     if values["input_type"] not in ("image", "image_vit"):
@@ -67,13 +68,16 @@ def _image_size(values, path, warn) -> int:
     except InputError:  # a missing folder or bad image is reported where the images are read, before training
         return ORIGINAL_IMAGE_SIZE
     width, height = next(iter(sizes))
-    if len(sizes) == 1 and width == height:
+    patch = values["vit_patch_size"] if values["input_type"] == "image_vit" else 1
+    if len(sizes) == 1 and width == height and width <= ORIGINAL_IMAGE_SIZE and width % patch == 0:
         warn(f"{path}: note: image_size auto: the images are {width} x {height} pixels and are used at that size")
         return width
     shown = ", ".join(f"{name} {w} x {h}" for (w, h), name in list(sizes.items())[:3])
-    warn(f"{path}: note: image_size auto: the images are not all square and of one size ({shown}), so they are "
-         f"resized to {ORIGINAL_IMAGE_SIZE} x {ORIGINAL_IMAGE_SIZE} as in the original SimulGenVAE; set image_size "
-         "to choose")
+    why = ("not all square and of one size" if len(sizes) > 1 or width != height else
+           f"larger than {ORIGINAL_IMAGE_SIZE}" if width > ORIGINAL_IMAGE_SIZE else
+           f"not a multiple of vit_patch_size {patch}")
+    warn(f"{path}: note: image_size auto: the images ({shown}) are {why}, so they are resized to "
+         f"{ORIGINAL_IMAGE_SIZE} x {ORIGINAL_IMAGE_SIZE} as in the original SimulGenVAE; set image_size to choose")
     return ORIGINAL_IMAGE_SIZE
 
 
@@ -138,6 +142,8 @@ def read_condition(path, warn=print):
             obsolete.setdefault(name, []).append(line_no)
             continue
         if key is None and name.lower() == "lc_alpha":
+            if field_weight is not None:
+                raise InputError(path, "key 'LC_alpha' is given twice", "keep one line for it", line_no)
             field_weight = (line_no, _checked_value(path, line_no, LC_ALPHA, raw))
             continue
         if key is None:
@@ -171,8 +177,9 @@ ORIGINAL_UNUSED_KEYS = {
     "consistency_detach_original", "use_improved_e2e", "e2e_memory_efficient", "e2e_batch_reduction_factor"}
 
 # The original's LC_alpha: end to end with latent regularisation, its conditioner minimised
-# LC_alpha x field loss + latent_reg_weight x latent error. Only the ratio of the two weights shapes training (AdamW
-# is invariant to the scale of the loss), so it is read as latent_reg_weight / LC_alpha with the field loss at 1.
+# LC_alpha x field loss + latent_reg_weight x latent error. The ratio of the two weights is what shapes training
+# (AdamW's steps barely depend on the loss's overall scale; only gradient clipping sees it), so it is read as
+# latent_reg_weight / LC_alpha with the field loss at 1.
 LC_ALPHA = Key("LC_alpha", "", float, 1.0, "the original SimulGenVAE's weight of the end-to-end field loss against "
                "latent_reg_weight x the latent error", lambda v: None if v > 0 else "must be > 0")
 
@@ -188,8 +195,8 @@ def _apply_field_weight(path, line_no, weight, values, warn) -> None:
     equivalent = values["latent_reg_weight"] / weight
     warn(f"{path}:{line_no}: note: LC_alpha {weight:g} (the original's weight of the field loss) is read as "
          f"latent_reg_weight {values['latent_reg_weight']:g} / {weight:g} = {equivalent:.6g}, which keeps the ratio "
-         f"of the two weights (all that AdamW sees). To silence this, write 'latent_reg_weight {equivalent:.6g}' "
-         "and remove LC_alpha")
+         f"of the two weights (AdamW's steps barely depend on the loss's overall scale). To silence this, write "
+         f"'latent_reg_weight {equivalent:.6g}' and remove LC_alpha")
     values["latent_reg_weight"] = equivalent
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")

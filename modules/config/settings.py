@@ -79,7 +79,15 @@ class ConfigViews:
             key = KEYS_BY_FIELD.get(field)
             if key is not None and key.canonical is not None:
                 merged[field] = key.canonical(value)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in same_steps_spelt_once(merged).items()})
+
+
+def same_steps_spelt_once(values: dict) -> dict:
+    """With every time step kept, Dim2_spacing picks nothing: it is stored as 'first' whatever was written (or, in a
+    config saved before the key, meant), so that it never tells two configs of the same data apart."""
+    if values["n_steps_used"] == values["n_steps"]:
+        values["steps_spacing"] = "first"
+    return values
 
 
 # Everything a run needs, typed and checked: the preset index, the preset's four lines, then every key's field.

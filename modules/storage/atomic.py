@@ -27,8 +27,10 @@ class DiskFull(InputError):
     def __init__(self, path, needed_bytes: int | None = None):
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
         needs = f"needs {_size(needed_bytes)}, " if needed_bytes is not None else ""
-        super().__init__(path, f"no space left on the device to write it ({needs}{_size(_free_bytes(folder))} free "
-                         f"in {folder}/); the earlier file, if any, is as it was",
+        free = _free_bytes(folder)
+        room = f"{_size(free)} free" if free is not None else "free space unknown"
+        super().__init__(path, f"no space left on the device to write it ({needs}{room} in {folder}/); the earlier "
+                         "file, if any, is as it was",
                          "free some space there (or move the case folder), then run the same command again (a "
                          "training with --resume continues from checkpoints/last.pt when it has one)")
 
@@ -49,7 +51,7 @@ def write_atomically(path, write, size: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _replacing(path, size) as temporary:
-        if size is not None and _free_bytes(path.parent) < size:
+        if size is not None and not _has_room(path.parent, size):
             raise DiskFull(path, size)
         with open(temporary, "wb") as handle:
             write(handle)
@@ -105,7 +107,7 @@ def check_room(path, shape, dtype=np.float32) -> int:
     """The bytes of a .npy of that shape, after checking that path's file system has room for them (DiskFull if
     not): a memory map that meets a full file system kills the process (SIGBUS), with no error to catch."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if _free_bytes(Path(path).parent) < size + 4096:
+    if not _has_room(Path(path).parent, size + 4096):
         raise DiskFull(path, size)
     return size
 
@@ -125,11 +127,17 @@ def save_figure(path, figure, dpi) -> None:
     save_bytes(path, buffer.getbuffer())
 
 
-def _free_bytes(folder) -> int:
+def _free_bytes(folder) -> int | None:
+    """The bytes free in folder's file system; None when it cannot be asked."""
     try:
         return shutil.disk_usage(folder).free
     except OSError:
-        return 0
+        return None
+
+
+def _has_room(folder, size: int) -> bool:
+    free = _free_bytes(folder)
+    return free is None or free >= size  # unknown: write, and let the file system say
 
 
 def _size(count) -> str:

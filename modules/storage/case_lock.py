@@ -6,6 +6,7 @@ kernel releases it when the process ends, however it ends, so the lock of a cras
 The file itself stays (removing it would let two processes lock two different files); it names the holder while
 one holds it, and is emptied when it lets go.
 """
+import errno
 import os
 import socket
 import sys
@@ -17,25 +18,34 @@ from modules.errors import InputError
 
 LOCK_FILE = Path(".simulgen.lock")
 
+# what a non-blocking lock held by another process fails with (flock: EAGAIN; msvcrt: EACCES or EDEADLOCK)
+HELD_ELSEWHERE = (errno.EAGAIN, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EAGAIN))
+
 if sys.platform == "win32":
     import msvcrt
 
-    def _try_lock(handle) -> bool:
-        try:
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
+    def _lock(handle) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
 else:
     import fcntl
 
-    def _try_lock(handle) -> bool:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
+    def _lock(handle) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _try_lock(handle) -> bool:
+    """True once locked; False when another process holds the lock. A file system without locks (Lustre mounted
+    noflock, some NFS and FUSE mounts) is said once and counts as locked: the run goes on unprotected."""
+    try:
+        _lock(handle)
+        return True
+    except OSError as error:
+        if error.errno in HELD_ELSEWHERE:
             return False
+        print(f"note: this file system cannot lock {LOCK_FILE} ({error.strerror}): nothing stops a second run in this "
+              "case folder meanwhile", file=sys.stderr)
+        return True
 
 
 @contextmanager
@@ -80,5 +90,8 @@ def _locked():
 
 
 def _holder(handle) -> str:
-    handle.seek(0)
-    return handle.read().decode(errors="replace").strip() or "it has just started"
+    try:
+        handle.seek(0)
+        return handle.read().decode(errors="replace").strip() or "it has just started"
+    except OSError:  # Windows locks the bytes themselves
+        return "its record cannot be read while it runs"

@@ -62,8 +62,10 @@ class MetricsLog:
         text = io.StringIO()
         csv.DictWriter(text, fieldnames=self._fields).writerows(rows)
         whole_rows_end = self._csv_file.tell()
+        remaining = memoryview(text.getvalue().encode())
         try:
-            self._csv_file.write(text.getvalue().encode())
+            while remaining:  # an unbuffered write may take part of the bytes (a disk filling up): write the rest
+                remaining = remaining[self._csv_file.write(remaining):]
         except OSError as error:
             if not is_out_of_space(error):
                 raise

@@ -26,7 +26,7 @@ def lr_factor(epoch: float, epochs: int, warmup_fraction: float, cycles: int, mi
     Linear warmup over the first warmup_fraction of epochs, then cosine annealing with warm restarts
     (as torch's CosineAnnealingWarmRestarts) in `cycles` equal cycles down to min_ratio; works for any epochs >= 1.
     """
-    warmup = int(round(warmup_fraction * epochs))
+    warmup = warmup_fraction * epochs  # in epochs, not rounded: a run of a few epochs warms up over part of one
     if epoch < warmup:
         return (epoch + 1) / (warmup + 1)
     period = max(1, math.ceil((epochs - warmup) / cycles))
