@@ -225,6 +225,23 @@ def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_pa
     assert "designs/s" in capsys.readouterr().out
 
 
+def test_predict_names_the_designs_outside_the_training_range_and_still_predicts_them(conditioned, tmp_path, capsys):
+    train = json.loads((conditioned / "model_save" / "split.json").read_text())["train"]
+    rows = (conditioned / "input_data" / "parameters.csv").read_text().splitlines()
+    (tmp_path / "new.csv").write_text(f"{rows[0]}\n{rows[1 + train[0]]}\n9.5,1.0\n")  # a training design, then far
+    with working_directory(conditioned):
+        assert main([f"--predict={tmp_path / 'new.csv'}", f"--out={tmp_path / 'p.npy'}"]) == 0
+    error = capsys.readouterr().err
+    assert error.startswith("warning: 1 of 2 designs lie outside what the conditioner was trained on")
+    assert "row 2: amplitude = 9.5 outside [" in error and str(tmp_path / "p_report.json") in error
+    assert np.load(tmp_path / "p.npy").shape == (2, 6, 20)  # predicted all the same
+    placed = json.loads((tmp_path / "p_report.json").read_text())["designs"]
+    assert [row["outside"] for row in placed] == [False, True]
+    nearest = placed[0]["spaces"]["parameters"]
+    assert nearest["nearest_training_design"] == train[0] and nearest["distance"] < 1e-9
+    assert placed[1]["spaces"]["parameters"]["distance_ratio"] > 2
+
+
 def test_predict_gives_the_same_fields_with_and_without_a_csv_header(conditioned, tmp_path):
     source = (conditioned / "new" / "parameters.csv").read_text().splitlines()
     (tmp_path / "plain.csv").write_text("\n".join(source[1:]) + "\n")
@@ -356,6 +373,18 @@ def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_
     assert result["conditioner_val"] < result["baselines"]["mean_field"]
     everything, single = np.load(tmp_path / "all.npy"), np.load(tmp_path / "one.npy")
     assert everything.shape == (N_NEW, 6, 20) and np.allclose(single[0], everything[1], atol=1e-5)
+    # the out-of-range check in the network's image features: a training image is inside, pixel noise is not
+    train = json.loads((copy_of / "model_save" / "split.json").read_text())["train"]
+    (tmp_path / "check").mkdir()
+    shutil.copy(copy_of / "images" / f"design_{train[0] + 1:03d}.png", tmp_path / "check" / "a_training.png")
+    noise = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3) if rgb else (16, 16), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "check" / "b_noise.png")  # nothing like a design
+    with working_directory(copy_of):
+        assert main([f"--predict={tmp_path / 'check'}", f"--out={tmp_path / 'check.npy'}"]) == 0
+    placed = json.loads((tmp_path / "check_report.json").read_text())["designs"]
+    assert [(row["design"], row["outside"]) for row in placed] == [("a_training.png", False), ("b_noise.png", True)]
+    assert all(values["nearest_training_design"] == train[0] for values in placed[0]["spaces"].values())
+    assert placed[1]["spaces"]["pixels"]["distance_ratio"] > 2
 
 
 @pytest.mark.parametrize("change, message", [

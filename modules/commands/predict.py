@@ -8,6 +8,7 @@ level's latent is the predicted one plus noise of the decoder prior's standard d
 the VAE allows in the finer detail, centred on the prediction); their mean and standard deviation are written
 beside the samples.
 """
+import sys
 import time
 from pathlib import Path
 
@@ -18,43 +19,49 @@ from modules.config import Config
 from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
+from modules.evaluation.design_range import FAR, design_spaces, placement, placement_summary
 from modules.models.conditioners import CONDITIONERS
 from modules.models.latents import decode_latents, split_latents
-from modules.storage.atomic import array_written_in_place, save_array
+from modules.storage.atomic import array_written_in_place, save_array, save_json
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import new_output_file
 
 
 def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> np.ndarray:
-    """Predict every design in `source`; writes `out` [n, T, M] (and the sample files); returns the fields."""
+    """Predict every design in `source`; writes `out` [n, T, M], OUT_report.json (how far each design lies from the
+    training designs) and the sample files; returns the fields."""
     outputs = output_paths(out, samples)
     conditioner, facts = load_conditioner(conditioner_file, device)
     config = Config.from_dict(facts["config"])
     vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
-    inputs = read_inputs(source, config, facts).to(device)
+    inputs, raw, labels = read_inputs(source, config, facts)
+    inputs = inputs.to(device)
     latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
     scaled, seconds = predict_fields(conditioner, vae, latent_scaler, inputs, config.batch_size)
     fields = field_scaler.inverse(scaled)
     save_array(outputs["out"], fields)
     say(f"Predicted {len(fields)} designs -> {outputs['out']} {tuple(fields.shape)} in {seconds:.3f} s of model "
         f"time ({len(fields) / max(seconds, 1e-9):,.0f} designs/s on {device})")
+    report_design_range(conditioner, facts, config, inputs, raw, labels, outputs["report"], say)
     if samples:
         draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples, config, outputs, say)
     return fields
 
 
 def output_paths(out, samples: int) -> dict:
-    """OUT.npy, and with samples OUT_samples.npy, OUT_mean.npy, OUT_std.npy; none may exist yet."""
+    """OUT.npy, OUT_report.json, and with samples OUT_samples.npy, OUT_mean.npy, OUT_std.npy; none may exist yet."""
     out = new_output_file(out, "--predict")
-    paths = {"out": out}
+    paths = {"out": out, "report": new_output_file(out.with_name(f"{out.stem}_report.json"), "--predict",
+                                                              ".json")}
     if samples:
         for kind in ("samples", "mean", "std"):
             paths[kind] = new_output_file(out.with_name(f"{out.stem}_{kind}.npy"), "--predict")
     return paths
 
 
-def read_inputs(source, config, facts) -> torch.Tensor:
-    """The new designs' conditions, prepared exactly as in training: standardised parameters or [0, 1] images."""
+def read_inputs(source, config, facts):
+    """The new designs' conditions, prepared exactly as in training (standardised parameters or [0, 1] images), their
+    raw parameters (None for images) and how the user names each design (its CSV row or image file)."""
     if CONDITIONERS[config.input_type].reads == "parameters":
         if not Path(source).is_file():  # read_parameters' own message points at param_dir, the training CSV
             raise InputError(source, "not found" if not Path(source).exists() else "is a folder, not a CSV file",
@@ -69,9 +76,32 @@ def read_inputs(source, config, facts) -> torch.Tensor:
                                                                               for n in trained_names]:
             raise InputError(source, f"has columns {', '.join(names)} but the conditioner was trained on "
                              f"{', '.join(trained_names)}", "give the parameters in the training CSV's order")
-        return torch.from_numpy(scaler.transform(values))
-    images, _, _ = read_condition_images(source, config.condition_extension, config.image_size, facts["channels"])
-    return torch.from_numpy(images)
+        return torch.from_numpy(scaler.transform(values)), values, [f"row {row}" for row in range(1, len(values) + 1)]
+    images, paths, _ = read_condition_images(source, config.condition_extension, config.image_size, facts["channels"])
+    return torch.from_numpy(images), None, [Path(path).name for path in paths]
+
+
+def report_design_range(conditioner, facts, config, inputs, raw, labels, path, say) -> None:
+    """OUT_report.json: where each new design lies against the training designs (evaluation.design_range), and a
+    warning naming those outside what was learnt. A conditioner saved before the check existed gets a note."""
+    reference = facts.get("design_range")
+    if reference is None:
+        say("note: no out-of-range check: the conditioner was saved before the check existed (retrain it with "
+            "--lc_only=1 to get one)")
+        return
+    spaces = design_spaces(conditioner, CONDITIONERS[config.input_type].reads, inputs, config.batch_size)
+    rows = placement(reference, spaces, labels, raw)
+    save_json(path, {"about": "per new design and space (standardised parameters; or an image's pooled pixels and "
+                              "the conditioner's features): the nearest training design (dataset index), the distance "
+                              "to it and the typical distance between neighbouring training designs; the parameters "
+                              "outside the training range; whether it is outside what was learnt (a parameter "
+                              f"outside, or a distance ratio above {FAR})",
+                     "designs": rows})
+    summary = placement_summary(rows)
+    if summary:
+        print(f"warning: {summary}; see {path}", file=sys.stderr)
+    else:
+        say(f"Every design lies within what the conditioner was trained on (see {path})")
 
 
 @torch.no_grad()

@@ -157,6 +157,10 @@ class CNNConditioner(nn.Module):
     def forward(self, images):
         return self.head(run_blocks(self.stages, self.stem(images), self.recompute))
 
+    def features(self, images):
+        """[B, filters[-1]]: what the last layer maps to latents (the space in which designs are compared)."""
+        return self.head[:-1](run_blocks(self.stages, self.stem(images), self.recompute))
+
 
 # ------------------------------------------------------------------------------------------------------------ ViT
 class DropPath(nn.Module):
@@ -210,8 +214,12 @@ class ViTConditioner(nn.Module):
         self.recompute = False  # gradient checkpointing of the blocks (--grad_checkpointing)
 
     def forward(self, images):
+        return self.head(self.features(images))
+
+    def features(self, images):
+        """[B, vit_dim]: the mean token, what the head maps to latents (the space in which designs are compared)."""
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.position
-        return self.head(self.norm(run_blocks(self.blocks, tokens, self.recompute)).mean(dim=1))
+        return self.norm(run_blocks(self.blocks, tokens, self.recompute)).mean(dim=1)
 
 
 @dataclass(frozen=True)

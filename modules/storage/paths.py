@@ -79,13 +79,13 @@ def make_run_folders() -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def new_output_file(out, command: str) -> Path:
-    """The output path of command (--reconstruct, --predict) must be a new .npy file in an existing folder: never
-    overwrite a user's file."""
+def new_output_file(out, command: str, suffix: str = ".npy") -> Path:
+    """The output path of command (--reconstruct, --predict) must be a new file with that suffix in an existing
+    folder: never overwrite a user's file."""
     if out is None:
         raise InputError("command line", f"{command} needs --out", "add --out=OUT.npy")
     out = Path(out)
-    if out.suffix != ".npy":
+    if out.suffix != suffix:
         raise InputError(out, "output must be an .npy file", "give --out a name ending in .npy")
     if out.exists():
         raise InputError(out, "already exists and would be overwritten", "choose another --out or move that file")

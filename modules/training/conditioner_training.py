@@ -25,6 +25,7 @@ from modules.data.conditions import Conditions
 from modules.data.design_inputs import augment_images
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
+from modules.evaluation.design_range import design_spaces, training_reference
 from modules.evaluation.metrics import relative_l2
 from modules.models.conditioners import CONDITIONERS, LATENT_GP, NETWORKS, ConditionerSpec, build_conditioner
 from modules.models.gaussian_process import GPRConditioner
@@ -110,8 +111,19 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
         else:
             say(f"note: no GP on the latents: {len(case.fields.train_indices)} training designs are more than the "
                 f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the {NETWORKS[spec.kind].label} is kept")
-    save_conditioner(CONDITIONER_FILE, kept, kept_spec, {**job.facts, "choice": choice})
+    save_conditioner(CONDITIONER_FILE, kept, kept_spec,
+                     {**job.facts, "choice": choice, "design_range": design_reference(job.model, case, config)})
     return progress, history
+
+
+def design_reference(network, case: ConditionerCase, config) -> dict:
+    """The training designs as --predict compares new ones with them (evaluation.design_range): standardised
+    parameters and their raw range, or the images' pooled pixels and the network's features."""
+    train = case.fields.train_indices
+    reads = CONDITIONERS[config.input_type].reads
+    spaces = design_spaces(network, reads, case.conditions[train], config.lc_batch_size)
+    raw = case.raw_conditions[train] if reads == "parameters" else None
+    return training_reference(spaces, train, raw, case.param_names)
 
 
 def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
