@@ -6,7 +6,8 @@ The conditioner maps each design to latents, the VAE decoder maps latents to the
 decoder also draws K fields per design: the main latent stays the conditioner's prediction and every hierarchical
 level's latent is the predicted one plus noise of the decoder prior's standard deviation at that level (the spread
 the VAE allows in the finer detail, centred on the prediction); their mean and standard deviation are written
-beside the samples.
+beside the samples. OUT_report.json says where each new design lies against the training designs, and the designs
+outside what was learnt are named in a warning (evaluation.design_range).
 """
 import sys
 import time
