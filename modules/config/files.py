@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modules.config.checks import check_consistency, note_keys_without_effect
 from modules.config.keys import KEYS, KEYS_BY_FIELD, KEYS_BY_NAME, REQUIRED, Key
-from modules.config.settings import Config, Preset, same_steps_spelt_once
+from modules.config.settings import Config, Preset, condition_extension, same_steps_spelt_once
 from modules.data.design_inputs import image_files, image_sizes
 from modules.errors import InputError
 
@@ -62,9 +62,9 @@ def _image_size(values, path, warn) -> int:
         return values["image_size"]
     if values["input_type"] not in ("image", "image_vit"):
         return ORIGINAL_IMAGE_SIZE
-    extension = "." + (values["param_data_type"].lower().lstrip(".") or "png")
     try:
-        sizes = image_sizes(image_files(values["param_dir"], extension))
+        sizes = image_sizes(image_files(values["param_dir"], condition_extension(values["param_data_type"],
+                                                                                 values["input_type"])))
     except InputError:  # a missing folder or bad image is reported where the images are read, before training
         return ORIGINAL_IMAGE_SIZE
     width, height = next(iter(sizes))

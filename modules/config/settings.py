@@ -60,9 +60,7 @@ class ConfigViews:
 
     @property
     def condition_extension(self) -> str:
-        """param_data_type as a lower-case suffix with its dot, defaulted from input_type."""
-        given = self.param_data_type.lower().lstrip(".")
-        return "." + (given or ("csv" if self.input_type == "csv" else "png"))
+        return condition_extension(self.param_data_type, self.input_type)
 
     def to_dict(self) -> dict:
         """Plain types only (lists, not tuples), for JSON and weights-only checkpoints."""
@@ -80,6 +78,12 @@ class ConfigViews:
             if key is not None and key.canonical is not None:
                 merged[field] = key.canonical(value)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in same_steps_spelt_once(merged).items()})
+
+
+def condition_extension(param_data_type: str, input_type: str) -> str:
+    """param_data_type as a lower-case suffix with its dot, defaulted from input_type (.csv, else .png)."""
+    given = param_data_type.lower().lstrip(".")
+    return "." + (given or ("csv" if input_type == "csv" else "png"))
 
 
 def same_steps_spelt_once(values: dict) -> dict:

@@ -6,6 +6,7 @@ files raises InputError naming the file (and line), never a traceback and never 
 """
 import csv
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -184,12 +185,8 @@ def image_sizes(paths) -> dict:
     """{(width, height): the first file of that size} of the images, read from their headers only."""
     sizes = {}
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                sizes.setdefault(image.size, Path(path).name)
-        except Exception as error:  # truncated, corrupt or not an image at all: say which file
-            raise InputError(path, f"cannot read it as an image ({type(error).__name__}: {error})",
-                             "replace it with a valid image file") from None
+        with _opened_image(path) as image:
+            sizes.setdefault(image.size, Path(path).name)
     return sizes
 
 
@@ -233,13 +230,21 @@ def read_condition_images(folder_or_file, extension: str, size: int, channels: i
 
 def _pixels(path) -> np.ndarray:
     """One image -> float32 [H, W, 1 or 3] in [0, 1]; alpha dropped, palettes expanded, never thresholded."""
+    with _opened_image(path) as image:
+        image.load()
+        return _scaled(path, image)
+
+
+@contextmanager
+def _opened_image(path):
+    """PIL's image of path; a file it cannot read (truncated, corrupt, not an image at all) is an InputError naming
+    the file, whether at opening or while the block reads it."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return _scaled(path, image)
+            yield image
     except InputError:
         raise
-    except Exception as error:  # truncated, corrupt or not an image at all: say which file
+    except Exception as error:
         raise InputError(path, f"cannot read it as an image ({type(error).__name__}: {error})",
                          "replace it with a valid image file") from None
 

@@ -6,7 +6,6 @@ written to output/ and what is printed.
 - evaluation.json (every number), evaluation.md (the tables a person reads) and memorization.json (at the end of
   every run, and --evaluate), with the evaluation plots when --plot is 0 or 1.
 """
-
 import sys
 
 import numpy as np

@@ -39,6 +39,17 @@ def is_out_of_space(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in NO_SPACE
 
 
+@contextmanager
+def disk_full_as(path, needed_bytes: int | None = None):
+    """Running out of space (or quota) in the block is DiskFull naming path; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if is_out_of_space(error):
+            raise DiskFull(path, needed_bytes) from None
+        raise
+
+
 def temporary_path(path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".tmp")
@@ -62,17 +73,13 @@ def _replacing(path: Path, size: int | None):
     """The temporary path to fill in the block, renamed over path when the block ends without error and removed
     otherwise; running out of space in the block is DiskFull."""
     temporary = temporary_path(path)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        if is_out_of_space(error):
-            raise DiskFull(path, size) from None
-        raise
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with disk_full_as(path, size):
+        try:
+            yield temporary
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def save_bytes(path, data: bytes) -> None:

@@ -1,12 +1,11 @@
 """Per-epoch numbers: a CSV file and TensorBoard event files, written by the main process only."""
 import csv
 import io
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from modules.storage.atomic import DiskFull, is_out_of_space
+from modules.storage.atomic import disk_full_as, is_out_of_space
 
 
 class MetricsLog:
@@ -41,16 +40,10 @@ class MetricsLog:
                 self.writer.add_scalar(name, value, epoch)
         self._append([row])
 
-    @contextmanager
     def _tensorboard_space(self):
         """TensorBoard writes its events in a thread of its own and reports a full disk, without a file name, at a
         later call: said as DiskFull naming the events folder."""
-        try:
-            yield
-        except OSError as error:
-            if not is_out_of_space(error):
-                raise
-            raise DiskFull(self.tensorboard_dir) from None
+        return disk_full_as(self.tensorboard_dir)
 
     def _append(self, rows: list) -> None:
         """Rows to the CSV (made, with its header, by the first), each call written through at once. On a full disk
@@ -63,14 +56,14 @@ class MetricsLog:
         csv.DictWriter(text, fieldnames=self._fields).writerows(rows)
         whole_rows_end = self._csv_file.tell()
         remaining = memoryview(text.getvalue().encode())
-        try:
-            while remaining:  # an unbuffered write may take part of the bytes (a disk filling up): write the rest
-                remaining = remaining[self._csv_file.write(remaining):]
-        except OSError as error:
-            if not is_out_of_space(error):
+        with disk_full_as(self.csv_path):
+            try:
+                while remaining:  # an unbuffered write may take part of the bytes (a disk filling up): write the rest
+                    remaining = remaining[self._csv_file.write(remaining):]
+            except OSError as error:
+                if is_out_of_space(error):
+                    self._csv_file.truncate(whole_rows_end)
                 raise
-            self._csv_file.truncate(whole_rows_end)
-            raise DiskFull(self.csv_path) from None
 
     def close(self) -> None:
         if self._csv_file is not None:

@@ -78,7 +78,7 @@ def run_training(job, config, runtime, run, say, resume=None):
             save(job.best_path, progress)
         while not progress.finished:
             epoch = progress.epoch
-            lr = set_learning_rate(optimizer, progress.lr_scale * job.learning_rate(epoch))
+            lr = progress.lr_scale * job.learning_rate(epoch)  # logged; train_epoch sets the rate of every step
             guard.new_epoch()
 
             # Train one epoch (from the step a stop request interrupted, when resumed inside it).
@@ -190,10 +190,9 @@ def stop_now(job, progress, guard, save, runtime, where: str):
     raise Stopped(guard.signal_number(), job.last_path, f"{where} of the {job.name}")
 
 
-def set_learning_rate(optimizer, lr: float) -> float:
+def set_learning_rate(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    return lr
 
 
 def best_of(history: list, name: str) -> float:
