@@ -270,9 +270,14 @@ def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditio
     samples = np.load(tmp_path / "p_samples.npy")
     assert samples.shape == (N_NEW, 4, 6, 20)
     assert np.allclose(np.load(tmp_path / "p_mean.npy"), samples.mean(axis=1), atol=1e-5)
-    assert np.allclose(np.load(tmp_path / "p_std.npy"), samples.std(axis=1), atol=1e-4)
+    prediction = np.load(tmp_path / "p.npy")  # OUT_std: the draws' root mean square deviation from the prediction
+    assert np.allclose(np.load(tmp_path / "p_std.npy"), np.sqrt(np.mean((samples - prediction[:, None]) ** 2, axis=1)),
+                       atol=1e-4)
     assert np.load(tmp_path / "p_std.npy").max() > 0  # the levels are really drawn
-    prediction = np.load(tmp_path / "p.npy")  # and the draws are around the prediction, the POD path included
+    spread = json.loads((tmp_path / "p_report.json").read_text())["designs"]
+    assert [round(row["predicted_relative_std"], 6) for row in spread] == [
+        round(float(np.linalg.norm(std) / np.linalg.norm(field)), 6)
+        for std, field in zip(np.load(tmp_path / "p_std.npy"), prediction)]
     assert np.linalg.norm(np.load(tmp_path / "p_mean.npy") - prediction) < 0.1 * np.linalg.norm(prediction)
     assert np.array_equal(samples, np.load(tmp_path / "q_samples.npy"))
     assert not list(tmp_path.glob("*.tmp*"))

@@ -1,9 +1,9 @@
-"""Where a new design lies against the training designs (evaluation.design_range): the typical neighbour distance,
+"""Where a new design lies against the training designs (uncertainty.design_range): the typical neighbour distance,
 the nearest training design, the parameters outside the training range and the verdict, in one space or several."""
 import numpy as np
 import torch
 
-from modules.evaluation.design_range import FAR, design_spaces, placement, placement_summary, training_reference
+from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary, training_reference
 
 GRID = np.array([[x, y] for x in range(5) for y in range(5)], dtype=np.float64)  # spacing 1
 

@@ -246,7 +246,8 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
 
 
 def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_path):
-    """Full run (VAE, then the e2e conditioner) on 1 and on 2 processes; then --lc_only=1 through launch_ddp."""
+    """Full run (VAE, then the e2e conditioner) on 1 and on 2 processes; then an ensemble of 2 with --lc_only=1, on 1
+    process and through launch_ddp on 2."""
     parameters = design_parameters(14, seed=3)
     for name in ("one", "two"):
         write_case(tmp_path / name, n=14, epochs=2, data=smooth_fields(14, 6, 20, parameters=parameters),
@@ -265,11 +266,21 @@ def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_pat
     difference = sum(torch.sum((one[k] - two[k]) ** 2) for k in one).sqrt()
     assert difference <= 1e-3 * sum(torch.sum(one[k] ** 2) for k in one).sqrt()
     assert len((tmp_path / "two" / "output" / "conditioner_metrics.csv").read_text().splitlines()) == 1 + 3
+    for name in ("one", "two"):  # then an ensemble (lc_ensemble) with --lc_only=1, through launch_ddp on 2
+        with open(tmp_path / name / "input_data" / "condition.txt", "a") as condition:
+            condition.write("lc_ensemble 2\n")
+    single = run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--lc_only=1"], tmp_path / "one")
     again = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", "--lc_only=1",
                  f"--master_port={free_port()}"], tmp_path / "two")
+    assert single.returncode == 0, single.stderr
     assert again.returncode == 0, again.stderr
-    assert "--lc_only=1" in again.stdout
+    assert "--lc_only=1" in again.stdout and again.stdout.count("The ensemble of 2 MLPs") == 1
     assert len(list((tmp_path / "two" / "archive").glob("*/model_save/latent_conditioner"))) == 1
+    one = torch.load(tmp_path / "one" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
+    assert any(key.startswith("members.1.") for key in two)
+    difference = sum(torch.sum((one[k] - two[k]) ** 2) for k in one).sqrt()
+    assert difference <= 1e-3 * sum(torch.sum(one[k] ** 2) for k in one).sqrt()
 
 
 def test_leaving_the_process_group_frees_ddp_wrappers_first():

@@ -257,8 +257,11 @@ def test_dry_run_needs_checkpoints_clean(short_run, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- conditioner
-def test_a_stopped_conditioner_resumes_exactly_without_training_the_vae_again(tmp_path):
-    extra = "input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 60\nsave_every 2\nlc_patience 0\n"
+@pytest.mark.parametrize("stop, members", [(signal.SIGTERM, 1), (signal.SIGKILL, 2)])
+def test_a_stopped_or_killed_conditioner_or_ensemble_resumes_exactly_without_training_the_vae_again(tmp_path, stop,
+                                                                                                    members):
+    extra = ("input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 60\nsave_every 2\nlc_patience 0\n"
+             f"latent_gp 0\nlc_ensemble {members}\n")  # the networks themselves are kept, not a GP fitted after
     for name in ("whole", "stopped"):
         write_case(tmp_path / name, n=12, epochs=3, extra=extra)
         write_conditions(tmp_path / name, design_parameters(12))
@@ -267,21 +270,26 @@ def test_a_stopped_conditioner_resumes_exactly_without_training_the_vae_again(tm
     process = start(folder)
     wait_for_checkpoint(folder, "checkpoints/conditioner_last.pt", 4, process)
     vae_file = (folder / "model_save" / "SimulGen-VAE").read_bytes()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    assert "of the conditioner" in (folder / "stderr.txt").read_text()
+    process.send_signal(stop)
+    if stop == signal.SIGTERM:
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "of the conditioner" in (folder / "stderr.txt").read_text()
+    else:
+        assert process.wait(timeout=60) == -signal.SIGKILL
     finish(folder, "--resume")
     assert "The VAE of this run has finished" in (folder / "stdout.txt").read_text()
     assert (folder / "model_save" / "SimulGen-VAE").read_bytes() == vae_file  # not retrained, not rewritten
     assert_same_weights(weights(tmp_path / "whole" / "model_save" / "latent_conditioner"),
                         weights(folder / "model_save" / "latent_conditioner"))
+    assert len({key.split(".")[1] for key in weights(folder / "model_save" / "latent_conditioner")
+                if key.startswith("members.")}) == (members if members > 1 else 0)
 
 
 def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, monkeypatch, capsys):
     import modules.training.guard as guard
 
     write_case(tmp_path, n=12, epochs=2, extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 6\n"
-                                              "latent_conditioner_batch 4\nlc_patience 0\n")
+                                              "latent_conditioner_batch 4\nlc_patience 0\nlatent_gp 0\n")
     write_conditions(tmp_path, design_parameters(12))
     real, steps = guard.Guard.after_step, []
 

@@ -2,12 +2,13 @@
 
     python SimulGen-VAE.py --predict=new_designs.csv --out=fields.npy [--samples=K]
 
-The conditioner maps each design to latents, the VAE decoder maps latents to the [T, M] field. With --samples=K the
-decoder also draws K fields per design: the main latent stays the conditioner's prediction and every hierarchical
-level's latent is the predicted one plus noise of the decoder prior's standard deviation at that level (the spread
-the VAE allows in the finer detail, centred on the prediction); their mean and standard deviation are written
-beside the samples. OUT_report.json says where each new design lies against the training designs, and the designs
-outside what was learnt are named in a warning (evaluation.design_range).
+The conditioner maps each design to latents, the VAE decoder maps latents to the [T, M] field. With --samples=K it
+also draws K fields per design from the prediction's uncertainty (an ensemble's disagreement, a GP's posterior, or
+for a single network the decoder prior's spread: uncertainty.spread), calibrated on the validation designs when
+the conditioner was trained; their mean and the calibrated standard deviation around the prediction are written
+beside the samples. OUT_report.json says where each new design lies against the training designs (and, with
+--samples, how uncertain its prediction is), and the designs outside what was learnt are named in a warning
+(uncertainty.design_range).
 """
 import sys
 import time
@@ -20,12 +21,13 @@ from modules.config import Config
 from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.evaluation.design_range import FAR, design_spaces, placement, placement_summary
 from modules.models.conditioners import CONDITIONERS
-from modules.models.latents import decode_latents, split_latents
+from modules.models.latents import decode_latents
 from modules.storage.atomic import array_written_in_place, save_array, save_json
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import new_output_file
+from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary
+from modules.uncertainty.spread import SPREAD_WORDS, field_draws
 
 
 def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> np.ndarray:
@@ -43,9 +45,11 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
     save_array(outputs["out"], fields)
     say(f"Predicted {len(fields)} designs -> {outputs['out']} {tuple(fields.shape)} in {seconds:.3f} s of model "
         f"time ({len(fields) / max(seconds, 1e-9):,.0f} designs/s on {device})")
-    report_design_range(conditioner, facts, config, inputs, raw, labels, outputs["report"], say)
+    spread = None
     if samples:
-        draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples, config, outputs, say)
+        spread = draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples, config, facts, outputs,
+                              say)
+    report_design_range(conditioner, facts, config, inputs, raw, labels, outputs["report"], spread, say)
     return fields
 
 
@@ -82,21 +86,32 @@ def read_inputs(source, config, facts):
     return torch.from_numpy(images), None, [Path(path).name for path in paths]
 
 
-def report_design_range(conditioner, facts, config, inputs, raw, labels, path, say) -> None:
-    """OUT_report.json: where each new design lies against the training designs (evaluation.design_range), and a
-    warning naming those outside what was learnt. A conditioner saved before the check existed gets a note."""
+def report_design_range(conditioner, facts, config, inputs, raw, labels, path, spread, say) -> None:
+    """OUT_report.json: where each new design lies against the training designs (uncertainty.design_range) and, with
+    --samples (spread: each design's |OUT_std| / |OUT|), its predicted uncertainty; a warning names the designs
+    outside what was learnt. A conditioner saved before the check existed gets a note."""
     reference = facts.get("design_range")
     if reference is None:
         say("note: no out-of-range check: the conditioner was saved before the check existed (retrain it with "
             "--lc_only=1 to get one)")
+        if spread is not None:
+            save_json(path, {"about": "predicted_relative_std: the norm of the design's calibrated standard deviation "
+                                      "(OUT_std) over the norm of its predicted field (OUT)",
+                             "designs": [{"design": label, "predicted_relative_std": relative}
+                                         for label, relative in zip(labels, spread)]})
         return
     spaces = design_spaces(conditioner, CONDITIONERS[config.input_type].reads, inputs, config.batch_size)
     rows = placement(reference, spaces, labels, raw)
+    if spread is not None:
+        for row, relative in zip(rows, spread):
+            row["predicted_relative_std"] = relative
     save_json(path, {"about": "per new design and space (standardised parameters; or an image's pooled pixels and "
                               "the conditioner's features): the nearest training design (dataset index), the distance "
                               "to it and the typical distance between neighbouring training designs; the parameters "
                               "outside the training range; whether it is outside what was learnt (a parameter "
-                              f"outside, or a distance ratio above {FAR})",
+                              f"outside, or a distance ratio above {FAR}); with --samples, predicted_relative_std: "
+                              "the norm of the design's calibrated standard deviation (OUT_std) over the norm of its "
+                              "predicted field (OUT)",
                      "designs": rows})
     summary = placement_summary(rows)
     if summary:
@@ -125,29 +140,44 @@ def synchronise(device) -> None:
 
 
 @torch.no_grad()
-def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples: int, config, outputs, say) -> None:
-    """K decoder draws per design, written to OUT_samples.npy [n, K, T, M] one draw at a time (never all in memory),
-    with their mean and standard deviation. Repeatable: the draws come from a generator seeded by `seed`."""
+def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples: int, config, facts, outputs,
+                 say) -> list:
+    """K draws per design from the prediction's calibrated uncertainty (uncertainty.spread), written to
+    OUT_samples.npy [n, K, T, M] a batch at a time (never all in memory), with their mean (OUT_mean) and the
+    calibrated standard deviation around the prediction (OUT_std). Each draw's deviation from the prediction is
+    multiplied by the time step's calibration scale, so the samples spread as OUT_std says. Repeatable: the draws come
+    from a generator seeded by `seed`. Returns each design's |OUT_std| / |OUT|."""
     generator = torch.Generator().manual_seed(config.seed)
-    spec = vae.spec
     n, (steps, nodes) = len(inputs), (config.n_steps_used, config.n_nodes_used)
+    calibration = facts.get("calibration")
+    if calibration is None:
+        say("note: the spread is not calibrated: the conditioner was saved before calibration existed (retrain it "
+            "with --lc_only=1 to calibrate it)")
+        scales = np.ones(steps, np.float32)
+    else:
+        scales = np.asarray(calibration["scales"], np.float32)
     mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
+    relative = np.empty(n)
     with array_written_in_place(outputs["samples"], (n, samples, steps, nodes)) as written:  # renamed once whole
         for start in range(0, n, config.batch_size):
-            main, levels = split_latents(latent_scaler.inverse(conditioner(inputs[start:start + config.batch_size])),
-                                         spec)
-            stop = start + len(main)
-            total, total_squares = np.zeros((len(main), steps, nodes)), np.zeros((len(main), steps, nodes))
-            for draw in range(samples):
-                noise = torch.randn(len(main), spec.n_levels, spec.level_latent_dim, generator=generator)
-                field = vae.decode_around(main, levels, noise.to(main.device))
-                field = field_scaler.inverse(field.float().cpu().numpy())
-                written[start:stop, draw] = field
-                total += field
-                total_squares += np.square(field, dtype=np.float64)
-            mean[start:stop] = total / samples
-            std[start:stop] = np.sqrt(np.clip(total_squares / samples - np.square(total / samples), 0, None))
+            prediction, draws = field_draws(conditioner, vae, latent_scaler, inputs[start:start + config.batch_size],
+                                            samples, generator)
+            predicted = field_scaler.inverse(prediction.cpu().numpy())
+            stop = start + len(predicted)
+            total, squares = np.zeros(predicted.shape), np.zeros(predicted.shape)
+            for draw_index, draw in enumerate(draws):
+                deviation = (field_scaler.inverse(draw.cpu().numpy()) - predicted) * scales[None, :, None]
+                written[start:stop, draw_index] = predicted + deviation
+                total += deviation
+                squares += np.square(deviation, dtype=np.float64)
+            mean[start:stop] = predicted + total / samples
+            std[start:stop] = np.sqrt(squares / samples)
+            relative[start:stop] = (np.linalg.norm(std[start:stop].reshape(stop - start, -1), axis=1)
+                                    / np.maximum(np.linalg.norm(predicted.reshape(stop - start, -1), axis=1), 1e-30))
     save_array(outputs["mean"], mean)
     save_array(outputs["std"], std)
-    say(f"{samples} samples per design -> {outputs['samples']} {(n, samples, steps, nodes)}, their mean -> "
-        f"{outputs['mean']}, standard deviation -> {outputs['std']} (largest std {float(std.max()):.4g})")
+    source = SPREAD_WORDS[calibration["source"]] if calibration else "an uncalibrated spread"
+    say(f"{samples} samples per design from {source} -> {outputs['samples']} {(n, samples, steps, nodes)}, their "
+        f"mean -> {outputs['mean']}, the calibrated standard deviation around the prediction -> {outputs['std']} "
+        f"(largest {float(std.max()):.4g})")
+    return relative.tolist()

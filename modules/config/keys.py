@@ -243,6 +243,9 @@ KEYS = (
     Key("lc_patience", "lc_patience", int, 100,
         "stop the conditioner after this many epochs without a better validation loss (0: never)", _non_negative,
         resumable=True, only_with=WITH_CONDITIONER),
+    Key("lc_ensemble", "lc_ensemble", int, 1, "networks trained side by side as one conditioner, each from its own "
+        "random start: the prediction is their mean, their disagreement its uncertainty (--samples); 1: one network",
+        _positive, only_with=WITH_CONDITIONER),
     Key("latent_gp", "latent_gp", int, 1, "1: also fit a Gaussian-process regressor from the parameters to the "
         "latents (one GP per latent number) and keep it instead of the MLP when it predicts the validation designs' "
         "fields better; 0: keep the MLP", choices=(0, 1), resumable=True, only_with=WITH_PARAMETERS),

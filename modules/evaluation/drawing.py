@@ -112,6 +112,26 @@ def error_per_step(plt, curves: dict, path, ylabel="relative L2 error (%)"):
     return _save(figure, path)
 
 
+def reliability(plt, curve: dict, path):
+    """Observed against expected coverage of the central bands of the predicted spread (uncertainty.calibration):
+    curve {"levels": [nominal], "raw": [observed], "calibrated": [observed] or None}, all shares; the diagonal is a
+    perfectly calibrated spread."""
+    figure, axis = plt.subplots(figsize=(5.4, 5.4), layout="constrained")
+    levels = 100 * np.asarray(curve["levels"], dtype=float)
+    axis.plot([0, 100], [0, 100], color="grey", linestyle="--", label="perfectly calibrated")
+    axis.plot(levels, 100 * np.asarray(curve["raw"], dtype=float), marker="o", label="before calibration")
+    if curve.get("calibrated") is not None:
+        axis.plot(levels, 100 * np.asarray(curve["calibrated"], dtype=float), marker="s",
+                  label="after calibration (each design held out)")
+    axis.set_xlim(0, 100)
+    axis.set_ylim(0, 100)
+    axis.set_title("Reliability of the predicted uncertainty (validation designs)")
+    axis.set_xlabel("expected share of values inside the band (%)")
+    axis.set_ylabel("observed share of values inside the band (%)")
+    axis.legend(fontsize=8, loc="upper left")
+    return _save(figure, path)
+
+
 def latent_maps(plt, latents, colour, colour_label, is_validation, path, seed=0):
     """The designs' latents [N, D] in 2-D by PCA (left) and t-SNE (right, needs N >= 4), coloured by colour [N]
     (one shared colourbar); is_validation [N] bool marks validation designs as triangles, training ones as circles."""

@@ -173,7 +173,8 @@ def curves(plt, history, panels, path, columns=None):
 def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
     """The evaluation's PNGs in output/: simulated, predicted and error fields of chosen designs and time steps, for
     the VAE and the conditioner; the error per time step of every predictor; the main latents by PCA and t-SNE;
-    active units per level. Returns the paths. config: the current one (plot settings, node layout)."""
+    active units per level; the reliability of the predicted uncertainty (calibration.png). Returns the paths.
+    config: the current one (plot settings, node layout)."""
     show = will_show(show, say)
     plt = _pyplot(show)
     layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
@@ -196,6 +197,8 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
     paths.append(drawing.latent_maps(plt, evaluation.encoding.main_latents, colour, colour_label, is_validation,
                                      OUTPUT_DIR / "latent_space.png", evaluation.config.seed))
     paths.append(drawing.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
+    if (report.get("uncertainty") or {}).get("reliability"):
+        paths.append(drawing.reliability(plt, report["uncertainty"]["reliability"], OUTPUT_DIR / "calibration.png"))
     say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
     if show:
         plt.show()

@@ -11,10 +11,11 @@ import sys
 import numpy as np
 
 from modules.evaluation import figures
-from modules.models.conditioners import LATENT_GP, NETWORKS
+from modules.models.conditioners import LATENT_GP, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 from modules.training.losses import LOSS_NAMES
+from modules.uncertainty.spread import calibration_words
 
 RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
 EVALUATION_JSON = OUTPUT_DIR / "evaluation.json"
@@ -24,8 +25,10 @@ STEPS_IN_TABLE = 10  # evenly spaced time steps in the .md table (the .json and 
 
 
 def conditioner_kind(facts: dict) -> str:
-    """'MLP', 'CNN, end to end', 'GP on latents', ... of a saved conditioner (its file's facts)."""
-    return NETWORKS[facts["spec"]["kind"]].label + (", end to end" if trained_end_to_end(facts) else "")
+    """'MLP', 'CNN, end to end', 'ensemble of 5 MLPs', 'GP on latents', ... of a saved conditioner (its file's
+    facts)."""
+    kind = conditioner_label(facts["spec"]["kind"], facts["spec"].get("members", 1))
+    return kind + (", end to end" if trained_end_to_end(facts) else "")
 
 
 def trained_end_to_end(facts: dict) -> bool:
@@ -86,6 +89,7 @@ def prediction_report(evaluation) -> dict:
         "input_type": facts["config"]["input_type"],
         "end_to_end": trained_end_to_end(facts),
         "conditioner": conditioner_kind(facts), "conditioner_choice": facts.get("choice"),
+        "ensemble": facts.get("ensemble"),
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),
         "latent_numbers_per_design": config.latent_size,
         "conditioner_val": float(predicted.mean()), "conditioner_val_median": float(np.median(predicted)),
@@ -182,6 +186,7 @@ def evaluation_report(evaluation) -> dict:
         "reconstruction_training_designs": evaluation.encoding.errors.subset(case.train_indices).summary(
             n_nodes, per_step=False),
         "prediction": prediction_section(evaluation, n_nodes),
+        "uncertainty": uncertainty_section(evaluation),
         "likelihood": likelihood_section(evaluation),
         "memorization": evaluation.memorization,
         "active_units": {group: {"active": values["active"], "units": values["units"], "kl": values["kl"]}
@@ -212,6 +217,42 @@ def not_learnt_warnings(report: dict) -> list:
                             f"mean field ({baseline:.4%}), which knows nothing of a design: this model has not learnt "
                             f"the case. Try {fix}; see the loss curves")
     return warnings
+
+
+def uncertainty_section(evaluation) -> dict | None:
+    """The prediction's uncertainty as the conditioner's training calibrated it on the validation designs
+    (uncertainty.calibration) and, for an ensemble, its mean against its members; None without a conditioner."""
+    if evaluation.conditioner is None:
+        return None
+    facts = evaluation.conditioner.facts
+    if facts.get("calibration") is None:
+        return {"note": "no calibrated uncertainty: the conditioner was saved before calibration existed (retrain it "
+                        "with --lc_only=1)", "ensemble": facts.get("ensemble")}
+    return {**facts["calibration"], "ensemble": facts.get("ensemble")}
+
+
+def uncertainty_lines(section: dict | None) -> list:
+    """The evaluation.md section on the prediction's uncertainty."""
+    if section is None:
+        return []
+    lines = ["## Uncertainty of the prediction", ""]
+    ensemble = section.get("ensemble")
+    if ensemble:
+        members = ensemble["members_val"]
+        kept = "" if ensemble["kept"] else " (not kept: the GP on the latents predicts better)"
+        lines += [f"The {ensemble['label']}{kept} predicts the validation designs with a mean relative L2 error of "
+                  f"{ensemble['ensemble_val']:.4%}; its members alone {min(members):.4%} to {max(members):.4%} (mean "
+                  f"{np.mean(members):.4%}).", ""]
+    if "note" in section:
+        return lines + [section["note"] + ".", ""]
+    words = calibration_words(section)
+    lines += [words[0].upper() + words[1:] + ".", "",
+              "| band | expected | before calibration | after (each design held out) |", "|---|---|---|---|"]
+    coverage = section["coverage"]
+    for band, nominal in coverage["nominal"].items():
+        after = "n/a" if coverage["calibrated"] is None else f"{coverage['calibrated'][band]:.1%}"
+        lines.append(f"| +-{band} | {nominal:.1%} | {coverage['raw'][band]:.1%} | {after} |")
+    return lines + ["", "`--predict ... --samples=K` writes the calibrated standard deviation (OUT_std.npy).", ""]
 
 
 def likelihood_section(evaluation) -> dict:
@@ -295,6 +336,7 @@ def evaluation_markdown(report: dict) -> str:
         lines += predictor_table("Prediction of unseen designs from their conditions", report, "prediction")
         lines += [f"{note}." for key, note in report["prediction"].items() if key.startswith("note") and note]
         lines += [""]
+        lines += uncertainty_lines(report.get("uncertainty"))
     lines += worst_designs(report)
     lines += per_step_table(report)
     lines += memorization_lines(report["memorization"])

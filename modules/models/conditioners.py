@@ -9,7 +9,12 @@ standardised, so each network ends in a Linear started near zero and an untraine
   optionally, CBAM-style spatial attention for designs whose meaning depends on where a feature sits.
 - ViT  (kind "vit"): design images [B, C, S, S]; patch tokens through pre-norm transformer blocks with stochastic
   depth, for images whose relevant structure is long-range rather than local.
+
+With members > 1 (lc_ensemble) the conditioner is an ensemble of that many networks of the spec, started from
+different random weights and trained side by side (ConditionerEnsemble): its prediction is their mean, their spread
+per latent number the prediction's uncertainty (latent_spread).
 """
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,6 +40,7 @@ class ConditionerSpec:
     vit_heads: int = 8
     vit_drop_path: float = 0.1
     gp_points: int = 0  # gpr: the training designs the GPs' posterior means are sums over
+    members: int = 1  # networks in the ensemble (lc_ensemble); 1: a single network
 
     def to_dict(self) -> dict:
         return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters)}
@@ -48,7 +54,47 @@ def build_conditioner(spec: ConditionerSpec) -> nn.Module:
     """The network for spec.kind: forward maps [B, *input_shape] float32 to [B, output_dim]."""
     if spec.kind not in NETWORKS:
         raise ValueError(f"unknown conditioner kind {spec.kind!r}; expected one of {tuple(NETWORKS)}")
+    if spec.members > 1:
+        return ConditionerEnsemble(spec)
     return NETWORKS[spec.kind].network(spec)
+
+
+def conditioner_label(kind: str, members: int = 1) -> str:
+    """'MLP', 'ensemble of 5 MLPs', 'GP on latents', ... in reports and messages."""
+    label = NETWORKS[kind].label
+    return f"ensemble of {members} {label}s" if members > 1 else label
+
+
+def latent_spread(conditioner, inputs):
+    """(predicted standardised latents [B, D], their standard deviation [B, D]) of a conditioner that knows its
+    uncertainty (an ensemble, a GP); (latents, None) of a single network."""
+    if hasattr(conditioner, "latent_spread"):
+        return conditioner.latent_spread(inputs)
+    return conditioner(inputs), None
+
+
+class ConditionerEnsemble(nn.Module):
+    """spec.members networks of one spec (each started from its own random weights, drawn in turn from torch's
+    generator): forward gives their mean latents [B, D]; every_member=True gives each one's [K, B, D], what training
+    fits (each member on its own loss, so they stay independent fits whose disagreement measures what the designs
+    leave open)."""
+
+    def __init__(self, spec: ConditionerSpec):
+        super().__init__()
+        single = dataclasses.replace(spec, members=1)
+        self.members = nn.ModuleList(NETWORKS[spec.kind].network(single) for _ in range(spec.members))
+
+    def forward(self, inputs, every_member: bool = False):
+        outputs = torch.stack([member(inputs) for member in self.members])
+        return outputs if every_member else outputs.mean(dim=0)
+
+    def latent_spread(self, inputs):
+        outputs = self(inputs, every_member=True)
+        return outputs.mean(dim=0), outputs.std(dim=0)
+
+    def features(self, images):
+        """The first member's features: where design_range compares images (one network's view suffices)."""
+        return self.members[0].features(images)
 
 
 def output_head(width: int, output_dim: int) -> nn.Linear:

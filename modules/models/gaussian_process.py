@@ -3,8 +3,10 @@ maps parameters to the VAE's latents with one GP per latent dimension.
 
 With a few hundred designs (the users' normal case) a GP is often the better regressor than a network: on all three
 cases of the accuracy benchmark it is the one kept (Burgers: 8.65 % through the VAE decoder against the MLP's
-22.8 %). The conditioner keeps each fitted GP's posterior mean as plain tensors, so it is saved, loaded,
-moved to a GPU and decoded through like any other conditioner, and --predict needs no scikit-learn object.
+22.8 %). The conditioner keeps what each fitted GP's posterior mean and variance need as plain tensors, so it is
+saved, loaded, moved to a GPU and decoded through like any other conditioner, and --predict needs no scikit-learn
+object. The posterior variance is the GP's own uncertainty: small next to the training designs, the prior's far from
+them.
 """
 import warnings
 
@@ -31,7 +33,8 @@ def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int) -> GaussianProce
 class GPRConditioner(nn.Module):
     """Standardised parameters [B, P] -> standardised latents [B, D], the posterior mean of one GP per latent
     dimension: mean_d(x) = std_d * sum_i a_d * exp(-|(x - x_i) / l_d|^2 / 2) w_id + offset_d, over the n training
-    designs x_i. Computed in float64 (the weights w solve an ill-conditioned system), returned in float32."""
+    designs x_i; latent_spread also gives each one's posterior standard deviation. Computed in float64 (the weights w
+    solve an ill-conditioned system), returned in float32."""
 
     def __init__(self, spec):
         super().__init__()
@@ -42,17 +45,49 @@ class GPRConditioner(nn.Module):
         self.register_buffer("weights", torch.zeros(n, dims, dtype=torch.float64))
         self.register_buffer("target_mean", torch.zeros(dims, dtype=torch.float64))
         self.register_buffer("target_std", torch.ones(dims, dtype=torch.float64))
+        # each GP's white-noise level (normalised units) [D]: with the kernel it rebuilds the training covariance the
+        # variance needs, so the file keeps D numbers, not D Cholesky factors of n x n. NaN in files saved before the
+        # variance was kept (load_conditioner leaves this placeholder), which then have no spread of their own.
+        self.register_buffer("noise_levels", torch.full((dims,), float("nan"), dtype=torch.float64))
+        self._cholesky = None  # [D, n, n], built on the first latent_spread (on the buffers' device)
 
     def forward(self, params):
+        return (self._mean(self._kernel(params)) * self.target_std + self.target_mean).float()
+
+    def latent_spread(self, params):
+        """(posterior means [B, D], posterior standard deviations of the latent itself, without the noise term
+        [B, D]): var = a - |L^-1 k|^2, k the kernel between the design and the training designs, L the Cholesky
+        factor of the training covariance. (latents, None) for a file without the noise levels."""
+        kernel = self._kernel(params)
+        mean = (self._mean(kernel) * self.target_std + self.target_mean).float()
+        if not bool(torch.isfinite(self.noise_levels).all()):
+            return mean, None
+        solved = torch.linalg.solve_triangular(self._training_cholesky(), kernel.permute(1, 2, 0), upper=False)
+        variance = (self.amplitudes[:, None] - solved.pow(2).sum(1)).clamp(min=0).T                 # [B, D]
+        return mean, (variance.sqrt() * self.target_std).float()
+
+    def _training_cholesky(self):
+        """Lower Cholesky factors [D, n, n] of each GP's training covariance: signal kernel + noise level + 1e-10 on
+        the diagonal, as scikit-learn factorised it when fitting (its alpha)."""
+        if self._cholesky is None or self._cholesky.device != self.train_inputs.device:
+            covariance = self._kernel(self.train_inputs).permute(1, 0, 2)                            # [D, n, n]
+            diagonal = (self.noise_levels + 1e-10)[:, None] * torch.ones_like(covariance[:, 0])
+            self._cholesky = torch.linalg.cholesky(covariance + torch.diag_embed(diagonal))
+        return self._cholesky
+
+    def _kernel(self, params):
+        """The signal kernel between designs [B, P] and the training designs: [B, D, n], float64."""
         scaled = params.double()[:, None, None, :] / self.length_scales[None, :, None, :]     # [B, D, 1, P]
         train = self.train_inputs[None, None, :, :] / self.length_scales[None, :, None, :]    # [1, D, n, P]
-        kernel = self.amplitudes[None, :, None] * torch.exp(-0.5 * (scaled - train).pow(2).sum(-1))  # [B, D, n]
-        mean = (kernel * self.weights.T[None]).sum(-1)
-        return (mean * self.target_std + self.target_mean).float()
+        return self.amplitudes[None, :, None] * torch.exp(-0.5 * (scaled - train).pow(2).sum(-1))
+
+    def _mean(self, kernel):
+        return (kernel * self.weights.T[None]).sum(-1)
 
     @torch.no_grad()
     def fit(self, inputs: np.ndarray, targets: np.ndarray, seed: int) -> "GPRConditioner":
-        """Fit a GP per column of targets [n, D] on inputs [n, P] (fit_gpr) and keep their posterior means."""
+        """Fit a GP per column of targets [n, D] on inputs [n, P] (fit_gpr) and keep what their posterior means and
+        variances are computed from."""
         for dim in range(targets.shape[1]):
             model = fit_gpr(inputs, targets[:, dim], seed)
             signal = model.kernel_.k1  # ConstantKernel * RBF; the WhiteKernel only acts on the training points
@@ -61,5 +96,7 @@ class GPRConditioner(nn.Module):
             self.weights[:, dim] = torch.as_tensor(model.alpha_.reshape(-1))
             self.target_mean[dim] = float(np.asarray(model._y_train_mean).reshape(-1)[0])
             self.target_std[dim] = float(np.asarray(model._y_train_std).reshape(-1)[0])
+            self.noise_levels[dim] = model.kernel_.k2.noise_level
         self.train_inputs.copy_(torch.as_tensor(inputs))
+        self._cholesky = None
         return self

@@ -65,7 +65,9 @@ def load_conditioner(path, device="cpu"):
                            "(with input_type csv, image or image_vit in input_data/condition.txt)")
     try:
         model = build_conditioner(ConditionerSpec.from_dict(payload["spec"]))
-        model.load_state_dict(payload.pop("state_dict"))
+        # GP files from before the posterior variance was kept: its placeholder stays (no spread of their own)
+        model.load_state_dict({**({"noise_levels": model.noise_levels} if hasattr(model, "noise_levels") else {}),
+                               **payload.pop("state_dict")})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(path, f"is not a complete latent conditioner ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})", "retrain it with --lc_only=1") from None

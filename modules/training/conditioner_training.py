@@ -25,9 +25,8 @@ from modules.data.conditions import Conditions
 from modules.data.design_inputs import augment_images
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.evaluation.design_range import design_spaces, training_reference
 from modules.evaluation.metrics import relative_l2
-from modules.models.conditioners import CONDITIONERS, LATENT_GP, NETWORKS, ConditionerSpec, build_conditioner
+from modules.models.conditioners import CONDITIONERS, LATENT_GP, ConditionerSpec, build_conditioner, conditioner_label
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.latents import decode_latents, read_saved_latents
@@ -39,6 +38,8 @@ from modules.training.loop import run_training
 from modules.training.losses import field_loss
 from modules.training.runtime import seed_everything
 from modules.training.schedules import lr_factor
+from modules.uncertainty.design_range import design_spaces, training_reference
+from modules.uncertainty.spread import calibrate_spread, calibration_words
 
 LATENT_GP_MOST_DESIGNS = 1000  # a GP fit costs n^3 per optimiser iteration and latent number: minutes at this n
 
@@ -105,19 +106,40 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     job.model.load_state_dict(read_payload(CONDITIONER_CHECKPOINT, formats=(CONDITIONER_FORMAT,))["state_dict"])
     say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
     kept, kept_spec, choice = job.model, spec, None
+    ensemble = ensemble_against_members(job.model, spec, case, config, say) if spec.members > 1 else None
     if config.latent_gp and CONDITIONERS[config.input_type].reads == "parameters":
         if len(case.fields.train_indices) <= LATENT_GP_MOST_DESIGNS:
             kept, kept_spec, choice = network_or_latent_gp(job.model, spec, case, config, say)
         else:
             say(f"note: no GP on the latents: {len(case.fields.train_indices)} training designs are more than the "
-                f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the {NETWORKS[spec.kind].label} is kept")
+                f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the "
+                f"{conditioner_label(spec.kind, spec.members)} is kept")
+    if ensemble is not None:
+        ensemble["kept"] = kept is job.model
+    calibration = calibrate_spread(kept, case.vae, case.latent_scaler, case.conditions, case.fields,
+                                   config.lc_batch_size, config.seed)
+    say(f"Calibrated the prediction's {calibration_words(calibration)}")
     save_conditioner(CONDITIONER_FILE, kept, kept_spec,
-                     {**job.facts, "choice": choice, "design_range": design_reference(job.model, case, config)})
+                     {**job.facts, "choice": choice, "ensemble": ensemble, "calibration": calibration,
+                      "design_range": design_reference(job.model, case, config)})
     return progress, history
 
 
+def ensemble_against_members(ensemble, spec, case: ConditionerCase, config, say) -> dict:
+    """Whether the ensemble's mean predicts the validation designs' fields better than its members alone (the
+    reports' measure), as plain types; "kept" is added once the choice against the GP is made."""
+    networks = {"ensemble": ensemble, **{f"member {i}": member for i, member in enumerate(ensemble.members, 1)}}
+    errors = validation_field_errors(networks, case, config.lc_batch_size)
+    members = [errors[f"member {i}"] for i in range(1, len(ensemble.members) + 1)]
+    label = conditioner_label(spec.kind, spec.members)
+    say(f"The {label} predicts the validation designs' fields with a mean relative L2 error of "
+        f"{errors['ensemble']:.4%}; its members alone {min(members):.4%} to "
+        f"{max(members):.4%} (mean {np.mean(members):.4%})")
+    return {"label": label, "members": len(members), "ensemble_val": errors["ensemble"], "members_val": members}
+
+
 def design_reference(network, case: ConditionerCase, config) -> dict:
-    """The training designs as --predict compares new ones with them (evaluation.design_range): standardised
+    """The training designs as --predict compares new ones with them (uncertainty.design_range): standardised
     parameters and their raw range, or the images' pooled pixels and the network's features."""
     train = case.fields.train_indices
     reads = CONDITIONERS[config.input_type].reads
@@ -132,22 +154,23 @@ def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
     why, as plain types). Compared by the reports' measure, the mean relative L2 error of a design's whole field in
     physical units; a GP takes seconds to fit for a few hundred designs."""
     train = case.fields.train_indices
-    gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train))
+    gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train), members=1)
     say(f"Fitting a Gaussian process per latent number ({spec.output_dim}) on the {len(train)} training designs ...")
     try:
         latent_gp = GPRConditioner(gp_spec).fit(case.conditions[train].double().cpu().numpy(),
                                                 case.targets[train].double().cpu().numpy(), config.seed)
     except (np.linalg.LinAlgError, ValueError, MemoryError) as error:  # the trained network is still a conditioner
         say(f"warning: the GP on the latents could not be fitted ({type(error).__name__}: {error}); the "
-            f"{NETWORKS[spec.kind].label} is kept")
+            f"{conditioner_label(spec.kind, spec.members)} is kept")
         return network, spec, {"kept": spec.kind, "gp_failed": f"{type(error).__name__}: {error}"}
     latent_gp = latent_gp.to(case.conditions.device)
     errors = validation_field_errors({spec.kind: network, LATENT_GP.kind: latent_gp}, case, config.lc_batch_size)
     keep_gp = errors[LATENT_GP.kind] < errors[spec.kind]
-    kept, other = (LATENT_GP, NETWORKS[spec.kind]) if keep_gp else (NETWORKS[spec.kind], LATENT_GP)
-    say(f"Kept the {kept.label} as the conditioner: it predicts the validation designs' fields with a mean relative "
-        f"L2 error of {errors[kept.kind]:.4%} against {errors[other.kind]:.4%} for the {other.label}")
-    choice = {"kept": kept.kind, "validation_relative_l2": errors}
+    labels = {spec.kind: conditioner_label(spec.kind, spec.members), LATENT_GP.kind: LATENT_GP.label}
+    kept, other = (LATENT_GP.kind, spec.kind) if keep_gp else (spec.kind, LATENT_GP.kind)
+    say(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean relative "
+        f"L2 error of {errors[kept]:.4%} against {errors[other]:.4%} for the {labels[other]}")
+    choice = {"kept": kept, "validation_relative_l2": errors}
     return (latent_gp, gp_spec, choice) if keep_gp else (network, spec, choice)
 
 
@@ -173,7 +196,7 @@ def conditioner_spec(config, case: ConditionerCase) -> ConditionerSpec:
                            output_dim=case.targets.shape[1], filters=config.conditioner_filters,
                            dropout=config.lc_dropout, spatial_attention=bool(config.use_spatial_attention),
                            vit_patch_size=config.vit_patch_size, vit_dim=config.vit_dim, vit_depth=config.vit_depth,
-                           vit_heads=config.vit_heads, vit_drop_path=config.vit_drop_path)
+                           vit_heads=config.vit_heads, vit_drop_path=config.vit_drop_path, members=config.lc_ensemble)
 
 
 def conditioner_facts(config, case: ConditionerCase) -> dict:
@@ -276,15 +299,18 @@ def field_batches(source, shards, config):
 def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, config, runtime):
     """(objective, (latent MSE, field loss)) of one batch, forward passes under the run's autocast, losses in
     float32. fields: scaled [B, T, M] (end to end) or None; without end-to-end training the field loss part is
-    reported as 0 (not computed)."""
+    reported as 0 (not computed). An ensemble's losses are the means of its members' own losses: each member is
+    fitted on its own, never through the others' mean."""
     with runtime.autocast():
-        predicted = model(inputs)
-    latent_mse = F.mse_loss(predicted.float(), case.targets[designs])
+        predicted = model(inputs, every_member=True) if config.lc_ensemble > 1 else model(inputs)[None]  # [K, B, D]
+    members = len(predicted)
+    latent_mse = F.mse_loss(predicted.float(), case.targets[designs].expand_as(predicted))
     if not config.use_e2e_training:
         return latent_mse, (latent_mse.detach(), torch.zeros((), device=predicted.device))
     with runtime.autocast():
-        recon = decode_latents(case.vae, case.latent_scaler, predicted.float())
-    e2e_loss = field_loss(recon.float(), fields, config.e2e_loss_function, config.huber_delta)
+        recon = decode_latents(case.vae, case.latent_scaler, predicted.float().flatten(0, 1))   # [K * B, T, M]
+    e2e_loss = field_loss(recon.float().reshape(members, *fields.shape), fields.expand(members, *fields.shape),
+                          config.e2e_loss_function, config.huber_delta)
     loss = e2e_loss
     if config.use_latent_regularization:
         loss = loss + config.latent_reg_weight * latent_mse

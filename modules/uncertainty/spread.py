@@ -1,0 +1,103 @@
+"""A prediction's uncertainty: draws of a design's field around the conditioner's prediction, whose spread says how
+much the field may differ from it, and that spread calibrated on the validation designs (uncertainty.calibration).
+
+Where the spread comes from (spread_source):
+- "ensemble" (lc_ensemble >= 2): the members' disagreement on each latent number, what the training designs leave
+  open;
+- "gp" (the GP on the latents): its posterior standard deviation of each latent number, which grows with the
+  distance to the training designs;
+- "decoder" (a single network, which has none of its own): the decoder prior's spread at the hierarchical levels, the
+  spread the VAE allows in the finer detail (what --samples drew before ensembles existed).
+
+A draw: the predicted standardised latents plus their standard deviation times standard normal noise, decoded (for
+"decoder": the main latent as predicted, every level's latent plus its prior's noise). The predicted standard
+deviation of a value is the root mean square of (draw - prediction) over the draws, in physical units: around the
+prediction that is reported, and unbiased in its square for any number of draws, so a scale fitted with one number of
+draws holds for another. The noise comes from a seeded CPU generator: repeatable on any device.
+"""
+import numpy as np
+import torch
+
+from modules.data.batches import in_order
+from modules.models.conditioners import latent_spread
+from modules.models.latents import decode_latents, split_latents
+from modules.uncertainty.calibration import CoverageCounts, fit_calibration
+
+CALIBRATION_DRAWS = 32  # draws per validation design when the spread is calibrated
+
+
+def spread_source(conditioner, inputs) -> str:
+    """"ensemble", "gp" or "decoder" (see the module's docstring) for this conditioner, inputs: a few designs."""
+    if hasattr(conditioner, "members"):
+        return "ensemble"
+    _, spread = latent_spread(conditioner, inputs[:1])
+    return "gp" if spread is not None else "decoder"
+
+
+SPREAD_WORDS = {"ensemble": "the disagreement of the conditioner ensemble's members",
+                "gp": "the Gaussian processes' posterior standard deviation of the latents",
+                "decoder": "the decoder prior's spread at the hierarchical levels (this conditioner has no "
+                           "uncertainty of its own: lc_ensemble 5 trains one that has)"}
+
+
+@torch.no_grad()
+def field_draws(conditioner, vae, latent_scaler, inputs, n_draws: int, generator: torch.Generator):
+    """(the prediction [B, T, M], an iterator of n_draws draws [B, T, M]), both in the VAE's scaled units, float32
+    tensors on the inputs' device. The draws are made lazily, one at a time: never all in memory."""
+    latents, spread = latent_spread(conditioner, inputs)
+    prediction = decode_latents(vae, latent_scaler, latents.float()).float()
+
+    def draws():
+        for _ in range(n_draws):
+            if spread is None:
+                main, levels = split_latents(latent_scaler.inverse(latents.float()), vae.spec)
+                noise = torch.randn(len(main), vae.spec.n_levels, vae.spec.level_latent_dim, generator=generator)
+                yield vae.decode_around(main, levels, noise.to(main.device)).float()
+            else:
+                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                yield decode_latents(vae, latent_scaler, latents.float() + spread * noise).float()
+
+    return prediction, draws()
+
+
+def physical_std(prediction: np.ndarray, draws, field_scaler) -> tuple:
+    """(the prediction in physical units [B, T, M], the root mean square of (draw - prediction) [B, T, M] float32).
+    prediction: scaled numpy; draws: an iterable of scaled draws (tensors), consumed."""
+    physical = field_scaler.inverse(prediction)
+    squares, count = np.zeros(physical.shape, np.float64), 0
+    for draw in draws:
+        squares += np.square(field_scaler.inverse(draw.cpu().numpy()) - physical, dtype=np.float64)
+        count += 1
+    return physical, np.sqrt(squares / max(count, 1)).astype(np.float32)
+
+
+@torch.no_grad()
+def calibrate_spread(conditioner, vae, latent_scaler, conditions, fields, batch_size: int, seed: int) -> dict:
+    """The conditioner's spread calibrated on the validation designs (uncertainty.calibration): its source, the draws
+    per design, the scale per time step and the coverage before and after, as plain types. conditions: every
+    design's prepared conditions on the device; fields: the VAE run's Case (validation designs, field scaler)."""
+    val_indices, scaler = fields.val_indices, fields.scaler
+    order = list(in_order(len(val_indices), batch_size))
+    counts = CoverageCounts(len(val_indices), vae.spec.n_steps)
+    generator = torch.Generator().manual_seed(seed)
+    conditioner.eval()
+    for positions, simulated in zip(order, fields.val.batches(order)):
+        designs = torch.as_tensor(val_indices[positions], device=conditions.device)
+        prediction, draws = field_draws(conditioner, vae, latent_scaler, conditions[designs], CALIBRATION_DRAWS,
+                                        generator)
+        predicted, std = physical_std(prediction.cpu().numpy(), draws, scaler)
+        counts.add(positions, predicted - scaler.inverse(simulated.float().cpu().numpy()), std)
+    return {"source": spread_source(conditioner, conditions), "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
+
+
+def calibration_words(calibration: dict) -> str:
+    """One sentence: what the spread is, its scale and the +-2 sigma band's coverage before and after."""
+    scales = calibration["scales"]
+    scale = (f"scaled by {min(scales):.3g} to {max(scales):.3g} per time step" if calibration["per_step"]
+             else f"scaled by {scales[0]:.3g}")
+    coverage, nominal = calibration["coverage"], calibration["coverage"]["nominal"]["2 sigma"]
+    after = ("not measured (one validation design: none to hold out)" if coverage["calibrated"] is None
+             else f"{coverage['calibrated']['2 sigma']:.1%} after (each design held out)")
+    return (f"uncertainty from {SPREAD_WORDS[calibration['source']]}, {scale} on {calibration['n_designs']} "
+            f"validation designs; the +-2 sigma band holds {coverage['raw']['2 sigma']:.1%} of their values before "
+            f"calibration and {after}, {nominal:.1%} expected")

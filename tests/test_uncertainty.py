@@ -1,0 +1,196 @@
+"""A prediction's uncertainty: the ensemble of conditioners, the GP's posterior spread, their calibration on the
+validation designs, and what --predict --samples writes of it."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from modules.cli import main
+from modules.models.conditioners import ConditionerSpec, build_conditioner, latent_spread
+from modules.models.gaussian_process import GPRConditioner, fit_gpr
+from modules.storage.model_files import load_conditioner, save_conditioner
+from modules.uncertainty.calibration import CoverageCounts, fit_calibration
+from test_training import working_directory
+
+
+# -------------------------------------------------------------------------------------------------- calibration
+def counted(errors, std, parts=2):
+    counts = CoverageCounts(*errors.shape[:2])
+    for rows in np.array_split(np.arange(len(errors)), parts):  # added a batch of designs at a time, as in training
+        counts.add(rows, errors[rows], std[rows])
+    return counts
+
+
+def test_calibration_scales_a_spread_too_narrow_by_step_to_the_observed_error_and_covers_95_percent():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.5, 2.0, size=(12, 4, 300))
+    factor = np.array([3.0, 3.0, 1.0, 0.5])[None, :, None]  # the raw spread is off by another factor at each step
+    result = fit_calibration(counted(rng.normal(size=std.shape) * std * factor, std))
+    assert result["per_step"] and np.allclose(result["scales"], factor.ravel(), rtol=0.05)
+    assert result["coverage"]["raw"]["2 sigma"] < 0.85
+    assert abs(result["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.01
+    assert abs(result["coverage"]["calibrated"]["1 sigma"] - 0.6827) < 0.02
+    assert np.allclose(result["reliability"]["calibrated"], result["reliability"]["levels"], atol=0.02)
+
+
+def test_one_scale_serves_every_step_when_each_step_is_off_by_the_same_factor():
+    rng = np.random.default_rng(1)
+    std = rng.uniform(0.5, 2.0, size=(10, 5, 200))
+    result = fit_calibration(counted(rng.normal(size=std.shape) * std * 2.0, std))
+    assert not result["per_step"] and len(set(result["scales"])) == 1 and abs(result["scales"][0] - 2.0) < 0.05
+
+
+def test_a_value_without_spread_is_inside_the_band_only_when_its_error_is_zero_too():
+    std, errors = np.zeros((2, 1, 4)), np.array([[[0.0, 0.0, 0.0, 1.0]], [[0.0, 0.0, 0.0, 1.0]]])
+    result = fit_calibration(counted(errors, std))
+    assert result["scales"] == [1.0] and result["coverage"]["raw"]["2 sigma"] == 0.75
+
+
+def test_calibrated_coverage_is_measured_on_designs_held_out_of_the_fit():
+    """Each design's coverage comes from scales fitted on the others: two designs whose errors differ by a factor
+    of 10 are each judged by the other's scale, so neither is covered as well as an in-sample fit would claim."""
+    std = np.ones((2, 1, 2000))
+    errors = np.random.default_rng(2).normal(size=std.shape) * np.array([1.0, 10.0])[:, None, None]
+    result = fit_calibration(counted(errors, std))
+    assert result["coverage"]["calibrated"]["2 sigma"] < 0.8
+
+
+# ---------------------------------------------------------------------------------------------- the two sources
+def test_the_gp_posterior_std_is_sklearns_without_the_observation_noise_and_grows_away_from_the_designs():
+    rng = np.random.default_rng(0)
+    inputs, far = rng.normal(size=(30, 2)), np.array([[8.0, 8.0], [-8.0, 8.0], [8.0, -8.0], [-8.0, -8.0]])
+    targets = np.stack([np.sin(inputs[:, 0]), inputs[:, 0] * inputs[:, 1]], axis=1)
+    spec = ConditionerSpec(kind="gpr", input_shape=(2,), output_dim=2, filters=(8,), gp_points=30)
+    gp = GPRConditioner(spec).fit(inputs, targets, seed=0)
+    queries = np.concatenate([inputs[:3] + 0.01, far])
+    mean, std = gp.latent_spread(torch.from_numpy(queries))
+    for dim in range(2):
+        model = fit_gpr(inputs, targets[:, dim], seed=0)
+        expected_mean, expected_std = model.predict(queries, return_std=True)
+        noise = model.kernel_.k2.noise_level * float(np.asarray(model._y_train_std).reshape(-1)[0]) ** 2
+        assert np.allclose(mean[:, dim].numpy(), expected_mean, atol=1e-5)
+        assert np.allclose(std[:, dim].numpy() ** 2, expected_std ** 2 - noise, rtol=1e-3, atol=1e-8)
+    assert (std[3:] > 10 * std[:3].max()).all()
+
+
+def test_an_ensemble_predicts_its_members_mean_they_start_apart_and_it_is_saved_and_loaded_whole(tmp_path):
+    torch.manual_seed(0)
+    spec = ConditionerSpec(kind="mlp", input_shape=(3,), output_dim=5, filters=(8, 8), members=3)
+    ensemble = build_conditioner(spec).eval()
+    for member in ensemble.members:  # heads start near zero: give them weights to tell the members apart
+        torch.nn.init.normal_(member.head[1].weight)
+    inputs = torch.randn(4, 3)
+    each = ensemble(inputs, every_member=True)
+    assert each.shape == (3, 4, 5) and torch.allclose(ensemble(inputs), each.mean(0))
+    assert not torch.allclose(each[0], each[1])
+    mean, std = latent_spread(ensemble, inputs)
+    assert torch.allclose(std, each.std(0)) and (std > 0).all()
+    save_conditioner(tmp_path / "ensemble", ensemble, spec, {})
+    loaded, facts = load_conditioner(tmp_path / "ensemble")
+    assert facts["spec"]["members"] == 3 and torch.equal(loaded(inputs), ensemble(inputs))
+
+
+def test_a_gp_file_saved_before_the_posterior_was_kept_loads_and_has_no_spread_of_its_own(tmp_path):
+    spec = ConditionerSpec(kind="gpr", input_shape=(2,), output_dim=1, filters=(8,), gp_points=5)
+    rng = np.random.default_rng(0)
+    gp = GPRConditioner(spec).fit(rng.normal(size=(5, 2)), rng.normal(size=(5, 1)), seed=0)
+    save_conditioner(tmp_path / "gp", gp, spec, {})
+    payload = torch.load(tmp_path / "gp", weights_only=True)
+    del payload["state_dict"]["noise_levels"]
+    torch.save(payload, tmp_path / "gp")
+    loaded, _ = load_conditioner(tmp_path / "gp")
+    assert latent_spread(loaded, torch.zeros(1, 2))[1] is None
+
+
+# ------------------------------------------------------------------------------------------------ on the demo
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The shipped demo case (heat conduction, 96 designs, parameters in a CSV), trained briefly: the VAE keeps its
+    POD start in 5 epochs and the GP on the latents is kept as the conditioner."""
+    folder = tmp_path_factory.mktemp("demo")
+    shutil.copy(REPO / "preset.txt", folder)
+    shutil.copytree(REPO / "input_data", folder / "input_data", ignore=shutil.ignore_patterns("*.py"))
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text().replace("Training_epochs 300", "Training_epochs 5")
+                         .replace("n_epoch         400", "n_epoch 5"))
+    with working_directory(folder):
+        assert main(["--plot=1"]) == 0
+    return folder
+
+
+def evaluation_of(folder):
+    return json.loads((folder / "output" / "evaluation.json").read_text())
+
+
+def test_the_demos_gp_spread_calibrated_holds_95_percent_of_the_validation_values_in_its_2_sigma_band(demo):
+    uncertainty = evaluation_of(demo)["uncertainty"]
+    assert uncertainty["source"] == "gp" and len(uncertainty["scales"]) == 24
+    assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.03
+    assert "## Uncertainty of the prediction" in (demo / "output" / "evaluation.md").read_text()
+    with Image.open(demo / "output" / "calibration.png") as image:
+        assert image.size[0] > 300
+
+
+def test_predict_samples_writes_a_calibrated_std_that_covers_the_new_designs_true_fields(demo, tmp_path):
+    with working_directory(demo):
+        assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
+                     "--samples=32"]) == 0
+    true = np.load(demo / "input_data" / "new_designs" / "fields.npy")
+    error = np.abs(np.load(tmp_path / "new.npy") - true)
+    std = np.load(tmp_path / "new_std.npy")
+    assert 0.85 < np.mean(error <= 2 * std) < 1.0  # 8 designs never seen: near the 95 % the calibration aims at
+    assert np.mean(error <= 2 * std / np.asarray(evaluation_of(demo)["uncertainty"]["scales"])[:, None]) < np.mean(
+        error <= 2 * std)  # the scale widened the raw spread
+
+
+def test_an_ensemble_of_conditioners_is_reported_against_its_members_and_calibrated(demo, tmp_path):
+    folder = tmp_path / "demo"
+    shutil.copytree(demo, folder)
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text().replace("n_epoch 5", "n_epoch 40") + "latent_gp 0\nlc_ensemble 3\n")
+    with working_directory(folder):
+        assert main(["--lc_only=1", "--plot=2"]) == 0
+    report = json.loads((folder / "output" / "prediction_report.json").read_text())
+    assert report["conditioner"] == "ensemble of 3 MLPs, end to end"
+    ensemble = report["ensemble"]
+    assert ensemble["members"] == 3 and ensemble["ensemble_val"] < np.mean(ensemble["members_val"])
+    assert abs(report["conditioner_val"] - ensemble["ensemble_val"]) < 1e-6
+    uncertainty = evaluation_of(folder)["uncertainty"]
+    assert uncertainty["source"] == "ensemble"
+    assert uncertainty["coverage"]["raw"]["2 sigma"] < uncertainty["coverage"]["calibrated"]["2 sigma"]
+    assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.05
+
+
+def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_says_they_are_not_calibrated(
+        demo, tmp_path, capsys):
+    folder = tmp_path / "demo"
+    shutil.copytree(demo, folder)
+    payload = torch.load(folder / "model_save" / "latent_conditioner", weights_only=True)
+    del payload["calibration"]
+    torch.save(payload, folder / "model_save" / "latent_conditioner")
+    with working_directory(folder):
+        assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
+                     "--samples=2"]) == 0
+        assert "the spread is not calibrated" in capsys.readouterr().out
+        assert main(["--evaluate", "--plot=2"]) == 0
+    assert "saved before calibration existed" in evaluation_of(folder)["uncertainty"]["note"]
+
+
+def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported_as_not_kept(demo, tmp_path):
+    folder = tmp_path / "demo"
+    shutil.copytree(demo, folder)
+    with open(folder / "input_data" / "condition.txt", "a") as condition:
+        condition.write("lc_ensemble 2\n")  # latent_gp 1 (the default): 5 epochs leave the networks far behind
+    with working_directory(folder):
+        assert main(["--lc_only=1", "--plot=2"]) == 0
+        assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
+                     "--samples=2"]) == 0
+    report = json.loads((folder / "output" / "prediction_report.json").read_text())
+    assert report["conditioner"] == "GP on latents" and report["ensemble"]["kept"] is False
+    assert report["ensemble"]["label"] == "ensemble of 2 MLPs"
+    assert evaluation_of(folder)["uncertainty"]["source"] == "gp"
+    assert "(not kept: the GP on the latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
