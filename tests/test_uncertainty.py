@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluation import evaluation
 
 from conftest import REPO
 from modules.cli import main
@@ -122,12 +123,8 @@ def demo(tmp_path_factory):
     return folder
 
 
-def evaluation_of(folder):
-    return json.loads((folder / "output" / "evaluation.json").read_text())
-
-
 def test_the_demos_gp_spread_calibrated_holds_95_percent_of_the_validation_values_in_its_2_sigma_band(demo):
-    uncertainty = evaluation_of(demo)["uncertainty"]
+    uncertainty = evaluation(demo)["uncertainty"]
     assert uncertainty["source"] == "gp" and len(uncertainty["scales"]) == 24
     assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.03
     assert "## Uncertainty of the prediction" in (demo / "output" / "evaluation.md").read_text()
@@ -143,7 +140,7 @@ def test_predict_samples_writes_a_calibrated_std_that_covers_the_new_designs_tru
     error = np.abs(np.load(tmp_path / "new.npy") - true)
     std = np.load(tmp_path / "new_std.npy")
     assert 0.85 < np.mean(error <= 2 * std) < 1.0  # 8 designs never seen: near the 95 % the calibration aims at
-    assert np.mean(error <= 2 * std / np.asarray(evaluation_of(demo)["uncertainty"]["scales"])[:, None]) < np.mean(
+    assert np.mean(error <= 2 * std / np.asarray(evaluation(demo)["uncertainty"]["scales"])[:, None]) < np.mean(
         error <= 2 * std)  # the scale widened the raw spread
 
 
@@ -159,7 +156,7 @@ def test_an_ensemble_of_conditioners_is_reported_against_its_members_and_calibra
     ensemble = report["ensemble"]
     assert ensemble["members"] == 3 and ensemble["ensemble_val"] < np.mean(ensemble["members_val"])
     assert abs(report["conditioner_val"] - ensemble["ensemble_val"]) < 1e-6
-    uncertainty = evaluation_of(folder)["uncertainty"]
+    uncertainty = evaluation(folder)["uncertainty"]
     assert uncertainty["source"] == "ensemble"
     assert uncertainty["coverage"]["raw"]["2 sigma"] < uncertainty["coverage"]["calibrated"]["2 sigma"]
     assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.05
@@ -177,7 +174,7 @@ def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_
                      "--samples=2"]) == 0
         assert "the spread is not calibrated" in capsys.readouterr().out
         assert main(["--evaluate", "--plot=2"]) == 0
-    assert "saved before calibration existed" in evaluation_of(folder)["uncertainty"]["note"]
+    assert "saved before calibration existed" in evaluation(folder)["uncertainty"]["note"]
 
 
 def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported_as_not_kept(demo, tmp_path):
@@ -192,5 +189,5 @@ def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported
     report = json.loads((folder / "output" / "prediction_report.json").read_text())
     assert report["conditioner"] == "GP on latents" and report["ensemble"]["kept"] is False
     assert report["ensemble"]["label"] == "ensemble of 2 MLPs"
-    assert evaluation_of(folder)["uncertainty"]["source"] == "gp"
+    assert evaluation(folder)["uncertainty"]["source"] == "gp"
     assert "(not kept: the GP on the latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
