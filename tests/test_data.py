@@ -369,6 +369,23 @@ def test_preloaded_and_streamed_batches_are_identical(tmp_path, monkeypatch, fmt
         assert torch.equal(stream, torch.from_numpy(scaler.transform(array.read(train[positions]))))
 
 
+def test_streaming_workers_serve_every_pass_and_an_abandoned_pass_does_not_leak_into_the_next(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch)
+    array = SimulationArray(find_dataset(1), config)
+    scaler = scan_and_fit_scaler(array, np.arange(12), 1)
+    streamed = StreamedBatches(array, np.arange(12), scaler, "cpu", num_workers=2)
+    expected = lambda positions: torch.from_numpy(scaler.transform(array.read(positions)))
+    first = streamed.batches(batch_order(12, 3, True, seed=0, epoch=0))
+    next(first)  # a pass stopped after one batch, its workers reading ahead
+    workers = streamed._loaded()._iterator._workers
+    for epoch in (1, 2):
+        order = batch_order(12, 5, True, seed=0, epoch=epoch)
+        batches = list(streamed.batches(order))
+        assert len(batches) == len(order)
+        assert all(torch.equal(batch, expected(positions)) for batch, positions in zip(batches, order))
+    assert streamed._loaded()._iterator._workers == workers  # the same worker processes, not new ones per pass
+
+
 def test_make_batches_picks_the_kind_load_all_asks_for(case):
     array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
     scaler = MinMaxScaler([0.0], [1.0])

@@ -68,10 +68,14 @@ def test_amp_bf16_on_a_gpu_without_bf16_is_a_clear_error(monkeypatch):
 
 def test_workers_are_chosen_from_the_hardware_unless_set(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert pick_workers("auto", torch.device("cuda", 0), load_all=False, local_world_size=2)[0] == 4
-    assert pick_workers("auto", torch.device("cuda", 0), load_all=True, local_world_size=1)[0] == 0
-    assert pick_workers("auto", torch.device("cpu"), load_all=False, local_world_size=1)[0] == 0
-    assert pick_workers("3", torch.device("cpu"), load_all=False, local_world_size=1)[0] == 3
+    gpu, large, small = torch.device("cuda", 0), 4 * 2**30, 4 * 2**20
+    assert pick_workers("auto", gpu, load_all=False, local_world_size=2, data_bytes=large)[0] == 4
+    assert pick_workers("auto", gpu, load_all=False, local_world_size=8, data_bytes=large)[0] == 1
+    assert pick_workers("auto", gpu, load_all=True, local_world_size=1, data_bytes=large)[0] == 0
+    assert pick_workers("auto", torch.device("cpu"), load_all=False, local_world_size=1, data_bytes=large)[0] == 0
+    assert pick_workers("auto", gpu, load_all=False, local_world_size=1, data_bytes=small) == \
+        (0, "auto: the data is small (4 MB), read in this process")
+    assert pick_workers("3", gpu, load_all=False, local_world_size=1, data_bytes=small)[0] == 3
 
 
 def test_the_device_setup_line_says_what_was_chosen(case):

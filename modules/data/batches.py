@@ -52,39 +52,68 @@ def on_device(index_arrays, device) -> list:
 
 
 class StreamedBatches:
-    """--load_all=0: each batch is read from the (memory-mapped) file and scaled when it is needed, by num_workers
-    DataLoader processes ahead of the training step; pinned host memory makes the copy to a GPU non-blocking."""
+    """--load_all=0: each batch is read from the (memory-mapped) file when it is needed, by num_workers DataLoader
+    processes ahead of the training step, and scaled on the training device: the workers only copy raw values (on
+    the host, scaling was three more passes over every value, and on a GPU it is free). The same float32 operations
+    as MinMaxScaler.transform, so batches equal the preloaded ones bit for bit. The workers start with the first pass
+    and serve every later one (persistent): starting them for every epoch and validation pass took longer than
+    reading a small case's batches. Pinned host memory makes the copy to a GPU non-blocking."""
 
     def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device, num_workers=0,
                  pin_memory=False):
-        self.reader = _BatchReader(array, np.asarray(indices), scaler)
+        self.reader = _BatchReader(array, np.asarray(indices))
+        self.scaler = scaler
         self.device = torch.device(device)
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._order = _PassOrder()
+        self._loader = None
 
     def __len__(self):
         return len(self.reader.indices)
 
     def batches(self, order):
+        """Scaled batches [b, T, M] on the device, one per position array of order. A pass left unfinished (a
+        stop, an early exit) is dropped by the next one: the persistent workers discard what they had read ahead."""
+        self._order.batches = list(order)
+        for batch in self._loaded():
+            yield self.scaler.transform(batch.to(self.device, non_blocking=self.pin_memory))
+
+    def _loaded(self):
         # A private generator: otherwise each DataLoader iterator draws its seed from torch's global RNG, and a
         # streamed run would sample different latent noise than a preloaded one.
-        loader = torch.utils.data.DataLoader(
-            self.reader, sampler=order, batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, generator=torch.Generator())
-        for batch in loader:
-            yield batch.to(self.device, non_blocking=self.pin_memory)
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self.reader, sampler=self._order, batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, generator=torch.Generator())
+        return self._loader
+
+
+class _PassOrder(torch.utils.data.Sampler):
+    """The batches (position arrays) of the current pass; the one loader of a StreamedBatches reads it anew at each
+    pass, so its persistent workers serve a new order without restarting."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Dataset whose item is a whole batch: one read per batch keeps memory-mapped I/O sequential-ish."""
+    """Dataset whose item is a whole batch in physical units: one read per batch keeps memory-mapped I/O
+    sequential-ish."""
 
-    def __init__(self, array, indices, scaler):
-        self.array, self.indices, self.scaler = array, indices, scaler
+    def __init__(self, array, indices):
+        self.array, self.indices = array, indices
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, positions):
-        return torch.from_numpy(self.scaler.transform(self.array.read(self.indices[positions])))
+        return torch.from_numpy(self.array.read(self.indices[positions]))
 
 
 def make_batches(array, indices, scaler, runtime, load_all: bool):
