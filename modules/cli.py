@@ -14,6 +14,7 @@ from modules.commands.checkpoints import checkpoints_command
 from modules.commands.evaluate import evaluate_saved
 from modules.commands.predict import predict_file
 from modules.commands.reconstruct import reconstruct_file
+from modules.commands.suggest import suggest_designs
 from modules.commands.train import AUTO_RESUME, train_all, train_conditioner_only
 from modules.config import FLAG_KEYS, check_flag, load_config
 from modules.config.keys import add_key_flags
@@ -26,7 +27,7 @@ from modules.training.guard import Stopped
 from modules.training.runtime import pick_device
 
 EXIT_BAD_INPUT = 2
-# flags that only training reads (device also serves --reconstruct and --predict, plot --evaluate)
+# flags that only training reads (device also serves --reconstruct, --predict and --suggest, plot --evaluate)
 TRAINING_ONLY_FLAGS = (*(key.field for key in FLAG_KEYS if key.field != "device"), "use_ddp", "lc_only", "resume")
 
 
@@ -82,8 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, metavar="K", default=0,
                         help="with --predict: also draw K decoder samples per design, written with their mean and "
                              "standard deviation beside --out")
-    parser.add_argument("--out", metavar="OUT.npy",
-                        help="output file of --reconstruct or --predict (must not exist yet)")
+    parser.add_argument("--suggest", type=int, metavar="K",
+                        help="instead of training: pick K designs to simulate next, those whose simulation would "
+                             "remove most of the conditioner's uncertainty; written as a CSV to --out (default "
+                             "output/suggested_designs.csv)")
+    parser.add_argument("--candidates", metavar="PATH.csv",
+                        help="with --suggest: pick from the designs in this CSV (the training parameters' columns) "
+                             "instead of a Sobol sample of the training parameter box")
+    parser.add_argument("--out", metavar="OUT",
+                        help="output file of --reconstruct or --predict (.npy) or --suggest (.csv); must not exist "
+                             "yet")
     return parser
 
 
@@ -93,12 +102,16 @@ def main(argv=None) -> int:
         refuse_flags_of_the_other_mode(args)
         if args.list_runs:
             print(list_runs(args.list_runs))
-        elif args.reconstruct:
+        elif args.reconstruct is not None:
             reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
                                                                                             args.device or "auto")))
-        elif args.predict:
+        elif args.predict is not None:
             predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE,
                          pick_device(check_flag("device", args.device or "auto")))
+        elif args.suggest is not None:
+            with writing_in_the_case_folder(sys.argv[1:] if argv is None else argv):  # output/ by default
+                suggest_designs(args.suggest, args.candidates, args.out, CONDITIONER_FILE,
+                                pick_device(check_flag("device", args.device or "auto")))
         elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
             checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
         else:
@@ -143,8 +156,11 @@ def writing_in_the_case_folder(argv):
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs")
-             if getattr(args, name)]
+    empty = [f"--{name}" for name in ("reconstruct", "predict", "candidates", "out") if getattr(args, name) == ""]
+    if empty:
+        raise InputError("command line", f"{empty[0]} is given no path", f"write {empty[0]}=PATH, or drop it")
+    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs", "suggest")
+             if getattr(args, name) is not None and getattr(args, name) is not False]
     if len(modes) > 1:
         raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
     mode = modes[0] if modes else None
@@ -159,15 +175,20 @@ def refuse_flags_of_the_other_mode(args) -> None:
             where = "training and --evaluate" if unused == ["--plot"] else "training"
             raise InputError("command line", f"{', '.join(unused)} only apply to {where}, not to {mode}",
                              "drop them")
-    if args.out and mode not in ("--reconstruct", "--predict"):
-        raise InputError("command line", "--out is where --reconstruct or --predict writes, but neither is given",
-                         "add --reconstruct=PATH.npy or --predict=PATH, or drop --out")
+    if args.out is not None and mode not in ("--reconstruct", "--predict", "--suggest"):
+        raise InputError("command line", "--out is where --reconstruct, --predict or --suggest writes, but none of "
+                         "them is given", "add --reconstruct=PATH.npy, --predict=PATH or --suggest=K, or drop --out")
+    if args.candidates is not None and mode != "--suggest":
+        raise InputError("command line", "--candidates are the designs --suggest picks from, but --suggest is not "
+                         "given", "add --suggest=K, or drop --candidates")
     if args.lc_only and args.size:
         raise InputError("command line", "--size sets the VAE, which --lc_only=1 does not train",
                          "drop --size (the saved VAE keeps its size)")
     if args.samples < 0 or (args.samples and not args.predict):
         raise InputError("command line", f"--samples={args.samples} needs --predict and a count >= 1",
                          "use --samples=K together with --predict, or drop it")
+    if args.suggest is not None and args.suggest <= 0:
+        raise InputError("command line", f"--suggest={args.suggest} asks for no designs", "give --suggest=K, K >= 1")
 
 
 def flag_given(args, name: str) -> bool:

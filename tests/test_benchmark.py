@@ -94,3 +94,24 @@ def test_generated_cases_are_the_physics_they_claim():
     burgers = burgers_fields(parameters, steps=4, nodes=128)
     assert np.allclose(burgers.mean(axis=2), parameters[:, :1], atol=1e-6)  # a conservative scheme keeps the mean
     assert np.all(burgers.max(axis=2) <= (parameters[:, 0] + parameters[:, 1])[:, None] + 1e-5)  # no new extrema
+
+
+def test_the_active_learning_benchmark_simulates_added_designs_as_the_demo_did_and_appends_them(tmp_path):
+    import active_learning
+    shipped = REPO / "input_data"
+    k_max = float(active_learning.demo.conductivity_fields(active_learning.read_rows(shipped / "parameters.csv"),
+                                                           active_learning.GRID).max())
+    new = active_learning.read_rows(shipped / "new_designs" / "parameters.csv")  # written to 6 digits
+    assert np.allclose(active_learning.simulate(new, k_max), np.load(shipped / "new_designs" / "fields.npy"),
+                       atol=1e-4)
+    base = tmp_path / "base"
+    (base / "input_data").mkdir(parents=True)
+    (base / "preset.txt").write_text((REPO / "preset.txt").read_text())
+    for name in ("condition.txt", "dataset1.npy", "parameters.csv", "node_coordinates.csv"):
+        (base / "input_data" / name).write_bytes((shipped / name).read_bytes())
+    folder = active_learning.case_with(tmp_path / "arm", base, new[:3], k_max)
+    fields = np.load(folder / "input_data" / "dataset1.npy")
+    assert fields.shape[0] == 99 and np.array_equal(fields[:96], np.load(shipped / "dataset1.npy"))
+    assert np.allclose(fields[96:], np.load(shipped / "new_designs" / "fields.npy")[:3], atol=1e-4)
+    assert np.array_equal(active_learning.read_rows(folder / "input_data" / "parameters.csv")[96:], new[:3])
+    assert "Dim1            99" in (folder / "input_data" / "condition.txt").read_text().splitlines()

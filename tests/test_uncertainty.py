@@ -11,10 +11,12 @@ from test_evaluation import evaluation
 
 from conftest import REPO
 from modules.cli import main
+from modules.data.scaling import ColumnScaler
 from modules.models.conditioners import ConditionerSpec, build_conditioner, latent_spread
 from modules.models.gaussian_process import GPRConditioner, fit_gpr
 from modules.storage.model_files import load_conditioner, save_conditioner
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
+from modules.uncertainty.next_designs import pick_diverse, sobol_candidates, variance_reduction_picks
 from test_training import working_directory
 
 
@@ -107,6 +109,63 @@ def test_a_gp_file_saved_before_the_posterior_was_kept_loads_and_has_no_spread_o
     assert latent_spread(loaded, torch.zeros(1, 2))[1] is None
 
 
+# ------------------------------------------------------------------------------------------- what to simulate next
+def test_the_greedy_picks_leave_the_most_uncertain_spot_once_it_holds_a_pick():
+    """All the spread is near one corner of a dense grid: the K largest spreads are K neighbours there; the diversity
+    term keeps the picks apart (a pick at half the spacing from another counts half its spread)."""
+    axis = np.linspace(0.0, 4.0, 41)
+    points = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+    spread = np.exp(-np.linalg.norm(points, axis=1))
+    picks = pick_diverse(spread, points, 5, spacing=1.0)
+    assert picks[0] == int(np.argmax(spread)) and len(set(picks)) == 5
+    apart = np.linalg.norm(points[picks][:, None] - points[picks][None], axis=2) + np.eye(5) * 99
+    assert apart.min() > 0.45
+    top_five = np.argsort(-spread, kind="stable")[:5]
+    assert (np.linalg.norm(points[top_five][:, None] - points[top_five][None], axis=2) + np.eye(5) * 99).min() < 0.2
+
+
+def test_the_gp_picks_the_design_that_most_reduces_the_variance_averaged_over_the_candidates_not_the_largest():
+    """Training designs cover [-1.5, 0] of a 1-D parameter, candidates [-1.5, 1.5]: the largest posterior variance
+    is at the far end, but a design inside the gap informs more candidates. The first pick is the brute-force
+    optimum of the mean variance reduction, each later pick is computed with the earlier ones observed."""
+    train = np.linspace(-1.5, 0.0, 8)[:, None]
+    spec = ConditionerSpec(kind="gpr", input_shape=(1,), output_dim=2, filters=(8,), gp_points=8)
+    gp = GPRConditioner(spec).fit(train, np.concatenate([np.sin(2 * train), train ** 2], axis=1), seed=0)
+    candidates = torch.linspace(-1.5, 1.5, 201, dtype=torch.float64)[:, None]
+    weights = np.array([1.0, 0.5])
+    picks = variance_reduction_picks(gp, candidates, weights, 3, seed=0)
+
+    def mean_variance(observed):
+        total = 0.0
+        for dim in range(2):
+            scale, amplitude = gp.length_scales[dim, 0].item(), gp.amplitudes[dim].item()
+            kernel = lambda a, b: amplitude * np.exp(-0.5 * ((a[:, None] - b[None, :]) / scale) ** 2)  # noqa: E731
+            points, grid = np.asarray(observed, dtype=np.float64), candidates[:, 0].numpy()
+            covariance = kernel(points, points) + np.eye(len(points)) * (gp.noise_levels[dim].item() + 1e-10)
+            cross = kernel(points, grid)
+            variance = amplitude - np.sum(cross * np.linalg.solve(covariance, cross), axis=0)
+            total += weights[dim] * gp.target_std[dim].item() ** 2 * variance.mean()
+        return total
+
+    known = list(train[:, 0])
+    after = [mean_variance(known + [float(x)]) for x in candidates[:, 0]]
+    assert picks[0] == int(np.argmin(after))
+    _, std = gp.latent_spread(candidates)
+    assert int(torch.argmax(std[:, 0])) == 200 and 0.2 < candidates[picks[0], 0] < 1.4  # not the far end
+    assert mean_variance(known + [float(candidates[picks[0], 0])]) < mean_variance(known + [1.5])
+    second = [mean_variance(known + [float(candidates[picks[0], 0]), float(x)]) for x in candidates[:, 0]]
+    assert picks[1] == int(np.argmin(second)) and len(set(picks)) == 3
+
+
+def test_sobol_candidates_fill_the_training_box_and_repeat_for_a_seed():
+    low, high = np.array([0.0, 10.0, 5.0]), np.array([1.0, 20.0, 5.0])  # the third parameter never varied
+    sample = sobol_candidates(low, high, 256, seed=3)
+    assert sample.shape == (256, 3) and (sample >= low).all() and (sample <= high).all()
+    assert np.allclose(sample[:, 2], 5.0) and np.histogram(sample[:, 0], bins=4, range=(0, 1))[0].tolist() == [64] * 4
+    assert np.array_equal(sample, sobol_candidates(low, high, 256, seed=3))
+    assert not np.array_equal(sample, sobol_candidates(low, high, 256, seed=4))
+
+
 # ------------------------------------------------------------------------------------------------ on the demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -144,7 +203,8 @@ def test_predict_samples_writes_a_calibrated_std_that_covers_the_new_designs_tru
         error <= 2 * std)  # the scale widened the raw spread
 
 
-def test_an_ensemble_of_conditioners_is_reported_against_its_members_and_calibrated(demo, tmp_path):
+def test_an_ensemble_of_conditioners_is_reported_against_its_members_calibrated_and_suggests(demo, tmp_path,
+                                                                                             capsys):
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
     condition = folder / "input_data" / "condition.txt"
@@ -160,6 +220,11 @@ def test_an_ensemble_of_conditioners_is_reported_against_its_members_and_calibra
     assert uncertainty["source"] == "ensemble"
     assert uncertainty["coverage"]["raw"]["2 sigma"] < uncertainty["coverage"]["calibrated"]["2 sigma"]
     assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.05
+    with working_directory(folder):  # without a GP, --suggest picks by the members' spread and keeps picks apart
+        assert main(["--suggest=3"]) == 0
+    _, rows = suggestions(folder / "output" / "suggested_designs.csv")
+    assert rows.shape == (3, 5) and rows[0, 4] == rows[:, 4].max()  # the most uncertain candidate first
+    assert "the disagreement of the conditioner ensemble's members), with a diversity term" in capsys.readouterr().out
 
 
 def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_says_they_are_not_calibrated(
@@ -191,3 +256,44 @@ def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported
     assert report["ensemble"]["label"] == "ensemble of 2 MLPs"
     assert evaluation(folder)["uncertainty"]["source"] == "gp"
     assert "(not kept: the GP on the latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
+
+
+def suggestions(path):
+    lines = path.read_text().splitlines()
+    return lines[0].split(","), np.array([[float(cell) for cell in line.split(",")] for line in lines[1:]])
+
+
+def test_suggest_is_repeatable_stays_in_the_training_box_and_keeps_its_picks_apart(demo, tmp_path):
+    with working_directory(demo):
+        assert main(["--suggest=6", f"--out={tmp_path / 'a.csv'}"]) == 0
+        assert main(["--suggest=6", f"--out={tmp_path / 'b.csv'}"]) == 0
+        _, facts = load_conditioner("model_save/latent_conditioner")
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    header, rows = suggestions(tmp_path / "a.csv")
+    assert header == ["cx", "cy", "radius", "conductivity", "predicted_relative_std"] and rows.shape == (6, 5)
+    reference = facts["design_range"]
+    assert (rows[:, :4] >= reference["low"]).all() and (rows[:, :4] <= reference["high"]).all()
+    assert rows[:, 4].min() > 0
+    points = ColumnScaler.from_dict(facts["input_scaler"]).transform(rows[:, :4]).astype(np.float64)
+    spacing = reference["spaces"]["parameters"]["typical_distance"]
+    apart = np.linalg.norm(points[:, None] - points[None], axis=2) + np.eye(6) * 99
+    assert apart.min() >= 0.5 * spacing
+    training = np.asarray(reference["spaces"]["parameters"]["points"])  # standardised alike
+    nearest = np.linalg.norm(points[:, None] - training[None], axis=2).min(axis=1)
+    assert np.median(nearest) > spacing  # where the training designs are not
+
+
+def test_suggest_from_candidates_picks_rows_of_the_file_the_farthest_first_and_warns_it_is_outside(demo, tmp_path,
+                                                                                                    capsys):
+    candidates = tmp_path / "candidates.csv"
+    known = np.loadtxt(demo / "input_data" / "parameters.csv", delimiter=",", skiprows=1)[:5]
+    far = known[:1] * [1.0, 1.0, 1.0, 0.0] + [0.0, 0.0, 0.0, 9.9]  # the first design, conductivity at the top
+    rows = np.concatenate([known, far])
+    lines = [",".join(f"{value:.17g}" for value in row) for row in rows]
+    candidates.write_text("\n".join(["cx,cy,radius,conductivity", *lines]) + "\n")
+    with working_directory(demo):
+        assert main(["--suggest=2", f"--candidates={candidates}", f"--out={tmp_path / 'next.csv'}"]) == 0
+    _, picked = suggestions(tmp_path / "next.csv")
+    assert np.array_equal(picked[0, :4], far[0])
+    assert any(np.array_equal(picked[1, :4], row) for row in known)  # to the last digit: ready for the solver
+    assert "suggestion 1: conductivity = 9.9 outside [" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from modules.storage.atomic import array_written_in_place, save_array, save_json
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import new_output_file
 from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary
-from modules.uncertainty.spread import SPREAD_WORDS, field_draws
+from modules.uncertainty.spread import SPREAD_WORDS, calibration_scales, field_draws, relative_norm
 
 
 def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> np.ndarray:
@@ -64,13 +64,14 @@ def output_paths(out, samples: int) -> dict:
     return paths
 
 
-def read_inputs(source, config, facts):
+def read_inputs(source, config, facts, flag="--predict"):
     """The new designs' conditions, prepared exactly as in training (standardised parameters or [0, 1] images), their
-    raw parameters (None for images) and how the user names each design (its CSV row or image file)."""
+    raw parameters (None for images) and how the user names each design (its CSV row or image file). flag: the
+    command-line flag that named source (--predict, or --suggest's --candidates)."""
     if CONDITIONERS[config.input_type].reads == "parameters":
         if not Path(source).is_file():  # read_parameters' own message points at param_dir, the training CSV
             raise InputError(source, "not found" if not Path(source).exists() else "is a folder, not a CSV file",
-                             "give --predict the path of a CSV of new designs (one row of parameters per design)")
+                             f"give {flag} the path of a CSV of new designs (one row of parameters per design)")
         scaler = ColumnScaler.from_dict(facts["input_scaler"])
         values, names = read_parameters(source)
         if values.shape[1] != len(scaler.mean):
@@ -149,13 +150,7 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
     from a generator seeded by `seed`. Returns each design's |OUT_std| / |OUT|."""
     generator = torch.Generator().manual_seed(config.seed)
     n, (steps, nodes) = len(inputs), (config.n_steps_used, config.n_nodes_used)
-    calibration = facts.get("calibration")
-    if calibration is None:
-        say("note: the spread is not calibrated: the conditioner was saved before calibration existed (retrain it "
-            "with --lc_only=1 to calibrate it)")
-        scales = np.ones(steps, np.float32)
-    else:
-        scales = np.asarray(calibration["scales"], np.float32)
+    calibration, scales = facts.get("calibration"), calibration_scales(facts, steps, say)
     mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
     relative = np.empty(n)
     with array_written_in_place(outputs["samples"], (n, samples, steps, nodes)) as written:  # renamed once whole
@@ -172,8 +167,7 @@ def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples:
                 squares += np.square(deviation, dtype=np.float64)
             mean[start:stop] = predicted + total / samples
             std[start:stop] = np.sqrt(squares / samples)
-            relative[start:stop] = (np.linalg.norm(std[start:stop].reshape(stop - start, -1), axis=1)
-                                    / np.maximum(np.linalg.norm(predicted.reshape(stop - start, -1), axis=1), 1e-30))
+            relative[start:stop] = relative_norm(std[start:stop], predicted)
     save_array(outputs["mean"], mean)
     save_array(outputs["std"], std)
     source = SPREAD_WORDS[calibration["source"]] if calibration else "an uncalibrated spread"

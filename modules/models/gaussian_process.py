@@ -77,9 +77,14 @@ class GPRConditioner(nn.Module):
 
     def _kernel(self, params):
         """The signal kernel between designs [B, P] and the training designs: [B, D, n], float64."""
-        scaled = params.double()[:, None, None, :] / self.length_scales[None, :, None, :]     # [B, D, 1, P]
-        train = self.train_inputs[None, None, :, :] / self.length_scales[None, :, None, :]    # [1, D, n, P]
-        return self.amplitudes[None, :, None] * torch.exp(-0.5 * (scaled - train).pow(2).sum(-1))
+        return self.covariance(params, self.train_inputs).permute(1, 0, 2)
+
+    def covariance(self, first, second):
+        """The prior (signal) covariance of each GP between two sets of standardised designs [A, P] and [B, P]:
+        [D, A, B], float64, in the GPs' normalised units."""
+        first = first.double()[None, :, None, :] / self.length_scales[:, None, None, :]      # [D, A, 1, P]
+        second = second.double()[None, None, :, :] / self.length_scales[:, None, None, :]    # [D, 1, B, P]
+        return self.amplitudes[:, None, None] * torch.exp(-0.5 * (first - second).pow(2).sum(-1))
 
     def _mean(self, kernel):
         return (kernel * self.weights.T[None]).sum(-1)

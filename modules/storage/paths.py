@@ -24,13 +24,14 @@ CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, runs/<run id>/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
 PREDICTION_PLOT = OUTPUT_DIR / "prediction_samples.png"
+SUGGESTIONS_FILE = OUTPUT_DIR / "suggested_designs.csv"  # --suggest without --out
 EVALUATION_OUTPUTS = tuple(OUTPUT_DIR / name for name in (
     "evaluation.json", "evaluation.md", "memorization.json", "evaluation_reconstruction_fields.png",
     "evaluation_prediction_fields.png", "evaluation_error_per_step.png", "latent_space.png", "active_units.png"))
 CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, CONDITIONER_LAST,
                        OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", PREDICTION_REPORT.with_suffix(".json"),
                        PREDICTION_REPORT.with_suffix(".md"), PREDICTION_PLOT,
-                       OUTPUT_DIR / "conditioner_loss_curves.png", *EVALUATION_OUTPUTS)
+                       OUTPUT_DIR / "conditioner_loss_curves.png", SUGGESTIONS_FILE, *EVALUATION_OUTPUTS)
 
 
 def archive_previous_run(stamp: str | None = None):
@@ -80,13 +81,13 @@ def make_run_folders() -> None:
 
 
 def new_output_file(out, command: str, suffix: str = ".npy") -> Path:
-    """The output path of command (--reconstruct, --predict) must be a new file with that suffix in an existing
-    folder: never overwrite a user's file."""
+    """The output path of command (--reconstruct, --predict, --suggest) must be a new file with that suffix in an
+    existing folder: never overwrite a user's file."""
     if out is None:
-        raise InputError("command line", f"{command} needs --out", "add --out=OUT.npy")
+        raise InputError("command line", f"{command} needs --out", f"add --out=OUT{suffix}")
     out = Path(out)
     if out.suffix != suffix:
-        raise InputError(out, "output must be an .npy file", "give --out a name ending in .npy")
+        raise InputError(out, f"output must be a {suffix} file", f"give --out a name ending in {suffix}")
     if out.exists():
         raise InputError(out, "already exists and would be overwritten", "choose another --out or move that file")
     if not out.parent.is_dir():

@@ -71,6 +71,38 @@ def physical_std(prediction: np.ndarray, draws, field_scaler) -> tuple:
     return physical, np.sqrt(squares / max(count, 1)).astype(np.float32)
 
 
+def calibration_scales(facts: dict, n_steps: int, say) -> np.ndarray:
+    """float32 [T]: the calibration's scale per time step saved with a conditioner (ones, with a note, for a file
+    saved before calibration existed)."""
+    calibration = facts.get("calibration")
+    if calibration is None:
+        say("note: the spread is not calibrated: the conditioner was saved before calibration existed (retrain it "
+            "with --lc_only=1 to calibrate it)")
+        return np.ones(n_steps, np.float32)
+    return np.asarray(calibration["scales"], np.float32)
+
+
+@torch.no_grad()
+def relative_spread(conditioner, vae, latent_scaler, field_scaler, inputs, scales, n_draws: int, batch_size: int,
+                    generator: torch.Generator) -> np.ndarray:
+    """float64 [n]: each design's calibrated standard deviation over the norm of its predicted field, both over the
+    whole field in physical units (what --predict --samples reports as predicted_relative_std), from n_draws
+    draws. scales: the calibration's scale per time step."""
+    relative = []
+    for start in range(0, len(inputs), batch_size):
+        prediction, draws = field_draws(conditioner, vae, latent_scaler, inputs[start:start + batch_size], n_draws,
+                                        generator)
+        predicted, std = physical_std(prediction.cpu().numpy(), draws, field_scaler)
+        relative.append(relative_norm(std * np.asarray(scales, np.float32)[None, :, None], predicted))
+    return np.concatenate(relative)
+
+
+def relative_norm(std: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """float64 [B]: per design, the norm of its standard deviation [B, T, M] over the norm of its prediction."""
+    return (np.linalg.norm(std.reshape(len(std), -1), axis=1)
+            / np.maximum(np.linalg.norm(predicted.reshape(len(predicted), -1), axis=1), 1e-30))
+
+
 @torch.no_grad()
 def calibrate_spread(conditioner, vae, latent_scaler, conditions, fields, batch_size: int, seed: int) -> dict:
     """The conditioner's spread calibrated on the validation designs (uncertainty.calibration): its source, the draws
