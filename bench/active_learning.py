@@ -1,6 +1,6 @@
 """Does simulating the designs --suggest picks improve the surrogate more than simulating as many random designs?
 
-    python bench/active_learning.py                        # the demo case, 16 added designs (about 12 minutes)
+    python bench/active_learning.py                        # the demo case, 16 added designs (about 15 minutes)
     python bench/active_learning.py --add 8 --random_seeds 1 2 3 --json al.json
 
 On the shipped demo (heat conduction past an inclusion; input_data/make_demo_case.py solves any design):
@@ -38,7 +38,7 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--add", type=int, default=16, help="designs added in every arm")
     parser.add_argument("--test", type=int, default=128, help="test designs, never trained on")
-    parser.add_argument("--random_seeds", type=int, nargs="+", default=[1, 2], help="one random arm per seed")
+    parser.add_argument("--random_seeds", type=int, nargs="+", default=[1, 2, 3, 4], help="one random arm per seed")
     parser.add_argument("--workdir", type=Path, default=Path("bench_active_learning"))
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)

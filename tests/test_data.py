@@ -377,13 +377,18 @@ def test_streaming_workers_serve_every_pass_and_an_abandoned_pass_does_not_leak_
     expected = lambda positions: torch.from_numpy(scaler.transform(array.read(positions)))
     first = streamed.batches(batch_order(12, 3, True, seed=0, epoch=0))
     next(first)  # a pass stopped after one batch, its workers reading ahead
-    workers = streamed._loaded()._iterator._workers
+    workers = [worker.pid for worker in streamed._loaded()._iterator._workers]
     for epoch in (1, 2):
         order = batch_order(12, 5, True, seed=0, epoch=epoch)
         batches = list(streamed.batches(order))
         assert len(batches) == len(order)
         assert all(torch.equal(batch, expected(positions)) for batch, positions in zip(batches, order))
-    assert streamed._loaded()._iterator._workers == workers  # the same worker processes, not new ones per pass
+    assert [worker.pid for worker in streamed._loaded()._iterator._workers] == workers  # not new ones per pass
+    older = streamed.batches(batch_order(12, 3, False, seed=0, epoch=0))
+    next(older)
+    next(streamed.batches(batch_order(12, 3, True, seed=0, epoch=9)))
+    with pytest.raises(RuntimeError, match="resumed after a newer pass"):
+        next(older)  # an older pass cannot take the newer pass's batches
 
 
 def test_make_batches_picks_the_kind_load_all_asks_for(case):

@@ -124,7 +124,9 @@ def test_the_greedy_picks_leave_the_most_uncertain_spot_once_it_holds_a_pick():
     assert (np.linalg.norm(points[top_five][:, None] - points[top_five][None], axis=2) + np.eye(5) * 99).min() < 0.2
 
 
-def test_the_gp_picks_the_design_that_most_reduces_the_variance_averaged_over_the_candidates_not_the_largest():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the GP's buffers on a GPU are checked where there is one"))])
+def test_the_gp_picks_the_design_that_most_reduces_the_variance_averaged_over_the_candidates_not_the_largest(device):
     """Training designs cover [-1.5, 0] of a 1-D parameter, candidates [-1.5, 1.5]: the largest posterior variance
     is at the far end, but a design inside the gap informs more candidates. The first pick is the brute-force
     optimum of the mean variance reduction, each later pick is computed with the earlier ones observed."""
@@ -133,7 +135,8 @@ def test_the_gp_picks_the_design_that_most_reduces_the_variance_averaged_over_th
     gp = GPRConditioner(spec).fit(train, np.concatenate([np.sin(2 * train), train ** 2], axis=1), seed=0)
     candidates = torch.linspace(-1.5, 1.5, 201, dtype=torch.float64)[:, None]
     weights = np.array([1.0, 0.5])
-    picks = variance_reduction_picks(gp, candidates, weights, 3, seed=0)
+    picks = variance_reduction_picks(gp.to(device), candidates, weights, 3, seed=0)
+    gp = gp.cpu()
 
     def mean_variance(observed):
         total = 0.0
@@ -272,8 +275,12 @@ def test_suggest_is_repeatable_stays_in_the_training_box_and_keeps_its_picks_apa
     header, rows = suggestions(tmp_path / "a.csv")
     assert header == ["cx", "cy", "radius", "conductivity", "predicted_relative_std"] and rows.shape == (6, 5)
     reference = facts["design_range"]
-    assert (rows[:, :4] >= reference["low"]).all() and (rows[:, :4] <= reference["high"]).all()
-    assert rows[:, 4].min() > 0
+    picks = tmp_path / "picks.csv"  # the column is what --predict --samples reports for the same designs
+    picks.write_text("\n".join(line.rsplit(",", 1)[0] for line in (tmp_path / "a.csv").read_text().splitlines()))
+    with working_directory(demo):
+        assert main([f"--predict={picks}", f"--out={tmp_path / 'p.npy'}", "--samples=16"]) == 0
+    report = json.loads((tmp_path / "p_report.json").read_text())["designs"]
+    assert np.allclose([row["predicted_relative_std"] for row in report], rows[:, 4], rtol=0.2)
     points = ColumnScaler.from_dict(facts["input_scaler"]).transform(rows[:, :4]).astype(np.float64)
     spacing = reference["spaces"]["parameters"]["typical_distance"]
     apart = np.linalg.norm(points[:, None] - points[None], axis=2) + np.eye(6) * 99

@@ -78,7 +78,7 @@ def pick_designs(source: str, conditioner, vae, field_scaler, facts: dict, input
                                torch.Generator().manual_seed(config.seed))
 
     if source == "gp":
-        weights = latent_field_weights(vae, latent_scaler, field_scaler, len(latent_scaler.mean))
+        weights = latent_field_weights(vae, latent_scaler, field_scaler, len(latent_scaler.mean), config.batch_size)
         picked = variance_reduction_picks(conditioner, inputs, weights, count, config.seed)
         return picked, relative_std_of(inputs[picked]), (
             "the largest reduction of the GPs' posterior variance of the field, averaged over the candidates, each "

@@ -67,6 +67,7 @@ class StreamedBatches:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self._order = _PassOrder()
         self._loader = None
+        self._passes = 0  # passes started: an older pass resumed after a newer one began would read its batches
 
     def __len__(self):
         return len(self.reader.indices)
@@ -74,8 +75,12 @@ class StreamedBatches:
     def batches(self, order):
         """Scaled batches [b, T, M] on the device, one per position array of order. A pass left unfinished (a
         stop, an early exit) is dropped by the next one: the persistent workers discard what they had read ahead."""
+        self._passes += 1
+        this_pass = self._passes
         self._order.batches = list(order)
         for batch in self._loaded():
+            if self._passes != this_pass:
+                raise RuntimeError("a pass over streamed batches was resumed after a newer pass began")
             yield self.scaler.transform(batch.to(self.device, non_blocking=self.pin_memory))
 
     def _loaded(self):

@@ -25,6 +25,7 @@ class MinMaxScaler:
         # A constant variable maps to the middle of the range instead of dividing by zero.
         self._scale = np.where(span > 0, (self.high - self.low) / np.where(span > 0, span, 1.0), 1.0)
         self._base = np.where(span > 0, self.low, (self.low + self.high) / 2)
+        self._tensors = {}  # (constant's name, dtype, device) -> tensor: one host-to-GPU copy each, not one per batch
 
     @property
     def n_vars(self) -> int:
@@ -34,17 +35,17 @@ class MinMaxScaler:
         """Physical -> scaled: (x - min) * scale + low. values: [..., M] numpy array or tensor; returns the same kind
         (float32). Computed in float32 in place: a chunk of a large dataset costs one float32 copy, no more."""
         out = self._per_variable(values)
-        out -= self._constant(self.data_min, out)
-        out *= self._constant(self._scale, out)
-        out += self._constant(self._base, out)
+        out -= self._constant("data_min", out)
+        out *= self._constant("scale", out)
+        out += self._constant("base", out)
         return out.reshape(values.shape)
 
     def inverse(self, values):
         """Scaled -> physical, the inverse of transform up to float32 rounding."""
         out = self._per_variable(values)
-        out -= self._constant(self._base, out)
-        out *= self._constant(1.0 / self._scale, out)
-        out += self._constant(self.data_min, out)
+        out -= self._constant("base", out)
+        out *= self._constant("inverse_scale", out)
+        out += self._constant("data_min", out)
         return out.reshape(values.shape)
 
     def physical_spread(self, scaled_spread):
@@ -60,12 +61,18 @@ class MinMaxScaler:
             copy = np.array(values, dtype=np.float32, copy=True)
         return copy.reshape(*lead, self.n_vars, n_nodes // self.n_vars)
 
-    @staticmethod
-    def _constant(per_variable, like):
-        """A per-variable constant shaped [n_vars, 1] to broadcast over like, in its kind and dtype."""
-        if isinstance(like, torch.Tensor):
-            return torch.as_tensor(per_variable[:, None], dtype=like.dtype, device=like.device)
-        return per_variable[:, None].astype(np.float32)
+    def _constant(self, name: str, like):
+        """A per-variable constant (data_min, scale, base, inverse_scale) shaped [n_vars, 1] to broadcast over like,
+        in its kind and dtype. On a GPU each is copied once and kept: a copy from host memory per batch would make
+        the host wait for the GPU's queued work every time."""
+        per_variable = {"data_min": self.data_min, "scale": self._scale, "base": self._base,
+                        "inverse_scale": 1.0 / self._scale}[name]
+        if not isinstance(like, torch.Tensor):
+            return per_variable[:, None].astype(np.float32)
+        key = (name, like.dtype, like.device)
+        if key not in self._tensors:
+            self._tensors[key] = torch.as_tensor(per_variable[:, None], dtype=like.dtype, device=like.device)
+        return self._tensors[key]
 
     def to_dict(self) -> dict:
         return {"kind": "minmax", "data_min": self.data_min.tolist(), "data_max": self.data_max.tolist(),

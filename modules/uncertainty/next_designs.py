@@ -33,7 +33,7 @@ from modules.models.latents import decode_latents
 SOBOL_CANDIDATES = 1024  # a power of two keeps the Sobol sample balanced
 SUGGEST_DRAWS = 16  # draws per candidate for its spread: a whole field's norm varies little from draw to draw
 REFERENCE_DESIGNS = 256  # candidates over which the GP's variance reduction is averaged (all of them when fewer)
-CANDIDATE_CHUNK = 1024  # candidates scored at a time: [D, REFERENCE_DESIGNS, CANDIDATE_CHUNK] covariances
+CANDIDATE_CHUNK = 256  # candidates scored at a time: GP.covariance holds [D, N known, CANDIDATE_CHUNK, P] floats
 
 
 def sobol_candidates(low, high, count: int, seed: int) -> np.ndarray:
@@ -62,14 +62,23 @@ def pick_diverse(spread, points, count: int, spacing: float) -> list:
 
 
 @torch.no_grad()
-def latent_field_weights(vae, latent_scaler, field_scaler, n_latents: int) -> np.ndarray:
+def latent_field_weights(vae, latent_scaler, field_scaler, n_latents: int, batch_size: int) -> np.ndarray:
     """float64 [D]: the squared change of the whole field (physical units) per unit of each standardised latent, by
-    a step of one standard deviation from the training designs' mean latent: how much each latent's uncertainty
-    matters to the field."""
+    a step of one standard deviation from the training designs' mean latent (standardised zero): how much each
+    latent's uncertainty matters to the field. Decoded batch_size latents at a time, so memory does not grow with
+    D on a large mesh."""
     device = next(vae.parameters()).device
-    steps = torch.cat([torch.zeros(1, n_latents), torch.eye(n_latents)]).to(device)
-    fields = field_scaler.inverse(decode_latents(vae, latent_scaler, steps).float().cpu().numpy()).astype(np.float64)
-    return np.square(fields[1:] - fields[:1]).reshape(n_latents, -1).sum(axis=1)
+
+    def physical(standardised):
+        scaled = decode_latents(vae, latent_scaler, standardised.to(device)).float().cpu().numpy()
+        return field_scaler.inverse(scaled).astype(np.float64).reshape(len(standardised), -1)
+
+    mean_field = physical(torch.zeros(1, n_latents))
+    weights = []
+    for start in range(0, n_latents, batch_size):
+        steps = torch.eye(n_latents)[start:start + batch_size]
+        weights.append(np.square(physical(steps) - mean_field).sum(axis=1))
+    return np.concatenate(weights)
 
 
 @torch.no_grad()
@@ -77,29 +86,30 @@ def variance_reduction_picks(gp, candidates: torch.Tensor, latent_weights: np.nd
                              seed: int) -> list:
     """Indices of `count` candidates [n, P] (standardised parameters), in the order picked by the GP criterion
     above. latent_weights [D]: field variance per unit variance of each standardised latent. The average runs over
-    REFERENCE_DESIGNS candidates drawn with the seed (all when there are fewer)."""
-    candidates = candidates.double().cpu()
+    REFERENCE_DESIGNS candidates drawn with the seed (all when there are fewer). Computed where the GP's buffers
+    are (CPU or GPU)."""
+    device = gp.train_inputs.device
+    candidates = candidates.double().to(device)
     order = np.random.default_rng(seed).permutation(len(candidates))[:REFERENCE_DESIGNS]
-    reference = candidates[np.sort(order)]
+    reference = candidates[torch.as_tensor(np.sort(order), device=device)]
     # normalised GP units -> standardised latents (target_std) -> field (latent_weights)
-    weights = torch.as_tensor(latent_weights) * gp.target_std.cpu().pow(2)
-    noise = gp.noise_levels.cpu()
-    known = gp.train_inputs.cpu()
+    weights = torch.as_tensor(latent_weights, dtype=torch.float64, device=device) * gp.target_std.pow(2)
+    noise = gp.noise_levels
     picked = []
     for _ in range(count):
-        observed = torch.cat([known, candidates[picked]])
+        observed = torch.cat([gp.train_inputs, candidates[picked]])
         covariance = gp.covariance(observed, observed) + torch.diag_embed(
             (noise + 1e-10)[:, None].expand(-1, len(observed)))
         cholesky = torch.linalg.cholesky(covariance)                                            # [D, N, N]
         to_reference = torch.linalg.solve_triangular(cholesky, gp.covariance(observed, reference), upper=False)
-        score = torch.empty(len(candidates), dtype=torch.float64)
+        score = torch.empty(len(candidates), dtype=torch.float64, device=device)
         for start in range(0, len(candidates), CANDIDATE_CHUNK):
             chunk = candidates[start:start + CANDIDATE_CHUNK]
             to_chunk = torch.linalg.solve_triangular(cholesky, gp.covariance(observed, chunk), upper=False)
             shared = gp.covariance(reference, chunk) - to_reference.transpose(1, 2) @ to_chunk  # [D, R, C]
-            own = (gp.amplitudes.cpu()[:, None] - to_chunk.pow(2).sum(1)).clamp(min=0)             # [D, C]
+            own = (gp.amplitudes[:, None] - to_chunk.pow(2).sum(1)).clamp(min=0)                    # [D, C]
             reduction = shared.pow(2).mean(1) / (own + noise[:, None])                            # [D, C]
             score[start:start + len(chunk)] = (weights[:, None] * reduction).sum(0)
-        score[picked] = -np.inf
+        score[picked] = -torch.inf
         picked.append(int(torch.argmax(score)))
     return picked
