@@ -51,7 +51,8 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device, say=p
     source = calibration["source"] if calibration else spread_source(conditioner, inputs)
     if source == "decoder":
         say("note: this conditioner's only spread is the decoder prior's, which barely tells designs apart")
-    picked, relative_std, criterion = pick_designs(source, conditioner, vae, field_scaler, facts, inputs, count, say)
+    picked, relative_std, criterion = pick_designs(source, conditioner, vae, field_scaler, facts, config, inputs,
+                                                   count, say)
     names = reference["names"] or [f"parameter_{column}" for column in range(1, raw.shape[1] + 1)]
     save_text(out, suggestions_csv(names, raw[picked], relative_std))
     say(f"Suggested {count} of {len(raw)} {where} -> {out}, picked by {criterion}; their predicted relative std "
@@ -65,11 +66,10 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device, say=p
     return picked
 
 
-def pick_designs(source: str, conditioner, vae, field_scaler, facts: dict, inputs, count: int, say):
+def pick_designs(source: str, conditioner, vae, field_scaler, facts: dict, config, inputs, count: int, say):
     """(the picked rows of inputs in order, their predicted relative std, the criterion in words): the GP's
     variance reduction when the spread is the GP's, else the spread with a diversity term (uncertainty.next_designs).
-    inputs: standardised candidates on the device."""
-    config = Config.from_dict(facts["config"])
+    inputs: standardised candidates on the device; config: the conditioner's (its file's facts)."""
     latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
 
     def relative_std_of(designs):  # the same seeded draws for any set of designs

@@ -63,16 +63,25 @@ class GPRConditioner(nn.Module):
         if not bool(torch.isfinite(self.noise_levels).all()):
             return mean, None
         solved = torch.linalg.solve_triangular(self._training_cholesky(), kernel.permute(1, 2, 0), upper=False)
-        variance = (self.amplitudes[:, None] - solved.pow(2).sum(1)).clamp(min=0).T                 # [B, D]
-        return mean, (variance.sqrt() * self.target_std).float()
+        return mean, (self.posterior_variance(solved).T.sqrt() * self.target_std).float()
+
+    def observed_cholesky(self, observed):
+        """Lower Cholesky factors [D, N, N] of each GP's covariance of the observed designs [N, P]: signal kernel +
+        noise level + 1e-10 on the diagonal, as scikit-learn factorised the training designs' when fitting (its
+        alpha)."""
+        covariance = self.covariance(observed, observed)                                             # [D, N, N]
+        diagonal = (self.noise_levels + 1e-10)[:, None] * torch.ones_like(covariance[:, 0])
+        return torch.linalg.cholesky(covariance + torch.diag_embed(diagonal))
+
+    def posterior_variance(self, solved):
+        """[D, B]: each GP's posterior variance of the latent itself (no noise term) at B designs, given solved =
+        L^-1 k [D, N, B] (L: observed_cholesky of the observed designs, k: their covariance with the B designs)."""
+        return (self.amplitudes[:, None] - solved.pow(2).sum(1)).clamp(min=0)
 
     def _training_cholesky(self):
-        """Lower Cholesky factors [D, n, n] of each GP's training covariance: signal kernel + noise level + 1e-10 on
-        the diagonal, as scikit-learn factorised it when fitting (its alpha)."""
+        """observed_cholesky of the training designs, kept (built on the buffers' device)."""
         if self._cholesky is None or self._cholesky.device != self.train_inputs.device:
-            covariance = self._kernel(self.train_inputs).permute(1, 0, 2)                            # [D, n, n]
-            diagonal = (self.noise_levels + 1e-10)[:, None] * torch.ones_like(covariance[:, 0])
-            self._cholesky = torch.linalg.cholesky(covariance + torch.diag_embed(diagonal))
+            self._cholesky = self.observed_cholesky(self.train_inputs)
         return self._cholesky
 
     def _kernel(self, params):

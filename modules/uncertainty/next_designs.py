@@ -98,16 +98,14 @@ def variance_reduction_picks(gp, candidates: torch.Tensor, latent_weights: np.nd
     picked = []
     for _ in range(count):
         observed = torch.cat([gp.train_inputs, candidates[picked]])
-        covariance = gp.covariance(observed, observed) + torch.diag_embed(
-            (noise + 1e-10)[:, None].expand(-1, len(observed)))
-        cholesky = torch.linalg.cholesky(covariance)                                            # [D, N, N]
+        cholesky = gp.observed_cholesky(observed)                                               # [D, N, N]
         to_reference = torch.linalg.solve_triangular(cholesky, gp.covariance(observed, reference), upper=False)
         score = torch.empty(len(candidates), dtype=torch.float64, device=device)
         for start in range(0, len(candidates), CANDIDATE_CHUNK):
             chunk = candidates[start:start + CANDIDATE_CHUNK]
             to_chunk = torch.linalg.solve_triangular(cholesky, gp.covariance(observed, chunk), upper=False)
             shared = gp.covariance(reference, chunk) - to_reference.transpose(1, 2) @ to_chunk  # [D, R, C]
-            own = (gp.amplitudes[:, None] - to_chunk.pow(2).sum(1)).clamp(min=0)                    # [D, C]
+            own = gp.posterior_variance(to_chunk)                                                   # [D, C]
             reduction = shared.pow(2).mean(1) / (own + noise[:, None])                            # [D, C]
             score[start:start + len(chunk)] = (weights[:, None] * reduction).sum(0)
         score[picked] = -torch.inf
