@@ -81,7 +81,7 @@ def case_with(folder: Path, base: Path, added: np.ndarray, k_max: float) -> Path
         parameters = np.concatenate([parameters, added])
     np.save(folder / "input_data" / "dataset1.npy", fields)
     write_rows(folder / "input_data" / "parameters.csv", parameters)
-    shutil.copy(base / "input_data" / "node_coordinates.csv", folder / "input_data")
+    shutil.copy(base / "input_data" / "plate.vtu", folder / "input_data")
     condition = (base / "input_data" / "condition.txt").read_text()
     lines = [f"Dim1            {len(fields)}" if line.startswith("Dim1") else line for line in condition.splitlines()]
     (folder / "input_data" / "condition.txt").write_text("\n".join(lines) + "\n")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     shutil.rmtree(base, ignore_errors=True)
     (base / "input_data").mkdir(parents=True)
     shutil.copy(REPO / "preset.txt", base)
-    for name in ("condition.txt", "dataset1.npy", "parameters.csv", "node_coordinates.csv"):
+    for name in ("condition.txt", "dataset1.npy", "parameters.csv", "plate.vtu"):
         shutil.copy(shipped / name, base / "input_data")
     results = [{"arm": "before: the 96 designs of the demo", "seconds": train(base),
                 "test_error": test_error(base, work / "test.csv", truth)}]

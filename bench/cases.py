@@ -109,7 +109,7 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
     data = folder / "input_data"
     data.mkdir(parents=True, exist_ok=True)
     if name == "demo":
-        for file in ("condition.txt", "dataset1.npy", "parameters.csv", "node_coordinates.csv"):
+        for file in ("condition.txt", "dataset1.npy", "parameters.csv", "plate.vtu"):
             shutil.copyfile(REPO / "input_data" / file, data / file)
         shutil.copyfile(REPO / "preset.txt", folder / "preset.txt")
         text = _set_key((data / "condition.txt").read_text(), "plot", "2")  # a key given twice is refused: replace

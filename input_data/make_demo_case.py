@@ -33,6 +33,8 @@ Outputs (relative to ``--out-root``, default: the repository root)
   ``t_k = k * t_end / T`` (k = 1..T), node index ``iy * G + ix``.
 * ``input_data/parameters.csv``: ``cx,cy,radius,conductivity`` per design.
 * ``input_data/node_coordinates.csv``: ``x,y`` of every node in node order.
+* ``input_data/plate.vtu``: the same nodes as a mesh of (G-1)^2 quads (condition.txt ``mesh_file``): the plots
+  draw on its cells and ``--predict --out=fields.xdmf`` opens on it in ParaView.
 * ``images/design_001.png`` ...: 64 x 64 grayscale geometry images; the
   inclusion disk is anti-aliased with gray level encoding log(k_inc)
   from [log 0.1, log 10] onto [64, 255]; row 0 is the top (y near 1).
@@ -220,7 +222,21 @@ def write_tables(data, params, grid, data_dir):
     xs, ys = np.meshgrid(coords, coords)
     node_path = data_dir / "node_coordinates.csv"
     write_csv(node_path, ("x", "y"), np.column_stack([xs.ravel(), ys.ravel()]))
-    return [data_path, param_path, node_path]
+    mesh_path = data_dir / "plate.vtu"
+    write_mesh(mesh_path, grid)
+    return [data_path, param_path, node_path, mesh_path]
+
+
+def write_mesh(path, grid):
+    """The G x G nodes (node index iy * G + ix) as quads, counter-clockwise, in a VTK unstructured grid."""
+    import meshio
+
+    coords = np.arange(grid) / (grid - 1)
+    xs, ys = np.meshgrid(coords, coords)
+    corner = (np.arange(grid - 1)[:, None] * grid + np.arange(grid - 1)[None, :]).ravel()
+    quads = np.stack([corner, corner + 1, corner + grid + 1, corner + grid], axis=1)
+    points = np.column_stack([xs.ravel(), ys.ravel(), np.zeros(grid * grid)])
+    meshio.write(path, meshio.Mesh(points, [("quad", quads)]))
 
 
 def print_summary(data, paths, root, elapsed):
@@ -234,10 +250,10 @@ def print_summary(data, paths, root, elapsed):
     print(f"max change over last snapshot interval: {last_change:.2e}")
     print(f"time taken: {elapsed:.2f} s")
     total = sum(p.stat().st_size for p in paths)
-    for p in paths[:3]:
+    for p in paths[:4]:
         print(f"  {p.relative_to(root)}: {p.stat().st_size / 1024:.1f} KiB")
-    print(f"  images/*.png: {len(paths) - 3} files, "
-          f"{sum(p.stat().st_size for p in paths[3:]) / 1024:.1f} KiB")
+    print(f"  images/*.png: {len(paths) - 4} files, "
+          f"{sum(p.stat().st_size for p in paths[4:]) / 1024:.1f} KiB")
     print(f"total output size: {total / 1024 ** 2:.2f} MiB")
 
 

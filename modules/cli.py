@@ -10,18 +10,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from modules.commands.checkpoints import checkpoints_command
-from modules.commands.evaluate import evaluate_saved
-from modules.commands.predict import predict_file
-from modules.commands.reconstruct import reconstruct_file
-from modules.commands.suggest import suggest_designs
-from modules.commands.train import AUTO_RESUME, train_all, train_conditioner_only
 from modules.config import FLAG_KEYS, check_flag, load_config
 from modules.config.keys import add_key_flags
 from modules.errors import InputError
 from modules.storage.atomic import DiskFull, is_out_of_space
 from modules.storage.case_lock import case_folder_lock
-from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE
+from modules.storage.paths import AUTO_RESUME, CONDITIONER_FILE, MODEL_FILE
 from modules.storage.runs import SORT_KEYS, list_runs
 from modules.training.guard import Stopped
 from modules.training.runtime import pick_device
@@ -75,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
-                             "model_save/SimulGen-VAE and write them, in physical units, to --out")
+                             "model_save/SimulGen-VAE and write them, in physical units, to --out (.npy, .h5, .xdmf)")
     parser.add_argument("--predict", metavar="PATH",
                         help="instead of training: the fields of new designs, from a CSV of their parameters or a "
                              "folder (or one file) of their images, with model_save/latent_conditioner; "
-                             "written in physical units to --out")
+                             "written in physical units to --out (.npy, .h5 or .xdmf) as they are predicted")
     parser.add_argument("--samples", type=int, metavar="K", default=0,
-                        help="with --predict: also draw K decoder samples per design, written with their mean and "
-                             "standard deviation beside --out")
+                        help="with --predict: also draw K samples per design from the prediction's calibrated "
+                             "uncertainty, written with their mean and standard deviation (beside an .npy --out, "
+                             "inside an .h5 or .xdmf)")
     parser.add_argument("--suggest", type=int, metavar="K",
                         help="instead of training: pick K designs to simulate next, those whose simulation would "
                              "remove most of the conditioner's uncertainty; written as a CSV to --out (default "
@@ -91,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --suggest: pick from the designs in this CSV (the training parameters' columns) "
                              "instead of a Sobol sample of the training parameter box")
     parser.add_argument("--out", metavar="OUT",
-                        help="output file of --reconstruct or --predict (.npy) or --suggest (.csv); must not exist "
-                             "yet")
+                        help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf for ParaView: "
+                             "chosen by the suffix) or --suggest (.csv); must not exist yet")
+    parser.add_argument("--export", metavar="PATH.onnx|PATH.pt2",
+                        help="instead of training: write the whole prediction (design parameters or images in, "
+                             "fields in physical units out) as one ONNX model (or torch.export .pt2), checked "
+                             "against --predict")
     return parser
 
 
@@ -100,23 +99,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         refuse_flags_of_the_other_mode(args)
-        if args.list_runs:
-            print(list_runs(args.list_runs))
-        elif args.reconstruct is not None:
-            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device",
-                                                                                            args.device or "auto")))
-        elif args.predict is not None:
-            predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE,
-                         pick_device(check_flag("device", args.device or "auto")))
-        elif args.suggest is not None:
-            with writing_in_the_case_folder(sys.argv[1:] if argv is None else argv):  # output/ by default
-                suggest_designs(args.suggest, args.candidates, args.out, CONDITIONER_FILE,
-                                pick_device(check_flag("device", args.device or "auto")))
-        elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
-            checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
-        else:
-            with writing_in_the_case_folder(sys.argv[1:] if argv is None else argv):
-                run_writer(args)
+        run_command(args, sys.argv[1:] if argv is None else argv)
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -134,16 +117,46 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_command(args, argv) -> None:
+    """The mode the flags chose. Each command is imported when it runs: --predict then starts without training's
+    libraries (plots, TensorBoard, scikit-learn), 1.5 s of a 20,000-design prediction's 25 s."""
+    device = args.device or "auto"
+    if args.list_runs:
+        print(list_runs(args.list_runs))
+    elif args.reconstruct is not None:
+        from modules.commands.reconstruct import reconstruct_file
+        reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device", device)))
+    elif args.predict is not None:
+        from modules.commands.predict import predict_file
+        predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE, pick_device(check_flag("device", device)))
+    elif args.export is not None:
+        from modules.commands.export import export_surrogate
+        export_surrogate(args.export, CONDITIONER_FILE)
+    elif args.suggest is not None:
+        from modules.commands.suggest import suggest_designs
+        with writing_in_the_case_folder(argv):  # output/ by default
+            suggest_designs(args.suggest, args.candidates, args.out, CONDITIONER_FILE,
+                            pick_device(check_flag("device", device)))
+    elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
+        from modules.commands.checkpoints import checkpoints_command
+        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
+    else:
+        with writing_in_the_case_folder(argv):
+            run_writer(args)
+
+
 def run_writer(args) -> None:
     """The modes that write in the case folder: training, --evaluate and --checkpoints=clean."""
     if args.evaluate:
+        from modules.commands.evaluate import evaluate_saved
         evaluate_saved(load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn))
     elif args.checkpoints:
+        from modules.commands.checkpoints import checkpoints_command
         checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
-    elif args.lc_only:
-        train_conditioner_only(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
     else:
-        train_all(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+        from modules.commands.train import train_all, train_conditioner_only
+        train = train_conditioner_only if args.lc_only else train_all
+        train(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
 
 
 def writing_in_the_case_folder(argv):
@@ -156,10 +169,12 @@ def writing_in_the_case_folder(argv):
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    empty = [f"--{name}" for name in ("reconstruct", "predict", "candidates", "out") if getattr(args, name) == ""]
+    empty = [f"--{name}" for name in ("reconstruct", "predict", "candidates", "out", "export")
+             if getattr(args, name) == ""]
     if empty:
         raise InputError("command line", f"{empty[0]} is given no path", f"write {empty[0]}=PATH, or drop it")
-    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs", "suggest")
+    modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs", "suggest",
+                                      "export")
              if getattr(args, name) is not None and getattr(args, name) is not False]
     if len(modes) > 1:
         raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
@@ -169,10 +184,12 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if mode:
         unused = [f"--{name}" for name in TRAINING_ONLY_FLAGS
                   if flag_given(args, name) and not (name == "plot" and mode == "--evaluate")]
-        if mode == "--list_runs" and args.device:
-            unused.append("--device")
+        if mode in ("--list_runs", "--export") and args.device:
+            unused.append("--device")  # --export runs on the CPU: its file runs wherever its runtime does
         if unused:
-            where = "training and --evaluate" if unused == ["--plot"] else "training"
+            where = {("--plot",): "training and --evaluate",
+                     ("--device",): "training, --evaluate, --predict, --reconstruct and --suggest"}.get(
+                         tuple(unused), "training")
             raise InputError("command line", f"{', '.join(unused)} only apply to {where}, not to {mode}",
                              "drop them")
     if args.out is not None and mode not in ("--reconstruct", "--predict", "--suggest"):

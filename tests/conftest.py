@@ -1,6 +1,8 @@
 """Shared helpers: a tiny synthetic case written into a temporary folder that the test then works in."""
 import os
+import shutil
 import sys
+from contextlib import chdir
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,24 @@ def case(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_case(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The shipped demo case (heat conduction, 96 designs, parameters in a CSV, the plate mesh), trained briefly:
+    the VAE keeps its POD start in 5 epochs and the GP on the latents is kept as the conditioner. Shared by every
+    test module that reads it (tests that write in it work on a copy)."""
+    from modules.cli import main
+
+    folder = tmp_path_factory.mktemp("demo")
+    shutil.copy(REPO / "preset.txt", folder)
+    shutil.copytree(REPO / "input_data", folder / "input_data", ignore=shutil.ignore_patterns("*.py"))
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text().replace("Training_epochs 300", "Training_epochs 5")
+                         .replace("n_epoch         400", "n_epoch 5"))
+    with chdir(folder):
+        assert main(["--plot=1"]) == 0
+    return folder
 
 
 def design_image(amplitude, phase, size=16, rgb=False):

@@ -109,6 +109,25 @@ def nothing(folder):
     pass
 
 
+def mesh_of(relative, n_points, key=True):
+    """A real mesh file (meshio) of n_points points in a line, named by mesh_file in condition.txt when key."""
+    def apply(folder):
+        import meshio
+        points = np.stack([np.arange(n_points, dtype=float), np.zeros(n_points)], axis=1)
+        meshio.write(folder / relative, meshio.Mesh(points, [("line", np.stack([np.arange(n_points - 1),
+                                                                              np.arange(1, n_points)], axis=1))]))
+        if key:
+            append(CONDITION, f"mesh_file {relative}\n")(folder)
+    return apply
+
+
+def both(*breakages):
+    def apply(folder):
+        for breakage in breakages:
+            breakage(folder)
+    return apply
+
+
 def with_nan(design, step, node):
     data = smooth_fields(N_DESIGNS, 6, 20)
     data[design, step, node] = np.nan
@@ -146,6 +165,21 @@ CASES = [
     pytest.param("vae", nothing, ["--plot=5"], ["command line", "--plot"], id="bad-flag-value"),
     pytest.param("csv", nothing, ["--predict=missing.csv", "--out=fields.npy"], ["missing.csv", "not found"],
                  id="predict-a-missing-file"),
+    pytest.param("csv", nothing, ["--predict=input_data/parameters.csv", "--out=nowhere/f.h5"],
+                 ["nowhere/f.h5", "folder nowhere does not exist"], id="predict-into-a-missing-folder"),
+    pytest.param("csv", nothing, ["--predict=input_data/parameters.csv", "--out=f.vtk"],
+                 ["f.vtk", "suffix '.vtk'", ".npy, .h5, .hdf5, .xdmf"], id="predict-to-an-unknown-suffix"),
+    pytest.param("csv", write_bytes("f.h5", b"kept"), ["--predict=input_data/parameters.csv", "--out=f.xdmf"],
+                 ["f.h5", "already exists"], id="predict-to-xdmf-whose-h5-exists"),
+    pytest.param("csv", nothing, ["--predict=input_data/parameters.csv", "--out=f.xdmf", "--samples=90"],
+                 ["f.xdmf", "1116 point arrays per time step", ".h5"], id="predict-too-many-arrays-for-xdmf"),
+    pytest.param("csv", mesh_of("m.vtu", 19), [], ["m.vtu", "has 19 points but each variable has 20 nodes"],
+                 id="mesh-of-another-point-count"),
+    pytest.param("csv", both(write_bytes("m.vtu", b"<VTKFile>not a mesh"), append(CONDITION, "mesh_file m.vtu\n")),
+                 [], ["m.vtu", "cannot be read as a mesh"], id="mesh-file-unreadable"),
+    pytest.param("csv", write_bytes("s.onnx", b"kept"), ["--export=s.onnx"], ["s.onnx", "already exists"],
+                 id="export-onto-an-existing-file"),
+    pytest.param("csv", nothing, ["--export=s.zip"], ["s.zip", ".onnx"], id="export-to-an-unknown-suffix"),
     pytest.param("vae", save_array("wrong.npy", smooth_fields(3, 5, 20)), ["--reconstruct=wrong.npy", "--out=r.npy"],
                  ["wrong.npy", "(3, 5, 20)"], id="reconstruct-an-array-of-the-wrong-shape"),
     pytest.param("vae", save_array("empty.npy", smooth_fields(0, 6, 20)), ["--reconstruct=empty.npy", "--out=r.npy"],

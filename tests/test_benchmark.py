@@ -107,7 +107,7 @@ def test_the_active_learning_benchmark_simulates_added_designs_as_the_demo_did_a
     base = tmp_path / "base"
     (base / "input_data").mkdir(parents=True)
     (base / "preset.txt").write_text((REPO / "preset.txt").read_text())
-    for name in ("condition.txt", "dataset1.npy", "parameters.csv", "node_coordinates.csv"):
+    for name in ("condition.txt", "dataset1.npy", "parameters.csv", "plate.vtu"):
         (base / "input_data" / name).write_bytes((shipped / name).read_bytes())
     folder = active_learning.case_with(tmp_path / "arm", base, new[:3], k_max)
     fields = np.load(folder / "input_data" / "dataset1.npy")

@@ -16,8 +16,7 @@ from modules.config.settings import changed_settings, data_changes
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
 from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
-from modules.data.dataset import (Crop, SimulationArray, find_dataset, load_new_simulations, scan_and_fit_scaler,
-                                  split_indices)
+from modules.data.dataset import Crop, NewSimulations, SimulationArray, find_dataset, scan_and_fit_scaler, split_indices
 from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
 from modules.training.runtime import Runtime
@@ -478,16 +477,17 @@ def test_new_simulations_may_be_raw_or_already_cropped(case, spacing, steps):
     raw = smooth_fields(2, 6, 20, seed=3).astype(np.float64)
     np.save(case / "raw.npy", raw)
     expected = raw[:, steps, 2:12].astype(np.float32)
-    from_raw = load_new_simulations(case / "raw.npy", cropped)
+    from_raw = NewSimulations(case / "raw.npy", cropped).batch(0, 2)
     assert from_raw.dtype == np.float32 and from_raw.shape == (2, 3, 10)
     np.testing.assert_array_equal(from_raw, expected)
     np.save(case / "kept.npy", expected)
-    np.testing.assert_array_equal(load_new_simulations(case / "kept.npy", cropped), expected)
+    np.testing.assert_array_equal(NewSimulations(case / "kept.npy", cropped).batch(0, 2), expected)
+    np.testing.assert_array_equal(NewSimulations(case / "kept.npy", cropped).batch(1, 2), expected[1:])
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 19), (2, 3, 20), (6, 20)])
 def test_new_simulations_of_another_shape_are_refused(case, cropped, shape):
     np.save(case / "other.npy", np.zeros(shape, dtype=np.float32))
-    error = refused(load_new_simulations, case / "other.npy", cropped)
+    error = refused(NewSimulations, case / "other.npy", cropped)
     assert str(shape) in error.problem and "other.npy" in str(error)
     assert "[n, 6, 20]" in error.problem and "[n, 3, 10]" in error.problem

@@ -171,7 +171,7 @@ def test_plot_0_of_evaluate_does_not_block_without_a_terminal(trained, tmp_path)
 # ---------------------------------------------------------------------------------- plot settings, checked early
 @pytest.mark.parametrize("extra, message", [
     ("grid_shape 3 5\n", "grid_shape 3 x 5 holds 15 nodes, but each variable has 20"),
-    ("grid_shape 4 5\nnode_coordinates xy.npy\n", "grid_shape and node_coordinates both"),
+    ("grid_shape 4 5\nnode_coordinates xy.npy\n", "grid_shape and node_coordinates each say where the nodes are"),
     ("plot_designs 3 99\n", "plot_designs 3 99 names a design beyond Dim1 = 12"),
     ("plot_steps 6\n", "plot_steps 6 names a step beyond the 6 time steps"),
     # 2 designs by default x 4 steps x 4 variables: 32 rows of maps
@@ -194,10 +194,11 @@ def test_bad_plot_settings_stop_before_anything_moves(tmp_path, capsys, extra, m
 
 
 def test_plot_settings_without_plots_get_a_note(tmp_path, capsys):
-    write_case(tmp_path, extra="grid_shape 4 5\n")
+    write_case(tmp_path, extra="plot_steps 2\ngrid_shape 4 5\n")
     with working_directory(tmp_path):
         load_config(1, warn=print)
-    assert "'grid_shape' has no effect because plot is 2" in capsys.readouterr().out
+    out = capsys.readouterr().out  # where the nodes are also places the .xdmf outputs: never "no effect"
+    assert "'plot_steps' has no effect because plot is 2" in out and "grid_shape" not in out
 
 
 def test_node_coordinates_draw_maps_on_the_mesh_for_chosen_designs_and_steps(tmp_path):

@@ -183,7 +183,7 @@ def test_active_units_show_every_group(tmp_path):
 
 def config(**changes):
     return types.SimpleNamespace(**{"n_vars": 1, "n_nodes_used": 400, "grid_shape": "", "node_coordinates": "",
-                                    **changes})
+                                    "mesh_file": "", **changes})
 
 
 def test_layout_kind_follows_the_config(tmp_path):
@@ -210,6 +210,25 @@ def test_coordinates_csv_may_have_a_header_and_a_z_column(tmp_path):
     layout = read_field_layout(config(node_coordinates=str(path)))
     assert layout.coordinates.shape == (400, 2)
     np.testing.assert_allclose(layout.coordinates, xyz[:, :2])
+
+
+def test_a_mesh_file_draws_fields_on_its_own_cells_not_on_a_triangulation_of_the_nodes(tmp_path):
+    """3 x 3 nodes with three quads: the missing corner quad stays empty (Delaunay would fill the square)."""
+    import meshio
+    points = np.array([[x, y, 0.0] for y in range(3) for x in range(3)])
+    quads = np.array([[0, 1, 4, 3], [1, 2, 5, 4], [3, 4, 7, 6]])
+    meshio.write(tmp_path / "l.vtu", meshio.Mesh(points, [("quad", quads)]))
+    layout = read_field_layout(config(n_nodes_used=9, mesh_file=str(tmp_path / "l.vtu")))
+    figure, axis = plt.subplots()
+    shown = evaluation_plots._draw_map(axis, layout, np.arange(9.0), None, None)
+    assert len(shown.get_array()) == 6  # two triangles per quad, one value each (flat shading)
+    assert axis.get_xlabel() == "x (units of mesh_file)"
+    plt.close(figure)
+    np.save(tmp_path / "xy.npy", points[:, :2])  # the same nodes as a point cloud: Delaunay fills the square
+    layout = read_field_layout(config(n_nodes_used=9, node_coordinates=str(tmp_path / "xy.npy")))
+    figure, axis = plt.subplots()
+    assert len(evaluation_plots._draw_map(axis, layout, np.arange(9.0), None, None).get_array()) == 8
+    plt.close(figure)
 
 
 def write_npy(values):

@@ -92,3 +92,31 @@ def test_two_ddp_processes_each_stream_their_shard_under_the_limit(big_dataset, 
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.count("Training on cpu x 2 processes") == 1
     assert np.load(folder / "model_save" / "latent_vectors.npy").shape == (N, 8)
+
+
+def fake_cgroup(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_the_memory_left_counts_the_cgroup_limit_of_the_process_and_of_its_parents(tmp_path):
+    """What SLURM's --mem and docker --memory set: v2 memory.max (here on the job, the parent of the step the process
+    runs in), v1 memory.limit_in_bytes; the inactive file cache counts as free (the kernel reclaims it first)."""
+    from modules.training.runtime import cgroup_memory_left
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/job/step\n")
+    fake_cgroup(tmp_path / "v2" / "job", {"memory.max": "3000000000\n", "memory.current": "1000000000\n",
+                                          "memory.stat": "anon 600000000\ninactive_file 250000000\n"})
+    fake_cgroup(tmp_path / "v2" / "job" / "step", {"memory.max": "max\n", "memory.current": "900000000\n",
+                                                   "memory.stat": "inactive_file 100\n"})
+    assert cgroup_memory_left(tmp_path / "v2", membership) == 3_000_000_000 - 1_000_000_000 + 250_000_000
+    membership.write_text("12:cpu,cpuacct:/other\n4:memory:/slurm/job\n")
+    fake_cgroup(tmp_path / "v1" / "memory" / "slurm" / "job", {
+        "memory.limit_in_bytes": "2000000000\n", "memory.usage_in_bytes": "1500000000\n",
+        "memory.stat": "cache 900000000\ntotal_inactive_file 400000000\n"})
+    fake_cgroup(tmp_path / "v1" / "memory", {"memory.limit_in_bytes": "9223372036854771712\n",
+                                             "memory.usage_in_bytes": "5\n", "memory.stat": ""})
+    assert cgroup_memory_left(tmp_path / "v1", membership) == 2_000_000_000 - 1_500_000_000 + 400_000_000
+    membership.write_text("0::/\n")
+    assert cgroup_memory_left(tmp_path / "none", membership) is None  # no limit anywhere: MemAvailable decides

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from test_evaluation import evaluation
 
-from conftest import REPO
 from modules.cli import main
 from modules.data.scaling import ColumnScaler
 from modules.models.conditioners import ConditionerSpec, build_conditioner, latent_spread
@@ -170,21 +169,6 @@ def test_sobol_candidates_fill_the_training_box_and_repeat_for_a_seed():
 
 
 # ------------------------------------------------------------------------------------------------ on the demo
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The shipped demo case (heat conduction, 96 designs, parameters in a CSV), trained briefly: the VAE keeps its
-    POD start in 5 epochs and the GP on the latents is kept as the conditioner."""
-    folder = tmp_path_factory.mktemp("demo")
-    shutil.copy(REPO / "preset.txt", folder)
-    shutil.copytree(REPO / "input_data", folder / "input_data", ignore=shutil.ignore_patterns("*.py"))
-    condition = folder / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("Training_epochs 300", "Training_epochs 5")
-                         .replace("n_epoch         400", "n_epoch 5"))
-    with working_directory(folder):
-        assert main(["--plot=1"]) == 0
-    return folder
-
-
 def test_the_demos_gp_spread_calibrated_holds_95_percent_of_the_validation_values_in_its_2_sigma_band(demo):
     uncertainty = evaluation(demo)["uncertainty"]
     assert uncertainty["source"] == "gp" and len(uncertainty["scales"]) == 24

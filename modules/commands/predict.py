@@ -1,6 +1,6 @@
 """--predict: new designs (CSV rows or geometry images) -> their full transient fields, in physical units.
 
-    python SimulGen-VAE.py --predict=new_designs.csv --out=fields.npy [--samples=K]
+    python SimulGen-VAE.py --predict=new_designs.csv --out=fields.npy [--samples=K]     (or --out=fields.h5, .xdmf)
 
 The conditioner maps each design to latents, the VAE decoder maps latents to the [T, M] field. With --samples=K it
 also draws K fields per design from the prediction's uncertainty (an ensemble's disagreement, a GP's posterior, or
@@ -8,7 +8,8 @@ for a single network the decoder prior's spread: uncertainty.spread), calibrated
 the conditioner was trained; their mean and the calibrated standard deviation around the prediction are written
 beside the samples. OUT_report.json says where each new design lies against the training designs (and, with
 --samples, how uncertain its prediction is), and the designs outside what was learnt are named in a warning
-(uncertainty.design_range).
+(uncertainty.design_range). The fields are written as they are predicted (storage.field_files), so a prediction of
+many designs needs no more memory than one of a few.
 """
 import sys
 import time
@@ -16,52 +17,69 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from modules.config import Config
+from modules.data.dataset import Crop
 from modules.data.design_inputs import read_condition_images, read_parameters
+from modules.data.field_layout import read_saved_layout
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
 from modules.models.conditioners import CONDITIONERS
 from modules.models.latents import decode_latents
-from modules.storage.atomic import array_written_in_place, save_array, save_json
+from modules.storage.atomic import save_json
+from modules.storage.field_files import PENDING_WRITES, FieldFacts, open_field_file, output_files
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
-from modules.storage.paths import new_output_file
+from modules.training.runtime import available_host_bytes, full_float32
 from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary
-from modules.uncertainty.spread import SPREAD_WORDS, calibration_scales, field_draws, relative_norm
+from modules.uncertainty.spread import SPREAD_WORDS, DesignNoise, calibration_scales, field_draws, relative_norm
+
+HOST_BATCH_BYTES = 32 * 2**20  # results per batch on the CPU: ~150 designs of 24 x 2,304 (128 measured fastest)
+HOST_SHARE = 4                 # a batch's results take at most 1 / HOST_SHARE of the memory left, ...
+PENDING_BATCHES = PENDING_WRITES + 2  # ... counting the batches waiting for the writer and the one being made
+MAX_DEVICE_BATCH = 4096
 
 
-def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> np.ndarray:
-    """Predict every design in `source`; writes `out` [n, T, M], OUT_report.json (how far each design lies from the
-    training designs) and the sample files; returns the fields."""
-    outputs = output_paths(out, samples)
+def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> Path:
+    """Predict every design in `source` and write them to `out` as they come (storage.field_files: .npy, .h5 or
+    .xdmf by its suffix), with OUT_report.json (how far each design lies from the training designs) and, with
+    samples, the draws, their mean and the calibrated std; returns the path of the fields. Memory does not grow with
+    the number of designs: a batch at a time, sized from the free memory."""
+    began = time.perf_counter()
+    paths = output_files(out, "--predict", samples)
+    full_float32(device)
     conditioner, facts = load_conditioner(conditioner_file, device)
     config = Config.from_dict(facts["config"])
     vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
     inputs, raw, labels = read_inputs(source, config, facts)
-    inputs = inputs.to(device)
     latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
-    scaled, seconds = predict_fields(conditioner, vae, latent_scaler, inputs, config.batch_size)
-    fields = field_scaler.inverse(scaled)
-    save_array(outputs["out"], fields)
-    say(f"Predicted {len(fields)} designs -> {outputs['out']} {tuple(fields.shape)} in {seconds:.3f} s of model "
-        f"time ({len(fields) / max(seconds, 1e-9):,.0f} designs/s on {device})")
+    shape = (len(inputs), config.n_steps_used, config.n_nodes_used)
+    described = FieldFacts(labels, Crop(config).time_index, config.n_vars, raw, facts.get("param_names"),
+                           lambda: read_saved_layout(config))
+    placed = design_placement(conditioner, facts, config, inputs, raw, labels)
+    prediction = FieldPrediction(conditioner, vae, latent_scaler, field_scaler, device)
+    batch = prediction_batch_size(prediction, inputs, shape, samples, device)
     spread = None
     if samples:
-        spread = draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples, config, facts, outputs,
-                              say)
-    report_design_range(conditioner, facts, config, inputs, raw, labels, outputs["report"], spread, say)
-    return fields
-
-
-def output_paths(out, samples: int) -> dict:
-    """OUT.npy, OUT_report.json, and with samples OUT_samples.npy, OUT_mean.npy, OUT_std.npy; none may exist yet."""
-    out = new_output_file(out, "--predict")
-    paths = {"out": out, "report": new_output_file(out.with_name(f"{out.stem}_report.json"), "--predict",
-                                                              ".json")}
+        spread = prediction.with_samples(samples, calibration_scales(facts, config.n_steps_used, say), config.seed)
+    with open_field_file(paths, shape, samples, described) as written:
+        with progress_bar(len(inputs), "--predict") as bar:
+            for start in range(0, len(inputs), batch):
+                written.write(start, **prediction(inputs[start:start + batch]))
+                bar.update(min(batch, len(inputs) - start))
+    seconds = time.perf_counter() - began
+    say(f"Predicted {len(inputs)} designs -> {paths['out']} {shape} in {seconds:.2f} s ({len(inputs) / seconds:,.0f} "
+        f"designs/s from loading the model to the last field written; the model's share {prediction.seconds:.2f} s, "
+        f"batches of {batch} on {device})")
     if samples:
-        for kind in ("samples", "mean", "std"):
-            paths[kind] = new_output_file(out.with_name(f"{out.stem}_{kind}.npy"), "--predict")
-    return paths
+        source_words = SPREAD_WORDS[facts["calibration"]["source"]] if facts.get("calibration") else \
+            "an uncalibrated spread"
+        where = paths["out"] if paths["out"].suffix.lower() != ".npy" else \
+            f"{paths['samples']}, their mean -> {paths['mean']}, the std -> {paths['std']}"
+        say(f"{samples} samples per design from {source_words}, with their mean and the calibrated standard deviation "
+            f"around the prediction -> {where} (largest std {spread.largest:.4g})")
+    report_design_range(placed, labels, paths["report"], spread.relative.tolist() if samples else None, say)
+    return paths["out"]
 
 
 def read_inputs(source, config, facts, flag="--predict"):
@@ -87,12 +105,22 @@ def read_inputs(source, config, facts, flag="--predict"):
     return torch.from_numpy(images), None, [Path(path).name for path in paths]
 
 
-def report_design_range(conditioner, facts, config, inputs, raw, labels, path, spread, say) -> None:
-    """OUT_report.json: where each new design lies against the training designs (uncertainty.design_range) and, with
-    --samples (spread: each design's |OUT_std| / |OUT|), its predicted uncertainty; a warning names the designs
-    outside what was learnt. A conditioner saved before the check existed gets a note."""
+def design_placement(conditioner, facts, config, inputs, raw, labels) -> list | None:
+    """Per new design, where it lies against the training designs (uncertainty.design_range), computed before any
+    field is written so that a failure here leaves no output; None for a conditioner saved before the check
+    existed."""
     reference = facts.get("design_range")
     if reference is None:
+        return None
+    spaces = design_spaces(conditioner, CONDITIONERS[config.input_type].reads, inputs, config.batch_size)
+    return placement(reference, spaces, labels, raw)
+
+
+def report_design_range(rows, labels, path, spread, say) -> None:
+    """OUT_report.json: where each new design lies (rows: design_placement) and, with --samples (spread: each
+    design's |OUT_std| / |OUT|), its predicted uncertainty; a warning names the designs outside what was learnt. A
+    conditioner saved before the check existed gets a note."""
+    if rows is None:
         say("note: no out-of-range check: the conditioner was saved before the check existed (retrain it with "
             "--lc_only=1 to get one)")
         if spread is not None:
@@ -101,8 +129,6 @@ def report_design_range(conditioner, facts, config, inputs, raw, labels, path, s
                              "designs": [{"design": label, "predicted_relative_std": relative}
                                          for label, relative in zip(labels, spread)]})
         return
-    spaces = design_spaces(conditioner, CONDITIONERS[config.input_type].reads, inputs, config.batch_size)
-    rows = placement(reference, spaces, labels, raw)
     if spread is not None:
         for row, relative in zip(rows, spread):
             row["predicted_relative_std"] = relative
@@ -121,57 +147,85 @@ def report_design_range(conditioner, facts, config, inputs, raw, labels, path, s
         say(f"Every design lies within what the conditioner was trained on (see {path})")
 
 
-@torch.no_grad()
-def predict_fields(conditioner, vae, latent_scaler, inputs, batch_size: int):
-    """Conditions [n, ...] -> (scaled fields [n, T, M] float32 numpy, seconds of model time)."""
-    pieces, seconds = [], 0.0
-    for start in range(0, len(inputs), batch_size):
+class FieldPrediction:
+    """Conditions [b, ...] -> {"fields": [b, T, M]} in physical units as float32 numpy arrays; with_samples adds
+    "samples" [b, K, T, M] drawn from the prediction's calibrated uncertainty (uncertainty.spread), their "mean" and
+    the calibrated standard deviation around the prediction ("std"). The scaling runs on the device; only the
+    results come to the host. seconds: the time spent computing (the GPU waited for), not writing."""
+
+    def __init__(self, conditioner, vae, latent_scaler, field_scaler, device):
+        self.conditioner, self.vae = conditioner, vae
+        self.latent_scaler, self.field_scaler = latent_scaler, field_scaler
+        self.device, self.seconds, self.samples = torch.device(device), 0.0, 0
+
+    def with_samples(self, samples: int, scales: np.ndarray, seed: int) -> "FieldPrediction":
+        """K draws per design. Each draw's deviation from the prediction is multiplied by the time step's calibration
+        scale (scales [T]), so the samples spread as OUT_std says. Repeatable: the draws come from generators seeded
+        by seed, each design's the same whatever its batch (spread.DesignNoise). self.relative: each design's
+        |OUT_std| / |OUT|, self.largest: the largest std, both filled as designs are predicted."""
+        self.samples, self.seed, self.designs_drawn = samples, seed, 0
+        self.scales = torch.as_tensor(scales, device=self.device)[None, :, None]
+        self.relative, self.largest = np.zeros(0), 0.0
+        return self
+
+    @torch.no_grad()
+    def __call__(self, conditions) -> dict:
         began = time.perf_counter()
-        field = decode_latents(vae, latent_scaler, conditioner(inputs[start:start + batch_size]))
-        synchronise(field.device)
-        seconds += time.perf_counter() - began
-        pieces.append(field.float().cpu().numpy())
-    return np.concatenate(pieces), seconds
+        conditions = conditions.to(self.device)
+        if not self.samples:
+            scaled = decode_latents(self.vae, self.latent_scaler, self.conditioner(conditions))
+            result = {"fields": self.to_host(self.field_scaler.inverse(scaled.float()))}
+        else:
+            result = self._with_draws(conditions)
+        self.seconds += time.perf_counter() - began
+        return result
+
+    def _with_draws(self, conditions) -> dict:
+        noise = DesignNoise(self.seed, self.designs_drawn, len(conditions))
+        self.designs_drawn += len(conditions)
+        prediction, draws = field_draws(self.conditioner, self.vae, self.latent_scaler, conditions, self.samples, noise)
+        predicted = self.field_scaler.inverse(prediction)
+        total = torch.zeros(predicted.shape, dtype=torch.float64, device=self.device)
+        squares = torch.zeros_like(total)
+        drawn = np.empty((len(predicted), self.samples, *predicted.shape[1:]), np.float32)
+        for index, draw in enumerate(draws):
+            deviation = (self.field_scaler.inverse(draw) - predicted) * self.scales
+            drawn[:, index] = self.to_host(predicted + deviation)
+            total += deviation.double()
+            squares += deviation.double().square()
+        std = (squares / self.samples).sqrt().float()
+        fields = self.to_host(predicted)
+        self.relative = np.concatenate([self.relative, relative_norm(self.to_host(std), fields)])
+        self.largest = max(self.largest, float(std.max()))
+        return {"fields": fields, "samples": drawn, "mean": self.to_host(predicted + (total / self.samples).float()),
+                "std": self.to_host(std)}
+
+    @staticmethod
+    def to_host(values) -> np.ndarray:
+        return values.float().cpu().numpy()
 
 
-def synchronise(device) -> None:
-    """GPU work is asynchronous: wait for it so the timing covers the computation, not just its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def prediction_batch_size(prediction, inputs, shape, samples: int, device) -> int:
+    """Designs per batch, from the free memory rather than Batch_size. On the CPU, batches of about
+    HOST_BATCH_BYTES of results (larger batches measured slower: they leave the caches), fewer when the memory this
+    process may use (cgroup, rlimit) is short. On a GPU, what a quarter of the free device memory holds, from the
+    memory one probe design takes, also bounded by the host memory its results need."""
+    design_bytes = shape[1] * shape[2] * 4 * (1 + (samples + 3 if samples else 0))
+    host = max(1, available_host_bytes() // (HOST_SHARE * PENDING_BATCHES * design_bytes))
+    if torch.device(device).type != "cuda":
+        return int(max(1, min(len(inputs), host, HOST_BATCH_BYTES // design_bytes)))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    prediction(inputs[:1])  # a probe design, before any sampling: what one costs on the device, activations included
+    prediction.seconds = 0.0
+    per_design = max(torch.cuda.max_memory_allocated(device) - before, design_bytes)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(len(inputs), host, free // (4 * per_design), MAX_DEVICE_BATCH)))
 
 
-@torch.no_grad()
-def draw_samples(conditioner, vae, latent_scaler, field_scaler, inputs, samples: int, config, facts, outputs,
-                 say) -> list:
-    """K draws per design from the prediction's calibrated uncertainty (uncertainty.spread), written to
-    OUT_samples.npy [n, K, T, M] a batch at a time (never all in memory), with their mean (OUT_mean) and the
-    calibrated standard deviation around the prediction (OUT_std). Each draw's deviation from the prediction is
-    multiplied by the time step's calibration scale, so the samples spread as OUT_std says. Repeatable: the draws come
-    from a generator seeded by `seed`. Returns each design's |OUT_std| / |OUT|."""
-    generator = torch.Generator().manual_seed(config.seed)
-    n, (steps, nodes) = len(inputs), (config.n_steps_used, config.n_nodes_used)
-    calibration, scales = facts.get("calibration"), calibration_scales(facts, steps, say)
-    mean, std = np.empty((n, steps, nodes), np.float32), np.empty((n, steps, nodes), np.float32)
-    relative = np.empty(n)
-    with array_written_in_place(outputs["samples"], (n, samples, steps, nodes)) as written:  # renamed once whole
-        for start in range(0, n, config.batch_size):
-            prediction, draws = field_draws(conditioner, vae, latent_scaler, inputs[start:start + config.batch_size],
-                                            samples, generator)
-            predicted = field_scaler.inverse(prediction.cpu().numpy())
-            stop = start + len(predicted)
-            total, squares = np.zeros(predicted.shape), np.zeros(predicted.shape)
-            for draw_index, draw in enumerate(draws):
-                deviation = (field_scaler.inverse(draw.cpu().numpy()) - predicted) * scales[None, :, None]
-                written[start:stop, draw_index] = predicted + deviation
-                total += deviation
-                squares += np.square(deviation, dtype=np.float64)
-            mean[start:stop] = predicted + total / samples
-            std[start:stop] = np.sqrt(squares / samples)
-            relative[start:stop] = relative_norm(std[start:stop], predicted)
-    save_array(outputs["mean"], mean)
-    save_array(outputs["std"], std)
-    source = SPREAD_WORDS[calibration["source"]] if calibration else "an uncalibrated spread"
-    say(f"{samples} samples per design from {source} -> {outputs['samples']} {(n, samples, steps, nodes)}, their "
-        f"mean -> {outputs['mean']}, the calibrated standard deviation around the prediction -> {outputs['std']} "
-        f"(largest {float(std.max()):.4g})")
-    return relative.tolist()
+def progress_bar(total: int, command: str):
+    """A progress bar on stderr for a long prediction at a terminal; silent in batch jobs and logs (tqdm's
+    disable=None: off when stderr is not a terminal)."""
+    return tqdm(total=total, desc=command, unit=" designs", file=sys.stderr, disable=None, leave=False,
+                mininterval=1.0)

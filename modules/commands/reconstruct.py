@@ -1,32 +1,48 @@
-"""--reconstruct: encode and decode new simulations with the saved model, write them in physical units."""
+"""--reconstruct: encode and decode new simulations with the saved model, write them in physical units.
+
+    python SimulGen-VAE.py --reconstruct=new_fields.npy --out=recon.npy     (or --out=recon.h5, recon.xdmf)
+
+The simulations are read, reconstructed and written a batch at a time (storage.field_files), so memory does not grow
+with their number.
+"""
+import time
 
 import numpy as np
 import torch
 
-from modules.data.dataset import Crop, load_new_simulations
+from modules.data.dataset import Crop, NewSimulations
+from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
 from modules.evaluation.metrics import relative_l2
-from modules.storage.atomic import save_array
+from modules.storage.field_files import FieldFacts, open_field_file, output_files
 from modules.storage.model_files import load_model
-from modules.storage.paths import new_output_file
+from modules.training.runtime import full_float32
 
 
 def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
-    """Reconstruct every design in `source` ([n, T, M] .npy); writes [n, T_used, M_used] to `out`; returns errors."""
-    out = new_output_file(out, "--reconstruct")
+    """Reconstruct every design in `source` ([n, T, M] .npy); writes [n, T_used, M_used] to `out` (.npy, .h5 or
+    .xdmf by its suffix); returns each design's relative L2 error against its input."""
+    began = time.perf_counter()
+    paths = output_files(out, "--reconstruct", report=False)  # the errors are printed
+    full_float32(device)
     model, config, scaler = load_model(model_file, device)
-    fields = load_new_simulations(source, Crop(config))
-    if len(fields) == 0:
-        raise InputError(source, f"holds no designs (shape {tuple(fields.shape)})",
+    crop = Crop(config)
+    simulations = NewSimulations(source, crop)
+    if len(simulations) == 0:
+        raise InputError(source, f"holds no designs (shape {tuple(simulations.data.shape)})",
                          "give at least one simulation, as an array of shape [n, T, M] with n >= 1")
-    pieces = []
-    with torch.no_grad():
-        for start in range(0, len(fields), config.batch_size):
-            batch = torch.from_numpy(scaler.transform(fields[start:start + config.batch_size])).to(device)
-            pieces.append(scaler.inverse(model(batch, sample=False)["recon"].float().cpu().numpy()))
-    reconstructions = np.concatenate(pieces)
-    save_array(out, reconstructions)
-    errors = relative_l2(reconstructions, fields)
-    say(f"Reconstructed {len(fields)} designs -> {out} {tuple(reconstructions.shape)}; relative L2 error vs the "
-        f"input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
+    shape = (len(simulations), *crop.shape)
+    described = FieldFacts([f"design {index}" for index in range(len(simulations))], crop.time_index, config.n_vars,
+                           read_layout=lambda: read_saved_layout(config))
+    errors = []
+    with open_field_file(paths, shape, 0, described) as written, torch.no_grad():
+        for start in range(0, len(simulations), config.batch_size):
+            fields = simulations.batch(start, start + config.batch_size)
+            scaled = model(scaler.transform(torch.from_numpy(fields).to(device)), sample=False)["recon"]
+            reconstructions = scaler.inverse(scaled.float()).cpu().numpy()
+            errors.append(relative_l2(reconstructions, fields))
+            written.write(start, reconstructions)
+    errors = np.concatenate(errors)
+    say(f"Reconstructed {len(errors)} designs -> {paths['out']} {shape} in {time.perf_counter() - began:.2f} s; "
+        f"relative L2 error vs the input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
     return errors

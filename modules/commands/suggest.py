@@ -22,6 +22,7 @@ from modules.models.conditioners import CONDITIONERS
 from modules.storage.atomic import save_text
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import SUGGESTIONS_FILE, new_output_file
+from modules.training.runtime import full_float32
 from modules.uncertainty.design_range import placement, placement_summary
 from modules.uncertainty.next_designs import (SOBOL_CANDIDATES, SUGGEST_DRAWS, latent_field_weights, pick_diverse,
                                               sobol_candidates, variance_reduction_picks)
@@ -32,6 +33,7 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device, say=p
     """Pick `count` (>= 1) designs to simulate next; writes them to out (or output/suggested_designs.csv) and
     returns the picked candidates' row indices, in the order picked."""
     out = new_output_file(out if out is not None else SUGGESTIONS_FILE, "--suggest", ".csv")
+    full_float32(device)
     conditioner, facts = load_conditioner(conditioner_file, device)
     config = Config.from_dict(facts["config"])
     reference = facts.get("design_range")

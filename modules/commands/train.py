@@ -20,7 +20,7 @@ from modules.evaluation.evaluation import Evaluation
 from modules.evaluation.report import write_evaluation, write_prediction_report, write_reconstruction_report
 from modules.models.latents import save_latents
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
-from modules.storage.paths import (CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
+from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
                                    archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
                                   note_vae, recording, run_of, start_run)
@@ -30,7 +30,6 @@ from modules.training.runtime import adapted
 from modules.training.state import read_checkpoint
 from modules.training.vae_training import train_vae
 
-AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint
 CONDITIONER_HINT = "python SimulGen-VAE.py (or --lc_only=1) with input_type set"
 
 
@@ -150,11 +149,12 @@ def report_conditioner(evaluation, run, progress, history, config, say) -> None:
 
 
 def check_plot_settings(config, conditions) -> None:
-    """The plot settings that need files (node_coordinates, the CSV's columns) are checked with the other inputs,
-    before anything trains, so a typo cannot end a long run."""
+    """The settings that need files (mesh_file, node_coordinates, the CSV's columns for plot_color_by) are checked
+    with the other inputs, before anything trains, so a typo cannot end a long run. Where the nodes are is read with
+    or without plots: --predict's .xdmf and .h5 outputs need it too."""
+    read_field_layout(config)
     if config.plot == 2:
         return
-    read_field_layout(config)
     if config.plot_color_by:
         if conditions is None or conditions.channels is not None:
             raise InputError(CONDITION_FILE, f"plot_color_by {config.plot_color_by} names a parameter, but the "

@@ -70,8 +70,10 @@ def _plot_problems(config) -> list:
          f"grid_shape {' x '.join(map(str, grid))} holds {math.prod(grid or [0])} nodes, but each variable has "
          f"{nodes} (Dim3_end - Dim3_start = {config.n_nodes_used}, num_var = {config.n_vars})",
          "give H W with H x W = the nodes of one variable, or drop grid_shape"),
-        (bool(grid) and bool(config.node_coordinates), ("grid_shape", "node_coordinates"),
-         "grid_shape and node_coordinates both say where the nodes are", "keep one of them"),
+        (sum(map(bool, (grid, config.node_coordinates, config.mesh_file))) > 1,
+         tuple(key for key in ("grid_shape", "mesh_file", "node_coordinates") if getattr(config, key)),
+         " and ".join(key for key in ("grid_shape", "mesh_file", "node_coordinates") if getattr(config, key))
+         + " each say where the nodes are", "keep one of them"),
         (any(design >= config.n_designs for design in designs), ("plot_designs",),
          f"plot_designs {config.plot_designs} names a design beyond Dim1 = {config.n_designs}",
          f"use indices from 0 to {config.n_designs - 1}"),

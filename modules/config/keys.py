@@ -190,10 +190,14 @@ KEYS = (
         "latent-space plots (default: the first parameter; without a CSV, each design's reconstruction error)",
         resumable=True, only_with=WITH_PLOTS),
     Key("grid_shape", "grid_shape", str, "", "H W: each variable's nodes form an H x W grid (row-major), so fields "
-        "are drawn as maps", lambda v: _whole_numbers(v, "grid sizes", count=2, positive=True),
-        resumable=True, only_with=WITH_PLOTS),
+        "are drawn as maps and .xdmf outputs are quads", lambda v: _whole_numbers(v, "grid sizes", count=2,
+                                                                                   positive=True), resumable=True),
+    Key("mesh_file", "mesh_file", str, "", "a mesh meshio reads (.vtu, .vtk, .msh, .inp, .xdmf, ...) whose points are "
+        "the nodes of one variable, in node order: the plots draw fields on its cells, .xdmf and .h5 outputs carry "
+        "it", resumable=True),
     Key("node_coordinates", "node_coordinates", str, "", ".npy or .csv of x, y (2 or 3 columns) per node of one "
-        "variable, in node order, so fields are drawn as maps on the mesh", resumable=True, only_with=WITH_PLOTS),
+        "variable, in node order (a point cloud), so fields are drawn as maps and outputs carry the points",
+        resumable=True),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
         lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N",
         flag="auto (this process's GPU if there is one, else CPU), cpu, cuda or cuda:N (default auto)", launched=False,

@@ -214,21 +214,33 @@ def _refuse_non_finite(path, block, indices):
                      "repair or remove those designs from the dataset")
 
 
-def load_new_simulations(path, crop: Crop) -> np.ndarray:
-    """Read an .npy of new simulations for --reconstruct: raw [n, T, M] or already cropped [n, T_used, M_used]."""
-    path = Path(path)
-    try:
-        data = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as error:
-        raise InputError(path, f"cannot read it as a .npy array ({type(error).__name__}: {error})",
-                         "give an .npy file of shape [n, T, M]") from None
-    if data.ndim == 3 and data.shape[1:] == crop.shape:
-        block = np.asarray(data, dtype=np.float32)
-    elif data.ndim == 3 and data.shape[1:] == crop.raw_shape:
-        block = np.asarray(data[:, crop.time_index, crop.nodes], dtype=np.float32)
-    else:
-        raise InputError(path, f"shape {data.shape} matches neither the case's [n, T, M] = [n, {crop.raw_shape[0]}, "
-                         f"{crop.raw_shape[1]}] nor its kept [n, {crop.shape[0]}, {crop.shape[1]}]",
-                         "give simulations of the training case's shape")
-    _refuse_non_finite(path, block, np.arange(len(block)))
-    return block
+class NewSimulations:
+    """An .npy of new simulations for --reconstruct, raw [n, T, M] or already cropped [n, T_used, M_used], read a
+    batch of designs at a time from a memory map (never whole), cropped and checked for NaN/Inf as it is read."""
+
+    def __init__(self, path, crop: Crop):
+        self.path, self.crop = Path(path), crop
+        try:
+            self.data = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except Exception as error:
+            raise InputError(self.path, f"cannot read it as a .npy array ({type(error).__name__}: {error})",
+                             "give an .npy file of shape [n, T, M]") from None
+        shape = self.data.shape
+        self.cropped = self.data.ndim == 3 and shape[1:] == crop.shape
+        if not self.cropped and not (self.data.ndim == 3 and shape[1:] == crop.raw_shape):
+            raise InputError(self.path, f"shape {shape} matches neither the case's [n, T, M] = [n, "
+                             f"{crop.raw_shape[0]}, {crop.raw_shape[1]}] nor its kept [n, {crop.shape[0]}, "
+                             f"{crop.shape[1]}]", "give simulations of the training case's shape")
+        if self.data.dtype.kind not in "iuf":
+            raise InputError(self.path, f"holds {self.data.dtype} values, not real numbers",
+                             "give an .npy file of real numbers")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        """Designs start..stop-1 as float32 [b, T_used, M_used]; InputError naming the design for NaN or Inf."""
+        rows = self.data[start:stop]
+        block = np.array(rows if self.cropped else rows[:, self.crop.time_index, self.crop.nodes], np.float32)
+        _refuse_non_finite(self.path, block, np.arange(start, start + len(block)))
+        return block

@@ -1,8 +1,8 @@
 """Where the nodes of a field sit in space, so a field row [M] can be drawn as 2-D maps.
 
 A field stores its n_vars variables side by side along the node axis, M / n_vars nodes each. Each variable's nodes
-are either an H x W grid (row-major), scattered points with x, y coordinates read from a file, or, with neither, a
-line of nodes in index order.
+are either an H x W grid (row-major), a mesh (mesh_file: points and cells), scattered points with x, y coordinates
+read from a file, or, with none of them, a line of nodes in index order.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from modules.config.keys import whole_numbers
+from modules.data.mesh import Mesh, grid_mesh, line_mesh, point_mesh, read_mesh
 from modules.errors import InputError
 
 COORDINATES_FIX = "give one row of x, y (or x, y, z) per node of one variable, in node order, in a .npy or .csv file"
@@ -18,10 +19,14 @@ COORDINATES_FIX = "give one row of x, y (or x, y, z) per node of one variable, i
 @dataclass(frozen=True)
 class FieldLayout:
     """n_vars variables side by side along the node axis; grid_shape (H, W) or coordinates [M / n_vars, 2] say where
-    each variable's nodes are. At most one of the two is set."""
+    each variable's nodes are. At most one of the two is set. With coordinates, mesh holds the nodes' full positions
+    (x, y or x, y, z) and the cells when mesh_file gave them; position_key names the condition.txt key they came
+    from."""
     n_vars: int
     grid_shape: tuple | None = None
     coordinates: np.ndarray | None = None
+    mesh: Mesh | None = None
+    position_key: str = "node_coordinates"
 
     def __post_init__(self):
         if self.grid_shape is not None and self.coordinates is not None:
@@ -38,22 +43,56 @@ class FieldLayout:
         """One row of nodes [M] -> n_vars arrays of M / n_vars nodes, in variable order."""
         return np.split(np.asarray(field_row), self.n_vars)
 
+    def triangles(self) -> np.ndarray | None:
+        """The mesh's 2-D cells as triangles [n, 3] to draw fields on; None without cells (Delaunay then)."""
+        return None if self.mesh is None else self.mesh.triangles()
+
+    def output_mesh(self, n_nodes: int) -> Mesh:
+        """What the .xdmf outputs show the fields on: the mesh, the grid as quads, the scattered nodes as points,
+        or a line of nodes in index order."""
+        if self.mesh is not None:
+            return self.mesh
+        if self.grid_shape is not None:
+            return grid_mesh(self.grid_shape)
+        return line_mesh(n_nodes)
+
 
 def read_field_layout(config) -> FieldLayout:
-    """The layout that config.grid_shape ("H W") or config.node_coordinates (a .npy or .csv path, relative to the
-    working directory) describe; a line of nodes when both are empty. Raises InputError for a bad coordinates file."""
+    """The layout that config.grid_shape ("H W"), config.mesh_file (a mesh meshio reads) or config.node_coordinates
+    (a .npy or .csv path) describe, paths relative to the working directory; a line of nodes when all are empty.
+    Raises InputError for a bad coordinates or mesh file."""
+    nodes = config.n_nodes_used // config.n_vars
     if config.grid_shape:
         return FieldLayout(config.n_vars, grid_shape=whole_numbers(config.grid_shape))
+    if config.mesh_file:
+        mesh = read_mesh(Path(config.mesh_file), nodes)
+        return FieldLayout(config.n_vars, coordinates=_read_only(mesh.points[:, :2]), mesh=mesh,
+                           position_key="mesh_file")
     if config.node_coordinates:
-        nodes = config.n_nodes_used // config.n_vars
-        return FieldLayout(config.n_vars, coordinates=read_coordinates(Path(config.node_coordinates), nodes))
+        points = read_points(Path(config.node_coordinates), nodes)
+        return FieldLayout(config.n_vars, coordinates=_read_only(points[:, :2]), mesh=point_mesh(points))
     return FieldLayout(config.n_vars)
+
+
+def read_saved_layout(config) -> FieldLayout:
+    """read_field_layout for the config saved with a model (--predict, --reconstruct): its mesh_file or
+    node_coordinates path is relative to the case folder the model was trained in, which the fix says."""
+    try:
+        return read_field_layout(config)
+    except InputError as error:
+        raise InputError(error.path, error.problem, "run the command from the case folder the model was trained in "
+                         "(the saved config's paths are relative to it), or write .npy, which needs no mesh") from None
 
 
 def read_coordinates(path: Path, n_nodes: int) -> np.ndarray:
     """A .npy or .csv file with one row per node of one variable and 2 or 3 columns -> read-only float64
     [n_nodes, 2]: x, y. With 3 columns (x, y, z) only x and y are kept, so a 3-D mesh is drawn from above.
     A CSV file may start with one header line."""
+    return _read_only(read_points(path, n_nodes)[:, :2])
+
+
+def read_points(path: Path, n_nodes: int) -> np.ndarray:
+    """The same file's rows whole: read-only float64 [n_nodes, 2 or 3] (what the .xdmf outputs place nodes at)."""
     table = _load_table(path)
     if table.ndim != 2 or table.shape[1] not in (2, 3):
         raise InputError(path, f"has shape {list(table.shape)}, not rows of 2 or 3 columns", COORDINATES_FIX)
@@ -61,9 +100,14 @@ def read_coordinates(path: Path, n_nodes: int) -> np.ndarray:
         raise InputError(path, f"has {len(table)} rows but each variable has {n_nodes} nodes", COORDINATES_FIX)
     if not np.isfinite(table).all():
         raise InputError(path, "holds NaN or infinite coordinates", "give a finite x, y for every node")
-    coordinates = np.ascontiguousarray(table[:, :2], dtype=np.float64)
-    coordinates.setflags(write=False)  # the layout is frozen: its coordinates must not change under it either
-    return coordinates
+    return _read_only(table)
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    """A contiguous float64 copy that cannot be written: the layout is frozen, its arrays must not change either."""
+    values = np.array(values, dtype=np.float64, order="C")
+    values.setflags(write=False)
+    return values
 
 
 def _load_table(path: Path) -> np.ndarray:

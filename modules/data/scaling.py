@@ -48,6 +48,12 @@ class MinMaxScaler:
         out += self._constant("data_min", out)
         return out.reshape(values.shape)
 
+    def inverse_constants(self) -> dict:
+        """inverse's constants as float32 CPU tensors [n_vars, 1]: physical = (scaled - base) * inverse_scale +
+        data_min (what an exported model computes, commands.export)."""
+        return {name: torch.as_tensor(self._constant(name, np.zeros(1))) for name in ("base", "inverse_scale",
+                                                                                   "data_min")}
+
     def physical_spread(self, scaled_spread):
         """A spread (a standard deviation, an error) per variable [n_vars] in scaled units -> physical units."""
         return np.asarray(scaled_spread, dtype=np.float64) / self._scale

@@ -70,10 +70,10 @@ def _draw_map(axis, layout, values, low, high):
                            cmap="viridis", interpolation="nearest")
     x, y = layout.coordinates[:, 0], layout.coordinates[:, 1]
     axis.set_aspect("equal")
-    axis.set_xlabel("x (units of node_coordinates)")
-    axis.set_ylabel("y (units of node_coordinates)")
-    try:
-        triangles = matplotlib.tri.Triangulation(x, y)
+    axis.set_xlabel(f"x (units of {layout.position_key})")
+    axis.set_ylabel(f"y (units of {layout.position_key})")
+    try:  # on the mesh's own cells when mesh_file gave them, else on a Delaunay triangulation of the nodes
+        triangles = matplotlib.tri.Triangulation(x, y, layout.triangles())
     except (RuntimeError, ValueError):  # Delaunay fails for collinear or too few nodes: show the nodes themselves
         return axis.scatter(x, y, c=values, s=12, vmin=low, vmax=high, cmap="viridis")
     # flat shading (each triangle the mean of its nodes): gouraud looks the same on a mesh and draws ten times slower

@@ -21,6 +21,7 @@ BEST_CHECKPOINT = CHECKPOINT_DIR / "best.pt"    # the VAE's full training state 
 LAST_CHECKPOINT = CHECKPOINT_DIR / "last.pt"    # ... at the latest save: what --resume continues from
 CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
 CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
+AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint (LAST_CHECKPOINT, CONDITIONER_LAST)
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, runs/<run id>/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
 PREDICTION_PLOT = OUTPUT_DIR / "prediction_samples.png"

@@ -26,9 +26,10 @@ def design_spaces(model, reads: str, inputs: torch.Tensor, batch_size: int) -> d
     if reads == "parameters":
         return {"parameters": inputs.double().cpu().numpy()}
     model.eval()
+    device = next(model.parameters(), inputs).device  # the model's (--predict keeps the designs on the host)
     pixels, features = [], []
     for start in range(0, len(inputs), batch_size):
-        images = inputs[start:start + batch_size].float()
+        images = inputs[start:start + batch_size].float().to(device)
         pooled = F.adaptive_avg_pool2d(images, min(PIXEL_GRID, images.shape[-1]))
         pixels.append(pooled.flatten(1).double().cpu().numpy())
         features.append(model.features(images).double().cpu().numpy())

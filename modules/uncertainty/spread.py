@@ -41,9 +41,10 @@ SPREAD_WORDS = {"ensemble": "the disagreement of the conditioner ensemble's memb
 
 
 @torch.no_grad()
-def field_draws(conditioner, vae, latent_scaler, inputs, n_draws: int, generator: torch.Generator):
+def field_draws(conditioner, vae, latent_scaler, inputs, n_draws: int, generator):
     """(the prediction [B, T, M], an iterator of n_draws draws [B, T, M]), both in the VAE's scaled units, float32
-    tensors on the inputs' device. The draws are made lazily, one at a time: never all in memory."""
+    tensors on the inputs' device. The draws are made lazily, one at a time: never all in memory. generator: a
+    torch.Generator, or DesignNoise for draws that do not depend on how the designs are batched."""
     latents, spread = latent_spread(conditioner, inputs)
     prediction = decode_latents(vae, latent_scaler, latents.float()).float()
 
@@ -51,13 +52,35 @@ def field_draws(conditioner, vae, latent_scaler, inputs, n_draws: int, generator
         for _ in range(n_draws):
             if spread is None:
                 main, levels = split_latents(latent_scaler.inverse(latents.float()), vae.spec)
-                noise = torch.randn(len(main), vae.spec.n_levels, vae.spec.level_latent_dim, generator=generator)
+                noise = standard_normal((len(main), vae.spec.n_levels, vae.spec.level_latent_dim), generator)
                 yield vae.decode_around(main, levels, noise.to(main.device)).float()
             else:
-                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                noise = standard_normal(tuple(latents.shape), generator).to(latents.device)
                 yield decode_latents(vae, latent_scaler, latents.float() + spread * noise).float()
 
     return prediction, draws()
+
+
+class DesignNoise:
+    """Standard normal noise for a batch of designs, each design's from its own generator seeded by (seed, its index
+    among all designs): a design's draws are the same whatever batch it is predicted in (--predict sizes its
+    batches from the free memory)."""
+
+    def __init__(self, seed: int, first: int, count: int):
+        # SeedSequence mixes (seed, design) into one well-spread number: torch's CPU generator keeps 32 bits of a seed,
+        # so seed * 2**32 + design would give every seed the same draws
+        self.generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, first + index])
+                                                             .generate_state(1)[0])) for index in range(count)]
+
+    def randn(self, shape) -> torch.Tensor:
+        """[count, *shape[1:]] on the CPU."""
+        return torch.stack([torch.randn(shape[1:], generator=generator) for generator in self.generators])
+
+
+def standard_normal(shape, generator) -> torch.Tensor:
+    if isinstance(generator, DesignNoise):
+        return generator.randn(shape)
+    return torch.randn(shape, generator=generator)
 
 
 def physical_std(prediction: np.ndarray, draws, field_scaler) -> tuple:

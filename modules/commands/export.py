@@ -1,0 +1,185 @@
+"""--export: the whole prediction as one model file for deployment, checked against --predict before it is kept.
+
+    python SimulGen-VAE.py --export=surrogate.onnx      (ONNX, for onnxruntime from Python, C++, C#, Java, ...)
+    python SimulGen-VAE.py --export=surrogate.pt2       (torch.export, for torch.export.load in Python)
+
+Input: raw design parameters [n, P] float32 in the training CSV's column order (named "parameters"), or images
+[n, C, H, W] float32 in [0, 1] at the conditioner's image size ("images"); output: "fields" [n, T, M] float32 in
+physical units. The input standardisation, the conditioner, the latent scaling, the VAE decoder and the field scaling
+are all inside; the number of designs n is free. The export runs on the CPU (the file runs wherever its runtime does).
+
+The check: CHECK_DESIGNS designs (drawn around the training designs, seeded) go through the exported file (onnxruntime
+on the CPU, or the loaded ExportedProgram) and through --predict's own code; the largest difference, relative to the
+largest value of the design's predicted field, must stay below TOLERANCE, or nothing is kept.
+"""
+import io
+import logging
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.commands.predict import FieldPrediction
+from modules.config import Config
+from modules.data.scaling import ColumnScaler
+from modules.errors import InputError
+from modules.models.conditioners import CONDITIONERS
+from modules.storage.atomic import temporary_path
+from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+
+SUFFIXES = (".onnx", ".pt2")
+TOLERANCE = 1e-4
+CHECK_DESIGNS = 64
+EXPORT_DESIGNS = 2  # the example the graph is traced with; the check uses another count: the batch axis is free
+ONNX_OPSET = 18
+
+
+class Surrogate(nn.Module):
+    """Raw design parameters [n, P] (or images [n, C, H, W] in [0, 1]) -> fields [n, T, M] in physical units: the
+    scalers as buffers around the conditioner and the decoder, computed as --predict computes them."""
+
+    def __init__(self, conditioner, vae, latent_scaler, field_scaler, input_scaler=None):
+        super().__init__()
+        self.conditioner, self.vae = conditioner, vae
+        self.reads_parameters = input_scaler is not None
+        if self.reads_parameters:  # standardised in float64, as ColumnScaler.transform does for a CSV
+            self.register_buffer("input_mean", torch.as_tensor(input_scaler.mean, dtype=torch.float64))
+            self.register_buffer("input_std", torch.as_tensor(input_scaler.std, dtype=torch.float64))
+        self.register_buffer("latent_mean", torch.as_tensor(latent_scaler.mean, dtype=torch.float32))
+        self.register_buffer("latent_std", torch.as_tensor(latent_scaler.std, dtype=torch.float32))
+        self.n_vars = field_scaler.n_vars
+        for name, value in field_scaler.inverse_constants().items():  # [n_vars, 1] float32 each
+            self.register_buffer(f"field_{name}", value)
+
+    def forward(self, inputs):
+        if self.reads_parameters:
+            inputs = ((inputs.double() - self.input_mean) / self.input_std).float()
+        latents = self.conditioner(inputs)
+        scaled = self.vae.decode(*self._split(latents * self.latent_std + self.latent_mean)).float()
+        n, steps, nodes = scaled.shape
+        per_variable = scaled.reshape(n, steps, self.n_vars, nodes // self.n_vars)
+        physical = (per_variable - self.field_base) * self.field_inverse_scale + self.field_data_min
+        return physical.reshape(n, steps, nodes)
+
+    def _split(self, latents):
+        spec = self.vae.spec
+        return latents[:, :spec.main_latent_dim], latents[:, spec.main_latent_dim:].reshape(
+            -1, spec.n_levels, spec.level_latent_dim)
+
+
+def export_surrogate(path, conditioner_file, say=print) -> Path:
+    """Write the exported model to path (.onnx or .pt2, a new file in an existing folder) once it matches --predict
+    on CHECK_DESIGNS designs; returns the path."""
+    began = time.perf_counter()
+    path = export_path(path)
+    conditioner, facts = load_conditioner(conditioner_file, "cpu")
+    config = Config.from_dict(facts["config"])
+    vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), "cpu")
+    latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
+    reads = CONDITIONERS[config.input_type].reads
+    input_scaler = ColumnScaler.from_dict(facts["input_scaler"]) if reads == "parameters" else None
+    surrogate = Surrogate(conditioner, vae, latent_scaler, field_scaler, input_scaler).eval()
+    raw, standardised = check_inputs(facts, input_scaler, config)
+    temporary = temporary_path(path)
+    try:
+        write_model(surrogate, raw[:EXPORT_DESIGNS], temporary, reads)
+        exported = run_exported(temporary, raw, reads)
+        predicted = FieldPrediction(conditioner, vae, latent_scaler, field_scaler, "cpu")(standardised)["fields"]
+        difference = largest_relative_difference(exported, predicted)
+        if not difference < TOLERANCE:
+            raise InputError(path, f"the exported model differs from --predict by {difference:.3g} of the field's "
+                             f"largest value (at most {TOLERANCE:g} allowed); nothing was kept",
+                             "use --predict, and report this with the case's model_save/ folder")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    name = "parameters" if reads == "parameters" else "images"
+    say(f"Exported the surrogate -> {path} ({path.stat().st_size / 1e6:.1f} MB): input '{name}' "
+        f"{['n', *raw.shape[1:]]} float32{' (raw, as in the CSV)' if reads == 'parameters' else ' in [0, 1]'}, "
+        f"output 'fields' [n, {predicted.shape[1]}, {predicted.shape[2]}] float32 in physical units; it matches "
+        f"--predict on {len(raw)} designs to {difference:.2g} of each field's largest value "
+        f"({time.perf_counter() - began:.1f} s)")
+    return path
+
+
+def export_path(path) -> Path:
+    """path must end in .onnx or .pt2, lie in an existing folder and not exist yet."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise InputError(path, f"has suffix '{path.suffix}', which --export does not write",
+                         "give --export a name ending in .onnx (or .pt2 for torch.export)")
+    if not path.parent.is_dir():
+        raise InputError(path, f"folder {path.parent} does not exist", "create it or choose another --export path")
+    if path.exists():
+        raise InputError(path, "already exists and would be overwritten", "choose another --export path or move it")
+    return path
+
+
+def check_inputs(facts, input_scaler, config):
+    """(raw inputs [CHECK_DESIGNS, ...] float32 numpy, the same as --predict prepares them): parameters drawn
+    uniformly within two standard deviations of the training designs' mean, or images of uniform noise in [0, 1]."""
+    generator = np.random.default_rng(config.seed)
+    if input_scaler is not None:
+        raw = (input_scaler.mean + input_scaler.std * generator.uniform(-2, 2, (CHECK_DESIGNS, len(input_scaler.mean))))
+        raw = raw.astype(np.float32)
+        return raw, torch.from_numpy(input_scaler.transform(raw.astype(np.float64)))
+    size = config.image_size or facts["spec"]["input_shape"][-1]
+    raw = generator.uniform(0, 1, (CHECK_DESIGNS, facts["channels"], size, size)).astype(np.float32)
+    return raw, torch.from_numpy(raw)
+
+
+def write_model(surrogate, example: np.ndarray, path: Path, reads: str) -> None:
+    name = "parameters" if reads == "parameters" else "images"
+    designs = torch.export.Dim("designs", min=1)
+    example = torch.from_numpy(example)
+    with torch.no_grad():
+        if path.name.endswith(".pt2.tmp"):
+            program = torch.export.export(surrogate, (example,), dynamic_shapes=({0: designs},))
+            buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2, or a buffer
+            torch.export.save(program, buffer)
+            path.write_bytes(buffer.getbuffer())
+            return
+        with quiet_exporter():
+            torch.onnx.export(surrogate, (example,), path, input_names=[name], output_names=["fields"],
+                              dynamic_shapes=({0: designs},), opset_version=ONNX_OPSET, dynamo=True,
+                              external_data=False, verbose=False)
+
+
+@contextmanager
+def quiet_exporter():
+    """torch.onnx's exporter logs notes that are not the user's concern (operators of torchvision, which is not
+    used here; deprecations inside torch): kept off the terminal while it runs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_exported(path: Path, inputs: np.ndarray, reads: str) -> np.ndarray:
+    """The exported file's fields for inputs, run as a user would run it."""
+    if path.name.endswith(".pt2.tmp"):
+        program = torch.export.load(io.BytesIO(path.read_bytes()))
+        with torch.no_grad():
+            return program.module()(torch.from_numpy(inputs)).numpy()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["fields"], {"parameters" if reads == "parameters" else "images": inputs})[0]
+
+
+def largest_relative_difference(exported: np.ndarray, predicted: np.ndarray) -> float:
+    """Over designs: the largest |exported - predicted| over the largest |predicted| of the same design."""
+    exported, predicted = exported.reshape(len(exported), -1), predicted.reshape(len(predicted), -1)
+    scale = np.maximum(np.abs(predicted).max(axis=1), 1e-30)
+    return float((np.abs(exported.astype(np.float64) - predicted).max(axis=1) / scale).max())
