@@ -178,3 +178,32 @@ def test_the_readme_documents_the_output_formats_and_export():
     for words in ("--out=fields.h5", "--out=fields.xdmf", "--export=surrogate.onnx", "mesh_file",
                   "Ort::Session", "InferenceSession"):
         assert words in readme, words
+
+
+@pytest.mark.parametrize("refuse_direct_writes", [False, True])
+def test_npy_files_are_written_directly_in_blocks_and_read_back_by_numpy(tmp_path, monkeypatch, refuse_direct_writes):
+    """O_DIRECT through a page-aligned staging buffer (the header padded to a block), the last partial block
+    written plainly; a file system that refuses O_DIRECT writes (EINVAL) gets ordinary ones, the same bytes."""
+    import fcntl
+    import os
+    values = np.random.default_rng(0).normal(size=(7, 5, 333)).astype(np.float32)  # not a multiple of a block
+    real_pwrite, direct_writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_writes.append(len(data))
+            if refuse_direct_writes:
+                raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(field_files, "STAGING_BYTES", 3 * field_files.DIRECT_ALIGNMENT)  # several flushes
+    monkeypatch.setattr(field_files.os, "pwrite", pwrite)
+    written = field_files.DirectFile(tmp_path / "v.npy", field_files.npy_header(values.shape))
+    for part in np.array_split(values.reshape(-1), 5):
+        written.write(memoryview(part).cast("B"))
+    written.close()
+    assert direct_writes and all(size % field_files.DIRECT_ALIGNMENT == 0 for size in direct_writes)
+    full_stagings = (field_files.DIRECT_ALIGNMENT + values.nbytes) // (3 * field_files.DIRECT_ALIGNMENT)
+    assert len(direct_writes) == (1 if refuse_direct_writes else full_stagings)  # then the partial rest, plainly
+    assert np.array_equal(np.load(tmp_path / "v.npy"), values)
+    assert (tmp_path / "v.npy").stat().st_size == field_files.DIRECT_ALIGNMENT + values.nbytes

@@ -15,9 +15,12 @@ name and renamed only once complete, so a failed or interrupted run leaves no pa
 user's file (the paths are checked to be new before anything is computed). The disk writes run on one background
 thread, overlapping the next batch's computation.
 """
+import errno
+import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import chdir
@@ -30,6 +33,8 @@ from modules.errors import InputError
 from modules.storage.atomic import check_room, disk_full_as, temporary_path
 
 SUFFIXES = (".npy", ".h5", ".hdf5", ".xdmf")
+DIRECT_ALIGNMENT = 4096  # O_DIRECT writes whole blocks from block-aligned memory at block-aligned offsets
+STAGING_BYTES = 8 * 2**20
 XDMF_MAX_ARRAYS = 1024
 PENDING_WRITES = 2  # batches handed to the writer thread and not yet on disk: bounds the memory they hold
 HEADER_BYTES = 4096
@@ -164,10 +169,7 @@ class NpyFieldFile(FieldFile):
         for kind, shape in self.kinds().items():
             path = self.paths[self.PATH_OF[kind]]
             check_room(path, shape)
-            handle = open(temporary_path(path), "wb")
-            self.handles[kind] = handle
-            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                                                          "fortran_order": False, "shape": shape})
+            self.handles[kind] = DirectFile(temporary_path(path), npy_header(shape))
 
     def write_batch(self, start, fields, samples, mean, std) -> None:
         for kind, values in (("fields", fields), ("samples", samples), ("mean", mean), ("std", std)):
@@ -193,6 +195,82 @@ class NpyFieldFile(FieldFile):
         finally:
             for temporary in temporaries.values():
                 temporary.unlink(missing_ok=True)
+
+
+def npy_header(shape) -> bytes:
+    """The .npy (format 1.0) header of a C-ordered float32 array of shape, padded with spaces to DIRECT_ALIGNMENT
+    bytes (the format allows any length), so that the values start on a block boundary."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                 "shape": tuple(int(size) for size in shape)}).encode("latin1")
+    length = -(-(len(text) + 11) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT - 10  # magic, version and length: 10 bytes
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length) + text.ljust(length - 1) + b"\n"
+
+
+class DirectFile:
+    """A new file written from start to end, its data with O_DIRECT where the file system takes it: no copy into the
+    page cache and no write-back by the kernel, which on 2 cores took half the model's CPU time (a matmul loop ran
+    at 52 % of its speed beside buffered writes of 4.4 GB, at 87 % beside direct ones, and the writes were faster).
+    The bytes go through a page-aligned staging buffer; the last partial block is written without O_DIRECT. Falls
+    back to ordinary writes where O_DIRECT is refused (tmpfs, some network file systems)."""
+
+    def __init__(self, path: Path, header: bytes):
+        self.path, self.offset, self.filled = path, 0, 0
+        self.staging = mmap.mmap(-1, STAGING_BYTES)  # anonymous maps are page-aligned, as O_DIRECT needs
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.direct = False
+        if len(header) % DIRECT_ALIGNMENT == 0 and hasattr(os, "O_DIRECT"):
+            try:
+                direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                os.close(self.fd)
+                self.fd, self.direct = direct, True
+            except OSError:
+                pass
+        self.write(memoryview(header))
+
+    def write(self, data: memoryview) -> None:
+        while len(data):
+            if not self.direct:  # from the start, or since a write with O_DIRECT was refused
+                self._write_all(data)
+                return
+            taken = min(len(data), STAGING_BYTES - self.filled)
+            self.staging[self.filled:self.filled + taken] = data[:taken]
+            self.filled, data = self.filled + taken, data[taken:]
+            if self.filled == STAGING_BYTES:
+                self._flush_blocks()
+
+    def close(self) -> None:
+        """Writes what is staged and closes the file (also after an error)."""
+        try:
+            if self.direct:
+                self._flush_blocks()
+                if self.filled:  # the last partial block, which O_DIRECT cannot write
+                    os.close(self.fd)
+                    self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
+                    self._write_all(memoryview(self.staging)[:self.filled])
+        finally:
+            os.close(self.fd)
+            self.staging.close()
+
+    def _flush_blocks(self) -> None:
+        whole = self.filled // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
+        view = memoryview(self.staging)
+        try:
+            self._write_all(view[:whole])
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # a file system that opens with O_DIRECT but refuses its writes
+                raise
+            os.close(self.fd)
+            self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
+            self._write_all(view[:self.filled])
+            self.filled = 0
+            return
+        self.staging.move(0, whole, self.filled - whole)
+        self.filled -= whole
+
+    def _write_all(self, data: memoryview) -> None:
+        while len(data):
+            written = os.pwrite(self.fd, data, self.offset)
+            self.offset, data = self.offset + written, data[written:]
 
 
 class H5FieldFile(FieldFile):
