@@ -3,12 +3,14 @@ smaller than the dataset, also with two DDP processes (neither holds the dataset
 
 The limit is RLIMIT_DATA, which the kernel enforces on a process's private memory (heap, anonymous maps, tensors)
 but not on the memory-mapped dataset file, whose pages the kernel can always drop and re-read: exactly the memory
-that --load_all=0 relies on.
+that --load_all=0 relies on. Where the machine allows it (root, cgroup v1), the same run also goes under a real
+memory cgroup, which counts the page cache too and kills rather than refuses: what SLURM's --mem does.
 """
 import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,44 @@ def test_the_memory_left_counts_the_cgroup_limit_of_the_process_and_of_its_paren
     assert cgroup_memory_left(tmp_path / "v1", membership) == 2_000_000_000 - 1_500_000_000 + 400_000_000
     membership.write_text("0::/\n")
     assert cgroup_memory_left(tmp_path / "none", membership) is None  # no limit anywhere: MemAvailable decides
+
+
+def memory_cgroup(limit_bytes):
+    """A new memory cgroup v1 below this process's own, limited to limit_bytes, as SLURM's --mem or docker --memory
+    make one: its folder, or None where the machine does not let this process make one (not root, no cgroup v1
+    memory controller, a read-only /sys/fs/cgroup)."""
+    try:
+        own = next(line.split(":", 2)[2] for line in open("/proc/self/cgroup") if ":memory:" in line)
+        folder = Path("/sys/fs/cgroup/memory") / own.strip().strip("/") / f"simulgen-test-{os.getpid()}"
+        folder.mkdir()
+    except (OSError, StopIteration):
+        return None
+    try:
+        (folder / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError:
+        folder.rmdir()
+        return None
+    return folder
+
+
+def test_streamed_training_and_evaluation_fit_under_a_real_cgroup_memory_limit_a_third_of_the_data(big_dataset,
+                                                                                                     tmp_path):
+    """The kernel's memory cgroup counts what RLIMIT_DATA does not (the page cache of the memory-mapped data, kernel
+    memory) and kills the process when its usage cannot be brought under the limit; the whole run, end-of-run
+    evaluation included, must stay under it."""
+    group = memory_cgroup(LIMIT_BYTES)
+    if group is None:
+        pytest.skip("this machine does not let the tests make a memory cgroup (needs root and cgroup v1 memory)")
+    try:
+        folder = case_folder(tmp_path / "case", big_dataset)
+        trained = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], cwd=folder,
+                                 capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        events = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        group.rmdir()  # empty again: the run has ended
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert int(events.get("oom_kill", 0)) == 0 and peak <= LIMIT_BYTES
+    assert (folder / "output" / "evaluation.json").exists() and (folder / "output" / "memorization.json").exists()
