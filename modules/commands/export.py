@@ -29,8 +29,10 @@ from modules.config import Config
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
 from modules.models.conditioners import CONDITIONERS
+from modules.models.latents import split_latents
 from modules.storage.atomic import temporary_path
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.paths import new_output_file
 
 SUFFIXES = (".onnx", ".pt2")
 TOLERANCE = 1e-4
@@ -60,23 +62,18 @@ class Surrogate(nn.Module):
         if self.reads_parameters:
             inputs = ((inputs.double() - self.input_mean) / self.input_std).float()
         latents = self.conditioner(inputs)
-        scaled = self.vae.decode(*self._split(latents * self.latent_std + self.latent_mean)).float()
+        scaled = self.vae.decode(*split_latents(latents * self.latent_std + self.latent_mean, self.vae.spec)).float()
         n, steps, nodes = scaled.shape
         per_variable = scaled.reshape(n, steps, self.n_vars, nodes // self.n_vars)
         physical = (per_variable - self.field_base) * self.field_inverse_scale + self.field_data_min
         return physical.reshape(n, steps, nodes)
-
-    def _split(self, latents):
-        spec = self.vae.spec
-        return latents[:, :spec.main_latent_dim], latents[:, spec.main_latent_dim:].reshape(
-            -1, spec.n_levels, spec.level_latent_dim)
 
 
 def export_surrogate(path, conditioner_file, say=print) -> Path:
     """Write the exported model to path (.onnx or .pt2, a new file in an existing folder) once it matches --predict
     on CHECK_DESIGNS designs; returns the path."""
     began = time.perf_counter()
-    path = export_path(path)
+    path = new_output_file(path, "--export", SUFFIXES, "--export")
     conditioner, facts = load_conditioner(conditioner_file, "cpu")
     config = Config.from_dict(facts["config"])
     vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), "cpu")
@@ -104,19 +101,6 @@ def export_surrogate(path, conditioner_file, say=print) -> Path:
         f"output 'fields' [n, {predicted.shape[1]}, {predicted.shape[2]}] float32 in physical units; it matches "
         f"--predict on {len(raw)} designs to {difference:.2g} of each field's largest value "
         f"({time.perf_counter() - began:.1f} s)")
-    return path
-
-
-def export_path(path) -> Path:
-    """path must end in .onnx or .pt2, lie in an existing folder and not exist yet."""
-    path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise InputError(path, f"has suffix '{path.suffix}', which --export does not write",
-                         "give --export a name ending in .onnx (or .pt2 for torch.export)")
-    if not path.parent.is_dir():
-        raise InputError(path, f"folder {path.parent} does not exist", "create it or choose another --export path")
-    if path.exists():
-        raise InputError(path, "already exists and would be overwritten", "choose another --export path or move it")
     return path
 
 

@@ -74,7 +74,7 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
     if samples:
         source_words = SPREAD_WORDS[facts["calibration"]["source"]] if facts.get("calibration") else \
             "an uncalibrated spread"
-        where = paths["out"] if paths["out"].suffix.lower() != ".npy" else \
+        where = paths["out"] if paths["out"].suffix != ".npy" else \
             f"{paths['samples']}, their mean -> {paths['mean']}, the std -> {paths['std']}"
         say(f"{samples} samples per design from {source_words}, with their mean and the calibrated standard deviation "
             f"around the prediction -> {where} (largest std {spread.largest:.4g})")
@@ -193,12 +193,12 @@ class FieldPrediction:
             drawn[:, index] = self.to_host(predicted + deviation)
             total += deviation.double()
             squares += deviation.double().square()
-        std = (squares / self.samples).sqrt().float()
+        std = self.to_host((squares / self.samples).sqrt())
         fields = self.to_host(predicted)
-        self.relative = np.concatenate([self.relative, relative_norm(self.to_host(std), fields)])
+        self.relative = np.concatenate([self.relative, relative_norm(std, fields)])
         self.largest = max(self.largest, float(std.max()))
         return {"fields": fields, "samples": drawn, "mean": self.to_host(predicted + (total / self.samples).float()),
-                "std": self.to_host(std)}
+                "std": std}
 
     @staticmethod
     def to_host(values) -> np.ndarray:

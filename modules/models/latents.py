@@ -20,7 +20,8 @@ def join_latents(main: np.ndarray, levels: np.ndarray) -> np.ndarray:
 def split_latents(latents: torch.Tensor, spec):
     """[B, D + L*d] -> (main [B, D], levels [B, L, d]) for a VAE of this ModelSpec."""
     main = latents[:, :spec.main_latent_dim]
-    return main, latents[:, spec.main_latent_dim:].reshape(len(latents), spec.n_levels, spec.level_latent_dim)
+    # unflatten, not reshape(len(latents), ...): an exported model (commands.export) keeps its batch axis free
+    return main, latents[:, spec.main_latent_dim:].unflatten(1, (spec.n_levels, spec.level_latent_dim))
 
 
 def decode_latents(vae, latent_scaler, standardised: torch.Tensor) -> torch.Tensor:

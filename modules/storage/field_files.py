@@ -31,6 +31,7 @@ import numpy as np
 
 from modules.errors import InputError
 from modules.storage.atomic import check_room, disk_full_as, temporary_path
+from modules.storage.paths import new_output_file
 
 SUFFIXES = (".npy", ".h5", ".hdf5", ".xdmf")
 DIRECT_ALIGNMENT = 4096  # O_DIRECT writes whole blocks from block-aligned memory at block-aligned offsets
@@ -63,19 +64,12 @@ def output_files(out, command: str, samples: int = 0, report: bool = True) -> di
     """{kind: path} of every file a prediction (or reconstruction) to `out` writes, the report (OUT_report.json)
     when asked: out's suffix must be one of SUFFIXES, its folder must exist, and none of the files may exist yet
     (never overwrite a user's file). InputError otherwise, before anything is computed."""
-    if out is None:
-        raise InputError("command line", f"{command} needs --out", "add --out=OUT.npy (or .h5, .xdmf)")
-    out = Path(out)
-    if out.suffix.lower() not in SUFFIXES:
-        raise InputError(out, f"has suffix '{out.suffix}', which {command} does not write",
-                         f"give --out a name ending in {', '.join(SUFFIXES)}")
-    if not out.parent.is_dir():
-        raise InputError(out, f"folder {out.parent} does not exist", "create it or choose another --out")
+    out = new_output_file(out, command, SUFFIXES)
     paths = {"out": out, **({"report": out.with_name(f"{out.stem}_report.json")} if report else {})}
-    if out.suffix.lower() == ".npy":
+    if out.suffix == ".npy":
         paths.update({kind: out.with_name(f"{out.stem}_{kind}.npy") for kind in ("samples", "mean", "std")
                       if samples})
-    elif out.suffix.lower() == ".xdmf":
+    elif out.suffix == ".xdmf":
         paths["heavy_data"] = out.with_suffix(".h5")  # meshio names it after the .xdmf
     for path in paths.values():
         for taken in (path, temporary_path(path)):  # the temporary name is removed after a failure: never a user's
@@ -88,8 +82,7 @@ def output_files(out, command: str, samples: int = 0, report: bool = True) -> di
 def open_field_file(paths: dict, shape, samples: int, facts: FieldFacts):
     """The writer for paths (output_files) of n fields [T, M] (shape [n, T, M]); use it as a context manager:
     complete files appear when the block ends without error, nothing otherwise."""
-    suffix = paths["out"].suffix.lower()
-    writer = {".npy": NpyFieldFile, ".xdmf": XdmfFieldFile}.get(suffix, H5FieldFile)
+    writer = {".npy": NpyFieldFile, ".xdmf": XdmfFieldFile}.get(paths["out"].suffix, H5FieldFile)
     return writer(paths, tuple(shape), samples, facts)
 
 

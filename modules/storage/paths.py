@@ -81,16 +81,18 @@ def make_run_folders() -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def new_output_file(out, command: str, suffix: str = ".npy") -> Path:
-    """The output path of command (--reconstruct, --predict, --suggest) must be a new file with that suffix in an
-    existing folder: never overwrite a user's file."""
+def new_output_file(out, command: str, suffixes=(".npy",), flag: str = "--out") -> Path:
+    """The output path of command (--reconstruct, --predict, --suggest, --export), given by flag, must be a new file
+    ending in one of suffixes (a string or a tuple of them) in an existing folder: never overwrite a user's file."""
+    suffixes = (suffixes,) if isinstance(suffixes, str) else tuple(suffixes)
     if out is None:
-        raise InputError("command line", f"{command} needs --out", f"add --out=OUT{suffix}")
+        raise InputError("command line", f"{command} needs {flag}", f"add {flag}=OUT{suffixes[0]}")
     out = Path(out)
-    if out.suffix != suffix:
-        raise InputError(out, f"output must be a {suffix} file", f"give --out a name ending in {suffix}")
+    if out.suffix not in suffixes:
+        raise InputError(out, f"has suffix '{out.suffix}', which {command} does not write",
+                         f"give {flag} a name ending in {', '.join(suffixes)}")
     if out.exists():
-        raise InputError(out, "already exists and would be overwritten", "choose another --out or move that file")
+        raise InputError(out, "already exists and would be overwritten", f"choose another {flag} or move that file")
     if not out.parent.is_dir():
-        raise InputError(out, f"folder {out.parent} does not exist", "create it or choose another --out")
+        raise InputError(out, f"folder {out.parent} does not exist", f"create it or choose another {flag}")
     return out
