@@ -87,7 +87,9 @@ def open_field_file(paths: dict, shape, samples: int, facts: FieldFacts):
 
 
 class FieldFile:
-    """write(start, fields [b, T, M], samples [b, K, T, M], mean, std) in design order, from a context block."""
+    """write(start, fields [b, T, M], samples [b, K, T, M], mean, std) in design order, from a context block. A
+    format opens its files in open() and either fills targets ({kind: an [n, ...] array or dataset}) there, which
+    write_batch writes into, or writes its own write_batch; close() commits or discards."""
 
     def __init__(self, paths: dict, shape: tuple, samples: int, facts: FieldFacts):
         self.paths, self.shape, self.samples, self.facts = paths, shape, samples, facts
@@ -111,7 +113,9 @@ class FieldFile:
         if start != self.written:
             raise ValueError(f"designs are written in order: expected {self.written}, got {start}")
         self.written += len(fields)
-        self._pending.append(self._writer.submit(self.write_batch, start, fields, samples, mean, std))
+        arrays = {kind: values for kind, values in (("fields", fields), ("samples", samples), ("mean", mean),
+                                                    ("std", std)) if kind in self.kinds()}
+        self._pending.append(self._writer.submit(self.write_batch, start, arrays))
         while len(self._pending) > PENDING_WRITES:
             self._pending.pop(0).result()
 
@@ -142,8 +146,10 @@ class FieldFile:
     def open(self) -> None:
         raise NotImplementedError
 
-    def write_batch(self, start, fields, samples, mean, std) -> None:
-        raise NotImplementedError
+    def write_batch(self, start: int, arrays: dict) -> None:
+        """Each of arrays ({kind: [b, ...]}) into its target (an HDF5 dataset, a memory map) from design start on."""
+        for kind, values in arrays.items():
+            self.targets[kind][start:start + len(values)] = values
 
     def close(self, commit: bool) -> None:
         raise NotImplementedError
@@ -164,10 +170,9 @@ class NpyFieldFile(FieldFile):
             check_room(path, shape)
             self.handles[kind] = DirectFile(temporary_path(path), npy_header(shape))
 
-    def write_batch(self, start, fields, samples, mean, std) -> None:
-        for kind, values in (("fields", fields), ("samples", samples), ("mean", mean), ("std", std)):
-            if kind in self.handles:
-                self.handles[kind].write(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"))
+    def write_batch(self, start: int, arrays: dict) -> None:
+        for kind, values in arrays.items():  # appended: the designs come in order
+            self.handles[kind].write(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"))
 
     def close(self, commit: bool) -> None:
         """Every handle closed, then either every file renamed into place or every temporary file removed."""
@@ -275,15 +280,10 @@ class H5FieldFile(FieldFile):
         size = sum(int(np.prod(shape)) * 4 for shape in self.kinds().values())
         check_room(self.paths["out"], (size + HEADER_BYTES,), np.uint8)
         self.file = h5py.File(temporary_path(self.paths["out"]), "w")
-        self.datasets = {kind: self.file.create_dataset(kind, shape=shape, dtype=np.float32,
+        self.targets = {kind: self.file.create_dataset(kind, shape=shape, dtype=np.float32,
                                                         chunks=(1,) * (len(shape) - 2) + shape[-2:])
                          for kind, shape in self.kinds().items()}
         describe(self.file, self.facts, self.shape, self.paths["out"])
-
-    def write_batch(self, start, fields, samples, mean, std) -> None:
-        for kind, values in (("fields", fields), ("samples", samples), ("mean", mean), ("std", std)):
-            if kind in self.datasets:
-                self.datasets[kind][start:start + len(values)] = values
 
     def close(self, commit: bool) -> None:
         temporary = temporary_path(self.paths["out"])
@@ -325,7 +325,7 @@ class XdmfFieldFile(FieldFile):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.folder, self.scratch, self.made_folder = temporary_path(self.paths["out"]), {}, False
+        self.folder, self.targets, self.made_folder = temporary_path(self.paths["out"]), {}, False
 
     def open(self) -> None:
         n, steps, nodes = self.shape
@@ -340,14 +340,9 @@ class XdmfFieldFile(FieldFile):
         check_room(self.paths["out"], (2 * total + HEADER_BYTES,), np.uint8)  # the scratch, then the .h5
         self.folder.mkdir()  # output_files checked that it does not exist: only this run's files are removed
         self.made_folder = True
-        self.scratch = {kind: np.lib.format.open_memmap(self.folder / f"scratch_{kind}.npy", mode="w+",
+        self.targets = {kind: np.lib.format.open_memmap(self.folder / f"scratch_{kind}.npy", mode="w+",
                                                         dtype=np.float32, shape=shape)
                         for kind, shape in self.kinds().items()}
-
-    def write_batch(self, start, fields, samples, mean, std) -> None:
-        for kind, values in (("fields", fields), ("samples", samples), ("mean", mean), ("std", std)):
-            if kind in self.scratch:
-                self.scratch[kind][start:start + len(values)] = values
 
     def close(self, commit: bool) -> None:
         try:
@@ -362,7 +357,7 @@ class XdmfFieldFile(FieldFile):
                     self.paths["heavy_data"].unlink(missing_ok=True)  # output_files checked it was not there before
                     raise
         finally:
-            self.scratch = {}
+            self.targets = {}
             if self.made_folder:
                 shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -381,12 +376,12 @@ class XdmfFieldFile(FieldFile):
         """{array name: one variable's values [M / n_vars]} of every design at one time step."""
         arrays = {}
         for index, name in enumerate(names):
-            per_kind = {"": self.scratch["fields"][index, step_index]}
+            per_kind = {"": self.targets["fields"][index, step_index]}
             if self.samples:
-                per_kind.update({f"_sample{k}": self.scratch["samples"][index, k, step_index]
+                per_kind.update({f"_sample{k}": self.targets["samples"][index, k, step_index]
                                  for k in range(self.samples)})
-                per_kind.update({"_mean": self.scratch["mean"][index, step_index],
-                                 "_std": self.scratch["std"][index, step_index]})
+                per_kind.update({"_mean": self.targets["mean"][index, step_index],
+                                 "_std": self.targets["std"][index, step_index]})
             for suffix, values in per_kind.items():
                 for var, part in enumerate(np.split(np.asarray(values), self.facts.n_vars)):
                     label = f"{name}{suffix}" + (f"_var{var}" if self.facts.n_vars > 1 else "")
