@@ -170,3 +170,25 @@ def test_the_latent_gp_conditioner_is_the_posterior_mean_of_one_fitted_gp_per_la
     rebuilt.load_state_dict(fitted.state_dict())
     expected = np.stack([fit_gpr(inputs, targets[:, k], 0).predict(new) for k in range(2)], axis=1)
     assert np.allclose(rebuilt(torch.as_tensor(new, dtype=torch.float32)).numpy(), expected, atol=1e-4)
+
+
+def test_a_gp_covariance_positive_definite_only_up_to_rounding_gets_the_smallest_jitter_that_factorises_it():
+    """Smooth latents fitted with almost no noise (403 designs of a smooth case did it) give a training covariance
+    that a plain Cholesky refuses; the factor then belongs to the covariance plus a small jitter, and a covariance
+    that factorises as it is gets none."""
+    from modules.models.gaussian_process import GPRConditioner
+    spec = ConditionerSpec("gpr", (2,), 2, (8,), gp_points=6)
+    gp = GPRConditioner(spec)
+    gp.train_inputs.copy_(torch.tensor([[0.0, 0.0]] * 3 + [[1.0, 0.5]] * 3, dtype=torch.float64))  # repeated designs
+    gp.length_scales.fill_(1.0)
+    gp.noise_levels.copy_(torch.tensor([-1e-10, 0.1], dtype=torch.float64))  # no noise at all; ordinary noise
+    covariance = gp.covariance(gp.train_inputs, gp.train_inputs)
+    singular = covariance[0]  # the diagonal's 1e-10 cancelled by the noise level
+    assert torch.linalg.cholesky_ex(singular)[1] > 0
+    factor = gp.observed_cholesky(gp.train_inputs)
+    rebuilt = factor @ factor.transpose(1, 2)
+    added = rebuilt[0] - singular  # the jitter: on the diagonal only, positive and small against the variance 1
+    assert torch.allclose(added, torch.diag(added.diagonal()), rtol=0, atol=1e-12)
+    assert bool((added.diagonal() > 1e-12).all()) and float(added.diagonal().max()) <= 1e-4
+    assert torch.equal(factor[1], torch.linalg.cholesky(covariance[1] + (0.1 + 1e-10) * torch.eye(6,
+                                                                                                 dtype=torch.float64)))

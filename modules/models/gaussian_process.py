@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+JITTER_LIMIT = 1e-4  # the largest jitter, relative to a GP's variance, added to factorise its training covariance
+
 
 def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int):
     """A GP from inputs [n, P] to one target [n]: a constant times an anisotropic RBF kernel (one length scale per
@@ -74,7 +76,21 @@ class GPRConditioner(nn.Module):
         alpha)."""
         covariance = self.covariance(observed, observed)                                             # [D, N, N]
         diagonal = (self.noise_levels + 1e-10)[:, None] * torch.ones_like(covariance[:, 0])
-        return torch.linalg.cholesky(covariance + torch.diag_embed(diagonal))
+        matrix = covariance + torch.diag_embed(diagonal)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        jitter, identity = 1e-10, torch.eye(len(observed), dtype=matrix.dtype, device=matrix.device)
+        scale = matrix.diagonal(dim1=1, dim2=2).mean(1)[:, None, None]  # each GP's variance
+        # A GP fitted with almost no noise to very smooth latents has a covariance that is positive definite only up
+        # to rounding (the kernel here is rebuilt, not scikit-learn's own matrix): add the smallest jitter, relative
+        # to its variance, that factorises it, as GPyTorch's psd_safe_cholesky does
+        while bool((info > 0).any()) and jitter < JITTER_LIMIT:
+            jitter *= 10
+            failed = info > 0
+            factor[failed], info[failed] = torch.linalg.cholesky_ex(matrix[failed] + jitter * scale[failed] * identity)
+        if bool((info > 0).any()):
+            raise torch.linalg.LinAlgError(f"a GP's covariance is not positive definite even with a jitter of "
+                                           f"{JITTER_LIMIT:g}")
+        return factor
 
     def posterior_variance(self, solved):
         """[D, B]: each GP's posterior variance of the latent itself (no noise term) at B designs, given solved =
