@@ -18,7 +18,7 @@ from modules.storage.case_lock import case_folder_lock
 from modules.storage.paths import AUTO_RESUME, CONDITIONER_FILE, MODEL_FILE
 from modules.storage.runs import SORT_KEYS, list_runs
 from modules.training.guard import Stopped
-from modules.training.runtime import pick_device
+from modules.training.runtime import MemoryWatch, pick_device
 
 EXIT_BAD_INPUT = 2
 # flags that only training reads (device also serves --reconstruct, --predict and --suggest, plot --evaluate)
@@ -125,10 +125,14 @@ def run_command(args, argv) -> None:
         print(list_runs(args.list_runs))
     elif args.reconstruct is not None:
         from modules.commands.reconstruct import reconstruct_file
-        reconstruct_file(args.reconstruct, args.out, MODEL_FILE, pick_device(check_flag("device", device)))
+        device = pick_device(check_flag("device", device))
+        with MemoryWatch(device).phase("--reconstruct"):
+            reconstruct_file(args.reconstruct, args.out, MODEL_FILE, device)
     elif args.predict is not None:
         from modules.commands.predict import predict_file
-        predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE, pick_device(check_flag("device", device)))
+        device = pick_device(check_flag("device", device))
+        with MemoryWatch(device).phase("--predict"):
+            predict_file(args.predict, args.out, args.samples, CONDITIONER_FILE, device)
     elif args.export is not None:
         from modules.commands.export import export_surrogate
         export_surrogate(args.export, CONDITIONER_FILE)
@@ -149,7 +153,9 @@ def run_writer(args) -> None:
     """The modes that write in the case folder: training, --evaluate and --checkpoints=clean."""
     if args.evaluate:
         from modules.commands.evaluate import evaluate_saved
-        evaluate_saved(load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn))
+        config = load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn)
+        with MemoryWatch(pick_device(config.device)).phase("--evaluate"):
+            evaluate_saved(config)
     elif args.checkpoints:
         from modules.commands.checkpoints import checkpoints_command
         checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))

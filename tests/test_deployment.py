@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from modules.cli import main
-from modules.commands import predict
+from modules.commands import predict, reconstruct
 from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.storage import field_files
@@ -130,13 +130,27 @@ def test_the_demo_mesh_gives_the_plots_its_cells(demo):
         read_field_layout(types.SimpleNamespace(**{**vars(config), "n_vars": 2}))
 
 
-def test_reconstruct_writes_h5_with_the_npy_numbers(demo, tmp_path):
+def test_reconstruct_writes_h5_with_the_npy_numbers_in_batches_from_the_memory_left(demo, tmp_path, monkeypatch):
     with chdir(demo):
         assert main(["--reconstruct=input_data/new_designs/fields.npy", f"--out={tmp_path / 'r.npy'}"]) == 0
         assert main(["--reconstruct=input_data/new_designs/fields.npy", f"--out={tmp_path / 'r.h5'}"]) == 0
     with h5py.File(tmp_path / "r.h5") as file:
         assert np.array_equal(file["fields"][:], np.load(tmp_path / "r.npy"))
         assert list(file["designs"].asstr()[:2]) == ["design 0", "design 1"] and "parameters" not in file
+    # not Batch_size (16 in the demo): 32 MB of fields on the CPU, fewer when the memory left is short
+    design_bytes = 24 * 400 * 4
+    assert reconstruct.reconstruction_batch_size(5000, (24, 400), "cpu") == predict.HOST_BATCH_BYTES // design_bytes
+    assert reconstruct.reconstruction_batch_size(3, (24, 400), "cpu") == 3
+    monkeypatch.setattr(reconstruct, "available_host_bytes",
+                        lambda: 5 * design_bytes * 2 * predict.HOST_SHARE * predict.PENDING_BATCHES)
+    assert reconstruct.reconstruction_batch_size(5000, (24, 400), "cpu") == 5
+    batches, original = [], field_files.FieldFile.write
+    monkeypatch.setattr(field_files.FieldFile, "write",
+                        lambda self, start, fields: batches.append(len(fields)) or original(self, start, fields))
+    with chdir(demo):
+        assert main(["--reconstruct=input_data/new_designs/fields.npy", f"--out={tmp_path / 'pieces.npy'}"]) == 0
+    assert max(batches) == 5 and sum(batches) == len(np.load(tmp_path / "r.npy"))
+    assert np.allclose(np.load(tmp_path / "pieces.npy"), np.load(tmp_path / "r.npy"), atol=1e-6)
 
 
 def test_onnx_export_runs_in_onnxruntime_and_matches_predict(demo, tmp_path, capsys):

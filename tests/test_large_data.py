@@ -7,13 +7,16 @@ that --load_all=0 relies on. Where the machine allows it (root, cgroup v1), the 
 memory cgroup, which counts the page cache too and kills rather than refuses: what SLURM's --mem does.
 """
 import os
+import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_distributed import free_port
 
 from conftest import REPO
@@ -86,6 +89,28 @@ def test_streamed_training_fits_under_a_memory_limit_a_third_of_the_data(big_dat
     assert {path: path.read_bytes() for path in (folder / "model_save").iterdir()} == saved
     assert not (folder / "archive").exists()
 
+    refused = refused_batch_of_64(folder, run_limited)
+    assert {path: path.read_bytes() for path in (folder / "model_save").iterdir()} == saved
+    assert not (folder / "archive").exists() and "RLIMIT_DATA" in refused
+
+
+def refused_batch_of_64(folder, run):
+    """A batch of 64 designs of 5 million values (about 5 GB with their copies) cannot fit under the 1 GB limit: the
+    run is refused after the data checks, before anything is trained or moved, with the Batch_size that fits.
+    Returns the refusal."""
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(CONDITION.replace("Batch_size 2", "Batch_size 64"))
+    try:
+        refused = run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder)
+    finally:
+        condition.write_text(CONDITION)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: input_data/condition.txt: training the VAE needs about ")
+    fitting = int(re.search(r"set Batch_size (\d+) or less", refused.stderr)[1])
+    assert 2 <= fitting < 16  # the batch of 2 trained under this limit; 16 would need 1.3 GB
+    return refused.stderr
+
 
 def test_two_ddp_processes_each_stream_their_shard_under_the_limit(big_dataset, tmp_path):
     folder = case_folder(tmp_path / "case", big_dataset)
@@ -104,24 +129,80 @@ def fake_cgroup(folder, files):
 
 def test_the_memory_left_counts_the_cgroup_limit_of_the_process_and_of_its_parents(tmp_path):
     """What SLURM's --mem and docker --memory set: v2 memory.max (here on the job, the parent of the step the process
-    runs in), v1 memory.limit_in_bytes; the inactive file cache counts as free (the kernel reclaims it first)."""
+    runs in), v1 memory.limit_in_bytes; the clean file cache, active or not, counts as free (the kernel reclaims it
+    before it kills), dirty pages and pages under writeback do not."""
     from modules.training.runtime import cgroup_memory_left
     membership = tmp_path / "cgroup"
     membership.write_text("0::/job/step\n")
     fake_cgroup(tmp_path / "v2" / "job", {"memory.max": "3000000000\n", "memory.current": "1000000000\n",
-                                          "memory.stat": "anon 600000000\ninactive_file 250000000\n"})
+                                          "memory.stat": "anon 600000000\nactive_file 70000000\n"
+                                                         "inactive_file 250000000\nfile_dirty 20000000\n"})
     fake_cgroup(tmp_path / "v2" / "job" / "step", {"memory.max": "max\n", "memory.current": "900000000\n",
                                                    "memory.stat": "inactive_file 100\n"})
-    assert cgroup_memory_left(tmp_path / "v2", membership) == 3_000_000_000 - 1_000_000_000 + 250_000_000
+    assert cgroup_memory_left(tmp_path / "v2", membership) == 3_000_000_000 - 1_000_000_000 + 300_000_000
     membership.write_text("12:cpu,cpuacct:/other\n4:memory:/slurm/job\n")
     fake_cgroup(tmp_path / "v1" / "memory" / "slurm" / "job", {
         "memory.limit_in_bytes": "2000000000\n", "memory.usage_in_bytes": "1500000000\n",
-        "memory.stat": "cache 900000000\ntotal_inactive_file 400000000\n"})
+        "memory.stat": "cache 900000000\ntotal_active_file 300000000\ntotal_inactive_file 400000000\n"
+                       "total_writeback 100000000\n"})
     fake_cgroup(tmp_path / "v1" / "memory", {"memory.limit_in_bytes": "9223372036854771712\n",
                                              "memory.usage_in_bytes": "5\n", "memory.stat": ""})
-    assert cgroup_memory_left(tmp_path / "v1", membership) == 2_000_000_000 - 1_500_000_000 + 400_000_000
+    assert cgroup_memory_left(tmp_path / "v1", membership) == 2_000_000_000 - 1_500_000_000 + 600_000_000
     membership.write_text("0::/\n")
     assert cgroup_memory_left(tmp_path / "none", membership) is None  # no limit anywhere: MemAvailable decides
+
+
+def test_the_memory_left_counts_an_address_space_limit():
+    """ulimit -v (RLIMIT_AS) counts the whole address space, the memory-mapped data included: what is left of it
+    binds when it is the smallest limit, and the refusal names it."""
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from modules.training.runtime import "
+            "host_memory_left, _status_bytes; limit = _status_bytes('VmSize') + 300 * 2**20; "
+            "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); left, said = host_memory_left(); "
+            "print(round(left / 2**20), said)")
+    said = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split(maxsplit=1)
+    assert 250 <= int(said[0]) <= 300 and said[1].strip() == "what RLIMIT_AS (ulimit -v) leaves"
+
+
+def test_the_largest_phase_that_cannot_fit_is_refused_with_both_numbers_and_the_batch_that_fits():
+    from modules.training.runtime import PhaseNeeds, Runtime, check_training_fits
+
+    runtime = Runtime(device=torch.device("cpu"))
+    vae = PhaseNeeds("the VAE", fixed=200_000_000, per_design=100_000_000, batch=16, batch_key="Batch_size")
+    conditioner = PhaseNeeds("the conditioner, end to end through the decoder", 50_000_000, 100_000_000, 32,
+                             "latent_conditioner_batch")
+    assert check_training_fits([vae, conditioner], runtime, (4_000_000_000, "what its memory cgroup's limit leaves"))\
+        is None  # 1.1 x 3.25 GB fits in 4 GB
+    refusal = check_training_fits([vae, conditioner], runtime, (2_000_000_000, "what its memory cgroup's limit "
+                                                                               "leaves"))
+    assert refusal.message() == (
+        "input_data/condition.txt: training the conditioner, end to end through the decoder needs about 3.58 GB more "
+        "per process (0.05 GB for the model and its optimiser, 3.20 GB for a batch of 32 designs), but it may "
+        "allocate only 2.00 GB (what its memory cgroup's limit leaves). Fix: set latent_conditioner_batch 17 or less "
+        "in input_data/condition.txt (grad_accum_steps keeps the effective batch), or give the job more memory")
+    assert 1.1 * (50_000_000 + 17 * 100_000_000) <= 2_000_000_000 < 1.1 * (50_000_000 + 18 * 100_000_000)
+    two = Runtime(device=torch.device("cpu"), world_size=2)
+    assert "among 2 processes" in check_training_fits([vae], two, (3_000_000_000, "the machine's available "
+                                                                                  "memory")).message()
+
+
+def test_each_phase_says_its_peak_private_memory():
+    """A watch sees what a phase allocates and frees again (a peak between two samples of the same size), and not
+    what an earlier phase held."""
+    from modules.training.runtime import MemoryWatch
+    said = []
+    watch = MemoryWatch(torch.device("cpu"), said.append)
+    with watch.phase("a 400 MB array"):
+        array = np.ones(100 * 2**20, dtype=np.float32)  # touched: resident
+        time.sleep(0.3)
+        del array
+    with watch.phase("nothing"):
+        time.sleep(0.3)
+    first, second = (re.fullmatch(r"Memory: .+ peaked at (\S+) GB of private memory \((\S+) GB held at its end\)",
+                                  line).groups() for line in said)
+    assert said[0].startswith("Memory: a 400 MB array peaked at ")
+    assert float(first[0]) - float(second[0]) >= 0.4  # GB (1e9 bytes): 0.42 of them were allocated
+    assert float(first[0]) - float(first[1]) >= 0.4  # and freed before the phase's end
 
 
 def memory_cgroup(limit_bytes):
@@ -156,10 +237,15 @@ def test_streamed_training_and_evaluation_fit_under_a_real_cgroup_memory_limit_a
                                  capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-        events = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
         peak = int((group / "memory.max_usage_in_bytes").read_text())
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        refused = refused_batch_of_64(folder, lambda command, folder: subprocess.run(
+            command, cwd=folder, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid()))))
+        events = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
     finally:
-        group.rmdir()  # empty again: the run has ended
-    assert trained.returncode == 0, trained.stderr[-3000:]
+        group.rmdir()  # empty again: the runs have ended
     assert int(events.get("oom_kill", 0)) == 0 and peak <= LIMIT_BYTES
     assert (folder / "output" / "evaluation.json").exists() and (folder / "output" / "memorization.json").exists()
+    assert "memory cgroup" in refused  # the limit that binds is named

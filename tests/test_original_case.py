@@ -4,6 +4,7 @@ Windows editor's byte-order mark and CRLF line ends, param_dir /images, e2e_vae_
 as dataset1.pickle in the case folder itself, and geometry images. It must train unchanged, with --lc_only=0 and then
 --lc_only=1, with one note per difference and no warning."""
 import pickle
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,9 @@ def test_an_original_case_folder_trains_unchanged_with_a_note_per_difference(ori
                "1e-06" in note for note in notes)
     assert any("image_size auto: the images are 16 x 16 pixels" in note for note in notes)
     assert "validation designs of the first 4 of 6 steps (0-3)" in full.stdout  # Dim2_red: the original's meaning
+    assert memory_phases(full.stdout) == ["the setup (data checks, scaler)", "the POD basis", "the VAE's training",
+                                          "the VAE's evaluation (latents, baselines, memorization)",
+                                          "the conditioner's training", "the evaluation report"]
     vae = torch.load(original_case / "model_save" / "SimulGen-VAE", weights_only=True)
     assert vae["config"]["n_steps_used"] == KEPT_STEPS and vae["config"]["steps_spacing"] == "first"
     assert vae["config"]["latent_reg_weight"] == pytest.approx(1e-6) and vae["config"]["image_size"] == 16
@@ -114,3 +118,17 @@ def test_an_original_case_folder_trains_unchanged_with_a_note_per_difference(ori
     assert conditioner_only.returncode == 0, conditioner_only.stderr[-3000:]
     assert ": warning:" not in conditioner_only.stderr and "Traceback" not in conditioner_only.stderr
     assert "end to end through the frozen decoder" in conditioner_only.stdout
+    assert memory_phases(conditioner_only.stdout) == ["the setup (data checks, latents)", "the conditioner's training",
+                                                      "the evaluation"]
+
+
+def memory_phases(stdout: str) -> list:
+    """The phases a run's "Memory: <phase> peaked at X GB of private memory" lines name, each with a sane peak."""
+    phases = []
+    for line in stdout.splitlines():
+        if line.startswith("Memory: "):
+            said = re.fullmatch(r"Memory: (.+) peaked at (\d+\.\d\d) GB of private memory \((\d+\.\d\d) GB held at "
+                                r"its end\)", line)
+            assert said and 0.05 < float(said[3]) <= float(said[2]) < 8, line
+            phases.append(said[1])
+    return phases

@@ -2,21 +2,24 @@
 
     python SimulGen-VAE.py --reconstruct=new_fields.npy --out=recon.npy     (or --out=recon.h5, recon.xdmf)
 
-The simulations are read, reconstructed and written a batch at a time (storage.field_files), so memory does not grow
-with their number.
+The simulations are read, reconstructed and written a batch at a time (storage.field_files), in batches sized from
+the free memory, so memory does not grow with their number.
 """
 import time
 
 import numpy as np
 import torch
 
+from modules.commands.predict import HOST_BATCH_BYTES, HOST_SHARE, MAX_DEVICE_BATCH, PENDING_BATCHES
 from modules.data.dataset import Crop, NewSimulations
 from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
 from modules.evaluation.metrics import relative_l2
 from modules.storage.field_files import FieldFacts, open_field_file, output_files
 from modules.storage.model_files import load_model
-from modules.training.runtime import full_float32
+from modules.training.runtime import available_host_bytes, full_float32
+
+DEVICE_COPIES = 6  # float32 fields a design takes on the device while it is reconstructed, at most
 
 
 def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
@@ -35,9 +38,10 @@ def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
     described = FieldFacts([f"design {index}" for index in range(len(simulations))], crop.time_index, config.n_vars,
                            read_layout=lambda: read_saved_layout(config))
     errors = []
+    batch = reconstruction_batch_size(len(simulations), crop.shape, device)
     with open_field_file(paths, shape, 0, described) as written, torch.no_grad():
-        for start in range(0, len(simulations), config.batch_size):
-            fields = simulations.batch(start, start + config.batch_size)
+        for start in range(0, len(simulations), batch):
+            fields = simulations.batch(start, start + batch)
             scaled = model(scaler.transform(torch.from_numpy(fields).to(device)), sample=False)["recon"]
             reconstructions = scaler.inverse(scaled.float()).cpu().numpy()
             errors.append(relative_l2(reconstructions, fields))
@@ -46,3 +50,16 @@ def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
     say(f"Reconstructed {len(errors)} designs -> {paths['out']} {shape} in {time.perf_counter() - began:.2f} s; "
         f"relative L2 error vs the input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
     return errors
+
+
+def reconstruction_batch_size(n_designs: int, shape: tuple, device) -> int:
+    """Designs per batch, from the free memory rather than Batch_size, as --predict's (commands.predict): on the CPU
+    about HOST_BATCH_BYTES of fields, fewer when the memory this process may use is short (each design is held as
+    read and as reconstructed, in every batch waiting for the writer); on a GPU what a quarter of the free device
+    memory holds at DEVICE_COPIES fields a design (input, activations, reconstruction)."""
+    design_bytes = 4 * shape[0] * shape[1]
+    host = available_host_bytes() // (HOST_SHARE * PENDING_BATCHES * 2 * design_bytes)
+    if torch.device(device).type != "cuda":
+        return int(max(1, min(n_designs, host, HOST_BATCH_BYTES // design_bytes)))
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(n_designs, host, free // (4 * DEVICE_COPIES * design_bytes), MAX_DEVICE_BATCH)))

@@ -19,14 +19,15 @@ from modules.evaluation import figures
 from modules.evaluation.evaluation import Evaluation
 from modules.evaluation.report import write_evaluation, write_prediction_report, write_reconstruction_report
 from modules.models.latents import save_latents
+from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
                                    archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
                                   note_vae, recording, run_of, start_run)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
-from modules.training.distributed import barrier, start_runtime, stop_runtime
-from modules.training.runtime import adapted
+from modules.training.distributed import any_rank, barrier, start_runtime, stop_runtime
+from modules.training.runtime import MemoryWatch, adapted, check_training_fits, training_needs
 from modules.training.state import read_checkpoint
 from modules.training.vae_training import train_vae
 
@@ -40,7 +41,10 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        plan, case, conditions = full_run_inputs(config, runtime, resume)
+        watch = MemoryWatch(runtime.device, say if runtime.is_main else None)
+        with watch.phase("the setup (data checks, scaler)"):
+            plan, case, conditions = full_run_inputs(config, runtime, resume)
+        refuse_what_cannot_fit(config, runtime, vae_trains=plan is None or not plan.vae_finished)
         if runtime.is_main and plan is None:
             announce(archive_previous_run(), say)
         run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", say,
@@ -49,28 +53,32 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
             barrier(runtime)
             vae_result = None
             if plan is None or not plan.vae_finished:
-                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say)
+                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say, watch=watch)
             elif runtime.is_main:
                 say(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
             evaluation = None
             if runtime.is_main:
-                evaluation = Evaluation(config, runtime, case, MODEL_FILE, conditions)
-                if vae_result is not None:
-                    progress, history = vae_result
-                    save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
-                    note_vae(run, progress, write_reconstruction_report(evaluation, say))
-                    if config.plot < 2:
-                        figures.training_plots(history, evaluation, show=config.plot == 0, say=say, config=config)
+                with watch.phase("the VAE's evaluation (latents, baselines, memorization)"):
+                    evaluation = Evaluation(config, runtime, case, MODEL_FILE, conditions)
+                    if vae_result is not None:
+                        progress, history = vae_result
+                        save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
+                        note_vae(run, progress, write_reconstruction_report(evaluation, say))
+                        if config.plot < 2:
+                            figures.training_plots(history, evaluation, show=config.plot == 0, say=say,
+                                                   config=config)
             if conditions is not None:
                 barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
-                conditioner_case = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
-                conditioner_result = train_conditioner(config, runtime, conditioner_case, run,
-                                                       resume=plan and plan.conditioner, say=say)
-                if runtime.is_main:
-                    report_conditioner(evaluation, run, *conditioner_result, config, say)
+                with watch.phase("the conditioner's training"):
+                    conditioner_case = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
+                    conditioner_result = train_conditioner(config, runtime, conditioner_case, run,
+                                                           resume=plan and plan.conditioner, say=say)
+                    if runtime.is_main:
+                        report_conditioner(evaluation, run, *conditioner_result, config, say)
             stop_runtime()  # the other processes are done: the main one evaluates alone
             if runtime.is_main:
-                write_evaluation(evaluation, config, say)
+                with watch.phase("the evaluation report"):
+                    write_evaluation(evaluation, config, say)
     finally:
         stop_runtime()
 
@@ -82,19 +90,25 @@ def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        checkpoint, run_id, conditions, conditioner_case = conditioner_only_inputs(config, runtime, resume)
+        watch = MemoryWatch(runtime.device, say if runtime.is_main else None)
+        with watch.phase("the setup (data checks, latents)"):
+            checkpoint, run_id, conditions, conditioner_case = conditioner_only_inputs(config, runtime, resume)
+        refuse_what_cannot_fit(config, runtime, vae_trains=False)
         vae_file = conditioner_case.vae_file
         if runtime.is_main and checkpoint is None:
             announce(archive_previous_conditioner(), say)
         run = open_run(config, runtime, "conditioner", say, run_id, vae_file)
         with recording(run, CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
-            conditioner_result = train_conditioner(config, runtime, conditioner_case, run, resume=checkpoint, say=say)
+            with watch.phase("the conditioner's training"):
+                conditioner_result = train_conditioner(config, runtime, conditioner_case, run, resume=checkpoint,
+                                                       say=say)
             stop_runtime()
             if runtime.is_main:
-                evaluation = Evaluation(config, runtime, conditioner_case.fields, vae_file, conditions)
-                report_conditioner(evaluation, run, *conditioner_result, config, say)
-                write_evaluation(evaluation, config, say)
+                with watch.phase("the evaluation"):
+                    evaluation = Evaluation(config, runtime, conditioner_case.fields, vae_file, conditions)
+                    report_conditioner(evaluation, run, *conditioner_result, config, say)
+                    write_evaluation(evaluation, config, say)
     finally:
         stop_runtime()
 
@@ -128,6 +142,19 @@ def conditioner_only_inputs(config, runtime, resume):
     conditions = read_conditions(config)
     check_plot_settings(config, conditions)
     return checkpoint, run_id, conditions, prepare_conditioner_case(config, runtime, conditions, vae_file)
+
+
+def refuse_what_cannot_fit(config, runtime, vae_trains: bool) -> None:
+    """Before anything on disk moves: refuse a run whose largest phase would need more memory than each process may
+    allocate (training.runtime.training_needs), on every rank when any rank would have to (one rank alone stopping
+    would leave the others waiting)."""
+    with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+        vae_parameters = sum(p.numel() for p in HierarchicalVAE(ModelSpec.from_config(config)).parameters())
+    phases = training_needs(config, vae_parameters, runtime)[0 if vae_trains else 1:]
+    refusal = check_training_fits(phases, runtime) if phases else None
+    if any_rank(refusal is not None, runtime):
+        raise refusal or InputError(CONDITION_FILE, "another process of this run has too little memory to train",
+                                    "see its message; give the job more memory or lower Batch_size")
 
 
 def check_training_inputs(config, lc_only: bool, resume) -> None:

@@ -81,7 +81,9 @@ class StreamedBatches:
         for batch in self._loaded():
             if self._passes != this_pass:
                 raise RuntimeError("a pass over streamed batches was resumed after a newer pass began")
-            yield self.scaler.transform(batch.to(self.device, non_blocking=self.pin_memory))
+            scaled = self.scaler.transform(batch.to(self.device, non_blocking=self.pin_memory))
+            del batch  # the raw batch is not kept while the caller works on the scaled one: one copy less at a time
+            yield scaled
 
     def _loaded(self):
         # A private generator: otherwise each DataLoader iterator draws its seed from torch's global RNG, and a

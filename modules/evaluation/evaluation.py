@@ -85,13 +85,16 @@ class Evaluation:
         mains, levels, kls = [], [], []
         errors = FieldErrors.empty(designs, self.vae.spec.n_steps, config.n_vars)
         first = 0
+        # Batch_size designs, as in training: without gradients, and scored one design at a time, they take less
         for batch in batches.batches(in_order(len(designs), config.batch_size)):
             out = self.vae(batch, sample=False)
             mains.append(out["main_mean"].float().cpu().numpy())
             levels.append(out["level_latents"].float().cpu().numpy())
             kls.append(torch.cat([out["kl_main_dims"], out["kl_level_dims"].flatten(1)], dim=1).float().cpu().numpy())
-            recon = case.scaler.inverse(out["recon"].float().cpu().numpy())
+            recon = case.scaler.inverse(out.pop("recon").float().cpu().numpy())  # the scaled one is freed here
+            del out
             errors.add(slice(first, first + len(batch)), recon, case.scaler.inverse(batch.float().cpu().numpy()))
+            del recon
             first += len(batch)
         return Encoding(np.concatenate(mains), np.concatenate(levels), np.concatenate(kls), errors)
 

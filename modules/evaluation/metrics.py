@@ -28,14 +28,16 @@ class FieldErrors:
 
     def add(self, rows, predicted, simulated, steps=slice(None)) -> None:
         """Score predicted against simulated fields [b, t, M] (physical units) for rows (positions in `designs`)
-        and time steps `steps` (a slice of T). Differences in float32, sums in float64."""
-        simulated = np.asarray(simulated, np.float32)
-        difference = np.asarray(predicted, np.float32) - simulated
-        self.error2[rows, steps] = np.add.reduce(np.square(difference), axis=2, dtype=np.float64)
-        self.norm2[rows, steps] = np.add.reduce(np.square(simulated), axis=2, dtype=np.float64)
-        by_variable = np.abs(difference).reshape(len(difference), -1, self.max_abs.shape[1],
-                                                 difference.shape[2] // self.max_abs.shape[1])
-        self.max_abs[rows] = np.maximum(self.max_abs[rows], by_variable.max(axis=(1, 3)))
+        and time steps `steps` (a slice of T). Differences in float32, sums in float64, one design at a time: the
+        temporaries are one design's, not the batch's (the end-of-run evaluation must fit where training did)."""
+        n_vars = self.max_abs.shape[1]
+        for position, one_predicted, one_simulated in zip(np.arange(len(self.designs))[rows], predicted, simulated):
+            one_simulated = np.asarray(one_simulated, np.float32)
+            difference = np.asarray(one_predicted, np.float32) - one_simulated
+            self.error2[position, steps] = np.add.reduce(np.square(difference), axis=1, dtype=np.float64)
+            self.norm2[position, steps] = np.add.reduce(np.square(one_simulated), axis=1, dtype=np.float64)
+            by_variable = np.abs(difference, out=difference).reshape(-1, n_vars, difference.shape[1] // n_vars)
+            self.max_abs[position] = np.maximum(self.max_abs[position], by_variable.max(axis=(0, 2)))
 
     def relative_l2(self) -> np.ndarray:
         """[n]: ||predicted - simulated|| / ||simulated|| over each design's whole [T, M] field."""

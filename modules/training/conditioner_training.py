@@ -36,7 +36,7 @@ from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CON
 from modules.training.distributed import shard, sum_over_ranks
 from modules.training.loop import run_training
 from modules.training.losses import field_loss
-from modules.training.runtime import seed_everything
+from modules.training.runtime import EVALUATION_COPIES, batch_within_memory, seed_everything
 from modules.training.schedules import lr_factor
 from modules.uncertainty.design_range import design_spaces, training_reference
 from modules.uncertainty.spread import calibrate_spread, calibration_words
@@ -177,9 +177,10 @@ def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
 @torch.no_grad()
 def validation_field_errors(networks: dict, case: ConditionerCase, batch_size: int) -> dict:
     """{name: mean relative L2 error (physical units) of the fields that network predicts for the validation
-    designs}, in one pass over their fields."""
+    designs}, in one pass over their fields, in batches of batch_size or fewer when memory is short."""
     val_indices, scaler = case.fields.val_indices, case.fields.scaler
-    order = list(in_order(len(val_indices), batch_size))
+    field_bytes = 4 * int(np.prod(case.fields.array.sample_shape))
+    order = list(in_order(len(val_indices), batch_within_memory(batch_size, EVALUATION_COPIES * field_bytes)))
     errors = {name: [] for name in networks}
     for positions, fields in zip(order, case.fields.val.batches(order)):
         designs = torch.as_tensor(val_indices[positions], device=case.conditions.device)

@@ -1,14 +1,31 @@
-"""Where and how a run computes: device, rank, precision and data-loading choices, decided once and passed down."""
+"""Where and how a run computes: device, rank, precision and data-loading choices, decided once and passed down;
+and its memory: what it may still allocate, what training will need (checked before it starts) and what each
+phase used (said as it goes).
+
+A cluster job (SLURM's --mem, docker --memory: a memory cgroup) or a ulimit gives a run a memory limit, and the kernel
+kills a run that passes it. So a training run estimates what its largest phase will allocate and refuses to start,
+with the numbers and a Batch_size that fits, when that is more than what the process may still allocate
+(available_host_bytes: MemAvailable, the cgroup's limit, RLIMIT_DATA, RLIMIT_AS). And each phase says what
+it took ("Memory: ..." lines), so that a user can size the next job from the last one.
+
+What is counted is the process's private memory (RssAnon + RssShmem in /proc/self/status): tensors, the heap,
+pinned buffers. The page cache of the memory-mapped data is not: the kernel reclaims it before it kills anything,
+which is what lets --load_all=0 train on data larger than the limit.
+"""
+import ctypes
 import os
 import random
 import resource
-from contextlib import nullcontext
+import threading
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from modules.config import CONDITION_FILE
 from modules.errors import InputError
 
 PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -137,31 +154,47 @@ def pick_workers(setting: str, device: torch.device, load_all: bool, local_world
 
 
 def available_host_bytes() -> int:
-    """Memory this process may still allocate: the smallest of MemAvailable, what its RLIMIT_DATA leaves and what its
-    memory cgroup leaves (cgroup_memory_left: what SLURM's --mem and docker --memory set)."""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory this process may still allocate (host_memory_left's bytes)."""
+    return host_memory_left()[0]
+
+
+def host_memory_left() -> tuple[int, str]:
+    """(bytes this process may still allocate, the limit that sets it, in words): the smallest of MemAvailable, what
+    its memory cgroup leaves (cgroup_memory_left: what SLURM's --mem and docker --memory set), what RLIMIT_DATA
+    leaves of the private memory and what RLIMIT_AS leaves of the address space (ulimit -d, ulimit -v)."""
+    available, said = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the free memory"
     try:
         with open("/proc/meminfo") as meminfo:
             available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+            said = "the machine's available memory"
     except (OSError, StopIteration):
         pass
-    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    if limit != resource.RLIM_INFINITY:
-        available = min(available, max(0, limit - _data_segment_bytes()))
+    candidates = [(available, said)]
     left = cgroup_memory_left()
-    return available if left is None else min(available, left)
+    if left is not None:
+        candidates.append((left, "what its memory cgroup's limit leaves"))
+    for name, status_key, said in ((resource.RLIMIT_DATA, "VmData", "what RLIMIT_DATA (ulimit -d) leaves"),
+                                   (resource.RLIMIT_AS, "VmSize", "what RLIMIT_AS (ulimit -v) leaves")):
+        limit = resource.getrlimit(name)[0]
+        if limit != resource.RLIM_INFINITY:
+            candidates.append((max(0, limit - _status_bytes(status_key)), said))
+    return min(candidates, key=lambda candidate: candidate[0])
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
-                1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+# (limit, usage, and memory.stat's keys of the clean file cache: on the file LRU lists, less what is dirty or under
+# writeback) per cgroup version
+CGROUP_FILES = {2: ("memory.max", "memory.current", ("active_file", "inactive_file"), ("file_dirty", "file_writeback")),
+                1: ("memory.limit_in_bytes", "memory.usage_in_bytes", ("total_active_file", "total_inactive_file"),
+                    ("total_dirty", "total_writeback"))}
 NO_CGROUP_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def cgroup_memory_left(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")) -> int | None:
     """Bytes this process's memory cgroup, and each cgroup above it, still allows: the smallest limit - usage, the
-    usage without the inactive file cache (reclaimed before the kernel kills anything); None where no cgroup sets a
-    limit or none can be read. Both cgroup v2 (memory.max) and v1 (memory.limit_in_bytes)."""
+    usage without the clean file cache (the page cache of files read or memory-mapped, active or not, which the
+    kernel reclaims before it kills anything; a streamed run's data fills it); None where no cgroup sets a limit or
+    none can be read. Both cgroup v2 (memory.max) and v1 (memory.limit_in_bytes)."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
@@ -183,7 +216,7 @@ def cgroup_memory_left(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/
     return min(known) if known else None
 
 
-def _cgroup_left(folder: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+def _cgroup_left(folder: Path, limit_file: str, usage_file: str, file_keys: tuple, unclean_keys: tuple) -> int | None:
     try:
         limit = (folder / limit_file).read_text().strip()
         if limit == "max" or int(limit) >= NO_CGROUP_LIMIT:
@@ -192,14 +225,16 @@ def _cgroup_left(folder: Path, limit_file: str, usage_file: str, cache_key: str)
         stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
     except (OSError, ValueError):
         return None
-    return max(0, int(limit) - usage + int(stat.get(cache_key, 0)))
+    clean_cache = sum(int(stat.get(key, 0)) for key in file_keys) - sum(int(stat.get(key, 0)) for key in unclean_keys)
+    return max(0, int(limit) - usage + max(0, clean_cache))
 
 
-def _data_segment_bytes() -> int:
-    """VmData of this process: what RLIMIT_DATA counts (private writable memory; not memory-mapped input files)."""
+def _status_bytes(key: str) -> int:
+    """A size in /proc/self/status: VmData is what RLIMIT_DATA counts (private writable memory, not memory-mapped
+    input files), VmSize what RLIMIT_AS counts (the whole address space, mapped files included)."""
     try:
         with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData"))
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key + ":"))
     except (OSError, StopIteration):
         return 0
 
@@ -218,3 +253,149 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------- memory: needed and used
+SAMPLE_SECONDS = 0.05
+# One design in a training batch costs about this many float32 copies of its field [T, M] per forward pass kept for
+# the backward pass (the reconstruction, the loss's difference and their gradients), plus one for the batch itself;
+# from the "Memory:" lines of real runs at 5 million values a design, filters 256 128 64 32: 3.8 copies in all at
+# batch 8, 4.0 to 5.3 at batch 16 (README, "Memory in each phase"). Too low lets a run start that the kernel then
+# kills, too high refuses a run that would have fitted: the refusal says "about".
+FIELD_COPIES_PER_PASS = 4
+# What the process may allocate beyond the estimate before the refusal: the allocator's slack, the interpreter's
+# growth, small tensors. A run refused needs more than the limit by at least the estimate's own error.
+ALLOCATOR_SLACK = 1.1
+
+
+def private_bytes() -> int | None:
+    """This process's private resident memory (RssAnon + RssShmem), or None where /proc says nothing (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon", "RssShmem")))
+    except OSError:
+        return None
+    if not fields:
+        return None
+    return sum(int(value.split()[0]) * 1024 for value in fields.values())
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed inside the C heap back to the kernel (glibc's malloc_trim): a phase's large temporaries
+    (the POD basis's 256 MB of snapshots, a batch's fields) otherwise stay in the heap, counted against the limit,
+    which the next phase and the page cache of streamed data then lack. Nothing where glibc is not the C library."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryWatch:
+    """The peak private memory of this process (and, on a GPU, the device's allocated peak) per phase: a daemon
+    thread samples /proc/self/status every SAMPLE_SECONDS (a peak shorter than that can be missed; a training
+    step's activations live for its whole backward pass)."""
+
+    def __init__(self, device: torch.device, say=print):
+        """say None: a watch that measures and says nothing (a DDP run's other processes)."""
+        self.device, self.say = device, say
+        self.peak = private_bytes() if say is not None else None
+        self._lock = threading.Lock()
+        if self.peak is not None:
+            threading.Thread(target=self._sample, daemon=True, name="memory-watch").start()
+
+    def _sample(self) -> None:
+        while True:
+            now = private_bytes() or 0
+            with self._lock:
+                self.peak = max(self.peak, now)
+            time.sleep(SAMPLE_SECONDS)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Measure the block; then say its peak: 'Memory: <name> peaked at X GB of private memory'."""
+        if self.peak is None:
+            yield
+            return
+        with self._lock:
+            self.peak = private_bytes() or 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        release_freed_memory()
+        held = private_bytes() or 0
+        with self._lock:
+            peak = max(self.peak, held)
+        device = (f", {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB allocated on {self.device}"
+                  if self.device.type == "cuda" else "")
+        self.say(f"Memory: {name} peaked at {peak / 1e9:.2f} GB of private memory{device} ({held / 1e9:.2f} GB held "
+                 "at its end)")
+
+
+# float32 copies of its field one design takes in a pass without gradients after training (the choice between the
+# conditioner network and the GP, at latent_conditioner_batch): the batch, the decoder's activations, the
+# reconstruction scaled and in physical units, the simulated field and the error
+EVALUATION_COPIES = 8
+
+
+def batch_within_memory(batch: int, design_bytes: int) -> int:
+    """The largest batch up to `batch` whose designs (design_bytes each, every copy a pass makes of one) take at most
+    half of what this process may still allocate: the passes after training at the conditioner's batch (the choice
+    of conditioner, the calibration) must fit where training did. With memory to spare, `batch` itself."""
+    return int(max(1, min(batch, available_host_bytes() // (2 * design_bytes))))
+
+
+@dataclass(frozen=True)
+class PhaseNeeds:
+    """Bytes one phase of training will still allocate in each process, beyond what the process holds when checked
+    (the data, preloaded or memory-mapped, is already there)."""
+
+    name: str
+    fixed: int           # weights, and for what trains its gradients and AdamW's two moments (16 bytes a parameter)
+    per_design: int      # one design of a batch: its field copies, and the batches DataLoader workers prefetch
+    batch: int           # designs per (micro-)batch: gradient accumulation does not add to it
+    batch_key: str       # the condition.txt key that sets it
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.per_design * self.batch
+
+
+def training_needs(config, vae_parameters: int, runtime) -> list[PhaseNeeds]:
+    """What the phases of a training run that allocate with the batch will need in this process: the VAE's steps,
+    and the conditioner's when it trains end to end through the decoder (its own weights are left out: a few
+    million parameters, small next to a batch of fields). On its own, on CSV parameters or images, the conditioner is
+    far smaller, and the passes after training size their batches from the memory left (batch_within_memory). On a
+    GPU, what the host still needs is what the DataLoader workers prefetch."""
+    field_bytes = 4 * config.n_steps_used * config.n_nodes_used
+    on_host = runtime.device.type == "cpu"
+    prefetch = 2 * runtime.num_workers * field_bytes  # DataLoader's prefetch_factor 2, per design of a batch
+
+    def copies(passes: int) -> int:  # the batch itself, then FIELD_COPIES_PER_PASS per forward pass kept
+        return (1 + FIELD_COPIES_PER_PASS * passes) * field_bytes if on_host else 0
+
+    phases = [PhaseNeeds("the VAE", 16 * vae_parameters if on_host else 0,
+                         copies(config.recon_samples) + prefetch, config.batch_size, "Batch_size")]
+    if config.has_conditioner and config.use_e2e_training:
+        phases.append(PhaseNeeds("the conditioner, end to end through the decoder",
+                                 4 * vae_parameters if on_host else 0, copies(1), config.lc_batch_size,
+                                 "latent_conditioner_batch"))
+    return phases
+
+
+def check_training_fits(phases: list, runtime, left: tuple | None = None) -> InputError | None:
+    """The refusal of a run whose largest phase needs more than what each of its processes may still allocate
+    (left: host_memory_left()'s (bytes, the limit in words)), with both numbers and the largest batch that fits;
+    None when it fits."""
+    available, limit_said = left or host_memory_left()
+    available //= runtime.world_size
+    largest = max(phases, key=lambda phase: phase.total)
+    if ALLOCATOR_SLACK * largest.total <= available:
+        return None
+    fitting = int((available / ALLOCATOR_SLACK - largest.fixed) // largest.per_design) if largest.per_design else 0
+    shared = f" among {runtime.world_size} processes" if runtime.world_size > 1 else ""
+    fix = (f"set {largest.batch_key} {fitting} or less in input_data/condition.txt (grad_accum_steps keeps the "
+           "effective batch), or give the job more memory" if fitting >= 1 else "give the job more memory")
+    return InputError(CONDITION_FILE, f"training {largest.name} needs about {ALLOCATOR_SLACK * largest.total / 1e9:.2f}"
+                      f" GB more per process ({largest.fixed / 1e9:.2f} GB for the model and its optimiser, "
+                      f"{largest.per_design * largest.batch / 1e9:.2f} GB for a batch of {largest.batch} designs), "
+                      f"but it may allocate only {available / 1e9:.2f} GB ({limit_said}{shared})", fix)

@@ -16,23 +16,28 @@ from modules.storage.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, M
 from modules.training.distributed import shard, sum_over_ranks
 from modules.training.loop import run_training
 from modules.training.losses import LOSS_NAMES, loss_of_uniform_error, optimal_noise_std, vae_loss, validation_loss
-from modules.training.runtime import seed_everything
+from modules.training.runtime import MemoryWatch, seed_everything
 from modules.training.schedules import beta_at, lr_factor
 
 
-def train_vae(config, runtime, case: Case, run=None, resume=None, say=print):
+def train_vae(config, runtime, case: Case, run=None, resume=None, say=print, watch=None):
     """Train the VAE on a prepared case, from scratch or, with resume (a checkpoint path checked by
     training.state.read_checkpoint), from where that checkpoint stood. Every rank trains; the main process (given the
     run record, where its TensorBoard events go) then saves the best epoch's model, its scaler and the split in
-    model_save/ and returns (the final Progress, the per-epoch log records); the other ranks return None."""
+    model_save/ and returns (the final Progress, the per-epoch log records); the other ranks return None. watch (a
+    training.runtime.MemoryWatch) says the peak memory of the POD basis and of the training."""
     seed_everything(config.seed)
     say = say if runtime.is_main else (lambda text: None)
-    job = VAETraining(build_model(config, case, runtime, pod_start=resume is None), case, config, runtime, say)
+    watch = watch or MemoryWatch(runtime.device, None)
+    with watch.phase("the POD basis" if resume is None else "the model"):
+        model = build_model(config, case, runtime, pod_start=resume is None)
+    job = VAETraining(model, case, config, runtime, say)
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     say(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
         f"{len(case.val_indices)} validation designs of {case.array.crop.steps_said} x "
         f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in job.model.parameters()):,} parameters")
-    progress, history = run_training(job, config, runtime, run, say, resume)
+    with watch.phase("the VAE's training"):
+        progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
     kept = (f"epoch {progress.best_epoch}" if progress.best_epoch else

@@ -37,21 +37,23 @@ class CoverageCounts:
     def add(self, rows, errors: np.ndarray, std: np.ndarray) -> None:
         """rows: the designs' positions among the validation designs; errors, std: [b, T, M], physical units. A
         value with no spread counts as inside every band when its error is 0 too, else as outside all; a non-finite
-        error or spread counts as outside all and is left out of the sums (it must not make a scale NaN)."""
-        errors, std = np.abs(errors.astype(np.float64)), std.astype(np.float64)
-        finite = np.isfinite(errors) & np.isfinite(std)
-        errors, std = np.where(finite, errors, 0.0), np.where(finite, std, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(std > 0, errors / std, np.where(errors == 0, 0.0, np.inf))
-        ratio = np.where(finite, ratio, np.inf)
-        bins = np.searchsorted(RATIO_EDGES, ratio, side="right")  # edges[b-1] <= ratio < edges[b]
+        error or spread counts as outside all and is left out of the sums (it must not make a scale NaN). One design
+        at a time: the float64 temporaries are a design's, not the batch's (a dozen copies of its field)."""
         n_bins, n_steps = self.histogram.shape[2], self.histogram.shape[1]
         offsets = (np.arange(n_steps) * n_bins)[:, None]
-        for row, design_bins in zip(rows, bins):
-            self.histogram[row] = np.bincount((design_bins + offsets).ravel(),
+        for row, design_errors, design_std in zip(rows, errors, std):
+            design_errors, design_std = np.abs(design_errors.astype(np.float64)), design_std.astype(np.float64)
+            finite = np.isfinite(design_errors) & np.isfinite(design_std)
+            design_errors, design_std = np.where(finite, design_errors, 0.0), np.where(finite, design_std, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(design_std > 0, design_errors / design_std,
+                                 np.where(design_errors == 0, 0.0, np.inf))
+            ratio = np.where(finite, ratio, np.inf)
+            bins = np.searchsorted(RATIO_EDGES, ratio, side="right")  # edges[b-1] <= ratio < edges[b]
+            self.histogram[row] = np.bincount((bins + offsets).ravel(),
                                               minlength=n_steps * n_bins).reshape(n_steps, n_bins)
-        self.error_squares[rows] = np.square(errors).sum(-1)
-        self.std_squares[rows] = np.square(std).sum(-1)
+            self.error_squares[row] = np.square(design_errors).sum(-1)
+            self.std_squares[row] = np.square(design_std).sum(-1)
 
 
 def fit_calibration(counts: CoverageCounts) -> dict:

@@ -21,9 +21,14 @@ import torch
 from modules.data.batches import in_order
 from modules.models.conditioners import latent_spread
 from modules.models.latents import decode_latents, split_latents
+from modules.training.runtime import batch_within_memory
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
 
 CALIBRATION_DRAWS = 32  # draws per validation design when the spread is calibrated
+# float32 copies of a field one validation design takes while it is calibrated: its prediction (scaled and physical),
+# the float64 sum of squares, a draw (on the device and its deviation), the simulated field and its error, the
+# decoder's activations; its batch is cut to fit in the memory left (training.runtime.batch_within_memory)
+CALIBRATION_COPIES = 10
 
 
 def spread_source(conditioner, inputs) -> str:
@@ -88,8 +93,10 @@ def physical_std(prediction: np.ndarray, draws, field_scaler) -> tuple:
     prediction: scaled numpy; draws: an iterable of scaled draws (tensors), consumed."""
     physical = field_scaler.inverse(prediction)
     squares, count = np.zeros(physical.shape, np.float64), 0
-    for draw in draws:
-        squares += np.square(field_scaler.inverse(draw.cpu().numpy()) - physical, dtype=np.float64)
+    for draw in draws:  # in place: one float32 deviation at a time, summed in float64 without a float64 copy
+        deviation = field_scaler.inverse(draw.cpu().numpy())
+        deviation -= physical
+        squares += np.square(deviation, out=deviation)
         count += 1
     return physical, np.sqrt(squares / max(count, 1)).astype(np.float32)
 
@@ -132,14 +139,15 @@ def calibrate_spread(conditioner, vae, latent_scaler, conditions, fields, batch_
     per design, the scale per time step and the coverage before and after, as plain types. conditions: every
     design's prepared conditions on the device; fields: the VAE run's Case (validation designs, field scaler)."""
     val_indices, scaler = fields.val_indices, fields.scaler
-    order = list(in_order(len(val_indices), batch_size))
+    field_bytes = 4 * int(np.prod(fields.array.sample_shape))
+    order = list(in_order(len(val_indices), batch_within_memory(batch_size, CALIBRATION_COPIES * field_bytes)))
     counts = CoverageCounts(len(val_indices), vae.spec.n_steps)
-    generator = torch.Generator().manual_seed(seed)
     conditioner.eval()
     for positions, simulated in zip(order, fields.val.batches(order)):
         designs = torch.as_tensor(val_indices[positions], device=conditions.device)
+        noise = DesignNoise(seed, int(positions[0]), len(positions))  # a design's draws do not depend on its batch
         prediction, draws = field_draws(conditioner, vae, latent_scaler, conditions[designs], CALIBRATION_DRAWS,
-                                        generator)
+                                        noise)
         predicted, std = physical_std(prediction.cpu().numpy(), draws, scaler)
         counts.add(positions, predicted - scaler.inverse(simulated.float().cpu().numpy()), std)
     return {"source": spread_source(conditioner, conditions), "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
