@@ -141,7 +141,7 @@ def test_reconstruct_writes_h5_with_the_npy_numbers_in_batches_from_the_memory_l
     design_bytes = 24 * 400 * 4
     assert reconstruct.reconstruction_batch_size(5000, (24, 400), "cpu") == predict.HOST_BATCH_BYTES // design_bytes
     assert reconstruct.reconstruction_batch_size(3, (24, 400), "cpu") == 3
-    monkeypatch.setattr(reconstruct, "available_host_bytes",
+    monkeypatch.setattr(predict, "available_host_bytes",
                         lambda: 5 * design_bytes * 2 * predict.HOST_SHARE * predict.PENDING_BATCHES)
     assert reconstruct.reconstruction_batch_size(5000, (24, 400), "cpu") == 5
     batches, original = [], field_files.FieldFile.write

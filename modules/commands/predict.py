@@ -205,13 +205,19 @@ class FieldPrediction:
         return values.float().cpu().numpy()
 
 
+def designs_the_host_holds(bytes_per_design: int) -> int:
+    """The most designs a batch may have whose host arrays (bytes_per_design each) take at most 1 / HOST_SHARE of the
+    memory this process may use, counting the batches waiting for the writer and the one being made; at least 1."""
+    return max(1, available_host_bytes() // (HOST_SHARE * PENDING_BATCHES * bytes_per_design))
+
+
 def prediction_batch_size(prediction, inputs, shape, samples: int, device) -> int:
     """Designs per batch, from the free memory rather than Batch_size. On the CPU, batches of about
     HOST_BATCH_BYTES of results (larger batches measured slower: they leave the caches), fewer when the memory this
     process may use (cgroup, rlimit) is short. On a GPU, what a quarter of the free device memory holds, from the
     memory one probe design takes, also bounded by the host memory its results need."""
     design_bytes = shape[1] * shape[2] * 4 * (1 + (samples + 3 if samples else 0))
-    host = max(1, available_host_bytes() // (HOST_SHARE * PENDING_BATCHES * design_bytes))
+    host = designs_the_host_holds(design_bytes)
     if torch.device(device).type != "cuda":
         return int(max(1, min(len(inputs), host, HOST_BATCH_BYTES // design_bytes)))
     torch.cuda.synchronize(device)

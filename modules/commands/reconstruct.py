@@ -10,14 +10,14 @@ import time
 import numpy as np
 import torch
 
-from modules.commands.predict import HOST_BATCH_BYTES, HOST_SHARE, MAX_DEVICE_BATCH, PENDING_BATCHES
+from modules.commands.predict import HOST_BATCH_BYTES, MAX_DEVICE_BATCH, designs_the_host_holds
 from modules.data.dataset import Crop, NewSimulations
 from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
 from modules.evaluation.metrics import relative_l2
 from modules.storage.field_files import FieldFacts, open_field_file, output_files
 from modules.storage.model_files import load_model
-from modules.training.runtime import available_host_bytes, full_float32
+from modules.training.runtime import full_float32
 
 DEVICE_COPIES = 6  # float32 fields a design takes on the device while it is reconstructed, at most
 
@@ -58,7 +58,7 @@ def reconstruction_batch_size(n_designs: int, shape: tuple, device) -> int:
     read and as reconstructed, in every batch waiting for the writer); on a GPU what a quarter of the free device
     memory holds at DEVICE_COPIES fields a design (input, activations, reconstruction)."""
     design_bytes = 4 * shape[0] * shape[1]
-    host = available_host_bytes() // (HOST_SHARE * PENDING_BATCHES * 2 * design_bytes)
+    host = designs_the_host_holds(2 * design_bytes)
     if torch.device(device).type != "cuda":
         return int(max(1, min(n_designs, host, HOST_BATCH_BYTES // design_bytes)))
     free, _ = torch.cuda.mem_get_info(device)

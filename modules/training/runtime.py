@@ -230,13 +230,20 @@ def _cgroup_left(folder: Path, limit_file: str, usage_file: str, file_keys: tupl
 
 
 def _status_bytes(key: str) -> int:
-    """A size in /proc/self/status: VmData is what RLIMIT_DATA counts (private writable memory, not memory-mapped
-    input files), VmSize what RLIMIT_AS counts (the whole address space, mapped files included)."""
+    """A size in /proc/self/status (0 where it says nothing): VmData is what RLIMIT_DATA counts (private writable
+    memory, not memory-mapped input files), VmSize what RLIMIT_AS counts (the whole address space, mapped files
+    included)."""
+    return (_status_sizes() or {}).get(key, 0)
+
+
+def _status_sizes() -> dict | None:
+    """{key: bytes} of /proc/self/status's sizes (the lines in kB), or None where there is none (not Linux)."""
     try:
         with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return 0
+            return {key: int(value.split()[0]) * 1024 for key, value in (line.split(":", 1) for line in status)
+                    if value.strip().endswith(" kB")}
+    except OSError:
+        return None
 
 
 def use_deterministic_algorithms() -> None:
@@ -270,14 +277,10 @@ ALLOCATOR_SLACK = 1.1
 
 def private_bytes() -> int | None:
     """This process's private resident memory (RssAnon + RssShmem), or None where /proc says nothing (not Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon", "RssShmem")))
-    except OSError:
+    sizes = _status_sizes()
+    if not sizes or "RssAnon" not in sizes:
         return None
-    if not fields:
-        return None
-    return sum(int(value.split()[0]) * 1024 for value in fields.values())
+    return sizes["RssAnon"] + sizes.get("RssShmem", 0)
 
 
 def release_freed_memory() -> None:
@@ -364,8 +367,9 @@ def training_needs(config, vae_parameters: int, runtime) -> list[PhaseNeeds]:
     """What the phases of a training run that allocate with the batch will need in this process: the VAE's steps,
     and the conditioner's when it trains end to end through the decoder (its own weights are left out: a few
     million parameters, small next to a batch of fields). On its own, on CSV parameters or images, the conditioner is
-    far smaller, and the passes after training size their batches from the memory left (batch_within_memory). On a
-    GPU, what the host still needs is what the DataLoader workers prefetch."""
+    far smaller; the evaluation reads Batch_size designs without gradients, and the conditioner's passes after
+    training size their batches from the memory left (batch_within_memory). On a GPU, what the host still needs is
+    what the DataLoader workers prefetch."""
     field_bytes = 4 * config.n_steps_used * config.n_nodes_used
     on_host = runtime.device.type == "cpu"
     prefetch = 2 * runtime.num_workers * field_bytes  # DataLoader's prefetch_factor 2, per design of a batch
