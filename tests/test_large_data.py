@@ -36,12 +36,14 @@ val_fraction 0.1
 """
 
 
-def limit_memory():
-    resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
+def run_limited(command, folder, group=None):
+    """The command in folder under the memory limit (its children inherit it): RLIMIT_DATA, and also the memory
+    cgroup `group` when given."""
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
 
-
-def run_limited(command, folder):
-    """The command in folder under the memory limit (its children inherit it)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=folder, capture_output=True, text=True, env=environment, timeout=600,
                           stdin=subprocess.DEVNULL, preexec_fn=limit_memory)
@@ -74,11 +76,21 @@ def case_folder(folder, dataset):
     return folder
 
 
-def test_streamed_training_fits_under_a_memory_limit_a_third_of_the_data(big_dataset, tmp_path):
+def test_streamed_training_and_evaluation_fit_under_a_memory_limit_a_third_of_the_data(big_dataset, memory_group,
+                                                                                       tmp_path):
+    """The whole run, the end-of-run evaluation included, under RLIMIT_DATA and, where the machine allows it, in a
+    real 1 GB memory cgroup too, which also counts the page cache of the memory-mapped data and kernel memory and
+    kills the process when its usage cannot be brought under the limit (no OOM kill may happen). load_all 1 is then
+    refused before anything moves."""
     folder = case_folder(tmp_path / "case", big_dataset)
-    trained = run_limited([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder)
+    trained = run_limited([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder, memory_group)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    if memory_group is not None:
+        events = dict(line.split() for line in (memory_group / "memory.oom_control").read_text().splitlines())
+        assert int(events.get("oom_kill", 0)) == 0
+        assert int((memory_group / "memory.max_usage_in_bytes").read_text()) <= LIMIT_BYTES
     assert (folder / "model_save" / "SimulGen-VAE").exists() and (folder / "output" / "reconstruction_error.json").exists()
+    assert (folder / "output" / "evaluation.json").exists() and (folder / "output" / "memorization.json").exists()
     assert np.load(folder / "model_save" / "latent_vectors.npy").shape == (N, 8)
     saved = {path: path.read_bytes() for path in (folder / "model_save").iterdir()}
 
@@ -89,27 +101,42 @@ def test_streamed_training_fits_under_a_memory_limit_a_third_of_the_data(big_dat
     assert {path: path.read_bytes() for path in (folder / "model_save").iterdir()} == saved
     assert not (folder / "archive").exists()
 
-    refused = refused_batch_of_64(folder, run_limited)
-    assert {path: path.read_bytes() for path in (folder / "model_save").iterdir()} == saved
-    assert not (folder / "archive").exists() and "RLIMIT_DATA" in refused
 
+def test_a_batch_that_cannot_fit_is_refused_after_the_data_checks_with_the_batch_that_fits(memory_group, tmp_path):
+    """A batch of 16 designs of 5 million values (about 1.3 GB with their copies) cannot fit under the 1 GB limit:
+    the run is refused after the data checks, before anything is trained or moved, with the Batch_size that fits and
+    the limit that binds named: RLIMIT_DATA, then (where the machine allows it) the memory cgroup alone. The data
+    need not be larger than the limit here, so the case has 20 designs (0.4 GB) and each refusal scans only those."""
+    dataset = tmp_path / "dataset1.npy"
+    array = np.lib.format.open_memmap(dataset, mode="w+", dtype=np.float32, shape=(20, T, M))
+    array[:] = np.sin(np.linspace(0, 2 * np.pi, M, dtype=np.float32)) * np.linspace(1, 2, 20)[:, None, None]
+    array.flush()
+    del array
+    folder = case_folder(tmp_path / "case", dataset)
+    (folder / "input_data" / "condition.txt").write_text(
+        CONDITION.replace(f"Dim1 {N}", "Dim1 20").replace("Batch_size 2", "Batch_size 16"))
+    (folder / "model_save").mkdir()
+    (folder / "model_save" / "SimulGen-VAE").write_bytes(b"an earlier run's model")
+    limits = [("RLIMIT_DATA", None)] + ([("memory cgroup", memory_group)] if memory_group is not None else [])
+    for limit, group in limits:
+        def limit_memory():
+            if group is None:
+                resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
+            else:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
 
-def refused_batch_of_64(folder, run):
-    """A batch of 64 designs of 5 million values (about 5 GB with their copies) cannot fit under the 1 GB limit: the
-    run is refused after the data checks, before anything is trained or moved, with the Batch_size that fits.
-    Returns the refusal."""
-    condition = folder / "input_data" / "condition.txt"
-    condition.write_text(CONDITION.replace("Batch_size 2", "Batch_size 64"))
-    try:
-        refused = run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder)
-    finally:
-        condition.write_text(CONDITION)
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    assert refused.stderr.startswith("error: input_data/condition.txt: training the VAE needs about ")
-    fitting = int(re.search(r"set Batch_size (\d+) or less", refused.stderr)[1])
-    assert 2 <= fitting < 16  # the batch of 2 trained under this limit; 16 would need 1.3 GB
-    return refused.stderr
+        refused = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], cwd=folder,
+                                 capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_memory)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith("error: input_data/condition.txt: training the VAE needs about ")
+        assert limit in refused.stderr
+        fitting = int(re.search(r"set Batch_size (\d+) or less", refused.stderr)[1])
+        assert 2 <= fitting < 16  # a batch of 2 trains under this limit (the test above)
+        assert sorted(path.name for path in folder.iterdir()) == [".simulgen.lock", "input_data", "model_save",
+                                                                  "preset.txt"]  # the lock is the run's own
+        assert (folder / "model_save" / "SimulGen-VAE").read_bytes() == b"an earlier run's model"
 
 
 def test_two_ddp_processes_each_stream_their_shard_under_the_limit(big_dataset, tmp_path):
@@ -205,47 +232,23 @@ def test_each_phase_says_its_peak_private_memory():
     assert float(first[0]) - float(first[1]) >= 0.4  # and freed before the phase's end
 
 
-def memory_cgroup(limit_bytes):
-    """A new memory cgroup v1 below this process's own, limited to limit_bytes, as SLURM's --mem or docker --memory
+@pytest.fixture
+def memory_group():
+    """A new memory cgroup v1 below this process's own, limited to LIMIT_BYTES, as SLURM's --mem or docker --memory
     make one: its folder, or None where the machine does not let this process make one (not root, no cgroup v1
-    memory controller, a read-only /sys/fs/cgroup)."""
+    memory controller, a read-only /sys/fs/cgroup). Removed after the test (the runs in it have ended)."""
     try:
         own = next(line.split(":", 2)[2] for line in open("/proc/self/cgroup") if ":memory:" in line)
         folder = Path("/sys/fs/cgroup/memory") / own.strip().strip("/") / f"simulgen-test-{os.getpid()}"
         folder.mkdir()
     except (OSError, StopIteration):
-        return None
+        yield None
+        return
     try:
-        (folder / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        (folder / "memory.limit_in_bytes").write_text(str(LIMIT_BYTES))
     except OSError:
         folder.rmdir()
-        return None
-    return folder
-
-
-def test_streamed_training_and_evaluation_fit_under_a_real_cgroup_memory_limit_a_third_of_the_data(big_dataset,
-                                                                                                     tmp_path):
-    """The kernel's memory cgroup counts what RLIMIT_DATA does not (the page cache of the memory-mapped data, kernel
-    memory) and kills the process when its usage cannot be brought under the limit; the whole run, end-of-run
-    evaluation included, must stay under it."""
-    group = memory_cgroup(LIMIT_BYTES)
-    if group is None:
-        pytest.skip("this machine does not let the tests make a memory cgroup (needs root and cgroup v1 memory)")
-    try:
-        folder = case_folder(tmp_path / "case", big_dataset)
-        trained = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], cwd=folder,
-                                 capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                 preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-        peak = int((group / "memory.max_usage_in_bytes").read_text())
-        assert trained.returncode == 0, trained.stderr[-3000:]
-        refused = refused_batch_of_64(folder, lambda command, folder: subprocess.run(
-            command, cwd=folder, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid()))))
-        events = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
-    finally:
-        group.rmdir()  # empty again: the runs have ended
-    assert int(events.get("oom_kill", 0)) == 0 and peak <= LIMIT_BYTES
-    assert (folder / "output" / "evaluation.json").exists() and (folder / "output" / "memorization.json").exists()
-    assert "memory cgroup" in refused  # the limit that binds is named
+        yield None
+        return
+    yield folder
+    folder.rmdir()
