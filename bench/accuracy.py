@@ -25,21 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import REPO, Size, write_case  # noqa: E402
+from cases import REPO, Size, add_case_arguments, write_case  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from modules.models.conditioners import NETWORKS  # noqa: E402
 
-CASES = ("demo", "pulse", "burgers")
-
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--designs", type=int, default=Size.designs, help="designs of the generated cases")
-    parser.add_argument("--steps", type=int, default=Size.steps, help="time steps of the generated cases")
-    parser.add_argument("--grid", type=int, default=Size.grid, help="pulse: grid x grid nodes")
-    parser.add_argument("--line", type=int, default=Size.line, help="burgers: nodes on the line")
+    add_case_arguments(parser)
     parser.add_argument("--epochs", type=int, default=0,
                         help="VAE epochs (Training_epochs); 0: the case's own (demo 300, generated 200)")
     parser.add_argument("--lc_epochs", type=int, default=0,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+CASES = ("demo", "pulse", "burgers")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,15 @@ class Size:
     steps: int = 24
     grid: int = 48          # pulse: grid x grid nodes
     line: int = 256         # burgers: nodes on the line
+
+
+def add_case_arguments(parser) -> None:
+    """The options that choose the cases and the generated cases' size, shared by the benchmarks that run them."""
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--designs", type=int, default=Size.designs, help="designs of the generated cases")
+    parser.add_argument("--steps", type=int, default=Size.steps, help="time steps of the generated cases")
+    parser.add_argument("--grid", type=int, default=Size.grid, help="pulse: grid x grid nodes")
+    parser.add_argument("--line", type=int, default=Size.line, help="burgers: nodes on the line")
 
 
 def pulse_fields(parameters: np.ndarray, steps: int, grid: int) -> np.ndarray:

@@ -81,6 +81,37 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
     assert again.returncode != 0 and "exists" in again.stderr  # an earlier benchmark's folders are never overwritten
 
 
+def test_the_spatial_decoder_benchmark_reports_each_case_next_to_the_reports_pod(tmp_path):
+    """A smoke run of bench/spatial_decoders.py: each row's POD error is POD of the designs with K modes computed
+    here from an SVD (so the benchmark's baselines are the report's), and a declared periodic parameter adds a
+    prediction row only where the case has it."""
+    from cases import pulse_fields, pulse_parameters
+
+    arguments = ["--cases", "pulse", "burgers", "--designs", "16", "--steps", "4", "--grid", "6", "--line", "16",
+                 "--epochs", "1", "--fit_epochs", "1", "--direct_epochs", "1", "--periodic", "theta=6.2831853", "--json",
+                 str(tmp_path / "decoders.json")]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "spatial_decoders.py"), *arguments],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pulse, burgers = json.loads((tmp_path / "decoders.json").read_text())["rows"]
+    assert pulse["shape"] == [16, 4, 36] and burgers["shape"] == [16, 4, 16] and pulse["latent_size"] == 12
+    assert list(pulse["prediction"]) == ["parameters", "parameters, direct", "periodic parameters",
+                                         "periodic parameters, direct"]
+    assert list(burgers["prediction"]) == ["parameters", "parameters, direct"]
+    from modules.data.dataset import split_indices
+    train, val = split_indices(16, 0.2, 42)
+    fields = pulse_fields(pulse_parameters(16, 0), 4, 6).reshape(16, -1).astype(np.float64)
+    mean = fields[train].mean(axis=0)
+    modes = np.linalg.svd(fields[train] - mean, full_matrices=False)[2][:12]
+    projected = (fields[val] - mean) @ modes.T @ modes + mean
+    errors = np.linalg.norm(projected - fields[val], axis=1) / np.linalg.norm(fields[val], axis=1)
+    assert np.isclose(pulse["pod"], errors.mean(), rtol=1e-6)
+    for row in (pulse, burgers):
+        assert all(value > 0 for value in (row["field_codes"], row["field_k"], row["pod_gpr"],
+                                           *row["prediction"].values()))
+    assert len(table_lines(done.stdout)) == 2 + 2 and "G multiply-adds per design" in done.stdout
+
+
 def test_generated_cases_are_the_physics_they_claim():
     from cases import burgers_fields, burgers_parameters, pulse_fields, pulse_parameters
 
