@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from modules.data.dataset import split_indices  # noqa: E402
 from modules.data.scaling import ColumnScaler  # noqa: E402
 from modules.evaluation.baselines import baseline_weights  # noqa: E402
+from modules.evaluation.metrics import FieldErrors  # noqa: E402
 from modules.models.pod import design_gram  # noqa: E402
 
 LATENT_SIZE = {"demo": 56, "pulse": 64, "burgers": 64}  # the VAE's latent numbers per design on each case
@@ -146,9 +147,23 @@ def mlp(inputs: int, outputs: int, hidden: int = 256, depth: int = 3) -> nn.Sequ
 
 
 def relative_errors(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Relative L2 of each design's whole field, [n]."""
-    difference = (predicted - truth).reshape(len(truth), -1)
-    return np.linalg.norm(difference, axis=1) / np.linalg.norm(truth.reshape(len(truth), -1), axis=1)
+    """Relative L2 of each design's whole field [n], scored by the evaluation report's own FieldErrors."""
+    errors = FieldErrors.empty(np.arange(len(truth)), truth.shape[1], 1)
+    errors.add(slice(None), predicted, truth)
+    return errors.relative_l2()
+
+
+def decode_every_node(decoder, nodes, codes) -> torch.Tensor:
+    """Codes [s, code] -> scaled values [s, M] at every node, 64 snapshots at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([decoder(nodes.expand(len(part), *nodes.shape), part) for part in codes.split(64)])
+
+
+def sampled_loss(decoder, codes, snapshots, nodes, n_points: int):
+    """Mean squared error of the decoder at n_points random nodes of each snapshot [b, M] given its code [b, code]:
+    every training step of the benchmark (a step costs the same on any mesh)."""
+    points = torch.randint(0, snapshots.shape[1], (len(snapshots), n_points))
+    return F.mse_loss(decoder(nodes[points], codes), torch.gather(snapshots, 1, points))
 
 
 def run_case(name: str, args) -> dict:
@@ -181,12 +196,8 @@ def run_case(name: str, args) -> dict:
     decoder = ShiftedSiren(nodes.shape[1], args.width, args.code)
     train_field(encoder, decoder, coefficients(snapshots), snapshots, nodes, args)
 
-    def decode(codes):  # [n, T, code] -> physical fields [n, T, M], every node, 64 snapshots at a time
-        flat = codes.reshape(-1, args.code)
-        with torch.no_grad():
-            out = torch.cat([decoder(nodes.expand(len(part), n_nodes, nodes.shape[1]), part)
-                             for part in flat.split(64)])
-        return out.view(len(codes), n_steps, n_nodes).numpy() * spread + offset
+    def physical(values):  # scaled values [n * T, M] -> physical fields [n, T, M]
+        return values.view(-1, n_steps, n_nodes).numpy() * spread + offset
 
     with torch.no_grad():
         codes = encoder(coefficients(scaled.reshape(-1, n_nodes))).view(n, n_steps, args.code)
@@ -198,9 +209,11 @@ def run_case(name: str, args) -> dict:
     result = {"case": name, "shape": [n, n_steps, n_nodes], "designs": [len(train), len(val)],
               "latent_size": latent_size, "pod": float(baseline["pod"].mean()),
               "pod_gpr": float(baseline["pod_gpr"].mean()),
-              "field_codes": float(relative_errors(decode(codes[val]), fields[val]).mean()),
-              "field_k": float(relative_errors(decode(torch.tensor(compressed, dtype=torch.float32)
-                                                      .view(len(val), n_steps, args.code)), fields[val]).mean())}
+              "field_codes": float(relative_errors(physical(decode_every_node(
+                  decoder, nodes, codes[val].reshape(-1, args.code))), fields[val]).mean()),
+              "field_k": float(relative_errors(physical(decode_every_node(
+                  decoder, nodes, torch.tensor(compressed, dtype=torch.float32).view(-1, args.code))),
+                  fields[val]).mean())}
 
     periodic = dict(item.split("=") for item in args.periodic)
     encodings = {"parameters": parameters}
@@ -215,18 +228,18 @@ def run_case(name: str, args) -> dict:
         encodings["periodic parameters"] = np.stack(columns, axis=1)
     result["prediction"] = {}
     for label, inputs in encodings.items():
-        predictor = fit_code_predictor(inputs, codes, train, decoder, nodes, scaled, args)
+        design = design_times(inputs, train, n_steps)
+        val_rows, train_rows = design[val].reshape(-1, design.shape[2]), design[train].reshape(-1, design.shape[2])
+        predictor = fit_code_predictor(train_rows, codes[train].reshape(-1, args.code), decoder, nodes, snapshots,
+                                       args)
         with torch.no_grad():
-            predicted = predictor(design_times(inputs, train, n_steps)[val])
-        result["prediction"][label] = float(relative_errors(decode(predicted), fields[val]).mean())
+            predicted = decode_every_node(decoder, nodes, predictor(val_rows))
+        result["prediction"][label] = float(relative_errors(physical(predicted), fields[val]).mean())
         if args.direct_epochs:
-            network, direct_decoder = train_direct(inputs, train, scaled, nodes, args)
+            network, direct_decoder = train_direct(train_rows, snapshots, nodes, args)
             with torch.no_grad():
-                direct = torch.cat([direct_decoder(nodes.expand(len(part), n_nodes, nodes.shape[1]), network(part))
-                                    for part in design_times(inputs, train, n_steps)[val].reshape(
-                                        -1, inputs.shape[1] + 1).split(64)])
-            direct = direct.view(len(val), n_steps, n_nodes).numpy() * spread + offset
-            result["prediction"][f"{label}, direct"] = float(relative_errors(direct, fields[val]).mean())
+                direct = decode_every_node(direct_decoder, nodes, network(val_rows))
+            result["prediction"][f"{label}, direct"] = float(relative_errors(physical(direct), fields[val]).mean())
     result["seconds"] = round(time.time() - started)
     result["cost_at_users_scale"] = cost_at_users_scale(decoder, args)
     return result
@@ -240,9 +253,7 @@ def train_field(encoder, decoder, snapshot_coefficients, snapshots, nodes, args)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 1e-3, total_steps=steps, pct_start=0.1)
     for _ in range(args.epochs):
         for batch in torch.randperm(len(snapshots)).split(64):
-            points = torch.randint(0, snapshots.shape[1], (len(batch), args.points))
-            predicted = decoder(nodes[points], encoder(snapshot_coefficients[batch]))
-            loss = F.mse_loss(predicted, torch.gather(snapshots[batch], 1, points))
+            loss = sampled_loss(decoder, encoder(snapshot_coefficients[batch]), snapshots[batch], nodes, args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -257,14 +268,13 @@ def design_times(inputs: np.ndarray, train, n_steps: int) -> torch.Tensor:
     return torch.tensor(np.concatenate([design, times], axis=2), dtype=torch.float32)
 
 
-def fit_code_predictor(inputs, codes, train, decoder, nodes, scaled, args):
-    """An MLP (inputs, t) -> code: fitted to the training designs' codes (standardised), then trained through the
-    frozen decoder on the field (--epochs // 4 passes at a fifth of the rate). Returns inputs [n, T, P + 1] -> codes."""
+def fit_code_predictor(design, targets, decoder, nodes, snapshots, args):
+    """An MLP (inputs, t) -> code: fitted to the training snapshots' codes targets [s, code] (standardised) from their
+    rows of design_times, design [s, P + 1], then trained through the frozen decoder on the snapshots [s, M]
+    (--epochs // 4 passes at a fifth of the rate). Returns rows [r, P + 1] -> codes [r, code]."""
     torch.manual_seed(0)
-    design = design_times(inputs, train, codes.shape[1])[train].reshape(-1, inputs.shape[1] + 1)
-    targets = codes[train].reshape(-1, codes.shape[2])
     mean, std = targets.mean(0), targets.std(0) + 1e-8
-    network = mlp(design.shape[1], codes.shape[2])
+    network = mlp(design.shape[1], targets.shape[1])
     optimiser = torch.optim.Adam(network.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, args.fit_epochs))
     for _ in range(args.fit_epochs):
@@ -276,13 +286,10 @@ def fit_code_predictor(inputs, codes, train, decoder, nodes, scaled, args):
         schedule.step()
     for weight in decoder.parameters():
         weight.requires_grad_(False)
-    snapshots = scaled[train].reshape(-1, scaled.shape[2])
     optimiser = torch.optim.Adam(network.parameters(), 2e-4)
     for _ in range(max(1, args.epochs // 4)):
         for batch in torch.randperm(len(design)).split(64):
-            points = torch.randint(0, snapshots.shape[1], (len(batch), args.points))
-            predicted = decoder(nodes[points], network(design[batch]) * std + mean)
-            loss = F.mse_loss(predicted, torch.gather(snapshots[batch], 1, points))
+            loss = sampled_loss(decoder, network(design[batch]) * std + mean, snapshots[batch], nodes, args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -291,21 +298,18 @@ def fit_code_predictor(inputs, codes, train, decoder, nodes, scaled, args):
     return lambda values: network(values) * std + mean
 
 
-def train_direct(inputs, train, scaled, nodes, args):
+def train_direct(design, snapshots, nodes, args):
     """The direct model: an MLP (inputs, t) -> code and a fresh ShiftedSiren trained together on --points random
-    nodes of each training snapshot (--direct_epochs passes); no encoder, so the code is by construction a smooth
-    function of the inputs. Returns (network, decoder)."""
+    nodes of each training snapshot [s, M] from its row of design_times [s, P + 1] (--direct_epochs passes); no
+    encoder, so the code is by construction a smooth function of the inputs. Returns (network, decoder)."""
     torch.manual_seed(0)
-    design = design_times(inputs, train, scaled.shape[1])[train].reshape(-1, inputs.shape[1] + 1)
-    snapshots = scaled[train].reshape(-1, scaled.shape[2])
     network, decoder = mlp(design.shape[1], args.code), ShiftedSiren(nodes.shape[1], args.width, args.code)
     optimiser = torch.optim.Adam(list(network.parameters()) + list(decoder.parameters()), 1e-3)
     steps = max(1, args.direct_epochs * math.ceil(len(design) / 64))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 1e-3, total_steps=steps, pct_start=0.1)
     for _ in range(args.direct_epochs):
         for batch in torch.randperm(len(design)).split(64):
-            points = torch.randint(0, snapshots.shape[1], (len(batch), args.points))
-            loss = F.mse_loss(decoder(nodes[points], network(design[batch])), torch.gather(snapshots[batch], 1, points))
+            loss = sampled_loss(decoder, network(design[batch]), snapshots[batch], nodes, args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -87,6 +87,8 @@ def test_the_spatial_decoder_benchmark_reports_each_case_next_to_the_reports_pod
     prediction row only where the case has it."""
     from cases import pulse_fields, pulse_parameters
 
+    from modules.data.dataset import split_indices
+
     arguments = ["--cases", "pulse", "burgers", "--designs", "16", "--steps", "4", "--grid", "6", "--line", "16",
                  "--epochs", "1", "--fit_epochs", "1", "--direct_epochs", "1", "--periodic", "theta=6.2831853", "--json",
                  str(tmp_path / "decoders.json")]
@@ -98,7 +100,6 @@ def test_the_spatial_decoder_benchmark_reports_each_case_next_to_the_reports_pod
     assert list(pulse["prediction"]) == ["parameters", "parameters, direct", "periodic parameters",
                                          "periodic parameters, direct"]
     assert list(burgers["prediction"]) == ["parameters", "parameters, direct"]
-    from modules.data.dataset import split_indices
     train, val = split_indices(16, 0.2, 42)
     fields = pulse_fields(pulse_parameters(16, 0), 4, 6).reshape(16, -1).astype(np.float64)
     mean = fields[train].mean(axis=0)

@@ -36,11 +36,12 @@ val_fraction 0.1
 """
 
 
-def run_limited(command, folder, group=None):
-    """The command in folder under the memory limit (its children inherit it): RLIMIT_DATA, and also the memory
-    cgroup `group` when given."""
+def run_limited(command, folder, group=None, data_limit=True):
+    """The command in folder under the memory limit (its children inherit it): RLIMIT_DATA (unless not
+    data_limit), and the memory cgroup `group` when given."""
     def limit_memory():
-        resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
+        if data_limit:
+            resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
         if group is not None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
@@ -119,15 +120,8 @@ def test_a_batch_that_cannot_fit_is_refused_after_the_data_checks_with_the_batch
     (folder / "model_save" / "SimulGen-VAE").write_bytes(b"an earlier run's model")
     limits = [("RLIMIT_DATA", None)] + ([("memory cgroup", memory_group)] if memory_group is not None else [])
     for limit, group in limits:
-        def limit_memory():
-            if group is None:
-                resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
-            else:
-                (group / "cgroup.procs").write_text(str(os.getpid()))
-
-        refused = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], cwd=folder,
-                                 capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_memory)
+        refused = run_limited([sys.executable, str(REPO / "SimulGen-VAE.py"), "--load_all=0"], folder, group,
+                              data_limit=group is None)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
         assert refused.stderr.startswith("error: input_data/condition.txt: training the VAE needs about ")
