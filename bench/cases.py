@@ -132,10 +132,13 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
         parameters = pulse_parameters(size.designs, seed)
         fields = pulse_fields(parameters, size.steps, size.grid)
         names, filters = "x0,y0,theta,v,D", "256 128 64 32"
+        where = f"grid_shape {size.grid} {size.grid}"
     elif name == "burgers":
         parameters = burgers_parameters(size.designs, seed)
         fields = burgers_fields(parameters, size.steps, size.line)
         names, filters = "a,b,phi,nu", "256 128 64 32"
+        np.save(data / "nodes.npy", np.stack([np.arange(size.line) * 2 * np.pi / size.line, np.zeros(size.line)], 1))
+        where = "node_coordinates input_data/nodes.npy"
     else:
         raise ValueError(f"unknown case {name!r}")
     np.save(data / "dataset1.npy", fields)
@@ -143,7 +146,7 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
     (folder / "preset.txt").write_text(PRESET.format(filters=filters))
     n, steps, nodes = fields.shape
     (data / "condition.txt").write_text(CONDITION.format(n=n, steps=steps, nodes=nodes, epochs=epochs or 200,
-                                                         lc_epochs=lc_epochs or 500))
+                                                         lc_epochs=lc_epochs or 500) + where + "\n")
     return {"case": name, "shape": list(fields.shape), "parameters": names.replace(",", ", ")}
 
 

@@ -74,6 +74,9 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
         assert row["pod_gpr"] == evaluation["prediction"]["pod_gpr"]["relative_l2"]["mean"]
         assert 0 <= row["pod"] < row["mean_field"]
         assert row["conditioner_label"] == evaluation["labels"]["conditioner"]
+        # the generated cases say where their nodes are (a grid, a line's coordinates), so a neural field is tried
+        # there; the demo's condition.txt turns it off
+        assert ("neural_field" in row["candidates"]) == (row["case"] != "demo")
     table = table_lines(done.stdout)
     assert table[0].startswith("| case | designs") and len(table) == 2 + 3
     again = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), *arguments], capture_output=True,

@@ -28,7 +28,7 @@ from modules.commands.predict import FieldPrediction
 from modules.config import Config
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS
+from modules.models.conditioners import CONDITIONERS, decodes_fields
 from modules.models.latents import split_latents
 from modules.storage.atomic import temporary_path
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
@@ -61,8 +61,12 @@ class Surrogate(nn.Module):
     def forward(self, inputs):
         if self.reads_parameters:
             inputs = ((inputs.double() - self.input_mean) / self.input_std).float()
-        latents = self.conditioner(inputs)
-        scaled = self.vae.decode(*split_latents(latents * self.latent_std + self.latent_mean, self.vae.spec)).float()
+        if decodes_fields(self.conditioner):  # the neural field predicts the scaled field itself
+            scaled = self.conditioner(inputs).float()
+        else:
+            latents = self.conditioner(inputs)
+            scaled = self.vae.decode(*split_latents(latents * self.latent_std + self.latent_mean,
+                                                    self.vae.spec)).float()
         n, steps, nodes = scaled.shape
         per_variable = scaled.reshape(n, steps, self.n_vars, nodes // self.n_vars)
         physical = (per_variable - self.field_base) * self.field_inverse_scale + self.field_data_min

@@ -25,8 +25,7 @@ from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.field_layout import read_saved_layout
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS
-from modules.models.latents import decode_latents
+from modules.models.conditioners import CONDITIONERS, decodes_fields, predicted_fields
 from modules.storage.atomic import save_json
 from modules.storage.field_files import PENDING_WRITES, FieldFacts, open_field_file, output_files
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
@@ -49,6 +48,10 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
     paths = output_files(out, "--predict", samples)
     full_float32(device)
     conditioner, facts = load_conditioner(conditioner_file, device)
+    if samples and decodes_fields(conditioner):
+        raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to draw "
+                         "--samples from", "predict without --samples, or retrain the conditioner with "
+                         "field_conditioner_epochs 0 (--lc_only=1) to keep one that has")
     config = Config.from_dict(facts["config"])
     vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
     inputs, raw, labels = read_inputs(source, config, facts)
@@ -173,7 +176,7 @@ class FieldPrediction:
         began = time.perf_counter()
         conditions = conditions.to(self.device)
         if not self.samples:
-            scaled = decode_latents(self.vae, self.latent_scaler, self.conditioner(conditions))
+            scaled = predicted_fields(self.conditioner, self.vae, self.latent_scaler, conditions)
             result = {"fields": self.to_host(self.field_scaler.inverse(scaled.float()))}
         else:
             result = self._with_draws(conditions)

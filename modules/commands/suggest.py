@@ -18,7 +18,7 @@ from modules.commands.predict import read_inputs
 from modules.config import Config
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS
+from modules.models.conditioners import CONDITIONERS, decodes_fields
 from modules.storage.atomic import save_text
 from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
 from modules.storage.paths import SUGGESTIONS_FILE, new_output_file
@@ -43,6 +43,10 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device, say=p
     if reference is None:
         raise InputError(conditioner_file, "was saved before the training parameters' range was kept, which "
                          "--suggest needs", "retrain the conditioner with --lc_only=1")
+    if decodes_fields(conditioner):
+        raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to rank "
+                         "candidate designs by", "retrain the conditioner with field_conditioner_epochs 0 "
+                         "(--lc_only=1) to keep one that has")
     vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
     raw, inputs, where = candidate_designs(candidates, config, facts, reference)
     if count > len(raw):

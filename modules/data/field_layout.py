@@ -57,6 +57,15 @@ class FieldLayout:
         return line_mesh(n_nodes)
 
 
+def node_positions(layout: FieldLayout) -> np.ndarray | None:
+    """Each variable's node positions [M / n_vars, 2]: a grid's (column, row) indices or the coordinates; None for a
+    line of nodes (no position known)."""
+    if layout.grid_shape is not None:
+        rows, columns = np.meshgrid(np.arange(layout.grid_shape[0]), np.arange(layout.grid_shape[1]), indexing="ij")
+        return np.stack([columns.ravel(), rows.ravel()], axis=1).astype(np.float64)
+    return layout.coordinates
+
+
 def read_field_layout(config) -> FieldLayout:
     """The layout that config.grid_shape ("H W"), config.mesh_file (a mesh meshio reads) or config.node_coordinates
     (a .npy or .csv path) describe, paths relative to the working directory; a line of nodes when all are empty.

@@ -34,7 +34,7 @@ from modules.evaluation import latent_health
 from modules.evaluation.baselines import baseline_weights, score_combinations
 from modules.evaluation.memorization import memorization_check
 from modules.evaluation.metrics import FieldErrors
-from modules.models.latents import decode_latents
+from modules.models.conditioners import predicted_fields
 from modules.models.pod import design_gram
 from modules.storage.model_files import CONDITIONER_FORMAT, checked_vae_file, load_conditioner, load_model, read_payload
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE, OUTPUT_DIR
@@ -171,8 +171,8 @@ class Evaluation:
         if conditioner.facts.get("input_scaler"):
             values = ColumnScaler.from_dict(conditioner.facts["input_scaler"]).transform(values)
         inputs = torch.as_tensor(values, dtype=torch.float32, device=self.runtime.device)
-        field = decode_latents(conditioner.vae, ColumnScaler.from_dict(conditioner.facts["latent_scaler"]),
-                               conditioner.network(inputs))
+        field = predicted_fields(conditioner.network, conditioner.vae,
+                                 ColumnScaler.from_dict(conditioner.facts["latent_scaler"]), inputs)
         return conditioner.field_scaler.inverse(field.float().cpu().numpy())
 
     # ------------------------------------------------------------------------------------ generation, latents

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from modules.evaluation import figures
-from modules.models.conditioners import LATENT_GP, conditioner_label
+from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 from modules.training.losses import LOSS_NAMES
@@ -32,8 +32,10 @@ def conditioner_kind(facts: dict) -> str:
 
 
 def trained_end_to_end(facts: dict) -> bool:
-    """Whether a saved conditioner was trained through the decoder (a GP on the latents is fitted, never)."""
-    return bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] != LATENT_GP.kind
+    """Whether a saved conditioner was trained through the decoder (a GP on the latents is fitted, never; a neural
+    field has a decoder of its own)."""
+    return bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] not in (LATENT_GP.kind,
+                                                                                        NEURAL_FIELD.kind)
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction

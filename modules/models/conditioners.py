@@ -10,6 +10,11 @@ standardised, so each network ends in a Linear started near zero and an untraine
 - ViT  (kind "vit"): design images [B, C, S, S]; patch tokens through pre-norm transformer blocks with stochastic
   depth, for images whose relevant structure is long-range rather than local.
 
+Besides the network trained for input_type, two candidates on parameters are kept instead of it when they predict
+the validation designs' fields better (training.conditioner_training): a GP per latent number (models.
+gaussian_process) and a neural field that predicts the field itself, not latents (models.neural_field;
+predicted_fields decodes either kind).
+
 With members > 1 (lc_ensemble) the conditioner is an ensemble of that many networks of the spec, started from
 different random weights and trained side by side (ConditionerEnsemble): its prediction is their mean, their spread
 per latent number the prediction's uncertainty (latent_spread).
@@ -22,6 +27,8 @@ from torch import nn
 
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import run_blocks
+from modules.models.latents import decode_latents
+from modules.models.neural_field import NeuralFieldConditioner
 
 
 @dataclass(frozen=True)
@@ -41,13 +48,16 @@ class ConditionerSpec:
     vit_drop_path: float = 0.1
     gp_points: int = 0  # gpr: the training designs the GPs' posterior means are sums over
     members: int = 1  # networks in the ensemble (lc_ensemble); 1: a single network
+    field_shape: tuple = ()  # neural_field: (T, M, n_vars) of the field it predicts itself
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters)}
+        return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters),
+                "field_shape": list(self.field_shape)}
 
     @classmethod
     def from_dict(cls, values) -> "ConditionerSpec":
-        return cls(**{**values, "input_shape": tuple(values["input_shape"]), "filters": tuple(values["filters"])})
+        return cls(**{**values, "input_shape": tuple(values["input_shape"]), "filters": tuple(values["filters"]),
+                      "field_shape": tuple(values.get("field_shape", ()))})
 
 
 def build_conditioner(spec: ConditionerSpec) -> nn.Module:
@@ -63,6 +73,20 @@ def conditioner_label(kind: str, members: int = 1) -> str:
     """'MLP', 'ensemble of 5 MLPs', 'GP on latents', ... in reports and messages."""
     label = NETWORKS[kind].label
     return f"ensemble of {members} {label}s" if members > 1 else label
+
+
+def predicted_fields(conditioner, vae, latent_scaler, inputs):
+    """The scaled fields [B, T, M] a conditioner predicts for its inputs: its latents decoded by the VAE, or, for one
+    that decodes fields itself (the neural field), its own output."""
+    if decodes_fields(conditioner):
+        return conditioner(inputs)
+    return decode_latents(vae, latent_scaler, conditioner(inputs).float())
+
+
+def decodes_fields(conditioner) -> bool:
+    """Whether the conditioner predicts the field itself (the neural field) rather than the VAE's latents: it then
+    has no latents to draw samples around nor to rank candidate designs by."""
+    return getattr(conditioner, "decodes_fields", False)
 
 
 def latent_spread(conditioner, inputs):
@@ -287,4 +311,7 @@ CONDITIONERS = {
 }
 # Fitted, not trained, on parameters: kept instead of the MLP when it predicts better (latent_gp).
 LATENT_GP = Conditioner("gpr", "GP on latents", GPRConditioner, "parameters")
-NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP)}
+# Trained on the fields themselves, on parameters where the nodes' positions are known: kept instead of the others when
+# it predicts better (field_conditioner_epochs); its output is the field, not latents.
+NEURAL_FIELD = Conditioner("neural_field", "neural field", NeuralFieldConditioner, "parameters")
+NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, NEURAL_FIELD)}

@@ -6,12 +6,18 @@ Two objectives (use_e2e_training):
   the conditioner spends its capacity on the latent directions that matter for the field; optionally plus a small
   pull towards the VAE's latents (use_latent_regularization).
 
+With parameters, two more candidates are tried once the network is trained, and whichever of the three predicts
+the validation designs' fields best is kept: a GP per latent number (latent_gp) and a neural field trained on the
+fields themselves (field_conditioner_epochs, where the nodes' positions are known; models.neural_field).
+
 The split is the VAE's (model_save/split.json): the VAE's validation designs are the conditioner's, never trained on.
 prepare_conditioner_case() gathers what training reads, once the VAE exists (straight after VAE training, or from
 model_save/ with --lc_only=1); train_conditioner() runs the training loop on it and saves the best conditioner.
 """
 import dataclasses
 import itertools
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +29,16 @@ from modules.data.batches import in_order, on_device
 from modules.data.case import Case, check_same_data, saved_case
 from modules.data.conditions import Conditions
 from modules.data.design_inputs import augment_images
+from modules.data.field_layout import node_positions, read_field_layout
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
 from modules.evaluation.metrics import relative_l2
-from modules.models.conditioners import CONDITIONERS, LATENT_GP, ConditionerSpec, build_conditioner, conditioner_label
+from modules.models.conditioners import (CONDITIONERS, LATENT_GP, NEURAL_FIELD, ConditionerSpec, build_conditioner,
+                                         conditioner_label, decodes_fields, predicted_fields)
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.latents import decode_latents, read_saved_latents
+from modules.models.neural_field import NeuralFieldConditioner, node_columns
 from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, load_model, read_payload, save_conditioner
 from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME,
                                    OUTPUT_DIR)
@@ -42,6 +51,11 @@ from modules.uncertainty.design_range import design_spaces, training_reference
 from modules.uncertainty.spread import calibrate_spread, calibration_words
 
 LATENT_GP_MOST_DESIGNS = 1000  # a GP fit costs n^3 per optimiser iteration and latent number: minutes at this n
+# The neural-field conditioner's training (bench/spatial_decoders.py's direct model, measured with these)
+FIELD_DESIGNS = 1              # designs a step trains on (more designs in fewer steps measured worse), ...
+FIELD_STEPS = 24               # ... at this many of their time steps (all of them when fewer), drawn at random
+FIELD_NODES = 256              # nodes of each variable a (design, time step) of a step decodes, at random
+FIELD_LR = 1e-3                # Adam's peak learning rate, one-cycle schedule (10 % warm-up)
 
 
 @dataclass
@@ -114,11 +128,18 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
             say(f"note: no GP on the latents: {len(case.fields.train_indices)} training designs are more than the "
                 f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the "
                 f"{conditioner_label(spec.kind, spec.members)} is kept")
+    if config.field_conditioner_epochs and CONDITIONERS[config.input_type].reads == "parameters":
+        kept, kept_spec, choice = kept_or_neural_field(kept, kept_spec, choice, case, config, say)
     if ensemble is not None:
         ensemble["kept"] = kept is job.model
-    calibration = calibrate_spread(kept, case.vae, case.latent_scaler, case.conditions, case.fields,
-                                   config.lc_batch_size, config.seed)
-    say(f"Calibrated the prediction's {calibration_words(calibration)}")
+    calibration = None
+    if decodes_fields(kept):
+        say("note: the neural field has no uncertainty model: --samples and --suggest need one of the other "
+            "conditioners (set field_conditioner_epochs 0 to keep one)")
+    else:
+        calibration = calibrate_spread(kept, case.vae, case.latent_scaler, case.conditions, case.fields,
+                                       config.lc_batch_size, config.seed)
+        say(f"Calibrated the prediction's {calibration_words(calibration)}")
     save_conditioner(CONDITIONER_FILE, kept, kept_spec,
                      {**job.facts, "choice": choice, "ensemble": ensemble, "calibration": calibration,
                       "design_range": design_reference(job.model, case, config)})
@@ -174,6 +195,80 @@ def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
     return (latent_gp, gp_spec, choice) if keep_gp else (network, spec, choice)
 
 
+def kept_or_neural_field(kept, spec, choice, case: ConditionerCase, config, say):
+    """The conditioner kept so far or a neural field (models.neural_field) trained on the same training designs'
+    fields, whichever predicts the validation designs' fields better (the reports' measure, as between the MLP and
+    the GP): (the one kept, its spec, the choice with every candidate's error). Tried only where the nodes'
+    positions are known; said when not."""
+    positions = node_positions(read_field_layout(config))
+    label = conditioner_label(spec.kind, spec.members)
+    if positions is None:
+        say("note: no neural-field conditioner: where the nodes are is not known (grid_shape, mesh_file or "
+            f"node_coordinates would let one be tried); the {label} is kept")
+        return kept, spec, choice
+    field_spec = dataclasses.replace(spec, kind=NEURAL_FIELD.kind, members=1, gp_points=0,
+                                     field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars))
+    sampled = config.n_nodes_used // config.n_vars > FIELD_NODES
+    say(f"Training a neural-field conditioner on the fields of the {len(case.fields.train_indices)} training "
+        f"designs ({config.field_conditioner_epochs} passes, "
+        f"{f'{FIELD_NODES} random nodes' if sampled else 'every node'} of each time step) ...")
+    began = time.perf_counter()
+    field = train_neural_field(field_spec, positions, case, config)
+    errors = dict((choice or {}).get("validation_relative_l2") or {})
+    measured = validation_field_errors({NEURAL_FIELD.kind: field, **({} if spec.kind in errors else {spec.kind: kept})},
+                                       case, config.lc_batch_size)
+    errors.update(measured)
+    keep_field = errors[NEURAL_FIELD.kind] < errors[spec.kind]
+    kept_kind, other = (NEURAL_FIELD.kind, spec.kind) if keep_field else (spec.kind, NEURAL_FIELD.kind)
+    labels = {spec.kind: label, NEURAL_FIELD.kind: NEURAL_FIELD.label}
+    say(f"Kept the {labels[kept_kind]} as the conditioner: it predicts the validation designs' fields with a mean "
+        f"relative L2 error of {errors[kept_kind]:.4%} against {errors[other]:.4%} for the {labels[other]} "
+        f"(the neural field trained in {time.perf_counter() - began:.0f} s)")
+    choice = {**(choice or {}), "kept": kept_kind, "validation_relative_l2": errors}
+    return (field, field_spec, choice) if keep_field else (kept, spec, choice)
+
+
+def train_neural_field(spec, positions, case: ConditionerCase, config):
+    """A NeuralFieldConditioner trained on the training designs' scaled fields from their standardised parameters:
+    field_conditioner_epochs passes, each step on FIELD_DESIGNS designs, each of their time steps at FIELD_NODES
+    random nodes of each variable of its own (drawn with replacement: an unbiased estimate of the error at every
+    node, cheap on any mesh), mean squared error, Adam with a one-cycle schedule (bench/spatial_decoders.py's direct
+    model). Repeatable for a seed; a fit of minutes, so it is not checkpointed: a resumed conditioner run fits it
+    again."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = case.conditions.device
+    network = NeuralFieldConditioner(spec).to(device)
+    network.field.set_coordinates(positions)
+    n_steps, n_nodes, n_vars = spec.field_shape
+    train, per_variable = case.fields.train_indices, n_nodes // n_vars
+    per_step, steps_each = min(FIELD_DESIGNS, len(train)), min(FIELD_STEPS, n_steps)
+    steps_per_pass = math.ceil(len(train) * n_steps / (per_step * steps_each))  # a pass: N x T snapshots' worth
+    optimiser = torch.optim.Adam(network.parameters(), FIELD_LR)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, FIELD_LR, pct_start=0.1,
+                                                   total_steps=config.field_conditioner_epochs * steps_per_pass)
+    network.train()
+    for _ in range(config.field_conditioner_epochs):
+        repeats = math.ceil(steps_per_pass * per_step / len(train))
+        shuffled = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(repeats)]).numpy()
+        order = [np.sort(shuffled[start:start + per_step]) for start in range(0, steps_per_pass * per_step, per_step)]
+        for designs, fields in zip(on_device([train[positions] for positions in order], device),
+                                   case.fields.train.batches(order)):
+            steps = torch.rand(len(designs), n_steps, generator=generator).argsort(1)[:, :steps_each].to(device)
+            fields = fields.gather(1, steps[..., None].expand(-1, -1, n_nodes))              # [b, S, M]
+            nodes = None
+            if per_variable > FIELD_NODES:  # each (design, time step) its own nodes, so a small feature is often hit
+                nodes = torch.randint(per_variable, (len(designs), steps_each, FIELD_NODES), generator=generator)
+                nodes = nodes.to(device)
+                fields = fields.gather(2, node_columns(nodes, n_nodes, n_vars))
+            loss = F.mse_loss(network(case.conditions[designs], nodes, steps), fields.float())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return network.eval()
+
+
 @torch.no_grad()
 def validation_field_errors(networks: dict, case: ConditionerCase, batch_size: int) -> dict:
     """{name: mean relative L2 error (physical units) of the fields that network predicts for the validation
@@ -187,7 +282,7 @@ def validation_field_errors(networks: dict, case: ConditionerCase, batch_size: i
         simulated = scaler.inverse(fields.float().cpu().numpy())
         for name, network in networks.items():
             network.eval()
-            recon = decode_latents(case.vae, case.latent_scaler, network(case.conditions[designs]).float())
+            recon = predicted_fields(network, case.vae, case.latent_scaler, case.conditions[designs])
             errors[name].append(relative_l2(scaler.inverse(recon.float().cpu().numpy()), simulated))
     return {name: float(np.concatenate(values).mean()) for name, values in errors.items()}
 

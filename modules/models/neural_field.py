@@ -1,0 +1,127 @@
+"""A neural field over node coordinates, and the conditioner built on it: design parameters -> the whole field,
+without the VAE's latents (kept instead of the MLP or the GP on latents only when it predicts the validation designs
+better; condition.txt field_conditioner_epochs).
+
+The VAE's decoder writes each time step as a sum of fixed spatial vectors: a feature that moves across the mesh
+needs a mode for every position it visits, which is why POD, the VAE and POD + GPR miss most of a travelling pulse.
+Here the value at a node x at time step t of a design with standardised parameters p is
+
+    u(x; c) = out(h_3),   h_k = sin(30 (W_k h_(k-1) + b_k) + S_k c),   h_0 = x in [-1, 1]^2,   c = MLP(p, t)
+
+a SIREN (Sitzmann et al. 2020) whose sine layers are phase-shifted by a code c of CODE numbers (CORAL's shift
+modulation, Serrano et al. 2023): a shifted phase is a translation, so features move without a mode per position.
+The MLP and the field are trained together on the training designs' fields (Neural Implicit Flow's layout, Pan et
+al. 2023), so the code is by construction a smooth function of the parameters. bench/spatial_decoders.py measured
+it first: 11.0 % on the benchmark's pulse (POD + GPR 83.2 %), 1.52 % on Burgers (8.66 %), 1.31 % on the demo (0.85 %).
+
+Training evaluates the field at a random subset of the nodes per step: a step then costs the same on any mesh.
+Without gradients (validation, evaluation, --predict) every node is decoded, a bounded number of (design, time step)
+rows at a time, so the activations stay under DECODE_BYTES whatever T and M are. The field runs in float32 also
+under mixed precision: a phase of 30 (W x + b) in bfloat16 (3 significant digits) would be off by about 0.1 rad.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+WIDTH = 128              # sine layer width: the benchmark's
+LAYERS = 3
+FREQUENCY = 30.0         # SIREN's frequency
+CODE = 8                 # code numbers per time step: the benchmark's
+HIDDEN = 256             # the code MLP: 3 hidden layers this wide
+DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks measured slower)
+
+
+def normalised_coordinates(points) -> torch.Tensor:
+    """Node positions [M, d] -> float32 [M, d], each axis mapped onto [-1, 1] (an axis with one value onto 0): the
+    range SIREN's initialisation assumes."""
+    points = torch.tensor(np.array(points, dtype=np.float64))  # a copy: layouts hand read-only arrays
+    low, high = points.min(0).values, points.max(0).values
+    extent = torch.where(high > low, high - low, torch.ones_like(high))
+    return (2 * (points - low) / extent - 1).where(high > low, torch.zeros_like(points)).float()
+
+
+class NeuralFieldNodes(nn.Module):
+    """Codes [B, T, R] -> values [B, T, V * P] at P nodes of each of the V variables (all M / V nodes, or the given
+    node indices within one variable: [P] for every row, or [B, T, P] for each (design, time step) its own),
+    variables side by side as in the data. The node coordinates are a buffer set from the case's layout
+    (set_coordinates), so a saved model decodes without the mesh."""
+
+    def __init__(self, rank: int, n_nodes: int, n_vars: int, dims: int = 2):
+        super().__init__()
+        self.n_vars = n_vars
+        self.register_buffer("coordinates", torch.zeros(n_nodes // n_vars, dims))
+        self.layers = nn.ModuleList(nn.Linear(dims if i == 0 else WIDTH, WIDTH) for i in range(LAYERS))
+        self.shifts = nn.Linear(rank, WIDTH * LAYERS)
+        self.out = nn.Linear(WIDTH, n_vars)
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                bound = 1 / dims if i == 0 else math.sqrt(6 / WIDTH) / FREQUENCY
+                layer.weight.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def set_coordinates(self, points) -> None:
+        """Where each variable's nodes are, [M / V, d] in any units (normalised_coordinates)."""
+        self.coordinates.copy_(normalised_coordinates(points))
+
+    def forward(self, codes, nodes=None):
+        with torch.autocast(codes.device.type, enabled=False):  # float32 also under AMP: see the module's docstring
+            return self._forward(codes.float(), nodes)
+
+    def _forward(self, codes, nodes):
+        coordinates = self.coordinates if nodes is None else self.coordinates[nodes]
+        rows = codes.flatten(0, 1)                                                      # [B * T, R]
+        if coordinates.dim() == 4:  # nodes of each row: [B, T, P, d] -> [B * T, P, d]
+            coordinates = coordinates.flatten(0, 1)
+        # traced (torch.export, ONNX, torch.compile): one piece, so that the batch axis stays free
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or coordinates.dim() == 3:
+            values = self._decode(rows, coordinates)
+        else:  # a bounded number of rows at a time: [rows, P, WIDTH] activations, not [B * T, M, WIDTH]
+            per_chunk = max(1, DECODE_BYTES // (4 * 2 * WIDTH * len(coordinates)))
+            values = torch.cat([self._decode(part, coordinates) for part in rows.split(per_chunk)])
+        return values.unflatten(0, (-1, codes.shape[1]))                                 # [B, T, V * P]
+
+    def _decode(self, rows, coordinates):
+        """rows [r, R], coordinates [P, d] (shared) or [r, P, d] -> [r, V * P], variable-major."""
+        shifts = self.shifts(rows).unflatten(1, (LAYERS, WIDTH))[:, None]              # [r, 1, LAYERS, WIDTH]
+        hidden = self.layers[0](coordinates)                                     # [P, WIDTH] (once) or [r, P, WIDTH]
+        hidden = torch.sin(FREQUENCY * hidden + shifts[:, :, 0])                         # [r, P, WIDTH]
+        for index, layer in enumerate(self.layers[1:], 1):
+            hidden = torch.sin(FREQUENCY * layer(hidden) + shifts[:, :, index])
+        return self.out(hidden).transpose(1, 2).flatten(1)                              # [r, V * P]
+
+
+class NeuralFieldConditioner(nn.Module):
+    """Standardised parameters [B, P] -> scaled fields [B, T, M] (or [B, T, V * P] at node indices [P] within each
+    variable): the code MLP (parameters, t) -> c_t, then NeuralFieldNodes. spec.field_shape is (T, M, n_vars); the
+    time steps enter as evenly spaced values in [-1, 1]. decodes_fields tells the callers (conditioners.
+    predicted_fields) that its output is the field itself, not latents for the VAE's decoder."""
+
+    decodes_fields = True
+
+    def __init__(self, spec):
+        super().__init__()
+        n_steps, n_nodes, n_vars = spec.field_shape
+        layers, width = [], spec.input_shape[0] + 1
+        for _ in range(3):
+            layers += [nn.Linear(width, HIDDEN), nn.SiLU()]
+            width = HIDDEN
+        self.codes = nn.Sequential(*layers, nn.Linear(width, CODE))
+        self.field = NeuralFieldNodes(CODE, n_nodes, n_vars)
+        self.register_buffer("times", torch.linspace(-1, 1, n_steps))
+
+    def forward(self, params, nodes=None, steps=None):
+        """steps: time-step indices [B, S] to predict instead of all T (training); nodes as NeuralFieldNodes'."""
+        times = self.times if steps is None else self.times[steps]                          # [T] or [B, S]
+        times = times + torch.zeros_like(params[:, :1])                                      # [B, T or S]
+        rows = torch.cat([params[:, None, :].expand(-1, times.shape[1], -1), times[..., None]], dim=2)
+        return self.field(self.codes(rows.float()), nodes)
+
+
+def node_columns(nodes, n_nodes: int, n_vars: int):
+    """Node indices [..., P] within one variable -> their columns [..., V * P] of the [.., M] node axis (variables
+    side by side), in the order NeuralFieldNodes gives its values: variable-major."""
+    per_variable = n_nodes // n_vars
+    offsets = torch.arange(n_vars, device=nodes.device)[:, None] * per_variable                 # [V, 1]
+    return (offsets + nodes[..., None, :]).flatten(-2)

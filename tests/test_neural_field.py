@@ -1,0 +1,152 @@
+"""The neural-field conditioner (field_conditioner_epochs): design parameters and time -> a code that phase-shifts
+a sine network over the node coordinates, trained on the fields themselves. What it promises: its values at some
+nodes are exactly those of the whole field, decoded in bounded pieces and in float32; it is tried only where the
+nodes' positions are known and kept only when it predicts the validation designs better; a kept one is evaluated,
+predicts and exports as --predict computes; and what it cannot do (--samples, --suggest) is refused in one line."""
+import dataclasses
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from conftest import write_case, write_conditions
+from modules.cli import main
+from modules.config import load_config
+from modules.data.field_layout import FieldLayout, node_positions
+from modules.models import neural_field
+from modules.models.conditioners import ConditionerSpec, build_conditioner
+from modules.models.neural_field import node_columns
+
+
+def field_conditioner(n_params=3, n_steps=6, n_nodes=30, n_vars=2):
+    torch.manual_seed(0)
+    spec = ConditionerSpec(kind="neural_field", input_shape=(n_params,), output_dim=0, filters=(),
+                           field_shape=(n_steps, n_nodes, n_vars))
+    network = build_conditioner(spec)
+    network.field.set_coordinates(np.random.default_rng(0).uniform(-3, 5, (n_nodes // n_vars, 2)))
+    return network.eval()
+
+
+def test_its_values_at_some_nodes_are_exactly_those_nodes_of_the_whole_field():
+    network = field_conditioner()
+    params, nodes = torch.randn(4, 3), torch.tensor([0, 4, 5, 14])
+    whole = network(params).detach()
+    some = network(params, nodes).detach()
+    assert whole.shape == (4, 6, 30) and some.shape == (4, 6, 8)
+    columns = node_columns(nodes, 30, 2)  # both variables at those nodes, variable by variable
+    assert columns.tolist() == [0, 4, 5, 14, 15, 19, 20, 29]
+    assert torch.allclose(some, whole[..., columns], rtol=1e-5, atol=1e-6)
+    each = torch.stack([nodes, nodes.flip(0), nodes, nodes.roll(1), nodes, nodes]).expand(4, 6, 4)  # [B, T, P]
+    per_row = network(params, each).detach()
+    assert per_row.shape == (4, 6, 8) and torch.allclose(per_row, whole.gather(2, node_columns(each, 30, 2)),
+                                                        rtol=1e-5, atol=1e-6)
+    assert torch.allclose(per_row[:, 1, :4], whole[:, 1, nodes.flip(0)], rtol=1e-5, atol=1e-6)
+
+
+def test_a_designs_field_does_not_depend_on_the_batch_or_on_decoding_in_pieces(monkeypatch):
+    network = field_conditioner()
+    params = torch.randn(5, 3)
+    whole = network(params).detach()  # with gradients: one piece
+    monkeypatch.setattr(neural_field, "DECODE_BYTES", 4 * 2 * neural_field.WIDTH * 15 * 7)  # 7 rows a piece
+    with torch.no_grad():
+        assert torch.allclose(network(params), whole, atol=1e-6)
+        assert torch.allclose(network(params[2:3]), whole[2:3], atol=1e-6)
+
+
+def test_it_decodes_in_float32_under_mixed_precision():
+    network = field_conditioner()
+    codes = torch.randn(2, 6, neural_field.CODE).bfloat16()
+    with torch.no_grad():
+        plain = network.field(codes.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = network.field(codes)
+            whole = network(torch.randn(2, 3))
+    assert mixed.dtype == whole.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+def test_it_reads_where_the_nodes_are():
+    network = field_conditioner()
+    params = torch.randn(2, 3)
+    with torch.no_grad():
+        before = network(params)
+        network.field.set_coordinates(np.random.default_rng(1).uniform(0, 1, (15, 2)))
+        assert not torch.allclose(network(params), before)
+    coordinates = network.field.coordinates
+    assert coordinates.min() == -1 and coordinates.max() == 1  # each axis onto [-1, 1], SIREN's range
+
+
+def test_grid_positions_are_column_and_row_and_a_line_of_nodes_has_none():
+    assert node_positions(FieldLayout(1, grid_shape=(2, 3))).tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1],
+                                                                          [2, 1]]  # node iy * W + ix
+    assert node_positions(FieldLayout(1)) is None
+
+
+def csv_case(folder, extra, n=16):
+    rng = np.random.default_rng(0)
+    parameters = np.stack([rng.uniform(0.5, 2.0, n), rng.uniform(0, np.pi, n)], axis=1)
+    write_case(folder, n=n, t=6, m=20, epochs=2, extra="input_type csv\nparam_dir input_data/parameters.csv\n"
+               + extra)
+    write_conditions(folder, parameters)
+    return parameters
+
+
+def test_without_node_positions_it_is_not_tried_and_the_run_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv_case(tmp_path, "n_epoch 2\n")
+    assert main([]) == 0
+    assert "note: no neural-field conditioner: where the nodes are is not known" in capsys.readouterr().out
+    choice = json.loads((tmp_path / "output" / "prediction_report.json").read_text())["conditioner_choice"]
+    assert "neural_field" not in choice["validation_relative_l2"]
+
+
+def test_field_conditioner_epochs_without_a_parameter_csv_is_noted(case):
+    condition = case / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text() + "field_conditioner_epochs 10\n")
+    notes = []
+    load_config(warn=notes.append)
+    assert len(notes) == 1 and "'field_conditioner_epochs' has no effect because input_type is not csv" in notes[0]
+
+
+def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exported(tmp_path, monkeypatch, capsys):
+    """Against an MLP of one epoch (about the mean field) the neural field trained 100 passes is kept: the
+    evaluation, --predict and the ONNX export then all run through it and agree; --samples and --suggest, which need
+    an uncertainty model it does not have, are refused in one line each."""
+    monkeypatch.chdir(tmp_path)
+    parameters = csv_case(tmp_path, "grid_shape 4 5\nn_epoch 1\nlatent_gp 0\nfield_conditioner_epochs 100\n")
+    assert main([]) == 0
+    said = capsys.readouterr().out
+    assert "a neural-field conditioner on the fields of the 12 training designs (100 passes, every node of each" in said
+    assert "Kept the neural field as the conditioner" in said
+    report = json.loads((tmp_path / "output" / "prediction_report.json").read_text())
+    errors = report["conditioner_choice"]["validation_relative_l2"]
+    assert report["conditioner_choice"]["kept"] == "neural_field" and set(errors) == {"mlp", "neural_field"}
+    assert report["conditioner"] == "neural field" and errors["neural_field"] < errors["mlp"]
+    assert report["conditioner_val"] == pytest.approx(errors["neural_field"], rel=1e-4)  # the evaluation's own pass
+    saved = torch.load(tmp_path / "model_save" / "latent_conditioner", weights_only=True)
+    assert saved["spec"]["kind"] == "neural_field" and saved["spec"]["field_shape"] == [6, 20, 1]
+    assert saved["state_dict"]["field.coordinates"].shape == (20, 2) and saved["calibration"] is None
+
+    np.savetxt("new.csv", parameters[:3], delimiter=",", header="amplitude,phase", comments="")
+    assert main(["--predict=new.csv", "--out=p.npy"]) == 0 and main(["--export=s.onnx"]) == 0
+    session = onnxruntime.InferenceSession("s.onnx", providers=["CPUExecutionProvider"])
+    exported = session.run(["fields"], {"parameters": parameters[:3].astype(np.float32)})[0]
+    expected = np.load("p.npy")
+    assert exported.shape == expected.shape == (3, 6, 20) and np.isfinite(expected).all()
+    assert np.abs(exported - expected).max() < 1e-4 * np.abs(expected).max()
+
+    capsys.readouterr()
+    for flags in (["--predict=new.csv", "--out=q.npy", "--samples=4"], ["--suggest=2"]):
+        assert main(flags) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "latent_conditioner" in error[0] and "neural-field conditioner" in error[0]
+        assert "field_conditioner_epochs 0" in error[0]
+    assert not (tmp_path / "q.npy").exists() and not (tmp_path / "output" / "suggested_designs.csv").exists()
+
+
+def test_a_spec_saved_before_the_neural_field_reads_back():
+    spec = ConditionerSpec(kind="mlp", input_shape=(3,), output_dim=8, filters=(16,))
+    values = spec.to_dict()
+    del values["field_shape"]
+    assert ConditionerSpec.from_dict(values) == dataclasses.replace(spec, field_shape=())
