@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_case, write_conditions
 from modules.cli import main
@@ -114,7 +115,7 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     evaluation, --predict and the ONNX export then all run through it and agree; --samples and --suggest, which need
     an uncertainty model it does not have, are refused in one line each."""
     monkeypatch.chdir(tmp_path)
-    parameters = csv_case(tmp_path, "grid_shape 4 5\nn_epoch 1\nlatent_gp 0\nfield_conditioner_epochs 100\n")
+    parameters = csv_case(tmp_path, "grid_shape 4 5\nn_epoch 1\nlatent_gp 0\nfield_conditioner_epochs 100\nplot 1\n")
     assert main([]) == 0
     said = capsys.readouterr().out
     assert "a neural-field conditioner on the fields of the 12 training designs (100 passes, every node of each" in said
@@ -127,6 +128,10 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     saved = torch.load(tmp_path / "model_save" / "latent_conditioner", weights_only=True)
     assert saved["spec"]["kind"] == "neural_field" and saved["spec"]["field_shape"] == [6, 20, 1]
     assert saved["state_dict"]["field.coordinates"].shape == (20, 2) and saved["calibration"] is None
+    with Image.open(tmp_path / "output" / "conditioner_loss_curves.png") as image:  # the plots draw it too
+        assert image.format == "PNG"
+    evaluation = json.loads((tmp_path / "output" / "evaluation.json").read_text())
+    assert evaluation["uncertainty"]["note"].startswith("no uncertainty: the neural field kept as the conditioner")
 
     np.savetxt("new.csv", parameters[:3], delimiter=",", header="amplitude,phase", comments="")
     assert main(["--predict=new.csv", "--out=p.npy"]) == 0 and main(["--export=s.onnx"]) == 0

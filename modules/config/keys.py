@@ -254,10 +254,10 @@ KEYS = (
         "latents (one GP per latent number) and keep it instead of the MLP when it predicts the validation designs' "
         "fields better; 0: keep the MLP", choices=(0, 1), resumable=True, only_with=WITH_PARAMETERS),
     Key("field_conditioner_epochs", "field_conditioner_epochs", int, 60, "where the nodes' positions are known "
-        "(grid_shape, mesh_file or node_coordinates): passes over the training designs of a neural-field conditioner "
-        "(parameters and time -> a code that shifts a sine network over the node coordinates: features can move "
-        "across the mesh), kept instead of the others when it predicts the validation designs' fields better; 0: not "
-        "tried", _non_negative, resumable=True, only_with=WITH_PARAMETERS),
+        "(grid_shape, mesh_file or node_coordinates): passes over the training designs' time steps of a neural-field "
+        "conditioner (parameters and time -> a code that shifts a sine network over the node coordinates: features "
+        "can move across the mesh), kept instead of the others when it predicts the validation designs' fields "
+        "better; 0: not tried", _non_negative, resumable=True, only_with=WITH_PARAMETERS),
     Key("use_spatial_attention", "use_spatial_attention", int, 0, "1: spatial attention in the CNN's stages",
         choices=(0, 1), only_with=WITH_CNN),
     Key("lc_augment_flip", "lc_augment_flip", int, 0,

@@ -13,7 +13,7 @@ from modules.config.keys import whole_numbers
 from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.evaluation import drawing
-from modules.models.conditioners import LATENT_GP
+from modules.models.conditioners import LATENT_GP, NEURAL_FIELD
 from modules.storage.atomic import save_figure
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
 from modules.training.losses import LOSS_NAMES
@@ -128,8 +128,9 @@ def conditioner_panels(history, evaluation) -> list:
     orders of magnitude; the learning rate."""
     facts = evaluation.conditioner.facts if evaluation.conditioner is not None else {}
     trained = facts.get("config", {})  # the conditioner's own settings, which a --lc_only run may have changed
-    title = "conditioner objective" + ("\n(this network was not kept: the GP on the latents predicts better)"
-                                       if facts.get("spec", {}).get("kind") == LATENT_GP.kind else "")
+    other = {LATENT_GP.kind: "the GP on the latents", NEURAL_FIELD.kind: "the neural field"}.get(
+        facts.get("spec", {}).get("kind"))
+    title = "conditioner objective" + (f"\n(this network was not kept: {other} predicts better)" if other else "")
     latent = "MSE of the standardised latents (no unit)"
     learning_rate = ("learning rate", ["lr"], "learning rate (no unit)")
     if not any(row.get("train/field_loss") for row in history):  # not end to end: the objective is the latent MSE

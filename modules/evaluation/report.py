@@ -227,10 +227,15 @@ def uncertainty_section(evaluation) -> dict | None:
     if evaluation.conditioner is None:
         return None
     facts = evaluation.conditioner.facts
+    kept = {"kept_instead": "the neural field" if facts["spec"]["kind"] == NEURAL_FIELD.kind else
+            "the GP on the latents"}  # what an ensemble not kept lost to
+    if facts["spec"]["kind"] == NEURAL_FIELD.kind:
+        return {"note": "no uncertainty: the neural field kept as the conditioner has none (field_conditioner_epochs "
+                        "0 keeps a conditioner that has one)", "ensemble": facts.get("ensemble"), **kept}
     if facts.get("calibration") is None:
         return {"note": "no calibrated uncertainty: the conditioner was saved before calibration existed (retrain it "
-                        "with --lc_only=1)", "ensemble": facts.get("ensemble")}
-    return {**facts["calibration"], "ensemble": facts.get("ensemble")}
+                        "with --lc_only=1)", "ensemble": facts.get("ensemble"), **kept}
+    return {**facts["calibration"], "ensemble": facts.get("ensemble"), **kept}
 
 
 def uncertainty_lines(section: dict | None) -> list:
@@ -241,7 +246,7 @@ def uncertainty_lines(section: dict | None) -> list:
     ensemble = section.get("ensemble")
     if ensemble:
         members = ensemble["members_val"]
-        kept = "" if ensemble["kept"] else " (not kept: the GP on the latents predicts better)"
+        kept = "" if ensemble["kept"] else f" (not kept: {section['kept_instead']} predicts better)"
         lines += [f"The {ensemble['label']}{kept} predicts the validation designs with a mean relative L2 error of "
                   f"{ensemble['ensemble_val']:.4%}; its members alone {min(members):.4%} to {max(members):.4%} (mean "
                   f"{np.mean(members):.4%}).", ""]
