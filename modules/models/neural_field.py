@@ -11,8 +11,9 @@ Here the value at a node x at time step t of a design with standardised paramete
 a SIREN (Sitzmann et al. 2020) whose sine layers are phase-shifted by a code c of CODE numbers (CORAL's shift
 modulation, Serrano et al. 2023): a shifted phase is a translation, so features move without a mode per position.
 The MLP and the field are trained together on the training designs' fields (Neural Implicit Flow's layout, Pan et
-al. 2023), so the code is by construction a smooth function of the parameters. bench/spatial_decoders.py measured
-it first: 11.0 % on the benchmark's pulse (POD + GPR 83.2 %), 1.52 % on Burgers (8.66 %), 1.31 % on the demo (0.85 %).
+al. 2023), so the code is by construction a smooth function of the parameters. As the conditioner kept, it predicts
+the accuracy benchmark's pulse to 22.9 % (POD + GPR 83.3 %) and Burgers to 2.61 % (8.66 %); bench/spatial_decoders.py's
+prototype reached 11.0 % and 1.52 %, and lost to the GP on the demo (1.31 % against 0.85 %).
 
 Training evaluates the field at a random subset of the nodes per step: a step then costs the same on any mesh.
 Without gradients (validation, evaluation, --predict) every node is decoded, a bounded number of (design, time step)
