@@ -252,7 +252,7 @@ def train_neural_field(spec, positions, case: ConditionerCase, config):
         repeats = math.ceil(steps_per_pass * per_step / len(train))
         shuffled = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(repeats)]).numpy()
         order = [np.sort(shuffled[start:start + per_step]) for start in range(0, steps_per_pass * per_step, per_step)]
-        for designs, fields in zip(on_device([train[positions] for positions in order], device),
+        for designs, fields in zip(on_device([train[picked] for picked in order], device),
                                    case.fields.train.batches(order)):
             steps = torch.rand(len(designs), n_steps, generator=generator).argsort(1)[:, :steps_each].to(device)
             fields = fields.gather(1, steps[..., None].expand(-1, -1, n_nodes))              # [b, S, M]
