@@ -1,4 +1,5 @@
 """The latent conditioner end to end: full run, --lc_only, the three input types, end-to-end training, --predict."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -165,7 +166,7 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
     from modules.data.conditions import read_conditions
     from modules.models.conditioners import build_conditioner
     from modules.storage.model_files import save_conditioner
-    from modules.training.conditioner_training import (conditioner_facts, conditioner_spec, network_or_latent_gp,
+    from modules.training.conditioner_training import (best_on_parameters, conditioner_facts, conditioner_spec,
                                                        prepare_conditioner_case)
     from modules.training.runtime import Runtime
     with working_directory(copy_of):
@@ -173,7 +174,8 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
         case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
                                         "model_save/SimulGen-VAE")
         spec = conditioner_spec(config, case)
-        kept, kept_spec, choice = network_or_latent_gp(build_conditioner(spec), spec, case, config, print)
+        config = dataclasses.replace(config, latent_gp=1)  # the case trained its MLP alone
+        kept, kept_spec, choice = best_on_parameters(build_conditioner(spec), spec, case, config, print)
         assert choice["kept"] == "gpr" and kept_spec.gp_points == len(case.fields.train_indices)
         save_conditioner("model_save/latent_conditioner", kept, kept_spec, {**conditioner_facts(config, case),
                                                                             "choice": choice})
@@ -195,7 +197,7 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     from modules.data.conditions import read_conditions
     from modules.models import gaussian_process
     from modules.models.conditioners import build_conditioner
-    from modules.training.conditioner_training import conditioner_spec, network_or_latent_gp, prepare_conditioner_case
+    from modules.training.conditioner_training import best_on_parameters, conditioner_spec, prepare_conditioner_case
     from modules.training.runtime import Runtime
 
     def singular(self, *args):
@@ -207,11 +209,11 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
                                         "model_save/SimulGen-VAE")
     spec = conditioner_spec(config, case)
     network = build_conditioner(spec)
-    kept, kept_spec, choice = network_or_latent_gp(network, spec, case, config, print)
+    kept, kept_spec, choice = best_on_parameters(network, spec, case, dataclasses.replace(config, latent_gp=1), print)
     assert kept is network and kept_spec == spec
     assert choice == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular"}
-    assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); the MLP is kept" in \
-        capsys.readouterr().out
+    assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); it is not a " \
+        "candidate" in capsys.readouterr().out
 
 
 def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):

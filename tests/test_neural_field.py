@@ -16,6 +16,7 @@ from conftest import write_case, write_conditions
 from modules.cli import main
 from modules.config import load_config
 from modules.data.field_layout import FieldLayout, node_positions
+from modules.errors import InputError
 from modules.models import neural_field
 from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.neural_field import node_columns
@@ -155,3 +156,73 @@ def test_a_spec_saved_before_the_neural_field_reads_back():
     values = spec.to_dict()
     del values["field_shape"]
     assert ConditionerSpec.from_dict(values) == dataclasses.replace(spec, field_shape=())
+
+
+def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own(monkeypatch):
+    """sampled_snapshots: snapshot s is time step s % T of training design s // T, read at its own node indices in
+    every variable; a variable with no more nodes than FIELD_NODES is read whole."""
+    from types import SimpleNamespace
+
+    from modules.training import conditioner_training
+    n_train, n_steps, n_nodes, n_vars = 5, 4, 30, 2
+    fields = torch.randn(n_train, n_steps, n_nodes)
+    read = []
+
+    def batches(order):
+        for positions in order:
+            read.append(positions.tolist())
+            yield fields[torch.as_tensor(positions)]
+    case = SimpleNamespace(fields=SimpleNamespace(train_indices=np.arange(10, 10 + n_train),
+                                                  train=SimpleNamespace(batches=batches)),
+                           conditions=torch.zeros(15, 2))
+    monkeypatch.setattr(conditioner_training, "FIELD_NODES", 6)
+    generator = torch.Generator().manual_seed(0)
+    nodes, values = conditioner_training.sampled_snapshots(case, (n_steps, n_nodes, n_vars), 2, generator)
+    assert read == [[0, 1], [2, 3], [4]]  # every training design once, in batches of 2
+    assert nodes.shape == (n_train * n_steps, 6) and values.shape == (n_train * n_steps, 12)
+    assert nodes.max() < n_nodes // n_vars and len(set(map(tuple, nodes.tolist()))) > n_train  # per snapshot
+    for snapshot in (0, 7, 19):
+        design, step = divmod(snapshot, n_steps)
+        assert torch.equal(values[snapshot], fields[design, step, node_columns(nodes[snapshot], n_nodes, n_vars)])
+    monkeypatch.setattr(conditioner_training, "FIELD_NODES", 15)
+    nodes, values = conditioner_training.sampled_snapshots(case, (n_steps, n_nodes, n_vars), 2, generator)
+    assert nodes is None and torch.equal(values, fields.flatten(0, 1))
+
+
+def test_the_field_is_fitted_in_its_training_values_units():
+    """set_value_statistics: each variable's output is the sine network's times the training values' spread plus
+    their mean, so the network fits standardised values whatever the scaled range."""
+    network = field_conditioner()
+    params = torch.randn(3, 3)
+    with torch.no_grad():
+        plain = network(params)  # offset 0, spread 1
+        values = torch.cat([torch.full((50, 15), 2.0), torch.full((50, 15), -1.0)], dim=1)
+        values[:25] += torch.cat([torch.full((25, 15), 3.0), torch.full((25, 15), 0.5)], dim=1)
+        network.field.set_value_statistics(values)
+        means, spreads = torch.tensor([3.5, -0.75]), torch.tensor([1.5, 0.25]) * (750 / 749) ** 0.5
+        assert torch.allclose(network.field.value_offset, means) and torch.allclose(network.field.value_scale, spreads)
+        scaled = network(params)
+    expected = plain.unflatten(2, (2, 15)) * spreads[:, None] + means[:, None]
+    assert torch.allclose(scaled, expected.flatten(2), atol=1e-5)
+
+
+def test_a_neural_field_saved_before_its_value_statistics_reads_back_unscaled(tmp_path):
+    from modules.storage.model_files import load_conditioner, save_conditioner
+    spec = ConditionerSpec(kind="neural_field", input_shape=(3,), output_dim=0, filters=(), field_shape=(6, 30, 2))
+    network = field_conditioner()
+    params = torch.randn(2, 3)
+    with torch.no_grad():
+        plain = network(params)
+        network.field.set_value_statistics(torch.randn(10, 30) * 3 + 1)
+    save_conditioner(tmp_path / "old", network, spec, {})
+    payload = torch.load(tmp_path / "old", weights_only=True)
+    del payload["state_dict"]["field.value_offset"], payload["state_dict"]["field.value_scale"]
+    torch.save(payload, tmp_path / "old")
+    loaded, _ = load_conditioner(tmp_path / "old")
+    assert loaded.field.value_offset.tolist() == [0, 0] and loaded.field.value_scale.tolist() == [1, 1]
+    with torch.no_grad():
+        assert torch.allclose(loaded(params), plain, atol=1e-6)
+    del payload["state_dict"]["field.out.weight"]  # a missing weight is still refused
+    torch.save(payload, tmp_path / "old")
+    with pytest.raises(InputError, match="is not a complete latent conditioner"):
+        load_conditioner(tmp_path / "old")

@@ -18,6 +18,8 @@ from modules.storage.atomic import save_torch
 MODEL_FORMAT = "simulgenvae-model-v1"
 CHECKPOINT_FORMAT = "simulgenvae-checkpoint-v1"
 CONDITIONER_FORMAT = "simulgenvae-conditioner-v1"
+# conditioner state saved only by newer versions of the code (load_conditioner)
+ADDED_LATER = ("noise_levels", "field.value_offset", "field.value_scale")
 
 
 def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) -> dict:
@@ -65,9 +67,10 @@ def load_conditioner(path, device="cpu"):
                            "(with input_type csv, image or image_vit in input_data/condition.txt)")
     try:
         model = build_conditioner(ConditionerSpec.from_dict(payload["spec"]))
-        # GP files from before the posterior variance was kept: its placeholder stays (no spread of their own)
-        model.load_state_dict({**({"noise_levels": model.noise_levels} if hasattr(model, "noise_levels") else {}),
-                               **payload.pop("state_dict")})
+        # files from before these were kept read back with the placeholders: a GP's posterior variance (no spread of
+        # its own), a neural field's output statistics (values as the network computes them)
+        added_later = {key: value for key, value in model.state_dict().items() if key in ADDED_LATER}
+        model.load_state_dict({**added_later, **payload.pop("state_dict")})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(path, f"is not a complete latent conditioner ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})", "retrain it with --lc_only=1") from None

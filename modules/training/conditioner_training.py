@@ -52,9 +52,8 @@ from modules.uncertainty.spread import calibrate_spread, calibration_words
 
 LATENT_GP_MOST_DESIGNS = 1000  # a GP fit costs n^3 per optimiser iteration and latent number: minutes at this n
 # The neural-field conditioner's training (bench/spatial_decoders.py's direct model, measured with these)
-FIELD_DESIGNS = 1              # designs a step trains on (more designs in fewer steps measured worse), ...
-FIELD_STEPS = 24               # ... at this many of their time steps (all of them when fewer), drawn at random
-FIELD_NODES = 256              # nodes of each variable a (design, time step) of a step decodes, at random
+FIELD_SNAPSHOTS = 64           # (design, time step) pairs a step trains on, drawn at random across the designs
+FIELD_NODES = 256              # nodes of each variable a (design, time step) decodes in a pass, at random
 FIELD_LR = 1e-3                # Adam's peak learning rate, one-cycle schedule (10 % warm-up)
 
 
@@ -121,15 +120,8 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     say(f"Best validation loss {progress.best_val_loss:.4g} at epoch {progress.best_epoch}; that conditioner is kept")
     kept, kept_spec, choice = job.model, spec, None
     ensemble = ensemble_against_members(job.model, spec, case, config, say) if spec.members > 1 else None
-    if config.latent_gp and CONDITIONERS[config.input_type].reads == "parameters":
-        if len(case.fields.train_indices) <= LATENT_GP_MOST_DESIGNS:
-            kept, kept_spec, choice = network_or_latent_gp(job.model, spec, case, config, say)
-        else:
-            say(f"note: no GP on the latents: {len(case.fields.train_indices)} training designs are more than the "
-                f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes; the "
-                f"{conditioner_label(spec.kind, spec.members)} is kept")
-    if config.field_conditioner_epochs and CONDITIONERS[config.input_type].reads == "parameters":
-        kept, kept_spec, choice = kept_or_neural_field(kept, kept_spec, choice, case, config, say)
+    if CONDITIONERS[config.input_type].reads == "parameters":
+        kept, kept_spec, choice = best_on_parameters(job.model, spec, case, config, say)
     if ensemble is not None:
         ensemble["kept"] = kept is job.model
     calibration = None
@@ -169,43 +161,65 @@ def design_reference(network, case: ConditionerCase, config) -> dict:
     return training_reference(spaces, train, raw, case.param_names)
 
 
-def network_or_latent_gp(network, spec, case: ConditionerCase, config, say):
-    """The trained network or a GP per latent number fitted on the same training designs (latent_gp), whichever
-    predicts the validation designs' fields better through the decoder: (the one kept, its spec, the choice made and
-    why, as plain types). Compared by the reports' measure, the mean relative L2 error of a design's whole field in
-    physical units; a GP takes seconds to fit for a few hundred designs."""
+def best_on_parameters(network, spec, case: ConditionerCase, config, say):
+    """The trained network, a GP per latent number fitted on the same training designs (latent_gp) or a neural field
+    trained on their fields (field_conditioner_epochs), whichever predicts the validation designs' fields best:
+    (the one kept, its spec, the choice made and why, as plain types; None when the network was the only
+    candidate). Compared by the reports' measure, the mean relative L2 error of a design's whole field in physical
+    units, in one pass over the validation designs' fields."""
+    candidates, choice = {spec.kind: (network, spec)}, {}
+    if config.latent_gp:
+        fitted = latent_gp_candidate(spec, case, config, say)
+        if isinstance(fitted, str):
+            choice["gp_failed"] = fitted
+        elif fitted is not None:
+            candidates[LATENT_GP.kind] = fitted
+    if config.field_conditioner_epochs:
+        field = neural_field_candidate(spec, case, config, say)
+        if field is not None:
+            candidates[NEURAL_FIELD.kind] = field
+    if len(candidates) == 1:
+        return network, spec, {"kept": spec.kind, **choice} if choice else None
+    errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
+                                     config.lc_batch_size)
+    kept = min(errors, key=errors.get)
+    labels = {spec.kind: conditioner_label(spec.kind, spec.members), LATENT_GP.kind: LATENT_GP.label,
+              NEURAL_FIELD.kind: NEURAL_FIELD.label}
+    others = " and ".join(f"{errors[kind]:.4%} for the {labels[kind]}" for kind in errors if kind != kept)
+    say(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean relative "
+        f"L2 error of {errors[kept]:.4%} against {others}")
+    return (*candidates[kept], {**choice, "kept": kept, "validation_relative_l2": errors})
+
+
+def latent_gp_candidate(spec, case: ConditionerCase, config, say):
+    """(a GP per latent number fitted on the training designs, its spec); None, said, where there are too many
+    designs for a GP; the error's text, warned, where the fit fails (the trained network is still a conditioner).
+    A GP takes seconds to fit for a few hundred designs."""
     train = case.fields.train_indices
+    if len(train) > LATENT_GP_MOST_DESIGNS:
+        say(f"note: no GP on the latents: {len(train)} training designs are more than the "
+            f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes")
+        return None
     gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train), members=1)
     say(f"Fitting a Gaussian process per latent number ({spec.output_dim}) on the {len(train)} training designs ...")
     try:
         latent_gp = GPRConditioner(gp_spec).fit(case.conditions[train].double().cpu().numpy(),
                                                 case.targets[train].double().cpu().numpy(), config.seed)
-    except (np.linalg.LinAlgError, ValueError, MemoryError) as error:  # the trained network is still a conditioner
-        say(f"warning: the GP on the latents could not be fitted ({type(error).__name__}: {error}); the "
-            f"{conditioner_label(spec.kind, spec.members)} is kept")
-        return network, spec, {"kept": spec.kind, "gp_failed": f"{type(error).__name__}: {error}"}
-    latent_gp = latent_gp.to(case.conditions.device)
-    errors = validation_field_errors({spec.kind: network, LATENT_GP.kind: latent_gp}, case, config.lc_batch_size)
-    keep_gp = errors[LATENT_GP.kind] < errors[spec.kind]
-    labels = {spec.kind: conditioner_label(spec.kind, spec.members), LATENT_GP.kind: LATENT_GP.label}
-    kept, other = (LATENT_GP.kind, spec.kind) if keep_gp else (spec.kind, LATENT_GP.kind)
-    say(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean relative "
-        f"L2 error of {errors[kept]:.4%} against {errors[other]:.4%} for the {labels[other]}")
-    choice = {"kept": kept, "validation_relative_l2": errors}
-    return (latent_gp, gp_spec, choice) if keep_gp else (network, spec, choice)
+    except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
+        failure = f"{type(error).__name__}: {error}"
+        say(f"warning: the GP on the latents could not be fitted ({failure}); it is not a candidate")
+        return failure
+    return latent_gp.to(case.conditions.device), gp_spec
 
 
-def kept_or_neural_field(kept, spec, choice, case: ConditionerCase, config, say):
-    """The conditioner kept so far or a neural field (models.neural_field) trained on the same training designs'
-    fields, whichever predicts the validation designs' fields better (the reports' measure, as between the MLP and
-    the GP): (the one kept, its spec, the choice with every candidate's error). Tried only where the nodes'
-    positions are known; said when not."""
+def neural_field_candidate(spec, case: ConditionerCase, config, say):
+    """(a neural field (models.neural_field) trained on the training designs' fields, its spec); None, said, where
+    the nodes' positions are not known."""
     positions = node_positions(read_field_layout(config))
-    label = conditioner_label(spec.kind, spec.members)
     if positions is None:
         say("note: no neural-field conditioner: where the nodes are is not known (grid_shape, mesh_file or "
-            f"node_coordinates would let one be tried); the {label} is kept")
-        return kept, spec, choice
+            "node_coordinates would let one be tried)")
+        return None
     field_spec = dataclasses.replace(spec, kind=NEURAL_FIELD.kind, members=1, gp_points=0,
                                      field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars))
     sampled = config.n_nodes_used // config.n_vars > FIELD_NODES
@@ -214,59 +228,66 @@ def kept_or_neural_field(kept, spec, choice, case: ConditionerCase, config, say)
         f"{f'{FIELD_NODES} random nodes' if sampled else 'every node'} of each time step) ...")
     began = time.perf_counter()
     field = train_neural_field(field_spec, positions, case, config)
-    errors = dict((choice or {}).get("validation_relative_l2") or {})
-    measured = validation_field_errors({NEURAL_FIELD.kind: field, **({} if spec.kind in errors else {spec.kind: kept})},
-                                       case, config.lc_batch_size)
-    errors.update(measured)
-    keep_field = errors[NEURAL_FIELD.kind] < errors[spec.kind]
-    kept_kind, other = (NEURAL_FIELD.kind, spec.kind) if keep_field else (spec.kind, NEURAL_FIELD.kind)
-    labels = {spec.kind: label, NEURAL_FIELD.kind: NEURAL_FIELD.label}
-    say(f"Kept the {labels[kept_kind]} as the conditioner: it predicts the validation designs' fields with a mean "
-        f"relative L2 error of {errors[kept_kind]:.4%} against {errors[other]:.4%} for the {labels[other]} "
-        f"(the neural field trained in {time.perf_counter() - began:.0f} s)")
-    choice = {**(choice or {}), "kept": kept_kind, "validation_relative_l2": errors}
-    return (field, field_spec, choice) if keep_field else (kept, spec, choice)
+    say(f"The neural field trained in {time.perf_counter() - began:.0f} s")
+    return field, field_spec
 
 
 def train_neural_field(spec, positions, case: ConditionerCase, config):
-    """A NeuralFieldConditioner trained on the training designs' scaled fields from their standardised parameters:
-    field_conditioner_epochs passes, each step on FIELD_DESIGNS designs, each of their time steps at FIELD_NODES
-    random nodes of each variable of its own (drawn with replacement: an unbiased estimate of the error at every
-    node, cheap on any mesh), mean squared error, Adam with a one-cycle schedule (bench/spatial_decoders.py's direct
-    model). Repeatable for a seed; a fit of minutes, so it is not checkpointed: a resumed conditioner run fits it
-    again."""
+    """A NeuralFieldConditioner trained on the training designs' scaled fields from their standardised parameters
+    (bench/spatial_decoders.py's direct model): field_conditioner_epochs passes over the N x T training snapshots,
+    each step on FIELD_SNAPSHOTS of them drawn at random across the designs, mean squared error, Adam with a
+    one-cycle schedule; the network's output is standardised by the first pass's values (set_value_statistics).
+    Each pass first reads every training design once (sampled_snapshots) and keeps FIELD_NODES random nodes of each
+    variable of every snapshot: steps then mix designs without reading a design per snapshot (steps on one design's
+    time steps measured 2x worse on the pulse). Repeatable for a seed; a fit of minutes, so it is not checkpointed: a
+    resumed conditioner run fits it again."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = case.conditions.device
     network = NeuralFieldConditioner(spec).to(device)
     network.field.set_coordinates(positions)
-    n_steps, n_nodes, n_vars = spec.field_shape
-    train, per_variable = case.fields.train_indices, n_nodes // n_vars
-    per_step, steps_each = min(FIELD_DESIGNS, len(train)), min(FIELD_STEPS, n_steps)
-    steps_per_pass = math.ceil(len(train) * n_steps / (per_step * steps_each))  # a pass: N x T snapshots' worth
+    n_steps = spec.field_shape[0]
+    train = torch.as_tensor(case.fields.train_indices, device=device)
+    snapshots = len(train) * n_steps
     optimiser = torch.optim.Adam(network.parameters(), FIELD_LR)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, FIELD_LR, pct_start=0.1,
-                                                   total_steps=config.field_conditioner_epochs * steps_per_pass)
+                                                   total_steps=config.field_conditioner_epochs *
+                                                   math.ceil(snapshots / FIELD_SNAPSHOTS))
     network.train()
-    for _ in range(config.field_conditioner_epochs):
-        repeats = math.ceil(steps_per_pass * per_step / len(train))
-        shuffled = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(repeats)]).numpy()
-        order = [np.sort(shuffled[start:start + per_step]) for start in range(0, steps_per_pass * per_step, per_step)]
-        for designs, fields in zip(on_device([train[picked] for picked in order], device),
-                                   case.fields.train.batches(order)):
-            steps = torch.rand(len(designs), n_steps, generator=generator).argsort(1)[:, :steps_each].to(device)
-            fields = fields.gather(1, steps[..., None].expand(-1, -1, n_nodes))              # [b, S, M]
-            nodes = None
-            if per_variable > FIELD_NODES:  # each (design, time step) its own nodes, so a small feature is often hit
-                nodes = torch.randint(per_variable, (len(designs), steps_each, FIELD_NODES), generator=generator)
-                nodes = nodes.to(device)
-                fields = fields.gather(2, node_columns(nodes, n_nodes, n_vars))
-            loss = F.mse_loss(network(case.conditions[designs], nodes, steps), fields.float())
+    for index in range(config.field_conditioner_epochs):
+        nodes, values = sampled_snapshots(case, spec.field_shape, config.batch_size, generator)
+        if index == 0:
+            network.field.set_value_statistics(values)
+        for batch in torch.randperm(snapshots, generator=generator).to(device).split(FIELD_SNAPSHOTS):
+            designs, steps = train[batch // n_steps], batch % n_steps
+            predicted = network(case.conditions[designs], None if nodes is None else nodes[batch, None],
+                                steps[:, None])
+            loss = F.mse_loss(predicted[:, 0], values[batch])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
     return network.eval()
+
+
+def sampled_snapshots(case: ConditionerCase, field_shape, batch_size: int, generator):
+    """One read of the training designs' scaled fields, batch_size designs at a time: (node indices [n * T, P] within
+    a variable, FIELD_NODES random ones (with replacement) for each (design, time step); their values [n * T, V * P]),
+    snapshot s being time step s % T of training design s // T. Where a variable has no more than FIELD_NODES nodes,
+    every node: (None, [n * T, M]). At most n x T x FIELD_NODES x V values (99 MB at 484 x 200 nodes, one variable),
+    whatever M is."""
+    n_steps, n_nodes, n_vars = field_shape
+    n_train, per_variable, device = len(case.fields.train_indices), n_nodes // n_vars, case.conditions.device
+    nodes = None
+    if per_variable > FIELD_NODES:
+        nodes = torch.randint(per_variable, (n_train, n_steps, FIELD_NODES), generator=generator).to(device)
+    order = list(in_order(n_train, batch_size))
+    values = []
+    for positions, fields in zip(on_device(order, device), case.fields.train.batches(order)):
+        if nodes is not None:
+            fields = fields.gather(2, node_columns(nodes[positions], n_nodes, n_vars))
+        values.append(fields.float())
+    return None if nodes is None else nodes.flatten(0, 1), torch.cat(values).flatten(0, 1)
 
 
 @torch.no_grad()
