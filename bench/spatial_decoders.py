@@ -8,9 +8,10 @@ the transport-aware decoder by measurement before it goes into the VAE).
 The candidate is a snapshot neural field. Every time step of every training design (N·T snapshots, not N
 trajectories) is encoded to a code of --code numbers by an MLP on the snapshot's node-POD coefficients, and decoded
 at any node by a SIREN (sine layers) over the node's coordinates whose layers are shifted by the code (CORAL's shift
-modulations). A shifted phase of a sine layer is a translation, so a feature can move across the mesh without a mode
-for every position. It trains on --points random nodes per snapshot, so a training step costs the same on any mesh;
-it needs node coordinates, so it works on unstructured meshes as on grids.
+modulations; the product's own network, models.neural_field). A shifted phase of a sine layer is a translation, so a
+feature can move across the mesh without a mode for every position. It trains on --points random nodes per
+snapshot, so a training step costs the same on any mesh; it needs node coordinates, so it works on unstructured meshes
+as on grids.
 
 Reported per case on the validation designs, with the split (val_fraction 0.2, seed 42) and the error of
 bench/accuracy.py and evaluation.json (mean relative L2 of each design's whole field, physical units):
@@ -35,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +47,7 @@ from modules.data.dataset import split_indices  # noqa: E402
 from modules.data.scaling import ColumnScaler  # noqa: E402
 from modules.evaluation.baselines import baseline_weights  # noqa: E402
 from modules.evaluation.metrics import FieldErrors  # noqa: E402
+from modules.models.neural_field import WIDTH, NeuralFieldNodes, code_network  # noqa: E402
 from modules.models.pod import design_gram  # noqa: E402
 
 LATENT_SIZE = {"demo": 56, "pulse": 64, "burgers": 64}  # the VAE's latent numbers per design on each case
@@ -57,7 +58,6 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(parser)
     parser.add_argument("--code", type=int, default=8, help="code numbers per snapshot")
-    parser.add_argument("--width", type=int, default=128, help="SIREN width (3 sine layers)")
     parser.add_argument("--points", type=int, default=256, help="nodes per snapshot in a training step")
     parser.add_argument("--epochs", type=int, default=40, help="passes over the training snapshots (decoder)")
     parser.add_argument("--fit_epochs", type=int, default=300, help="passes of the (parameters, t) -> code MLP")
@@ -112,38 +112,12 @@ def pod_baselines(fields, parameters, train, val, latent_size: int) -> dict:
             for key in ("pod", "pod_gpr")}
 
 
-class ShiftedSiren(nn.Module):
-    """u(x; code): sine layers over coordinates x [B, P, d] (in [-1, 1]), each layer's phase shifted by a linear map
-    of the code [B, c] (CORAL's shift modulation). SIREN's initialisation (first-layer frequency 30)."""
-
-    def __init__(self, n_coordinates: int, width: int, code: int, layers: int = 3, frequency: float = 30.0):
-        super().__init__()
-        self.frequency, self.width = frequency, width
-        self.layers = nn.ModuleList(nn.Linear(n_coordinates if i == 0 else width, width) for i in range(layers))
-        self.shifts = nn.Linear(code, width * layers)
-        self.out = nn.Linear(width, 1)
-        with torch.no_grad():
-            for i, layer in enumerate(self.layers):
-                bound = 1 / n_coordinates if i == 0 else math.sqrt(6 / width) / frequency
-                layer.weight.uniform_(-bound, bound)
-
-    def forward(self, coordinates, code):
-        shifts = self.shifts(code).view(len(code), 1, len(self.layers), self.width)
-        hidden = coordinates
-        for i, layer in enumerate(self.layers):
-            hidden = torch.sin(self.frequency * layer(hidden) + shifts[:, :, i])
-        return self.out(hidden).squeeze(-1)
-
-    def multiply_adds_per_node(self) -> int:
-        return sum(layer.in_features * layer.out_features for layer in self.layers) + self.width
-
-
-def mlp(inputs: int, outputs: int, hidden: int = 256, depth: int = 3) -> nn.Sequential:
-    layers, width = [], inputs
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.SiLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, outputs))
+def field_decoder(coordinates, code: int) -> NeuralFieldNodes:
+    """The product's neural field (models.neural_field) over these node coordinates [M, d], phase-shifted by codes of
+    code numbers: what the neural-field conditioner decodes with, so this benchmark measures the product's network."""
+    decoder = NeuralFieldNodes(code, len(coordinates), 1, coordinates.shape[1])
+    decoder.set_coordinates(coordinates)
+    return decoder
 
 
 def relative_errors(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -153,17 +127,17 @@ def relative_errors(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return errors.relative_l2()
 
 
-def decode_every_node(decoder, nodes, codes) -> torch.Tensor:
-    """Codes [s, code] -> scaled values [s, M] at every node, 64 snapshots at a time, without gradients."""
+def decode_every_node(decoder, codes) -> torch.Tensor:
+    """Codes [s, code] -> scaled values [s, M] at every node, without gradients (in the decoder's bounded chunks)."""
     with torch.no_grad():
-        return torch.cat([decoder(nodes.expand(len(part), *nodes.shape), part) for part in codes.split(64)])
+        return decoder(codes[:, None])[:, 0]
 
 
-def sampled_loss(decoder, codes, snapshots, nodes, n_points: int):
+def sampled_loss(decoder, codes, snapshots, n_points: int):
     """Mean squared error of the decoder at n_points random nodes of each snapshot [b, M] given its code [b, code]:
     every training step of the benchmark (a step costs the same on any mesh)."""
     points = torch.randint(0, snapshots.shape[1], (len(snapshots), n_points))
-    return F.mse_loss(decoder(nodes[points], codes), torch.gather(snapshots, 1, points))
+    return F.mse_loss(decoder(codes[:, None], points[:, None])[:, 0], torch.gather(snapshots, 1, points))
 
 
 def run_case(name: str, args) -> dict:
@@ -176,11 +150,9 @@ def run_case(name: str, args) -> dict:
 
     baseline = pod_baselines(fields, parameters, train, val, latent_size)
 
-    # the snapshot neural field: scaled values, coordinates in [-1, 1], codes from node-POD coefficients
+    # the snapshot neural field: standardised values, codes from node-POD coefficients
     offset, spread = float(fields[train].mean()), float(fields[train].std())
     scaled = torch.tensor((fields - offset) / spread, dtype=torch.float32)
-    low, high = coordinates.min(0), coordinates.max(0)
-    nodes = torch.tensor(2 * (coordinates - low) / np.where(high > low, high - low, 1) - 1, dtype=torch.float32)
     snapshots = scaled[train].reshape(-1, n_nodes)
     node_mean = snapshots.mean(0)
     _, singular, right = torch.linalg.svd(snapshots - node_mean, full_matrices=False)
@@ -192,9 +164,9 @@ def run_case(name: str, args) -> dict:
     def coefficients(values):
         return ((values - node_mean) @ basis) / coefficient_scale
 
-    encoder = mlp(rank, args.code)
-    decoder = ShiftedSiren(nodes.shape[1], args.width, args.code)
-    train_field(encoder, decoder, coefficients(snapshots), snapshots, nodes, args)
+    encoder = code_network(rank, args.code)
+    decoder = field_decoder(coordinates, args.code)
+    train_field(encoder, decoder, coefficients(snapshots), snapshots, args)
 
     def physical(values):  # scaled values [n * T, M] -> physical fields [n, T, M]
         return values.view(-1, n_steps, n_nodes).numpy() * spread + offset
@@ -210,9 +182,9 @@ def run_case(name: str, args) -> dict:
               "latent_size": latent_size, "pod": float(baseline["pod"].mean()),
               "pod_gpr": float(baseline["pod_gpr"].mean()),
               "field_codes": float(relative_errors(physical(decode_every_node(
-                  decoder, nodes, codes[val].reshape(-1, args.code))), fields[val]).mean()),
+                  decoder, codes[val].reshape(-1, args.code))), fields[val]).mean()),
               "field_k": float(relative_errors(physical(decode_every_node(
-                  decoder, nodes, torch.tensor(compressed, dtype=torch.float32).view(-1, args.code))),
+                  decoder, torch.tensor(compressed, dtype=torch.float32).view(-1, args.code))),
                   fields[val]).mean())}
 
     periodic = dict(item.split("=") for item in args.periodic)
@@ -230,22 +202,21 @@ def run_case(name: str, args) -> dict:
     for label, inputs in encodings.items():
         design = design_times(inputs, train, n_steps)
         val_rows, train_rows = design[val].reshape(-1, design.shape[2]), design[train].reshape(-1, design.shape[2])
-        predictor = fit_code_predictor(train_rows, codes[train].reshape(-1, args.code), decoder, nodes, snapshots,
-                                       args)
+        predictor = fit_code_predictor(train_rows, codes[train].reshape(-1, args.code), decoder, snapshots, args)
         with torch.no_grad():
-            predicted = decode_every_node(decoder, nodes, predictor(val_rows))
+            predicted = decode_every_node(decoder, predictor(val_rows))
         result["prediction"][label] = float(relative_errors(physical(predicted), fields[val]).mean())
         if args.direct_epochs:
-            network, direct_decoder = train_direct(train_rows, snapshots, nodes, args)
+            network, direct_decoder = train_direct(train_rows, snapshots, coordinates, args)
             with torch.no_grad():
-                direct = decode_every_node(direct_decoder, nodes, network(val_rows))
+                direct = decode_every_node(direct_decoder, network(val_rows))
             result["prediction"][f"{label}, direct"] = float(relative_errors(physical(direct), fields[val]).mean())
     result["seconds"] = round(time.time() - started)
     result["cost_at_users_scale"] = cost_at_users_scale(decoder, args)
     return result
 
 
-def train_field(encoder, decoder, snapshot_coefficients, snapshots, nodes, args) -> None:
+def train_field(encoder, decoder, snapshot_coefficients, snapshots, args) -> None:
     """Encoder and decoder together, on --points random nodes of each snapshot per step (batches of 64 snapshots)."""
     weights = list(encoder.parameters()) + list(decoder.parameters())
     optimiser = torch.optim.Adam(weights, 1e-3)
@@ -253,7 +224,7 @@ def train_field(encoder, decoder, snapshot_coefficients, snapshots, nodes, args)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 1e-3, total_steps=steps, pct_start=0.1)
     for _ in range(args.epochs):
         for batch in torch.randperm(len(snapshots)).split(64):
-            loss = sampled_loss(decoder, encoder(snapshot_coefficients[batch]), snapshots[batch], nodes, args.points)
+            loss = sampled_loss(decoder, encoder(snapshot_coefficients[batch]), snapshots[batch], args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -268,13 +239,13 @@ def design_times(inputs: np.ndarray, train, n_steps: int) -> torch.Tensor:
     return torch.tensor(np.concatenate([design, times], axis=2), dtype=torch.float32)
 
 
-def fit_code_predictor(design, targets, decoder, nodes, snapshots, args):
+def fit_code_predictor(design, targets, decoder, snapshots, args):
     """An MLP (inputs, t) -> code: fitted to the training snapshots' codes targets [s, code] (standardised) from their
     rows of design_times, design [s, P + 1], then trained through the frozen decoder on the snapshots [s, M]
     (--epochs // 4 passes at a fifth of the rate). Returns rows [r, P + 1] -> codes [r, code]."""
     torch.manual_seed(0)
     mean, std = targets.mean(0), targets.std(0) + 1e-8
-    network = mlp(design.shape[1], targets.shape[1])
+    network = code_network(design.shape[1], targets.shape[1])
     optimiser = torch.optim.Adam(network.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, args.fit_epochs))
     for _ in range(args.fit_epochs):
@@ -289,7 +260,7 @@ def fit_code_predictor(design, targets, decoder, nodes, snapshots, args):
     optimiser = torch.optim.Adam(network.parameters(), 2e-4)
     for _ in range(max(1, args.epochs // 4)):
         for batch in torch.randperm(len(design)).split(64):
-            loss = sampled_loss(decoder, network(design[batch]) * std + mean, snapshots[batch], nodes, args.points)
+            loss = sampled_loss(decoder, network(design[batch]) * std + mean, snapshots[batch], args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -298,18 +269,18 @@ def fit_code_predictor(design, targets, decoder, nodes, snapshots, args):
     return lambda values: network(values) * std + mean
 
 
-def train_direct(design, snapshots, nodes, args):
-    """The direct model: an MLP (inputs, t) -> code and a fresh ShiftedSiren trained together on --points random
+def train_direct(design, snapshots, coordinates, args):
+    """The direct model: an MLP (inputs, t) -> code and a fresh decoder trained together on --points random
     nodes of each training snapshot [s, M] from its row of design_times [s, P + 1] (--direct_epochs passes); no
     encoder, so the code is by construction a smooth function of the inputs. Returns (network, decoder)."""
     torch.manual_seed(0)
-    network, decoder = mlp(design.shape[1], args.code), ShiftedSiren(nodes.shape[1], args.width, args.code)
+    network, decoder = code_network(design.shape[1], args.code), field_decoder(coordinates, args.code)
     optimiser = torch.optim.Adam(list(network.parameters()) + list(decoder.parameters()), 1e-3)
     steps = max(1, args.direct_epochs * math.ceil(len(design) / 64))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 1e-3, total_steps=steps, pct_start=0.1)
     for _ in range(args.direct_epochs):
         for batch in torch.randperm(len(design)).split(64):
-            loss = sampled_loss(decoder, network(design[batch]), snapshots[batch], nodes, args.points)
+            loss = sampled_loss(decoder, network(design[batch]), snapshots[batch], args.points)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -320,12 +291,12 @@ def train_direct(design, snapshots, nodes, args):
 def cost_at_users_scale(decoder, args) -> dict:
     """Multiply-adds and float32 activation memory of the decoder at T = 200, M = 95,008."""
     n_steps, n_nodes = USERS_SCALE
-    per_node = decoder.multiply_adds_per_node()
+    per_node = sum(layer.in_features * layer.out_features for layer in decoder.layers) + WIDTH
     layers = len(decoder.layers)
     return {"decode_every_node_gmac_per_design": round(n_steps * n_nodes * per_node / 1e9, 1),
-            "decode_activations_gb_per_step": round(4 * n_nodes * args.width * 2 / 1e9, 3),
+            "decode_activations_gb_per_step": round(4 * n_nodes * WIDTH * 2 / 1e9, 3),
             "train_gmac_per_design": round(3 * n_steps * args.points * per_node / 1e9, 2),
-            "train_activations_mb_per_design": round(4 * n_steps * args.points * args.width * 2 * layers / 1e6, 1)}
+            "train_activations_mb_per_design": round(4 * n_steps * args.points * WIDTH * 2 * layers / 1e6, 1)}
 
 
 def table(rows: list) -> list:
