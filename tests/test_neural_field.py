@@ -22,6 +22,20 @@ from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.neural_field import node_columns
 
 
+def training_case(fields, conditions, read=None):
+    """What train_neural_field and sampled_snapshots read of a ConditionerCase: training designs 0..n-1 whose scaled
+    fields [n, T, M] are read by position (each batch's positions appended to read), and the conditions."""
+    from types import SimpleNamespace
+
+    def batches(order):
+        for positions in order:
+            if read is not None:
+                read.append(positions.tolist())
+            yield fields[torch.as_tensor(positions)]
+    return SimpleNamespace(fields=SimpleNamespace(train_indices=np.arange(len(fields)),
+                                                  train=SimpleNamespace(batches=batches)), conditions=conditions)
+
+
 def field_conditioner(n_params=3, n_steps=6, n_nodes=30, n_vars=2):
     torch.manual_seed(0)
     spec = ConditionerSpec(kind="neural_field", input_shape=(n_params,), output_dim=0, filters=(),
@@ -161,20 +175,11 @@ def test_a_spec_saved_before_the_neural_field_reads_back():
 def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own(monkeypatch):
     """sampled_snapshots: snapshot s is time step s % T of training design s // T, read at its own node indices in
     every variable; a variable with no more nodes than FIELD_NODES is read whole."""
-    from types import SimpleNamespace
-
     from modules.training import conditioner_training
     n_train, n_steps, n_nodes, n_vars = 5, 4, 30, 2
     fields = torch.randn(n_train, n_steps, n_nodes)
     read = []
-
-    def batches(order):
-        for positions in order:
-            read.append(positions.tolist())
-            yield fields[torch.as_tensor(positions)]
-    case = SimpleNamespace(fields=SimpleNamespace(train_indices=np.arange(10, 10 + n_train),
-                                                  train=SimpleNamespace(batches=batches)),
-                           conditions=torch.zeros(15, 2))
+    case = training_case(fields, torch.zeros(n_train, 2), read)
     monkeypatch.setattr(conditioner_training, "FIELD_NODES", 6)
     generator = torch.Generator().manual_seed(0)
     nodes, values = conditioner_training.sampled_snapshots(case, (n_steps, n_nodes, n_vars), 2, generator)
@@ -242,13 +247,7 @@ def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs(mon
     t = torch.linspace(0, 1, n_steps)[:, None]
     first = torch.sin(3 * x + params[:, 0, None, None] + t)                                  # [n, T, 20]
     fields = torch.cat([first, 0.5 * first * params[:, 1, None, None]], dim=2)               # [n, T, 40]
-
-    def batches(order):
-        for positions in order:
-            yield fields[torch.as_tensor(positions)]
-    case = SimpleNamespace(fields=SimpleNamespace(train_indices=np.arange(n_train),
-                                                  train=SimpleNamespace(batches=batches)),
-                           conditions=params)
+    case = training_case(fields, params)
     spec = ConditionerSpec(kind="neural_field", input_shape=(2,), output_dim=0, filters=(),
                            field_shape=(n_steps, 2 * per_variable, 2))
     config = SimpleNamespace(seed=0, field_conditioner_epochs=150, batch_size=5)

@@ -169,11 +169,11 @@ def best_on_parameters(network, spec, case: ConditionerCase, config, say):
     units, in one pass over the validation designs' fields."""
     candidates, choice = {spec.kind: (network, spec)}, {}
     if config.latent_gp:
-        fitted = latent_gp_candidate(spec, case, config, say)
-        if isinstance(fitted, str):
-            choice["gp_failed"] = fitted
-        elif fitted is not None:
+        fitted, failure = latent_gp_candidate(spec, case, config, say)
+        if fitted is not None:
             candidates[LATENT_GP.kind] = fitted
+        if failure is not None:
+            choice["gp_failed"] = failure
     if config.field_conditioner_epochs:
         field = neural_field_candidate(spec, case, config, say)
         if field is not None:
@@ -183,8 +183,7 @@ def best_on_parameters(network, spec, case: ConditionerCase, config, say):
     errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
                                      config.lc_batch_size)
     kept = min(errors, key=errors.get)
-    labels = {spec.kind: conditioner_label(spec.kind, spec.members), LATENT_GP.kind: LATENT_GP.label,
-              NEURAL_FIELD.kind: NEURAL_FIELD.label}
+    labels = {kind: conditioner_label(kind, its_spec.members) for kind, (_, its_spec) in candidates.items()}
     others = " and ".join(f"{errors[kind]:.4%} for the {labels[kind]}" for kind in errors if kind != kept)
     say(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean relative "
         f"L2 error of {errors[kept]:.4%} against {others}")
@@ -192,14 +191,14 @@ def best_on_parameters(network, spec, case: ConditionerCase, config, say):
 
 
 def latent_gp_candidate(spec, case: ConditionerCase, config, say):
-    """(a GP per latent number fitted on the training designs, its spec); None, said, where there are too many
-    designs for a GP; the error's text, warned, where the fit fails (the trained network is still a conditioner).
-    A GP takes seconds to fit for a few hundred designs."""
+    """((a GP per latent number fitted on the training designs, its spec), None); (None, None), said, where there are
+    too many designs for a GP; (None, the error's text), warned, where the fit fails (the trained network is still a
+    conditioner). A GP takes seconds to fit for a few hundred designs."""
     train = case.fields.train_indices
     if len(train) > LATENT_GP_MOST_DESIGNS:
         say(f"note: no GP on the latents: {len(train)} training designs are more than the "
             f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes")
-        return None
+        return None, None
     gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train), members=1)
     say(f"Fitting a Gaussian process per latent number ({spec.output_dim}) on the {len(train)} training designs ...")
     try:
@@ -208,8 +207,8 @@ def latent_gp_candidate(spec, case: ConditionerCase, config, say):
     except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
         failure = f"{type(error).__name__}: {error}"
         say(f"warning: the GP on the latents could not be fitted ({failure}); it is not a candidate")
-        return failure
-    return latent_gp.to(case.conditions.device), gp_spec
+        return None, failure
+    return (latent_gp.to(case.conditions.device), gp_spec), None
 
 
 def neural_field_candidate(spec, case: ConditionerCase, config, say):
