@@ -64,6 +64,7 @@ def run_case(name: str, args) -> dict:
     choice = json.loads((folder / "output" / "prediction_report.json").read_text())["conditioner_choice"]
     return {**facts, "n_train": report["n_train"], "n_val": report["n_val"],
             "latent_numbers": report["latent_numbers_per_design"], "run_s": seconds,
+            "vae_runs_on": report.get("vae_runs_on", "fields"),
             "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
             "kept": (choice or {}).get("kept"), "candidates": (choice or {}).get("validation_relative_l2"),
@@ -84,8 +85,10 @@ def table(rows: list) -> str:
         kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
         others = [f"{NETWORKS[kind].label} {error:.2%}" for kind, error in (row["candidates"] or {}).items()
                   if kind != row["kept"]]
+        on_codes = " (on snapshot codes)" if row["vae_runs_on"] == "snapshot codes" else ""
         lines.append(f"| {row['case']} | {row['n_train']} / {row['n_val']} | {steps} x {nodes} | "
-                     f"{row['latent_numbers']} | {row['vae']:.2%} | {row['pod']:.2%} | {row['conditioner']:.2%} "
+                     f"{row['latent_numbers']} | {row['vae']:.2%}{on_codes} | {row['pod']:.2%} | "
+                     f"{row['conditioner']:.2%} "
                      f"({'; not kept: '.join([kept, *others])}) | {row['pod_gpr']:.2%} | "
                      f"{row['nearest_neighbour']:.2%} | {row['mean_field']:.2%} | {row['run_s']:.0f} s |")
     return "\n".join(lines)

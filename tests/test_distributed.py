@@ -34,6 +34,17 @@ def run(command, folder):
                           stdin=subprocess.DEVNULL)
 
 
+def one_and_two_processes(folder, *flags):
+    """The program run in folder/one as one process and in folder/two through launch_ddp on 2 (gloo), both checked to
+    succeed: (the one's, the two's completed processes)."""
+    single = run([sys.executable, str(REPO / "SimulGen-VAE.py"), *flags], folder / "one")
+    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", *flags, f"--master_port={free_port()}"],
+                 folder / "two")
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    return single, double
+
+
 def column(csv_path, name) -> np.ndarray:
     """One column of a metrics CSV, as numbers."""
     with open(csv_path, newline="") as handle:
@@ -51,11 +62,7 @@ NETWORK_ALONE = "pod_path 0\n"
 def test_two_gloo_processes_train_the_same_model_as_one_process(tmp_path):
     for name in ("one", "two"):
         write_case(tmp_path / name, n=14, epochs=3, extra=NETWORK_ALONE)
-    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
-    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
-                 tmp_path / "two")
-    assert single.returncode == 0, single.stderr
-    assert double.returncode == 0, double.stderr
+    _, double = one_and_two_processes(tmp_path)
     assert "torch.distributed.run --nproc_per_node=2" in double.stdout
     assert double.stdout.count("Training on cpu x 2 processes") == 1  # rank 0 alone speaks
     # Compared as a whole, not tensor by tensor: a conv bias that feeds a GroupNorm has a near-zero gradient, and
@@ -84,10 +91,7 @@ def test_two_processes_accumulating_two_half_batches_train_like_one_process_with
     write_case(tmp_path / "two", n=14, epochs=2, extra=NETWORK_ALONE)
     condition = tmp_path / "two" / "input_data" / "condition.txt"
     condition.write_text(condition.read_text().replace("Batch_size 4", "Batch_size 2") + "grad_accum_steps 2\n")
-    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
-    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
-                 tmp_path / "two")
-    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    _, double = one_and_two_processes(tmp_path)
     assert "gradient accumulation over 2 batch(es)" in double.stdout
     one = torch.load(tmp_path / "one" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
@@ -255,11 +259,7 @@ def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_pat
                          "latent_conditioner_dropout_rate 0\nlatent_conditioner_batch 4\nlatent_gp 0\n"
                          + NETWORK_ALONE)  # the VAEs the conditioners train on must match too (see NETWORK_ALONE)
         write_conditions(tmp_path / name, parameters)
-    single = run([sys.executable, str(REPO / "SimulGen-VAE.py")], tmp_path / "one")
-    double = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}"],
-                 tmp_path / "two")
-    assert single.returncode == 0, single.stderr
-    assert double.returncode == 0, double.stderr
+    _, double = one_and_two_processes(tmp_path)
     assert double.stdout.count("Training the MLP conditioner") == 1
     one = torch.load(tmp_path / "one" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
     two = torch.load(tmp_path / "two" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
@@ -269,11 +269,7 @@ def test_conditioner_trains_end_to_end_under_two_gloo_processes_like_one(tmp_pat
     for name in ("one", "two"):  # then an ensemble (lc_ensemble) with --lc_only=1, through launch_ddp on 2
         with open(tmp_path / name / "input_data" / "condition.txt", "a") as condition:
             condition.write("lc_ensemble 2\n")
-    single = run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--lc_only=1"], tmp_path / "one")
-    again = run([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", "--lc_only=1",
-                 f"--master_port={free_port()}"], tmp_path / "two")
-    assert single.returncode == 0, single.stderr
-    assert again.returncode == 0, again.stderr
+    _, again = one_and_two_processes(tmp_path, "--lc_only=1")
     assert "--lc_only=1" in again.stdout and again.stdout.count("The ensemble of 2 MLPs") == 1
     assert len(list((tmp_path / "two" / "archive").glob("*/model_save/latent_conditioner"))) == 1
     one = torch.load(tmp_path / "one" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]

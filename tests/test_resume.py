@@ -136,16 +136,7 @@ def test_a_run_stopped_inside_an_epoch_saves_that_step_and_its_partial_sums(tmp_
     import modules.training.guard as guard
 
     write_case(tmp_path, n=20, epochs=3)  # 15 training designs, batches of 4: 4 steps per epoch
-    steps = []
-    real = guard.Guard.after_step
-
-    def after_step(self, skipped):
-        steps.append(1)
-        if len(steps) == 6:
-            self.stop.signal_number = signal.SIGTERM
-        return real(self, skipped)
-
-    monkeypatch.setattr(guard.Guard, "after_step", after_step)
+    real = stop_at_step(monkeypatch, 6)
     with working_directory(tmp_path):
         assert main([]) == 128 + signal.SIGTERM
         progress = progress_of("checkpoints/last.pt")
@@ -155,6 +146,22 @@ def test_a_run_stopped_inside_an_epoch_saves_that_step_and_its_partial_sums(tmp_
         assert main(["--resume"]) == 0
     assert "Resuming from checkpoints/last.pt: epoch 1, step 2" in capsys.readouterr().out
     assert [int(row["epoch"]) for row in metrics(tmp_path)] == [1, 2, 3]
+
+
+def stop_at_step(monkeypatch, count: int):
+    """Make the count-th optimiser step of this process ask to stop, as SIGTERM would; returns the real
+    Guard.after_step, to set back before resuming."""
+    import modules.training.guard as guard
+    steps, real = [], guard.Guard.after_step
+
+    def after_step(self, skipped):
+        steps.append(1)
+        if len(steps) == count:
+            self.stop.signal_number = signal.SIGTERM
+        return real(self, skipped)
+
+    monkeypatch.setattr(guard.Guard, "after_step", after_step)
+    return real
 
 
 def snapshot(folder):

@@ -183,6 +183,7 @@ def evaluation_report(evaluation) -> dict:
                    "square error at each step; all in physical units, on the validation designs unless named",
         "n_train": len(case.train_indices), "n_val": len(case.val_indices), "n_steps": case.array.sample_shape[0],
         "n_nodes": n_nodes, "latent_numbers_per_design": config.latent_size,
+        "vae_runs_on": "fields" if evaluation.vae.codec is None else "snapshot codes",
         "labels": labels(evaluation),
         "reconstruction": reconstruction,
         "reconstruction_training_designs": evaluation.encoding.errors.subset(case.train_indices).summary(
@@ -269,14 +270,19 @@ def likelihood_section(evaluation) -> dict:
     if config.fixed_recon_weight is not None:
         return {"alpha": config.fixed_recon_weight, "model": f"fixed weight on the mean {LOSS_NAMES[config.loss_type]}"}
     scaled = evaluation.vae.noise_std.cpu().double().numpy()
-    return {"alpha": "auto", "model": "Gaussian" if config.loss_type == 1 else "Laplace",
-            "noise_std_scaled": scaled.tolist(),
+    model = "Gaussian" if config.loss_type == 1 else "Laplace"
+    if evaluation.vae.codec is not None:  # on the snapshot codec's codes: one scale, in standardised code units
+        return {"alpha": "auto", "model": model, "noise_std_codes": scaled.tolist()}
+    return {"alpha": "auto", "model": model, "noise_std_scaled": scaled.tolist(),
             "noise_std_physical": evaluation.case.scaler.physical_spread(scaled).tolist()}
 
 
 def likelihood_words(likelihood: dict) -> str:
     if likelihood["alpha"] != "auto":
         return f"alpha {likelihood['alpha']:g} ({likelihood['model']})"
+    if "noise_std_codes" in likelihood:
+        return (f"alpha auto: a {likelihood['model']} likelihood on the snapshot codec's codes with a noise scale of "
+                f"{likelihood['noise_std_codes'][0]:.3g} (standardised code units)")
     noise = ", ".join(f"{value:.3g}" for value in likelihood["noise_std_physical"])
     return (f"alpha auto: a {likelihood['model']} likelihood with a noise scale of {noise} per variable "
             f"(physical units)")
@@ -287,7 +293,8 @@ def labels(evaluation) -> dict:
     kind = ""
     if evaluation.conditioner is not None:
         kind = conditioner_kind(evaluation.conditioner.facts)
-    return {"vae": f"VAE ({size} latent numbers per design)", "pod": f"POD, {size} modes",
+    on = "" if evaluation.vae.codec is None else ", on the snapshot codec's codes"
+    return {"vae": f"VAE ({size} latent numbers per design{on})", "pod": f"POD, {size} modes",
             "mean_field": "training mean field", "conditioner": f"conditioner ({kind})",
             "pod_gpr": f"POD ({size} modes) + Gaussian-process regression",
             "nearest_neighbour": "nearest training design in condition space"}

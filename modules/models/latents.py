@@ -24,10 +24,11 @@ def split_latents(latents: torch.Tensor, spec):
     return main, latents[:, spec.main_latent_dim:].unflatten(1, (spec.n_levels, spec.level_latent_dim))
 
 
-def decode_latents(vae, latent_scaler, standardised: torch.Tensor) -> torch.Tensor:
-    """Standardised latents [B, D + L*d] -> field [B, T, M] in the VAE's scaled units. Differentiable, so a loss on
-    the field trains whatever produced the latents (end-to-end training)."""
-    return vae.decode(*split_latents(latent_scaler.inverse(standardised), vae.spec))
+def decode_latents(vae, latent_scaler, standardised: torch.Tensor, decode=True) -> torch.Tensor:
+    """Standardised latents [B, D + L*d] -> field [B, T, M] in the VAE's scaled units (decode False: what the VAE's
+    decoder writes, the codes of a VAE on snapshot codes). Differentiable, so a loss on the field trains whatever
+    produced the latents (end-to-end training)."""
+    return vae.decode(*split_latents(latent_scaler.inverse(standardised), vae.spec), decode=decode)
 
 
 def save_latents(folder, main: np.ndarray, levels: np.ndarray) -> None:

@@ -19,10 +19,16 @@ the design's POD coefficient plus a learned shift that starts at zero. The KL st
 The model also holds the likelihood's noise scale per variable (noise_std, scaled units): with alpha auto training
 sets it each epoch (training.losses); it is stored with the weights so that a report can state it.
 
+With a snapshot codec (spec.codec, condition.txt field_codec_epochs; models.snapshot_codec) everything above runs on
+the code trajectories [B, T, codec] instead of the fields: the fields are encoded snapshot by snapshot on the way in
+and decoded on the way out (forward, decode, decode_around, generate all still take and give fields). The codec is
+trained first and then frozen; the VAE's loss is taken on the codes (forward with decode=False, encode_data), where a
+step costs the same on any mesh, and the likelihood then has one noise scale, in standardised code units.
+
 Level latents are stored and returned in generation order: index 0 is the coarsest level.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,7 @@ from modules.config.settings import level_lengths
 from modules.models.grad_checkpointing import run_block
 from modules.models.latents import split_latents
 from modules.models.pod_path import PODPath
+from modules.models.snapshot_codec import SnapshotCodec
 
 POOLED_STEPS = 4  # latent heads see the state average-pooled to this many time points, whatever T is
 START_LOG_STD = -4.0  # POD path: posterior log-std before soft_clamp (-3.3 after): 3.6 % of a coefficient's spread
@@ -51,6 +58,7 @@ class ModelSpec:
     head_hidden: int
     pod_modes: int = 0  # latent numbers carried by the frozen POD path: 0 (none) or all of them
     n_vars: int = 1  # variables side by side along the node axis (one likelihood scale each)
+    codec: int = 0  # code numbers per time step the VAE runs on (a snapshot codec); 0: it runs on the fields
 
     @classmethod
     def from_config(cls, config) -> "ModelSpec":
@@ -69,6 +77,14 @@ class ModelSpec:
     @property
     def latent_size(self) -> int:
         return self.main_latent_dim + self.n_levels * self.level_latent_dim
+
+    def data_spec(self) -> "ModelSpec":
+        """The shape of what the encoder reads and the decoder writes: the fields, or with a codec the codes (one
+        'variable' of codec numbers per time step, a node projection of at most that rank)."""
+        if not self.codec:
+            return self
+        return replace(self, n_nodes=self.codec, projection_rank=min(self.projection_rank, self.codec), n_vars=1,
+                       codec=0)
 
     @property
     def level_lengths(self) -> list:
@@ -242,28 +258,43 @@ class HierarchicalVAE(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.encoder = Encoder(spec)
-        self.decoder = Decoder(spec)
-        self.pod = PODPath(spec.n_steps, spec.n_nodes, spec.projection_rank, spec.pod_modes) if spec.pod_modes else None
-        self.register_buffer("noise_std", torch.full((spec.n_vars,), 0.1))
+        data = spec.data_spec()
+        self.codec = None
+        if spec.codec:  # trained before the VAE (training.vae_training) and frozen: never in the VAE's optimiser
+            self.codec = SnapshotCodec(spec.n_nodes, spec.n_vars, spec.projection_rank).requires_grad_(False)
+        self.encoder = Encoder(data)
+        self.decoder = Decoder(data)
+        self.pod = PODPath(spec.n_steps, data.n_nodes, data.projection_rank, spec.pod_modes) if spec.pod_modes else None
+        self.register_buffer("noise_std", torch.full((data.n_vars,), 0.1))
 
     @property
     def noise_size(self) -> int:
         """Standard-normal numbers one posterior sample of one design uses: main latent, then each level."""
         return self.spec.latent_size
 
-    def forward(self, fields, sample=True, noise=None):
+    def encode_data(self, fields):
+        """Fields [B, T, M] (scaled) -> what the VAE runs on: the fields themselves, or their codes [B, T, codec]."""
+        return fields if self.codec is None else self.codec.encode(fields)
+
+    def decode_data(self, data):
+        """What the VAE's decoder gives -> fields [B, T, M] (scaled): itself, or the codec's decoding of it."""
+        return data if self.codec is None else self.codec.decode(data)
+
+    def forward(self, fields, sample=True, noise=None, decode=True):
         """fields [B, T, M] (scaled) -> dict with recon [B, T, M], kl_main [B], kl_levels [B, L], their float32
         per-dimension terms kl_main_dims [B, D] and kl_level_dims [B, L, d] (kl_main and kl_levels are their sums),
         main_mean [B, D] and level_latents [B, L, d] (the posterior means when sample is False).
 
         noise: optional standard-normal draws [B, noise_size] for the reparameterisation (fresh ones otherwise);
         giving them per design makes a run independent of how designs are batched or spread over processes.
+        decode False: recon is what the decoder writes (with a codec the codes [B, T, codec], which training's loss
+        compares with encode_data(fields)), not the field.
         """
-        features, main_mean, main_log_std = self.encoder(fields)
+        data = self.encode_data(fields)
+        features, main_mean, main_log_std = self.encoder(data)
         level_anchors = None
         if self.pod is not None:
-            anchors = self.pod.encode(fields)
+            anchors = self.pod.encode(data)
             main_mean = main_mean + anchors[:, :self.spec.main_latent_dim]
             level_anchors = split_latents(anchors, self.spec)[1]
         main_z, level_noise = main_mean, None
@@ -273,7 +304,8 @@ class HierarchicalVAE(nn.Module):
         residual, level_latents, kl_level_dims = self.decoder(main_z, features=features, sample=sample,
                                                               level_noise=level_noise, level_anchors=level_anchors)
         kl_main_dims = gaussian_kl(main_mean, main_log_std, torch.zeros_like(main_mean), torch.zeros_like(main_log_std))
-        return {"recon": self._with_pod_path(residual, main_z, level_latents), "kl_main": kl_main_dims.sum(dim=-1),
+        recon = self._with_pod_path(residual, main_z, level_latents)
+        return {"recon": self.decode_data(recon) if decode else recon, "kl_main": kl_main_dims.sum(dim=-1),
                 "kl_levels": kl_level_dims.sum(dim=-1), "kl_main_dims": kl_main_dims, "kl_level_dims": kl_level_dims,
                 "main_mean": main_mean, "level_latents": level_latents}
 
@@ -291,20 +323,22 @@ class HierarchicalVAE(nn.Module):
     @torch.no_grad()
     def encode_means(self, fields):
         """Posterior means along the mean path: (main [B, D], levels [B, L, d]); decode() of them is the recon."""
-        outputs = self(fields, sample=False)
+        outputs = self(fields, sample=False, decode=False)
         return outputs["main_mean"], outputs["level_latents"]
 
-    def decode(self, main_latent, level_latents):
-        """Latents [B, D] and [B, L, d] -> field [B, T, M] (scaled units). Differentiable."""
+    def decode(self, main_latent, level_latents, decode=True):
+        """Latents [B, D] and [B, L, d] -> field [B, T, M] (scaled units). Differentiable. decode False: what the
+        decoder writes (with a codec the codes, as forward's)."""
         residual = self.decoder(main_latent, level_latents=level_latents)[0]
-        return self._with_pod_path(residual, main_latent, level_latents)
+        data = self._with_pod_path(residual, main_latent, level_latents)
+        return self.decode_data(data) if decode else data
 
     def decode_around(self, main_latent, level_latents, level_noise):
         """Fields [B, T, M] around given latents: the main latent as given, each level's latent plus level_noise
         [B, L, d] times that level's prior spread (the spread the VAE allows in the finer detail): --samples."""
         residual, drawn_levels, _ = self.decoder(main_latent, level_latents=level_latents, sample=True,
                                                  level_noise=level_noise)
-        return self._with_pod_path(residual, main_latent, drawn_levels)
+        return self.decode_data(self._with_pod_path(residual, main_latent, drawn_levels))
 
     @torch.no_grad()
     def generate(self, n: int):
@@ -313,7 +347,7 @@ class HierarchicalVAE(nn.Module):
         device = self.decoder.initial.weight.device
         main_z = torch.randn(n, self.spec.main_latent_dim, device=device)
         residual, level_latents, _ = self.decoder(main_z, sample=True)
-        return self._with_pod_path(residual, main_z, level_latents)
+        return self.decode_data(self._with_pod_path(residual, main_z, level_latents))
 
     @torch.no_grad()
     def init_node_projections(self, mean, modes, scales):

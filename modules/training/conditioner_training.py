@@ -423,9 +423,14 @@ def conditioner_loss(model, case: ConditionerCase, inputs, designs, fields, conf
     latent_mse = F.mse_loss(predicted.float(), case.targets[designs].expand_as(predicted))
     if not config.use_e2e_training:
         return latent_mse, (latent_mse.detach(), torch.zeros((), device=predicted.device))
+    # a VAE on snapshot codes is trained end to end on the codes, as the VAE itself was: decoding every node with
+    # gradients would cost the neural field's whole decode per design and step
+    on_codes = case.vae.codec is not None
     with runtime.autocast():
-        recon = decode_latents(case.vae, case.latent_scaler, predicted.float().flatten(0, 1))   # [K * B, T, M]
-    e2e_loss = field_loss(recon.float().reshape(members, *fields.shape), fields.expand(members, *fields.shape),
+        recon = decode_latents(case.vae, case.latent_scaler, predicted.float().flatten(0, 1),   # [K * B, T, M]
+                               decode=not on_codes)
+    target = case.vae.encode_data(fields) if on_codes else fields
+    e2e_loss = field_loss(recon.float().reshape(members, *target.shape), target.expand(members, *target.shape),
                           config.e2e_loss_function, config.huber_delta)
     loss = e2e_loss
     if config.use_latent_regularization:

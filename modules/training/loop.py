@@ -53,7 +53,8 @@ def run_training(job, config, runtime, run, say, resume=None):
     stood, until every epoch is done or early stopping ends it. Returns (the final Progress, saved as last; the
     per-epoch log records). run: the run record (main process) or None (other ranks, which neither log nor write)."""
     trainer = training_module(job.model, config, runtime)
-    optimizer = make_optimizer(job.model.parameters(), job.peak_lr, job.weight_decay)
+    # a frozen part (a VAE's snapshot codec) is no optimiser's
+    optimizer = make_optimizer([p for p in job.model.parameters() if p.requires_grad], job.peak_lr, job.weight_decay)
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
 
     def save(path, progress):

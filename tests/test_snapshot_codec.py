@@ -1,0 +1,253 @@
+"""The snapshot codec (field_codec_epochs): where the nodes' positions are known, a codec of each time step to a few
+numbers is trained before the VAE, and the VAE runs on its codes when they reconstruct the validation designs better
+than POD at the VAE's latent size. What it promises: the VAE still takes and gives fields; it starts from exactly
+the reconstruction that was compared; a codec that loses is dropped and changes nothing; the codec stays frozen while
+the VAE trains; a model on codes is saved, reloaded, reported, resumed and exported like any other."""
+import json
+import re
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from conftest import write_case
+from modules.cli import main
+from modules.config import load_config
+from modules.data.case import prepare_case
+from modules.models.vae import HierarchicalVAE, ModelSpec
+from modules.storage.model_files import load_model
+from modules.training import vae_training
+from modules.training.runtime import Runtime
+from modules.training.vae_training import build_model
+from test_training import working_directory
+
+SIDE, STEPS, DESIGNS = 10, 6, 32
+
+
+def travelling_pulse(n=DESIGNS, seed=0):
+    """[n, STEPS, SIDE * SIDE] float32: a Gaussian pulse that starts at (x0, y0) and moves in a straight line (angle,
+    speed per design) over a SIDE x SIDE grid (row-major, as grid_shape reads it); and the parameters [n, 4]."""
+    rng = np.random.default_rng(seed)
+    x0, y0, angle, speed = (rng.uniform(0.3, 0.7, n), rng.uniform(0.3, 0.7, n), rng.uniform(0, 2 * np.pi, n),
+                            rng.uniform(0.2, 0.4, n))
+    rows, columns = np.meshgrid(np.linspace(0, 1, SIDE), np.linspace(0, 1, SIDE), indexing="ij")
+    time = np.linspace(0, 1, STEPS)[None, :, None]
+    centre_x = (x0[:, None] + speed[:, None] * np.cos(angle)[:, None] * time[..., 0])[..., None]
+    centre_y = (y0[:, None] + speed[:, None] * np.sin(angle)[:, None] * time[..., 0])[..., None]
+    distance = (columns.ravel() - centre_x) ** 2 + (rows.ravel() - centre_y) ** 2
+    fields = np.exp(-distance / (2 * 0.08 ** 2)) + 0.5
+    return fields.astype(np.float32), np.stack([x0, y0, angle, speed], axis=1)
+
+
+def pulse_case(folder, epochs=2, extra="", codec_epochs=150):
+    fields, parameters = travelling_pulse()
+    write_case(folder, n=DESIGNS, t=STEPS, m=SIDE * SIDE, epochs=epochs, data=fields,
+               extra=f"grid_shape {SIDE} {SIDE}\nfield_codec_epochs {codec_epochs}\n" + extra)
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text().replace("alpha 1e4", "alpha auto"))  # the default likelihood
+    return parameters
+
+
+def write_parameters(folder, parameters):
+    np.savetxt(folder / "input_data" / "parameters.csv", parameters, delimiter=",", header="x0,y0,angle,speed",
+               comments="", fmt="%.17g")
+
+
+def prepared(folder):
+    with working_directory(folder):
+        config = load_config(1, warn=lambda text: None)
+        return config, prepare_case(config, Runtime(torch.device("cpu")))
+
+
+def scaled(case, designs):
+    return torch.from_numpy(case.scaler.transform(case.array.read(designs)))
+
+
+@pytest.fixture(scope="module")
+def pulse(tmp_path_factory):
+    """The pulse case and the model build_model starts it with, what it said, its config and case."""
+    folder = tmp_path_factory.mktemp("pulse")
+    pulse_case(folder)
+    config, case = prepared(folder)
+    said = []
+    with working_directory(folder):
+        model = build_model(config, case, Runtime(torch.device("cpu")), say=said.append).eval()
+    return model, said, config, case
+
+
+def test_on_a_travelling_pulse_the_vae_runs_on_codes_and_starts_from_what_was_compared(pulse):
+    model, said, config, case = pulse
+    choice = [line for line in said if line.startswith("The validation designs from")]
+    assert len(choice) == 1 and choice[0].endswith("the VAE runs on the codec's codes"), said
+    codec_error, pod_error = (float(number) for number in re.search(
+        r"mean squared error (\S+) \(scaled units\) through the snapshot codec against (\S+) for POD with 16 modes",
+        choice[0]).groups())
+    assert codec_error < pod_error
+    assert model.codec is not None and model.spec.codec == 8
+    val = scaled(case, case.val_indices)
+    with torch.no_grad():
+        out = model(val, sample=False)
+        codes = model(val, sample=False, decode=False)["recon"]
+    assert out["recon"].shape == val.shape and codes.shape == (len(val), STEPS, 8)
+    # every node is compared on this small mesh: the starting VAE's error is exactly the codec's that was said
+    assert float(((out["recon"] - val) ** 2).mean()) == pytest.approx(codec_error, rel=1e-3)
+    # and the starting state is the codec through the codes' design POD: the codes' posterior means decode to it
+    assert torch.allclose(model.decode(out["main_mean"], out["level_latents"]), out["recon"], atol=1e-5)
+    assert torch.allclose(model.codec.decode(codes), out["recon"], atol=1e-6)
+
+
+def test_the_codes_are_standardised_on_the_training_designs(pulse):
+    model, _, _, case = pulse
+    with torch.no_grad():
+        codes = model.encode_data(scaled(case, case.train_indices)).flatten(0, 1)
+    assert torch.allclose(codes.mean(0), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(codes.std(0), torch.ones(8), atol=1e-4)
+
+
+def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pulse, tmp_path):
+    model, _, config, case = pulse
+    runtime = Runtime(torch.device("cpu"))
+    codec_before = {name: value.clone() for name, value in model.codec.state_dict().items()}
+    model = HierarchicalVAE(model.spec)
+    model.load_state_dict(pulse[0].state_dict())
+    job = vae_training.VAETraining(model, case, config, runtime, say=lambda text: None)
+    assert job.n_parts == 3 + config.n_levels + 1  # one likelihood scale: the codes'
+    batch = next(job.training_batches(0, [(np.arange(4), 1.0)]))
+    step_loss, parts = job.batch_loss(model, batch, None)
+    assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (STEPS * 8), rel=1e-6)  # nats per code value
+    assert all(not weight.requires_grad for weight in model.codec.parameters())
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step_loss.backward()
+    optimiser.step()
+    assert all(torch.equal(codec_before[name], value) for name, value in model.codec.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(model.decoder.parameters(), pulse[0].decoder.parameters()))
+
+
+def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
+    for name, epochs in (("tried", 20), ("not", 0)):
+        write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")
+    said = []
+    models = []
+    for name in ("tried", "not"):
+        config, case = prepared(tmp_path / name)
+        with working_directory(tmp_path / name):
+            models.append(build_model(config, case, Runtime(torch.device("cpu")), say=said.append))
+    assert [line for line in said if "the VAE runs on" in line][0].endswith("the fields (the codec is dropped)")
+    assert models[0].codec is None
+    # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
+    first, second = models[0].state_dict(), models[1].state_dict()
+    for name in ("pod.modes", "pod.scales", "pod.node_modes", "noise_std", "encoder.node_projection.weight"):
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_without_node_positions_no_codec_is_tried_and_that_is_said(tmp_path):
+    write_case(tmp_path, n=12, t=6, m=20, extra="field_codec_epochs 20\n")
+    config, case = prepared(tmp_path)
+    said = []
+    with working_directory(tmp_path):
+        model = build_model(config, case, Runtime(torch.device("cpu")), say=said.append)
+    assert model.codec is None
+    assert any(line.startswith("note: no snapshot codec: where the nodes are is not known") for line in said)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A whole run on the pulse (VAE on codes, MLP conditioner on its 4 parameters), 3 epochs, a checkpoint each."""
+    folder = tmp_path_factory.mktemp("trained")
+    parameters = pulse_case(folder, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
+                                                   "input_type csv\nparam_dir input_data/parameters.csv\n")
+    write_parameters(folder, parameters)
+    with working_directory(folder):
+        assert main([]) == 0
+    return folder
+
+
+def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
+    model, config, scaler = load_model(trained / "model_save" / "SimulGen-VAE")
+    assert model.codec is not None and model.spec.codec == 8
+    report = json.loads((trained / "output" / "evaluation.json").read_text())
+    assert set(report["likelihood"]) == {"alpha", "model", "noise_std_codes"}
+    assert report["likelihood"]["noise_std_codes"] == pytest.approx(model.noise_std.tolist())
+    assert "likelihood on the snapshot codec's codes" in (trained / "output" / "evaluation.md").read_text()
+    # the reported reconstruction error is the reloaded model's own, on the fields
+    with working_directory(trained):
+        config, case = prepared(trained)
+    val = case.array.read(case.val_indices)
+    with torch.no_grad():
+        recon = scaler.inverse(model(torch.from_numpy(scaler.transform(val)), sample=False)["recon"].numpy())
+    errors = np.linalg.norm((recon - val).reshape(len(val), -1), axis=1) / np.linalg.norm(val.reshape(len(val), -1),
+                                                                                          axis=1)
+    reported = json.loads((trained / "output" / "reconstruction_error.json").read_text())
+    assert reported["vae_val"] == pytest.approx(float(errors.mean()), rel=1e-4)
+
+
+def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(trained, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Stopped in epoch 2 (24 training designs, batches of 4: 6 steps an epoch), resumed: the codec comes back from
+    the checkpoint (no second fit) and the run ends where the uninterrupted one did."""
+    import signal
+
+    from test_resume import stop_at_step
+
+    import modules.training.guard as guard
+    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
+                                                      "input_type csv\nparam_dir input_data/parameters.csv\n")
+    write_parameters(tmp_path, parameters)
+    real = stop_at_step(monkeypatch, 8)
+    with working_directory(tmp_path):
+        assert main([]) == 128 + signal.SIGTERM
+        checkpoint = torch.load("checkpoints/last.pt", weights_only=True)
+        assert checkpoint["spec"]["codec"] == 8 and "codec.field.out.weight" in checkpoint["state_dict"]
+        capsys.readouterr()
+        monkeypatch.setattr(guard.Guard, "after_step", real)
+        assert main(["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "Resuming from checkpoints/last.pt: epoch 1, step 2" in said and "Training a snapshot codec" not in said
+    one = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_a_model_on_codes_exports_to_onnx_and_matches_predict(trained, tmp_path, capsys):
+    with working_directory(trained):
+        assert main([f"--export={tmp_path / 'surrogate.onnx'}"]) == 0
+    assert "matches --predict" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(tmp_path / "surrogate.onnx"), providers=["CPUExecutionProvider"])
+    fields = session.run(["fields"], {"parameters": np.zeros((2, 4), dtype=np.float32) + 0.5})[0]
+    assert fields.shape == (2, STEPS, SIDE * SIDE) and np.isfinite(fields).all()
+
+
+def test_an_old_model_file_without_a_codec_reads_as_one_on_the_fields():
+    spec = ModelSpec.from_dict({"n_steps": 4, "n_nodes": 6, "projection_rank": 3, "filters": [8], "main_latent_dim": 2,
+                                "level_latent_dim": 2, "blocks_per_level": 1, "head_hidden": 8})
+    assert spec.codec == 0 and spec.data_spec() is spec and HierarchicalVAE(spec).codec is None
+
+
+def test_a_negative_field_codec_epochs_is_refused_in_one_line(tmp_path, capsys):
+    pulse_case(tmp_path, codec_epochs=-1)
+    with working_directory(tmp_path):
+        assert main([]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "field_codec_epochs" in error[0] and "must be >= 0" in error[0]
+
+
+def test_two_gloo_processes_train_on_codes_like_one_process(tmp_path):
+    """Every rank fits the same codec and makes the same choice; the VAE on codes then trains as DDP trains any VAE
+    (the network alone, as tests/test_distributed.py compares it)."""
+    from test_distributed import NETWORK_ALONE, column, one_and_two_processes
+    for name in ("one", "two"):
+        pulse_case(tmp_path / name, epochs=2, extra=NETWORK_ALONE, codec_epochs=30)
+    _, double = one_and_two_processes(tmp_path)
+    assert double.stdout.count("Training a snapshot codec") == 1
+    assert "the VAE runs on the codec's codes" in double.stdout
+    one = torch.load(tmp_path / "one" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    assert all(torch.equal(one[name], two[name]) for name in one if name.startswith("codec."))
+    # every tensor but the biases of the convolutions that feed a GroupNorm (body.2): their gradient is near zero and
+    # Adam turns the float noise of another summation order into full-size steps (tests/test_distributed.py)
+    compared = [name for name in one if not name.endswith("body.2.bias")]
+    difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in compared).sqrt()
+    assert difference <= 1e-5 * sum(torch.sum(one[k].float() ** 2) for k in compared).sqrt()
+    losses = [column(tmp_path / name / "output" / "metrics.csv", "train/loss") for name in ("one", "two")]
+    assert np.allclose(*losses, rtol=1e-5)
