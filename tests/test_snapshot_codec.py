@@ -124,6 +124,30 @@ def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pul
     assert any(not torch.equal(a, b) for a, b in zip(model.decoder.parameters(), pulse[0].decoder.parameters()))
 
 
+def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes(pulse, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from modules.data.scaling import ColumnScaler
+    from modules.models.latents import split_latents
+    from modules.training.conditioner_training import conditioner_loss
+    model, _, config, case = pulse
+    fields = scaled(case, case.train_indices[:3])
+    latents = torch.randn(3, config.latent_size, generator=torch.Generator().manual_seed(0))
+    scaler = ColumnScaler(np.zeros(config.latent_size), np.full(config.latent_size, 0.5))
+    conditioner_case = SimpleNamespace(vae=model, latent_scaler=scaler, targets=latents)
+    settings = SimpleNamespace(lc_ensemble=1, use_e2e_training=1, e2e_loss_function="MSE", huber_delta=1.0,
+                               use_latent_regularization=0)
+    monkeypatch.setattr(model.codec, "decode", lambda *args, **kwargs: pytest.fail("decoded every node"))
+    loss, (latent_mse, e2e_loss) = conditioner_loss(lambda inputs: latents, conditioner_case, None,
+                                                    torch.arange(3), fields, settings, Runtime(torch.device("cpu")))
+    with torch.no_grad():
+        codes = model.decode(*split_latents(latents * 0.5, model.spec), decode=False)
+    assert codes.shape == (3, STEPS, 8)
+    assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
+
+
 def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
     for name, epochs in (("tried", 20), ("not", 0)):
         write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")

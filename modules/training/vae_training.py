@@ -36,6 +36,10 @@ from modules.training.losses import LOSS_NAMES, loss_of_uniform_error, optimal_n
 from modules.training.runtime import MemoryWatch, seed_everything
 from modules.training.schedules import beta_at, lr_factor
 
+CODEC_SNAPSHOTS = 64  # snapshots a step trains on, drawn at random across the training designs
+CODEC_NODES = 256     # nodes of each variable a snapshot decodes in a step, at random (every node where fewer)
+CODEC_LR = 1e-3       # Adam's peak learning rate, one-cycle schedule (10 % warm-up): the benchmark's
+
 
 def train_vae(config, runtime, case: Case, run=None, resume=None, say=print, watch=None):
     """Train the VAE on a prepared case, from scratch or, with resume (a checkpoint path checked by
@@ -58,9 +62,10 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, say=print, wat
         progress, history = run_training(job, config, runtime, run, say, resume)
     if not runtime.is_main:
         return None
+    alone = ": the frozen POD path alone" + ("" if job.model.codec is None else " on the snapshot codec's codes")
     kept = (f"epoch {progress.best_epoch}" if progress.best_epoch else
             "the starting state (no epoch of training did better on the validation designs"
-            + (": the frozen POD path alone)" if job.model.pod is not None else ")"))
+            + (alone if job.model.pod is not None else "") + ")")
     say(f"Best validation loss {progress.best_val_loss:.4g}: {kept}; that VAE is kept")
     job.model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
     save_model(MODEL_FILE, job.model, config, case.scaler, run.id)
@@ -81,7 +86,7 @@ def build_model(config, case: Case, runtime, pod_start=True, say=print, spec=Non
     if not pod_start:
         return HierarchicalVAE(spec).to(runtime.device)
     node_basis = pod_node_basis(case.array, case.train_indices, case.scaler, spec.projection_rank, config.seed)
-    codec, codes = chosen_codec(config, case, runtime, spec, node_basis, say)
+    codec, code_space = chosen_codec(config, case, runtime, spec, node_basis, say)
     if codec is None:
         model = HierarchicalVAE(spec)
         model.init_node_projections(*node_basis)
@@ -91,7 +96,7 @@ def build_model(config, case: Case, runtime, pod_start=True, say=print, spec=Non
         return model.to(runtime.device)
     model = HierarchicalVAE(replace(spec, codec=CODE)).to(runtime.device)
     model.codec.load_state_dict(codec.state_dict())
-    code_node_basis, code_design_basis = code_bases(codes, case.train_indices, max(spec.pod_modes, 1), config.seed)
+    code_node_basis, code_design_basis = code_space
     model.init_node_projections(*(part.to(runtime.device) for part in code_node_basis))
     if model.pod is not None:
         model.start_pod_path(*(part.to(runtime.device) for part in code_node_basis[:2]),
@@ -100,9 +105,9 @@ def build_model(config, case: Case, runtime, pod_start=True, say=print, spec=Non
 
 
 def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, say):
-    """(a trained snapshot codec, every design's codes [N, T, C]) when one was trained and reconstructs the
-    validation designs from spec.latent_size numbers each better than POD with as many modes; (None, None)
-    otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's."""
+    """(a trained snapshot codec, the VAE's starting bases in its code space (code_bases)) when one was trained and
+    reconstructs the validation designs from spec.latent_size numbers each better than POD with as many modes;
+    (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's."""
     if not config.field_codec_epochs:
         return None, None
     positions = node_positions(read_field_layout(config))
@@ -111,9 +116,9 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, say):
             "would let one be tried); the VAE runs on the fields")
         return None, None
     codec = train_codec(positions, node_basis, case, config, runtime, say)
-    codes = encoded_designs(codec, case, config)
     size = spec.latent_size
-    code_node_basis, code_design_basis = code_bases(codes, case.train_indices, size, config.seed)
+    code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
+                                                    config.seed)
     field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2], size)
     codec_error, pod_error = validation_errors(
         codec, pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device),
@@ -122,12 +127,7 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, say):
     say(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
         f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
         + ("the codec's codes" if kept else "the fields (the codec is dropped)"))
-    return (codec, codes) if kept else (None, None)
-
-
-CODEC_SNAPSHOTS = 64  # snapshots a step trains on, drawn at random across the training designs
-CODEC_NODES = 256     # nodes of each variable a snapshot decodes in a step, at random (every node where fewer)
-CODEC_LR = 1e-3       # Adam's peak learning rate, one-cycle schedule (10 % warm-up): the benchmark's
+    return (codec, (code_node_basis, code_design_basis)) if kept else (None, None)
 
 
 class CodeArray:
