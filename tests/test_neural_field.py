@@ -23,7 +23,7 @@ from modules.models.neural_field import node_columns
 
 
 def training_case(fields, conditions, read=None):
-    """What train_neural_field and sampled_snapshots read of a ConditionerCase: training designs 0..n-1 whose scaled
+    """What train_neural_field and sampled_pass read of a ConditionerCase: training designs 0..n-1 whose scaled
     fields [n, T, M] are read by position (each batch's positions appended to read), and the conditions."""
     from types import SimpleNamespace
 
@@ -172,26 +172,27 @@ def test_a_spec_saved_before_the_neural_field_reads_back():
     assert ConditionerSpec.from_dict(values) == dataclasses.replace(spec, field_shape=())
 
 
-def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own(monkeypatch):
-    """sampled_snapshots: snapshot s is time step s % T of training design s // T, read at its own node indices in
-    every variable; a variable with no more nodes than FIELD_NODES is read whole."""
-    from modules.training import conditioner_training
+def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own():
+    """sampled_pass (what the neural-field conditioner and the snapshot codec train on): snapshot s is time step
+    s % T of training design s // T, read at its own node indices in every variable, and encoded whole where asked; a
+    variable with no more nodes than those asked for is read whole."""
     n_train, n_steps, n_nodes, n_vars = 5, 4, 30, 2
     fields = torch.randn(n_train, n_steps, n_nodes)
     read = []
-    case = training_case(fields, torch.zeros(n_train, 2), read)
-    monkeypatch.setattr(conditioner_training, "FIELD_NODES", 6)
+    source = training_case(fields, torch.zeros(n_train, 2), read).fields.train
     generator = torch.Generator().manual_seed(0)
-    nodes, values = conditioner_training.sampled_snapshots(case, (n_steps, n_nodes, n_vars), 2, generator)
+    nodes, values, encoded = neural_field.sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 6, 2, generator,
+                                                       "cpu", encode=lambda batch: batch.sum(2, keepdim=True))
     assert read == [[0, 1], [2, 3], [4]]  # every training design once, in batches of 2
     assert nodes.shape == (n_train * n_steps, 6) and values.shape == (n_train * n_steps, 12)
     assert nodes.max() < n_nodes // n_vars and len(set(map(tuple, nodes.tolist()))) > n_train  # per snapshot
     for snapshot in (0, 7, 19):
         design, step = divmod(snapshot, n_steps)
         assert torch.equal(values[snapshot], fields[design, step, node_columns(nodes[snapshot], n_nodes, n_vars)])
-    monkeypatch.setattr(conditioner_training, "FIELD_NODES", 15)
-    nodes, values = conditioner_training.sampled_snapshots(case, (n_steps, n_nodes, n_vars), 2, generator)
-    assert nodes is None and torch.equal(values, fields.flatten(0, 1))
+    assert torch.allclose(encoded, fields.sum(2, keepdim=True).flatten(0, 1))  # the whole snapshot, in order
+    nodes, values, encoded = neural_field.sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 15, 2, generator,
+                                                       "cpu")
+    assert nodes is None and torch.equal(values, fields.flatten(0, 1)) and encoded is None
 
 
 def test_the_field_is_fitted_in_its_training_values_units():

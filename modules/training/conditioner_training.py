@@ -38,7 +38,7 @@ from modules.models.conditioners import (CONDITIONERS, LATENT_GP, NEURAL_FIELD, 
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.latents import decode_latents, read_saved_latents
-from modules.models.neural_field import NeuralFieldConditioner, node_columns
+from modules.models.neural_field import NeuralFieldConditioner, sampled_pass
 from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, load_model, read_payload, save_conditioner
 from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME,
                                    OUTPUT_DIR)
@@ -236,10 +236,10 @@ def train_neural_field(spec, positions, case: ConditionerCase, config):
     (bench/spatial_decoders.py's direct model): field_conditioner_epochs passes over the N x T training snapshots,
     each step on FIELD_SNAPSHOTS of them drawn at random across the designs, mean squared error, Adam with a
     one-cycle schedule; the network's output is standardised by the first pass's values (set_value_statistics).
-    Each pass first reads every training design once (sampled_snapshots) and keeps FIELD_NODES random nodes of each
-    variable of every snapshot: steps then mix designs without reading a design per snapshot (steps on one design's
-    time steps measured 2x worse on the pulse). Repeatable for a seed; a fit of minutes, so it is not checkpointed: a
-    resumed conditioner run fits it again."""
+    Each pass first reads every training design once (neural_field.sampled_pass) and keeps FIELD_NODES random nodes
+    of each variable of every snapshot: steps then mix designs without reading a design per snapshot (steps on one
+    design's time steps measured 2x worse on the pulse). Repeatable for a seed; a fit of minutes, so it is not
+    checkpointed: a resumed conditioner run fits it again."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = case.conditions.device
@@ -254,7 +254,8 @@ def train_neural_field(spec, positions, case: ConditionerCase, config):
                                                    math.ceil(snapshots / FIELD_SNAPSHOTS))
     network.train()
     for index in range(config.field_conditioner_epochs):
-        nodes, values = sampled_snapshots(case, spec.field_shape, config.batch_size, generator)
+        nodes, values, _ = sampled_pass(case.fields.train, len(train), spec.field_shape, FIELD_NODES,
+                                        config.batch_size, generator, device)
         if index == 0:
             network.field.set_value_statistics(values)
         for batch in torch.randperm(snapshots, generator=generator).to(device).split(FIELD_SNAPSHOTS):
@@ -267,26 +268,6 @@ def train_neural_field(spec, positions, case: ConditionerCase, config):
             optimiser.step()
             schedule.step()
     return network.eval()
-
-
-def sampled_snapshots(case: ConditionerCase, field_shape, batch_size: int, generator):
-    """One read of the training designs' scaled fields, batch_size designs at a time: (node indices [n * T, P] within
-    a variable, FIELD_NODES random ones (with replacement) for each (design, time step); their values [n * T, V * P]),
-    snapshot s being time step s % T of training design s // T. Where a variable has no more than FIELD_NODES nodes,
-    every node: (None, [n * T, M]). At most n x T x FIELD_NODES x V values (99 MB at 484 x 200 nodes, one variable),
-    whatever M is."""
-    n_steps, n_nodes, n_vars = field_shape
-    n_train, per_variable, device = len(case.fields.train_indices), n_nodes // n_vars, case.conditions.device
-    nodes = None
-    if per_variable > FIELD_NODES:
-        nodes = torch.randint(per_variable, (n_train, n_steps, FIELD_NODES), generator=generator).to(device)
-    order = list(in_order(n_train, batch_size))
-    values = []
-    for positions, fields in zip(on_device(order, device), case.fields.train.batches(order)):
-        if nodes is not None:
-            fields = fields.gather(2, node_columns(nodes[positions], n_nodes, n_vars))
-        values.append(fields.float())
-    return None if nodes is None else nodes.flatten(0, 1), torch.cat(values).flatten(0, 1)
 
 
 @torch.no_grad()

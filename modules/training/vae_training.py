@@ -23,7 +23,7 @@ from modules.data.field_layout import node_positions, read_field_layout
 from modules.data.scaling import HIGH, LOW
 from modules.errors import InputError
 from modules.evaluation import latent_health
-from modules.models.neural_field import CODE, node_columns
+from modules.models.neural_field import CODE, node_columns, sampled_pass
 from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.pod_path import PODPath
 from modules.models.snapshot_codec import SnapshotCodec
@@ -86,13 +86,15 @@ def build_model(config, case: Case, runtime, pod_start=True, say=print, spec=Non
     if not pod_start:
         return HierarchicalVAE(spec).to(runtime.device)
     node_basis = pod_node_basis(case.array, case.train_indices, case.scaler, spec.projection_rank, config.seed)
-    codec, code_space = chosen_codec(config, case, runtime, spec, node_basis, say)
+    codec, code_space, field_design_basis = chosen_codec(config, case, runtime, spec, node_basis, say)
     if codec is None:
         model = HierarchicalVAE(spec)
         model.init_node_projections(*node_basis)
-        if model.pod is not None:
-            model.start_pod_path(*node_basis[:2], *design_pod_basis(case.array, case.train_indices, case.scaler,
-                                                                    *node_basis[:2], spec.pod_modes))
+        if model.pod is not None:  # pod_modes is the latent size: a codec that lost was compared with this very POD
+            if field_design_basis is None:
+                field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2],
+                                                      spec.pod_modes)
+            model.start_pod_path(*node_basis[:2], *field_design_basis)
         return model.to(runtime.device)
     model = HierarchicalVAE(replace(spec, codec=CODE)).to(runtime.device)
     model.codec.load_state_dict(codec.state_dict())
@@ -107,14 +109,16 @@ def build_model(config, case: Case, runtime, pod_start=True, say=print, spec=Non
 def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, say):
     """(a trained snapshot codec, the VAE's starting bases in its code space (code_bases)) when one was trained and
     reconstructs the validation designs from spec.latent_size numbers each better than POD with as many modes;
-    (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's."""
+    (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's.
+    Third: the fields' design POD with spec.latent_size modes (models.pod.design_pod_basis) where the comparison
+    computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise."""
     if not config.field_codec_epochs:
-        return None, None
+        return None, None, None
     positions = node_positions(read_field_layout(config))
     if positions is None:
         say("note: no snapshot codec: where the nodes are is not known (grid_shape, mesh_file or node_coordinates "
             "would let one be tried); the VAE runs on the fields")
-        return None, None
+        return None, None, None
     codec = train_codec(positions, node_basis, case, config, runtime, say)
     size = spec.latent_size
     code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
@@ -127,7 +131,9 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, say):
     say(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
         f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
         + ("the codec's codes" if kept else "the fields (the codec is dropped)"))
-    return (codec, (code_node_basis, code_design_basis)) if kept else (None, None)
+    if not kept:
+        return None, None, field_design_basis
+    return codec, (code_node_basis, code_design_basis), field_design_basis
 
 
 class CodeArray:
@@ -153,7 +159,8 @@ def train_codec(positions, node_basis, case, config, runtime, say) -> SnapshotCo
     each step on CODEC_SNAPSHOTS drawn at random across the designs, each decoded at CODEC_NODES random nodes per
     variable, mean squared error, encoder and field together (Adam, one-cycle). node_basis: (mean, modes, scales) of
     models.pod.pod_node_basis, the encoder's input projection. Each pass reads every training design once, in
-    batch_size batches (the data stay streamed); the field's output statistics come from the first pass. Repeatable
+    batch_size batches (models.neural_field.sampled_pass: the data stay streamed); the encoder's inputs are kept from
+    the first pass, as are the field's output statistics. Repeatable
     for a seed on a device, so every DDP rank trains the same codec (and DDP starts all ranks from rank 0's)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -172,9 +179,11 @@ def train_codec(positions, node_basis, case, config, runtime, say) -> SnapshotCo
         f"({config.field_codec_epochs} passes, {f'{CODEC_NODES} random nodes' if sampled else 'every node'} of each "
         f"time step) ...")
     began = time.perf_counter()
+    field_shape = (n_steps, config.n_nodes_used, config.n_vars)
     coefficients = None
     for index in range(config.field_codec_epochs):
-        read, nodes, values = read_snapshots(codec, case, config, generator, with_coefficients=coefficients is None)
+        nodes, values, read = sampled_pass(case.train, n_train, field_shape, CODEC_NODES, config.batch_size,
+                                           generator, device, codec.coefficients if coefficients is None else None)
         coefficients = read if coefficients is None else coefficients  # the same every pass: kept from the first
         if index == 0:
             codec.field.set_value_statistics(values)
@@ -190,29 +199,6 @@ def train_codec(positions, node_basis, case, config, runtime, say) -> SnapshotCo
         codec.set_code_statistics(codec.raw_codes(coefficients))
     say(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
     return codec.requires_grad_(False).eval()
-
-
-def read_snapshots(codec, case, config, generator, with_coefficients: bool):
-    """One read of the training designs, batch_size at a time: (their snapshots' encoder inputs [n * T, R] or None,
-    node indices [n * T, P] within a variable (None: every node), the values there [n * T, V * P]), snapshot s being
-    time step s % T of training design s // T."""
-    n_steps, n_nodes, n_vars = config.n_steps_used, config.n_nodes_used, config.n_vars
-    n_train, device = len(case.train_indices), codec.node_mean.device
-    nodes = None
-    if n_nodes // n_vars > CODEC_NODES:
-        nodes = torch.randint(n_nodes // n_vars, (n_train, n_steps, CODEC_NODES), generator=generator).to(device)
-    order = list(in_order(n_train, config.batch_size))
-    coefficients, values = [], []
-    with torch.no_grad():
-        for positions, fields in zip(on_device(order, device), case.train.batches(order)):
-            fields = fields.float()
-            if with_coefficients:
-                coefficients.append(codec.coefficients(fields).flatten(0, 1))
-            if nodes is not None:
-                fields = fields.gather(2, node_columns(nodes[positions], n_nodes, n_vars))
-            values.append(fields.flatten(0, 1))
-    return (torch.cat(coefficients) if with_coefficients else None, None if nodes is None else nodes.flatten(0, 1),
-            torch.cat(values))
 
 
 @torch.no_grad()
