@@ -25,7 +25,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 from modules.config import FLAG_KEYS, load_config  # noqa: E402
 from modules.config.keys import add_key_flags  # noqa: E402
 from modules.errors import InputError  # noqa: E402
-
+from modules.machine.logs import setup_logging, silenced  # noqa: E402
 
 CONFIG_FLAGS = tuple(key.field for key in FLAG_KEYS if key.launched)  # condition.txt keys passed on as flags
 PASSED_FLAGS = ("preset", *CONFIG_FLAGS, "lc_only", "resume")
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        config = load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS},
-                             warn=lambda text: None)  # the workers print the warnings
+        setup_logging()
+        with silenced("modules.config"):  # the workers say the config's notes
+            config = load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS})
         from modules.commands.train import check_training_inputs  # imports torch: --help stays fast without it
         from modules.storage.case_lock import check_case_folder_free
         check_case_folder_free()

@@ -284,11 +284,12 @@ def measure_case(batch_size: int) -> dict:
 
     from modules.config import load_config
     from modules.data.case import prepare_case
-    from modules.training.distributed import start_runtime
-    from modules.training.runtime import PRECISION_NAMES, seed_everything
+    from modules.machine.device import PRECISION_NAMES
+    from modules.machine.processes import start_runtime
+    from modules.machine.reproducibility import seed_everything
     from modules.training.vae_training import build_model
 
-    config = load_config(1, warn=lambda text: None)
+    config = load_config(1)
     runtime = start_runtime(config, use_ddp=False)
     seed_everything(config.seed)
     start = time.perf_counter()
@@ -303,7 +304,8 @@ def measure_case(batch_size: int) -> dict:
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KB on Linux
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
     return {"precision": PRECISION_NAMES[runtime.amp_dtype], "setup_s": setup_s, "model_init_s": model_init_s,
-            **training, **prediction, "activations_gb": activations, "peak_host_gb": peak_host, "peak_child_process_host_gb": peak_children,
+            **training, **prediction, "activations_gb": activations, "peak_host_gb": peak_host,
+            "peak_child_process_host_gb": peak_children,
             "parameters": sum(p.numel() for p in model.parameters()), "runtime_summary": runtime.summary,
             "device_info": device_info(runtime, torch)}
 
@@ -372,7 +374,7 @@ def time_training(model, case, config, runtime) -> dict:
     updater = Updater(trainer, optimizer, runtime, config.grad_clip)
     guard = Guard(config, runtime, StopRequest())  # never entered: the benchmark sets no signal handlers
     timed = dataclasses.replace(case, train=TimedBatches(case.train))
-    job = VAETraining(model, timed, config, runtime, say=print)
+    job = VAETraining(model, timed, config, runtime)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     wall_s = wait_s = 0.0

@@ -39,15 +39,11 @@ import sys, time, json
 sys.path.insert(0, {repo!r})
 import numpy as np, torch
 from modules.commands.predict import FieldPrediction, prediction_batch_size, read_inputs
-from modules.config import Config
-from modules.data.scaling import ColumnScaler
-from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.model_files import load_surrogate
 device = torch.device({device!r})
-conditioner, facts = load_conditioner("model_save/latent_conditioner", device)
-config = Config.from_dict(facts["config"])
-vae, _, field_scaler = load_model(checked_vae_file(facts, "model_save/latent_conditioner"), device)
+surrogate, facts, config = load_surrogate("model_save/latent_conditioner", device)
 inputs, _, _ = read_inputs({designs!r}, config, facts)
-prediction = FieldPrediction(conditioner, vae, ColumnScaler.from_dict(facts["latent_scaler"]), field_scaler, device)
+prediction = FieldPrediction(surrogate, device)
 shape = (len(inputs), config.n_steps_used, config.n_nodes_used)
 batch = prediction_batch_size(prediction, inputs, shape, 0, device)
 prediction(inputs[:batch])  # warm-up, as --predict's first batch is not timed apart either

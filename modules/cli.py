@@ -12,13 +12,14 @@ from pathlib import Path
 
 from modules.config import FLAG_KEYS, check_flag, load_config
 from modules.config.keys import add_key_flags
-from modules.errors import InputError
+from modules.errors import InputError, Stopped
+from modules.machine.device import pick_device
+from modules.machine.logs import setup_logging
+from modules.machine.memory import MemoryWatch
 from modules.storage.atomic import DiskFull, is_out_of_space
 from modules.storage.case_lock import case_folder_lock
 from modules.storage.paths import AUTO_RESUME, CONDITIONER_FILE, MODEL_FILE
 from modules.storage.runs import SORT_KEYS, list_runs
-from modules.training.guard import Stopped
-from modules.training.runtime import MemoryWatch, pick_device
 
 EXIT_BAD_INPUT = 2
 # flags that only training reads (device also serves --reconstruct, --predict and --suggest, plot --evaluate)
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", type=int, default=1, help="which 4-line preset of preset.txt to use (default 1)")
     add_key_flags(parser)
     parser.add_argument("--use_ddp", action="store_true",
-                        help="train with DistributedDataParallel in each process that torchrun starts "
-                             "(torchrun --nproc_per_node=K SimulGen-VAE.py --use_ddp, or python launch_ddp.py --gpus=K)")
+                        help="train with DistributedDataParallel in each process that torchrun starts (torchrun "
+                             "--nproc_per_node=K SimulGen-VAE.py --use_ddp, or python launch_ddp.py --gpus=K)")
     parser.add_argument("--lc_only", type=int, choices=(0, 1), default=0,
                         help="0: train the VAE, then the latent conditioner when input_type is set; 1: train only "
                              "the conditioner, on the VAE in model_save/ (its files are left as they are)")
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="OUT",
                         help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf for ParaView: "
                              "chosen by the suffix) or --suggest (.csv); must not exist yet")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only warnings and errors (no notes, reports, summary lines or progress bars; the "
+                             "files are written as always)")
     parser.add_argument("--export", metavar="PATH.onnx|PATH.pt2",
                         help="instead of training: write the whole prediction (design parameters or images in, "
                              "fields in physical units out) as one ONNX model (or torch.export .pt2), checked "
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(quiet=args.quiet)
     try:
         refuse_flags_of_the_other_mode(args)
         run_command(args, sys.argv[1:] if argv is None else argv)
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
 
 def run_command(args, argv) -> None:
     """The mode the flags chose. Each command is imported when it runs: --predict then starts without training's
-    libraries (plots, TensorBoard, scikit-learn), 1.5 s of a 20,000-design prediction's 25 s."""
+    libraries (plots, TensorBoard, scikit-learn), whose import is a noticeable part of a prediction's time."""
     device = args.device or "auto"
     if args.list_runs:
         print(list_runs(args.list_runs))
@@ -143,7 +148,7 @@ def run_command(args, argv) -> None:
                             pick_device(check_flag("device", device)))
     elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
         from modules.commands.checkpoints import checkpoints_command
-        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
+        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset))
     else:
         with writing_in_the_case_folder(argv):
             run_writer(args)
@@ -153,16 +158,16 @@ def run_writer(args) -> None:
     """The modes that write in the case folder: training, --evaluate and --checkpoints=clean."""
     if args.evaluate:
         from modules.commands.evaluate import evaluate_saved
-        config = load_config(args.preset, {"plot": args.plot, "device": args.device}, warn=warn)
+        config = load_config(args.preset, {"plot": args.plot, "device": args.device})
         with MemoryWatch(pick_device(config.device)).phase("--evaluate"):
             evaluate_saved(config)
     elif args.checkpoints:
         from modules.commands.checkpoints import checkpoints_command
-        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset, warn=warn))
+        checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset))
     else:
         from modules.commands.train import train_all, train_conditioner_only
         train = train_conditioner_only if args.lc_only else train_all
-        train(load_config(args.preset, overrides(args), warn=warn), args.use_ddp, args.resume)
+        train(load_config(args.preset, overrides(args)), args.use_ddp, args.resume)
 
 
 def writing_in_the_case_folder(argv):
@@ -224,6 +229,3 @@ def overrides(args) -> dict:
     """The flags that are also condition.txt keys; those given override the file."""
     return {key.field: getattr(args, key.field) for key in FLAG_KEYS}
 
-
-def warn(text: str) -> None:
-    print(text, file=sys.stderr)

@@ -1,8 +1,9 @@
 """Shared helpers: a tiny synthetic case written into a temporary folder that the test then works in."""
+import logging
 import os
 import shutil
 import sys
-from contextlib import chdir
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+class Lines(logging.Handler):
+    def __init__(self, lines: list):
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@contextmanager
+def said(level=logging.INFO):
+    """What the program says (every logger under "modules", at level and above) while the block runs: a list of its
+    lines, filled as they come."""
+    lines, logger = [], logging.getLogger("modules")
+    handler, previous = Lines(lines), logger.level
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(min(level, previous) if previous else level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def design_parameters(n_designs, seed=0):
@@ -112,6 +138,13 @@ def write_conditions(folder, parameters, header=True, images="images", rgb=False
     (folder / images).mkdir(parents=True, exist_ok=True)
     for number, (amplitude, phase) in enumerate(parameters, start=1):
         Image.fromarray(design_image(amplitude, phase, rgb=rgb)).save(folder / images / f"design_{number:03d}.png")
+
+
+def as_version_1(payload: dict) -> dict:
+    """A model file's payload as format version 1 wrote it (storage.model_format): no format_version, its kind's
+    name ending in -v1. Deleting an entry from it then gives a file of an older version 1 that lacked it."""
+    payload = {key: value for key, value in payload.items() if key != "format_version"}
+    return {**payload, "format": payload["format"] + "-v1"}
 
 
 def tensorboard_dir(folder, part="vae"):

@@ -1,4 +1,5 @@
-"""A catalogue of broken inputs, each run through the real command line (SimulGen-VAE.py in a subprocess).
+"""A catalogue of broken inputs, each run through the command line's main (a few also through SimulGen-VAE.py in a
+process of its own, so that the exit code and the line reach the shell as they are).
 
 It pins the promise of the README: every bad input (config, data, CSV, images, flags, the files given to --predict
 and --reconstruct) stops the program with ONE line on stderr, `error: <file>[:<line>]: <problem>. Fix: <fix>`,
@@ -219,24 +220,50 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("conditioner, breakage, argv, words", CASES)
-def test_a_bad_input_is_one_line_exit_code_2_and_leaves_the_earlier_run_alone(earlier_run, tmp_path, conditioner,
-                                                                               breakage, argv, words):
-    folder = tmp_path / "case"
+def broken_case(earlier_run, folder, conditioner, breakage):
+    """A valid case beside a copy of the earlier run, then broken; returns every file's digest before the command."""
     fresh_case(folder, conditioner)
     for name in RUN_FOLDERS:
         shutil.copytree(earlier_run / name, folder / name)
     breakage(folder)
-    before = snapshot(folder)
+    return snapshot(folder)
 
-    result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), *argv], cwd=folder,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
 
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def assert_one_line(code, stdout, stderr, words):
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ") and "Fix:" in lines[0], lines[0]
     for word in words:
         assert word in lines[0], f"{word!r} not in: {lines[0]}"
+
+
+@pytest.mark.parametrize("conditioner, breakage, argv, words", CASES)
+def test_a_bad_input_is_one_line_exit_code_2_and_leaves_the_earlier_run_alone(earlier_run, tmp_path, capsys,
+                                                                               conditioner, breakage, argv, words):
+    """In this process (the command line's main), so that the catalogue costs no interpreter start per input."""
+    folder = tmp_path / "case"
+    before = broken_case(earlier_run, folder, conditioner, breakage)
+    capsys.readouterr()
+    with chdir(folder):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own refusals exit from inside parse_args
+            code = exit_.code
+    captured = capsys.readouterr()
+    assert_one_line(code, captured.out, captured.err, words)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("case_id", ["missing-dataset", "bad-flag-value", "csv-cell-not-a-number",
+                                     "a-model-file-of-the-original-simulgenvae"])
+def test_through_the_real_entry_point_a_bad_input_is_one_line_and_exit_code_2(earlier_run, tmp_path, case_id):
+    """SimulGen-VAE.py in a process of its own: the exit code and the single line reach the shell as they are."""
+    conditioner, breakage, argv, words = next(case.values for case in CASES if case.id == case_id)
+    folder = tmp_path / "case"
+    before = broken_case(earlier_run, folder, conditioner, breakage)
+    result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), *argv], cwd=folder,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert_one_line(result.returncode, result.stdout, result.stderr, words)
     assert snapshot(folder) == before

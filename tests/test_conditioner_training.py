@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import design_parameters, smooth_fields, tensorboard_dir, write_case, write_conditions
+from conftest import design_parameters, said, smooth_fields, tensorboard_dir, write_case, write_conditions
 from modules.cli import main
 from modules.storage.case_lock import LOCK_FILE
 from test_training import working_directory
@@ -166,19 +166,20 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
     from modules.data.conditions import read_conditions
     from modules.models.conditioners import build_conditioner
     from modules.storage.model_files import save_conditioner
-    from modules.training.conditioner_training import (best_on_parameters, conditioner_facts, conditioner_spec,
-                                                       prepare_conditioner_case)
-    from modules.training.runtime import Runtime
+    from modules.training.conditioner_choice import best_on_parameters
+    from modules.training.conditioner_training import conditioner_facts, conditioner_spec, prepare_conditioner_case
+    from modules.machine.device import Runtime
     with working_directory(copy_of):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
                                         "model_save/SimulGen-VAE")
         spec = conditioner_spec(config, case)
         config = dataclasses.replace(config, latent_gp=1)  # the case trained its MLP alone
-        kept, kept_spec, choice = best_on_parameters(build_conditioner(spec), spec, case, config, print)
+        kept, kept_spec, choice = best_on_parameters(build_conditioner(spec), spec, case, config)
         assert choice["kept"] == "gpr" and kept_spec.gp_points == len(case.fields.train_indices)
-        save_conditioner("model_save/latent_conditioner", kept, kept_spec, {**conditioner_facts(config, case),
-                                                                            "choice": choice})
+        save_conditioner("model_save/latent_conditioner", kept, kept_spec, {
+            **conditioner_facts(config, case), "choice": choice, "ensemble": None, "calibration": None,
+            "design_range": None})  # not calibrated, no reference: the choice alone is under test
         assert main([f"--predict={copy_of / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'gp.npy'}"]) == 0
         assert main(["--evaluate"]) == 0
     assert "Kept the GP on latents as the conditioner" in capsys.readouterr().out
@@ -197,23 +198,25 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     from modules.data.conditions import read_conditions
     from modules.models import gaussian_process
     from modules.models.conditioners import build_conditioner
-    from modules.training.conditioner_training import best_on_parameters, conditioner_spec, prepare_conditioner_case
-    from modules.training.runtime import Runtime
+    from modules.training.conditioner_choice import best_on_parameters
+    from modules.training.conditioner_training import conditioner_spec, prepare_conditioner_case
+    from modules.machine.device import Runtime
 
     def singular(self, *args):
         raise np.linalg.LinAlgError("matrix is singular")
     monkeypatch.setattr(gaussian_process.GPRConditioner, "fit", singular)
     with working_directory(conditioned):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
                                         "model_save/SimulGen-VAE")
     spec = conditioner_spec(config, case)
     network = build_conditioner(spec)
-    kept, kept_spec, choice = best_on_parameters(network, spec, case, dataclasses.replace(config, latent_gp=1), print)
+    with said() as lines:
+        kept, kept_spec, choice = best_on_parameters(network, spec, case, dataclasses.replace(config, latent_gp=1))
     assert kept is network and kept_spec == spec
     assert choice == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular"}
     assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); it is not a " \
-        "candidate" in capsys.readouterr().out
+        "candidate" in lines
 
 
 def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):
@@ -432,9 +435,9 @@ def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(co
     from modules.data.conditions import read_conditions
     from modules.models.conditioners import build_conditioner
     from modules.training.conditioner_training import conditioner_loss, conditioner_spec, prepare_conditioner_case
-    from modules.training.runtime import Runtime
+    from modules.machine.device import Runtime
     with working_directory(conditioned):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
         runtime = Runtime(torch.device("cpu"))
         case = prepare_conditioner_case(config, runtime, read_conditions(config), "model_save/SimulGen-VAE")

@@ -1,4 +1,5 @@
 """What preset.txt and input_data/condition.txt promise: how good files read, and how bad ones are refused."""
+import logging
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, write_case
+from conftest import REPO, said, write_case
 from modules.config import CONDITION_FILE, PRESET_FILE, load_config
 from modules.config.settings import Config, changed_settings
 from modules.errors import InputError
@@ -24,14 +25,17 @@ def write_condition(case, text):
 
 
 def load(case, text=None, warn=None, **kwargs):
-    """load_config on the case folder, with condition.txt replaced by text when given; warnings collected in warn."""
+    """load_config on the case folder, with condition.txt replaced by text when given; what it warns appended to the
+    list warn, or, without warn, none allowed."""
     if text is not None:
         write_condition(case, text)
-    return load_config(warn=(warn.append if warn is not None else _no_warning), **kwargs)
-
-
-def _no_warning(text):
-    raise AssertionError(f"unexpected warning: {text}")
+    with said(logging.WARNING) as lines:
+        config = load_config(**kwargs)
+    if warn is None:
+        assert lines == [], f"unexpected warning: {lines}"
+    else:
+        warn.extend(lines)
+    return config
 
 
 def refused(case, text=None, **kwargs) -> InputError:
@@ -42,7 +46,9 @@ def refused(case, text=None, **kwargs) -> InputError:
 
 # ------------------------------------------------------------------------------------------------------ good files
 def test_demo_case_files_parse():
-    config = load_config(preset_path=REPO / PRESET_FILE, condition_path=REPO / CONDITION_FILE, warn=_no_warning)
+    with said(logging.WARNING) as lines:
+        config = load_config(preset_path=REPO / PRESET_FILE, condition_path=REPO / CONDITION_FILE)
+    assert lines == []
     assert (config.n_designs, config.n_steps, config.n_nodes) == (96, 24, 400)
     assert config.epochs == 300 and config.batch_size == 16 and config.lr == 0.002
     assert config.recon_weight == "auto" and config.loss_type == 1 and config.projection_rank == 64

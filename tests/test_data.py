@@ -2,6 +2,7 @@
 the scaler is fitted on training designs only and inverts exactly, and every loader serves the same batches."""
 import dataclasses
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smooth_fields, write_case
+from conftest import said, smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.config.settings import changed_settings, data_changes
@@ -19,21 +20,29 @@ from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order,
 from modules.data.dataset import Crop, NewSimulations, SimulationArray, find_dataset, scan_and_fit_scaler, split_indices
 from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
-from modules.training.runtime import Runtime
+from modules.machine.device import Runtime
+from modules.storage.atomic import save_json
 
 
-def _no_warning(text):
-    raise AssertionError(f"unexpected warning: {text}")
+def quiet_config(notes=None):
+    """load_config on the case folder; its notes appended to the list notes, or, without notes, none allowed."""
+    with said(logging.WARNING) as lines:
+        config = load_config()
+    if notes is None:
+        assert lines == [], f"unexpected warning: {lines}"
+    else:
+        notes.extend(lines)
+    return config
 
 
-def open_case(folder, monkeypatch, data=None, fmt="npy", extra="", warn=None):
+def open_case(folder, monkeypatch, data=None, fmt="npy", extra="", notes=None):
     """Write a case with this data (default: smooth [12, 6, 20] fields) into folder, work there; return (data, config).
-    warn: receives the config's notes (default: none expected)."""
+    notes: a list that receives the config's notes (default: none expected)."""
     monkeypatch.chdir(folder)
     data = smooth_fields(12, 6, 20) if data is None else data
     n, t, m = data.shape
     write_case(folder, n=n, t=t, m=m, fmt=fmt, extra=extra, data=data)
-    return data, load_config(warn=warn or _no_warning)
+    return data, quiet_config(notes)
 
 
 def counting_fields(n=5, t=10, m=16):
@@ -69,7 +78,7 @@ def write_two_dataset_h5(folder, monkeypatch, extra=""):
     with h5py.File(folder / "input_data" / "dataset1.h5", "w") as handle:
         handle.create_dataset("first", data=first)
         handle.create_dataset("second", data=second)
-    return second, load_config(warn=_no_warning)
+    return second, quiet_config()
 
 
 def test_hdf5_dataset_key_picks_the_named_dataset(tmp_path, monkeypatch):
@@ -103,7 +112,7 @@ def test_missing_dataset_file_is_refused(case):
 
 
 def test_shape_not_matching_dims_is_refused(case):
-    config = dataclasses.replace(load_config(warn=_no_warning), n_designs=13)
+    config = dataclasses.replace(quiet_config(), n_designs=13)
     error = refused(SimulationArray, find_dataset(1), config)
     assert "(12, 6, 20)" in error.problem and "[13, 6, 20]" in error.problem and "Dim1" in error.fix
 
@@ -132,7 +141,8 @@ def test_dim2_spacing_even_keeps_evenly_spaced_steps_with_first_and_last(tmp_pat
                                extra="Dim2_red 4\nDim2_spacing even\n")
     assert Crop(config).time_index.tolist() == [0, 3, 6, 9]
     assert Crop(config).steps_said == "4 of 10 steps, evenly spaced (0, 3, 6, 9)"
-    np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([1, 0]), stored[[1, 0]][:, [0, 3, 6, 9]])
+    np.testing.assert_array_equal(SimulationArray(find_dataset(1), config).read([1, 0]),
+                                  stored[[1, 0]][:, [0, 3, 6, 9]])
 
 
 def test_a_model_saved_before_dim2_spacing_kept_evenly_spaced_steps(tmp_path, monkeypatch):
@@ -145,7 +155,7 @@ def test_a_model_saved_before_dim2_spacing_kept_evenly_spaced_steps(tmp_path, mo
 @pytest.mark.parametrize("written", ["", "Dim2_spacing even\n"])
 def test_with_every_step_kept_dim2_spacing_never_tells_two_configs_apart(tmp_path, monkeypatch, written):
     notes = []
-    _, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra=written, warn=notes.append)
+    _, config = open_case(tmp_path, monkeypatch, data=counting_fields(t=10), extra=written, notes=notes)
     saved = {field: value for field, value in config.to_dict().items() if field != "steps_spacing"}  # before the key
     assert config.steps_spacing == type(config).from_dict(saved).steps_spacing == "first"
     assert data_changes(type(config).from_dict(saved), config) == []
@@ -176,7 +186,7 @@ def test_read_steps_equals_slicing_the_full_read(tmp_path, monkeypatch, fmt, ste
 
 # --------------------------------------------------------------------------------------------- how .npy is opened
 def test_npy_is_memory_mapped(case):
-    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    array = SimulationArray(find_dataset(1), quiet_config())
     assert isinstance(array._opened(), np.memmap)
 
 
@@ -209,7 +219,7 @@ def test_object_npy_is_refused_and_never_unpickled(case):
     objects = np.empty((12, 6, 20), dtype=object)
     objects[0, 0, 0] = _TouchOnUnpickle(evidence)
     np.save(case / "input_data" / "dataset1.npy", objects, allow_pickle=True)
-    error = refused(SimulationArray, find_dataset(1), load_config(warn=_no_warning))
+    error = refused(SimulationArray, find_dataset(1), quiet_config())
     assert "dataset1.npy" in str(error) and "cannot read" in error.problem
     assert not evidence.exists()
 
@@ -219,7 +229,7 @@ def test_a_legacy_pickle_of_an_array_is_read_with_any_protocol(case, protocol):
     data = smooth_fields(12, 6, 20)
     (case / "input_data" / "dataset1.npy").unlink()
     (case / "input_data" / "dataset1.pickle").write_bytes(pickle.dumps(data, protocol=protocol))
-    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    array = SimulationArray(find_dataset(1), quiet_config())
     assert np.array_equal(array.read(range(12)), data)
 
 
@@ -237,7 +247,7 @@ def test_npy_is_loaded_memory_mapped_without_pickles(case, monkeypatch):
     calls = []
     original = np.load
     monkeypatch.setattr(data_module.np, "load", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
-    SimulationArray(find_dataset(1), load_config(warn=_no_warning)).read([0])
+    SimulationArray(find_dataset(1), quiet_config()).read([0])
     assert calls and all(k.get("mmap_mode") == "r" and k.get("allow_pickle") is False for k in calls)
 
 
@@ -316,11 +326,11 @@ def test_constant_field_does_not_divide_by_zero(tmp_path, monkeypatch):
 def test_scaler_saves_and_loads_as_json(tmp_path):
     scaler = MinMaxScaler([-1.5, 2.0], [4.0, 2.0])
     path = tmp_path / "scaler.json"
-    scaler.save(path)
+    save_json(path, scaler.to_dict())  # as a VAE run writes model_save/scaler.json
     raw = path.read_bytes()
     assert not raw.startswith(b"\x80")  # a pickle starts with its protocol byte
     assert json.loads(raw)["data_min"] == [-1.5, 2.0]
-    loaded = MinMaxScaler.load(path)
+    loaded = MinMaxScaler.from_dict(json.loads(raw))
     values = np.linspace(-2, 5, 24, dtype=np.float32).reshape(3, 8)
     assert loaded.to_dict() == scaler.to_dict()
     np.testing.assert_array_equal(loaded.transform(values), scaler.transform(values))
@@ -391,7 +401,7 @@ def test_streaming_workers_serve_every_pass_and_an_abandoned_pass_does_not_leak_
 
 
 def test_make_batches_picks_the_kind_load_all_asks_for(case):
-    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    array = SimulationArray(find_dataset(1), quiet_config())
     scaler = MinMaxScaler([0.0], [1.0])
     runtime = Runtime(device=torch.device("cpu"), num_workers=1)
     assert isinstance(make_batches(array, [0, 1], scaler, runtime, load_all=True), PreloadedBatches)
@@ -400,7 +410,7 @@ def test_make_batches_picks_the_kind_load_all_asks_for(case):
 
 
 def test_streaming_reads_nothing_until_batches_are_asked_for(case, monkeypatch):
-    array = SimulationArray(find_dataset(1), load_config(warn=_no_warning))
+    array = SimulationArray(find_dataset(1), quiet_config())
     reads = []
     original = SimulationArray.read
     monkeypatch.setattr(SimulationArray, "read", lambda self, indices, *a, **k: (
@@ -416,7 +426,7 @@ def test_streaming_reads_nothing_until_batches_are_asked_for(case, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- augmentation
 def augment_config(case, **settings):
-    return dataclasses.replace(load_config(warn=_no_warning), **settings)
+    return dataclasses.replace(quiet_config(), **settings)
 
 
 def test_augmentation_is_off_by_default(case):
@@ -466,13 +476,13 @@ def test_mixup_and_amplitude_only_combine_rows_of_the_batch(case, settings):
 # ----------------------------------------------------------------------------------------------- new simulations
 @pytest.fixture
 def cropped(case):
-    config = dataclasses.replace(load_config(warn=_no_warning), n_steps_used=3, node_start=2, node_end=12)
+    config = dataclasses.replace(quiet_config(), n_steps_used=3, node_start=2, node_end=12)
     return Crop(config)
 
 
 @pytest.mark.parametrize("spacing, steps", [("first", [0, 1, 2]), ("even", [0, 2, 5])])
 def test_new_simulations_may_be_raw_or_already_cropped(case, spacing, steps):
-    cropped = Crop(dataclasses.replace(load_config(warn=_no_warning), n_steps_used=3, node_start=2, node_end=12,
+    cropped = Crop(dataclasses.replace(quiet_config(), n_steps_used=3, node_start=2, node_end=12,
                                        steps_spacing=spacing))
     raw = smooth_fields(2, 6, 20, seed=3).astype(np.float64)
     np.save(case / "raw.npy", raw)

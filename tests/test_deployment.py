@@ -119,7 +119,7 @@ def test_each_designs_draws_depend_on_the_seed_and_the_design_not_on_its_batch()
 
 
 def test_the_demo_mesh_gives_the_plots_its_cells(demo):
-    config = types.SimpleNamespace(n_vars=1, n_nodes_used=400, grid_shape="", node_coordinates="",
+    config = types.SimpleNamespace(n_vars=1, n_nodes_used=400, grid_shape="", grid=(), node_coordinates="",
                                    mesh_file=str(demo / "input_data" / "plate.vtu"))
     layout = read_field_layout(config)
     assert layout.kind == "coordinates" and layout.position_key == "mesh_file"

@@ -14,8 +14,8 @@ from conftest import REPO, design_parameters, smooth_fields, write_case, write_c
 from modules import cli
 from modules.cli import main
 from modules.data import case as case_module
-from modules.training.distributed import shard
-from modules.training.runtime import Runtime
+from modules.machine.processes import shard
+from modules.machine.device import Runtime
 
 spec = importlib.util.spec_from_file_location("launch_ddp", REPO / "launch_ddp.py")
 launch_ddp = importlib.util.module_from_spec(spec)
@@ -227,7 +227,7 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         asked = {}
         for rank in (0, 1):
             runtime = Runtime(torch.device("cpu"), rank, 2)
@@ -235,7 +235,7 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
             recorder = RecordingBatches(prepared.train)
             model = build_model(config, prepared, runtime)
             updater = Updater(model, make_optimizer(model.parameters(), 1e-3, 0.0), runtime, grad_clip=0)
-            job = VAETraining(model, dataclasses.replace(prepared, train=recorder), config, runtime, say=print)
+            job = VAETraining(model, dataclasses.replace(prepared, train=recorder), config, runtime)
             train_epoch(job, model, updater, Guard(config, runtime, StopRequest()), Progress(), config, runtime)
             asked[rank] = recorder.asked
     finally:
@@ -287,7 +287,7 @@ def test_leaving_the_process_group_frees_ddp_wrappers_first():
 
     import torch.distributed as dist
 
-    from modules.training.distributed import stop_runtime
+    from modules.machine.processes import stop_runtime
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     collecting = gc.isenabled()

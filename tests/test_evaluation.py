@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, smooth_fields, write_case
+from conftest import REPO, said, smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
@@ -19,7 +19,7 @@ from modules.evaluation.metrics import FieldErrors, relative_l2
 from modules.evaluation.report import not_learnt_warnings
 from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import design_gram
-from modules.training.runtime import Runtime
+from modules.machine.device import Runtime
 from test_training import working_directory
 
 
@@ -28,7 +28,7 @@ def small_case(folder, n=20, t=6, m=20):
     noise = np.random.default_rng(5).normal(scale=0.3, size=(n, t, m))
     write_case(folder, n=n, t=t, m=m, epochs=1, data=(smooth_fields(n, t, m) + noise).astype(np.float32))
     with working_directory(folder):
-        return prepare_case(load_config(1, warn=lambda text: None), Runtime(torch.device("cpu")))
+        return prepare_case(load_config(1), Runtime(torch.device("cpu")))
 
 
 # ------------------------------------------------------------------------------------------------ FieldErrors
@@ -193,11 +193,11 @@ def test_bad_plot_settings_stop_before_anything_moves(tmp_path, capsys, extra, m
     assert not (tmp_path / "archive").exists() and not (tmp_path / "runs").exists()
 
 
-def test_plot_settings_without_plots_get_a_note(tmp_path, capsys):
+def test_plot_settings_without_plots_get_a_note(tmp_path):
     write_case(tmp_path, extra="plot_steps 2\ngrid_shape 4 5\n")
-    with working_directory(tmp_path):
-        load_config(1, warn=print)
-    out = capsys.readouterr().out  # where the nodes are also places the .xdmf outputs: never "no effect"
+    with working_directory(tmp_path), said() as lines:
+        load_config(1)
+    out = "\n".join(lines)  # where the nodes are also places the .xdmf outputs: never "no effect"
     assert "'plot_steps' has no effect because plot is 2" in out and "grid_shape" not in out
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from modules.config.keys import whole_numbers  # noqa: E402
 from modules.data.field_layout import FieldLayout, read_field_layout  # noqa: E402
 from modules.errors import InputError  # noqa: E402
 from modules.evaluation import drawing as evaluation_plots  # noqa: E402
@@ -182,8 +183,8 @@ def test_active_units_show_every_group(tmp_path):
 
 
 def config(**changes):
-    return types.SimpleNamespace(**{"n_vars": 1, "n_nodes_used": 400, "grid_shape": "", "node_coordinates": "",
-                                    "mesh_file": "", **changes})
+    settings = {"n_vars": 1, "n_nodes_used": 400, "grid_shape": "", "node_coordinates": "", "mesh_file": "", **changes}
+    return types.SimpleNamespace(**settings, grid=whole_numbers(settings["grid_shape"]))
 
 
 def test_layout_kind_follows_the_config(tmp_path):
@@ -304,14 +305,14 @@ def test_training_samples_are_maps_at_a_few_steps_when_the_layout_is_known(tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "output").mkdir()
     evaluation = fake_evaluation(n_steps=8, val_indices=(2, 4))
-    paths = figures.training_plots(VAE_HISTORY, evaluation, say=lambda line: None,
+    paths = figures.training_plots(VAE_HISTORY, evaluation,
                                    config=run_config(grid_shape="20 20"))
     assert [str(path) for path in paths] == ["output/loss_curves.png", "output/reconstruction_samples.png"]
     maps = png(tmp_path / "output" / "reconstruction_samples.png")
     # 2 validation designs x steps 2, 4 and 7 (a quarter, half way, the last), 3 maps each
     assert maps.shape[0] >= 6 * evaluation_plots.ROW_HEIGHT * evaluation_plots.DPI - 2
     assert maps.shape[1] >= 3 * evaluation_plots.COLUMN_WIDTH * evaluation_plots.DPI - 2
-    figures.training_plots(VAE_HISTORY, evaluation, say=lambda line: None, config=run_config())
+    figures.training_plots(VAE_HISTORY, evaluation, config=run_config())
     images = png(tmp_path / "output" / "reconstruction_samples.png")
     assert images.shape[0] < 2 * 3.2 * evaluation_plots.DPI + 2  # without a layout: one time x node row per design
 
@@ -380,7 +381,7 @@ def test_the_field_loss_has_a_panel_of_its_own_so_the_objective_stays_readable(t
     assert lines["train/latent_mse"] is not lines["train/loss"] and lines["train/latent_mse"] is not lines["lr"]
     assert lines["train/field_loss"].get_ylabel() == "field MSE per value (scaled units²)"
     assert unlabelled(plt.gcf()) == []
-    figures.conditioner_plots(history, evaluation, say=lambda line: None, config=run_config())
+    figures.conditioner_plots(history, evaluation, config=run_config())
     png(tmp_path / "output" / "conditioner_loss_curves.png")
     png(tmp_path / "output" / "prediction_samples.png")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_distributed import free_port
 
-from conftest import REPO
+from conftest import REPO, said
 
 LIMIT_BYTES = 10**9  # 1 GB
 N, T, M = 150, 50, 100_000  # 3.0 GB of float32
@@ -152,7 +152,7 @@ def test_the_memory_left_counts_the_cgroup_limit_of_the_process_and_of_its_paren
     """What SLURM's --mem and docker --memory set: v2 memory.max (here on the job, the parent of the step the process
     runs in), v1 memory.limit_in_bytes; the clean file cache, active or not, counts as free (the kernel reclaims it
     before it kills), dirty pages and pages under writeback do not."""
-    from modules.training.runtime import cgroup_memory_left
+    from modules.machine.memory import cgroup_memory_left
     membership = tmp_path / "cgroup"
     membership.write_text("0::/job/step\n")
     fake_cgroup(tmp_path / "v2" / "job", {"memory.max": "3000000000\n", "memory.current": "1000000000\n",
@@ -176,7 +176,7 @@ def test_the_memory_left_counts_the_cgroup_limit_of_the_process_and_of_its_paren
 def test_the_memory_left_counts_an_address_space_limit():
     """ulimit -v (RLIMIT_AS) counts the whole address space, the memory-mapped data included: what is left of it
     binds when it is the smallest limit, and the refusal names it."""
-    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from modules.training.runtime import "
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from modules.machine.memory import "
             "host_memory_left, _status_bytes; limit = _status_bytes('VmSize') + 300 * 2**20; "
             "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); left, said = host_memory_left(); "
             "print(round(left / 2**20), said)")
@@ -186,7 +186,8 @@ def test_the_memory_left_counts_an_address_space_limit():
 
 
 def test_the_largest_phase_that_cannot_fit_is_refused_with_both_numbers_and_the_batch_that_fits():
-    from modules.training.runtime import PhaseNeeds, Runtime, check_training_fits
+    from modules.machine.device import Runtime
+    from modules.training.memory_needs import PhaseNeeds, check_training_fits
 
     runtime = Runtime(device=torch.device("cpu"))
     vae = PhaseNeeds("the VAE", fixed=200_000_000, per_design=100_000_000, batch=16, batch_key="Batch_size")
@@ -210,18 +211,18 @@ def test_the_largest_phase_that_cannot_fit_is_refused_with_both_numbers_and_the_
 def test_each_phase_says_its_peak_private_memory():
     """A watch sees what a phase allocates and frees again (a peak between two samples of the same size), and not
     what an earlier phase held."""
-    from modules.training.runtime import MemoryWatch
-    said = []
-    watch = MemoryWatch(torch.device("cpu"), said.append)
-    with watch.phase("a 400 MB array"):
-        array = np.ones(100 * 2**20, dtype=np.float32)  # touched: resident
-        time.sleep(0.3)
-        del array
-    with watch.phase("nothing"):
-        time.sleep(0.3)
+    from modules.machine.memory import MemoryWatch
+    watch = MemoryWatch(torch.device("cpu"))
+    with said() as lines:
+        with watch.phase("a 400 MB array"):
+            array = np.ones(100 * 2**20, dtype=np.float32)  # touched: resident
+            time.sleep(0.3)
+            del array
+        with watch.phase("nothing"):
+            time.sleep(0.3)
     first, second = (re.fullmatch(r"Memory: .+ peaked at (\S+) GB of private memory \((\S+) GB held at its end\)",
-                                  line).groups() for line in said)
-    assert said[0].startswith("Memory: a 400 MB array peaked at ")
+                                  line).groups() for line in lines)
+    assert lines[0].startswith("Memory: a 400 MB array peaked at ")
     assert float(first[0]) - float(second[0]) >= 0.4  # GB (1e9 bytes): 0.42 of them were allocated
     assert float(first[0]) - float(first[1]) >= 0.4  # and freed before the phase's end
 

@@ -7,7 +7,8 @@ import torch
 from modules.evaluation.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups,
                                               log_record, summarise)
 from modules.models.vae import HierarchicalVAE, ModelSpec
-from modules.training.losses import LOSS_NAMES, field_loss, loss_of_uniform_error, vae_loss
+from modules.config.keys import LOSS_NAMES
+from modules.training.losses import field_loss, loss_of_uniform_error, vae_loss
 
 SPEC = ModelSpec(n_steps=8, n_nodes=10, projection_rank=4, filters=(8, 4), main_latent_dim=4, level_latent_dim=3,
                  blocks_per_level=1, head_hidden=16)
@@ -28,7 +29,8 @@ def model_and_fields(seed=0, batch=5):
 
 def old_vae_loss(outputs, target, config, beta):
     """The loss before free bits existed, kept here to pin free_bits 0 to it."""
-    recon = sum(field_loss(o["recon"].float(), target, LOSS_NAMES[config.loss_type], config.huber_delta) for o in outputs)
+    recon = sum(field_loss(o["recon"].float(), target, LOSS_NAMES[config.loss_type], config.huber_delta)
+                for o in outputs)
     kl_main = sum(o["kl_main"].mean() for o in outputs) / len(outputs)
     kl_levels = sum(o["kl_levels"].mean(dim=0) for o in outputs) / len(outputs)
     return config.recon_weight * recon / len(outputs) + beta * (kl_main + kl_levels.sum())

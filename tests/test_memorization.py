@@ -12,7 +12,7 @@ from modules.evaluation.memorization import (cross_products, nearest_from_inner_
                                              write_prior_samples)
 from modules.models.pod import design_gram
 from modules.storage.model_files import load_model
-from modules.training.runtime import Runtime
+from modules.machine.device import Runtime
 from test_training import working_directory
 
 N_DESIGNS = 40
@@ -22,7 +22,7 @@ def family_case(folder):
     """40 designs of one family (10 held out), read through the real dataset code."""
     write_case(folder, n=N_DESIGNS, epochs=1)
     with working_directory(folder):
-        return prepare_case(load_config(1, warn=lambda text: None), Runtime(torch.device("cpu")))
+        return prepare_case(load_config(1), Runtime(torch.device("cpu")))
 
 
 def nearest(fields, case, folder):

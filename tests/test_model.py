@@ -8,7 +8,8 @@ from torch.distributions import Normal, kl_divergence
 
 from modules.models.pod import combination_weights, pod_coefficients
 from modules.models.vae import HierarchicalVAE, ModelSpec, gaussian_kl
-from modules.training.losses import LOSS_NAMES, field_loss
+from modules.config.keys import LOSS_NAMES
+from modules.training.losses import field_loss
 from modules.training.schedules import beta_at, lr_factor
 
 
@@ -207,7 +208,7 @@ def test_pod_snapshots_span_the_whole_transient_when_rows_are_scarce(case, monke
 
     data = np.broadcast_to(np.arange(6, dtype=np.float32)[None, :, None], (12, 6, 20)).copy()
     np.save("input_data/dataset1.npy", data)
-    array = SimulationArray(find_dataset(1), load_config(1, warn=lambda text: None))
+    array = SimulationArray(find_dataset(1), load_config(1))
     identity = MinMaxScaler([0.0], [1.0], 0.0, 1.0)
     rows = _training_snapshots(array, np.arange(12), identity, max_rows=12, seed=0)
     steps_seen = set(rows[:, 0].round().astype(int))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_case, write_conditions
+from conftest import as_version_1, said, write_case, write_conditions
 from modules.cli import main
 from modules.config import load_config
 from modules.data.field_layout import FieldLayout, node_positions
@@ -20,10 +20,11 @@ from modules.errors import InputError
 from modules.models import neural_field
 from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.neural_field import node_columns
+from modules.training.field_fitter import SampledFieldFit, sampled_pass
 
 
 def training_case(fields, conditions, read=None):
-    """What train_neural_field and sampled_pass read of a ConditionerCase: training designs 0..n-1 whose scaled
+    """What fit_neural_field and sampled_pass read of a ConditionerCase: training designs 0..n-1 whose scaled
     fields [n, T, M] are read by position (each batch's positions appended to read), and the conditions."""
     from types import SimpleNamespace
 
@@ -120,8 +121,8 @@ def test_without_node_positions_it_is_not_tried_and_the_run_says_why(tmp_path, m
 def test_field_conditioner_epochs_without_a_parameter_csv_is_noted(case):
     condition = case / "input_data" / "condition.txt"
     condition.write_text(condition.read_text() + "field_conditioner_epochs 10\n")
-    notes = []
-    load_config(warn=notes.append)
+    with said() as notes:
+        load_config()
     assert len(notes) == 1 and "'field_conditioner_epochs' has no effect because input_type is not csv" in notes[0]
 
 
@@ -165,11 +166,15 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     assert not (tmp_path / "q.npy").exists() and not (tmp_path / "output" / "suggested_designs.csv").exists()
 
 
-def test_a_spec_saved_before_the_neural_field_reads_back():
+def test_a_conditioner_file_saved_before_the_neural_field_reads_back(tmp_path):
+    from modules.storage.model_files import load_conditioner, save_conditioner
     spec = ConditionerSpec(kind="mlp", input_shape=(3,), output_dim=8, filters=(16,))
-    values = spec.to_dict()
-    del values["field_shape"]
-    assert ConditionerSpec.from_dict(values) == dataclasses.replace(spec, field_shape=())
+    save_conditioner(tmp_path / "old", build_conditioner(spec), spec, {})
+    payload = as_version_1(torch.load(tmp_path / "old", weights_only=True))
+    del payload["spec"]["field_shape"]
+    torch.save(payload, tmp_path / "old")
+    _, facts = load_conditioner(tmp_path / "old")
+    assert ConditionerSpec.from_dict(facts["spec"]) == dataclasses.replace(spec, field_shape=())
 
 
 def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own():
@@ -181,7 +186,7 @@ def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own():
     read = []
     source = training_case(fields, torch.zeros(n_train, 2), read).fields.train
     generator = torch.Generator().manual_seed(0)
-    nodes, values, encoded = neural_field.sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 6, 2, generator,
+    nodes, values, encoded = sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 6, 2, generator,
                                                        "cpu", encode=lambda batch: batch.sum(2, keepdim=True))
     assert read == [[0, 1], [2, 3], [4]]  # every training design once, in batches of 2
     assert nodes.shape == (n_train * n_steps, 6) and values.shape == (n_train * n_steps, 12)
@@ -190,7 +195,7 @@ def test_each_pass_reads_every_training_snapshot_at_random_nodes_of_its_own():
         design, step = divmod(snapshot, n_steps)
         assert torch.equal(values[snapshot], fields[design, step, node_columns(nodes[snapshot], n_nodes, n_vars)])
     assert torch.allclose(encoded, fields.sum(2, keepdim=True).flatten(0, 1))  # the whole snapshot, in order
-    nodes, values, encoded = neural_field.sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 15, 2, generator,
+    nodes, values, encoded = sampled_pass(source, n_train, (n_steps, n_nodes, n_vars), 15, 2, generator,
                                                        "cpu")
     assert nodes is None and torch.equal(values, fields.flatten(0, 1)) and encoded is None
 
@@ -221,7 +226,7 @@ def test_a_neural_field_saved_before_its_value_statistics_reads_back_unscaled(tm
         plain = network(params)
         network.field.set_value_statistics(torch.randn(10, 30) * 3 + 1)
     save_conditioner(tmp_path / "old", network, spec, {})
-    payload = torch.load(tmp_path / "old", weights_only=True)
+    payload = as_version_1(torch.load(tmp_path / "old", weights_only=True))
     del payload["state_dict"]["field.value_offset"], payload["state_dict"]["field.value_scale"]
     torch.save(payload, tmp_path / "old")
     loaded, _ = load_conditioner(tmp_path / "old")
@@ -234,13 +239,12 @@ def test_a_neural_field_saved_before_its_value_statistics_reads_back_unscaled(tm
         load_conditioner(tmp_path / "old")
 
 
-def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs(monkeypatch):
-    """train_neural_field where each variable has more nodes than a pass samples (two variables): trained only on
+def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs():
+    """fit_neural_field where each variable has more nodes than a pass samples (two variables): trained only on
     random nodes, it predicts every node of its training designs far better than their mean field does."""
     from types import SimpleNamespace
 
-    from modules.training import conditioner_training
-    monkeypatch.setattr(conditioner_training, "FIELD_NODES", 8)
+    from modules.training.conditioner_choice import fit_neural_field
     n_train, n_steps, per_variable = 12, 4, 20
     rng = np.random.default_rng(0)
     params = torch.tensor(rng.uniform(-1, 1, (n_train, 2)), dtype=torch.float32)
@@ -251,8 +255,9 @@ def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs(mon
     case = training_case(fields, params)
     spec = ConditionerSpec(kind="neural_field", input_shape=(2,), output_dim=0, filters=(),
                            field_shape=(n_steps, 2 * per_variable, 2))
-    config = SimpleNamespace(seed=0, field_conditioner_epochs=150, batch_size=5)
-    network = conditioner_training.train_neural_field(spec, np.stack([x.numpy(), np.zeros(20)], 1), case, config)
+    config = SimpleNamespace(seed=0, batch_size=5)
+    network = fit_neural_field(spec, np.stack([x.numpy(), np.zeros(20)], 1), case, config,
+                               SampledFieldFit(passes=150, nodes=8))
     with torch.no_grad():
         predicted = network(params)
     error = ((predicted - fields) ** 2).mean()

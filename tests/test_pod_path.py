@@ -13,7 +13,8 @@ from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.storage.model_files import load_model
 from modules.training import vae_training
-from modules.training.runtime import Runtime
+from modules.training.loop import Step
+from modules.machine.device import Runtime
 from modules.training.vae_training import build_model
 from test_training import metrics, working_directory
 
@@ -27,7 +28,7 @@ def noisy_case(folder, extra="", epochs=1, n=40, alpha="1e4"):
     condition.write_text(condition.read_text().replace("projection_rank 8", "projection_rank 20")
                          .replace("alpha 1e4", f"alpha {alpha}"))
     with working_directory(folder):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         return config, prepare_case(config, Runtime(torch.device("cpu")))
 
 
@@ -122,8 +123,8 @@ def test_with_alpha_auto_the_step_is_taken_on_nats_per_value(tmp_path, alpha):
     """The logged loss is in nats per design; the optimiser steps on it divided by T * M (float16's range)."""
     config, case = noisy_case(tmp_path, alpha=alpha)
     runtime = Runtime(torch.device("cpu"))
-    job = vae_training.VAETraining(build_model(config, case, runtime), case, config, runtime, say=lambda text: None)
+    job = vae_training.VAETraining(build_model(config, case, runtime), case, config, runtime)
     batches = job.training_batches(0, [(np.arange(4), 1.0)])
-    step_loss, parts = job.batch_loss(job.model, next(batches), None)
+    step_loss, parts = job.batch_loss(job.model, next(batches), Step(0, 1, 0.0, torch.Generator()))
     values = config.n_steps_used * config.n_nodes_used
     assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (values if alpha == "auto" else 1), rel=1e-6)

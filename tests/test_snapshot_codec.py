@@ -11,14 +11,15 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import write_case
+from conftest import said, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import load_model
 from modules.training import vae_training
-from modules.training.runtime import Runtime
+from modules.training.loop import Step
+from modules.machine.device import Runtime
 from modules.training.vae_training import build_model
 from test_training import working_directory
 
@@ -56,7 +57,7 @@ def write_parameters(folder, parameters):
 
 def prepared(folder):
     with working_directory(folder):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         return config, prepare_case(config, Runtime(torch.device("cpu")))
 
 
@@ -70,10 +71,9 @@ def pulse(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pulse")
     pulse_case(folder)
     config, case = prepared(folder)
-    said = []
-    with working_directory(folder):
-        model = build_model(config, case, Runtime(torch.device("cpu")), say=said.append).eval()
-    return model, said, config, case
+    with working_directory(folder), said() as lines:
+        model = build_model(config, case, Runtime(torch.device("cpu"))).eval()
+    return model, lines, config, case
 
 
 def test_on_a_travelling_pulse_the_vae_runs_on_codes_and_starts_from_what_was_compared(pulse):
@@ -111,10 +111,10 @@ def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pul
     codec_before = {name: value.clone() for name, value in model.codec.state_dict().items()}
     model = HierarchicalVAE(model.spec)
     model.load_state_dict(pulse[0].state_dict())
-    job = vae_training.VAETraining(model, case, config, runtime, say=lambda text: None)
+    job = vae_training.VAETraining(model, case, config, runtime)
     assert job.n_parts == 3 + config.n_levels + 1  # one likelihood scale: the codes'
     batch = next(job.training_batches(0, [(np.arange(4), 1.0)]))
-    step_loss, parts = job.batch_loss(model, batch, None)
+    step_loss, parts = job.batch_loss(model, batch, Step(0, 1, 0.0, torch.Generator()))
     assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (STEPS * 8), rel=1e-6)  # nats per code value
     assert all(not weight.requires_grad for weight in model.codec.parameters())
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -131,12 +131,14 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
 
     from modules.data.scaling import ColumnScaler
     from modules.models.latents import split_latents
+    from modules.models.surrogate import Surrogate
     from modules.training.conditioner_training import conditioner_loss
     model, _, config, case = pulse
     fields = scaled(case, case.train_indices[:3])
     latents = torch.randn(3, config.latent_size, generator=torch.Generator().manual_seed(0))
     scaler = ColumnScaler(np.zeros(config.latent_size), np.full(config.latent_size, 0.5))
-    conditioner_case = SimpleNamespace(vae=model, latent_scaler=scaler, targets=latents)
+    conditioner_case = SimpleNamespace(vae=model, targets=latents,
+                                       decoder=Surrogate(model, case.scaler, latent_scaler=scaler))
     settings = SimpleNamespace(lc_ensemble=1, use_e2e_training=1, e2e_loss_function="MSE", huber_delta=1.0,
                                use_latent_regularization=0)
     monkeypatch.setattr(model.codec, "decode", lambda *args, **kwargs: pytest.fail("decoded every node"))
@@ -151,13 +153,13 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
 def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
     for name, epochs in (("tried", 20), ("not", 0)):
         write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")
-    said = []
     models = []
-    for name in ("tried", "not"):
-        config, case = prepared(tmp_path / name)
-        with working_directory(tmp_path / name):
-            models.append(build_model(config, case, Runtime(torch.device("cpu")), say=said.append))
-    assert [line for line in said if "the VAE runs on" in line][0].endswith("the fields (the codec is dropped)")
+    with said() as lines:
+        for name in ("tried", "not"):
+            config, case = prepared(tmp_path / name)
+            with working_directory(tmp_path / name):
+                models.append(build_model(config, case, Runtime(torch.device("cpu"))))
+    assert [line for line in lines if "the VAE runs on" in line][0].endswith("the fields (the codec is dropped)")
     assert models[0].codec is None
     # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
     first, second = models[0].state_dict(), models[1].state_dict()
@@ -168,11 +170,10 @@ def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
 def test_without_node_positions_no_codec_is_tried_and_that_is_said(tmp_path):
     write_case(tmp_path, n=12, t=6, m=20, extra="field_codec_epochs 20\n")
     config, case = prepared(tmp_path)
-    said = []
-    with working_directory(tmp_path):
-        model = build_model(config, case, Runtime(torch.device("cpu")), say=said.append)
+    with working_directory(tmp_path), said() as lines:
+        model = build_model(config, case, Runtime(torch.device("cpu")))
     assert model.codec is None
-    assert any(line.startswith("note: no snapshot codec: where the nodes are is not known") for line in said)
+    assert any(line.startswith("note: no snapshot codec: where the nodes are is not known") for line in lines)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.training.guard import Guard, StopRequest
 from modules.training.optimizer_step import Updater, make_optimizer, micro_batches
-from modules.training.runtime import Runtime, adapted, pick_precision, pick_workers
+from modules.machine.device import Runtime, pick_precision, pick_workers, runtime_for
 from test_training import metrics, working_directory
 
 SPEC = ModelSpec(n_steps=12, n_nodes=30, projection_rank=8, filters=(16, 16, 8), main_latent_dim=4,
@@ -80,9 +80,8 @@ def test_workers_are_chosen_from_the_hardware_unless_set(monkeypatch):
 
 def test_the_device_setup_line_says_what_was_chosen(case):
     with working_directory(case):
-        config = load_config(1, {"amp": "bf16", "grad_checkpointing": 1, "grad_accum_steps": 3},
-                             warn=lambda text: None)
-    runtime = adapted(torch.device("cpu"), config)
+        config = load_config(1, {"amp": "bf16", "grad_checkpointing": 1, "grad_accum_steps": 3})
+    runtime = runtime_for(torch.device("cpu"), config)
     assert runtime.amp_dtype is torch.bfloat16 and not runtime.pin_memory
     assert "precision bf16" in runtime.summary and "gradient checkpointing on" in runtime.summary
     assert "gradient accumulation over 3 batch(es)" in runtime.summary and "torch.compile off" in runtime.summary
@@ -238,7 +237,7 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
     from modules.training.vae_training import VAETraining, build_model
 
     with working_directory(case):
-        config = load_config(1, {"load_all": 1}, warn=lambda text: None)
+        config = load_config(1, {"load_all": 1})
         runtime = Runtime(torch.device("cpu"))
         prepared = prepare_case(config, runtime)
     model = build_model(config, prepared, runtime)
@@ -256,7 +255,7 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
     guard = Guard(config, runtime, StopRequest())
-    job = VAETraining(model, prepared, config, runtime, say=print)
+    job = VAETraining(model, prepared, config, runtime)
     train_epoch(job, model, updater, guard, Progress(), config, runtime)
     guard.end_epoch()
     monkeypatch.undo()
@@ -272,11 +271,10 @@ def test_each_option_is_also_a_condition_key_and_the_flag_overrides_it(case, cap
     condition.write_text(condition.read_text() + "amp bf16\ngrad_checkpointing 1\ncompile 0\ngrad_accum_steps 2\n"
                          "num_workers 1\n")
     with working_directory(case):
-        config = load_config(1, warn=lambda text: None)
+        config = load_config(1)
         assert (config.amp, config.grad_checkpointing, config.compile, config.grad_accum_steps, config.num_workers) \
             == ("bf16", 1, 0, 2, "1")
-        overridden = load_config(1, {"amp": "off", "grad_checkpointing": 0, "grad_accum_steps": 1},
-                                 warn=lambda text: None)
+        overridden = load_config(1, {"amp": "off", "grad_checkpointing": 0, "grad_accum_steps": 1})
         assert (overridden.amp, overridden.grad_checkpointing, overridden.grad_accum_steps) == ("off", 0, 1)
 
 

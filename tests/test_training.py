@@ -266,6 +266,19 @@ def test_plot_0_on_a_headless_machine_saves_and_does_not_block(case, monkeypatch
     assert (case / "output" / "loss_curves.png").exists()
 
 
+def test_quiet_prints_only_warnings_and_writes_every_file(case, capsys):
+    (case / "input_data" / "condition.txt").write_text((case / "input_data" / "condition.txt").read_text()
+                                                       + "zzzqqq 1\n")  # an unknown key: a warning
+    assert main(["--quiet", "--plot=1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "warning: unknown key 'zzzqqq' is ignored" in captured.err
+    assert (case / "model_save" / "SimulGen-VAE").exists() and (case / "output" / "evaluation.json").exists()
+    assert (case / "output" / "loss_curves.png").exists()
+    assert main(["--plot=2"]) == 0  # and the next command speaks again
+    assert "Best validation loss" in capsys.readouterr().out
+
+
 def test_plot_2_makes_no_pngs(case):
     assert main(["--plot=2"]) == 0
     assert not list((case / "output").glob("*.png"))

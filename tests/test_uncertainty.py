@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import as_version_1
 from test_evaluation import evaluation
 
 from modules.cli import main
 from modules.data.scaling import ColumnScaler
-from modules.models.conditioners import ConditionerSpec, build_conditioner, latent_spread
+from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.gaussian_process import GPRConditioner, fit_gpr
 from modules.storage.model_files import load_conditioner, save_conditioner
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
@@ -89,7 +90,7 @@ def test_an_ensemble_predicts_its_members_mean_they_start_apart_and_it_is_saved_
     each = ensemble(inputs, every_member=True)
     assert each.shape == (3, 4, 5) and torch.allclose(ensemble(inputs), each.mean(0))
     assert not torch.allclose(each[0], each[1])
-    mean, std = latent_spread(ensemble, inputs)
+    mean, std = ensemble.latent_spread(inputs)
     assert torch.allclose(std, each.std(0)) and (std > 0).all()
     save_conditioner(tmp_path / "ensemble", ensemble, spec, {})
     loaded, facts = load_conditioner(tmp_path / "ensemble")
@@ -101,11 +102,11 @@ def test_a_gp_file_saved_before_the_posterior_was_kept_loads_and_has_no_spread_o
     rng = np.random.default_rng(0)
     gp = GPRConditioner(spec).fit(rng.normal(size=(5, 2)), rng.normal(size=(5, 1)), seed=0)
     save_conditioner(tmp_path / "gp", gp, spec, {})
-    payload = torch.load(tmp_path / "gp", weights_only=True)
+    payload = as_version_1(torch.load(tmp_path / "gp", weights_only=True))
     del payload["state_dict"]["noise_levels"]
     torch.save(payload, tmp_path / "gp")
     loaded, _ = load_conditioner(tmp_path / "gp")
-    assert latent_spread(loaded, torch.zeros(1, 2))[1] is None
+    assert loaded.latent_spread(torch.zeros(1, 2))[1] is None
 
 
 # ------------------------------------------------------------------------------------------- what to simulate next
@@ -218,7 +219,7 @@ def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_
         demo, tmp_path, capsys):
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
-    payload = torch.load(folder / "model_save" / "latent_conditioner", weights_only=True)
+    payload = as_version_1(torch.load(folder / "model_save" / "latent_conditioner", weights_only=True))
     del payload["calibration"]
     torch.save(payload, folder / "model_save" / "latent_conditioner")
     with working_directory(folder):
@@ -226,7 +227,7 @@ def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_
                      "--samples=2"]) == 0
         assert "the spread is not calibrated" in capsys.readouterr().out
         assert main(["--evaluate", "--plot=2"]) == 0
-    assert "saved before calibration existed" in evaluation(folder)["uncertainty"]["note"]
+    assert "written before calibration existed" in evaluation(folder)["uncertainty"]["note"]
 
 
 def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported_as_not_kept(demo, tmp_path):

@@ -8,12 +8,15 @@ Looks at checkpoints/ and every archive/<stamp>/checkpoints/. Each file is one o
 Useless, and removed by clean: corrupt and leftover files anywhere, and in checkpoints/ the not resumable ones too
 (nothing can resume them there). An archived run's checkpoints of another config are that run's record and are kept.
 """
+import logging
 from pathlib import Path
 
 from modules.errors import InputError
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.paths import ARCHIVE_DIR, CHECKPOINT_DIR
 from modules.training.state import check_resumable
+
+log = logging.getLogger(__name__)
 
 RESUMABLE, NOT_RESUMABLE, CORRUPT, LEFTOVER = "resumable", "not resumable", "corrupt", "leftover"
 
@@ -45,24 +48,24 @@ def useless(path: Path, status: str) -> bool:
     return status in (CORRUPT, LEFTOVER) or (status == NOT_RESUMABLE and in_live_folder)
 
 
-def checkpoints_command(action: str, dry_run: bool, config, say=print) -> list:
+def checkpoints_command(action: str, dry_run: bool, config) -> list:
     """List every checkpoint with its status; with action 'clean', remove the useless ones (or, with dry_run, only
     say which). Returns the paths removed or, in a dry run, those that would be."""
     entries = survey(config)
     if not entries:
-        say(f"No checkpoint files in {CHECKPOINT_DIR}/ or {ARCHIVE_DIR}/*/checkpoints/")
+        log.info(f"No checkpoint files in {CHECKPOINT_DIR}/ or {ARCHIVE_DIR}/*/checkpoints/")
     for path, status, why in entries:
-        say(f"{status:<13} {path}  ({why})")
+        log.info(f"{status:<13} {path}  ({why})")
     if action != "clean":
         return []
     doomed = [path for path, status, _ in entries if useless(path, status)]
     for path in doomed:
         if not dry_run:
             path.unlink()
-        say(f"{'would remove' if dry_run else 'removed'} {path}")
+        log.info(f"{'would remove' if dry_run else 'removed'} {path}")
     total = sum(path.stat().st_size for path in doomed) if dry_run else None
     if dry_run:
-        say(f"Dry run: {len(doomed)} file(s), {total / 1e6:.1f} MB, would be removed; nothing was changed")
+        log.info(f"Dry run: {len(doomed)} file(s), {total / 1e6:.1f} MB, would be removed; nothing was changed")
     else:
-        say(f"Removed {len(doomed)} useless checkpoint file(s)")
+        log.info(f"Removed {len(doomed)} useless checkpoint file(s)")
     return doomed

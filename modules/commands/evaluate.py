@@ -1,14 +1,18 @@
 """--evaluate: the saved models scored anew on the case's data; an earlier evaluation is archived first."""
+import logging
+
 from modules.commands.train import check_plot_settings
 from modules.data.conditions import read_conditions
 from modules.errors import InputError
 from modules.evaluation.evaluation import Evaluation, saved_conditions
 from modules.evaluation.report import write_evaluation
+from modules.machine.processes import start_runtime
 from modules.storage.paths import MODEL_DIR, MODEL_FILE, archive_previous_evaluation, make_run_folders
-from modules.training.distributed import start_runtime
+
+log = logging.getLogger(__name__)
 
 
-def evaluate_saved(config, say=print) -> dict:
+def evaluate_saved(config) -> dict:
     """Evaluate model_save/ (the VAE and, if there is one, its conditioner) with config's plot settings; returns the
     report. Refused, with nothing moved, when there is no trained VAE or a plot setting is wrong."""
     for needed in (MODEL_FILE, MODEL_DIR / "split.json"):
@@ -21,6 +25,6 @@ def evaluate_saved(config, say=print) -> dict:
     evaluation = Evaluation(config, runtime, None, MODEL_FILE, saved_conditions(config))  # checks the data
     archived = archive_previous_evaluation()
     if archived is not None:
-        say(f"The previous evaluation was moved to {archived}/")
+        log.info(f"The previous evaluation was moved to {archived}/")
     make_run_folders()
-    return write_evaluation(evaluation, config, say)
+    return write_evaluation(evaluation, config)

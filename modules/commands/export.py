@@ -22,17 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from modules.commands.predict import FieldPrediction
-from modules.config import Config
-from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS, decodes_fields
-from modules.models.latents import split_latents
 from modules.storage.atomic import temporary_path
-from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.model_files import load_surrogate
 from modules.storage.paths import new_output_file
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".onnx", ".pt2")
 TOLERANCE = 1e-4
@@ -41,56 +38,19 @@ EXPORT_DESIGNS = 2  # the example the graph is traced with; the check uses anoth
 ONNX_OPSET = 18
 
 
-class Surrogate(nn.Module):
-    """Raw design parameters [n, P] (or images [n, C, H, W] in [0, 1]) -> fields [n, T, M] in physical units: the
-    scalers as buffers around the conditioner and the decoder, computed as --predict computes them."""
-
-    def __init__(self, conditioner, vae, latent_scaler, field_scaler, input_scaler=None):
-        super().__init__()
-        self.conditioner, self.vae = conditioner, vae
-        self.reads_parameters = input_scaler is not None
-        if self.reads_parameters:  # standardised in float64, as ColumnScaler.transform does for a CSV
-            self.register_buffer("input_mean", torch.as_tensor(input_scaler.mean, dtype=torch.float64))
-            self.register_buffer("input_std", torch.as_tensor(input_scaler.std, dtype=torch.float64))
-        self.register_buffer("latent_mean", torch.as_tensor(latent_scaler.mean, dtype=torch.float32))
-        self.register_buffer("latent_std", torch.as_tensor(latent_scaler.std, dtype=torch.float32))
-        self.n_vars = field_scaler.n_vars
-        for name, value in field_scaler.inverse_constants().items():  # [n_vars, 1] float32 each
-            self.register_buffer(f"field_{name}", value)
-
-    def forward(self, inputs):
-        if self.reads_parameters:
-            inputs = ((inputs.double() - self.input_mean) / self.input_std).float()
-        if decodes_fields(self.conditioner):  # the neural field predicts the scaled field itself
-            scaled = self.conditioner(inputs).float()
-        else:
-            latents = self.conditioner(inputs)
-            scaled = self.vae.decode(*split_latents(latents * self.latent_std + self.latent_mean,
-                                                    self.vae.spec)).float()
-        n, steps, nodes = scaled.shape
-        per_variable = scaled.reshape(n, steps, self.n_vars, nodes // self.n_vars)
-        physical = (per_variable - self.field_base) * self.field_inverse_scale + self.field_data_min
-        return physical.reshape(n, steps, nodes)
-
-
-def export_surrogate(path, conditioner_file, say=print) -> Path:
+def export_surrogate(path, conditioner_file) -> Path:
     """Write the exported model to path (.onnx or .pt2, a new file in an existing folder) once it matches --predict
     on CHECK_DESIGNS designs; returns the path."""
     began = time.perf_counter()
     path = new_output_file(path, "--export", SUFFIXES, "--export")
-    conditioner, facts = load_conditioner(conditioner_file, "cpu")
-    config = Config.from_dict(facts["config"])
-    vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), "cpu")
-    latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
-    reads = CONDITIONERS[config.input_type].reads
-    input_scaler = ColumnScaler.from_dict(facts["input_scaler"]) if reads == "parameters" else None
-    surrogate = Surrogate(conditioner, vae, latent_scaler, field_scaler, input_scaler).eval()
-    raw, standardised = check_inputs(facts, input_scaler, config)
+    surrogate, facts, config = load_surrogate(conditioner_file, "cpu")
+    reads = config.design_inputs
+    raw, check_designs = check_inputs(facts, config)
     temporary = temporary_path(path)
     try:
         write_model(surrogate, raw[:EXPORT_DESIGNS], temporary, reads)
         exported = run_exported(temporary, raw, reads)
-        predicted = FieldPrediction(conditioner, vae, latent_scaler, field_scaler, "cpu")(standardised)["fields"]
+        predicted = FieldPrediction(surrogate, "cpu")(check_designs)["fields"]
         difference = largest_relative_difference(exported, predicted)
         if not difference < TOLERANCE:
             raise InputError(path, f"the exported model differs from --predict by {difference:.3g} of the field's "
@@ -100,22 +60,22 @@ def export_surrogate(path, conditioner_file, say=print) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     name = "parameters" if reads == "parameters" else "images"
-    say(f"Exported the surrogate -> {path} ({path.stat().st_size / 1e6:.1f} MB): input '{name}' "
-        f"{['n', *raw.shape[1:]]} float32{' (raw, as in the CSV)' if reads == 'parameters' else ' in [0, 1]'}, "
-        f"output 'fields' [n, {predicted.shape[1]}, {predicted.shape[2]}] float32 in physical units; it matches "
-        f"--predict on {len(raw)} designs to {difference:.2g} of each field's largest value "
-        f"({time.perf_counter() - began:.1f} s)")
+    log.info(f"Exported the surrogate -> {path} ({path.stat().st_size / 1e6:.1f} MB): input '{name}' "
+             f"{['n', *raw.shape[1:]]} float32{' (raw, as in the CSV)' if reads == 'parameters' else ' in [0, 1]'}, "
+             f"output 'fields' [n, {predicted.shape[1]}, {predicted.shape[2]}] float32 in physical units; it matches "
+             f"--predict on {len(raw)} designs to {difference:.2g} of each field's largest value "
+             f"({time.perf_counter() - began:.1f} s)")
     return path
 
 
-def check_inputs(facts, input_scaler, config):
-    """(raw inputs [CHECK_DESIGNS, ...] float32 numpy, the same as --predict prepares them): parameters drawn
-    uniformly within two standard deviations of the training designs' mean, or images of uniform noise in [0, 1]."""
+def check_inputs(facts, config):
+    """(raw inputs [CHECK_DESIGNS, ...] float32 numpy, the same as --predict reads them): parameters drawn uniformly
+    within two standard deviations of the training designs' mean, or images of uniform noise in [0, 1]."""
     generator = np.random.default_rng(config.seed)
-    if input_scaler is not None:
-        raw = (input_scaler.mean + input_scaler.std * generator.uniform(-2, 2, (CHECK_DESIGNS, len(input_scaler.mean))))
-        raw = raw.astype(np.float32)
-        return raw, torch.from_numpy(input_scaler.transform(raw.astype(np.float64)))
+    if config.design_inputs == "parameters":
+        mean, std = (np.asarray(facts["input_scaler"][key]) for key in ("mean", "std"))
+        raw = (mean + std * generator.uniform(-2, 2, (CHECK_DESIGNS, len(mean)))).astype(np.float32)
+        return raw, torch.from_numpy(raw.astype(np.float64))
     size = config.image_size or facts["spec"]["input_shape"][-1]
     raw = generator.uniform(0, 1, (CHECK_DESIGNS, facts["channels"], size, size)).astype(np.float32)
     return raw, torch.from_numpy(raw)

@@ -11,6 +11,7 @@ beside the samples. OUT_report.json says where each new design lies against the 
 (uncertainty.design_range). The fields are written as they are predicted (storage.field_files), so a prediction of
 many designs needs no more memory than one of a few.
 """
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,27 +20,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modules.config import Config
 from modules.data.dataset import Crop
 from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.field_layout import read_saved_layout
-from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS, decodes_fields, predicted_fields
+from modules.machine.logs import shows_progress
+from modules.machine.device import full_float32
+from modules.machine.memory import available_host_bytes
 from modules.storage.atomic import save_json
 from modules.storage.field_files import PENDING_WRITES, FieldFacts, open_field_file, output_files
-from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
-from modules.training.runtime import available_host_bytes, full_float32
+from modules.storage.model_files import load_surrogate
 from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary
-from modules.uncertainty.spread import SPREAD_WORDS, DesignNoise, calibration_scales, field_draws, relative_norm
+from modules.uncertainty.spread import SPREAD_WORDS, DesignNoise, calibration_scales, relative_norm
 
-HOST_BATCH_BYTES = 32 * 2**20  # results per batch on the CPU: ~150 designs of 24 x 2,304 (128 measured fastest)
+log = logging.getLogger(__name__)
+
+HOST_BATCH_BYTES = 32 * 2**20  # results per batch on the CPU: larger batches leave the caches and run slower
 HOST_SHARE = 4                 # a batch's results take at most 1 / HOST_SHARE of the memory left, ...
 PENDING_BATCHES = PENDING_WRITES + 2  # ... counting the batches waiting for the writer and the one being made
 MAX_DEVICE_BATCH = 4096
 
 
-def predict_file(source, out, samples: int, conditioner_file, device, say=print) -> Path:
+def predict_file(source, out, samples: int, conditioner_file, device) -> Path:
     """Predict every design in `source` and write them to `out` as they come (storage.field_files: .npy, .h5 or
     .xdmf by its suffix), with OUT_report.json (how far each design lies from the training designs) and, with
     samples, the draws, their mean and the calibrated std; returns the path of the fields. Memory does not grow with
@@ -47,85 +49,85 @@ def predict_file(source, out, samples: int, conditioner_file, device, say=print)
     began = time.perf_counter()
     paths = output_files(out, "--predict", samples)
     full_float32(device)
-    conditioner, facts = load_conditioner(conditioner_file, device)
-    if samples and decodes_fields(conditioner):
+    surrogate, facts, config = load_surrogate(conditioner_file, device)
+    if samples and surrogate.decodes_fields:
         raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to draw "
                          "--samples from", "predict without --samples, or retrain the conditioner with "
                          "field_conditioner_epochs 0 (--lc_only=1) to keep one that has")
-    config = Config.from_dict(facts["config"])
-    vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
     inputs, raw, labels = read_inputs(source, config, facts)
-    latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
     shape = (len(inputs), config.n_steps_used, config.n_nodes_used)
-    described = FieldFacts(labels, Crop(config).time_index, config.n_vars, raw, facts.get("param_names"),
+    described = FieldFacts(labels, Crop(config).time_index, config.n_vars, raw, facts["param_names"],
                            lambda: read_saved_layout(config))
-    placed = design_placement(conditioner, facts, config, inputs, raw, labels)
-    prediction = FieldPrediction(conditioner, vae, latent_scaler, field_scaler, device)
+    placed = design_placement(surrogate, facts, config, inputs, raw, labels)
+    prediction = FieldPrediction(surrogate, device)
     batch = prediction_batch_size(prediction, inputs, shape, samples, device)
     spread = None
     if samples:
-        spread = prediction.with_samples(samples, calibration_scales(facts, config.n_steps_used, say), config.seed)
+        spread = prediction.with_samples(samples, calibration_scales(facts, config.n_steps_used), config.seed)
     with open_field_file(paths, shape, samples, described) as written:
         with progress_bar(len(inputs), "--predict") as bar:
             for start in range(0, len(inputs), batch):
                 written.write(start, **prediction(inputs[start:start + batch]))
                 bar.update(min(batch, len(inputs) - start))
     seconds = time.perf_counter() - began
-    say(f"Predicted {len(inputs)} designs -> {paths['out']} {shape} in {seconds:.2f} s ({len(inputs) / seconds:,.0f} "
-        f"designs/s from loading the model to the last field written; the model's share {prediction.seconds:.2f} s, "
-        f"batches of {batch} on {device})")
+    log.info(f"Predicted {len(inputs)} designs -> {paths['out']} {shape} in {seconds:.2f} s "
+             f"({len(inputs) / seconds:,.0f} designs/s from loading the model to the last field written; the model's "
+             f"share {prediction.seconds:.2f} s, batches of {batch} on {device})")
     if samples:
-        source_words = SPREAD_WORDS[facts["calibration"]["source"]] if facts.get("calibration") else \
+        source_words = SPREAD_WORDS[facts["calibration"]["source"]] if facts["calibration"] else \
             "an uncalibrated spread"
         where = paths["out"] if paths["out"].suffix != ".npy" else \
             f"{paths['samples']}, their mean -> {paths['mean']}, the std -> {paths['std']}"
-        say(f"{samples} samples per design from {source_words}, with their mean and the calibrated standard deviation "
-            f"around the prediction -> {where} (largest std {spread.largest:.4g})")
-    report_design_range(placed, labels, paths["report"], spread.relative.tolist() if samples else None, say)
+        log.info(f"{samples} samples per design from {source_words}, with their mean and the calibrated standard "
+                 f"deviation around the prediction -> {where} (largest std {spread.largest:.4g})")
+    report_design_range(placed, labels, paths["report"], spread.relative.tolist() if samples else None)
     return paths["out"]
 
 
 def read_inputs(source, config, facts, flag="--predict"):
-    """The new designs' conditions, prepared exactly as in training (standardised parameters or [0, 1] images), their
-    raw parameters (None for images) and how the user names each design (its CSV row or image file). flag: the
-    command-line flag that named source (--predict, or --suggest's --candidates)."""
-    if CONDITIONERS[config.input_type].reads == "parameters":
+    """The new designs' inputs as the surrogate takes them (raw parameters float64 [n, P], or images float32 [n, C,
+    S, S] in [0, 1] read as in training), their raw parameters as numpy (None for images) and how the user names
+    each design (its CSV row or image file). flag: the command-line flag that named source (--predict, or
+    --suggest's --candidates)."""
+    if config.design_inputs == "parameters":
         if not Path(source).is_file():  # read_parameters' own message points at param_dir, the training CSV
             raise InputError(source, "not found" if not Path(source).exists() else "is a folder, not a CSV file",
                              f"give {flag} the path of a CSV of new designs (one row of parameters per design)")
-        scaler = ColumnScaler.from_dict(facts["input_scaler"])
+        trained = len(facts["input_scaler"]["mean"])
         values, names = read_parameters(source)
-        if values.shape[1] != len(scaler.mean):
+        if values.shape[1] != trained:
             raise InputError(source, f"has {values.shape[1]} columns but the conditioner was trained on "
-                             f"{len(scaler.mean)} parameters", "give one column per training parameter, in order")
+                             f"{trained} parameters", "give one column per training parameter, in order")
         trained_names = facts["param_names"]
         if names and trained_names and [n.strip().lower() for n in names] != [n.strip().lower()
                                                                               for n in trained_names]:
             raise InputError(source, f"has columns {', '.join(names)} but the conditioner was trained on "
                              f"{', '.join(trained_names)}", "give the parameters in the training CSV's order")
-        return torch.from_numpy(scaler.transform(values)), values, [f"row {row}" for row in range(1, len(values) + 1)]
+        return torch.from_numpy(values), values, [f"row {row}" for row in range(1, len(values) + 1)]
     images, paths, _ = read_condition_images(source, config.condition_extension, config.image_size, facts["channels"])
     return torch.from_numpy(images), None, [Path(path).name for path in paths]
 
 
-def design_placement(conditioner, facts, config, inputs, raw, labels) -> list | None:
+def design_placement(surrogate, facts, config, inputs, raw, labels) -> list | None:
     """Per new design, where it lies against the training designs (uncertainty.design_range), computed before any
-    field is written so that a failure here leaves no output; None for a conditioner saved before the check
-    existed."""
-    reference = facts.get("design_range")
+    field is written so that a failure here leaves no output; None for a conditioner file that holds no record of its
+    training designs."""
+    reference = facts["design_range"]
     if reference is None:
         return None
-    spaces = design_spaces(conditioner, CONDITIONERS[config.input_type].reads, inputs, config.batch_size)
+    if surrogate.reads_parameters:
+        inputs = surrogate.standardised(inputs.to(surrogate.input_mean.device)).cpu()
+    spaces = design_spaces(surrogate.conditioner, config.design_inputs, inputs, config.batch_size)
     return placement(reference, spaces, labels, raw)
 
 
-def report_design_range(rows, labels, path, spread, say) -> None:
+def report_design_range(rows, labels, path, spread) -> None:
     """OUT_report.json: where each new design lies (rows: design_placement) and, with --samples (spread: each
     design's |OUT_std| / |OUT|), its predicted uncertainty; a warning names the designs outside what was learnt. A
-    conditioner saved before the check existed gets a note."""
+    conditioner file that holds no record of its training designs gets a note."""
     if rows is None:
-        say("note: no out-of-range check: the conditioner was saved before the check existed (retrain it with "
-            "--lc_only=1 to get one)")
+        log.info("note: no out-of-range check: the conditioner file holds no record of its training designs, as files "
+                 "written before the check existed do (retrain it with --lc_only=1 to get one)")
         if spread is not None:
             save_json(path, {"about": "predicted_relative_std: the norm of the design's calibrated standard deviation "
                                       "(OUT_std) over the norm of its predicted field (OUT)",
@@ -145,21 +147,21 @@ def report_design_range(rows, labels, path, spread, say) -> None:
                      "designs": rows})
     summary = placement_summary(rows)
     if summary:
-        print(f"warning: {summary}; see {path}", file=sys.stderr)
+        log.warning(f"warning: {summary}; see {path}")
     else:
-        say(f"Every design lies within what the conditioner was trained on (see {path})")
+        log.info(f"Every design lies within what the conditioner was trained on (see {path})")
 
 
 class FieldPrediction:
-    """Conditions [b, ...] -> {"fields": [b, T, M]} in physical units as float32 numpy arrays; with_samples adds
-    "samples" [b, K, T, M] drawn from the prediction's calibrated uncertainty (uncertainty.spread), their "mean" and
-    the calibrated standard deviation around the prediction ("std"). The scaling runs on the device; only the
-    results come to the host. seconds: the time spent computing (the GPU waited for), not writing."""
+    """The surrogate on batches of new designs (raw inputs [b, ...]) -> {"fields": [b, T, M]} in physical units as
+    float32 numpy arrays; with_samples adds "samples" [b, K, T, M] drawn from the prediction's calibrated
+    uncertainty, their "mean" and the calibrated standard deviation around the prediction ("std"). Everything runs
+    on the device; only the results come to the host. seconds: the time spent computing (the GPU waited for), not
+    writing."""
 
-    def __init__(self, conditioner, vae, latent_scaler, field_scaler, device):
-        self.conditioner, self.vae = conditioner, vae
-        self.latent_scaler, self.field_scaler = latent_scaler, field_scaler
-        self.device, self.seconds, self.samples = torch.device(device), 0.0, 0
+    def __init__(self, surrogate, device):
+        self.surrogate, self.device = surrogate, torch.device(device)
+        self.seconds, self.samples = 0.0, 0
 
     def with_samples(self, samples: int, scales: np.ndarray, seed: int) -> "FieldPrediction":
         """K draws per design. Each draw's deviation from the prediction is multiplied by the time step's calibration
@@ -172,27 +174,24 @@ class FieldPrediction:
         return self
 
     @torch.no_grad()
-    def __call__(self, conditions) -> dict:
+    def __call__(self, raw) -> dict:
         began = time.perf_counter()
-        conditions = conditions.to(self.device)
-        if not self.samples:
-            scaled = predicted_fields(self.conditioner, self.vae, self.latent_scaler, conditions)
-            result = {"fields": self.to_host(self.field_scaler.inverse(scaled.float()))}
-        else:
-            result = self._with_draws(conditions)
+        raw = raw.to(self.device)
+        result = {"fields": self.to_host(self.surrogate(raw))} if not self.samples else self._with_draws(raw)
         self.seconds += time.perf_counter() - began
         return result
 
-    def _with_draws(self, conditions) -> dict:
-        noise = DesignNoise(self.seed, self.designs_drawn, len(conditions))
-        self.designs_drawn += len(conditions)
-        prediction, draws = field_draws(self.conditioner, self.vae, self.latent_scaler, conditions, self.samples, noise)
-        predicted = self.field_scaler.inverse(prediction)
+    def _with_draws(self, raw) -> dict:
+        noise = DesignNoise(self.seed, self.designs_drawn, len(raw))
+        self.designs_drawn += len(raw)
+        surrogate = self.surrogate
+        prediction, draws = surrogate.draws(surrogate.standardised(raw), self.samples, noise.randn)
+        predicted = surrogate.physical(prediction)
         total = torch.zeros(predicted.shape, dtype=torch.float64, device=self.device)
         squares = torch.zeros_like(total)
         drawn = np.empty((len(predicted), self.samples, *predicted.shape[1:]), np.float32)
         for index, draw in enumerate(draws):
-            deviation = (self.field_scaler.inverse(draw) - predicted) * self.scales
+            deviation = (surrogate.physical(draw) - predicted) * self.scales
             drawn[:, index] = self.to_host(predicted + deviation)
             total += deviation.double()
             squares += deviation.double().square()
@@ -234,7 +233,7 @@ def prediction_batch_size(prediction, inputs, shape, samples: int, device) -> in
 
 
 def progress_bar(total: int, command: str):
-    """A progress bar on stderr for a long prediction at a terminal; silent in batch jobs and logs (tqdm's
-    disable=None: off when stderr is not a terminal)."""
-    return tqdm(total=total, desc=command, unit=" designs", file=sys.stderr, disable=None, leave=False,
+    """A progress bar on stderr for a long prediction at a terminal; silent in batch jobs, logs and under --quiet
+    (machine.logs.shows_progress)."""
+    return tqdm(total=total, desc=command, unit=" designs", file=sys.stderr, disable=shows_progress(), leave=False,
                 mininterval=1.0)

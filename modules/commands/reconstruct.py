@@ -5,6 +5,7 @@
 The simulations are read, reconstructed and written a batch at a time (storage.field_files), in batches sized from
 the free memory, so memory does not grow with their number.
 """
+import logging
 import time
 
 import numpy as np
@@ -15,20 +16,22 @@ from modules.data.dataset import Crop, NewSimulations
 from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
 from modules.evaluation.metrics import relative_l2
+from modules.machine.device import full_float32
 from modules.storage.field_files import FieldFacts, open_field_file, output_files
-from modules.storage.model_files import load_model
-from modules.training.runtime import full_float32
+from modules.storage.model_files import load_vae_surrogate
+
+log = logging.getLogger(__name__)
 
 DEVICE_COPIES = 6  # float32 fields a design takes on the device while it is reconstructed, at most
 
 
-def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
+def reconstruct_file(source, out, model_file, device) -> np.ndarray:
     """Reconstruct every design in `source` ([n, T, M] .npy); writes [n, T_used, M_used] to `out` (.npy, .h5 or
     .xdmf by its suffix); returns each design's relative L2 error against its input."""
     began = time.perf_counter()
     paths = output_files(out, "--reconstruct", report=False)  # the errors are printed
     full_float32(device)
-    model, config, scaler = load_model(model_file, device)
+    surrogate, config = load_vae_surrogate(model_file, device)
     crop = Crop(config)
     simulations = NewSimulations(source, crop)
     if len(simulations) == 0:
@@ -42,13 +45,12 @@ def reconstruct_file(source, out, model_file, device, say=print) -> np.ndarray:
     with open_field_file(paths, shape, 0, described) as written, torch.no_grad():
         for start in range(0, len(simulations), batch):
             fields = simulations.batch(start, start + batch)
-            scaled = model(scaler.transform(torch.from_numpy(fields).to(device)), sample=False)["recon"]
-            reconstructions = scaler.inverse(scaled.float()).cpu().numpy()
+            reconstructions = surrogate.reconstruct(torch.from_numpy(fields).to(device)).cpu().numpy()
             errors.append(relative_l2(reconstructions, fields))
             written.write(start, reconstructions)
     errors = np.concatenate(errors)
-    say(f"Reconstructed {len(errors)} designs -> {paths['out']} {shape} in {time.perf_counter() - began:.2f} s; "
-        f"relative L2 error vs the input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
+    log.info(f"Reconstructed {len(errors)} designs -> {paths['out']} {shape} in {time.perf_counter() - began:.2f} s; "
+             f"relative L2 error vs the input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
     return errors
 
 

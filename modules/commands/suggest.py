@@ -5,87 +5,81 @@
 From the candidate designs (a CSV with the training parameters' columns, or without one a scrambled Sobol sample of
 the training parameter box, seeded by the conditioner's seed), K are picked (with the GP on the latents: by the
 variance their simulation removes; with networks: by their spread, kept apart; uncertainty.next_designs says how)
-and written as a CSV: the parameters, ready for the solver, and each pick's predicted relative standard deviation. Default output: output/suggested_designs.csv (never overwritten).
+and written as a CSV: the parameters, ready for the solver, and each pick's predicted relative standard deviation.
+Default output: output/suggested_designs.csv (never overwritten).
 """
 import csv
 import io
-import sys
+import logging
 
 import numpy as np
 import torch
 
 from modules.commands.predict import read_inputs
-from modules.config import Config
-from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS, decodes_fields
+from modules.machine.device import full_float32
 from modules.storage.atomic import save_text
-from modules.storage.model_files import checked_vae_file, load_conditioner, load_model
+from modules.storage.model_files import load_surrogate
 from modules.storage.paths import SUGGESTIONS_FILE, new_output_file
-from modules.training.runtime import full_float32
 from modules.uncertainty.design_range import placement, placement_summary
 from modules.uncertainty.next_designs import (SOBOL_CANDIDATES, SUGGEST_DRAWS, latent_field_weights, pick_diverse,
                                               sobol_candidates, variance_reduction_picks)
 from modules.uncertainty.spread import SPREAD_WORDS, calibration_scales, relative_spread, spread_source
 
+log = logging.getLogger(__name__)
 
-def suggest_designs(count: int, candidates, out, conditioner_file, device, say=print) -> list:
+
+def suggest_designs(count: int, candidates, out, conditioner_file, device) -> list:
     """Pick `count` (>= 1) designs to simulate next; writes them to out (or output/suggested_designs.csv) and
     returns the picked candidates' row indices, in the order picked."""
     out = new_output_file(out if out is not None else SUGGESTIONS_FILE, "--suggest", ".csv")
     full_float32(device)
-    conditioner, facts = load_conditioner(conditioner_file, device)
-    config = Config.from_dict(facts["config"])
-    reference = facts.get("design_range")
-    if CONDITIONERS[config.input_type].reads != "parameters":
+    surrogate, facts, config = load_surrogate(conditioner_file, device)
+    reference = facts["design_range"]
+    if config.design_inputs != "parameters":
         raise InputError(conditioner_file, f"reads images (input_type {config.input_type}): --suggest picks design "
                          "parameters", "use --suggest with a conditioner trained on a parameter CSV (input_type csv)")
     if reference is None:
-        raise InputError(conditioner_file, "was saved before the training parameters' range was kept, which "
-                         "--suggest needs", "retrain the conditioner with --lc_only=1")
-    if decodes_fields(conditioner):
+        raise InputError(conditioner_file, "holds no record of the training parameters' range, which --suggest needs "
+                         "(files written before it was kept do not)", "retrain the conditioner with --lc_only=1")
+    if surrogate.decodes_fields:
         raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to rank "
                          "candidate designs by", "retrain the conditioner with field_conditioner_epochs 0 "
                          "(--lc_only=1) to keep one that has")
-    vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
-    raw, inputs, where = candidate_designs(candidates, config, facts, reference)
+    raw, inputs, where = candidate_designs(candidates, surrogate, config, facts, reference)
     if count > len(raw):
         raise InputError(candidates or "command line", f"{len(raw)} candidate designs are fewer than the {count} "
                          "asked for", f"give --suggest={len(raw)} or fewer, or --candidates=PATH.csv with more")
-    inputs = inputs.to(device)
-    calibration = facts.get("calibration")
-    source = calibration["source"] if calibration else spread_source(conditioner, inputs)
+    calibration = facts["calibration"]
+    source = calibration["source"] if calibration else spread_source(surrogate, inputs)
     if source == "decoder":
-        say("note: this conditioner's only spread is the decoder prior's, which barely tells designs apart")
-    picked, relative_std, criterion = pick_designs(source, conditioner, vae, field_scaler, facts, config, inputs,
-                                                   count, say)
+        log.info("note: this conditioner's only spread is the decoder prior's, which barely tells designs apart")
+    picked, relative_std, criterion = pick_designs(source, surrogate, facts, config, inputs, count)
     names = reference["names"] or [f"parameter_{column}" for column in range(1, raw.shape[1] + 1)]
     save_text(out, suggestions_csv(names, raw[picked], relative_std))
-    say(f"Suggested {count} of {len(raw)} {where} -> {out}, picked by {criterion}; their predicted relative std "
-        f"{relative_std.min():.3%} to {relative_std.max():.3%}. Simulate them, add them to the dataset and retrain.")
+    log.info(f"Suggested {count} of {len(raw)} {where} -> {out}, picked by {criterion}; their predicted relative std "
+             f"{relative_std.min():.3%} to {relative_std.max():.3%}. Simulate them, add them to the dataset and "
+             "retrain.")
     if candidates is not None:
         points = inputs[picked].double().cpu().numpy()
         summary = placement_summary(placement(reference, {"parameters": points},
                                               [f"suggestion {rank}" for rank in range(1, count + 1)], raw[picked]))
         if summary:
-            print(f"warning: {summary}", file=sys.stderr)
+            log.warning(f"warning: {summary}")
     return picked
 
 
-def pick_designs(source: str, conditioner, vae, field_scaler, facts: dict, config, inputs, count: int, say):
+def pick_designs(source: str, surrogate, facts: dict, config, inputs, count: int):
     """(the picked rows of inputs in order, their predicted relative std, the criterion in words): the GP's
     variance reduction when the spread is the GP's, else the spread with a diversity term (uncertainty.next_designs).
     inputs: standardised candidates on the device; config: the conditioner's (its file's facts)."""
-    latent_scaler = ColumnScaler.from_dict(facts["latent_scaler"])
-
     def relative_std_of(designs):  # the same seeded draws for any set of designs
-        return relative_spread(conditioner, vae, latent_scaler, field_scaler, designs,
-                               calibration_scales(facts, config.n_steps_used, say), SUGGEST_DRAWS, config.batch_size,
-                               torch.Generator().manual_seed(config.seed))
+        return relative_spread(surrogate, designs, calibration_scales(facts, config.n_steps_used), SUGGEST_DRAWS,
+                               config.batch_size, torch.Generator().manual_seed(config.seed))
 
     if source == "gp":
-        weights = latent_field_weights(vae, latent_scaler, field_scaler, len(latent_scaler.mean), config.batch_size)
-        picked = variance_reduction_picks(conditioner, inputs, weights, count, config.seed)
+        weights = latent_field_weights(surrogate, config.batch_size)
+        picked = variance_reduction_picks(surrogate.conditioner, inputs, weights, count, config.seed)
         return picked, relative_std_of(inputs[picked]), (
             "the largest reduction of the GPs' posterior variance of the field, averaged over the candidates, each "
             "pick counted as simulated before the next")
@@ -97,14 +91,16 @@ def pick_designs(source: str, conditioner, vae, field_scaler, facts: dict, confi
                                           f"{np.median(relative_std):.3%}")
 
 
-def candidate_designs(candidates, config, facts, reference):
-    """(raw parameters float64 [n, P], standardised float32 tensor [n, P], how to name them in one phrase): the
-    candidates CSV, checked as --predict checks new designs, or a Sobol sample of the training box."""
+def candidate_designs(candidates, surrogate, config, facts, reference):
+    """(raw parameters float64 [n, P], standardised float32 tensor [n, P] on the surrogate's device, how to name
+    them in one phrase): the candidates CSV, checked as --predict checks new designs, or a Sobol sample of the
+    training box."""
+    device = surrogate.input_mean.device
     if candidates is not None:
         inputs, raw, _ = read_inputs(candidates, config, facts, flag="--candidates")
-        return raw, inputs, f"candidate designs in {candidates}"
+        return raw, surrogate.standardised(inputs.to(device)), f"candidate designs in {candidates}"
     raw = sobol_candidates(reference["low"], reference["high"], SOBOL_CANDIDATES, config.seed)
-    inputs = torch.from_numpy(ColumnScaler.from_dict(facts["input_scaler"]).transform(raw))
+    inputs = surrogate.standardised(torch.from_numpy(raw).to(device))
     return raw, inputs, f"Sobol candidates in the training parameter box (seed {config.seed})"
 
 

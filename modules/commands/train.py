@@ -5,6 +5,7 @@ Every input check happens before anything on disk moves: the config, the data, t
 and any checkpoint to resume; only then is an earlier run's output archived.
 """
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -18,44 +19,48 @@ from modules.errors import InputError
 from modules.evaluation import figures
 from modules.evaluation.evaluation import Evaluation
 from modules.evaluation.report import write_evaluation, write_prediction_report, write_reconstruction_report
-from modules.models.latents import save_latents
+from modules.machine.device import runtime_for
+from modules.machine.memory import MemoryWatch
+from modules.machine.processes import any_rank, barrier, start_runtime, stop_runtime
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
+from modules.storage.model_folder import save_latents
 from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
                                    archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
                                   note_vae, recording, run_of, start_run)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
-from modules.training.distributed import any_rank, barrier, start_runtime, stop_runtime
-from modules.training.runtime import MemoryWatch, adapted, check_training_fits, training_needs
+from modules.training.memory_needs import check_training_fits, training_needs
 from modules.training.state import read_checkpoint
 from modules.training.vae_training import train_vae
+
+log = logging.getLogger(__name__)
 
 CONDITIONER_HINT = "python SimulGen-VAE.py (or --lc_only=1) with input_type set"
 
 
-def train_all(config, use_ddp: bool, resume, say=print) -> None:
+def train_all(config, use_ddp: bool, resume) -> None:
     """--lc_only=0: the VAE, then (when input_type is set) the latent conditioner on it, then the evaluation, in one
     run recorded in runs/<id>/; with resume (--resume's value), from where the checkpoint stood (a finished VAE is not
     trained again) and in the same run record."""
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        watch = MemoryWatch(runtime.device, say if runtime.is_main else None)
+        watch = MemoryWatch(runtime.device, speaks=runtime.is_main)
         with watch.phase("the setup (data checks, scaler)"):
             plan, case, conditions = full_run_inputs(config, runtime, resume)
         refuse_what_cannot_fit(config, runtime, vae_trains=plan is None or not plan.vae_finished)
         if runtime.is_main and plan is None:
-            announce(archive_previous_run(), say)
-        run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae", say,
+            announce(archive_previous_run())
+        run = open_run(config, runtime, "vae+conditioner" if conditions is not None else "vae",
                        plan and plan.run_id)
         with recording(run, VAE_RUN_FILES + CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
             vae_result = None
             if plan is None or not plan.vae_finished:
-                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, say=say, watch=watch)
+                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, watch=watch)
             elif runtime.is_main:
-                say(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
+                log.info(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
             evaluation = None
             if runtime.is_main:
                 with watch.phase("the VAE's evaluation (latents, baselines, memorization)"):
@@ -63,52 +68,51 @@ def train_all(config, use_ddp: bool, resume, say=print) -> None:
                     if vae_result is not None:
                         progress, history = vae_result
                         save_latents(MODEL_DIR, evaluation.encoding.main_latents, evaluation.encoding.level_latents)
-                        note_vae(run, progress, write_reconstruction_report(evaluation, say))
+                        note_vae(run, progress, write_reconstruction_report(evaluation))
                         if config.plot < 2:
-                            figures.training_plots(history, evaluation, show=config.plot == 0, say=say,
+                            figures.training_plots(history, evaluation, show=config.plot == 0,
                                                    config=config)
             if conditions is not None:
                 barrier(runtime)  # rank 0 has written the VAE and its latents, which every rank reads now
                 with watch.phase("the conditioner's training"):
                     conditioner_case = prepare_conditioner_case(config, runtime, conditions, MODEL_FILE, fields=case)
                     conditioner_result = train_conditioner(config, runtime, conditioner_case, run,
-                                                           resume=plan and plan.conditioner, say=say)
+                                                           resume=plan and plan.conditioner)
                     if runtime.is_main:
-                        report_conditioner(evaluation, run, *conditioner_result, config, say)
+                        report_conditioner(evaluation, run, *conditioner_result, config)
             stop_runtime()  # the other processes are done: the main one evaluates alone
             if runtime.is_main:
                 with watch.phase("the evaluation report"):
-                    write_evaluation(evaluation, config, say)
+                    write_evaluation(evaluation, config)
     finally:
         stop_runtime()
 
 
-def train_conditioner_only(config, use_ddp: bool, resume, say=print) -> None:
+def train_conditioner_only(config, use_ddp: bool, resume) -> None:
     """--lc_only=1: the conditioner on the saved VAE, then the evaluation, as a run of its own (runs/<id>/); only an
     earlier conditioner's files and evaluation are archived (none with resume, which continues
     checkpoints/conditioner_last.pt or the checkpoint given, in its run record)."""
     runtime = start_runtime(config, use_ddp)
     try:
         announce_setup(runtime)
-        watch = MemoryWatch(runtime.device, say if runtime.is_main else None)
+        watch = MemoryWatch(runtime.device, speaks=runtime.is_main)
         with watch.phase("the setup (data checks, latents)"):
             checkpoint, run_id, conditions, conditioner_case = conditioner_only_inputs(config, runtime, resume)
         refuse_what_cannot_fit(config, runtime, vae_trains=False)
         vae_file = conditioner_case.vae_file
         if runtime.is_main and checkpoint is None:
-            announce(archive_previous_conditioner(), say)
-        run = open_run(config, runtime, "conditioner", say, run_id, vae_file)
+            announce(archive_previous_conditioner())
+        run = open_run(config, runtime, "conditioner", run_id, vae_file)
         with recording(run, CONDITIONER_RUN_FILES + EVALUATION_RUN_FILES):
             barrier(runtime)
             with watch.phase("the conditioner's training"):
-                conditioner_result = train_conditioner(config, runtime, conditioner_case, run, resume=checkpoint,
-                                                       say=say)
+                conditioner_result = train_conditioner(config, runtime, conditioner_case, run, resume=checkpoint)
             stop_runtime()
             if runtime.is_main:
                 with watch.phase("the evaluation"):
                     evaluation = Evaluation(config, runtime, conditioner_case.fields, vae_file, conditions)
-                    report_conditioner(evaluation, run, *conditioner_result, config, say)
-                    write_evaluation(evaluation, config, say)
+                    report_conditioner(evaluation, run, *conditioner_result, config)
+                    write_evaluation(evaluation, config)
     finally:
         stop_runtime()
 
@@ -146,7 +150,7 @@ def conditioner_only_inputs(config, runtime, resume):
 
 def refuse_what_cannot_fit(config, runtime, vae_trains: bool) -> None:
     """Before anything on disk moves: refuse a run whose largest phase would need more memory than each process may
-    allocate (training.runtime.training_needs), on every rank when any rank would have to (one rank alone stopping
+    allocate (training.memory_needs.training_needs), on every rank when any rank would have to (one rank alone stopping
     would leave the others waiting)."""
     with torch.device("meta"):  # shapes only: counting parameters allocates nothing
         vae_parameters = sum(p.numel() for p in HierarchicalVAE(ModelSpec.from_config(config)).parameters())
@@ -161,18 +165,18 @@ def check_training_inputs(config, lc_only: bool, resume) -> None:
     """The checks of a training's inputs without the training, on the CPU (launch_ddp.py runs them before starting
     torchrun, so that a case this script would refuse starts no process). Streams the data once; preloads nothing."""
     streaming = dataclasses.replace(config, load_all=0, amp="off", num_workers="0")  # all resumable: same checks
-    runtime = adapted(torch.device("cpu"), streaming)
+    runtime = runtime_for(torch.device("cpu"), streaming)
     if lc_only:
         conditioner_only_inputs(streaming, runtime, resume)
     else:
         full_run_inputs(streaming, runtime, resume)
 
 
-def report_conditioner(evaluation, run, progress, history, config, say) -> None:
+def report_conditioner(evaluation, run, progress, history, config) -> None:
     """The prediction report, the run record's numbers and the conditioner's plots, once it is saved."""
-    note_conditioner(run, progress, write_prediction_report(evaluation, say))
+    note_conditioner(run, progress, write_prediction_report(evaluation))
     if config.plot < 2:
-        figures.conditioner_plots(history, evaluation, show=config.plot == 0, say=say, config=config)
+        figures.conditioner_plots(history, evaluation, show=config.plot == 0, config=config)
 
 
 def check_plot_settings(config, conditions) -> None:
@@ -189,15 +193,15 @@ def check_plot_settings(config, conditions) -> None:
         figures.parameter_column(config.plot_color_by, conditions.param_names, conditions.values.shape[1])
 
 
-def open_run(config, runtime, kind: str, say, run_id=None, vae_file=None):
+def open_run(config, runtime, kind: str, run_id=None, vae_file=None):
     """The main process records the run in runs/<id>/ (a resumed run keeps its id; a conditioner-only run names the
     run that trained vae_file, its VAE); other processes get None."""
     if not runtime.is_main:
         return None
     make_run_folders()
-    vae_run = read_payload(vae_file).get("run_id") if vae_file else None
+    vae_run = read_payload(vae_file)["run_id"] if vae_file else None
     run = start_run(kind, sys.argv, config.to_dict(), [PRESET_FILE, CONDITION_FILE], run_id=run_id, vae_run=vae_run)
-    say(f"Run {run.id}: recorded in {run.folder}/ (python SimulGen-VAE.py --list_runs compares runs)")
+    log.info(f"Run {run.id}: recorded in {run.folder}/ (python SimulGen-VAE.py --list_runs compares runs)")
     return run
 
 
@@ -233,9 +237,9 @@ def resume_plan(given: str, config) -> ResumePlan:
 
 def announce_setup(runtime) -> None:
     if runtime.is_main:
-        print(runtime.summary, flush=True)  # before the first slow step, also under torchrun's pipes
+        log.info(runtime.summary)  # before the first slow step
 
 
-def announce(archived, say) -> None:
+def announce(archived) -> None:
     if archived is not None:
-        say(f"The previous run's results were moved to {archived}/")
+        log.info(f"The previous run's results were moved to {archived}/")

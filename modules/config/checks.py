@@ -1,10 +1,13 @@
 """Checks across keys (crops inside the data, enough designs, schedules in order, time steps enough for the
 encoder's levels, plot and conditioner settings that fit the data), and notes on keys that cannot act."""
+import logging
 import math
 
 from modules.config.keys import DEFAULT_PLOT_DESIGNS, KEYS_BY_FIELD, MAX_FIELD_PLOT_ROWS, whole_numbers
 from modules.config.settings import level_lengths
 from modules.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def check_consistency(config, path, lines: dict) -> None:
@@ -101,15 +104,16 @@ def _conditioner_problems(config) -> list:
          ("vit_patch_size", "image_size"), f"vit_patch_size {config.vit_patch_size} does not divide image_size "
          f"{config.image_size}", "choose a patch size that divides the image size (e.g. 8 or 16)"),
         (config.input_type == "image_vit" and config.vit_dim % config.vit_heads != 0, ("vit_heads", "vit_dim"),
-         f"vit_heads {config.vit_heads} does not divide vit_dim {config.vit_dim}", "make vit_dim a multiple of vit_heads"),
+         f"vit_heads {config.vit_heads} does not divide vit_dim {config.vit_dim}",
+         "make vit_dim a multiple of vit_heads"),
         (config.use_e2e_training and not config.has_conditioner, ("use_e2e_training", "input_type"),
          "use_e2e_training 1 trains a conditioner, but input_type is none", "set input_type csv, image or image_vit"),
     ]
 
 
-def note_keys_without_effect(config, path, lines: dict, warn) -> None:
+def note_keys_without_effect(config, path, lines: dict) -> None:
     """A key the file gives that cannot act in this setup gets a note, so no setting is silently ignored."""
     for field, line in sorted(lines.items(), key=lambda item: item[1]):
         key = KEYS_BY_FIELD[field]
         if key.only_with is not None and not key.only_with[0](config):
-            warn(f"{path}:{line}: note: '{key.name}' has no effect because {key.only_with[1]}")
+            log.warning(f"{path}:{line}: note: '{key.name}' has no effect because {key.only_with[1]}")

@@ -2,6 +2,7 @@
 formats. Command-line flags that are also keys (config.keys) override the file's values."""
 import dataclasses
 import difflib
+import logging
 import math
 import re
 from pathlib import Path
@@ -14,29 +15,29 @@ from modules.errors import InputError
 
 PRESET_FILE = Path("preset.txt")
 CONDITION_FILE = Path("input_data/condition.txt")
+log = logging.getLogger(__name__)
 
 
-def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, condition_path=CONDITION_FILE,
-                warn=print) -> Config:
+def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, condition_path=CONDITION_FILE) -> Config:
     """Read both files (paths relative to the working directory), apply command-line overrides, validate.
 
     overrides: {field: value} from flags the user actually gave (None values are ignored).
     Raises InputError naming the file, line and fix.
     """
     preset = read_preset(preset_path, preset_index)
-    values, lines = read_condition(condition_path, warn)
+    values, lines = read_condition(condition_path)
     values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
-    values["param_dir"] = _case_relative(values["param_dir"], condition_path, warn)
-    values["image_size"] = _image_size(values, condition_path, warn)
+    values["param_dir"] = _case_relative(values["param_dir"], condition_path)
+    values["image_size"] = _image_size(values, condition_path)
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **same_steps_spelt_once(values))
     check_consistency(config, condition_path, lines)
-    note_keys_without_effect(config, condition_path, lines, warn)
+    note_keys_without_effect(config, condition_path, lines)
     return config
 
 
-def _case_relative(param_dir: str, path, warn) -> str:
+def _case_relative(param_dir: str, path) -> str:
     """The original SimulGenVAE's paths are relative to the case folder even with a leading '/' (its condition.txt
     ships 'param_dir /images'): an absolute param_dir that does not exist, while the same path inside the case folder
     does, means the latter; said once. Anything else is kept as given (a missing path is reported where it is read)."""
@@ -44,8 +45,8 @@ def _case_relative(param_dir: str, path, warn) -> str:
     if param_dir and given.is_absolute() and not given.exists():
         inside = Path(*given.parts[1:])
         if inside.exists():
-            warn(f"{path}: note: param_dir {param_dir} does not exist; using {inside} in the case folder (the original "
-                 "SimulGenVAE's paths are relative to it even with a leading /)")
+            log.warning(f"{path}: note: param_dir {param_dir} does not exist; using {inside} in the case folder (the "
+                        "original SimulGenVAE's paths are relative to it even with a leading /)")
             return str(inside)
     return param_dir
 
@@ -54,7 +55,7 @@ AUTO = "auto"  # the value of a key whose default follows from the case's files 
 ORIGINAL_IMAGE_SIZE = 256  # the original SimulGenVAE resized every image to 256 x 256
 
 
-def _image_size(values, path, warn) -> int:
+def _image_size(values, path) -> int:
     """image_size auto: the images' own size when they are all square and of one size (read from their headers), at
     most 256 and, for the ViT, a multiple of its patch; else the original's 256; said once. Without images (no
     effect) it is 256, the value configs saved before auto hold."""
@@ -70,14 +71,16 @@ def _image_size(values, path, warn) -> int:
     width, height = next(iter(sizes))
     patch = values["vit_patch_size"] if values["input_type"] == "image_vit" else 1
     if len(sizes) == 1 and width == height and width <= ORIGINAL_IMAGE_SIZE and width % patch == 0:
-        warn(f"{path}: note: image_size auto: the images are {width} x {height} pixels and are used at that size")
+        log.warning(f"{path}: note: image_size auto: the images are {width} x {height} pixels and are used at that "
+                    "size")
         return width
     shown = ", ".join(f"{name} {w} x {h}" for (w, h), name in list(sizes.items())[:3])
     why = ("not all square and of one size" if len(sizes) > 1 or width != height else
            f"larger than {ORIGINAL_IMAGE_SIZE}" if width > ORIGINAL_IMAGE_SIZE else
            f"not a multiple of vit_patch_size {patch}")
-    warn(f"{path}: note: image_size auto: the images ({shown}) are {why}, so they are resized to "
-         f"{ORIGINAL_IMAGE_SIZE} x {ORIGINAL_IMAGE_SIZE} as in the original SimulGenVAE; set image_size to choose")
+    log.warning(f"{path}: note: image_size auto: the images ({shown}) are {why}, so they are resized to "
+                f"{ORIGINAL_IMAGE_SIZE} x {ORIGINAL_IMAGE_SIZE} as in the original SimulGenVAE; set image_size to "
+                "choose")
     return ORIGINAL_IMAGE_SIZE
 
 
@@ -129,7 +132,7 @@ def _preset_filters(path, numbered_line, what):
 
 
 # ------------------------------------------------------------------------------------------------ condition.txt
-def read_condition(path, warn=print):
+def read_condition(path):
     """Parse condition.txt into ({field: typed value} with defaults for keys not given, {field: line number})."""
     given, lines, obsolete, field_weight = {}, {}, {}, None
     for line_no, text in enumerate(_read_lines(path, "condition file"), start=1):
@@ -147,7 +150,7 @@ def read_condition(path, warn=print):
             field_weight = (line_no, _checked_value(path, line_no, LC_ALPHA, raw))
             continue
         if key is None:
-            _warn_unknown(path, line_no, name, warn)
+            _warn_unknown(path, line_no, name)
             continue
         if key.field in given:
             raise InputError(path, f"key '{key.name}' is given twice", "keep one line for it", line_no)
@@ -156,10 +159,11 @@ def read_condition(path, warn=print):
     if obsolete:
         listed = ", ".join(f"{name} (line{'s' if len(at) > 1 else ''} {', '.join(map(str, at))})"
                            for name, at in obsolete.items())
-        warn(f"{path}: note: keys of the original SimulGenVAE that this version has no use for are ignored: {listed}")
+        log.warning(f"{path}: note: keys of the original SimulGenVAE that this version has no use for are ignored: "
+                    f"{listed}")
     values = _with_defaults(path, given)
     if field_weight is not None:
-        _apply_field_weight(path, *field_weight, values, warn)
+        _apply_field_weight(path, *field_weight, values)
     return values, lines
 
 
@@ -184,19 +188,21 @@ LC_ALPHA = Key("LC_alpha", "", float, 1.0, "the original SimulGenVAE's weight of
                "latent_reg_weight x the latent error", lambda v: None if v > 0 else "must be > 0")
 
 
-def _apply_field_weight(path, line_no, weight, values, warn) -> None:
+def _apply_field_weight(path, line_no, weight, values) -> None:
     """Fold the original's LC_alpha into latent_reg_weight, said in one line (see LC_ALPHA)."""
     if not (values["use_e2e_training"] and values["use_latent_regularization"]):
-        warn(f"{path}:{line_no}: note: LC_alpha has no effect: as in the original SimulGenVAE, it only weighs the "
-             "end-to-end field loss against the latent term (use_e2e_training 1 and use_latent_regularization 1)")
+        log.warning(f"{path}:{line_no}: note: LC_alpha has no effect: as in the original SimulGenVAE, it only weighs "
+                    "the end-to-end field loss against the latent term (use_e2e_training 1 and "
+                    "use_latent_regularization 1)")
         return
     if weight == 1:
         return
     equivalent = values["latent_reg_weight"] / weight
-    warn(f"{path}:{line_no}: note: LC_alpha {weight:g} (the original's weight of the field loss) is read as "
-         f"latent_reg_weight {values['latent_reg_weight']:g} / {weight:g} = {equivalent:.6g}, which keeps the ratio "
-         f"of the two weights (AdamW's steps barely depend on the loss's overall scale). To silence this, write "
-         f"'latent_reg_weight {equivalent:.6g}' and remove LC_alpha")
+    log.warning(f"{path}:{line_no}: note: LC_alpha {weight:g} (the original's weight of the field loss) is read as "
+                f"latent_reg_weight {values['latent_reg_weight']:g} / {weight:g} = {equivalent:.6g}, which keeps the "
+                f"ratio of the two weights (AdamW's steps barely depend on the loss's overall scale). To silence this, "
+                "write "
+                f"'latent_reg_weight {equivalent:.6g}' and remove LC_alpha")
     values["latent_reg_weight"] = equivalent
 
 _LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(.*)$")
@@ -214,10 +220,10 @@ def _split_condition_line(path, line_no, text):
     return match.group(1), match.group(2).strip()
 
 
-def _warn_unknown(path, line_no, name, warn):
+def _warn_unknown(path, line_no, name):
     close = difflib.get_close_matches(name.lower(), list(KEYS_BY_NAME), n=1, cutoff=0.6)
     hint = f"; did you mean '{KEYS_BY_NAME[close[0]].name}'?" if close else ""
-    warn(f"{path}:{line_no}: warning: unknown key '{name}' is ignored{hint}")
+    log.warning(f"{path}:{line_no}: warning: unknown key '{name}' is ignored{hint}")
 
 
 def _checked_value(path, line_no, key, raw):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 REQUIRED = object()  # default marker for keys the user must give
 MAX_FIELD_PLOT_ROWS = 24  # rows of field maps in one plot (designs x steps x variables): 3.3 inches each
 DEFAULT_PLOT_DESIGNS = 2  # the evaluation plots' designs without plot_designs: the median and the largest error
+LOSS_NAMES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}  # Loss_type's numbers
+# input_type -> what param_dir holds (models.conditioners.CONDITIONERS maps each to its network)
+DESIGN_INPUTS = {"none": None, "csv": "parameters", "image": "images", "image_vit": "images"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ KEYS = (
     Key("Latent_dim", "level_latent_dim", int, 8, "latent size of each hierarchical level", _positive),
     Key("Latent_dim_end", "main_latent_dim", int, 32, "size of the main latent", _positive),
     Key("Loss_type", "loss_type", int, 1, "reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber",
-        choices=(1, 2, 3, 4)),
+        choices=tuple(LOSS_NAMES)),
     Key("alpha", "recon_weight", str, "auto", "the reconstruction term: auto (a Gaussian likelihood, Laplace for "
         "Loss_type 2, whose noise scale per variable is set after each epoch to the validation designs' error) or a "
         "number (a fixed weight on the mean loss, as in the original SimulGenVAE)", _auto_or_positive,
@@ -227,7 +230,7 @@ KEYS = (
     # ---- latent conditioner: maps what defines a design (CSV row or geometry image) to its latents
     Key("input_type", "input_type", str, "none",
         "what defines a design: none (train the VAE only), csv (parameters, MLP), image (CNN) or image_vit (ViT)",
-        choices=("none", "csv", "image", "image_vit")),
+        choices=tuple(DESIGN_INPUTS)),
     Key("param_dir", "param_dir", str, "",
         "the parameter CSV (input_type csv) or the image folder (image, image_vit), relative to the case folder",
         only_with=WITH_CONDITIONER),

@@ -4,7 +4,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from modules.config.keys import KEYS, KEYS_BY_FIELD, REQUIRED
+from modules.config.keys import DESIGN_INPUTS, KEYS, KEYS_BY_FIELD, REQUIRED, whole_numbers
+from modules.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,16 @@ class ConfigViews:
     @property
     def has_conditioner(self) -> bool:
         return self.input_type != "none"
+
+    @property
+    def design_inputs(self) -> str | None:
+        """What param_dir holds: "parameters" (a CSV) or "images" (a folder); None without a conditioner."""
+        return DESIGN_INPUTS[self.input_type]
+
+    @property
+    def grid(self) -> tuple:
+        """grid_shape as (H, W); () when it is not given."""
+        return whole_numbers(self.grid_shape)
 
     @property
     def condition_extension(self) -> str:
@@ -119,3 +130,11 @@ def data_changes(trained: "Config", config) -> list:
     names = {"data_no": "preset data_No", **{key.field: key.name for key in KEYS if key.data}}
     return [f"{name} {getattr(trained, field)} -> {getattr(config, field)}" for field, name in names.items()
             if getattr(trained, field) != getattr(config, field)]
+
+
+def check_same_data(config, vae_config, vae_file) -> None:
+    """The VAE must have been trained on the dataset condition.txt describes now (same file, shape and crop)."""
+    changed = data_changes(vae_config, config)
+    if changed:
+        raise InputError(vae_file, f"was trained on other data than condition.txt/preset.txt now describe "
+                         f"({', '.join(changed)})", "restore those settings, or retrain the VAE with --lc_only=0")

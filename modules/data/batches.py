@@ -6,7 +6,7 @@ import torch
 from modules.data.dataset import READ_CHUNK_BYTES, SimulationArray
 from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
-from modules.training.runtime import available_host_bytes
+from modules.machine.memory import available_host_bytes
 
 
 def batch_order(n_items: int, batch_size: int, shuffle: bool, seed: int, epoch: int):

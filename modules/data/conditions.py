@@ -7,7 +7,6 @@ import numpy as np
 
 from modules.data.design_inputs import check_image_count, image_channels, image_files, read_images, read_parameters
 from modules.errors import InputError
-from modules.models.conditioners import CONDITIONERS
 
 
 @dataclass
@@ -22,7 +21,7 @@ class Conditions:
 def read_conditions(config) -> Conditions:
     """The CSV rows or images at param_dir, checked against Dim1 and num_param."""
     path = Path(config.param_dir)
-    if CONDITIONERS[config.input_type].reads == "parameters":
+    if config.design_inputs == "parameters":
         csv_path = _single_csv(path) if path.is_dir() else path
         values, names = read_parameters(csv_path, config.num_param or None)
         if len(values) != config.n_designs:

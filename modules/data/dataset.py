@@ -196,7 +196,8 @@ def scan_and_fit_scaler(array: SimulationArray, train_indices, n_vars: int) -> M
         chunk_indices = np.arange(start, min(start + per_chunk, array.n_designs))
         block = array.read(chunk_indices)
         _refuse_non_finite(array.path, block, chunk_indices)
-        train_block = block[is_train[chunk_indices]].reshape(-1, array.sample_shape[0], n_vars, block.shape[-1] // n_vars)
+        train_block = block[is_train[chunk_indices]].reshape(-1, array.sample_shape[0], n_vars,
+                                                             block.shape[-1] // n_vars)
         if len(train_block):
             low = np.minimum(low, train_block.min(axis=(0, 1, 3)))
             high = np.maximum(high, train_block.max(axis=(0, 1, 3)))
@@ -209,8 +210,9 @@ def _refuse_non_finite(path, block, indices):
         return
     design, step, node = (int(i) for i in np.argwhere(~finite)[0])
     bad_designs = [int(indices[i]) for i in np.flatnonzero(~finite.all(axis=(1, 2)))]
-    raise InputError(path, f"design (sample index) {indices[design]} has a non-finite value ({block[design, step, node]}) "
-                     f"at kept time step {step}, node {node}; designs with NaN/Inf here: {bad_designs[:10]}",
+    raise InputError(path, f"design (sample index) {indices[design]} has a non-finite value "
+                     f"({block[design, step, node]}) at kept time step {step}, node {node}; designs with NaN/Inf "
+                     f"here: {bad_designs[:10]}",
                      "repair or remove those designs from the dataset")
 
 

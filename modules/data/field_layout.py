@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from modules.config.keys import whole_numbers
 from modules.data.mesh import Mesh, grid_mesh, line_mesh, point_mesh, read_mesh
 from modules.errors import InputError
 
@@ -71,8 +70,8 @@ def read_field_layout(config) -> FieldLayout:
     (a .npy or .csv path) describe, paths relative to the working directory; a line of nodes when all are empty.
     Raises InputError for a bad coordinates or mesh file."""
     nodes = config.n_nodes_used // config.n_vars
-    if config.grid_shape:
-        return FieldLayout(config.n_vars, grid_shape=whole_numbers(config.grid_shape))
+    if config.grid:
+        return FieldLayout(config.n_vars, grid_shape=config.grid)
     if config.mesh_file:
         mesh = read_mesh(Path(config.mesh_file), nodes)
         return FieldLayout(config.n_vars, coordinates=_read_only(mesh.points[:, :2]), mesh=mesh,

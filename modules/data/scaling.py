@@ -3,13 +3,8 @@
 The node axis (last) holds num_var variables side by side, each M/num_var nodes wide; each variable gets its own range.
 The inverse is exact up to float rounding, so everything a user sees is in physical units.
 """
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
-
-from modules.storage.atomic import save_json
 
 LOW, HIGH = -0.7, 0.7
 
@@ -48,11 +43,11 @@ class MinMaxScaler:
         out += self._constant("data_min", out)
         return out.reshape(values.shape)
 
-    def inverse_constants(self) -> dict:
-        """inverse's constants as float32 CPU tensors [n_vars, 1]: physical = (scaled - base) * inverse_scale +
-        data_min (what an exported model computes, commands.export)."""
-        return {name: torch.as_tensor(self._constant(name, np.zeros(1))) for name in ("base", "inverse_scale",
-                                                                                   "data_min")}
+    def constants(self) -> dict:
+        """The constants of transform and inverse as float32 CPU tensors [n_vars, 1]: scaled = (physical - data_min)
+        * scale + base, physical = (scaled - base) * inverse_scale + data_min (models.surrogate computes both so)."""
+        return {name: torch.as_tensor(self._constant(name, np.zeros(1))) for name in ("data_min", "scale", "base",
+                                                                                   "inverse_scale")}
 
     def physical_spread(self, scaled_spread):
         """A spread (a standard deviation, an error) per variable [n_vars] in scaled units -> physical units."""
@@ -87,13 +82,6 @@ class MinMaxScaler:
     @classmethod
     def from_dict(cls, values: dict) -> "MinMaxScaler":
         return cls(values["data_min"], values["data_max"], values["low"], values["high"])
-
-    def save(self, path) -> None:
-        save_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "MinMaxScaler":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 class ColumnScaler:

@@ -29,8 +29,8 @@ def nearest_training_designs(n_train: int, conditions: np.ndarray) -> np.ndarray
 def pod_gpr_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray, rank: int, seed: int):
     """The validation designs' POD coefficients [n_val, min(rank, modes)] predicted from their standardised
     parameters [n_train + n_val, P] (order of gram). Each coefficient gets its own GP with an anisotropic RBF kernel
-    (one length scale per parameter) plus noise: the usual POD + GPR surrogate. (One GP shared by all coefficients
-    measured worse on the demo case, 1.0 % against 0.85 %.)"""
+    (one length scale per parameter) plus noise: the usual POD + GPR surrogate, and the stronger one (a single GP
+    shared by all coefficients cannot give each mode its own length scales)."""
     train_coefficients = pod_coefficients(gram, n_train)[0]
     return np.stack([fit_gpr(parameters[:n_train], train_coefficients[:, mode], seed).predict(parameters[n_train:])
                      for mode in range(min(rank, train_coefficients.shape[1]))], axis=1)

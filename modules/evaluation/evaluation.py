@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from modules.config import Config
+from modules.config.settings import check_same_data
 from modules.data.batches import in_order, make_batches
-from modules.data.case import check_same_data, saved_case
 from modules.data.conditions import read_conditions
 from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
@@ -34,9 +34,11 @@ from modules.evaluation import latent_health
 from modules.evaluation.baselines import baseline_weights, score_combinations
 from modules.evaluation.memorization import memorization_check
 from modules.evaluation.metrics import FieldErrors
-from modules.models.conditioners import predicted_fields
 from modules.models.pod import design_gram
-from modules.storage.model_files import CONDITIONER_FORMAT, checked_vae_file, load_conditioner, load_model, read_payload
+from modules.models.surrogate import Surrogate
+from modules.storage.model_files import (CONDITIONER_FORMAT, assembled_surrogate, checked_vae_file, load_conditioner,
+                                         load_model, read_payload)
+from modules.storage.model_folder import saved_case
 from modules.storage.paths import CONDITIONER_FILE, MODEL_FILE, OUTPUT_DIR
 
 
@@ -52,10 +54,10 @@ class Encoding:
 
 @dataclass
 class SavedConditioner:
-    network: torch.nn.Module
-    facts: dict                     # what was saved with it: config, scalers, the VAE it decodes through
-    vae: torch.nn.Module            # that VAE (the evaluated one, unless it was trained through another)
-    field_scaler: object
+    """The saved conditioner on the VAE it decodes through: the evaluated one, unless it was trained through another."""
+
+    surrogate: Surrogate
+    facts: dict                     # what its file holds besides the weights
 
 
 class Evaluation:
@@ -124,9 +126,8 @@ class Evaluation:
     @torch.no_grad()
     def reconstruct(self, designs) -> np.ndarray:
         """The VAE's reconstruction [b, T, M] of these designs (dataset indices), physical units."""
-        scaler = self.case.scaler
-        batch = torch.from_numpy(scaler.transform(self.case.array.read(designs))).to(self.runtime.device)
-        return scaler.inverse(self.vae(batch, sample=False)["recon"].float().cpu().numpy())
+        fields = torch.from_numpy(self.case.array.read(designs)).to(self.runtime.device)
+        return Surrogate(self.vae, self.case.scaler).to(self.runtime.device).reconstruct(fields).cpu().numpy()
 
     # -------------------------------------------------------------------------------------------- prediction
     @cached_property
@@ -145,9 +146,11 @@ class Evaluation:
             self.prediction_note = f"{CONDITIONER_FILE} is not evaluated: {error.problem}"
             return None
         if vae_file.resolve() == Path(self.vae_file).resolve():
-            return SavedConditioner(network, facts, self.vae, self.case.scaler)
-        vae, _, field_scaler = load_model(vae_file, self.runtime.device)
-        return SavedConditioner(network, facts, vae, field_scaler)
+            vae, field_scaler = self.vae, self.case.scaler
+        else:
+            vae, _, field_scaler = load_model(vae_file, self.runtime.device)
+        surrogate = assembled_surrogate(network, facts, vae, field_scaler).to(self.runtime.device).eval()
+        return SavedConditioner(surrogate, facts)
 
     @cached_property
     def prediction(self) -> FieldErrors | None:
@@ -164,16 +167,10 @@ class Evaluation:
 
     @torch.no_grad()
     def predict(self, designs) -> np.ndarray:
-        """The conditioner's fields [b, T, M] of these designs (dataset indices), physical units, decoded by the VAE
-        it was trained with and its conditions prepared with its own saved scalers (as --predict does)."""
-        conditioner = self.conditioner
-        values = self.conditions.values[designs]
-        if conditioner.facts.get("input_scaler"):
-            values = ColumnScaler.from_dict(conditioner.facts["input_scaler"]).transform(values)
-        inputs = torch.as_tensor(values, dtype=torch.float32, device=self.runtime.device)
-        field = predicted_fields(conditioner.network, conditioner.vae,
-                                 ColumnScaler.from_dict(conditioner.facts["latent_scaler"]), inputs)
-        return conditioner.field_scaler.inverse(field.float().cpu().numpy())
+        """The conditioner's fields [b, T, M] of these designs (dataset indices), physical units, through the
+        surrogate --predict uses."""
+        raw = torch.as_tensor(self.conditions.values[designs], device=self.runtime.device)
+        return self.conditioner.surrogate(raw).cpu().numpy()
 
     # ------------------------------------------------------------------------------------ generation, latents
     @cached_property

@@ -1,6 +1,7 @@
 """Which PNG plots a run writes to output/, from its training history and its evaluation (evaluation.drawing
 draws the evaluation's). --plot=1 saves them; --plot=0 also shows them, once, at the end of the run, and only when
 there is a screen and a terminal: a headless or batch job never blocks on a window."""
+import logging
 import os
 import sys
 
@@ -9,14 +10,15 @@ import matplotlib.ticker
 import numpy as np
 
 from modules.config import CONDITION_FILE
-from modules.config.keys import whole_numbers
+from modules.config.keys import LOSS_NAMES, whole_numbers
 from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.evaluation import drawing
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD
 from modules.storage.atomic import save_figure
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
-from modules.training.losses import LOSS_NAMES
+
+log = logging.getLogger(__name__)
 
 SAMPLES_SHOWN = 3
 # the unit of each loss of fields (training.losses.field_loss) on the scaled values; SmoothL1 is Huber / delta
@@ -29,10 +31,10 @@ def can_show() -> bool:
     return has_screen and sys.stdin is not None and sys.stdin.isatty()
 
 
-def will_show(asked: bool, say) -> bool:
+def will_show(asked: bool) -> bool:
     """Whether --plot=0's windows can be shown; says so when they cannot (they are still saved)."""
     if asked and not can_show():
-        say("No screen or terminal to show plots on: they are only saved.")
+        log.info("No screen or terminal to show plots on: they are only saved.")
     return asked and can_show()
 
 
@@ -43,16 +45,16 @@ def _pyplot(show: bool):
     return plt
 
 
-def training_plots(history, evaluation, show=False, say=print, config=None) -> list:
+def training_plots(history, evaluation, show=False, config=None) -> list:
     """The VAE's loss curves and its first validation designs (simulated, reconstructed, error). config: the current
     one (node layout, plot steps, loss); the VAE's own when None. Returns the PNG paths."""
-    show = will_show(show, say)
+    show = will_show(show)
     plt = _pyplot(show)
     config = config or evaluation.config
     paths = [loss_curves(plt, history, config, OUTPUT_DIR / "loss_curves.png"),
              field_samples(plt, evaluation, config, evaluation.reconstruct, "VAE reconstruction",
                            OUTPUT_DIR / "reconstruction_samples.png")]
-    say(f"Plots saved: {', '.join(str(p) for p in paths)}")
+    log.info(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
     plt.close("all")
@@ -105,17 +107,17 @@ def field_comparison(plt, designs, true, other, other_label, path):
     return path
 
 
-def conditioner_plots(history, evaluation, show=False, say=print, config=None) -> list:
+def conditioner_plots(history, evaluation, show=False, config=None) -> list:
     """The conditioner's loss curves and its first validation designs (simulated, predicted from their condition,
     error). config: the current one (node layout, plot steps); the VAE's when None. Returns the PNG paths."""
-    show = will_show(show, say)
+    show = will_show(show)
     plt = _pyplot(show)
     config = config or evaluation.config
     paths = [curves(plt, history, conditioner_panels(history, evaluation), OUTPUT_DIR / "conditioner_loss_curves.png",
                     columns=2),
              field_samples(plt, evaluation, config, evaluation.predict, "predicted from the design's condition",
                            PREDICTION_PLOT)]
-    say(f"Plots saved: {', '.join(str(p) for p in paths)}")
+    log.info(f"Plots saved: {', '.join(str(p) for p in paths)}")
     if show:
         plt.show()
     plt.close("all")
@@ -171,12 +173,12 @@ def curves(plt, history, panels, path, columns=None):
     return path
 
 
-def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
+def evaluation_plots(evaluation, report, config, show=False) -> list:
     """The evaluation's PNGs in output/: simulated, predicted and error fields of chosen designs and time steps, for
     the VAE and the conditioner; the error per time step of every predictor; the main latents by PCA and t-SNE;
     active units per level; the reliability of the predicted uncertainty (calibration.png). Returns the paths.
     config: the current one (plot settings, node layout)."""
-    show = will_show(show, say)
+    show = will_show(show)
     plt = _pyplot(show)
     layout, n_steps = read_field_layout(config), evaluation.case.array.sample_shape[0]
     fields = [("reconstruction", report["reconstruction"]["vae"], "VAE reconstruction",
@@ -200,7 +202,7 @@ def evaluation_plots(evaluation, report, config, show=False, say=print) -> list:
     paths.append(drawing.active_units(plt, evaluation.latent_summary, OUTPUT_DIR / "active_units.png"))
     if (report.get("uncertainty") or {}).get("reliability"):
         paths.append(drawing.reliability(plt, report["uncertainty"]["reliability"], OUTPUT_DIR / "calibration.png"))
-    say(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
+    log.info(f"Evaluation plots saved: {', '.join(str(path) for path in paths)}")
     if show:
         plt.show()
     plt.close("all")

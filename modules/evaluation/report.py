@@ -6,16 +6,18 @@ written to output/ and what is printed.
 - evaluation.json (every number), evaluation.md (the tables a person reads) and memorization.json (at the end of
   every run, and --evaluate), with the evaluation plots when --plot is 0 or 1.
 """
-import sys
+import logging
 
 import numpy as np
 
+from modules.config.keys import LOSS_NAMES
 from modules.evaluation import figures
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
-from modules.training.losses import LOSS_NAMES
 from modules.uncertainty.spread import calibration_words
+
+log = logging.getLogger(__name__)
 
 RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
 EVALUATION_JSON = OUTPUT_DIR / "evaluation.json"
@@ -27,7 +29,7 @@ STEPS_IN_TABLE = 10  # evenly spaced time steps in the .md table (the .json and 
 def conditioner_kind(facts: dict) -> str:
     """'MLP', 'CNN, end to end', 'ensemble of 5 MLPs', 'GP on latents', ... of a saved conditioner (its file's
     facts)."""
-    kind = conditioner_label(facts["spec"]["kind"], facts["spec"].get("members", 1))
+    kind = conditioner_label(facts["spec"]["kind"], facts["spec"]["members"])
     return kind + (", end to end" if trained_end_to_end(facts) else "")
 
 
@@ -60,18 +62,18 @@ def reconstruction_report(evaluation) -> dict:
     }
 
 
-def write_reconstruction_report(evaluation, say=print) -> dict:
+def write_reconstruction_report(evaluation) -> dict:
     report = reconstruction_report(evaluation)
     save_json(RECONSTRUCTION_REPORT, report)
     size = report["latent_numbers_per_design"]
-    say(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
-    say(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
-        f"{report['vae_train']:.4%})")
+    log.info(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
+    log.info(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
+             f"{report['vae_train']:.4%})")
     for rank, error in report["pod_val"].items():
         label = "mean field (POD rank 0)" if rank == "0" else f"POD rank {rank}"
         capped = "  (rank capped by the training-set size)" if int(rank) > report["pod_rank_cap"] else ""
-        say(f"  {label}: {error:.4%}{capped}")
-    say(f"  written to {RECONSTRUCTION_REPORT}")
+        log.info(f"  {label}: {error:.4%}{capped}")
+    log.info(f"  written to {RECONSTRUCTION_REPORT}")
     return report
 
 
@@ -90,8 +92,8 @@ def prediction_report(evaluation) -> dict:
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
         "input_type": facts["config"]["input_type"],
         "end_to_end": trained_end_to_end(facts),
-        "conditioner": conditioner_kind(facts), "conditioner_choice": facts.get("choice"),
-        "ensemble": facts.get("ensemble"),
+        "conditioner": conditioner_kind(facts), "conditioner_choice": facts["choice"],
+        "ensemble": facts["ensemble"],
         "n_train": len(case.train_indices), "n_val": len(case.val_indices),
         "latent_numbers_per_design": config.latent_size,
         "conditioner_val": float(predicted.mean()), "conditioner_val_median": float(np.median(predicted)),
@@ -109,15 +111,15 @@ def prediction_report(evaluation) -> dict:
     }
 
 
-def write_prediction_report(evaluation, say=print) -> dict:
+def write_prediction_report(evaluation) -> dict:
     report = prediction_report(evaluation)
     save_json(PREDICTION_REPORT.with_suffix(".json"), report)
     save_text(PREDICTION_REPORT.with_suffix(".md"), prediction_markdown(report))
-    say(f"Validation prediction error (mean relative L2, physical units, {report['n_val']} designs never trained "
-        "on):")
+    log.info(f"Validation prediction error (mean relative L2, physical units, {report['n_val']} designs never trained "
+             "on):")
     for label, value in prediction_rows(report):
-        say(f"  {label}: {value}")
-    say(f"  written to {PREDICTION_REPORT.with_suffix('.json')} and .md")
+        log.info(f"  {label}: {value}")
+    log.info(f"  written to {PREDICTION_REPORT.with_suffix('.json')} and .md")
     return report
 
 
@@ -145,28 +147,28 @@ def prediction_markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def write_evaluation(evaluation, config, say=print) -> dict:
+def write_evaluation(evaluation, config) -> dict:
     """evaluation.json and .md, memorization.json, the printed summary and, with --plot 0/1, the evaluation plots;
     returns the report. config: the current one (plot settings)."""
-    say(f"Evaluating {evaluation.vae_file} on {len(evaluation.case.val_indices)} validation designs ...")
+    log.info(f"Evaluating {evaluation.vae_file} on {len(evaluation.case.val_indices)} validation designs ...")
     report = evaluation_report(evaluation)
     save_json(MEMORIZATION_JSON, report["memorization"])
-    say_memorization(report["memorization"], say)
+    say_memorization(report["memorization"])
     if config.plot < 2:
         report["plots"] = [str(path) for path in figures.evaluation_plots(evaluation, report, config,
-                                                                          show=config.plot == 0, say=say)]
-    write_evaluation_report(report, say)
+                                                                          show=config.plot == 0)]
+    write_evaluation_report(report)
     return report
 
 
-def say_memorization(report: dict, say) -> None:
+def say_memorization(report: dict) -> None:
     samples, held = report["samples_nearest_distance"], report["heldout_nearest_distance"]
-    say(f"Memorization check ({report['n_samples']} prior samples, {report['n_heldout']} held-out designs; relative "
-        f"L2 distance to the nearest of {report['n_train']} training designs):")
-    say(f"  samples: median {samples['median']:.4%}, 5th percentile {samples['p5']:.4%}; held-out designs: median "
-        f"{held['median']:.4%}, 5th percentile {held['p5']:.4%}")
-    say(f"  {report['share_closer_than_heldout_p5']:.0%} of the samples are nearer a training design than 95 % of "
-        f"new designs are: {report['verdict']} (written to {MEMORIZATION_JSON})")
+    log.info(f"Memorization check ({report['n_samples']} prior samples, {report['n_heldout']} held-out designs; "
+             f"relative L2 distance to the nearest of {report['n_train']} training designs):")
+    log.info(f"  samples: median {samples['median']:.4%}, 5th percentile {samples['p5']:.4%}; held-out designs: median "
+             f"{held['median']:.4%}, 5th percentile {held['p5']:.4%}")
+    log.info(f"  {report['share_closer_than_heldout_p5']:.0%} of the samples are nearer a training design than 95 % of "
+             f"new designs are: {report['verdict']} (written to {MEMORIZATION_JSON})")
 
 
 def evaluation_report(evaluation) -> dict:
@@ -232,11 +234,11 @@ def uncertainty_section(evaluation) -> dict | None:
             "the GP on the latents"}  # what an ensemble not kept lost to
     if facts["spec"]["kind"] == NEURAL_FIELD.kind:
         return {"note": "no uncertainty: the neural field kept as the conditioner has none (field_conditioner_epochs "
-                        "0 keeps a conditioner that has one)", "ensemble": facts.get("ensemble"), **kept}
-    if facts.get("calibration") is None:
-        return {"note": "no calibrated uncertainty: the conditioner was saved before calibration existed (retrain it "
-                        "with --lc_only=1)", "ensemble": facts.get("ensemble"), **kept}
-    return {**facts["calibration"], "ensemble": facts.get("ensemble"), **kept}
+                        "0 keeps a conditioner that has one)", "ensemble": facts["ensemble"], **kept}
+    if facts["calibration"] is None:
+        return {"note": "no calibrated uncertainty: the conditioner file holds no calibration, as files written before "
+                        "calibration existed do (retrain it with --lc_only=1)", "ensemble": facts["ensemble"], **kept}
+    return {**facts["calibration"], "ensemble": facts["ensemble"], **kept}
 
 
 def uncertainty_lines(section: dict | None) -> list:
@@ -316,20 +318,21 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     return section
 
 
-def write_evaluation_report(report: dict, say=print) -> None:
+def write_evaluation_report(report: dict) -> None:
     """The files and the printed summary; each of report's warnings (not_learnt_warnings) last, loudly, on stderr."""
     save_json(EVALUATION_JSON, report)
     save_text(EVALUATION_MD, evaluation_markdown(report))
-    say(f"Evaluation ({report['n_val']} validation designs, physical units): mean relative L2 / mean max-abs error")
+    log.info(f"Evaluation ({report['n_val']} validation designs, physical units): mean relative L2 / mean max-abs "
+             "error")
     for section in ("reconstruction", "prediction"):
         for name, summary in predictors(report, section):
-            say(f"  {section} {report['labels'][name]}: {summary['relative_l2']['mean']:.4%} / "
-                f"{summary['max_abs_error'][0]['mean']:.4g} (worst design {summary['relative_l2']['max_design']}: "
-                f"{summary['relative_l2']['max']:.4%})")
-    say(f"  the VAE's reconstruction term: {likelihood_words(report['likelihood'])}")
-    say(f"  written to {EVALUATION_JSON} and {EVALUATION_MD.name}")
+            log.info(f"  {section} {report['labels'][name]}: {summary['relative_l2']['mean']:.4%} / "
+                     f"{summary['max_abs_error'][0]['mean']:.4g} (worst design {summary['relative_l2']['max_design']}: "
+                     f"{summary['relative_l2']['max']:.4%})")
+    log.info(f"  the VAE's reconstruction term: {likelihood_words(report['likelihood'])}")
+    log.info(f"  written to {EVALUATION_JSON} and {EVALUATION_MD.name}")
     for warning in report.get("warnings", []):
-        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+        log.warning(f"WARNING: {warning}")
 
 
 def predictors(report: dict, section: str) -> list:

@@ -11,13 +11,13 @@ standardised, so each network ends in a Linear started near zero and an untraine
   depth, for images whose relevant structure is long-range rather than local.
 
 Besides the network trained for input_type, two candidates on parameters are kept instead of it when they predict
-the validation designs' fields better (training.conditioner_training): a GP per latent number (models.
+the validation designs' fields better (training.conditioner_choice): a GP per latent number (models.
 gaussian_process) and a neural field that predicts the field itself, not latents (models.neural_field;
-predicted_fields decodes either kind).
+models.surrogate decodes either kind).
 
 With members > 1 (lc_ensemble) the conditioner is an ensemble of that many networks of the spec, started from
 different random weights and trained side by side (ConditionerEnsemble): its prediction is their mean, their spread
-per latent number the prediction's uncertainty (latent_spread).
+per latent number the prediction's uncertainty (ConditionerEnsemble.latent_spread).
 """
 import dataclasses
 from dataclasses import asdict, dataclass
@@ -27,7 +27,6 @@ from torch import nn
 
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import run_blocks
-from modules.models.latents import decode_latents
 from modules.models.neural_field import NeuralFieldConditioner
 
 
@@ -57,7 +56,7 @@ class ConditionerSpec:
     @classmethod
     def from_dict(cls, values) -> "ConditionerSpec":
         return cls(**{**values, "input_shape": tuple(values["input_shape"]), "filters": tuple(values["filters"]),
-                      "field_shape": tuple(values.get("field_shape", ()))})
+                      "field_shape": tuple(values["field_shape"])})
 
 
 def build_conditioner(spec: ConditionerSpec) -> nn.Module:
@@ -73,28 +72,6 @@ def conditioner_label(kind: str, members: int = 1) -> str:
     """'MLP', 'ensemble of 5 MLPs', 'GP on latents', ... in reports and messages."""
     label = NETWORKS[kind].label
     return f"ensemble of {members} {label}s" if members > 1 else label
-
-
-def predicted_fields(conditioner, vae, latent_scaler, inputs):
-    """The scaled fields [B, T, M] a conditioner predicts for its inputs: its latents decoded by the VAE, or, for one
-    that decodes fields itself (the neural field), its own output."""
-    if decodes_fields(conditioner):
-        return conditioner(inputs)
-    return decode_latents(vae, latent_scaler, conditioner(inputs).float())
-
-
-def decodes_fields(conditioner) -> bool:
-    """Whether the conditioner predicts the field itself (the neural field) rather than the VAE's latents: it then
-    has no latents to draw samples around nor to rank candidate designs by."""
-    return getattr(conditioner, "decodes_fields", False)
-
-
-def latent_spread(conditioner, inputs):
-    """(predicted standardised latents [B, D], their standard deviation [B, D]) of a conditioner that knows its
-    uncertainty (an ensemble, a GP); (latents, None) of a single network."""
-    if hasattr(conditioner, "latent_spread"):
-        return conditioner.latent_spread(inputs)
-    return conditioner(inputs), None
 
 
 class ConditionerEnsemble(nn.Module):
@@ -299,19 +276,18 @@ class Conditioner:
     kind: str           # ConditionerSpec.kind, as saved in conditioner files
     label: str          # in reports and messages
     network: type       # built from a ConditionerSpec
-    reads: str          # what param_dir holds: "parameters" (a CSV) or "images" (a folder)
 
 
 # input_type -> its conditioner. A new conditioner is its network class and a row here (and the value in input_type's
 # choices in config.keys).
 CONDITIONERS = {
-    "csv": Conditioner("mlp", "MLP", MLPConditioner, "parameters"),
-    "image": Conditioner("cnn", "CNN", CNNConditioner, "images"),
-    "image_vit": Conditioner("vit", "ViT", ViTConditioner, "images"),
+    "csv": Conditioner("mlp", "MLP", MLPConditioner),
+    "image": Conditioner("cnn", "CNN", CNNConditioner),
+    "image_vit": Conditioner("vit", "ViT", ViTConditioner),
 }
 # Fitted, not trained, on parameters: kept instead of the MLP when it predicts better (latent_gp).
-LATENT_GP = Conditioner("gpr", "GP on latents", GPRConditioner, "parameters")
+LATENT_GP = Conditioner("gpr", "GP on latents", GPRConditioner)
 # Trained on the fields themselves, on parameters where the nodes' positions are known: kept instead of the others when
 # it predicts better (field_conditioner_epochs); its output is the field, not latents.
-NEURAL_FIELD = Conditioner("neural_field", "neural field", NeuralFieldConditioner, "parameters")
+NEURAL_FIELD = Conditioner("neural_field", "neural field", NeuralFieldConditioner)
 NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, NEURAL_FIELD)}

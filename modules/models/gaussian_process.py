@@ -1,12 +1,11 @@
 """Gaussian-process regression from design parameters: the fit behind the POD + GPR baseline, and a conditioner that
 maps parameters to the VAE's latents with one GP per latent dimension.
 
-With a few hundred designs (the users' normal case) a GP is often the better regressor than a network: on all three
-cases of the accuracy benchmark it is the one kept (Burgers: 8.65 % through the VAE decoder against the MLP's
-22.8 %). The conditioner keeps what each fitted GP's posterior mean and variance need as plain tensors, so it is
-saved, loaded, moved to a GPU and decoded through like any other conditioner, and --predict needs no scikit-learn
-object. The posterior variance is the GP's own uncertainty: small next to the training designs, the prior's far from
-them.
+With a few hundred designs (the users' normal case) a GP is often the better regressor than a network
+(docs/accuracy.md). The conditioner keeps what each fitted GP's posterior mean and variance need as plain tensors, so
+it is saved, loaded, moved to a GPU and decoded through like any other conditioner, and --predict needs no
+scikit-learn object. The posterior variance is the GP's own uncertainty: small next to the training designs, the
+prior's far from them.
 """
 import warnings
 
@@ -51,8 +50,8 @@ class GPRConditioner(nn.Module):
         self.register_buffer("target_mean", torch.zeros(dims, dtype=torch.float64))
         self.register_buffer("target_std", torch.ones(dims, dtype=torch.float64))
         # each GP's white-noise level (normalised units) [D]: with the kernel it rebuilds the training covariance the
-        # variance needs, so the file keeps D numbers, not D Cholesky factors of n x n. NaN in files saved before the
-        # variance was kept (load_conditioner leaves this placeholder), which then have no spread of their own.
+        # variance needs, so the file keeps D numbers, not D Cholesky factors of n x n. NaN until fit(): not known,
+        # and then the GP has no spread of its own.
         self.register_buffer("noise_levels", torch.full((dims,), float("nan"), dtype=torch.float64))
         self._cholesky = None  # [D, n, n], built on the first latent_spread (on the buffers' device)
 
@@ -62,7 +61,7 @@ class GPRConditioner(nn.Module):
     def latent_spread(self, params):
         """(posterior means [B, D], posterior standard deviations of the latent itself, without the noise term
         [B, D]): var = a - |L^-1 k|^2, k the kernel between the design and the training designs, L the Cholesky
-        factor of the training covariance. (latents, None) for a file without the noise levels."""
+        factor of the training covariance. (latents, None) while the noise levels are not known."""
         kernel = self._kernel(params)
         mean = (self._mean(kernel) * self.target_std + self.target_mean).float()
         if not bool(torch.isfinite(self.noise_levels).all()):

@@ -24,14 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.data.batches import in_order, on_device
-
-WIDTH = 128              # sine layer width: the benchmark's
+WIDTH = 128              # sine layer width
 LAYERS = 3
 FREQUENCY = 30.0         # SIREN's frequency
-CODE = 8                 # code numbers per time step: the benchmark's
+CODE = 8                 # code numbers per time step
 HIDDEN = 256             # the code MLP: 3 hidden layers this wide
-DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks measured slower)
+DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks leave the caches)
 
 
 def normalised_coordinates(points) -> torch.Tensor:
@@ -54,8 +52,8 @@ class NeuralFieldNodes(nn.Module):
         self.n_vars = n_vars
         self.register_buffer("coordinates", torch.zeros(n_nodes // n_vars, dims))
         # each variable's values = out(h) * value_scale + value_offset: the training values' mean and spread
-        # (set_value_statistics), so the sine network fits standardised values (measured: 11.0 % on the pulse,
-        # against 26.7 % fitting the [-0.7, 0.7] scaled values directly)
+        # (set_value_statistics), so the sine network fits standardised values: it fits scaled values, whose spread
+        # is a small part of [-0.7, 0.7], much worse
         self.register_buffer("value_offset", torch.zeros(n_vars))
         self.register_buffer("value_scale", torch.ones(n_vars))
         self.layers = nn.ModuleList(nn.Linear(dims if i == 0 else WIDTH, WIDTH) for i in range(LAYERS))
@@ -109,8 +107,8 @@ class NeuralFieldNodes(nn.Module):
 class NeuralFieldConditioner(nn.Module):
     """Standardised parameters [B, P] -> scaled fields [B, T, M] (or [B, T, V * P] at node indices [P] within each
     variable): the code MLP (parameters, t) -> c_t, then NeuralFieldNodes. spec.field_shape is (T, M, n_vars); the
-    time steps enter as evenly spaced values in [-1, 1]. decodes_fields tells the callers (conditioners.
-    predicted_fields) that its output is the field itself, not latents for the VAE's decoder."""
+    time steps enter as evenly spaced values in [-1, 1]. decodes_fields tells models.surrogate that its output is the
+    field itself, not latents for the VAE's decoder."""
 
     decodes_fields = True
 
@@ -136,33 +134,6 @@ def code_network(inputs: int, outputs: int = CODE) -> nn.Sequential:
         layers += [nn.Linear(width, HIDDEN), nn.SiLU()]
         width = HIDDEN
     return nn.Sequential(*layers, nn.Linear(width, outputs))
-
-
-@torch.no_grad()
-def sampled_pass(source, n_designs: int, field_shape, nodes_per_variable: int, batch_size: int, generator, device,
-                 encode=None):
-    """What a neural field trains on for a pass (the neural-field conditioner, the snapshot codec): one read of the
-    designs at positions 0..n_designs-1 of source (a data.batches source of scaled fields [b, T, M]), batch_size at a
-    time. Returns (node indices [n * T, P] within a variable, nodes_per_variable random ones (with replacement) for
-    each (design, time step), or None where a variable has no more nodes: every node; their values [n * T, V * P];
-    encode(fields) of each batch, flattened to [n * T, ...], or None without encode), snapshot s being time step
-    s % T of design s // T. The values are at most n x T x nodes_per_variable x V floats, whatever M is."""
-    n_steps, n_nodes, n_vars = field_shape
-    per_variable = n_nodes // n_vars
-    nodes = None
-    if per_variable > nodes_per_variable:
-        nodes = torch.randint(per_variable, (n_designs, n_steps, nodes_per_variable), generator=generator).to(device)
-    order = list(in_order(n_designs, batch_size))
-    values, encoded = [], []
-    for positions, fields in zip(on_device(order, device), source.batches(order)):
-        fields = fields.float()
-        if encode is not None:
-            encoded.append(encode(fields).flatten(0, 1))
-        if nodes is not None:
-            fields = fields.gather(2, node_columns(nodes[positions], n_nodes, n_vars))
-        values.append(fields.flatten(0, 1))
-    return (None if nodes is None else nodes.flatten(0, 1), torch.cat(values),
-            torch.cat(encoded) if encode is not None else None)
 
 
 def node_columns(nodes, n_nodes: int, n_vars: int):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modules.data.dataset import READ_CHUNK_BYTES
-from modules.training.runtime import available_host_bytes
+from modules.machine.memory import available_host_bytes
 
 SNAPSHOT_BYTES = 256 * 2**20  # snapshot rows kept for the node basis, at most (less when memory is short)
 

@@ -5,10 +5,10 @@
 with the design modes of models.pod.design_pod_basis (POD over whole designs inside the node basis), one mode per
 latent number. The encoder's posterior means start at exactly these coefficients and the network's residual starts at
 zero, so a fresh model reconstructs every design as well as POD with as many modes as latent numbers (up to the node
-basis' truncation); training only adds to that. The path is frozen (buffers, not parameters): training
-POD-initialised layers at the network's learning rate was measured to destroy them in the first epoch.
+basis' truncation); training only adds to that. The path is frozen (buffers, not parameters): POD-initialised layers
+trained at the network's learning rate lose their start within an epoch.
 
-Its buffers are T * R * K + M * R floats (28 MB for 200 steps x 128 x 56 plus 95,008 nodes x 128), never T * M * K,
+Its buffers are T * R * K + M * R floats, never T * M * K,
 and both directions cost about one node projection. It always runs in float32, also under autocast: it carries
 almost all of the field.
 """

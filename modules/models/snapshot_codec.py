@@ -6,9 +6,8 @@ VAE can run on code trajectories [T, C] instead of fields [T, M] where a linear 
 
 The encoder reads the snapshot's node-POD coefficients (the VAE's own node basis); the decoder is the neural field of
 models.neural_field: a sine network over the node coordinates whose layers are phase-shifted by the code, so a
-feature moves across the mesh by a change of code, without a mode for every position it visits (on the benchmark's
-travelling pulse, 64 numbers per design reconstruct a held-out design to about 4 % where POD with 64 modes misses
-48 %). Both are trained together on all N x T training snapshots (training.vae_training) and then frozen: the VAE
+feature moves across the mesh by a change of code, without a mode for every position it visits (docs/model.md).
+Both are trained together on all N x T training snapshots (training.codec_choice) and then frozen: the VAE
 trains on the codes, and its fields are the decoded codes. The codes are standardised per code number on the
 training snapshots (code_mean, code_std), so the VAE sees values of unit spread.
 
@@ -38,7 +37,7 @@ class SnapshotCodec(nn.Module):
     def set_projection(self, node_mean, node_modes, scales) -> None:
         """The node POD of models.pod.pod_node_basis: mean [M], modes [M, R], scales [R]. One scale for every
         coefficient (the strongest mode's spread): whitening each would blow up the weak modes, where held-out
-        snapshots differ from the training ones most (measured: the demo failed at 26 % that way)."""
+        snapshots differ from the training ones most."""
         self.node_mean.copy_(node_mean)
         self.node_modes.copy_(node_modes)
         self.coefficient_scale.fill_(float(scales.max()))

@@ -260,7 +260,7 @@ class HierarchicalVAE(nn.Module):
         self.spec = spec
         data = spec.data_spec()
         self.codec = None
-        if spec.codec:  # trained before the VAE (training.vae_training) and frozen: never in the VAE's optimiser
+        if spec.codec:  # trained before the VAE (training.codec_choice) and frozen: never in the VAE's optimiser
             self.codec = SnapshotCodec(spec.n_nodes, spec.n_vars, spec.projection_rank).requires_grad_(False)
         self.encoder = Encoder(data)
         self.decoder = Decoder(data)

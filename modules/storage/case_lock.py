@@ -7,6 +7,7 @@ The file itself stays (removing it would let two processes lock two different fi
 one holds it, and is emptied when it lets go.
 """
 import errno
+import logging
 import os
 import socket
 import sys
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from modules.errors import InputError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = Path(".simulgen.lock")
 
@@ -43,8 +46,8 @@ def _try_lock(handle) -> bool:
     except OSError as error:
         if error.errno in HELD_ELSEWHERE:
             return False
-        print(f"note: this file system cannot lock {LOCK_FILE} ({error.strerror}): nothing stops a second run in this "
-              "case folder meanwhile", file=sys.stderr)
+        log.warning(f"note: this file system cannot lock {LOCK_FILE} ({error.strerror}): nothing stops a second run "
+                    "in this case folder meanwhile")
         return True
 
 

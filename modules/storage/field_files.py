@@ -16,12 +16,12 @@ user's file (the paths are checked to be new before anything is computed). The d
 thread, overlapping the next batch's computation.
 """
 import errno
+import logging
 import mmap
 import os
 import re
 import shutil
 import struct
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import chdir
 from dataclasses import dataclass, field
@@ -32,6 +32,8 @@ import numpy as np
 from modules.errors import InputError
 from modules.storage.atomic import check_room, disk_full_as, temporary_path
 from modules.storage.paths import new_output_file
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".npy", ".h5", ".hdf5", ".xdmf")
 DIRECT_ALIGNMENT = 4096  # O_DIRECT writes whole blocks from block-aligned memory at block-aligned offsets
@@ -206,8 +208,8 @@ def npy_header(shape) -> bytes:
 
 class DirectFile:
     """A new file written from start to end, its data with O_DIRECT where the file system takes it: no copy into the
-    page cache and no write-back by the kernel, which on 2 cores took half the model's CPU time (a matmul loop ran
-    at 52 % of its speed beside buffered writes of 4.4 GB, at 87 % beside direct ones, and the writes were faster).
+    page cache and no write-back by the kernel, whose copies take CPU time the model needs on a machine of few cores
+    (docs/performance.md).
     The bytes go through a page-aligned staging buffer; the last partial block is written without O_DIRECT. Falls
     back to ordinary writes where O_DIRECT is refused (tmpfs, some network file systems)."""
 
@@ -312,7 +314,7 @@ def describe(file, facts: FieldFacts, shape, path) -> None:
     try:
         layout = facts.layout()
     except InputError as error:  # the fields do not need it: the file is written without node_coordinates
-        print(f"warning: {path} has no node_coordinates: {error.path}: {error.problem}", file=sys.stderr)
+        log.warning(f"warning: {path} has no node_coordinates: {error.path}: {error.problem}")
         layout = None
     if layout is not None and layout.kind != "line":
         file.create_dataset("node_coordinates", data=layout.output_mesh(shape[2] // facts.n_vars).points)

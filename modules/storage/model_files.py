@@ -1,4 +1,5 @@
-"""Saving and loading models and training checkpoints: plain tensors and plain types only, written atomically.
+"""Saving and loading models and training checkpoints: plain tensors and plain types only, written atomically, in
+the current format (storage.model_format, which also reads every older one).
 
 Everything here loads with torch.load(weights_only=True): no pickled classes, so a checkpoint file cannot run code.
 """
@@ -9,21 +10,19 @@ from pathlib import Path
 import torch
 
 from modules.config import Config
-from modules.data.scaling import MinMaxScaler
+from modules.data.scaling import ColumnScaler, MinMaxScaler
 from modules.errors import InputError
 from modules.models.conditioners import ConditionerSpec, build_conditioner
+from modules.models.surrogate import Surrogate
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.atomic import save_torch
-
-MODEL_FORMAT = "simulgenvae-model-v1"
-CHECKPOINT_FORMAT = "simulgenvae-checkpoint-v1"
-CONDITIONER_FORMAT = "simulgenvae-conditioner-v1"
-# conditioner state saved only by newer versions of the code (load_conditioner)
-ADDED_LATER = ("noise_levels", "field.value_offset", "field.value_scale")
+from modules.storage.model_format import (CHECKPOINT_FORMAT, CONDITIONER_FORMAT, FORMAT_VERSION, MODEL_FORMAT,
+                                          current_format, format_of)
 
 
 def model_payload(model: HierarchicalVAE, config: Config, scaler: MinMaxScaler) -> dict:
-    return {"format": MODEL_FORMAT, "spec": model.spec.to_dict(), "config": config.to_dict(),
+    return {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "spec": model.spec.to_dict(),
+            "config": config.to_dict(),
             "scaler": scaler.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
@@ -44,8 +43,7 @@ def load_model(path, device="cpu"):
     payload = read_payload(path)
     try:
         model = HierarchicalVAE(ModelSpec.from_dict(payload["spec"]))
-        # files from before the likelihood's noise scale was stored were trained with a fixed alpha, which ignores it
-        model.load_state_dict({"noise_std": model.noise_std, **payload["state_dict"]})
+        model.load_state_dict(payload["state_dict"])
         config, scaler = Config.from_dict(payload["config"]), MinMaxScaler.from_dict(payload["scaler"])
     except (KeyError, TypeError, RuntimeError) as error:
         raise InputError(path, f"is not a complete SimulGenVAE model ({type(error).__name__}: "
@@ -56,7 +54,8 @@ def load_model(path, device="cpu"):
 def save_conditioner(path, model, spec: ConditionerSpec, about: dict, extra: dict | None = None) -> None:
     """A latent conditioner with what a prediction needs (about: config, scalers, image channels, parameter names,
     the VAE file it decodes through and that file's digest), all plain types. extra: training state (checkpoints)."""
-    payload = {"format": CONDITIONER_FORMAT, "spec": spec.to_dict(), **about, **(extra or {}),
+    payload = {"format": CONDITIONER_FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(), **about,
+               **(extra or {}),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     save_torch(path, payload)
 
@@ -67,10 +66,7 @@ def load_conditioner(path, device="cpu"):
                            "(with input_type csv, image or image_vit in input_data/condition.txt)")
     try:
         model = build_conditioner(ConditionerSpec.from_dict(payload["spec"]))
-        # files from before these were kept read back with the placeholders: a GP's posterior variance (no spread of
-        # its own), a neural field's output statistics (values as the network computes them)
-        added_later = {key: value for key, value in model.state_dict().items() if key in ADDED_LATER}
-        model.load_state_dict({**added_later, **payload.pop("state_dict")})
+        model.load_state_dict(payload.pop("state_dict"))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(path, f"is not a complete latent conditioner ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})", "retrain it with --lc_only=1") from None
@@ -100,11 +96,12 @@ def read_payload(path, formats=(MODEL_FORMAT, CHECKPOINT_FORMAT), train_hint="py
                              "latents mean nothing to this version", f"retrain here ({train_hint})") from None
         raise InputError(path, f"cannot be loaded safely ({type(error).__name__})",
                          "the file is corrupt or not a SimulGenVAE model; retrain or use another file") from None
-    if not isinstance(payload, dict) or payload.get("format") not in formats:
+    kind = format_of(payload)
+    if kind not in formats:
         found = payload.get("format", "unknown") if isinstance(payload, dict) else "unknown"
         raise InputError(path, f"is not the kind of SimulGenVAE file expected here (format {found})",
                          f"point to a file written by {train_hint}")
-    return payload
+    return current_format(payload, path)
 
 
 def checked_vae_file(facts: dict, conditioner_file) -> Path:
@@ -115,3 +112,26 @@ def checked_vae_file(facts: dict, conditioner_file) -> Path:
         raise InputError(conditioner_file, f"was trained with the VAE {vae_file}, which {state}",
                          "retrain the conditioner for the current VAE (--lc_only=1)")
     return vae_file
+
+
+def load_surrogate(conditioner_file, device="cpu"):
+    """(the Surrogate of the conditioner in conditioner_file and the VAE it was trained with, in eval mode on device;
+    the conditioner file's plain facts; the Config it was trained with)."""
+    conditioner, facts = load_conditioner(conditioner_file, device)
+    vae, _, field_scaler = load_model(checked_vae_file(facts, conditioner_file), device)
+    return assembled_surrogate(conditioner, facts, vae, field_scaler).to(device).eval(), facts, Config.from_dict(
+        facts["config"])
+
+
+def assembled_surrogate(conditioner, facts: dict, vae, field_scaler) -> Surrogate:
+    """A saved conditioner (its file's facts: the scalers) on the VAE it was trained with."""
+    reads_parameters = Config.from_dict(facts["config"]).design_inputs == "parameters"
+    return Surrogate(vae, field_scaler, conditioner, ColumnScaler.from_dict(facts["latent_scaler"]),
+                     ColumnScaler.from_dict(facts["input_scaler"]) if reads_parameters else None)
+
+
+def load_vae_surrogate(model_file, device="cpu"):
+    """(the Surrogate of the VAE in model_file alone, which reconstructs fields, in eval mode on device; its
+    Config)."""
+    vae, config, field_scaler = load_model(model_file, device)
+    return Surrogate(vae, field_scaler).to(device).eval(), config

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from modules.errors import InputError
+from modules.errors import InputError, Stopped
 from modules.storage.atomic import DiskFull, save_bytes, save_json
 from modules.storage.paths import OUTPUT_DIR
-from modules.training.guard import Stopped
 
 RUNS_DIR = Path("runs")
 RUN_FILE = "run.json"

@@ -9,15 +9,7 @@ import threading
 
 import torch
 
-from modules.training.distributed import any_rank
-
-
-class Stopped(Exception):
-    """Training stopped on a signal after saving its state; the command line exits with 128 + the signal number."""
-
-    def __init__(self, signal_number: int, checkpoint, where: str):
-        self.signal_number, self.checkpoint, self.where = signal_number, checkpoint, where
-        super().__init__(f"stopped by {signal.Signals(signal_number).name} {where}")
+from modules.machine.processes import any_rank
 
 
 class StopRequest:

@@ -1,11 +1,11 @@
 """The training loop of the VAE and of the conditioner, read top to bottom in run_training() (one epoch's optimiser
 steps in train_epoch()).
 
-    progress, history = run_training(job, config, runtime, run, say, resume=None)
+    progress, history = run_training(job, config, runtime, run, resume=None)
 
-A job (VAETraining, ConditionerTraining) is what differs between the two: the network, the loss of a batch, the
-validation numbers, what a checkpoint holds and what is logged. Everything else is decided here, the same way for
-both:
+A job (TrainingJob: VAETraining, ConditionerTraining) is what differs between the two: the network, the loss of a
+batch, the validation numbers, what a checkpoint holds and what is logged. Everything else is decided here, the same
+way for both:
 - an epoch is cut into optimiser steps of grad_accum_steps micro-batches; each rank takes its shard of every batch;
 - every save_every epochs (and at the end) the full state goes to job.last_path, and to job.best_path whenever the
   validation loss improves; a fresh run also validates and saves its starting state (epoch 0) as both, so a
@@ -16,39 +16,90 @@ both:
   epoch) or a diverging validation loss restore job.last_path and multiply the learning rate by recovery_lr_factor;
   after max_recoveries restores the run stops with one clear line;
 - patience epochs without a better validation loss end the run early.
-
-A job provides: name, epochs, patience, watched (the validation number divergence is judged on),
-divergence_floor (a watched value below which no rise counts as divergence), batch_size,
-n_train, n_parts, model, peak_lr, weight_decay, best_path, last_path, metrics_file, log_part, and
-- learning_rate(position): the schedule's rate at a position in epochs (set at every optimiser step), before
-  recoveries scale it; position: the loop sets it before each step's batch_loss (the VAE's KL weight follows it);
-- training_batches(epoch, micro_batches): an iterator of one batch per micro-batch ([(positions, weight)] of the
-  training designs, this rank's); it starts the epoch, whose losses the next batch_loss calls compute;
-- batch_loss(trainer, batch, generator): (the loss to step on, its parts [n_parts] detached), each a mean over the
-  batch's designs; generator: the optimiser step's seeded CPU generator for random augmentations;
-- averages(sums, count), after_epoch(train, val) (its own update once an epoch is validated, before it is
-  saved; in every process), validate() (a dict with "loss" and watched, the same on every rank), record(epoch,
-  train, val) (the epoch's log record), report(epoch, train, val) (progress lines);
-- save(path, training): the full state, training being the optimiser's, the random generators' and Progress;
-  resumable(path): a checkpoint's payload, refused (InputError) when it does not fit this job.
 """
 import dataclasses
+import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from modules.config import CONDITION_FILE
-from modules.errors import InputError
+from modules.errors import InputError, Stopped
+from modules.machine.logs import shows_progress
+from modules.machine.processes import barrier, sum_over_ranks
 from modules.storage.metrics_log import MetricsLog
-from modules.training.distributed import barrier, sum_over_ranks
-from modules.training.guard import Guard, Stopped, StopRequest
+from modules.training.guard import Guard, StopRequest
 from modules.training.optimizer_step import Updater, make_optimizer, optimiser_steps, training_module
 from modules.training.state import Progress, restore_training, training_entry
 
+log = logging.getLogger(__name__)
 
-def run_training(job, config, runtime, run, say, resume=None):
+
+@dataclass(frozen=True)
+class Step:
+    """What one optimiser step's loss depends on besides its batch, passed to TrainingJob.batch_loss."""
+
+    epoch: int                  # 0-based
+    number: int                 # 1-based, inside the epoch
+    position: float             # in epochs: epoch + the share of it done before this step (the schedules' clock)
+    generator: torch.Generator  # the step's seeded CPU generator, for random augmentations
+
+
+class TrainingJob(Protocol):
+    """What the loop trains: the network and what differs between the VAE's training and the conditioner's."""
+
+    name: str               # in messages: "VAE", "conditioner"
+    model: torch.nn.Module
+    epochs: int
+    patience: int           # epochs without a better validation loss before an early stop (0: never)
+    batch_size: int         # designs per micro-batch
+    n_train: int            # training designs
+    n_parts: int            # numbers batch_loss returns as its parts
+    peak_lr: float
+    weight_decay: float
+    watched: str            # the validation number divergence is judged on
+    divergence_floor: float  # a watched value below which no rise counts as divergence
+    best_path: Path         # checkpoints: the best epoch's and the latest
+    last_path: Path
+    metrics_file: Path      # the per-epoch CSV log
+    log_part: str           # the run's TensorBoard folder for this training
+
+    def learning_rate(self, position: float) -> float:
+        """The schedule's rate at a position in epochs, before recoveries scale it."""
+
+    def training_batches(self, epoch: int, micro_batches: list) -> Iterator:
+        """One batch per micro-batch ([(positions, weight)] of the training designs, this rank's), in order; it
+        starts the epoch."""
+
+    def batch_loss(self, trainer, batch, step: Step):
+        """(the loss to step on, its parts [n_parts] detached), each a mean over the batch's designs."""
+
+    def averages(self, sums: torch.Tensor, count: int) -> dict:
+        """The epoch's numbers from the parts summed over count designs."""
+
+    def validate(self) -> dict:
+        """The validation numbers, with "loss" and the watched one, the same on every rank."""
+
+    def finish_epoch(self, epoch: int, train: dict, val: dict) -> dict:
+        """The job's own end of a validated epoch, in every process (the VAE sets its likelihood's noise scale);
+        returns the epoch's log record."""
+
+    def report(self, epoch: int, train: dict, val: dict) -> None:
+        """Progress lines."""
+
+    def save(self, path, training: dict) -> None:
+        """The full state, training being the optimiser's, the random generators' and Progress."""
+
+    def resumable(self, path) -> dict:
+        """A checkpoint's payload, refused (InputError) when it does not fit this job."""
+
+
+def run_training(job: TrainingJob, config, runtime, run, resume=None):
     """Train job.model from scratch or, with resume (a checkpoint path already checked), from where that checkpoint
     stood, until every epoch is done or early stopping ends it. Returns (the final Progress, saved as last; the
     per-epoch log records). run: the run record (main process) or None (other ranks, which neither log nor write)."""
@@ -68,8 +119,9 @@ def run_training(job, config, runtime, run, say, resume=None):
     if run is not None:
         progress = dataclasses.replace(progress, run_id=run.id)
     if resume:
-        say(f"Resuming from {resume}: epoch {progress.epoch}" + (f", step {progress.step}" if progress.step else ""))
-    log = MetricsLog(job.metrics_file, run.log_dir(job.log_part), progress.history) if run is not None else None
+        log.info(f"Resuming from {resume}: epoch {progress.epoch}"
+                 + (f", step {progress.step}" if progress.step else ""))
+    metrics = MetricsLog(job.metrics_file, run.log_dir(job.log_part), progress.history) if run is not None else None
     with StopRequest() as stop:
         guard = Guard(config, runtime, stop)
         if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to,
@@ -92,7 +144,7 @@ def run_training(job, config, runtime, run, say, resume=None):
             skipped, unstable = guard.end_epoch()
             if unstable:
                 reason = f"{config.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient"
-                progress = recover(job, progress, reason, restore, config, runtime, log, say)
+                progress = recover(job, progress, reason, restore, config, runtime, metrics)
                 guard.restart_count()
                 continue
 
@@ -101,14 +153,13 @@ def run_training(job, config, runtime, run, say, resume=None):
             diverged = guard.divergence(val_stats["loss"], val_stats[job.watched],
                                         best_of(progress.history, f"val/{job.watched}"), job.divergence_floor)
             if diverged:
-                progress = recover(job, progress, diverged, restore, config, runtime, log, say)
+                progress = recover(job, progress, diverged, restore, config, runtime, metrics)
                 continue
 
             # The job's own end of epoch (the VAE sets its likelihood's noise scale); log the epoch, keep the best
             # and the last state, stop early.
-            job.after_epoch(train_stats, val_stats)
+            record = {**job.finish_epoch(epoch, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
             epoch += 1
-            record = {**job.record(epoch - 1, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
             improved = val_stats["loss"] < progress.best_val_loss
             best_loss, best_epoch = ((val_stats["loss"], epoch) if improved
                                      else (progress.best_val_loss, progress.best_epoch))
@@ -116,22 +167,22 @@ def run_training(job, config, runtime, run, say, resume=None):
             progress = dataclasses.replace(progress, epoch=epoch, step=0, partial_sums=None, best_val_loss=best_loss,
                                            best_epoch=best_epoch, finished=epoch >= job.epochs or early,
                                            history=progress.history + [record])
-            if log is not None:
-                log.log(epoch, record)
+            if metrics is not None:
+                metrics.log(epoch, record)
             job.report(epoch - 1, train_stats, val_stats)
             if improved:
                 save(job.best_path, progress)
             if epoch % config.save_every == 0 or progress.finished:
                 save(job.last_path, progress)
             if early and epoch < job.epochs:
-                say(f"Early stop of the {job.name} at epoch {epoch}: no better validation loss for {job.patience} "
-                    f"epochs (best {best_loss:.4g} at epoch {best_epoch})")
+                log.info(f"Early stop of the {job.name} at epoch {epoch}: no better validation loss for {job.patience} "
+                         f"epochs (best {best_loss:.4g} at epoch {best_epoch})")
             if guard.stop_requested():
                 stop_now(job, progress, guard, save, runtime, f"after epoch {epoch}")
-    if log is None:
+    if metrics is None:
         return progress, None
-    log.close()
-    return progress, log.history
+    metrics.close()
+    return progress, metrics.history
 
 
 def train_epoch(job, trainer, updater, guard, progress, config, runtime):
@@ -146,16 +197,15 @@ def train_epoch(job, trainer, updater, guard, progress, config, runtime):
     batches = job.training_batches(epoch, [part for step in steps for part in step])
     sums = starting_sums(progress.partial_sums, job.n_parts, runtime)
     progress_bar = tqdm(steps, leave=False, desc=f"{job.name} epoch {epoch + 1}/{job.epochs}", initial=progress.step,
-                        total=len(all_steps), disable=not runtime.is_main or None)
+                        total=len(all_steps), disable=shows_progress())
     for done, step in enumerate(progress_bar, start=progress.step + 1):
         # the schedules move on at every optimiser step, not once an epoch, so that a run of a few epochs changes
         # its learning rate and KL weight gradually too
-        job.position = epoch + (done - 1) / len(all_steps)
-        set_learning_rate(updater.optimizer, progress.lr_scale * job.learning_rate(job.position))
-        generator = step_generator(config.seed, epoch, done)
+        inputs = Step(epoch, done, epoch + (done - 1) / len(all_steps), step_generator(config.seed, epoch, done))
+        set_learning_rate(updater.optimizer, progress.lr_scale * job.learning_rate(inputs.position))
         for index, (positions, weight) in enumerate(step):
             with updater.accumulating(last=index == len(step) - 1):
-                loss, parts = job.batch_loss(trainer, next(batches), generator)
+                loss, parts = job.batch_loss(trainer, next(batches), inputs)
                 updater.backward(loss * weight)
             sums += parts * (len(positions) if weight else 0)
         if guard.after_step(updater.step()) == "stop":
@@ -165,7 +215,7 @@ def train_epoch(job, trainer, updater, guard, progress, config, runtime):
     return job.averages(sum_over_ranks(sums, runtime), job.n_train), None
 
 
-def recover(job, progress, reason, restore, config, runtime, log, say) -> Progress:
+def recover(job, progress, reason, restore, config, runtime, metrics) -> Progress:
     """Go back to the last saved state with a lower learning rate, or stop when restores have not helped."""
     if progress.recoveries >= config.max_recoveries:
         raise InputError(CONDITION_FILE, f"{job.name} training is unstable in epoch {progress.epoch + 1}: {reason}, "
@@ -177,11 +227,11 @@ def recover(job, progress, reason, restore, config, runtime, log, say) -> Progre
     recovered = dataclasses.replace(restored, lr_scale=progress.lr_scale * config.recovery_lr_factor,
                                     recoveries=progress.recoveries + 1, best_val_loss=progress.best_val_loss,
                                     best_epoch=progress.best_epoch, finished=False)
-    say(f"{job.name} epoch {progress.epoch + 1}: {reason}. Restored {job.last_path} (saved after epoch "
-        f"{restored.epoch}) and lowered the learning rate to {recovered.lr_scale:g} x its schedule "
-        f"(restore {recovered.recoveries} of max_recoveries {config.max_recoveries})")
-    if log is not None:
-        log.rewind(recovered.history)
+    log.info(f"{job.name} epoch {progress.epoch + 1}: {reason}. Restored {job.last_path} (saved after epoch "
+             f"{restored.epoch}) and lowered the learning rate to {recovered.lr_scale:g} x its schedule "
+             f"(restore {recovered.recoveries} of max_recoveries {config.max_recoveries})")
+    if metrics is not None:
+        metrics.rewind(recovered.history)
     return recovered
 
 

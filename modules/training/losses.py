@@ -4,12 +4,11 @@ The reconstruction term is, with alpha auto (the default), the negative log-like
 under a Gaussian (Loss_type 1, MSE) or Laplace (Loss_type 2, MAE) observation model with one noise scale per variable
 (sigma-VAE, Rybkin et al. 2021): after each epoch the scale is set to its maximum-likelihood value
 (optimal_noise_std) for the validation designs, so that the weight of the data against the KL follows the model's
-accuracy and suits any T, M and value range. The validation error rather than the training error: on the demo the
-training error fell 30-fold below the validation error, a noise scale that small weighs the KL at next to nothing,
-and the network overfitted more (final validation MSE 4.9e-6 against 4.2e-6, scaled units). With alpha a number
-the term is alpha * the mean loss over all values, as in the original SimulGenVAE (alpha 1e6 on a mean over T * M
-values is a Gaussian with a noise of about 5 % of the range on the demo: 220 times its trained error, which let the
-KL erase most of the latent's information).
+accuracy and suits any T, M and value range. The validation error rather than the training error: the training
+error falls far below it as the network fits its designs, and a noise scale that small weighs the KL at next to
+nothing, so the network overfits more. With alpha a number the term is alpha * the mean loss over all values, as in
+the original SimulGenVAE (a fixed weight is a Gaussian of a fixed noise scale, which can be far above the model's
+error and then lets the KL erase most of the latent's information; docs/model.md).
 
 Free bits (config.free_bits > 0, Kingma et al. 2016, per dimension): each latent dimension's KL, averaged over the
 batch (and the Recon_iter samples), enters the loss as max(free_bits, that mean). A dimension below the floor then
@@ -21,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-LOSS_NAMES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}  # Loss_type's numbers
+from modules.config.keys import LOSS_NAMES
 
 
 def field_loss(recon, target, name: str, delta: float, reduction: str = "mean"):

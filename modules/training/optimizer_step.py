@@ -16,8 +16,8 @@ from contextlib import nullcontext
 import torch
 
 from modules.data.batches import batch_order
+from modules.machine.processes import shard, wrap_model
 from modules.models.grad_checkpointing import enable_grad_checkpointing
-from modules.training.distributed import shard, wrap_model
 
 
 def training_module(model, config, runtime):

@@ -28,8 +28,6 @@ import numpy as np
 import torch
 from scipy.stats import qmc
 
-from modules.models.latents import decode_latents
-
 SOBOL_CANDIDATES = 1024  # a power of two keeps the Sobol sample balanced
 SUGGEST_DRAWS = 16  # draws per candidate for its spread: a whole field's norm varies little from draw to draw
 REFERENCE_DESIGNS = 256  # candidates over which the GP's variance reduction is averaged (all of them when fewer)
@@ -62,16 +60,16 @@ def pick_diverse(spread, points, count: int, spacing: float) -> list:
 
 
 @torch.no_grad()
-def latent_field_weights(vae, latent_scaler, field_scaler, n_latents: int, batch_size: int) -> np.ndarray:
+def latent_field_weights(surrogate, batch_size: int) -> np.ndarray:
     """float64 [D]: the squared change of the whole field (physical units) per unit of each standardised latent, by
     a step of one standard deviation from the training designs' mean latent (standardised zero): how much each
     latent's uncertainty matters to the field. Decoded batch_size latents at a time, so memory does not grow with
     D on a large mesh."""
-    device = next(vae.parameters()).device
+    n_latents, device = surrogate.latent_mean.numel(), surrogate.latent_mean.device
 
     def physical(standardised):
-        scaled = decode_latents(vae, latent_scaler, standardised.to(device)).float().cpu().numpy()
-        return field_scaler.inverse(scaled).astype(np.float64).reshape(len(standardised), -1)
+        fields = surrogate.physical(surrogate.decoded(standardised.to(device))).cpu().numpy()
+        return fields.astype(np.float64).reshape(len(standardised), -1)
 
     mean_field = physical(torch.zeros(1, n_latents))
     weights = []

@@ -15,27 +15,30 @@ deviation of a value is the root mean square of (draw - prediction) over the dra
 prediction that is reported, and unbiased in its square for any number of draws, so a scale fitted with one number of
 draws holds for another. The noise comes from a seeded CPU generator: repeatable on any device.
 """
+import logging
+
 import numpy as np
 import torch
 
 from modules.data.batches import in_order
-from modules.models.conditioners import latent_spread
-from modules.models.latents import decode_latents, split_latents
-from modules.training.runtime import batch_within_memory
+from modules.machine.memory import batch_within_memory
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_DRAWS = 32  # draws per validation design when the spread is calibrated
 # float32 copies of a field one validation design takes while it is calibrated: its prediction (scaled and physical),
 # the float64 sum of squares, a draw (on the device and its deviation), the simulated field and its error, the
-# decoder's activations; its batch is cut to fit in the memory left (training.runtime.batch_within_memory)
+# decoder's activations; its batch is cut to fit in the memory left (machine.memory.batch_within_memory)
 CALIBRATION_COPIES = 10
 
 
-def spread_source(conditioner, inputs) -> str:
-    """"ensemble", "gp" or "decoder" (see the module's docstring) for this conditioner, inputs: a few designs."""
-    if hasattr(conditioner, "members"):
+def spread_source(surrogate, inputs) -> str:
+    """"ensemble", "gp" or "decoder" (see the module's docstring) for this surrogate's conditioner, inputs: a few
+    standardised designs."""
+    if hasattr(surrogate.conditioner, "members"):
         return "ensemble"
-    _, spread = latent_spread(conditioner, inputs[:1])
+    _, spread = surrogate.latent_spread(inputs[:1])
     return "gp" if spread is not None else "decoder"
 
 
@@ -43,27 +46,6 @@ SPREAD_WORDS = {"ensemble": "the disagreement of the conditioner ensemble's memb
                 "gp": "the Gaussian processes' posterior standard deviation of the latents",
                 "decoder": "the decoder prior's spread at the hierarchical levels (this conditioner has no "
                            "uncertainty of its own: lc_ensemble 5 trains one that has)"}
-
-
-@torch.no_grad()
-def field_draws(conditioner, vae, latent_scaler, inputs, n_draws: int, generator):
-    """(the prediction [B, T, M], an iterator of n_draws draws [B, T, M]), both in the VAE's scaled units, float32
-    tensors on the inputs' device. The draws are made lazily, one at a time: never all in memory. generator: a
-    torch.Generator, or DesignNoise for draws that do not depend on how the designs are batched."""
-    latents, spread = latent_spread(conditioner, inputs)
-    prediction = decode_latents(vae, latent_scaler, latents.float()).float()
-
-    def draws():
-        for _ in range(n_draws):
-            if spread is None:
-                main, levels = split_latents(latent_scaler.inverse(latents.float()), vae.spec)
-                noise = standard_normal((len(main), vae.spec.n_levels, vae.spec.level_latent_dim), generator)
-                yield vae.decode_around(main, levels, noise.to(main.device)).float()
-            else:
-                noise = standard_normal(tuple(latents.shape), generator).to(latents.device)
-                yield decode_latents(vae, latent_scaler, latents.float() + spread * noise).float()
-
-    return prediction, draws()
 
 
 class DesignNoise:
@@ -82,47 +64,40 @@ class DesignNoise:
         return torch.stack([torch.randn(shape[1:], generator=generator) for generator in self.generators])
 
 
-def standard_normal(shape, generator) -> torch.Tensor:
-    if isinstance(generator, DesignNoise):
-        return generator.randn(shape)
-    return torch.randn(shape, generator=generator)
-
-
-def physical_std(prediction: np.ndarray, draws, field_scaler) -> tuple:
-    """(the prediction in physical units [B, T, M], the root mean square of (draw - prediction) [B, T, M] float32).
-    prediction: scaled numpy; draws: an iterable of scaled draws (tensors), consumed."""
-    physical = field_scaler.inverse(prediction)
+def physical_std(surrogate, prediction, draws) -> tuple:
+    """(the prediction in physical units [B, T, M], the root mean square of (draw - prediction) [B, T, M] float32),
+    as numpy. prediction: scaled, on the device; draws: an iterable of scaled draws, consumed."""
+    physical = surrogate.physical(prediction).cpu().numpy()
     squares, count = np.zeros(physical.shape, np.float64), 0
     for draw in draws:  # in place: one float32 deviation at a time, summed in float64 without a float64 copy
-        deviation = field_scaler.inverse(draw.cpu().numpy())
+        deviation = surrogate.physical(draw).cpu().numpy()
         deviation -= physical
         squares += np.square(deviation, out=deviation)
         count += 1
     return physical, np.sqrt(squares / max(count, 1)).astype(np.float32)
 
 
-def calibration_scales(facts: dict, n_steps: int, say) -> np.ndarray:
+def calibration_scales(facts: dict, n_steps: int) -> np.ndarray:
     """float32 [T]: the calibration's scale per time step saved with a conditioner (ones, with a note, for a file
-    saved before calibration existed)."""
-    calibration = facts.get("calibration")
+    that holds none)."""
+    calibration = facts["calibration"]
     if calibration is None:
-        say("note: the spread is not calibrated: the conditioner was saved before calibration existed (retrain it "
-            "with --lc_only=1 to calibrate it)")
+        log.info("note: the spread is not calibrated: the conditioner file holds no calibration, as files written "
+                 "before calibration existed do (retrain it with --lc_only=1 to calibrate it)")
         return np.ones(n_steps, np.float32)
     return np.asarray(calibration["scales"], np.float32)
 
 
 @torch.no_grad()
-def relative_spread(conditioner, vae, latent_scaler, field_scaler, inputs, scales, n_draws: int, batch_size: int,
-                    generator: torch.Generator) -> np.ndarray:
+def relative_spread(surrogate, inputs, scales, n_draws: int, batch_size: int, generator: torch.Generator) -> np.ndarray:
     """float64 [n]: each design's calibrated standard deviation over the norm of its predicted field, both over the
     whole field in physical units (what --predict --samples reports as predicted_relative_std), from n_draws
-    draws. scales: the calibration's scale per time step."""
+    draws. inputs: standardised designs; scales: the calibration's scale per time step."""
     relative = []
     for start in range(0, len(inputs), batch_size):
-        prediction, draws = field_draws(conditioner, vae, latent_scaler, inputs[start:start + batch_size], n_draws,
-                                        generator)
-        predicted, std = physical_std(prediction.cpu().numpy(), draws, field_scaler)
+        prediction, draws = surrogate.draws(inputs[start:start + batch_size], n_draws,
+                                            lambda shape: torch.randn(shape, generator=generator))
+        predicted, std = physical_std(surrogate, prediction, draws)
         relative.append(relative_norm(std * np.asarray(scales, np.float32)[None, :, None], predicted))
     return np.concatenate(relative)
 
@@ -134,23 +109,22 @@ def relative_norm(std: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def calibrate_spread(conditioner, vae, latent_scaler, conditions, fields, batch_size: int, seed: int) -> dict:
-    """The conditioner's spread calibrated on the validation designs (uncertainty.calibration): its source, the draws
+def calibrate_spread(surrogate, conditions, fields, batch_size: int, seed: int) -> dict:
+    """The surrogate's spread calibrated on the validation designs (uncertainty.calibration): its source, the draws
     per design, the scale per time step and the coverage before and after, as plain types. conditions: every
-    design's prepared conditions on the device; fields: the VAE run's Case (validation designs, field scaler)."""
+    design's standardised conditions on the device; fields: the VAE run's Case (validation designs, field scaler)."""
     val_indices, scaler = fields.val_indices, fields.scaler
     field_bytes = 4 * int(np.prod(fields.array.sample_shape))
     order = list(in_order(len(val_indices), batch_within_memory(batch_size, CALIBRATION_COPIES * field_bytes)))
-    counts = CoverageCounts(len(val_indices), vae.spec.n_steps)
-    conditioner.eval()
+    counts = CoverageCounts(len(val_indices), surrogate.vae.spec.n_steps)
+    surrogate.eval()
     for positions, simulated in zip(order, fields.val.batches(order)):
         designs = torch.as_tensor(val_indices[positions], device=conditions.device)
         noise = DesignNoise(seed, int(positions[0]), len(positions))  # a design's draws do not depend on its batch
-        prediction, draws = field_draws(conditioner, vae, latent_scaler, conditions[designs], CALIBRATION_DRAWS,
-                                        noise)
-        predicted, std = physical_std(prediction.cpu().numpy(), draws, scaler)
+        prediction, draws = surrogate.draws(conditions[designs], CALIBRATION_DRAWS, noise.randn)
+        predicted, std = physical_std(surrogate, prediction, draws)
         counts.add(positions, predicted - scaler.inverse(simulated.float().cpu().numpy()), std)
-    return {"source": spread_source(conditioner, conditions), "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
+    return {"source": spread_source(surrogate, conditions), "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
 
 
 def calibration_words(calibration: dict) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from modules.errors import InputError
-from modules.training.runtime import Runtime, adapted, pick_device
+from modules.machine.device import Runtime, pick_device, runtime_for
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # How long a collective waits for the slowest rank. Between the VAE and the conditioner the main process alone saves
@@ -28,7 +28,7 @@ WAIT_FOR_MAIN = datetime.timedelta(hours=2)
 def start_runtime(config, use_ddp: bool) -> Runtime:
     """The runtime of this process; with use_ddp, join torchrun's process group (NCCL on CUDA, gloo on CPU)."""
     if not use_ddp:
-        return adapted(pick_device(config.device), config)
+        return runtime_for(pick_device(config.device), config)
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise InputError("command line", f"--use_ddp needs torchrun's environment ({', '.join(missing)} not set)",
@@ -36,7 +36,7 @@ def start_runtime(config, use_ddp: bool) -> Runtime:
                          "'python launch_ddp.py --gpus=K'")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = pick_device(config.device, int(os.environ["LOCAL_RANK"]))
-    runtime = adapted(device, config, rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    runtime = runtime_for(device, config, rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,

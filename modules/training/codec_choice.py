@@ -1,0 +1,161 @@
+"""The snapshot codec before the VAE: where the nodes' positions are known and field_codec_epochs > 0, a codec
+(models.snapshot_codec) is fitted on the training designs' snapshots and kept when its codes, compressed to the VAE's
+K latent numbers per design by a POD of the code trajectories (what the VAE's POD path then starts from), reconstruct
+the validation designs better than POD of the fields with K modes (what the VAE's POD path starts from without it).
+The comparison says both errors; a codec that loses is dropped, so the VAE never starts worse than POD at its latent
+size."""
+import logging
+import time
+
+import numpy as np
+import torch
+
+from modules.data.batches import in_order
+from modules.data.case import Case
+from modules.data.field_layout import node_positions, read_field_layout
+from modules.machine.processes import any_rank
+from modules.models.neural_field import node_columns
+from modules.models.pod import design_pod_basis, pod_node_basis
+from modules.models.pod_path import PODPath
+from modules.models.snapshot_codec import SnapshotCodec
+from modules.models.vae import ModelSpec
+from modules.training.field_fitter import SampledFieldFit, fit_sampled_field
+
+log = logging.getLogger(__name__)
+
+COMPARED_NODES = 256  # nodes of each variable per time step at which the codec and POD are compared
+
+
+def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis):
+    """(a trained snapshot codec, the VAE's starting bases in its code space (code_bases)) when one was trained and
+    reconstructs the validation designs from spec.latent_size numbers each better than POD with as many modes;
+    (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's.
+    Third: the fields' design POD with spec.latent_size modes (models.pod.design_pod_basis) where the comparison
+    computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise."""
+    if not config.field_codec_epochs:
+        return None, None, None
+    positions = node_positions(read_field_layout(config))
+    if positions is None:
+        log.info("note: no snapshot codec: where the nodes are is not known (grid_shape, mesh_file or node_coordinates "
+                 "would let one be tried); the VAE runs on the fields")
+        return None, None, None
+    codec = fit_codec(positions, node_basis, case, config, runtime)
+    size = spec.latent_size
+    code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
+                                                    config.seed)
+    field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2], size)
+    codec_error, pod_error = codec_and_pod_errors(
+        codec, pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device),
+        pod_path_of(config.n_steps_used, node_basis, field_design_basis, runtime.device), case, config, config.seed)
+    kept = any_rank(runtime.is_main and codec_error < pod_error, runtime)
+    log.info(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
+             f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
+             + ("the codec's codes" if kept else "the fields (the codec is dropped)"))
+    if not kept:
+        return None, None, field_design_basis
+    return codec, (code_node_basis, code_design_basis), field_design_basis
+
+
+class CodeArray:
+    """Codes [N, T, C] held in memory, read as models.pod reads a dataset (sample_shape, read(indices))."""
+
+    def __init__(self, codes: np.ndarray):
+        self.codes, self.sample_shape = codes, codes.shape[1:]
+
+    def read(self, indices):
+        return self.codes[np.asarray(indices)]
+
+
+class Unscaled:
+    """The scaler of data that is already scaled (codes): transform is the identity."""
+
+    @staticmethod
+    def transform(values):
+        return values
+
+
+def fit_codec(positions, node_basis, case, config, runtime) -> SnapshotCodec:
+    """A codec fitted on the training designs' scaled snapshots (training.field_fitter, field_codec_epochs passes),
+    encoder and field together: each snapshot's node-POD coefficients (node_basis: (mean, modes, scales) of
+    models.pod.pod_node_basis, the encoder's input projection) -> its code -> the field at the sampled nodes. Then
+    its codes are standardised on the training snapshots and it is frozen. Every DDP rank fits the same codec (and
+    DDP starts all ranks from rank 0's)."""
+    device = runtime.device
+    n_steps, n_train = config.n_steps_used, len(case.train_indices)
+    fit = SampledFieldFit(passes=config.field_codec_epochs)
+
+    def build():
+        codec = SnapshotCodec(config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1]).to(device)
+        codec.set_projection(*(part.to(device) for part in node_basis))
+        codec.field.set_coordinates(positions)
+        return codec
+
+    def predict(codec, snapshots, nodes, coefficients):
+        codes = codec.raw_codes(coefficients)[:, None]
+        return codec.field(codes, None if nodes is None else nodes[:, None])[:, 0]
+
+    sampled = config.n_nodes_used // config.n_vars > fit.nodes
+    log.info(f"Training a snapshot codec on the {n_train * n_steps} time steps of the {n_train} training designs "
+             f"({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time step) ...")
+    began = time.perf_counter()
+    field_shape = (n_steps, config.n_nodes_used, config.n_vars)
+    codec, coefficients = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit, config.batch_size,
+                                            config.seed, device, encode=SnapshotCodec.coefficients)
+    with torch.no_grad():
+        codec.set_code_statistics(codec.raw_codes(coefficients))
+    log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
+    return codec.requires_grad_(False)
+
+
+@torch.no_grad()
+def encoded_designs(codec, case, config) -> np.ndarray:
+    """Every design's codes [N, T, C] (float32, host), training and validation designs alike (rows by dataset index;
+    a design in neither split stays zero)."""
+    codes = np.zeros((config.n_designs, config.n_steps_used, codec.code_mean.numel()), dtype=np.float32)
+    for indices, source in ((case.train_indices, case.train), (case.val_indices, case.val)):
+        order = list(in_order(len(indices), config.batch_size))
+        for positions, fields in zip(order, source.batches(order)):
+            codes[indices[positions]] = codec.encode(fields.float()).cpu().numpy()
+    return codes
+
+
+def code_bases(codes: np.ndarray, train_indices, rank: int, seed: int):
+    """The VAE's starting bases in code space: (node basis (mean, modes, scales) over the C code numbers, the design
+    POD with rank modes (models.pod.design_pod_basis's four values))."""
+    array = CodeArray(codes)
+    node_basis = pod_node_basis(array, train_indices, Unscaled, codes.shape[2], seed)
+    return node_basis, design_pod_basis(array, train_indices, Unscaled, node_basis[0], node_basis[1], rank)
+
+
+def pod_path_of(n_steps: int, node_basis, design_basis, device) -> PODPath:
+    """A PODPath holding these bases (models.pod): what the VAE's frozen linear path starts as."""
+    mean, modes, _ = node_basis
+    path = PODPath(n_steps, len(mean), modes.shape[1], design_basis[1].shape[0])
+    path.set_basis(mean, modes, *design_basis[:3])
+    return path.to(device)
+
+
+@torch.no_grad()
+def codec_and_pod_errors(codec, code_path: PODPath, field_path: PODPath, case, config, seed: int):
+    """(mean squared error of the codec's reconstruction, that of POD's), scaled units, over the validation designs:
+    the codec's from the codes passed through code_path (the codes' design POD), POD's from the fields passed through
+    field_path. Both at the same COMPARED_NODES random nodes of every time step (every node where fewer), so the codec
+    decodes a bounded number of values per design on any mesh."""
+    n_steps, n_nodes, n_vars = config.n_steps_used, config.n_nodes_used, config.n_vars
+    generator = torch.Generator().manual_seed(seed)
+    order = list(in_order(len(case.val_indices), config.batch_size))
+    codec_sum, pod_sum, count = 0.0, 0.0, 0
+    for fields in case.val.batches(order):
+        fields = fields.float()
+        nodes = None
+        if n_nodes // n_vars > COMPARED_NODES:
+            nodes = torch.randint(n_nodes // n_vars, (len(fields), n_steps, COMPARED_NODES),
+                                  generator=generator).to(fields.device)
+        pick = (lambda values: values) if nodes is None else (
+            lambda values: values.gather(2, node_columns(nodes, n_nodes, n_vars)))
+        truth = pick(fields)
+        codes = code_path.decode(code_path.encode(codec.encode(fields)))
+        codec_sum += float(((codec.decode(codes, nodes) - truth) ** 2).sum())
+        pod_sum += float(((pick(field_path.decode(field_path.encode(fields))) - truth) ** 2).sum())
+        count += truth.numel()
+    return codec_sum / count, pod_sum / count

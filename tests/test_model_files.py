@@ -1,0 +1,98 @@
+"""Model files and checkpoints (storage.model_files, storage.model_format): every file holds its kind and format
+version; files of format version 1, written by an earlier SimulGenVAE (tests/data/format_v1), load and predict,
+sample and reconstruct exactly what that version did; a file of a newer version is refused in one line."""
+import json
+import shutil
+from contextlib import chdir
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, as_version_1
+from modules.cli import main
+from modules.storage.model_format import CONDITIONER_FORMAT, FORMAT_VERSION, MODEL_FORMAT
+
+VERSION_1 = REPO / "tests" / "data" / "format_v1"
+EXPECTED = VERSION_1 / "expected"
+
+
+@pytest.fixture
+def version_1(tmp_path):
+    """A copy of the version 1 files, so that nothing a test writes lands in the repository."""
+    shutil.copytree(VERSION_1, tmp_path / "v1")
+    return tmp_path / "v1"
+
+
+def predicted(folder, out, source, *flags) -> dict:
+    """--predict in folder; what it wrote, by the expected files' names."""
+    with chdir(folder):
+        assert main([f"--predict={source}", f"--out={out}.npy", *flags]) == 0
+    names = ["", "_mean", "_samples", "_std"] if flags else [""]
+    return {name: np.load(f"{out}{name}.npy") for name in names}
+
+
+@pytest.mark.parametrize("kind, source, samples", [
+    ("default", "new_designs.csv", True),        # the GP on the latents of a VAE on the fields
+    ("ensemble", "new_designs.csv", True),
+    ("cnn", "new/images", True),
+    ("neural_field", "new_designs.csv", False),  # no uncertainty, so no samples
+])
+def test_a_version_1_conditioner_predicts_and_samples_what_it_did(version_1, tmp_path, kind, source, samples):
+    if kind != "default":
+        shutil.copy(version_1 / f"conditioner_{kind}", version_1 / "case" / "model_save" / "latent_conditioner")
+    got = predicted(version_1 / "case", tmp_path / kind, source, *(["--samples=3"] if samples else []))
+    for name, values in got.items():
+        assert np.array_equal(values, np.load(EXPECTED / f"{kind}{name}.npy")), name
+    assert json.loads((tmp_path / f"{kind}_report.json").read_text()) == json.loads(
+        (EXPECTED / f"{kind}_report.json").read_text())
+
+
+def test_a_version_1_vae_on_snapshot_codes_predicts_and_reconstructs_what_it_did(version_1, tmp_path):
+    got = predicted(version_1 / "codec_case", tmp_path / "codec", "new_designs.csv", "--samples=3")
+    for name, values in got.items():
+        assert np.array_equal(values, np.load(EXPECTED / f"codec_default{name}.npy")), name
+    for case, expected in (("codec_case", "reconstruct_codec_vae"), ("case", "reconstruct_fields_vae")):
+        with chdir(version_1 / case):
+            assert main(["--reconstruct=new_fields.npy", f"--out={tmp_path / expected}.npy"]) == 0
+        assert np.array_equal(np.load(tmp_path / f"{expected}.npy"), np.load(EXPECTED / f"{expected}.npy"))
+
+
+def test_a_version_1_conditioner_checkpoint_is_resumable(version_1, capsys):
+    with chdir(version_1 / "case"):
+        assert main(["--checkpoints=list"]) == 0
+        assert "resumable" in capsys.readouterr().out
+        assert main(["--lc_only=1", "--resume"]) == 0  # a finished checkpoint: the choice, calibration and save
+    saved = torch.load(version_1 / "case" / "model_save" / "latent_conditioner", weights_only=True)
+    assert (saved["format"], saved["format_version"]) == (CONDITIONER_FORMAT, FORMAT_VERSION)
+
+
+def test_every_file_written_holds_its_kind_and_the_current_format_version(version_1):
+    with chdir(version_1 / "case"):
+        assert main(["--lc_only=1"]) == 0
+    for path, kind in (("model_save/latent_conditioner", CONDITIONER_FORMAT),
+                       ("checkpoints/conditioner_last.pt", CONDITIONER_FORMAT)):
+        payload = torch.load(version_1 / "case" / path, weights_only=True)
+        assert (payload["format"], payload["format_version"]) == (kind, FORMAT_VERSION)
+    vae = torch.load(version_1 / "case" / "model_save" / "SimulGen-VAE", weights_only=True)
+    assert "format_version" not in vae and vae["format"] == MODEL_FORMAT + "-v1"  # --lc_only=1 leaves the VAE alone
+
+
+def test_a_file_of_a_newer_version_is_refused_in_one_line(version_1, tmp_path, capsys):
+    path = version_1 / "case" / "model_save" / "latent_conditioner"
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "format": CONDITIONER_FORMAT, "format_version": FORMAT_VERSION + 1}, path)
+    with chdir(version_1 / "case"):
+        assert main(["--predict=new_designs.csv", f"--out={tmp_path / 'p.npy'}"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "was written by a newer version of SimulGenVAE" in error
+    assert not (tmp_path / "p.npy").exists()
+
+
+def test_as_version_1_gives_what_version_1_wrote(version_1):
+    """The tests make older version 1 files by deleting entries from as_version_1(a current file): check that it
+    gives a version 1 file's kind and no version, as the files above have."""
+    written = torch.load(version_1 / "conditioner_ensemble", weights_only=True)
+    assert "format_version" not in written
+    current = {**written, "format": CONDITIONER_FORMAT, "format_version": FORMAT_VERSION}
+    assert as_version_1(current).keys() == written.keys() and as_version_1(current)["format"] == written["format"]
