@@ -1,8 +1,10 @@
-"""The code's layout keeps the promises of the README's "Code layout": folders by job and small enough to read, one
-name per role, each condition.txt key declared once (its Config field and its flag derived from the key table)."""
+"""The code's layout keeps the promises of the README's "Code layout": layers that only point down (the list in the
+README is the one checked), one name per role, each condition.txt key declared once (its Config field and its flag
+derived from the key table)."""
 import ast
 import collections
 import dataclasses
+import re
 
 import launch_ddp
 from conftest import REPO
@@ -11,15 +13,50 @@ from modules.config import FLAG_KEYS, KEYS, Config
 from modules.config.settings import Preset
 
 MODULES = REPO / "modules"
-MOST_MODULES_PER_FOLDER = 10
 
 
-def test_modules_are_in_folders_by_job_none_holding_more_than_ten():
-    folders = collections.Counter(path.parent.name for path in MODULES.rglob("*.py") if path.name != "__init__.py")
-    assert set(folders) == {"modules", "config", "data", "models", "training", "evaluation", "uncertainty", "storage",
-                            "commands"}
-    assert folders["modules"] == 2  # cli.py, errors.py: the rest lives in a folder that names its job
-    assert max(folders.values()) <= MOST_MODULES_PER_FOLDER
+def declared_layers() -> list:
+    """The README's layers, top first: the names (a folder or a module of modules/) of the block in "Code layout"."""
+    layout = (REPO / "README.md").read_text().split("## Code layout", 1)[1]
+    block = re.search(r"```text\n(.*?)\n```", layout, flags=re.DOTALL).group(1)
+    return [line.split()[0].removesuffix("/").removesuffix(".py") for line in block.splitlines() if line.strip()]
+
+
+def imported_packages(path) -> set:
+    """The top-level names under modules/ that a module imports, anywhere in it (also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("modules"):
+            parts = node.module.split(".")
+            names.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("modules."))
+    return names
+
+
+def test_the_readme_declares_every_folder_and_top_level_module():
+    present = {path.name.removesuffix(".py") for path in MODULES.iterdir()
+               if (path.is_dir() and (path / "__init__.py").exists()) or (path.suffix == ".py"
+                                                                        and path.name != "__init__.py")}
+    assert sorted(declared_layers()) == sorted(present)
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    layers = {name: rank for rank, name in enumerate(reversed(declared_layers()))}  # 0 at the bottom
+    upward = []
+    for path in sorted(MODULES.rglob("*.py")):
+        own = path.relative_to(MODULES).parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue
+        upward += [f"{path.relative_to(REPO)} imports modules.{name} ({name} is above {own})"
+                   for name in sorted(imported_packages(path)) if layers[name] > layers[own]]
+    assert upward == []
+
+
+def test_the_layering_check_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "example.py"
+    module.write_text("def late():\n    from modules.training.loop import run_training\n")
+    assert imported_packages(module) == {"training"}
 
 
 def test_no_name_is_defined_in_two_modules():

@@ -186,12 +186,12 @@ def test_an_export_that_differs_from_predict_is_not_kept(demo, tmp_path, monkeyp
     assert "differs from --predict by 0.5" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
-def test_the_readme_documents_the_output_formats_and_export():
+def test_the_docs_document_the_output_formats_and_export():
     from conftest import REPO
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "prediction.md").read_text()
     for words in ("--out=fields.h5", "--out=fields.xdmf", "--export=surrogate.onnx", "mesh_file",
                   "Ort::Session", "InferenceSession"):
-        assert words in readme, words
+        assert words in page, words
 
 
 @pytest.mark.parametrize("refuse_direct_writes", [False, True])

@@ -1,27 +1,41 @@
-"""The README documents what the program does: every key, every flag, and the exact test command CI runs."""
+"""The README and docs/ document what the program does: every flag, every key (docs/configuration.md is generated
+from the key table and must not drift from it), every page the README links to, and the exact test command CI runs."""
 import re
 
 from conftest import REPO
 from modules.cli import build_parser
 from modules.config import KEYS
+from modules.config.reference import reference_markdown
 
 README = (REPO / "README.md").read_text()
-
-
-def test_every_condition_key_has_a_row_in_the_readme():
-    rows = set(re.findall(r"^\| `([A-Za-z0-9_]+)` \|", README, flags=re.MULTILINE))
-    assert {key.name for key in KEYS} <= rows
+CONFIGURATION = REPO / "docs" / "configuration.md"
 
 
 def test_every_command_line_flag_is_in_the_readme():
-    flags = {option for action in build_parser()._actions for option in action.option_strings if option.startswith("--")}
+    flags = {option for action in build_parser()._actions for option in action.option_strings
+             if option.startswith("--")}
     flags.discard("--help")
     missing = [flag for flag in flags if f"`{flag}" not in README]
     assert missing == []
 
 
+def test_the_configuration_page_is_the_one_the_key_table_generates():
+    assert CONFIGURATION.read_text() == reference_markdown(), (
+        "docs/configuration.md drifted from modules/config/keys.py: run "
+        "python -m modules.config.reference > docs/configuration.md")
+    rows = set(re.findall(r"^\| `([A-Za-z0-9_]+)` \|", CONFIGURATION.read_text(), flags=re.MULTILINE))
+    assert rows == {key.name for key in KEYS}
+
+
+def test_every_page_the_readme_links_to_exists_and_every_docs_page_is_linked():
+    linked = {link.split("#")[0] for link in re.findall(r"\]\((docs/[^)]+)\)", README)}
+    assert linked and all((REPO / link).is_file() for link in linked)
+    assert {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")} <= linked
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.DOTALL)
     test_command = next(block for block in blocks if "pytest" in block)
-    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line and not line.startswith(("#", "set ", "cd "))]
     assert ci_lines == [test_command]
