@@ -1,15 +1,28 @@
 """Shared helpers: a tiny synthetic case written into a temporary folder that the test then works in."""
+import csv
+import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs a worker per core: one thread each (and in the programs they start), or the workers' threads
+    # spin waiting on each other's cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -102,18 +115,28 @@ def case(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The shipped demo case (heat conduction, 96 designs, parameters in a CSV, the plate mesh), trained briefly:
-    the VAE keeps its POD start in 5 epochs and the GP on the latents is kept as the conditioner. Shared by every
-    test module that reads it (tests that write in it work on a copy)."""
+    the VAE keeps its POD start in its one epoch and the GP on the latents is kept as the conditioner. Trained once
+    per test session, by whichever worker asks first, and shared by every test module that reads it (tests that
+    write in it work on a copy)."""
+    from filelock import FileLock
+
     from modules.cli import main
 
-    folder = tmp_path_factory.mktemp("demo")
-    shutil.copy(REPO / "preset.txt", folder)
-    shutil.copytree(REPO / "input_data", folder / "input_data", ignore=shutil.ignore_patterns("*.py"))
-    condition = folder / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("Training_epochs 300", "Training_epochs 5")
-                         .replace("n_epoch         400", "n_epoch 5"))
-    with chdir(folder):
-        assert main(["--plot=1"]) == 0
+    session = tmp_path_factory.getbasetemp()
+    session = session.parent if os.environ.get("PYTEST_XDIST_WORKER") else session  # the workers' shared folder
+    folder = session / "demo"
+    with FileLock(str(session / "demo.lock")):
+        if not (folder / "trained").exists():
+            folder.mkdir(exist_ok=True)
+            shutil.copy(REPO / "preset.txt", folder)
+            shutil.copytree(REPO / "input_data", folder / "input_data", ignore=shutil.ignore_patterns("*.py"),
+                            dirs_exist_ok=True)
+            condition = folder / "input_data" / "condition.txt"
+            condition.write_text(condition.read_text().replace("Training_epochs 300", "Training_epochs 1")
+                                 .replace("n_epoch         400", "n_epoch 2"))
+            with chdir(folder):
+                assert main(["--plot=1"]) == 0
+            (folder / "trained").touch()
     return folder
 
 
@@ -152,3 +175,69 @@ def tensorboard_dir(folder, part="vae"):
     runs = sorted(path for path in (Path(folder) / "runs").iterdir() if path.is_dir())
     assert len(runs) == 1, f"expected one run in {folder}/runs, found {[run.name for run in runs]}"
     return runs[0] / part
+
+
+# ---- running the program and reading what it wrote
+def metrics(folder):
+    """The rows of output/metrics.csv (one per epoch) as dicts of strings."""
+    with open(Path(folder) / "output" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(csv_path, name) -> np.ndarray:
+    """One column of a metrics CSV, as numbers."""
+    with open(csv_path, newline="") as handle:
+        return np.array([float(row[name]) for row in csv.DictReader(handle)])
+
+
+def evaluation_report(folder) -> dict:
+    """output/evaluation.json of the case in folder."""
+    return json.loads((Path(folder) / "output" / "evaluation.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_program(command, folder):
+    """A command in its own process in folder, one thread each (two ranks share these 2 cores), no stdin."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, env=environment, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_and_two_processes(folder, *flags):
+    """The program run in folder/one as one process and in folder/two through launch_ddp on 2 (gloo), both checked to
+    succeed: (the one's, the two's completed processes)."""
+    single = run_program([sys.executable, str(REPO / "SimulGen-VAE.py"), *flags], folder / "one")
+    double = run_program([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", *flags,
+                          f"--master_port={free_port()}"], folder / "two")
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    return single, double
+
+
+# The DDP equivalence tests train the network alone (pod_path 0). On the POD path a fresh model's residual target is
+# the posterior-sampling noise, so the zero-started last layer's first gradient is a sum that nearly cancels: its
+# float rounding depends on the summation order, and Adam turns it into full-size steps of either sign between 1 and
+# 2 processes (1 process through torchrun matches 1 process exactly). The DDP arithmetic they check is the same on
+# both paths.
+NETWORK_ALONE = "pod_path 0\n"
+
+
+def stop_at_step(monkeypatch, count: int):
+    """Make the count-th optimiser step of this process ask to stop, as SIGTERM would; returns the real
+    Guard.after_step, to set back before resuming."""
+    import modules.training.guard as guard
+    steps, real = [], guard.Guard.after_step
+
+    def after_step(self, skipped):
+        steps.append(1)
+        if len(steps) == count:
+            self.stop.signal_number = signal.SIGTERM
+        return real(self, skipped)
+
+    monkeypatch.setattr(guard.Guard, "after_step", after_step)
+    return real

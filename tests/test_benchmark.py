@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO, smooth_fields
 
@@ -26,6 +27,7 @@ def table_lines(stdout):
     return [line for line in stdout.splitlines() if line.startswith("|")]
 
 
+@pytest.mark.slow
 def test_every_combination_gets_a_measured_row_in_json_and_table(tmp_path):
     done = run_benchmark("--designs", "12", "--steps", "6", "--nodes", "40", *TINY, "--amp", "off", "bf16",
                          "--loading", "lazy", "preloaded", "--json", str(tmp_path / "b.json"))
@@ -46,6 +48,7 @@ def test_every_combination_gets_a_measured_row_in_json_and_table(tmp_path):
     assert "this run on this hardware" in done.stdout
 
 
+@pytest.mark.slow
 def test_real_data_file_gives_the_shape(tmp_path):
     np.save(tmp_path / "fields.npy", smooth_fields(10, 5, 30))
     done = run_benchmark("--data", str(tmp_path / "fields.npy"), *TINY, "--amp", "off", "--loading", "preloaded")
@@ -57,6 +60,7 @@ def test_real_data_file_gives_the_shape(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- accuracy benchmark
+@pytest.mark.slow
 def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and_pod_gpr(tmp_path):
     """A smoke run of bench/accuracy.py on tiny versions of its cases: each is trained by the real command line in
     its own case folder, and every row carries the run's own evaluation numbers."""
@@ -84,6 +88,7 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
     assert again.returncode != 0 and "exists" in again.stderr  # an earlier benchmark's folders are never overwritten
 
 
+@pytest.mark.slow
 def test_the_spatial_decoder_benchmark_reports_each_case_next_to_the_reports_pod(tmp_path):
     """A smoke run of bench/spatial_decoders.py: each row's POD error is POD of the designs with K modes computed
     here from an SVD (so the benchmark's baselines are the report's), and a declared periodic parameter adds a

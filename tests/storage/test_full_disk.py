@@ -82,6 +82,7 @@ def digests(folder: Path) -> dict:
 
 # free space left: none (the run's record cannot be made), a few kB (TensorBoard's first events, the metrics CSV),
 # tens of kB (the first checkpoint, 0.3 MB)
+@pytest.mark.slow
 @pytest.mark.parametrize("leave_kb", [0, 16, 40])
 def test_training_on_a_full_disk_fails_cleanly_and_the_earlier_run_stays_intact(small_disk, leave_kb):
     write_case(small_disk, epochs=2)

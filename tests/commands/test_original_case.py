@@ -93,6 +93,7 @@ def run(folder, *flags):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
 
 
+@pytest.mark.slow
 def test_an_original_case_folder_trains_unchanged_with_a_note_per_difference(original_case):
     full = run(original_case, "--lc_only=0")
     assert full.returncode == 0, full.stderr[-3000:]

@@ -1,5 +1,6 @@
 """The memorization check tells copies of training designs from new designs, and every training run reports it."""
 import json
+from contextlib import chdir
 
 import numpy as np
 import torch
@@ -10,10 +11,9 @@ from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.evaluation.memorization import (cross_products, nearest_from_inner_products, summarise_distances,
                                              write_prior_samples)
+from modules.machine.device import Runtime
 from modules.models.pod import design_gram
 from modules.storage.model_files import load_model
-from modules.machine.device import Runtime
-from test_training import working_directory
 
 N_DESIGNS = 40
 
@@ -21,7 +21,7 @@ N_DESIGNS = 40
 def family_case(folder):
     """40 designs of one family (10 held out), read through the real dataset code."""
     write_case(folder, n=N_DESIGNS, epochs=1)
-    with working_directory(folder):
+    with chdir(folder):
         return prepare_case(load_config(1), Runtime(torch.device("cpu")))
 
 
@@ -69,7 +69,7 @@ def test_distances_from_inner_products_match_direct_differences(tmp_path):
 
 def test_a_training_run_reports_memorization_with_repeatable_samples(tmp_path, capsys):
     write_case(tmp_path, n=16, epochs=2)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     report = json.loads((tmp_path / "output" / "memorization.json").read_text())
     assert report["n_samples"] == report["n_heldout"] == 4 and report["n_train"] == 12

@@ -28,6 +28,7 @@ def predicted(demo, tmp_path, name, *flags):
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_h5_and_xdmf_outputs_hold_the_npy_numbers_on_the_demo_mesh_with_samples(demo, tmp_path):
     fields = np.load(predicted(demo, tmp_path, "p.npy", "--samples=2"))  # each stem has its OUT_report.json
     with h5py.File(predicted(demo, tmp_path, "h.h5", "--samples=2")) as file:
@@ -54,6 +55,7 @@ def test_h5_and_xdmf_outputs_hold_the_npy_numbers_on_the_demo_mesh_with_samples(
             assert np.array_equal(point_data["row_8_sample1"], np.load(tmp_path / "p_samples.npy")[7, 1, step])
 
 
+@pytest.mark.slow
 def test_prediction_is_streamed_in_batches_from_the_memory_left_and_batching_changes_no_number(demo, tmp_path,
                                                                                                monkeypatch):
     whole = np.load(predicted(demo, tmp_path, "whole.npy", "--samples=2", "--device=cpu"))  # the CPU's rule
@@ -75,6 +77,7 @@ def test_prediction_is_streamed_in_batches_from_the_memory_left_and_batching_cha
     assert predict.prediction_batch_size(None, range(8), (8, 24, 400), 2, torch.device("cpu")) == 1
 
 
+@pytest.mark.slow
 def test_a_prediction_that_fails_while_writing_or_renaming_leaves_no_file(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(predict, "HOST_BATCH_BYTES", 3 * 24 * 400 * 4 * (1 + 2 + 3))  # 3 batches, with 2 samples
     calls = []
@@ -118,6 +121,7 @@ def test_each_designs_draws_depend_on_the_seed_and_the_design_not_on_its_batch()
     assert not torch.allclose(whole[0], whole[1])
 
 
+@pytest.mark.slow
 def test_the_demo_mesh_gives_the_plots_its_cells(demo):
     config = types.SimpleNamespace(n_vars=1, n_nodes_used=400, grid_shape="", grid=(), node_coordinates="",
                                    mesh_file=str(demo / "input_data" / "plate.vtu"))
@@ -130,6 +134,7 @@ def test_the_demo_mesh_gives_the_plots_its_cells(demo):
         read_field_layout(types.SimpleNamespace(**{**vars(config), "n_vars": 2}))
 
 
+@pytest.mark.slow
 def test_reconstruct_writes_h5_with_the_npy_numbers_in_batches_from_the_memory_left(demo, tmp_path, monkeypatch):
     with chdir(demo):
         assert main(["--reconstruct=input_data/new_designs/fields.npy", f"--out={tmp_path / 'r.npy'}"]) == 0
@@ -153,6 +158,7 @@ def test_reconstruct_writes_h5_with_the_npy_numbers_in_batches_from_the_memory_l
     assert np.allclose(np.load(tmp_path / "pieces.npy"), np.load(tmp_path / "r.npy"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_and_matches_predict(demo, tmp_path, capsys):
     with chdir(demo):
         assert main([f"--export={tmp_path / 'surrogate.onnx'}"]) == 0
@@ -167,6 +173,7 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_predict(demo, tmp_path, cap
     assert np.abs(fields - expected).max() < 1e-4 * np.abs(expected).max()  # float32 input rows vs the CSV's float64
 
 
+@pytest.mark.slow
 def test_torch_export_file_loads_and_matches_predict(demo, tmp_path):
     with chdir(demo):
         assert main([f"--export={tmp_path / 'surrogate.pt2'}"]) == 0
@@ -178,6 +185,7 @@ def test_torch_export_file_loads_and_matches_predict(demo, tmp_path):
     assert np.abs(fields - expected).max() < 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_an_export_that_differs_from_predict_is_not_kept(demo, tmp_path, monkeypatch, capsys):
     from modules.commands import export
     monkeypatch.setattr(export, "largest_relative_difference", lambda exported, predicted: 0.5)

@@ -4,18 +4,17 @@ ends a run that no longer improves, and posterior collapse is measured, warned a
 import math
 import subprocess
 import sys
+from contextlib import chdir
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_distributed import free_port
 
-from conftest import REPO, tensorboard_dir, write_case
+from conftest import REPO, free_port, metrics, tensorboard_dir, write_case
 from modules.cli import main
-from modules.training.optimizer_step import Updater, make_optimizer
 from modules.machine.device import Runtime
+from modules.training.optimizer_step import Updater, make_optimizer
 from modules.training.schedules import lr_factor
-from test_training import metrics, working_directory
 
 
 def test_a_step_with_a_nan_gradient_leaves_weights_and_optimiser_state_untouched():
@@ -58,7 +57,7 @@ def case_of(folder, epochs=6, extra=""):
 
 def test_non_finite_steps_are_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
     nan_training_losses(monkeypatch, {2, 3, 7})
-    with working_directory(case_of(tmp_path)):
+    with chdir(case_of(tmp_path)):
         assert main([]) == 0
     rows = metrics(tmp_path)
     assert [int(row["skipped_steps"]) for row in rows] == [2, 0, 1, 0, 0, 0]
@@ -69,7 +68,7 @@ def test_non_finite_steps_are_skipped_counted_and_training_goes_on(tmp_path, mon
 def test_too_many_skips_in_a_row_restore_the_last_checkpoint_with_a_lower_learning_rate(tmp_path, monkeypatch,
                                                                                          capsys):
     nan_training_losses(monkeypatch, {10, 11, 12})  # all of epoch 4
-    with working_directory(case_of(tmp_path, extra="save_every 2\nmax_skipped_steps 3\n")):
+    with chdir(case_of(tmp_path, extra="save_every 2\nmax_skipped_steps 3\n")):
         assert main([]) == 0
     out = capsys.readouterr().out
     assert ("VAE epoch 4: 3 optimiser steps in a row had a non-finite loss or gradient. Restored checkpoints/last.pt "
@@ -96,7 +95,7 @@ def test_a_diverging_validation_error_restores_the_last_checkpoint(tmp_path, mon
         return {**stats, "recon": 1.0} if calls[0] == 4 else stats  # the starting state, epochs 1, 2, then 3
 
     monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
-    with working_directory(case_of(tmp_path, epochs=4, extra="save_every 1\n")):
+    with chdir(case_of(tmp_path, epochs=4, extra="save_every 1\n")):
         assert main([]) == 0
     out = capsys.readouterr().out
     assert "VAE epoch 3: the validation error" in out and "is over divergence_factor = 10 times its best" in out
@@ -106,7 +105,7 @@ def test_a_diverging_validation_error_restores_the_last_checkpoint(tmp_path, mon
 
 def test_when_restores_do_not_help_the_run_stops_with_one_clear_line(tmp_path, monkeypatch, capsys):
     nan_training_losses(monkeypatch, set(range(1, 1000)))
-    with working_directory(case_of(tmp_path, extra="max_skipped_steps 2\nmax_recoveries 2\n")):
+    with chdir(case_of(tmp_path, extra="max_skipped_steps 2\nmax_recoveries 2\n")):
         assert main([]) == 2
     captured = capsys.readouterr()
     assert captured.out.count("Restored checkpoints/last.pt (saved after epoch 0)") == 2
@@ -127,7 +126,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
         return {**stats, "loss": 1000.0 if calls[0] == 1 else 100.0 + calls[0]}  # the best: epoch 1, not the start
 
     monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
-    with working_directory(case_of(tmp_path, epochs=10, extra="patience 3\n")):
+    with chdir(case_of(tmp_path, epochs=10, extra="patience 3\n")):
         assert main([]) == 0
     assert "Early stop of the VAE at epoch 4: no better validation loss for 3 epochs (best 102 at epoch 1)" in \
         capsys.readouterr().out
@@ -158,6 +157,7 @@ sys.exit(main(["--use_ddp"]))
 """
 
 
+@pytest.mark.slow
 def test_under_ddp_a_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
     case_of(tmp_path, epochs=3)
     (tmp_path / "nan_on_rank_1.py").write_text(DDP_SCRIPT.format(repo=str(REPO)))
@@ -181,12 +181,13 @@ def collapse_run(folder, free_bits, pod_path=0):
                extra=f"free_bits {free_bits}\npod_path {pod_path}\ndivergence_factor 1000\n")
     condition = folder / "input_data" / "condition.txt"
     condition.write_text(condition.read_text().replace("alpha 1e4", "alpha 1e-2"))
-    with working_directory(folder):
+    with chdir(folder):
         assert main([]) == 0
     last = metrics(folder)[-1]
     return {group: int(float(last[f"active_units/{group}"])) for group in ("main", "level0", "level1")}
 
 
+@pytest.mark.slow
 def test_collapse_is_logged_per_level_and_warned_about_and_free_bits_prevent_it(tmp_path, capsys):
     collapsed = collapse_run(tmp_path / "plain", 0)
     out = capsys.readouterr().err  # a warning

@@ -39,6 +39,7 @@ def wait_for_lock(folder, pid, process):
     pytest.fail("the first run never took the case folder's lock")
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_the_first_run_finishes_intact(tmp_path, monkeypatch, capsys):
     write_case(tmp_path, n=16, epochs=30)
     first = start(tmp_path)

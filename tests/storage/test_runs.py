@@ -1,5 +1,6 @@
 """Run records (modules/runs.py): ids, run folders, run.json through a run's life, and the --list_runs table."""
 import json
+from contextlib import chdir
 from datetime import datetime
 
 import pytest
@@ -10,7 +11,6 @@ from modules import cli
 from modules.cli import main
 from modules.commands import train as train_command
 from modules.storage.runs import RUN_FILE, end_run, list_runs, new_run_id, start_run, update_run
-from test_training import working_directory
 
 NOON = datetime(2024, 5, 17, 12, 30, 5)
 
@@ -189,7 +189,7 @@ def test_unknown_sort_raises(tmp_path):
 # ------------------------------------------------------------------------------------- through the command line
 def test_every_training_run_is_recorded_and_listed_and_tensorboard_shows_them_side_by_side(tmp_path, capsys):
     write_case(tmp_path, n=12, epochs=2)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
         condition = tmp_path / "input_data" / "condition.txt"
         condition.write_text(condition.read_text().replace("LearningR 0.003", "LearningR 0.0001"))
@@ -223,7 +223,7 @@ def test_a_run_that_fails_after_it_started_is_recorded_as_failed(tmp_path, monke
         raise RuntimeError("disk full")
     monkeypatch.setattr(train_command, "train_vae", broken)
     write_case(tmp_path, n=12, epochs=2)
-    with working_directory(tmp_path), pytest.raises(RuntimeError):
+    with chdir(tmp_path), pytest.raises(RuntimeError):
         cli.main([])
     record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
     assert record["status"] == "failed" and record["detail"] == "RuntimeError: disk full" and record["ended"]

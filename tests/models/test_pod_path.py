@@ -2,21 +2,21 @@
 modes as latent numbers, training keeps its starting state unless an epoch does better on the validation designs,
 and with alpha auto the noise scale training sets is the validation error, logged, saved and reported."""
 import json
+from contextlib import chdir
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import smooth_fields, write_case
+from conftest import metrics, smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
+from modules.machine.device import Runtime
 from modules.storage.model_files import load_model
 from modules.training import vae_training
 from modules.training.loop import Step
-from modules.machine.device import Runtime
 from modules.training.vae_training import build_model
-from test_training import metrics, working_directory
 
 
 def noisy_case(folder, extra="", epochs=1, n=40, alpha="1e4"):
@@ -27,7 +27,7 @@ def noisy_case(folder, extra="", epochs=1, n=40, alpha="1e4"):
     condition = folder / "input_data" / "condition.txt"
     condition.write_text(condition.read_text().replace("projection_rank 8", "projection_rank 20")
                          .replace("alpha 1e4", f"alpha {alpha}"))
-    with working_directory(folder):
+    with chdir(folder):
         config = load_config(1)
         return config, prepare_case(config, Runtime(torch.device("cpu")))
 
@@ -84,7 +84,7 @@ def test_the_starting_state_is_kept_when_no_epoch_does_better(tmp_path, monkeypa
         return {**stats, "loss": stats["loss"] + (1e9 if len(calls) > 1 else 0.0)}
 
     monkeypatch.setattr(vae_training.VAETraining, "validate", worse_after_the_start)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     assert len(calls) == 3  # the starting state, then each epoch
     assert "the starting state (no epoch of training did better on the validation designs: the frozen POD path " \
@@ -95,7 +95,7 @@ def test_the_starting_state_is_kept_when_no_epoch_does_better(tmp_path, monkeypa
 
 def test_alpha_auto_sets_the_noise_to_the_validation_error_and_reports_it(tmp_path):
     noisy_case(tmp_path, epochs=3, alpha="auto")
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     rows = metrics(tmp_path)
     for row in rows:  # set after each epoch's validation: that epoch's own validation error
@@ -112,7 +112,7 @@ def test_alpha_auto_sets_the_noise_to_the_validation_error_and_reports_it(tmp_pa
 
 def test_a_fixed_alpha_is_reported_as_such(tmp_path):
     noisy_case(tmp_path)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     likelihood = json.loads((tmp_path / "output" / "evaluation.json").read_text())["likelihood"]
     assert likelihood == {"alpha": 1e4, "model": "fixed weight on the mean MSE"}

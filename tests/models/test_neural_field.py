@@ -109,6 +109,7 @@ def csv_case(folder, extra, n=16):
     return parameters
 
 
+@pytest.mark.slow
 def test_without_node_positions_it_is_not_tried_and_the_run_says_why(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     csv_case(tmp_path, "n_epoch 2\n")
@@ -126,6 +127,7 @@ def test_field_conditioner_epochs_without_a_parameter_csv_is_noted(case):
     assert len(notes) == 1 and "'field_conditioner_epochs' has no effect because input_type is not csv" in notes[0]
 
 
+@pytest.mark.slow
 def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exported(tmp_path, monkeypatch, capsys):
     """Against an MLP of one epoch (about the mean field) the neural field trained 100 passes is kept: the
     evaluation, --predict and the ONNX export then all run through it and agree; --samples and --suggest, which need

@@ -2,22 +2,22 @@
 each option changes what actually runs, and each is reachable from the command line and condition.txt."""
 import importlib.util
 import sys
+from contextlib import chdir
 
 import pytest
 import torch
 
-from conftest import REPO, write_case
+from conftest import REPO, metrics, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.errors import InputError
+from modules.machine.device import Runtime, pick_precision, pick_workers, runtime_for
 from modules.models import grad_checkpointing as recompute
 from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.training.guard import Guard, StopRequest
 from modules.training.optimizer_step import Updater, make_optimizer, micro_batches
-from modules.machine.device import Runtime, pick_precision, pick_workers, runtime_for
-from test_training import metrics, working_directory
 
 SPEC = ModelSpec(n_steps=12, n_nodes=30, projection_rank=8, filters=(16, 16, 8), main_latent_dim=4,
                  level_latent_dim=2, blocks_per_level=2, head_hidden=16)
@@ -40,7 +40,7 @@ def train_in(folder, flags=(), n=11, epochs=2, batch=4):
     write_case(folder, n=n, epochs=epochs)
     condition = folder / "input_data" / "condition.txt"
     condition.write_text(condition.read_text().replace("Batch_size 4", f"Batch_size {batch}"))
-    with working_directory(folder):
+    with chdir(folder):
         assert main(list(flags)) == 0
 
 
@@ -79,7 +79,7 @@ def test_workers_are_chosen_from_the_hardware_unless_set(monkeypatch):
 
 
 def test_the_device_setup_line_says_what_was_chosen(case):
-    with working_directory(case):
+    with chdir(case):
         config = load_config(1, {"amp": "bf16", "grad_checkpointing": 1, "grad_accum_steps": 3})
     runtime = runtime_for(torch.device("cpu"), config)
     assert runtime.amp_dtype is torch.bfloat16 and not runtime.pin_memory
@@ -213,6 +213,7 @@ def test_two_accumulated_batches_of_4_train_like_one_batch_of_8(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
 def test_compile_trains_through_a_compiled_graph_with_the_same_result(tmp_path, capsys):
     import torch._dynamo
 
@@ -236,7 +237,7 @@ def test_an_epoch_copies_between_host_and_device_once_not_per_step(case, monkeyp
     from modules.training.state import Progress
     from modules.training.vae_training import VAETraining, build_model
 
-    with working_directory(case):
+    with chdir(case):
         config = load_config(1, {"load_all": 1})
         runtime = Runtime(torch.device("cpu"))
         prepared = prepare_case(config, runtime)
@@ -270,7 +271,7 @@ def test_each_option_is_also_a_condition_key_and_the_flag_overrides_it(case, cap
     condition = case / "input_data" / "condition.txt"
     condition.write_text(condition.read_text() + "amp bf16\ngrad_checkpointing 1\ncompile 0\ngrad_accum_steps 2\n"
                          "num_workers 1\n")
-    with working_directory(case):
+    with chdir(case):
         config = load_config(1)
         assert (config.amp, config.grad_checkpointing, config.compile, config.grad_accum_steps, config.num_workers) \
             == ("bf16", 1, 0, 2, "1")
@@ -285,14 +286,14 @@ def test_each_option_is_also_a_condition_key_and_the_flag_overrides_it(case, cap
 def test_bad_option_values_are_one_line_naming_the_key(case, capsys, line, words):
     condition = case / "input_data" / "condition.txt"
     condition.write_text(condition.read_text() + line + "\n")
-    with working_directory(case):
+    with chdir(case):
         assert main([]) == 2
     error = capsys.readouterr().err
     assert words in error and error.count("\n") == 1 and not (case / "model_save").exists()
 
 
 def test_speed_flags_are_refused_with_predict(case, capsys):
-    with working_directory(case):
+    with chdir(case):
         assert main(["--predict=x.csv", "--out=y.npy", "--amp=bf16"]) == 2
     assert "--amp only apply to training" in capsys.readouterr().err
 

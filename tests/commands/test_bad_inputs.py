@@ -49,7 +49,7 @@ def earlier_run(tmp_path_factory):
 
 def snapshot(folder):
     """Every file (relative path -> sha256) and every folder under folder, but the case folder's lock file, which
-    any writing command creates (empty again once it lets go: tests/test_case_lock.py)."""
+    any writing command creates (empty again once it lets go: tests/storage/test_case_lock.py)."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
             for path in sorted(folder.rglob("*")) if path.name != LOCK_FILE.name}
 
@@ -258,6 +258,7 @@ def test_a_bad_input_is_one_line_exit_code_2_and_leaves_the_earlier_run_alone(ea
 
 @pytest.mark.parametrize("case_id", ["missing-dataset", "bad-flag-value", "csv-cell-not-a-number",
                                      "a-model-file-of-the-original-simulgenvae"])
+@pytest.mark.slow
 def test_through_the_real_entry_point_a_bad_input_is_one_line_and_exit_code_2(earlier_run, tmp_path, case_id):
     """SimulGen-VAE.py in a process of its own: the exit code and the single line reach the shell as they are."""
     conditioner, breakage, argv, words = next(case.values for case in CASES if case.id == case_id)

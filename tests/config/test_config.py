@@ -405,6 +405,7 @@ def test_cli_bad_device_flag_exits_2_on_a_gpu_machine(case, monkeypatch, capsys)
     assert capsys.readouterr().err.startswith("error:")
 
 
+@pytest.mark.slow
 def test_script_exits_2_without_traceback(tmp_path):
     write_case(tmp_path, extra="Loss_type 5\n")
     result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--preset=1"], cwd=tmp_path,

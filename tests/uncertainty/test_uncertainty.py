@@ -2,14 +2,14 @@
 validation designs, and what --predict --samples writes of it."""
 import json
 import shutil
+from contextlib import chdir
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import as_version_1
-from test_evaluation import evaluation
 
+from conftest import as_version_1, evaluation_report
 from modules.cli import main
 from modules.data.scaling import ColumnScaler
 from modules.models.conditioners import ConditionerSpec, build_conditioner
@@ -17,7 +17,6 @@ from modules.models.gaussian_process import GPRConditioner, fit_gpr
 from modules.storage.model_files import load_conditioner, save_conditioner
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
 from modules.uncertainty.next_designs import pick_diverse, sobol_candidates, variance_reduction_picks
-from test_training import working_directory
 
 
 # -------------------------------------------------------------------------------------------------- calibration
@@ -170,8 +169,9 @@ def test_sobol_candidates_fill_the_training_box_and_repeat_for_a_seed():
 
 
 # ------------------------------------------------------------------------------------------------ on the demo
+@pytest.mark.slow
 def test_the_demos_gp_spread_calibrated_holds_95_percent_of_the_validation_values_in_its_2_sigma_band(demo):
-    uncertainty = evaluation(demo)["uncertainty"]
+    uncertainty = evaluation_report(demo)["uncertainty"]
     assert uncertainty["source"] == "gp" and len(uncertainty["scales"]) == 24
     assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.03
     assert "## Uncertainty of the prediction" in (demo / "output" / "evaluation.md").read_text()
@@ -179,42 +179,45 @@ def test_the_demos_gp_spread_calibrated_holds_95_percent_of_the_validation_value
         assert image.size[0] > 300
 
 
+@pytest.mark.slow
 def test_predict_samples_writes_a_calibrated_std_that_covers_the_new_designs_true_fields(demo, tmp_path):
-    with working_directory(demo):
+    with chdir(demo):
         assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
                      "--samples=32"]) == 0
     true = np.load(demo / "input_data" / "new_designs" / "fields.npy")
     error = np.abs(np.load(tmp_path / "new.npy") - true)
     std = np.load(tmp_path / "new_std.npy")
     assert 0.85 < np.mean(error <= 2 * std) < 1.0  # 8 designs never seen: near the 95 % the calibration aims at
-    assert np.mean(error <= 2 * std / np.asarray(evaluation(demo)["uncertainty"]["scales"])[:, None]) < np.mean(
+    assert np.mean(error <= 2 * std / np.asarray(evaluation_report(demo)["uncertainty"]["scales"])[:, None]) < np.mean(
         error <= 2 * std)  # the scale widened the raw spread
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_conditioners_is_reported_against_its_members_calibrated_and_suggests(demo, tmp_path,
                                                                                              capsys):
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
     condition = folder / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("n_epoch 5", "n_epoch 40") + "latent_gp 0\nlc_ensemble 3\n")
-    with working_directory(folder):
+    condition.write_text(condition.read_text().replace("n_epoch 2", "n_epoch 40") + "latent_gp 0\nlc_ensemble 3\n")
+    with chdir(folder):
         assert main(["--lc_only=1", "--plot=2"]) == 0
     report = json.loads((folder / "output" / "prediction_report.json").read_text())
     assert report["conditioner"] == "ensemble of 3 MLPs, end to end"
     ensemble = report["ensemble"]
     assert ensemble["members"] == 3 and ensemble["ensemble_val"] < np.mean(ensemble["members_val"])
     assert abs(report["conditioner_val"] - ensemble["ensemble_val"]) < 1e-6
-    uncertainty = evaluation(folder)["uncertainty"]
+    uncertainty = evaluation_report(folder)["uncertainty"]
     assert uncertainty["source"] == "ensemble"
     assert uncertainty["coverage"]["raw"]["2 sigma"] < uncertainty["coverage"]["calibrated"]["2 sigma"]
     assert abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.9545) < 0.05
-    with working_directory(folder):  # without a GP, --suggest picks by the members' spread and keeps picks apart
+    with chdir(folder):  # without a GP, --suggest picks by the members' spread and keeps picks apart
         assert main(["--suggest=3"]) == 0
     _, rows = suggestions(folder / "output" / "suggested_designs.csv")
     assert rows.shape == (3, 5) and rows[0, 4] == rows[:, 4].max()  # the most uncertain candidate first
     assert "the disagreement of the conditioner ensemble's members), with a diversity term" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_says_they_are_not_calibrated(
         demo, tmp_path, capsys):
     folder = tmp_path / "demo"
@@ -222,27 +225,28 @@ def test_a_conditioner_saved_before_calibration_existed_still_draws_samples_and_
     payload = as_version_1(torch.load(folder / "model_save" / "latent_conditioner", weights_only=True))
     del payload["calibration"]
     torch.save(payload, folder / "model_save" / "latent_conditioner")
-    with working_directory(folder):
+    with chdir(folder):
         assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
                      "--samples=2"]) == 0
         assert "the spread is not calibrated" in capsys.readouterr().out
         assert main(["--evaluate", "--plot=2"]) == 0
-    assert "written before calibration existed" in evaluation(folder)["uncertainty"]["note"]
+    assert "written before calibration existed" in evaluation_report(folder)["uncertainty"]["note"]
 
 
+@pytest.mark.slow
 def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported_as_not_kept(demo, tmp_path):
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
     with open(folder / "input_data" / "condition.txt", "a") as condition:
-        condition.write("lc_ensemble 2\n")  # latent_gp 1 (the default): 5 epochs leave the networks far behind
-    with working_directory(folder):
+        condition.write("lc_ensemble 2\n")  # latent_gp 1 (the default): 2 epochs leave the networks far behind
+    with chdir(folder):
         assert main(["--lc_only=1", "--plot=2"]) == 0
         assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
                      "--samples=2"]) == 0
     report = json.loads((folder / "output" / "prediction_report.json").read_text())
     assert report["conditioner"] == "GP on latents" and report["ensemble"]["kept"] is False
     assert report["ensemble"]["label"] == "ensemble of 2 MLPs"
-    assert evaluation(folder)["uncertainty"]["source"] == "gp"
+    assert evaluation_report(folder)["uncertainty"]["source"] == "gp"
     assert "(not kept: the GP on the latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
 
 
@@ -251,8 +255,9 @@ def suggestions(path):
     return lines[0].split(","), np.array([[float(cell) for cell in line.split(",")] for line in lines[1:]])
 
 
+@pytest.mark.slow
 def test_suggest_is_repeatable_stays_in_the_training_box_and_keeps_its_picks_apart(demo, tmp_path):
-    with working_directory(demo):
+    with chdir(demo):
         assert main(["--suggest=6", f"--out={tmp_path / 'a.csv'}"]) == 0
         assert main(["--suggest=6", f"--out={tmp_path / 'b.csv'}"]) == 0
         _, facts = load_conditioner("model_save/latent_conditioner")
@@ -262,7 +267,7 @@ def test_suggest_is_repeatable_stays_in_the_training_box_and_keeps_its_picks_apa
     reference = facts["design_range"]
     picks = tmp_path / "picks.csv"  # the column is what --predict --samples reports for the same designs
     picks.write_text("\n".join(line.rsplit(",", 1)[0] for line in (tmp_path / "a.csv").read_text().splitlines()))
-    with working_directory(demo):
+    with chdir(demo):
         assert main([f"--predict={picks}", f"--out={tmp_path / 'p.npy'}", "--samples=16"]) == 0
     report = json.loads((tmp_path / "p_report.json").read_text())["designs"]
     assert np.allclose([row["predicted_relative_std"] for row in report], rows[:, 4], rtol=0.2)
@@ -275,6 +280,7 @@ def test_suggest_is_repeatable_stays_in_the_training_box_and_keeps_its_picks_apa
     assert np.median(nearest) > spacing  # where the training designs are not
 
 
+@pytest.mark.slow
 def test_suggest_from_candidates_picks_rows_of_the_file_the_farthest_first_and_warns_it_is_outside(demo, tmp_path,
                                                                                                     capsys):
     candidates = tmp_path / "candidates.csv"
@@ -283,7 +289,7 @@ def test_suggest_from_candidates_picks_rows_of_the_file_the_farthest_first_and_w
     rows = np.concatenate([known, far])
     lines = [",".join(f"{value:.17g}" for value in row) for row in rows]
     candidates.write_text("\n".join(["cx,cy,radius,conductivity", *lines]) + "\n")
-    with working_directory(demo):
+    with chdir(demo):
         assert main(["--suggest=2", f"--candidates={candidates}", f"--out={tmp_path / 'next.csv'}"]) == 0
     _, picked = suggestions(tmp_path / "next.csv")
     assert np.array_equal(picked[0, :4], far[0])

@@ -1,5 +1,6 @@
 """Data larger than the memory a process may use: streamed training works under a hard memory limit three times
-smaller than the dataset, also with two DDP processes (neither holds the dataset), and load_all 1 is refused.
+smaller than the dataset, and load_all 1 is refused. (Under DDP each rank reads only its shard of every batch:
+tests/machine/test_distributed.py.)
 
 The limit is RLIMIT_DATA, which the kernel enforces on a process's private memory (heap, anonymous maps, tensors)
 but not on the memory-mapped dataset file, whose pages the kernel can always drop and re-read: exactly the memory
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_distributed import free_port
 
 from conftest import REPO, said
 
@@ -77,6 +77,7 @@ def case_folder(folder, dataset):
     return folder
 
 
+@pytest.mark.slow
 def test_streamed_training_and_evaluation_fit_under_a_memory_limit_a_third_of_the_data(big_dataset, memory_group,
                                                                                        tmp_path):
     """The whole run, the end-of-run evaluation included, under RLIMIT_DATA and, where the machine allows it, in a
@@ -103,6 +104,7 @@ def test_streamed_training_and_evaluation_fit_under_a_memory_limit_a_third_of_th
     assert not (folder / "archive").exists()
 
 
+@pytest.mark.slow
 def test_a_batch_that_cannot_fit_is_refused_after_the_data_checks_with_the_batch_that_fits(memory_group, tmp_path):
     """A batch of 16 designs of 5 million values (about 1.3 GB with their copies) cannot fit under the 1 GB limit:
     the run is refused after the data checks, before anything is trained or moved, with the Batch_size that fits and
@@ -131,15 +133,6 @@ def test_a_batch_that_cannot_fit_is_refused_after_the_data_checks_with_the_batch
         assert sorted(path.name for path in folder.iterdir()) == [".simulgen.lock", "input_data", "model_save",
                                                                   "preset.txt"]  # the lock is the run's own
         assert (folder / "model_save" / "SimulGen-VAE").read_bytes() == b"an earlier run's model"
-
-
-def test_two_ddp_processes_each_stream_their_shard_under_the_limit(big_dataset, tmp_path):
-    folder = case_folder(tmp_path / "case", big_dataset)
-    trained = run_limited([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", f"--master_port={free_port()}",
-                           "--load_all=0"], folder)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert trained.stdout.count("Training on cpu x 2 processes") == 1
-    assert np.load(folder / "model_save" / "latent_vectors.npy").shape == (N, 8)
 
 
 def fake_cgroup(folder, files):

@@ -5,23 +5,23 @@ the reconstruction that was compared; a codec that loses is dropped and changes 
 the VAE trains; a model on codes is saved, reloaded, reported, resumed and exported like any other."""
 import json
 import re
+from contextlib import chdir
 
 import numpy as np
 import onnxruntime
 import pytest
 import torch
 
-from conftest import said, write_case
+from conftest import NETWORK_ALONE, column, one_and_two_processes, said, stop_at_step, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
+from modules.machine.device import Runtime
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import load_model
 from modules.training import vae_training
 from modules.training.loop import Step
-from modules.machine.device import Runtime
 from modules.training.vae_training import build_model
-from test_training import working_directory
 
 SIDE, STEPS, DESIGNS = 10, 6, 32
 
@@ -56,7 +56,7 @@ def write_parameters(folder, parameters):
 
 
 def prepared(folder):
-    with working_directory(folder):
+    with chdir(folder):
         config = load_config(1)
         return config, prepare_case(config, Runtime(torch.device("cpu")))
 
@@ -71,11 +71,12 @@ def pulse(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pulse")
     pulse_case(folder)
     config, case = prepared(folder)
-    with working_directory(folder), said() as lines:
+    with chdir(folder), said() as lines:
         model = build_model(config, case, Runtime(torch.device("cpu"))).eval()
     return model, lines, config, case
 
 
+@pytest.mark.slow
 def test_on_a_travelling_pulse_the_vae_runs_on_codes_and_starts_from_what_was_compared(pulse):
     model, said, config, case = pulse
     choice = [line for line in said if line.startswith("The validation designs from")]
@@ -97,6 +98,7 @@ def test_on_a_travelling_pulse_the_vae_runs_on_codes_and_starts_from_what_was_co
     assert torch.allclose(model.codec.decode(codes), out["recon"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_codes_are_standardised_on_the_training_designs(pulse):
     model, _, _, case = pulse
     with torch.no_grad():
@@ -105,6 +107,7 @@ def test_the_codes_are_standardised_on_the_training_designs(pulse):
     assert torch.allclose(codes.std(0), torch.ones(8), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pulse, tmp_path):
     model, _, config, case = pulse
     runtime = Runtime(torch.device("cpu"))
@@ -124,6 +127,7 @@ def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pul
     assert any(not torch.equal(a, b) for a, b in zip(model.decoder.parameters(), pulse[0].decoder.parameters()))
 
 
+@pytest.mark.slow
 def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes(pulse, monkeypatch):
     from types import SimpleNamespace
 
@@ -157,7 +161,7 @@ def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
     with said() as lines:
         for name in ("tried", "not"):
             config, case = prepared(tmp_path / name)
-            with working_directory(tmp_path / name):
+            with chdir(tmp_path / name):
                 models.append(build_model(config, case, Runtime(torch.device("cpu"))))
     assert [line for line in lines if "the VAE runs on" in line][0].endswith("the fields (the codec is dropped)")
     assert models[0].codec is None
@@ -170,7 +174,7 @@ def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
 def test_without_node_positions_no_codec_is_tried_and_that_is_said(tmp_path):
     write_case(tmp_path, n=12, t=6, m=20, extra="field_codec_epochs 20\n")
     config, case = prepared(tmp_path)
-    with working_directory(tmp_path), said() as lines:
+    with chdir(tmp_path), said() as lines:
         model = build_model(config, case, Runtime(torch.device("cpu")))
     assert model.codec is None
     assert any(line.startswith("note: no snapshot codec: where the nodes are is not known") for line in lines)
@@ -183,11 +187,12 @@ def trained(tmp_path_factory):
     parameters = pulse_case(folder, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
                                                    "input_type csv\nparam_dir input_data/parameters.csv\n")
     write_parameters(folder, parameters)
-    with working_directory(folder):
+    with chdir(folder):
         assert main([]) == 0
     return folder
 
 
+@pytest.mark.slow
 def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
     model, config, scaler = load_model(trained / "model_save" / "SimulGen-VAE")
     assert model.codec is not None and model.spec.codec == 8
@@ -196,7 +201,7 @@ def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
     assert report["likelihood"]["noise_std_codes"] == pytest.approx(model.noise_std.tolist())
     assert "likelihood on the snapshot codec's codes" in (trained / "output" / "evaluation.md").read_text()
     # the reported reconstruction error is the reloaded model's own, on the fields
-    with working_directory(trained):
+    with chdir(trained):
         config, case = prepared(trained)
     val = case.array.read(case.val_indices)
     with torch.no_grad():
@@ -207,20 +212,19 @@ def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
     assert reported["vae_val"] == pytest.approx(float(errors.mean()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(trained, tmp_path,
                                                                                          monkeypatch, capsys):
     """Stopped in epoch 2 (24 training designs, batches of 4: 6 steps an epoch), resumed: the codec comes back from
     the checkpoint (no second fit) and the run ends where the uninterrupted one did."""
     import signal
 
-    from test_resume import stop_at_step
-
     import modules.training.guard as guard
     parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
                                                       "input_type csv\nparam_dir input_data/parameters.csv\n")
     write_parameters(tmp_path, parameters)
     real = stop_at_step(monkeypatch, 8)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 128 + signal.SIGTERM
         checkpoint = torch.load("checkpoints/last.pt", weights_only=True)
         assert checkpoint["spec"]["codec"] == 8 and "codec.field.out.weight" in checkpoint["state_dict"]
@@ -234,8 +238,9 @@ def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterr
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
 
+@pytest.mark.slow
 def test_a_model_on_codes_exports_to_onnx_and_matches_predict(trained, tmp_path, capsys):
-    with working_directory(trained):
+    with chdir(trained):
         assert main([f"--export={tmp_path / 'surrogate.onnx'}"]) == 0
     assert "matches --predict" in capsys.readouterr().out
     session = onnxruntime.InferenceSession(str(tmp_path / "surrogate.onnx"), providers=["CPUExecutionProvider"])
@@ -251,16 +256,17 @@ def test_an_old_model_file_without_a_codec_reads_as_one_on_the_fields():
 
 def test_a_negative_field_codec_epochs_is_refused_in_one_line(tmp_path, capsys):
     pulse_case(tmp_path, codec_epochs=-1)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "field_codec_epochs" in error[0] and "must be >= 0" in error[0]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_on_codes_like_one_process(tmp_path):
     """Every rank fits the same codec and makes the same choice; the VAE on codes then trains as DDP trains any VAE
-    (the network alone, as tests/test_distributed.py compares it)."""
-    from test_distributed import NETWORK_ALONE, column, one_and_two_processes
+    (the network alone, as tests/machine/test_distributed.py compares it)."""
+
     for name in ("one", "two"):
         pulse_case(tmp_path / name, epochs=2, extra=NETWORK_ALONE, codec_epochs=30)
     _, double = one_and_two_processes(tmp_path)
@@ -270,7 +276,7 @@ def test_two_gloo_processes_train_on_codes_like_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     assert all(torch.equal(one[name], two[name]) for name in one if name.startswith("codec."))
     # every tensor but the biases of the convolutions that feed a GroupNorm (body.2): their gradient is near zero and
-    # Adam turns the float noise of another summation order into full-size steps (tests/test_distributed.py)
+    # Adam turns the float noise of another summation order into full-size steps (tests/machine/test_distributed.py)
     compared = [name for name in one if not name.endswith("body.2.bias")]
     difference = sum(torch.sum((one[k].float() - two[k].float()) ** 2) for k in compared).sqrt()
     assert difference <= 1e-5 * sum(torch.sum(one[k].float() ** 2) for k in compared).sqrt()

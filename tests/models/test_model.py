@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from modules.config.keys import LOSS_NAMES
 from modules.models.pod import combination_weights, pod_coefficients
 from modules.models.vae import HierarchicalVAE, ModelSpec, gaussian_kl
-from modules.config.keys import LOSS_NAMES
 from modules.training.losses import field_loss
 from modules.training.schedules import beta_at, lr_factor
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from modules.config.keys import LOSS_NAMES
 from modules.evaluation.latent_health import (ACTIVE_VARIANCE, batch_sums, collapse_warning, collapsed_groups,
                                               log_record, summarise)
 from modules.models.vae import HierarchicalVAE, ModelSpec
-from modules.config.keys import LOSS_NAMES
 from modules.training.losses import field_loss, loss_of_uniform_error, vae_loss
 
 SPEC = ModelSpec(n_steps=8, n_nodes=10, projection_rank=4, filters=(8, 4), main_latent_dim=4, level_latent_dim=3,

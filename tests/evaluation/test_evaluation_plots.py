@@ -55,6 +55,7 @@ def test_grid_snapshot_shows_the_field_structure(tmp_path):
     assert (np.abs(structured - constant).sum(axis=2) > 30).mean() > 0.05
 
 
+@pytest.mark.slow
 def test_snapshot_titles_name_design_step_variable_and_predictor(tmp_path):
     layout = FieldLayout(2, grid_shape=(20, 10))
     snapshots(tmp_path, layout, n_designs=2, steps=(1, 3))
@@ -63,6 +64,7 @@ def test_snapshot_titles_name_design_step_variable_and_predictor(tmp_path):
     assert titles.count("VAE reconstruction") == 8 and titles.count("|error|") == 8
 
 
+@pytest.mark.slow
 def test_more_designs_and_steps_make_a_taller_picture(tmp_path):
     one = snapshots(tmp_path, GRID, name="one.png")
     four = snapshots(tmp_path, GRID, n_designs=2, steps=(0, 2), name="four.png")
@@ -195,7 +197,7 @@ def test_layout_kind_follows_the_config(tmp_path):
     assert read_field_layout(config(n_vars=2, grid_shape="10, 20")).grid_shape == (10, 20)  # as the config accepts
 
 
-def test_coordinates_read_from_npy_relative_to_the_working_directory(tmp_path, monkeypatch):
+def test_coordinates_read_from_npy_relative_to_the_chdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     xy = np.random.default_rng(0).uniform(size=(200, 2))
     np.save("nodes.npy", xy)
@@ -301,6 +303,7 @@ def sample_titles():
     return [axis.get_title() for axis in plt.gcf().axes if axis.get_title()]
 
 
+@pytest.mark.slow
 def test_training_samples_are_maps_at_a_few_steps_when_the_layout_is_known(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "output").mkdir()
@@ -339,6 +342,7 @@ def test_training_samples_without_a_layout_stay_time_by_node_images(tmp_path):
     assert panels[0].get_images()[0].get_array().shape == (4, 400) and unlabelled(plt.gcf()) == []
 
 
+@pytest.mark.slow
 def test_many_steps_or_variables_show_fewer_sample_designs_and_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation_plots, "MAX_SNAPSHOT_ROWS", 4)  # rows of maps allowed in one picture
     evaluation = fake_evaluation(n_steps=12)
@@ -366,6 +370,7 @@ def test_vae_loss_curves_label_every_axis_with_its_unit(tmp_path):
     assert panels["reconstruction"].get_ylabel() == "mean MAE per value (scaled units)"
 
 
+@pytest.mark.slow
 def test_the_field_loss_has_a_panel_of_its_own_so_the_objective_stays_readable(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "output").mkdir()

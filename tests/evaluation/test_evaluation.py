@@ -4,30 +4,30 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import chdir
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, said, smooth_fields, write_case
+from conftest import REPO, evaluation_report, said, smooth_fields, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.evaluation.baselines import baseline_weights, score_combinations
 from modules.evaluation.metrics import FieldErrors, relative_l2
 from modules.evaluation.report import not_learnt_warnings
+from modules.machine.device import Runtime
 from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import design_gram
-from modules.machine.device import Runtime
-from test_training import working_directory
 
 
 def small_case(folder, n=20, t=6, m=20):
     """A case whose fields are the smooth family plus noise: no small POD basis is exact."""
     noise = np.random.default_rng(5).normal(scale=0.3, size=(n, t, m))
     write_case(folder, n=n, t=t, m=m, epochs=1, data=(smooth_fields(n, t, m) + noise).astype(np.float32))
-    with working_directory(folder):
+    with chdir(folder):
         return prepare_case(load_config(1), Runtime(torch.device("cpu")))
 
 
@@ -95,17 +95,13 @@ def trained(tmp_path_factory):
     """A tiny VAE-only run, with plots on a 4 x 5 grid."""
     folder = tmp_path_factory.mktemp("evaluated")
     write_case(folder, n=16, epochs=3, extra="grid_shape 4 5\n")
-    with working_directory(folder):
+    with chdir(folder):
         assert main(["--plot=1"]) == 0
     return folder
 
 
-def evaluation(folder):
-    return json.loads((folder / "output" / "evaluation.json").read_text())
-
-
 def test_a_training_run_ends_with_the_evaluation_next_to_pod(trained):
-    report = evaluation(trained)
+    report = evaluation_report(trained)
     reconstruction = json.loads((trained / "output" / "reconstruction_error.json").read_text())
     assert set(report["reconstruction"]) == {"vae", "pod", "mean_field"} and report["prediction"] is None
     assert report["reconstruction"]["vae"]["relative_l2"]["mean"] == pytest.approx(reconstruction["vae_val"], rel=1e-6)
@@ -135,10 +131,10 @@ def test_evaluate_scores_the_saved_model_again_and_archives_the_earlier_report(t
     folder = tmp_path / "again"
     import shutil
     shutil.copytree(trained, folder)
-    before = evaluation(folder)
-    with working_directory(folder):
+    before = evaluation_report(folder)
+    with chdir(folder):
         assert main(["--evaluate"]) == 0
-    after = evaluation(folder)
+    after = evaluation_report(folder)
     assert after["reconstruction"] == before["reconstruction"] and after["memorization"] == before["memorization"]
     archived = list((folder / "archive").glob("*/output/evaluation.json"))
     assert len(archived) == 1 and json.loads(archived[0].read_text()) == before
@@ -148,7 +144,7 @@ def test_evaluate_scores_the_saved_model_again_and_archives_the_earlier_report(t
 
 def test_evaluate_without_a_model_or_with_training_flags_is_one_line(tmp_path, capsys):
     write_case(tmp_path)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main(["--evaluate"]) == 2
         assert main(["--evaluate", "--size=large"]) == 2
     error = capsys.readouterr().err.splitlines()
@@ -157,6 +153,7 @@ def test_evaluate_without_a_model_or_with_training_flags_is_one_line(tmp_path, c
     assert not (tmp_path / "archive").exists() and not (tmp_path / "output").exists()
 
 
+@pytest.mark.slow
 def test_plot_0_of_evaluate_does_not_block_without_a_terminal(trained, tmp_path):
     import shutil
     folder = tmp_path / "shown"
@@ -185,7 +182,7 @@ def test_bad_plot_settings_stop_before_anything_moves(tmp_path, capsys, extra, m
     np.save(tmp_path / "xy.npy", np.zeros((19, 2)))
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "metrics.csv").write_text("an earlier run\n")
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main(["--plot=1"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error and "Traceback" not in error
@@ -195,18 +192,19 @@ def test_bad_plot_settings_stop_before_anything_moves(tmp_path, capsys, extra, m
 
 def test_plot_settings_without_plots_get_a_note(tmp_path):
     write_case(tmp_path, extra="plot_steps 2\ngrid_shape 4 5\n")
-    with working_directory(tmp_path), said() as lines:
+    with chdir(tmp_path), said() as lines:
         load_config(1)
     out = "\n".join(lines)  # where the nodes are also places the .xdmf outputs: never "no effect"
     assert "'plot_steps' has no effect because plot is 2" in out and "grid_shape" not in out
 
 
+@pytest.mark.slow
 def test_node_coordinates_draw_maps_on_the_mesh_for_chosen_designs_and_steps(tmp_path):
     angle = np.linspace(0, 2 * np.pi, 20, endpoint=False)
     write_case(tmp_path, n=12, epochs=1, extra="node_coordinates input_data/xy.csv\nplot_designs 0 5\nplot_steps 5\n")
     (tmp_path / "input_data" / "xy.csv").write_text("x,y\n" + "".join(
         f"{np.cos(a) * (1 + i % 3)},{np.sin(a) * (1 + i % 3)}\n" for i, a in enumerate(angle)))
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main(["--plot=1"]) == 0
     with Image.open(tmp_path / "output" / "evaluation_reconstruction_fields.png") as image:
         assert image.width > 1200 and 2 * 250 < image.height < 3 * 400  # 2 designs x 1 step, 3 panels

@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from contextlib import chdir
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import design_parameters, said, smooth_fields, tensorboard_dir, write_case, write_conditions
 from modules.cli import main
 from modules.storage.case_lock import LOCK_FILE
-from test_training import working_directory
 
 N_DESIGNS, N_NEW = 24, 6
 CONDITIONER = """input_type {input_type}
@@ -63,7 +63,7 @@ def conditioned(tmp_path_factory):
     write_conditions(folder, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv")
     np.save(folder / "new" / "fields.npy", fields[N_DESIGNS:])
     set_conditioner(folder, "csv", "input_data/parameters.csv", "latent_gp 0\n")
-    with working_directory(folder):
+    with chdir(folder):
         assert main(["--plot=1"]) == 0
     return folder
 
@@ -86,6 +86,7 @@ def relative_error(predicted, true):
 
 
 # ------------------------------------------------------------------------------------------------- full run, CSV
+@pytest.mark.slow
 def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_baselines(conditioned):
     folder = conditioned
     assert (folder / "model_save" / "SimulGen-VAE").exists() and (folder / "model_save" / "latent_conditioner").exists()
@@ -98,6 +99,7 @@ def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_bas
     assert "| conditioner (MLP)" in (folder / "output" / "prediction_report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_run_ends_with_an_evaluation_of_both_models_against_the_same_baselines(conditioned):
     evaluation = json.loads((conditioned / "output" / "evaluation.json").read_text())
     prediction, result = evaluation["prediction"], report(conditioned)
@@ -115,6 +117,7 @@ def test_the_run_ends_with_an_evaluation_of_both_models_against_the_same_baselin
     assert run["results"]["conditioner_best_val_loss"] > 0 and run["results"]["vae_epochs"] == 60
 
 
+@pytest.mark.slow
 def test_conditioner_logs_to_its_own_csv_and_tensorboard_run(conditioned):
     rows = (conditioned / "output" / "conditioner_metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train/loss") and 2 <= len(rows) <= 61
@@ -127,6 +130,7 @@ def test_conditioner_logs_to_its_own_csv_and_tensorboard_run(conditioned):
             assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_the_best_validation_epoch_is_the_conditioner_kept(conditioned):
     best = torch.load(conditioned / "checkpoints" / "conditioner_best.pt", weights_only=True)
     kept = torch.load(conditioned / "model_save" / "latent_conditioner", weights_only=True)
@@ -140,10 +144,11 @@ def test_the_best_validation_epoch_is_the_conditioner_kept(conditioned):
     assert all(torch.equal(best["state_dict"][k], kept["state_dict"][k]) for k in kept["state_dict"])
 
 
+@pytest.mark.slow
 def test_a_csv_case_keeps_whichever_of_the_mlp_and_the_latent_gp_predicts_better_and_says_so(copy_of, capsys):
     assert report(copy_of)["conditioner_choice"] is None  # latent_gp 0: the MLP alone
     set_conditioner(copy_of, "csv", "input_data/parameters.csv")  # latent_gp 1, the default
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
     choice = report(copy_of)["conditioner_choice"]
     errors = choice["validation_relative_l2"]
@@ -159,17 +164,18 @@ def test_a_csv_case_keeps_whichever_of_the_mlp_and_the_latent_gp_predicts_better
         f"conditioner ({label})"
 
 
+@pytest.mark.slow
 def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_other(copy_of, tmp_path, capsys):
     """Against an untrained MLP (which predicts the mean latents) the GP is kept; --predict and --evaluate then run
     through it, and it predicts new designs far better than the mean field."""
     from modules.config import load_config
     from modules.data.conditions import read_conditions
+    from modules.machine.device import Runtime
     from modules.models.conditioners import build_conditioner
     from modules.storage.model_files import save_conditioner
     from modules.training.conditioner_choice import best_on_parameters
     from modules.training.conditioner_training import conditioner_facts, conditioner_spec, prepare_conditioner_case
-    from modules.machine.device import Runtime
-    with working_directory(copy_of):
+    with chdir(copy_of):
         config = load_config(1)
         case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
                                         "model_save/SimulGen-VAE")
@@ -193,19 +199,20 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
         evaluation["prediction"]["mean_field"]["relative_l2"]["mean"]
 
 
+@pytest.mark.slow
 def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditioner(conditioned, monkeypatch, capsys):
     from modules.config import load_config
     from modules.data.conditions import read_conditions
+    from modules.machine.device import Runtime
     from modules.models import gaussian_process
     from modules.models.conditioners import build_conditioner
     from modules.training.conditioner_choice import best_on_parameters
     from modules.training.conditioner_training import conditioner_spec, prepare_conditioner_case
-    from modules.machine.device import Runtime
 
     def singular(self, *args):
         raise np.linalg.LinAlgError("matrix is singular")
     monkeypatch.setattr(gaussian_process.GPRConditioner, "fit", singular)
-    with working_directory(conditioned):
+    with chdir(conditioned):
         config = load_config(1)
         case = prepare_conditioner_case(config, Runtime(torch.device("cpu")), read_conditions(config),
                                         "model_save/SimulGen-VAE")
@@ -219,9 +226,10 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
         "candidate" in lines
 
 
+@pytest.mark.slow
 def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_path, capsys):
     out = tmp_path / "fields.npy"
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={out}"]) == 0
     predicted, true = np.load(out), np.load(conditioned / "new" / "fields.npy")
     assert predicted.shape == true.shape == (N_NEW, 6, 20)
@@ -230,11 +238,12 @@ def test_predict_new_designs_from_a_csv_beats_the_mean_field(conditioned, tmp_pa
     assert "designs/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_predict_names_the_designs_outside_the_training_range_and_still_predicts_them(conditioned, tmp_path, capsys):
     train = json.loads((conditioned / "model_save" / "split.json").read_text())["train"]
     rows = (conditioned / "input_data" / "parameters.csv").read_text().splitlines()
     (tmp_path / "new.csv").write_text(f"{rows[0]}\n{rows[1 + train[0]]}\n9.5,1.0\n")  # a training design, then far
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main([f"--predict={tmp_path / 'new.csv'}", f"--out={tmp_path / 'p.npy'}"]) == 0
     error = capsys.readouterr().err
     assert error.startswith("warning: 1 of 2 designs lie outside what the conditioner was trained on")
@@ -247,19 +256,21 @@ def test_predict_names_the_designs_outside_the_training_range_and_still_predicts
     assert placed[1]["spaces"]["parameters"]["distance_ratio"] > 2
 
 
+@pytest.mark.slow
 def test_predict_gives_the_same_fields_with_and_without_a_csv_header(conditioned, tmp_path):
     source = (conditioned / "new" / "parameters.csv").read_text().splitlines()
     (tmp_path / "plain.csv").write_text("\n".join(source[1:]) + "\n")
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'a.npy'}"]) == 0
         assert main([f"--predict={tmp_path / 'plain.csv'}", f"--out={tmp_path / 'b.npy'}"]) == 0
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_csv_with_the_wrong_columns_and_keeps_the_output_free(conditioned, tmp_path, capsys):
     (tmp_path / "three.csv").write_text("1,2,3\n4,5,6\n")
     (tmp_path / "swapped.csv").write_text("phase,amplitude\n1,2\n")
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main([f"--predict={tmp_path / 'three.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
         assert "three.csv: has 3 columns but the conditioner was trained on 2 parameters" in capsys.readouterr().err
         assert main([f"--predict={tmp_path / 'swapped.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
@@ -267,9 +278,10 @@ def test_predict_refuses_a_csv_with_the_wrong_columns_and_keeps_the_output_free(
     assert not (tmp_path / "o.npy").exists()
 
 
+@pytest.mark.slow
 def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditioned, tmp_path):
     source = conditioned / "new" / "parameters.csv"
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main([f"--predict={source}", f"--out={tmp_path / 'p.npy'}", "--samples=4"]) == 0
         assert main([f"--predict={source}", f"--out={tmp_path / 'q.npy'}", "--samples=4"]) == 0
     samples = np.load(tmp_path / "p_samples.npy")
@@ -288,9 +300,10 @@ def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditio
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_samples_need_predict_and_predict_never_overwrites(conditioned, tmp_path, capsys):
     (tmp_path / "taken_mean.npy").write_bytes(b"keep")
-    with working_directory(conditioned):
+    with chdir(conditioned):
         assert main(["--samples=3"]) == 2
         assert "--samples=3 needs --predict" in capsys.readouterr().err
         assert main([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'taken.npy'}",
@@ -300,16 +313,18 @@ def test_samples_need_predict_and_predict_never_overwrites(conditioned, tmp_path
     assert (tmp_path / "taken_mean.npy").read_bytes() == b"keep" and not (tmp_path / "taken.npy").exists()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_conditioner_whose_vae_has_changed(copy_of, tmp_path, capsys):
     vae = copy_of / "model_save" / "SimulGen-VAE"
     payload = torch.load(vae, weights_only=True)
     payload["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     torch.save(payload, vae)
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main([f"--predict={copy_of / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'o.npy'}"]) == 2
     assert "has changed since" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_leaves_out_a_conditioner_whose_vae_has_changed_and_says_why(copy_of, capsys):
     """Its conditions are read with the current config, not the stale conditioner's: without input_type there is no
     prediction section; with it, the section says why the conditioner is not scored."""
@@ -318,7 +333,7 @@ def test_evaluate_leaves_out_a_conditioner_whose_vae_has_changed_and_says_why(co
     condition = copy_of / "input_data" / "condition.txt"
     csv_block = condition.read_text()
     condition.write_text(csv_block.split("input_type")[0])
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--evaluate"]) == 0
         assert json.loads((copy_of / "output" / "evaluation.json").read_text())["prediction"] is None
         condition.write_text(csv_block)
@@ -342,10 +357,11 @@ def test_lc_only_without_a_saved_vae_says_so_and_changes_nothing(tmp_path, monke
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != LOCK_FILE.name) == before
 
 
+@pytest.mark.slow
 def test_lc_only_trains_a_new_conditioner_and_leaves_the_vae_files_alone(copy_of):
     before = {name: digest(copy_of / name) for name in VAE_FILES}
     first_conditioner = digest(copy_of / "model_save" / "latent_conditioner")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
     assert {name: digest(copy_of / name) for name in VAE_FILES} == before
     archived = list((copy_of / "archive").glob("*/model_save/latent_conditioner"))
@@ -362,6 +378,7 @@ def test_lc_only_trains_a_new_conditioner_and_leaves_the_vae_files_alone(copy_of
         (copy_of / "output" / "evaluation.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_type, rgb", [("image", False), ("image", True), ("image_vit", False)])
 def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_file(copy_of, tmp_path, input_type,
                                                                                        rgb):
@@ -370,7 +387,7 @@ def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_
         write_conditions(copy_of, parameters[:N_DESIGNS], rgb=True)
         write_conditions(copy_of, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv", rgb=True)
     set_conditioner(copy_of, input_type, "images")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
         saved = torch.load("model_save/latent_conditioner", weights_only=True)
         assert saved["channels"] == (3 if rgb else 1) and saved["spec"]["kind"] == {"image": "cnn"}.get(input_type,
@@ -389,7 +406,7 @@ def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_
     shutil.copy(copy_of / "images" / f"design_{train[0] + 1:03d}.png", tmp_path / "check" / "a_training.png")
     noise = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3) if rgb else (16, 16), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "check" / "b_noise.png")  # nothing like a design
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main([f"--predict={tmp_path / 'check'}", f"--out={tmp_path / 'check.npy'}"]) == 0
     placed = json.loads((tmp_path / "check_report.json").read_text())["designs"]
     assert [(row["design"], row["outside"]) for row in placed] == [("a_training.png", False), ("b_noise.png", True)]
@@ -402,11 +419,12 @@ def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_
     (lambda folder: shutil.copy(folder / "images" / "design_001.png", folder / "images" / "design_025.png"),
      "design_025.png"),
 ])
+@pytest.mark.slow
 def test_a_wrong_image_count_stops_before_anything_moves(copy_of, capsys, change, message):
     change(copy_of)
     set_conditioner(copy_of, "image", "images")
     before = digest(copy_of / "model_save" / "latent_conditioner")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 2
         assert main([]) == 2  # a full run checks the images before archiving the VAE too
     error = capsys.readouterr().err
@@ -415,11 +433,12 @@ def test_a_wrong_image_count_stops_before_anything_moves(copy_of, capsys, change
 
 
 # --------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
     before = {name: digest(copy_of / name) for name in VAE_FILES}
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\ne2e_loss_function Huber\n"
                     "use_latent_regularization 1\nlatent_reg_weight 0.01\nlatent_gp 0\n")  # the network is kept
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
     assert {name: digest(copy_of / name) for name in VAE_FILES} == before
     result = report(copy_of)
@@ -428,15 +447,16 @@ def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
     assert "val/field_loss" in header[0] and float(header[1].split(",")[header[0].split(",").index("val/field_loss")])
 
 
+@pytest.mark.slow
 def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(conditioned):
     """With the latent term off, the loss depends on the conditioner only through the decoded field: a detached
     decoder path would leave the conditioner without gradient (and backward() would fail)."""
     from modules.config import load_config
     from modules.data.conditions import read_conditions
+    from modules.machine.device import Runtime
     from modules.models.conditioners import build_conditioner
     from modules.training.conditioner_training import conditioner_loss, conditioner_spec, prepare_conditioner_case
-    from modules.machine.device import Runtime
-    with working_directory(conditioned):
+    with chdir(conditioned):
         config = load_config(1)
         config = type(config).from_dict({**config.to_dict(), "use_e2e_training": 1, "use_latent_regularization": 0})
         runtime = Runtime(torch.device("cpu"))
@@ -452,10 +472,11 @@ def test_end_to_end_gradient_reaches_the_conditioner_only_through_the_decoder(co
     assert all(p.grad is None for p in case.vae.parameters())  # frozen: nothing flows into the VAE
 
 
+@pytest.mark.slow
 def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_of, capsys):
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\n"
                     "e2e_vae_model_path elsewhere/SimulGen-VAE\n")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main([]) == 2
         assert "a full run trains through the VAE it has just trained (model_save/SimulGen-VAE)" in \
             capsys.readouterr().err
@@ -467,22 +488,24 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
         assert torch.load("model_save/latent_conditioner", weights_only=True)["vae_file"] == "elsewhere/SimulGen-VAE"
 
 
+@pytest.mark.slow
 def test_a_full_run_accepts_e2e_vae_model_path_naming_the_vae_it_writes(copy_of):
     """The original SimulGenVAE's condition.txt ships e2e_vae_model_path model_save/SimulGen-VAE."""
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\nlatent_gp 0\n"
                     "e2e_vae_model_path model_save/SimulGen-VAE\n")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main([]) == 0
     assert torch.load(copy_of / "model_save" / "latent_conditioner", weights_only=True)["vae_file"] == \
         "model_save/SimulGen-VAE"
 
 
+@pytest.mark.slow
 def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of, monkeypatch, capsys):
     from modules.training.conditioner_training import ConditionerTraining
     monkeypatch.setattr(ConditionerTraining, "validate", lambda self: {"loss": float("nan"), "latent_mse": float("nan"),
                                                                        "field_loss": 0.0})
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "lc_patience 0\n")
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1"]) == 2
     assert "conditioner training is unstable in epoch 1: the validation loss is nan, after 3 restore(s)" in \
         capsys.readouterr().err
@@ -490,6 +513,7 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
     assert len(list((copy_of / "archive").glob("*/model_save/latent_conditioner"))) == 1  # the earlier one is kept
 
 
+@pytest.mark.slow
 def test_a_full_run_reads_the_data_once_per_pass_for_all_its_reports(copy_of, monkeypatch):
     """The reconstruction report, the prediction report and the evaluation are views of one evaluation: the design
     Gram matrix, the encoding of every design, the baselines' streamed pass, the memorization check and the
@@ -506,7 +530,7 @@ def test_a_full_run_reads_the_data_once_per_pass_for_all_its_reports(copy_of, mo
     predicted, predict = [], evaluation.Evaluation.predict
     monkeypatch.setattr(evaluation.Evaluation, "predict",
                         lambda self, designs: predicted.extend(int(d) for d in designs) or predict(self, designs))
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--plot=2"]) == 0
     assert calls == {"design_gram": 1, "make_batches": 1, "score_combinations": 1, "memorization_check": 1}
     val = json.loads((copy_of / "model_save" / "split.json").read_text())["val"]
@@ -515,6 +539,7 @@ def test_a_full_run_reads_the_data_once_per_pass_for_all_its_reports(copy_of, mo
         json.loads((copy_of / "output" / "reconstruction_error.json").read_text())["pod_val"]["0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_type", ["csv", "image_vit"])
 def test_the_speed_options_apply_to_end_to_end_conditioner_training(copy_of, monkeypatch, capsys, input_type):
     """bf16 autocast, gradient checkpointing (of the conditioner and of the frozen decoder it trains through) and
@@ -528,7 +553,7 @@ def test_the_speed_options_apply_to_end_to_end_conditioner_training(copy_of, mon
         type(getattr(block, "__self__", block)).__name__) or real_checkpoint(block, *args, **kwargs))
     set_conditioner(copy_of, input_type, "input_data/parameters.csv" if input_type == "csv" else "images",
                     "use_e2e_training 1\n" + ("latent_gp 0\n" if input_type == "csv" else ""))  # the network is kept
-    with working_directory(copy_of):
+    with chdir(copy_of):
         assert main(["--lc_only=1", "--amp=bf16", "--grad_checkpointing", "--grad_accum_steps=2"]) == 0
     assert "precision bf16" in capsys.readouterr().out
     block = {"csv": "MLPBlock", "image_vit": "TransformerBlock"}[input_type]

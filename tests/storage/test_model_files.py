@@ -1,5 +1,5 @@
 """Model files and checkpoints (storage.model_files, storage.model_format): every file holds its kind and format
-version; files of format version 1, written by an earlier SimulGenVAE (tests/data/format_v1), load and predict,
+version; files of format version 1, written by an earlier SimulGenVAE (tests/storage/format_v1), load and predict,
 sample and reconstruct exactly what that version did; a file of a newer version is refused in one line."""
 import json
 import shutil
@@ -13,7 +13,7 @@ from conftest import REPO, as_version_1
 from modules.cli import main
 from modules.storage.model_format import CONDITIONER_FORMAT, FORMAT_VERSION, MODEL_FORMAT
 
-VERSION_1 = REPO / "tests" / "data" / "format_v1"
+VERSION_1 = REPO / "tests" / "storage" / "format_v1"
 EXPECTED = VERSION_1 / "expected"
 
 
@@ -58,6 +58,7 @@ def test_a_version_1_vae_on_snapshot_codes_predicts_and_reconstructs_what_it_did
         assert np.array_equal(np.load(tmp_path / f"{expected}.npy"), np.load(EXPECTED / f"{expected}.npy"))
 
 
+@pytest.mark.slow
 def test_a_version_1_conditioner_checkpoint_is_resumable(version_1, capsys):
     with chdir(version_1 / "case"):
         assert main(["--checkpoints=list"]) == 0
@@ -67,6 +68,7 @@ def test_a_version_1_conditioner_checkpoint_is_resumable(version_1, capsys):
     assert (saved["format"], saved["format_version"]) == (CONDITIONER_FORMAT, FORMAT_VERSION)
 
 
+@pytest.mark.slow
 def test_every_file_written_holds_its_kind_and_the_current_format_version(version_1):
     with chdir(version_1 / "case"):
         assert main(["--lc_only=1"]) == 0

@@ -1,11 +1,9 @@
 """End to end: a short training run on a tiny case writes a usable model, logs, plots and an honest report."""
-import contextlib
-import csv
 import hashlib
 import json
-import os
 import subprocess
 import sys
+from contextlib import chdir
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, smooth_fields, tensorboard_dir, write_case
+from conftest import REPO, metrics, smooth_fields, tensorboard_dir, write_case
 from modules.cli import main
 from modules.storage.model_files import load_model
 from modules.training import loop, vae_training
@@ -21,33 +19,18 @@ from modules.training import loop, vae_training
 EPOCHS = 40
 
 
-@contextlib.contextmanager
-def working_directory(folder):
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield folder
-    finally:
-        os.chdir(previous)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny case trained for EPOCHS epochs with plots saved; shared by the read-only tests below."""
     folder = tmp_path_factory.mktemp("trained")
     data = write_case(folder, n=16, t=6, m=20, epochs=EPOCHS)
-    with working_directory(folder):
+    with chdir(folder):
         assert main(["--plot=1"]) == 0
     return folder, data
 
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def metrics(folder):
-    with open(folder / "output" / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_saved_model_loads_weights_only_with_config_and_scaler(trained):
@@ -123,7 +106,7 @@ def test_reconstruct_writes_physical_units_matching_the_model(trained, tmp_path)
     folder, data = trained
     source, out = tmp_path / "new.npy", tmp_path / "recon.npy"
     np.save(source, data[:5])
-    with working_directory(folder):
+    with chdir(folder):
         assert main([f"--reconstruct={source}", f"--out={out}"]) == 0
         model, _, scaler = load_model("model_save/SimulGen-VAE")
     written = np.load(out)
@@ -139,7 +122,7 @@ def test_reconstruct_refuses_to_overwrite_and_bad_shapes(trained, tmp_path, caps
     source, out = tmp_path / "new.npy", tmp_path / "exists.npy"
     np.save(source, data[:2])
     out.write_bytes(b"keep me")
-    with working_directory(folder):
+    with chdir(folder):
         assert main([f"--reconstruct={source}", f"--out={out}"]) == 2
         assert out.read_bytes() == b"keep me"
         np.save(tmp_path / "wrong.npy", np.zeros((2, 5, 20), np.float32))
@@ -202,7 +185,7 @@ def test_same_seed_same_run_and_another_seed_another_run(tmp_path):
     losses = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_case(tmp_path / name, epochs=3, extra=f"seed {seed}\n")
-        with working_directory(tmp_path / name):
+        with chdir(tmp_path / name):
             assert main([]) == 0
             losses.append([r["train/loss"] for r in metrics(tmp_path / name)])
     assert losses[0] == losses[1]
@@ -213,7 +196,7 @@ def test_streamed_and_preloaded_data_train_identically(tmp_path):
     runs = []
     for load_all in (0, 1):
         write_case(tmp_path / str(load_all), epochs=3)
-        with working_directory(tmp_path / str(load_all)):
+        with chdir(tmp_path / str(load_all)):
             assert main([f"--load_all={load_all}"]) == 0
             runs.append([(r["train/loss"], r["val/loss"]) for r in metrics(tmp_path / str(load_all))])
     assert runs[0] == runs[1]
@@ -221,7 +204,7 @@ def test_streamed_and_preloaded_data_train_identically(tmp_path):
 
 def test_hdf5_case_trains_end_to_end(tmp_path):
     write_case(tmp_path, epochs=2, fmt="h5")
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     assert np.load(tmp_path / "model_save" / "latent_vectors.npy").shape == (12, 8)
 
@@ -231,7 +214,7 @@ def test_init_beta_divisor_sets_the_first_kl_weight(tmp_path):
     preset = (tmp_path / "preset.txt").read_text().splitlines()
     preset[2] = "2"
     (tmp_path / "preset.txt").write_text("\n".join(preset) + "\n")
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     assert float(metrics(tmp_path)[0]["beta"]) == pytest.approx(1e-6)
 
@@ -241,7 +224,7 @@ def test_init_beta_divisor_sets_the_first_kl_weight(tmp_path):
                                    "Dim2_red 4\nDim3_start 2\nDim3_end 18\nnum_var 2\n"])
 def test_options_train_for_one_epoch(tmp_path, extra):
     write_case(tmp_path, epochs=1, extra=extra)
-    with working_directory(tmp_path):
+    with chdir(tmp_path):
         assert main([]) == 0
     model, config, _ = load_model(tmp_path / "model_save" / "SimulGen-VAE")
     assert model.spec.n_steps == config.n_steps_used and model.spec.n_nodes == config.n_nodes_used
@@ -251,13 +234,14 @@ def test_size_large_is_deeper_than_small(tmp_path):
     sizes = {}
     for size in ("small", "large"):
         write_case(tmp_path / size, epochs=1)
-        with working_directory(tmp_path / size):
+        with chdir(tmp_path / size):
             assert main([f"--size={size}"]) == 0
         model, _, _ = load_model(tmp_path / size / "model_save" / "SimulGen-VAE")
         sizes[size] = (model.spec.blocks_per_level, sum(p.numel() for p in model.parameters()))
     assert sizes["small"][0] == 1 and sizes["large"][0] == 2 and sizes["large"][1] > sizes["small"][1]
 
 
+@pytest.mark.slow
 def test_plot_0_on_a_headless_machine_saves_and_does_not_block(case, monkeypatch, capsys):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
@@ -266,6 +250,7 @@ def test_plot_0_on_a_headless_machine_saves_and_does_not_block(case, monkeypatch
     assert (case / "output" / "loss_curves.png").exists()
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_warnings_and_writes_every_file(case, capsys):
     (case / "input_data" / "condition.txt").write_text((case / "input_data" / "condition.txt").read_text()
                                                        + "zzzqqq 1\n")  # an unknown key: a warning
@@ -291,6 +276,7 @@ def test_help_documents_every_flag():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 def test_the_script_runs_from_a_case_folder_outside_the_checkout(tmp_path):
     write_case(tmp_path, epochs=1, data=smooth_fields(12, 6, 20, seed=4))
     result = subprocess.run([sys.executable, str(REPO / "SimulGen-VAE.py"), "--plot=1"], cwd=tmp_path,
