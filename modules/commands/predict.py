@@ -215,7 +215,7 @@ def designs_the_host_holds(bytes_per_design: int) -> int:
 
 def prediction_batch_size(prediction, inputs, shape, samples: int, device) -> int:
     """Designs per batch, from the free memory rather than Batch_size. On the CPU, batches of about
-    HOST_BATCH_BYTES of results (larger batches measured slower: they leave the caches), fewer when the memory this
+    HOST_BATCH_BYTES of results (larger batches leave the caches and run slower), fewer when the memory this
     process may use (cgroup, rlimit) is short. On a GPU, what a quarter of the free device memory holds, from the
     memory one probe design takes, also bounded by the host memory its results need."""
     design_bytes = shape[1] * shape[2] * 4 * (1 + (samples + 3 if samples else 0))

@@ -517,8 +517,7 @@ def test_a_conditioner_whose_validation_loss_is_never_finite_is_not_kept(copy_of
 def test_a_full_run_reads_the_data_once_per_pass_for_all_its_reports(copy_of, monkeypatch):
     """The reconstruction report, the prediction report and the evaluation are views of one evaluation: the design
     Gram matrix, the encoding of every design, the baselines' streamed pass, the memorization check and the
-    conditioner's pass over the validation designs are each made once. (Before, the Gram matrix and the conditioner's
-    pass were made twice, or served from caches.)"""
+    conditioner's pass over the validation designs are each made once."""
     import collections
 
     import modules.evaluation.evaluation as evaluation
