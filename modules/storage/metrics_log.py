@@ -1,6 +1,7 @@
 """Per-epoch numbers: a CSV file and TensorBoard event files, written by the main process only."""
 import csv
 import io
+import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +26,7 @@ class MetricsLog:
         them, and TensorBoard hides what was logged for later epochs, so no epoch appears twice."""
         self.close()
         self._csv_file = self._fields = None
+        self._wait_past_earlier_event_files()
         with self._tensorboard_space():
             self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir),
                                         purge_step=len(history) + 1 if history else None)
@@ -39,6 +41,16 @@ class MetricsLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, epoch)
         self._append([row])
+
+    def _wait_past_earlier_event_files(self) -> None:
+        """TensorBoard reads a folder's event files in the order of their names, which start with the second each
+        was made in and end with a per-process counter compared as text ('10' before '9'). A new file is only made
+        once the clock has passed the second of the newest file there, so it is read after them and its purge
+        hides their later epochs rather than being overwritten by them."""
+        seconds = [path.name.split(".")[3] for path in self.tensorboard_dir.glob("events.out.tfevents.*")]
+        newest = max((int(second) for second in seconds if second.isdigit()), default=None)
+        while newest is not None and time.time() < newest + 1:
+            time.sleep(newest + 1 - time.time())
 
     def _tensorboard_space(self):
         """TensorBoard writes its events in a thread of its own and reports a full disk, without a file name, at a
