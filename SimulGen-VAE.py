@@ -5,8 +5,8 @@
     python SimulGen-VAE.py --predict=new.csv --out=fields.npy   # fields of new designs
     python SimulGen-VAE.py --reconstruct=new.npy --out=recon.npy
 
-Run from the case folder (preset.txt, input_data/); all paths are relative to it. See README.md for every flag and
-condition.txt key.
+Run from the case folder (preset.txt, input_data/); all paths are relative to it. See README.md for the flags and
+docs/configuration.md for every condition.txt key.
 """
 import os
 import sys

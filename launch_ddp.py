@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "latent conditioner on the saved VAE)")
     parser.add_argument("--resume", nargs="?", const="last", metavar="PATH",
                         help="passed to SimulGen-VAE.py (continue from checkpoints/last.pt, or from PATH)")
+    parser.add_argument("--quiet", action="store_true", help="passed to SimulGen-VAE.py; this launcher then prints "
+                        "only errors")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     parser.add_argument("--node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (default 0)")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine")
@@ -55,6 +57,8 @@ def torchrun_command(args) -> list:
     for flag in PASSED_FLAGS:
         if getattr(args, flag) is not None:
             command.append(f"--{flag}={getattr(args, flag)}")
+    if args.quiet:
+        command.append("--quiet")
     return command
 
 
@@ -73,13 +77,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        setup_logging()
+        setup_logging(quiet=args.quiet)
         with silenced("modules.config"):  # the workers say the config's notes
             config = load_config(args.preset or 1, {flag: getattr(args, flag) for flag in CONFIG_FLAGS})
         from modules.commands.train import check_training_inputs  # imports torch: --help stays fast without it
         from modules.storage.case_lock import check_case_folder_free
         check_case_folder_free()
-        print("Checking the case's inputs as SimulGen-VAE.py will (the data is read once)...", flush=True)
+        if not args.quiet:
+            print("Checking the case's inputs as SimulGen-VAE.py will (the data is read once)...", flush=True)
         check_training_inputs(config, bool(args.lc_only), args.resume)
     except InputError as error:
         print(f"error: {error.message()}", file=sys.stderr)
@@ -91,10 +96,11 @@ def main(argv=None) -> int:
         print(f"error: command line: --gpus={args.gpus} but this machine has {available} GPU(s). "
               f"Fix: use --gpus={available} or fewer", file=sys.stderr)
         return 2
-    if not available:
-        print(f"No GPU found: starting {args.gpus} CPU process(es) with the gloo backend.")
     command = torchrun_command(args)
-    print("Running: " + shlex.join(command), flush=True)
+    if not args.quiet:
+        if not available:
+            print(f"No GPU found: starting {args.gpus} CPU process(es) with the gloo backend.")
+        print("Running: " + shlex.join(command), flush=True)
     return run_forwarding_sigterm(command)
 
 

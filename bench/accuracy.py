@@ -11,7 +11,7 @@ run's own output/evaluation.json, on its validation designs (never trained on), 
 - reconstruction: the VAE against POD with as many modes as the VAE has latent numbers per design;
 - prediction from the design's parameters: the conditioner against POD + Gaussian-process regression, the nearest
   training design and the training mean field.
-Prints a markdown table (what the README carries) and writes every number as JSON (--json, or after the table).
+Prints a markdown table (what docs/accuracy.md carries) and writes every number as JSON (--json, or after the table).
 Never tune on one case: the point of the benchmark is to report all of them.
 """
 import argparse

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf for ParaView: "
                              "chosen by the suffix) or --suggest (.csv); must not exist yet")
     parser.add_argument("--quiet", action="store_true",
-                        help="print only warnings and errors (no notes, reports, summary lines or progress bars; the "
-                             "files are written as always)")
+                        help="print only warnings, errors and the notes on the settings files (no reports, summary "
+                             "lines or progress bars; the files are written as always)")
     parser.add_argument("--export", metavar="PATH.onnx|PATH.pt2",
                         help="instead of training: write the whole prediction (design parameters or images in, "
                              "fields in physical units out) as one ONNX model (or torch.export .pt2), checked "

@@ -59,6 +59,13 @@ def test_the_layering_check_sees_an_import_inside_a_function(tmp_path):
     assert imported_packages(module) == {"training"}
 
 
+def test_every_import_of_the_package_is_absolute():
+    """The layering check reads absolute imports only, so a relative one (which would slip past it) is refused."""
+    relative = [f"{path.relative_to(REPO)}:{node.lineno}" for path in sorted(MODULES.rglob("*.py"))
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    assert relative == []
+
+
 def test_no_name_is_defined_in_two_modules():
     """A function or class name means one thing: no two modules define the same top-level name."""
     where = collections.defaultdict(list)

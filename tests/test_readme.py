@@ -33,6 +33,26 @@ def test_every_page_the_readme_links_to_exists_and_every_docs_page_is_linked():
     assert {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")} <= linked
 
 
+def heading_anchors(page) -> set:
+    """The anchors GitHub gives a markdown page's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)}
+
+
+def test_every_link_between_the_readme_and_the_docs_reaches_its_page_and_heading():
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            target, _, anchor = link.partition("#")
+            target = (page.parent / target).resolve() if target else page
+            if not target.is_file() or (anchor and target.suffix == ".md" and anchor not in heading_anchors(target)):
+                broken.append(f"{page.relative_to(REPO)}: {link}")
+    assert broken == []
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.DOTALL)
     test_command = next(block for block in blocks if "pytest" in block)

@@ -24,8 +24,8 @@ from modules.data.dataset import Crop
 from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
-from modules.machine.logs import shows_progress
 from modules.machine.device import full_float32
+from modules.machine.logs import shows_progress
 from modules.machine.memory import available_host_bytes
 from modules.storage.atomic import save_json
 from modules.storage.field_files import PENDING_WRITES, FieldFacts, open_field_file, output_files

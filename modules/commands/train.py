@@ -199,7 +199,7 @@ def open_run(config, runtime, kind: str, run_id=None, vae_file=None):
     if not runtime.is_main:
         return None
     make_run_folders()
-    vae_run = read_payload(vae_file)["run_id"] if vae_file else None
+    vae_run = read_payload(vae_file).get("run_id") if vae_file else None
     run = start_run(kind, sys.argv, config.to_dict(), [PRESET_FILE, CONDITION_FILE], run_id=run_id, vae_run=vae_run)
     log.info(f"Run {run.id}: recorded in {run.folder}/ (python SimulGen-VAE.py --list_runs compares runs)")
     return run

@@ -1,5 +1,5 @@
 """Every condition.txt key, declared once: its name in the file, the Config field it fills, its type, default, check
-and one-line description (the README's key table mirrors it; a test keeps them in step), and how it behaves:
+and one-line description (docs/configuration.md is generated from it; a test keeps them in step), and how it behaves:
 
 - flag: help text of the command-line flag of the same name (empty: no flag); a flag given overrides the file.
   launched: launch_ddp.py passes the flag on to every process (not device: each process picks its own GPU).

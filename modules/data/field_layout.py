@@ -92,15 +92,9 @@ def read_saved_layout(config) -> FieldLayout:
                          "(the saved config's paths are relative to it), or write .npy, which needs no mesh") from None
 
 
-def read_coordinates(path: Path, n_nodes: int) -> np.ndarray:
-    """A .npy or .csv file with one row per node of one variable and 2 or 3 columns -> read-only float64
-    [n_nodes, 2]: x, y. With 3 columns (x, y, z) only x and y are kept, so a 3-D mesh is drawn from above.
-    A CSV file may start with one header line."""
-    return _read_only(read_points(path, n_nodes)[:, :2])
-
-
 def read_points(path: Path, n_nodes: int) -> np.ndarray:
-    """The same file's rows whole: read-only float64 [n_nodes, 2 or 3] (what the .xdmf outputs place nodes at)."""
+    """A .npy or .csv file (a CSV may start with one header line) with one row per node of one variable and 2 or 3
+    columns (x, y[, z]) -> read-only float64 [n_nodes, 2 or 3]."""
     table = _load_table(path)
     if table.ndim != 2 or table.shape[1] not in (2, 3):
         raise InputError(path, f"has shape {list(table.shape)}, not rows of 2 or 3 columns", COORDINATES_FIX)

@@ -94,7 +94,6 @@ class ColumnScaler:
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         self.std = np.asarray(std, dtype=np.float64).reshape(-1)
-        self._tensors = {}  # (dtype, device) -> (mean, std): end-to-end training must not copy them every step
 
     @classmethod
     def fit(cls, rows) -> "ColumnScaler":
@@ -102,25 +101,9 @@ class ColumnScaler:
         std = rows.std(axis=0)
         return cls(rows.mean(axis=0), np.maximum(std, max(float(std.max(initial=0.0)) * 1e-3, 1e-12)))
 
-    def transform(self, rows):
-        """[n, P] -> standardised [n, P] (numpy float32, or a tensor of the input's dtype)."""
-        if isinstance(rows, torch.Tensor):
-            mean, std = self._tensors_like(rows)
-            return (rows - mean) / std
+    def transform(self, rows) -> np.ndarray:
+        """[n, P] -> standardised [n, P] float32. (The way back, on tensors, is the Surrogate's: models/surrogate.)"""
         return ((np.asarray(rows, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
-
-    def inverse(self, rows):
-        if isinstance(rows, torch.Tensor):
-            mean, std = self._tensors_like(rows)
-            return rows * std + mean
-        return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
-
-    def _tensors_like(self, like):
-        key = (like.dtype, like.device)
-        if key not in self._tensors:
-            self._tensors[key] = tuple(torch.as_tensor(v, dtype=like.dtype, device=like.device)
-                                       for v in (self.mean, self.std))
-        return self._tensors[key]
 
     def to_dict(self) -> dict:
         return {"kind": "standard", "mean": self.mean.tolist(), "std": self.std.tolist()}

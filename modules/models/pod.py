@@ -85,8 +85,7 @@ def design_pod_basis(array, train_indices, scaler, node_mean, node_modes, rank: 
     Returns torch float32 (coefficient_mean [T, R], modes [rank, T, R] (orthonormal, strongest first), scales
     [rank] = std of the training designs' coefficient on each mode, residual_mse = the mean squared error per
     value of the rank-mode reconstruction of the training designs, node truncation included). The whole design
-    POD costs one streamed pass over the training designs and N * T * R floats (50 MB for 484 designs x 200 steps
-    x 128).
+    POD costs one streamed pass over the training designs and N * T * R floats in memory.
     Modes the training designs do not have (rank above their number less one) are zero with a scale of 1: those
     latent numbers carry nothing on the linear path and are left to the network (a random direction instead would
     make them noise that a conditioner, after standardising each latent number, regresses at full weight).

@@ -101,7 +101,11 @@ def read_payload(path, formats=(MODEL_FORMAT, CHECKPOINT_FORMAT), train_hint="py
         found = payload.get("format", "unknown") if isinstance(payload, dict) else "unknown"
         raise InputError(path, f"is not the kind of SimulGenVAE file expected here (format {found})",
                          f"point to a file written by {train_hint}")
-    return current_format(payload, path)
+    try:
+        return current_format(payload, path)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:  # an older file with parts missing
+        raise InputError(path, f"is not a complete SimulGenVAE file ({type(error).__name__}: {error})",
+                         "retrain, or point to another file") from None
 
 
 def checked_vae_file(facts: dict, conditioner_file) -> Path:

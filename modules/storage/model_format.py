@@ -1,5 +1,6 @@
 """The format of the model files and checkpoints (storage.model_files), and the one way an older file is read: it
-is brought to the current format as it is loaded (current_format), so no other code knows that older files exist.
+is brought to the current format as it is loaded (current_format), so no other code reads an older layout (entries
+an older file did not record arrive as None, and the code that uses them says what is missing).
 
 Every file holds "format" (what kind of file: a VAE, a VAE checkpoint, a conditioner or a conditioner checkpoint)
 and "format_version". Version 1 is every file written before the version was recorded (its kinds' names end in

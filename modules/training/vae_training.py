@@ -117,7 +117,7 @@ class VAETraining:
         # no rise of the validation error below that of an error of 1 % of the scaled range counts as divergence
         self.divergence_floor = loss_of_uniform_error(0.01 * (HIGH - LOW), LOSS_NAMES[config.loss_type],
                                                       config.huber_delta)
-        self.epoch, self.noise = 0, None
+        self.noise = None
 
     def learning_rate(self, position: float) -> float:
         config = self.config
@@ -126,7 +126,7 @@ class VAETraining:
 
     def training_batches(self, epoch: int, micro_batches):
         """(scaled fields [b, T, M], their dataset indices on the device) per micro-batch, in order."""
-        self.epoch, self.noise = epoch, epoch_noise(self.config, epoch, self.runtime)
+        self.noise = epoch_noise(self.config, epoch, self.runtime)
         order = [positions for positions, _ in micro_batches]
         designs = on_device([self.case.train_indices[positions] for positions in order], self.runtime.device)
         return zip(self.case.train.batches(order), designs)
@@ -137,8 +137,8 @@ class VAETraining:
         draws from torch's seeded global generator).
 
         With alpha auto the parts are in nats per design, but the step is taken on nats per value (divided by T * M,
-        a constant factor AdamW's steps barely depend on): per design, the gradients at 200 x 95,008 values would
-        overflow float16 long before the loss scaler could back off; per value they are of the size alpha 1e6 gave."""
+        a constant factor AdamW's steps barely depend on): per design, the gradients of a large field would overflow
+        float16 long before the loss scaler could back off; per value they stay of order one."""
         fields, designs = batch
         inputs, targets = augment_batch(fields, self.config)
         targets = self.model.encode_data(targets)  # the codes, with a codec: the loss is taken on what the VAE runs on

@@ -1,6 +1,6 @@
 """Which designs to simulate next: from candidate designs, the K whose simulation should teach the surrogate most.
 
-With the GP on the latents (the conditioner kept on every benchmark case), the criterion is what a simulation
+With the GP on the latents, the criterion is what a simulation
 removes: greedy over K rounds, each round picks the candidate whose simulation would most reduce the posterior
 variance of the predicted field, summed over the latents (each weighted by how much a unit of it moves the field:
 the decoder's sensitivity, by finite differences) and averaged over the candidates, which stand for the designs that

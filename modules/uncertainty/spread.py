@@ -7,7 +7,7 @@ Where the spread comes from (spread_source):
 - "gp" (the GP on the latents): its posterior standard deviation of each latent number, which grows with the
   distance to the training designs;
 - "decoder" (a single network, which has none of its own): the decoder prior's spread at the hierarchical levels, the
-  spread the VAE allows in the finer detail (what --samples drew before ensembles existed).
+  spread the VAE allows in the finer detail.
 
 A draw: the predicted standardised latents plus their standard deviation times standard normal noise, decoded (for
 "decoder": the main latent as predicted, every level's latent plus its prior's noise). The predicted standard

@@ -97,6 +97,8 @@ def test_launch_ddp_builds_the_torchrun_command_from_its_flags():
         assert part in command
     assert "--lc_only=1" in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2",
                                                                                                "--lc_only=1"]))
+    assert launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2", "--quiet"]))[-1] == "--quiet"
+    assert "--quiet" not in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2"]))
     resumed = launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(["--gpus=2", "--resume"]))
     assert "--resume=last" in resumed and cli.build_parser().parse_args(["--resume=last"]).resume == cli.AUTO_RESUME
     assert "--resume=run/last.pt" in launch_ddp.torchrun_command(launch_ddp.build_parser().parse_args(
@@ -202,7 +204,8 @@ def test_each_rank_reads_only_its_shard_of_every_batch(case, monkeypatch):
 @pytest.mark.slow
 def test_a_conditioner_ensemble_trains_end_to_end_under_two_gloo_processes_like_one(tmp_path):
     """The conditioner's training (an ensemble of 2 MLPs, end to end through the frozen decoder) shards its batches
-    like the VAE's: 2 processes train the conditioner of 1; the main process alone chooses, calibrates and saves."""
+    like the VAE's: 2 processes train the conditioner of 1; the main process alone chooses, calibrates and saves. Then
+    --lc_only=1 through launch_ddp retrains it alone on the saved VAE, the earlier conditioner archived once."""
     parameters = design_parameters(14, seed=3)
     for name in ("one", "two"):
         write_case(tmp_path / name, n=14, epochs=2, data=smooth_fields(14, 6, 20, parameters=parameters),
@@ -218,6 +221,15 @@ def test_a_conditioner_ensemble_trains_end_to_end_under_two_gloo_processes_like_
     assert any(key.startswith("members.1.") for key in two)
     difference = sum(torch.sum((one[k] - two[k]) ** 2) for k in one).sqrt()
     assert difference <= 1e-3 * sum(torch.sum(one[k] ** 2) for k in one).sqrt()
+    assert len((tmp_path / "two" / "output" / "conditioner_metrics.csv").read_text().splitlines()) == 1 + 3
+    again = run_program([sys.executable, str(REPO / "launch_ddp.py"), "--gpus=2", "--lc_only=1",
+                         f"--master_port={free_port()}"], tmp_path / "two")
+    assert again.returncode == 0, again.stderr
+    assert "--lc_only=1" in again.stdout and again.stdout.count("The ensemble of 2 MLPs") == 1
+    assert "Training on cpu x 2 processes" not in again.stdout  # the VAE is read, not trained again
+    assert len(list((tmp_path / "two" / "archive").glob("*/model_save/latent_conditioner"))) == 1
+    retrained = torch.load(tmp_path / "two" / "model_save" / "latent_conditioner", weights_only=True)["state_dict"]
+    assert retrained.keys() == two.keys()
     assert len((tmp_path / "two" / "output" / "conditioner_metrics.csv").read_text().splitlines()) == 1 + 3
 
 

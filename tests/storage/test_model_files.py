@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, as_version_1
 from modules.cli import main
-from modules.storage.model_format import CONDITIONER_FORMAT, FORMAT_VERSION, MODEL_FORMAT
+from modules.storage.model_format import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, FORMAT_VERSION, MODEL_FORMAT, format_of
 
 VERSION_1 = REPO / "tests" / "storage" / "format_v1"
 EXPECTED = VERSION_1 / "expected"
@@ -62,39 +62,48 @@ def test_a_version_1_vae_on_snapshot_codes_predicts_and_reconstructs_what_it_did
 def test_a_version_1_conditioner_checkpoint_is_resumable(version_1, capsys):
     with chdir(version_1 / "case"):
         assert main(["--checkpoints=list"]) == 0
-        assert "resumable" in capsys.readouterr().out
+        listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert ["resumable", "checkpoints/conditioner_last.pt"] in [line[:2] for line in listed]
         assert main(["--lc_only=1", "--resume"]) == 0  # a finished checkpoint: the choice, calibration and save
     saved = torch.load(version_1 / "case" / "model_save" / "latent_conditioner", weights_only=True)
     assert (saved["format"], saved["format_version"]) == (CONDITIONER_FORMAT, FORMAT_VERSION)
-
-
-@pytest.mark.slow
-def test_every_file_written_holds_its_kind_and_the_current_format_version(version_1):
-    with chdir(version_1 / "case"):
-        assert main(["--lc_only=1"]) == 0
-    for path, kind in (("model_save/latent_conditioner", CONDITIONER_FORMAT),
-                       ("checkpoints/conditioner_last.pt", CONDITIONER_FORMAT)):
-        payload = torch.load(version_1 / "case" / path, weights_only=True)
-        assert (payload["format"], payload["format_version"]) == (kind, FORMAT_VERSION)
     vae = torch.load(version_1 / "case" / "model_save" / "SimulGen-VAE", weights_only=True)
     assert "format_version" not in vae and vae["format"] == MODEL_FORMAT + "-v1"  # --lc_only=1 leaves the VAE alone
 
 
-def test_a_file_of_a_newer_version_is_refused_in_one_line(version_1, tmp_path, capsys):
-    path = version_1 / "case" / "model_save" / "latent_conditioner"
+def test_every_file_a_run_writes_holds_its_kind_and_the_current_format_version(demo):
+    for path, kind in (("model_save/SimulGen-VAE", MODEL_FORMAT), ("checkpoints/last.pt", CHECKPOINT_FORMAT),
+                       ("model_save/latent_conditioner", CONDITIONER_FORMAT),
+                       ("checkpoints/conditioner_last.pt", CONDITIONER_FORMAT)):
+        payload = torch.load(demo / path, weights_only=True)
+        assert (payload["format"], payload["format_version"]) == (kind, FORMAT_VERSION), path
+
+
+@pytest.mark.parametrize("path, flag", [("model_save/latent_conditioner", "--predict=new_designs.csv"),
+                                        ("model_save/SimulGen-VAE", "--reconstruct=new_fields.npy")])
+@pytest.mark.parametrize("change, words", [
+    ({"format_version": FORMAT_VERSION + 1}, "was written by a newer version of SimulGenVAE"),
+    ({"spec": []}, "is not a complete SimulGenVAE file"),  # a damaged version 1 file: its migration cannot read it
+], ids=["newer", "damaged-older"])
+def test_a_file_of_a_newer_version_or_a_damaged_older_one_is_refused_in_one_line(version_1, tmp_path, capsys, path,
+                                                                                  flag, change, words):
+    path = version_1 / "case" / path
     payload = torch.load(path, weights_only=True)
-    torch.save({**payload, "format": CONDITIONER_FORMAT, "format_version": FORMAT_VERSION + 1}, path)
+    torch.save({**payload, "format": format_of(payload), **change}, path)
     with chdir(version_1 / "case"):
-        assert main(["--predict=new_designs.csv", f"--out={tmp_path / 'p.npy'}"]) == 2
+        assert main([flag, f"--out={tmp_path / 'p.npy'}"]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "was written by a newer version of SimulGenVAE" in error
+    assert error.count("\n") == 1 and f"{path.name}: {words}" in error
     assert not (tmp_path / "p.npy").exists()
 
 
-def test_as_version_1_gives_what_version_1_wrote(version_1):
-    """The tests make older version 1 files by deleting entries from as_version_1(a current file): check that it
-    gives a version 1 file's kind and no version, as the files above have."""
-    written = torch.load(version_1 / "conditioner_ensemble", weights_only=True)
-    assert "format_version" not in written
-    current = {**written, "format": CONDITIONER_FORMAT, "format_version": FORMAT_VERSION}
-    assert as_version_1(current).keys() == written.keys() and as_version_1(current)["format"] == written["format"]
+def test_as_version_1_gives_what_version_1_wrote(version_1, demo):
+    """The tests make older version 1 files by deleting entries from as_version_1(a current file): check that a
+    current conditioner made so holds the entries a version 1 file of the same kind (a GP on latents) holds, with
+    its kind's name and no version."""
+    written = torch.load(version_1 / "case" / "model_save" / "latent_conditioner", weights_only=True)
+    current = torch.load(demo / "model_save" / "latent_conditioner", weights_only=True)
+    assert written["spec"]["kind"] == current["spec"]["kind"]
+    made = as_version_1(current)
+    assert made.keys() == written.keys() and made["format"] == written["format"]
+    assert made["spec"].keys() == written["spec"].keys() and made["state_dict"].keys() == written["state_dict"].keys()

@@ -119,7 +119,7 @@ def main_script(out: Path):
         shutil.copy("model_save/latent_conditioner", "model_save/latent_conditioner.tmp")
         for leftover in ("runs", "archive", "output"):
             shutil.rmtree(leftover, ignore_errors=True)
-    # the conditioner file left in model_save/ is the ensemble's lc_only run's? keep the default one there
+    # the last lc_only run left its conditioner in model_save/: the case keeps the default one there
     shutil.copy(out / "conditioner_default", case / "model_save" / "latent_conditioner")
     (case / "model_save" / "latent_conditioner.tmp").unlink()
 
