@@ -69,28 +69,37 @@ def run_case(name: str, args) -> dict:
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
             "kept": (choice or {}).get("kept"), "candidates": (choice or {}).get("validation_relative_l2"),
             "pod_gpr": mean_l2(prediction["pod_gpr"]), "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
-            "mean_field": mean_l2(prediction["mean_field"])}
+            "mean_field": mean_l2(prediction["mean_field"]), "time_spent": report.get("time_spent")}
 
 
 def mean_l2(summary: dict) -> float:
     return summary["relative_l2"]["mean"]
 
 
+def percent(value: float) -> str:
+    """A relative error as a percentage, with two significant digits where two decimals would show 0.00 %."""
+    return f"{value:.2%}" if value >= 1e-4 else f"{100 * value:.2g}%"
+
+
 def table(rows: list) -> str:
     lines = ["| case | designs (train / val) | T x M | latent numbers | VAE reconstruction | POD, same size | "
-             "conditioner prediction (kept; the other candidate) | POD + GPR | nearest design | mean field | run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "conditioner prediction (kept; the other candidate) | POD + GPR | nearest design | mean field | run | "
+             "time on the kept surrogate / on discarded candidates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         _, steps, nodes = row["shape"]
         kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
-        others = [f"{NETWORKS[kind].label} {error:.2%}" for kind, error in (row["candidates"] or {}).items()
+        others = [f"{NETWORKS[kind].label} {percent(error)}" for kind, error in (row["candidates"] or {}).items()
                   if kind != row["kept"]]
         on_codes = " (on snapshot codes)" if row["vae_runs_on"] == "snapshot codes" else ""
+        spent = row.get("time_spent")
+        split = f"{spent['kept_s']:.0f} s / {spent['discarded_s']:.0f} s" if spent else "not recorded"
         lines.append(f"| {row['case']} | {row['n_train']} / {row['n_val']} | {steps} x {nodes} | "
-                     f"{row['latent_numbers']} | {row['vae']:.2%}{on_codes} | {row['pod']:.2%} | "
-                     f"{row['conditioner']:.2%} "
-                     f"({'; not kept: '.join([kept, *others])}) | {row['pod_gpr']:.2%} | "
-                     f"{row['nearest_neighbour']:.2%} | {row['mean_field']:.2%} | {row['run_s']:.0f} s |")
+                     f"{row['latent_numbers']} | {percent(row['vae'])}{on_codes} | {percent(row['pod'])} | "
+                     f"{percent(row['conditioner'])} "
+                     f"({'; not kept: '.join([kept, *others])}) | {percent(row['pod_gpr'])} | "
+                     f"{percent(row['nearest_neighbour'])} | {percent(row['mean_field'])} | {row['run_s']:.0f} s | "
+                     f"{split} |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ USERS_SCALE = (200, 95_008)  # T, M
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_case_arguments(parser)
+    add_case_arguments(parser, tuple(LATENT_SIZE))
     parser.add_argument("--code", type=int, default=8, help="code numbers per snapshot")
     parser.add_argument("--points", type=int, default=256, help="nodes per snapshot in a training step")
     parser.add_argument("--epochs", type=int, default=40, help="passes over the training snapshots (decoder)")

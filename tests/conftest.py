@@ -79,6 +79,7 @@ Latent_dim_end 8
 alpha 1e4
 projection_rank 8
 val_fraction 0.25
+start_patience 0
 """
 
 

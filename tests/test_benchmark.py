@@ -70,8 +70,8 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
-    assert [row["case"] for row in rows] == ["demo", "pulse", "burgers"]
-    assert rows[1]["shape"] == [16, 6, 36] and rows[2]["shape"] == [16, 6, 24]
+    assert [row["case"] for row in rows] == ["demo", "pulse", "burgers", "beam"]
+    assert rows[1]["shape"] == [16, 6, 36] and rows[2]["shape"] == rows[3]["shape"] == [16, 6, 24]
     for row in rows:
         evaluation = json.loads((tmp_path / "work" / row["case"] / "output" / "evaluation.json").read_text())
         assert row["vae"] == evaluation["reconstruction"]["vae"]["relative_l2"]["mean"]
@@ -82,7 +82,10 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
         # there; the demo's condition.txt turns it off
         assert ("neural_field" in row["candidates"]) == (row["case"] != "demo")
     table = table_lines(done.stdout)
-    assert table[0].startswith("| case | designs") and len(table) == 2 + 3
+    assert table[0].startswith("| case | designs") and len(table) == 2 + 4
+    assert all(row["time_spent"]["kept_s"] > 0 and row["time_spent"]["discarded_s"] >= 0 for row in rows)
+    assert all(line.endswith(f"{row['time_spent']['kept_s']:.0f} s / {row['time_spent']['discarded_s']:.0f} s |")
+               for line, row in zip(table[2:], rows))
     again = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), *arguments], capture_output=True,
                            text=True, timeout=60)
     assert again.returncode != 0 and "exists" in again.stderr  # an earlier benchmark's folders are never overwritten

@@ -31,7 +31,7 @@ from modules.storage.atomic import save_json
 from modules.storage.field_files import PENDING_WRITES, FieldFacts, open_field_file, output_files
 from modules.storage.model_files import load_surrogate
 from modules.uncertainty.design_range import FAR, design_spaces, placement, placement_summary
-from modules.uncertainty.spread import SPREAD_WORDS, DesignNoise, calibration_scales, relative_norm
+from modules.uncertainty.spread import SPREAD_WORDS, DesignNoise, calibration_scales, missing_uncertainty, relative_norm
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ def predict_file(source, out, samples: int, conditioner_file, device) -> Path:
     paths = output_files(out, "--predict", samples)
     full_float32(device)
     surrogate, facts, config = load_surrogate(conditioner_file, device)
-    if samples and surrogate.decodes_fields:
-        raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to draw "
-                         "--samples from", "predict without --samples, or retrain the conditioner with "
-                         "field_conditioner_epochs 0 (--lc_only=1) to keep one that has")
+    missing = missing_uncertainty(surrogate, facts) if samples else None
+    if missing:
+        raise InputError(conditioner_file, f"{missing[0]} to draw --samples from",
+                         f"predict without --samples, or {missing[1]}")
     inputs, raw, labels = read_inputs(source, config, facts)
     shape = (len(inputs), config.n_steps_used, config.n_nodes_used)
     described = FieldFacts(labels, Crop(config).time_index, config.n_vars, raw, facts["param_names"],

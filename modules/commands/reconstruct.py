@@ -15,7 +15,7 @@ from modules.commands.predict import HOST_BATCH_BYTES, MAX_DEVICE_BATCH, designs
 from modules.data.dataset import Crop, NewSimulations
 from modules.data.field_layout import read_saved_layout
 from modules.errors import InputError
-from modules.evaluation.metrics import relative_l2
+from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.device import full_float32
 from modules.storage.field_files import FieldFacts, open_field_file, output_files
 from modules.storage.model_files import load_vae_surrogate
@@ -50,7 +50,7 @@ def reconstruct_file(source, out, model_file, device) -> np.ndarray:
             written.write(start, reconstructions)
     errors = np.concatenate(errors)
     log.info(f"Reconstructed {len(errors)} designs -> {paths['out']} {shape} in {time.perf_counter() - began:.2f} s; "
-             f"relative L2 error vs the input: mean {errors.mean():.4%}, worst {errors.max():.4%}")
+             f"relative L2 error vs the input: mean {as_percent(errors.mean())}, worst {as_percent(errors.max())}")
     return errors
 
 

@@ -24,7 +24,8 @@ from modules.storage.paths import SUGGESTIONS_FILE, new_output_file
 from modules.uncertainty.design_range import placement, placement_summary
 from modules.uncertainty.next_designs import (SOBOL_CANDIDATES, SUGGEST_DRAWS, latent_field_weights, pick_diverse,
                                               sobol_candidates, variance_reduction_picks)
-from modules.uncertainty.spread import SPREAD_WORDS, calibration_scales, relative_spread, spread_source
+from modules.uncertainty.spread import (SPREAD_WORDS, calibration_scales, missing_uncertainty, relative_spread,
+                                        spread_source)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,9 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device) -> li
     if reference is None:
         raise InputError(conditioner_file, "holds no record of the training parameters' range, which --suggest needs "
                          "(files written before it was kept do not)", "retrain the conditioner with --lc_only=1")
-    if surrogate.decodes_fields:
-        raise InputError(conditioner_file, "is a neural-field conditioner, which has no uncertainty model to rank "
-                         "candidate designs by", "retrain the conditioner with field_conditioner_epochs 0 "
-                         "(--lc_only=1) to keep one that has")
+    missing = missing_uncertainty(surrogate, facts)
+    if missing:
+        raise InputError(conditioner_file, f"{missing[0]} to rank candidate designs by", missing[1])
     raw, inputs, where = candidate_designs(candidates, surrogate, config, facts, reference)
     if count > len(raw):
         raise InputError(candidates or "command line", f"{len(raw)} candidate designs are fewer than the {count} "

@@ -28,7 +28,7 @@ from modules.storage.model_folder import save_latents
 from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
                                    archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
-                                  note_vae, recording, run_of, start_run)
+                                  note_vae, recording, run_of, start_run, time_spent)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
 from modules.training.memory_needs import check_training_fits, training_needs
 from modules.training.state import read_checkpoint
@@ -83,7 +83,7 @@ def train_all(config, use_ddp: bool, resume) -> None:
             stop_runtime()  # the other processes are done: the main one evaluates alone
             if runtime.is_main:
                 with watch.phase("the evaluation report"):
-                    write_evaluation(evaluation, config)
+                    write_evaluation(evaluation, config, time_spent(run))
     finally:
         stop_runtime()
 
@@ -112,7 +112,7 @@ def train_conditioner_only(config, use_ddp: bool, resume) -> None:
                 with watch.phase("the evaluation"):
                     evaluation = Evaluation(config, runtime, conditioner_case.fields, vae_file, conditions)
                     report_conditioner(evaluation, run, *conditioner_result, config)
-                    write_evaluation(evaluation, config)
+                    write_evaluation(evaluation, config, time_spent(run))
     finally:
         stop_runtime()
 

@@ -29,6 +29,8 @@ def load_config(preset_index=1, overrides=None, preset_path=PRESET_FILE, conditi
     values.update({field: check_flag(field, value) for field, value in (overrides or {}).items() if value is not None})
     values["param_dir"] = _case_relative(values["param_dir"], condition_path)
     values["image_size"] = _image_size(values, condition_path)
+    if values["start_patience"] == AUTO:
+        values["start_patience"] = max(START_PATIENCE_LEAST, values["epochs"] // START_PATIENCE_SHARE)
     values["n_steps_used"] = values["n_steps_used"] or values["n_steps"]
     values["node_end"] = values["node_end"] or values["n_nodes"]
     config = Config(preset_index=preset_index, **dataclasses.asdict(preset), **same_steps_spelt_once(values))
@@ -51,7 +53,8 @@ def _case_relative(param_dir: str, path) -> str:
     return param_dir
 
 
-AUTO = "auto"  # the value of a key whose default follows from the case's files (image_size)
+AUTO = "auto"  # the value of a key whose default follows from the case's files or other keys (image_size, ...)
+START_PATIENCE_SHARE, START_PATIENCE_LEAST = 4, 10  # start_patience auto: Training_epochs // 4, at least 10
 ORIGINAL_IMAGE_SIZE = 256  # the original SimulGenVAE resized every image to 256 x 256
 
 

@@ -140,8 +140,12 @@ KEYS = (
         "KL is below it adds free_bits to the loss instead, so the KL term stops pushing it towards collapse",
         _non_negative),
     Key("patience", "patience", int, 0,
-        "stop the VAE after this many epochs without a better validation loss (0: never)", _non_negative,
+        "stop the VAE after this many epochs without a better validation reconstruction (0: never)", _non_negative,
         resumable=True),
+    Key("start_patience", "start_patience", int, "auto",
+        "stop the VAE after this many epochs when none has reconstructed the validation designs better than its "
+        "starting state (with pod_path 1, POD's reconstruction), which is then kept; auto: a quarter of "
+        "Training_epochs, at least 10; 0: never", _non_negative, resumable=True, earlier=0),
     Key("save_every", "save_every", int, 10,
         "write checkpoints/last.pt, the full training state, every this many epochs", _positive, resumable=True),
     Key("max_skipped_steps", "max_skipped_steps", int, 20, "optimiser steps in a row with a non-finite loss or "

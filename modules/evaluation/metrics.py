@@ -92,6 +92,12 @@ def nan_to_none(values) -> list:
     return [None if not np.isfinite(value) else float(value) for value in values]
 
 
+def as_percent(value: float) -> str:
+    """A relative error in percent for people: four decimals, or three significant digits where four decimals would
+    read 0.0000% (a near-exact family's errors are 1e-6, and that is worth seeing)."""
+    return f"{value:.4%}" if abs(value) >= 1e-4 or value == 0 else f"{100 * value:.3g}%"
+
+
 def relative_l2(predicted, true) -> np.ndarray:
     """Per design: ||predicted - true|| / ||true|| over the whole [T, M] field. Inputs [n, T, M].
     Differences in float32, sums of squares accumulated in float64: no float64 copy of a batch of huge fields."""

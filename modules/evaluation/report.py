@@ -12,6 +12,7 @@ import numpy as np
 
 from modules.config.keys import LOSS_NAMES
 from modules.evaluation import figures
+from modules.evaluation.metrics import as_percent
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
@@ -67,12 +68,12 @@ def write_reconstruction_report(evaluation) -> dict:
     save_json(RECONSTRUCTION_REPORT, report)
     size = report["latent_numbers_per_design"]
     log.info(f"Validation reconstruction error (mean relative L2, physical units, {report['n_val']} designs):")
-    log.info(f"  VAE ({size} latent numbers per design): {report['vae_val']:.4%}   (training designs: "
-             f"{report['vae_train']:.4%})")
+    log.info(f"  VAE ({size} latent numbers per design): {as_percent(report['vae_val'])}   (training designs: "
+             f"{as_percent(report['vae_train'])})")
     for rank, error in report["pod_val"].items():
         label = "mean field (POD rank 0)" if rank == "0" else f"POD rank {rank}"
         capped = "  (rank capped by the training-set size)" if int(rank) > report["pod_rank_cap"] else ""
-        log.info(f"  {label}: {error:.4%}{capped}")
+        log.info(f"  {label}: {as_percent(error)}{capped}")
     log.info(f"  written to {RECONSTRUCTION_REPORT}")
     return report
 
@@ -125,10 +126,11 @@ def write_prediction_report(evaluation) -> dict:
 
 def prediction_rows(report: dict) -> list:
     def percent(value):
-        return "n/a (designs are defined by images)" if value is None else f"{value:.4%}"
+        return "n/a (designs are defined by images)" if value is None else as_percent(value)
     baselines = report["baselines"]
     return [(f"conditioner ({report['conditioner']})", f"{percent(report['conditioner_val'])} (median "
-             f"{report['conditioner_val_median']:.4%}, worst {report['conditioner_val_worst']:.4%} on design "
+             f"{as_percent(report['conditioner_val_median'])}, worst {as_percent(report['conditioner_val_worst'])} "
+             "on design "
              f"{report['conditioner_val_worst_design']})"),
             ("VAE reconstruction of the same designs (the floor through this decoder)",
              percent(report["vae_reconstruction_val"])),
@@ -147,11 +149,12 @@ def prediction_markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def write_evaluation(evaluation, config) -> dict:
+def write_evaluation(evaluation, config, time_spent: dict | None = None) -> dict:
     """evaluation.json and .md, memorization.json, the printed summary and, with --plot 0/1, the evaluation plots;
-    returns the report. config: the current one (plot settings)."""
+    returns the report. config: the current one (plot settings). time_spent: the training run's time on each part of
+    the surrogate, kept or discarded (storage.runs.time_spent), reported as it is; None after --evaluate alone."""
     log.info(f"Evaluating {evaluation.vae_file} on {len(evaluation.case.val_indices)} validation designs ...")
-    report = evaluation_report(evaluation)
+    report = {**evaluation_report(evaluation), "time_spent": time_spent}
     save_json(MEMORIZATION_JSON, report["memorization"])
     say_memorization(report["memorization"])
     if config.plot < 2:
@@ -165,8 +168,9 @@ def say_memorization(report: dict) -> None:
     samples, held = report["samples_nearest_distance"], report["heldout_nearest_distance"]
     log.info(f"Memorization check ({report['n_samples']} prior samples, {report['n_heldout']} held-out designs; "
              f"relative L2 distance to the nearest of {report['n_train']} training designs):")
-    log.info(f"  samples: median {samples['median']:.4%}, 5th percentile {samples['p5']:.4%}; held-out designs: median "
-             f"{held['median']:.4%}, 5th percentile {held['p5']:.4%}")
+    log.info(f"  samples: median {as_percent(samples['median'])}, 5th percentile {as_percent(samples['p5'])}; "
+             "held-out designs: median "
+             f"{as_percent(held['median'])}, 5th percentile {as_percent(held['p5'])}")
     log.info(f"  {report['share_closer_than_heldout_p5']:.0%} of the samples are nearer a training design than 95 % of "
              f"new designs are: {report['verdict']} (written to {MEMORIZATION_JSON})")
 
@@ -218,9 +222,9 @@ def not_learnt_warnings(report: dict) -> list:
     for what, error, fix in checks:
         if error >= NOT_LEARNT_RATIO * baseline:
             compared = "worse than" if error > baseline else "hardly better than"
-            warnings.append(f"the {what} of the validation designs ({error:.4%}) is {compared} the training designs' "
-                            f"mean field ({baseline:.4%}), which knows nothing of a design: this model has not learnt "
-                            f"the case. Try {fix}; see the loss curves")
+            warnings.append(f"the {what} of the validation designs ({as_percent(error)}) is {compared} the training "
+                            f"designs' mean field ({as_percent(baseline)}), which knows nothing of a design: this "
+                            f"model has not learnt the case. Try {fix}; see the loss curves")
     return warnings
 
 
@@ -235,6 +239,9 @@ def uncertainty_section(evaluation) -> dict | None:
     if facts["spec"]["kind"] == NEURAL_FIELD.kind:
         return {"note": "no uncertainty: the neural field kept as the conditioner has none (field_conditioner_epochs "
                         "0 keeps a conditioner that has one)", "ensemble": facts["ensemble"], **kept}
+    if (facts["calibration"] or {}).get("no_spread"):
+        return {"note": "no uncertainty: " + calibration_words(facts["calibration"]), "ensemble": facts["ensemble"],
+                **kept}
     if facts["calibration"] is None:
         return {"note": "no calibrated uncertainty: the conditioner file holds no calibration, as files written before "
                         "calibration existed do (retrain it with --lc_only=1)", "ensemble": facts["ensemble"], **kept}
@@ -251,8 +258,9 @@ def uncertainty_lines(section: dict | None) -> list:
         members = ensemble["members_val"]
         kept = "" if ensemble["kept"] else f" (not kept: {section['kept_instead']} predicts better)"
         lines += [f"The {ensemble['label']}{kept} predicts the validation designs with a mean relative L2 error of "
-                  f"{ensemble['ensemble_val']:.4%}; its members alone {min(members):.4%} to {max(members):.4%} (mean "
-                  f"{np.mean(members):.4%}).", ""]
+                  f"{as_percent(ensemble['ensemble_val'])}; its members alone {as_percent(min(members))} to "
+                  f"{as_percent(max(members))} (mean "
+                  f"{as_percent(np.mean(members))}).", ""]
     if "note" in section:
         return lines + [section["note"] + ".", ""]
     words = calibration_words(section)
@@ -326,10 +334,12 @@ def write_evaluation_report(report: dict) -> None:
              "error")
     for section in ("reconstruction", "prediction"):
         for name, summary in predictors(report, section):
-            log.info(f"  {section} {report['labels'][name]}: {summary['relative_l2']['mean']:.4%} / "
+            log.info(f"  {section} {report['labels'][name]}: {as_percent(summary['relative_l2']['mean'])} / "
                      f"{summary['max_abs_error'][0]['mean']:.4g} (worst design {summary['relative_l2']['max_design']}: "
-                     f"{summary['relative_l2']['max']:.4%})")
+                     f"{as_percent(summary['relative_l2']['max'])})")
     log.info(f"  the VAE's reconstruction term: {likelihood_words(report['likelihood'])}")
+    if report.get("time_spent"):
+        log.info(f"  time: {time_spent_words(report['time_spent'])}")
     log.info(f"  written to {EVALUATION_JSON} and {EVALUATION_MD.name}")
     for warning in report.get("warnings", []):
         log.warning(f"WARNING: {warning}")
@@ -347,13 +357,16 @@ def evaluation_markdown(report: dict) -> str:
              f"{report['n_steps']} time steps x {report['n_nodes']} nodes.", ""]
     lines += predictor_table("Reconstruction of the validation designs", report, "reconstruction")
     training = report["reconstruction_training_designs"]["relative_l2"]
-    lines += [f"The VAE on its training designs: mean {training['mean']:.4%}, median {training['median']:.4%}.", "",
+    lines += [f"The VAE on its training designs: mean {as_percent(training['mean'])}, median "
+              f"{as_percent(training['median'])}.", "",
               f"The VAE's reconstruction term: {likelihood_words(report['likelihood'])}.", ""]
     if report["prediction"] is not None:
         lines += predictor_table("Prediction of unseen designs from their conditions", report, "prediction")
         lines += [f"{note}." for key, note in report["prediction"].items() if key.startswith("note") and note]
         lines += [""]
         lines += uncertainty_lines(report.get("uncertainty"))
+    if report.get("time_spent"):
+        lines += time_spent_lines(report["time_spent"])
     lines += worst_designs(report)
     lines += per_step_table(report)
     lines += memorization_lines(report["memorization"])
@@ -364,6 +377,20 @@ def evaluation_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_spent_words(spent: dict) -> str:
+    discarded = [f"{part} {values['seconds']:.0f} s" for part, values in spent["parts"].items() if not values["kept"]]
+    return (f"{spent['kept_s']:.0f} s on the parts of the surrogate kept, {spent['discarded_s']:.0f} s on candidates "
+            "discarded" + (f" ({', '.join(discarded)})" if discarded else ""))
+
+
+def time_spent_lines(spent: dict) -> list:
+    lines = ["## Time spent on the surrogate", "", f"Training: {time_spent_words(spent)}.", "",
+             "| part | seconds | kept |", "|---|---|---|"]
+    lines += [f"| {part} | {values['seconds']:.1f} | {'yes' if values['kept'] else 'no'} |"
+              for part, values in spent["parts"].items()]
+    return lines + [""]
+
+
 def predictor_table(title: str, report: dict, section: str) -> list:
     lines = [f"## {title}", "", "| predictor | mean relative L2 | median | worst (design) | mean max-abs | "
              "worst max-abs (design) |", "|---|---|---|---|---|---|"]
@@ -372,8 +399,9 @@ def predictor_table(title: str, report: dict, section: str) -> list:
         absolute = "; ".join(f"{value['mean']:.4g}" for value in summary["max_abs_error"])
         worst_absolute = "; ".join(f"{value['max']:.4g} ({value['max_design']})"
                                    for value in summary["max_abs_error"])
-        lines.append(f"| {report['labels'][name]} | {relative['mean']:.4%} | {relative['median']:.4%} | "
-                     f"{relative['max']:.4%} ({relative['max_design']}) | {absolute} | {worst_absolute} |")
+        lines.append(f"| {report['labels'][name]} | {as_percent(relative['mean'])} | "
+                     f"{as_percent(relative['median'])} | "
+                     f"{as_percent(relative['max'])} ({relative['max_design']}) | {absolute} | {worst_absolute} |")
     return lines + [""]
 
 
@@ -405,6 +433,7 @@ def memorization_lines(memorization: dict) -> list:
     samples, heldout = memorization["samples_nearest_distance"], memorization["heldout_nearest_distance"]
     return ["## Memorization check (generation)", "",
             f"Distance (relative L2) of {memorization['n_samples']} prior samples to their nearest training design: "
-            f"median {samples['median']:.4%}; of {memorization['n_heldout']} held-out designs: median "
-            f"{heldout['median']:.4%}. {memorization['share_closer_than_heldout_p5']:.0%} of the samples are nearer "
+            f"median {as_percent(samples['median'])}; of {memorization['n_heldout']} held-out designs: median "
+            f"{as_percent(heldout['median'])}. {memorization['share_closer_than_heldout_p5']:.0%} of the samples are "
+            "nearer "
             f"a training design than 95 % of new designs are: {memorization['verdict']}.", ""]

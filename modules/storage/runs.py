@@ -236,6 +236,30 @@ def note_conditioner(run, progress, prediction: dict) -> None:
                nearest_neighbour_val_error=prediction["baselines"]["nearest_neighbour"])
 
 
+def note_time(run, part: str, seconds: float, kept: bool) -> None:
+    """Add seconds spent on one part of the surrogate (a candidate fitted or trained) to run.json's "time_spent"
+    {part: {"seconds", "kept"}}: a resumed run adds to what its earlier part recorded, and kept is the latest word.
+    run None (processes other than the main one): nothing."""
+    if run is None:
+        return
+    record = _read(run.folder / RUN_FILE) or {}
+    spent = dict(record.get("time_spent") or {})
+    earlier = spent.get(part, {}).get("seconds", 0.0)
+    spent[part] = {"seconds": round(earlier + seconds, 3), "kept": bool(kept)}
+    record["time_spent"] = spent
+    save_json(run.folder / RUN_FILE, record)
+
+
+def time_spent(run) -> dict | None:
+    """What note_time recorded for this run, with the totals: {"parts": {part: {"seconds", "kept"}}, "kept_s",
+    "discarded_s"}; None where nothing was recorded (or run is None)."""
+    parts = ((_read(run.folder / RUN_FILE) or {}).get("time_spent") if run is not None else None) or {}
+    if not parts:
+        return None
+    return {"parts": parts, "kept_s": round(sum(part["seconds"] for part in parts.values() if part["kept"]), 3),
+            "discarded_s": round(sum(part["seconds"] for part in parts.values() if not part["kept"]), 3)}
+
+
 def run_of(payload: dict):
     """The run id a checkpoint was written by (None for checkpoints older than run records)."""
     return payload["training"]["progress"].get("run_id") or None

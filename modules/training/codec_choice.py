@@ -3,7 +3,7 @@
 K latent numbers per design by a POD of the code trajectories (what the VAE's POD path then starts from), reconstruct
 the validation designs better than POD of the fields with K modes (what the VAE's POD path starts from without it).
 The comparison says both errors; a codec that loses is dropped, so the VAE never starts worse than POD at its latent
-size."""
+size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win."""
 import logging
 import time
 
@@ -19,19 +19,25 @@ from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.pod_path import PODPath
 from modules.models.snapshot_codec import SnapshotCodec
 from modules.models.vae import ModelSpec
+from modules.storage.runs import note_time
 from modules.training.field_fitter import SampledFieldFit, fit_sampled_field
 
 log = logging.getLogger(__name__)
 
 COMPARED_NODES = 256  # nodes of each variable per time step at which the codec and POD are compared
+# mean squared error (scaled units, the fields in [-0.7, 0.7]) below which POD leaves a codec nothing to win: a sine
+# network fitted in float32 has not come within ten times of it on any family measured (its best: 1.3e-5, on a
+# near-linear beam where POD reached 1.8e-13), so fitting one there is time spent on a certain loser
+CODEC_FLOOR = 1e-6
 
 
-def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis):
+def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None):
     """(a trained snapshot codec, the VAE's starting bases in its code space (code_bases)) when one was trained and
     reconstructs the validation designs from spec.latent_size numbers each better than POD with as many modes;
     (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's.
     Third: the fields' design POD with spec.latent_size modes (models.pod.design_pod_basis) where the comparison
-    computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise."""
+    computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise. The time
+    spent on the codec, its fit and the comparison, goes to the run record (storage.runs.note_time)."""
     if not config.field_codec_epochs:
         return None, None, None
     positions = node_positions(read_field_layout(config))
@@ -39,18 +45,28 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis):
         log.info("note: no snapshot codec: where the nodes are is not known (grid_shape, mesh_file or node_coordinates "
                  "would let one be tried); the VAE runs on the fields")
         return None, None, None
-    codec = fit_codec(positions, node_basis, case, config, runtime)
     size = spec.latent_size
+    field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2], size)
+    field_path = pod_path_of(config.n_steps_used, node_basis, field_design_basis, runtime.device)
+    pod_error = validation_errors({"pod": lambda fields: field_path.decode(field_path.encode(fields))}, case,
+                                  config, config.seed)["pod"]
+    if pod_error < CODEC_FLOOR:
+        log.info(f"No snapshot codec: POD with {size} modes reconstructs the validation designs with a mean squared "
+                 f"error of {pod_error:.4g} (scaled units), below what a codec reaches ({CODEC_FLOOR:g}); the VAE "
+                 "runs on the fields")
+        return None, None, field_design_basis
+    began = time.perf_counter()
+    codec = fit_codec(positions, node_basis, case, config, runtime)
     code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
                                                     config.seed)
-    field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2], size)
-    codec_error, pod_error = codec_and_pod_errors(
-        codec, pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device),
-        pod_path_of(config.n_steps_used, node_basis, field_design_basis, runtime.device), case, config, config.seed)
+    code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
+    codec_error = validation_errors({"codec": lambda fields: code_path.decode(code_path.encode(codec.encode(fields)))},
+                                    case, config, config.seed, codec)["codec"]
     kept = any_rank(runtime.is_main and codec_error < pod_error, runtime)
     log.info(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
              f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
              + ("the codec's codes" if kept else "the fields (the codec is dropped)"))
+    note_time(run, "snapshot codec", time.perf_counter() - began, kept)
     if not kept:
         return None, None, field_design_basis
     return codec, (code_node_basis, code_design_basis), field_design_basis
@@ -136,15 +152,15 @@ def pod_path_of(n_steps: int, node_basis, design_basis, device) -> PODPath:
 
 
 @torch.no_grad()
-def codec_and_pod_errors(codec, code_path: PODPath, field_path: PODPath, case, config, seed: int):
-    """(mean squared error of the codec's reconstruction, that of POD's), scaled units, over the validation designs:
-    the codec's from the codes passed through code_path (the codes' design POD), POD's from the fields passed through
-    field_path. Both at the same COMPARED_NODES random nodes of every time step (every node where fewer), so the codec
-    decodes a bounded number of values per design on any mesh."""
+def validation_errors(reconstructions: dict, case, config, seed: int, codec=None) -> dict:
+    """{name: mean squared error, scaled units, over the validation designs} of each reconstruction, all at the same
+    COMPARED_NODES random nodes of every time step (every node where fewer; the nodes depend on seed alone, so two
+    calls compare alike). reconstructions {name: fields [b, T, M] -> fields, or with codec its codes [b, T, C], which
+    codec decodes at those nodes only, so that it decodes a bounded number of values per design on any mesh}."""
     n_steps, n_nodes, n_vars = config.n_steps_used, config.n_nodes_used, config.n_vars
     generator = torch.Generator().manual_seed(seed)
     order = list(in_order(len(case.val_indices), config.batch_size))
-    codec_sum, pod_sum, count = 0.0, 0.0, 0
+    sums, count = dict.fromkeys(reconstructions, 0.0), 0
     for fields in case.val.batches(order):
         fields = fields.float()
         nodes = None
@@ -154,8 +170,8 @@ def codec_and_pod_errors(codec, code_path: PODPath, field_path: PODPath, case, c
         pick = (lambda values: values) if nodes is None else (
             lambda values: values.gather(2, node_columns(nodes, n_nodes, n_vars)))
         truth = pick(fields)
-        codes = code_path.decode(code_path.encode(codec.encode(fields)))
-        codec_sum += float(((codec.decode(codes, nodes) - truth) ** 2).sum())
-        pod_sum += float(((pick(field_path.decode(field_path.encode(fields))) - truth) ** 2).sum())
+        for name, reconstruct in reconstructions.items():
+            values = codec.decode(reconstruct(fields), nodes) if codec is not None else pick(reconstruct(fields))
+            sums[name] += float(((values - truth) ** 2).sum())
         count += truth.numel()
-    return codec_sum / count, pod_sum / count
+    return {name: total / count for name, total in sums.items()}

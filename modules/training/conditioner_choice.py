@@ -17,7 +17,7 @@ import torch
 
 from modules.data.batches import in_order
 from modules.data.field_layout import node_positions, read_field_layout
-from modules.evaluation.metrics import relative_l2
+from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.memory import batch_within_memory
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, ConditionerSpec, conditioner_label
 from modules.models.gaussian_process import GPRConditioner
@@ -38,7 +38,8 @@ class Choice:
 
     kept: torch.nn.Module
     spec: ConditionerSpec
-    record: dict | None     # the candidates' validation errors and which was kept (None: the network was alone)
+    record: dict | None     # the candidates' validation errors, fit times and which was kept (None: the network
+                            # was alone)
     ensemble: dict | None   # an ensemble against its members (None: a single network)
 
 
@@ -61,8 +62,8 @@ def ensemble_against_members(ensemble, spec, case, config) -> dict:
     members = [errors[f"member {i}"] for i in range(1, len(ensemble.members) + 1)]
     label = conditioner_label(spec.kind, spec.members)
     log.info(f"The {label} predicts the validation designs' fields with a mean relative L2 error of "
-             f"{errors['ensemble']:.4%}; its members alone {min(members):.4%} to "
-             f"{max(members):.4%} (mean {np.mean(members):.4%})")
+             f"{as_percent(errors['ensemble'])}; its members alone {as_percent(min(members))} to "
+             f"{as_percent(max(members))} (mean {as_percent(np.mean(members))})")
     return {"label": label, "members": len(members), "ensemble_val": errors["ensemble"], "members_val": members}
 
 
@@ -70,26 +71,32 @@ def best_on_parameters(network, spec, case, config):
     """The trained network, a GP per latent number (latent_gp) or a neural field (field_conditioner_epochs),
     whichever predicts the validation designs' fields best: (the one kept, its spec, the choice made and why, as
     plain types; None when the network was the only candidate)."""
-    candidates, record = {spec.kind: (network, spec)}, {}
+    candidates, record, seconds = {spec.kind: (network, spec)}, {}, {}
     if config.latent_gp:
+        began = time.perf_counter()
         fitted, failure = latent_gp_candidate(spec, case, config)
+        seconds[LATENT_GP.kind] = time.perf_counter() - began
         if fitted is not None:
             candidates[LATENT_GP.kind] = fitted
         if failure is not None:
             record["gp_failed"] = failure
     if config.field_conditioner_epochs:
+        began = time.perf_counter()
         field = neural_field_candidate(spec, case, config)
         if field is not None:
             candidates[NEURAL_FIELD.kind] = field
+            seconds[NEURAL_FIELD.kind] = time.perf_counter() - began
+    if seconds:  # what each candidate beside the network cost, kept or not (reports' time spent)
+        record["fit_seconds"] = {kind: round(value, 3) for kind, value in seconds.items()}
     if len(candidates) == 1:
         return network, spec, {"kept": spec.kind, **record} if record else None
     errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
                                      config.lc_batch_size)
     kept = min(errors, key=errors.get)
     labels = {kind: conditioner_label(kind, its_spec.members) for kind, (_, its_spec) in candidates.items()}
-    others = " and ".join(f"{errors[kind]:.4%} for the {labels[kind]}" for kind in errors if kind != kept)
+    others = " and ".join(f"{as_percent(errors[kind])} for the {labels[kind]}" for kind in errors if kind != kept)
     log.info(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean "
-             f"relative L2 error of {errors[kept]:.4%} against {others}")
+             f"relative L2 error of {as_percent(errors[kept])} against {others}")
     return (*candidates[kept], {**record, "kept": kept, "validation_relative_l2": errors})
 
 

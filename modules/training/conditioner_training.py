@@ -13,6 +13,7 @@ choose what is kept (training.conditioner_choice), calibrate its spread, save it
 """
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,14 @@ from modules.data.scaling import ColumnScaler
 from modules.errors import InputError
 from modules.machine.processes import shard, sum_over_ranks
 from modules.machine.reproducibility import seed_everything
-from modules.models.conditioners import CONDITIONERS, ConditionerSpec, build_conditioner
+from modules.models.conditioners import CONDITIONERS, ConditionerSpec, build_conditioner, conditioner_label
 from modules.models.grad_checkpointing import enable_grad_checkpointing
 from modules.models.surrogate import Surrogate
 from modules.storage.model_files import CONDITIONER_FORMAT, file_digest, load_model, read_payload, save_conditioner
 from modules.storage.model_folder import read_saved_latents, saved_case
 from modules.storage.paths import (CONDITIONER_CHECKPOINT, CONDITIONER_FILE, CONDITIONER_LAST, CONDITIONER_NAME,
                                    OUTPUT_DIR)
+from modules.storage.runs import note_time
 from modules.training.conditioner_choice import choose_conditioner
 from modules.training.loop import run_training
 from modules.training.losses import field_loss
@@ -99,10 +101,17 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     training.state.read_checkpoint), from where it stood; then, in the main process, choose what is kept, calibrate
     its spread and save it as model_save/latent_conditioner. Returns (the final Progress, the per-epoch log records)
     in the main process, None in the others."""
+    began = time.perf_counter()
     job, progress, history = train_network(config, runtime, case, run, resume)
     if not runtime.is_main:
         return None
+    network_seconds = time.perf_counter() - began
     choice = choose_conditioner(job.model, job.spec, case, config)
+    note_time(run, conditioner_label(job.spec.kind, job.spec.members), network_seconds,
+              kept=choice.kept is job.model)
+    kept_kind = choice.record["kept"] if choice.record else job.spec.kind
+    for kind, seconds in (choice.record or {}).get("fit_seconds", {}).items():
+        note_time(run, conditioner_label(kind), seconds, kept=kind == kept_kind)
     calibration = calibrated_spread(choice.kept, case, config)
     save_conditioner(CONDITIONER_FILE, choice.kept, choice.spec,
                      {**job.facts, "choice": choice.record, "ensemble": choice.ensemble, "calibration": calibration,
@@ -131,15 +140,16 @@ def train_network(config, runtime, case: ConditionerCase, run, resume):
 
 
 def calibrated_spread(kept, case: ConditionerCase, config) -> dict | None:
-    """The kept conditioner's spread calibrated on the validation designs (uncertainty.spread); None for a neural
-    field, which has no spread."""
+    """The kept conditioner's spread calibrated on the validation designs (uncertainty.spread; no_spread where its
+    draws all equal its prediction); None for a neural field, which has no spread."""
     surrogate = case.surrogate(kept)
     if surrogate.decodes_fields:
         log.info("note: the neural field has no uncertainty model: --samples and --suggest need one of the other "
                  "conditioners (set field_conditioner_epochs 0 to keep one)")
         return None
     calibration = calibrate_spread(surrogate, case.conditions, case.fields, config.lc_batch_size, config.seed)
-    log.info(f"Calibrated the prediction's {calibration_words(calibration)}")
+    log.info(("note: no uncertainty: " if calibration.get("no_spread") else "Calibrated the prediction's ")
+             + calibration_words(calibration))
     return calibration
 
 
@@ -172,7 +182,9 @@ def conditioner_facts(config, case: ConditionerCase) -> dict:
 class ConditionerTraining:
     """The conditioner as the training loop trains it. Its loss parts are [loss, latent MSE, field loss]."""
 
-    name, watched, log_part, n_parts, divergence_floor = "conditioner", "loss", CONDITIONER_NAME, 3, 1e-12
+    name, watched, chosen_by, log_part, n_parts, divergence_floor = ("conditioner", "loss", "loss", CONDITIONER_NAME, 3,
+                                                                      1e-12)
+    start_patience = 0  # a network started at random is beaten at once; lc_patience ends a run that stops improving
     best_path, last_path = CONDITIONER_CHECKPOINT, CONDITIONER_LAST
     metrics_file = OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv"
 

@@ -8,14 +8,16 @@ batch, the validation numbers, what a checkpoint holds and what is logged. Every
 way for both:
 - an epoch is cut into optimiser steps of grad_accum_steps micro-batches; each rank takes its shard of every batch;
 - every save_every epochs (and at the end) the full state goes to job.last_path, and to job.best_path whenever the
-  validation loss improves; a fresh run also validates and saves its starting state (epoch 0) as both, so a
-  recovery always has a state to go to and training can only improve on where it started;
+  validation number job.chosen_by improves (the validation loss breaks ties); a fresh run also validates and saves
+  its starting state (epoch 0) as both, so a recovery always has a state to go to and the state kept can only be
+  better than where training started;
 - a stop request (SIGTERM, SIGINT) ends the current optimiser step, saves job.last_path with the step inside the
   epoch and raises Stopped: --resume continues from that very step;
 - a step with a non-finite gradient is skipped (Updater); max_skipped_steps of them in a row (seen at the end of the
   epoch) or a diverging validation loss restore job.last_path and multiply the learning rate by recovery_lr_factor;
   after max_recoveries restores the run stops with one clear line;
-- patience epochs without a better validation loss end the run early.
+- job.patience epochs without a better job.chosen_by end the run early, and so do job.start_patience epochs in which
+  none beat the starting state.
 """
 import dataclasses
 import logging
@@ -56,7 +58,9 @@ class TrainingJob(Protocol):
     name: str               # in messages: "VAE", "conditioner"
     model: torch.nn.Module
     epochs: int
-    patience: int           # epochs without a better validation loss before an early stop (0: never)
+    chosen_by: str          # the validation number (lower is better) that decides which state is kept
+    patience: int           # epochs without a better chosen_by before an early stop (0: never)
+    start_patience: int     # epochs in which none beats the starting state before an early stop (0: never)
     batch_size: int         # designs per micro-batch
     n_train: int            # training designs
     n_parts: int            # numbers batch_loss returns as its parts
@@ -83,7 +87,7 @@ class TrainingJob(Protocol):
         """The epoch's numbers from the parts summed over count designs."""
 
     def validate(self) -> dict:
-        """The validation numbers, with "loss" and the watched one, the same on every rank."""
+        """The validation numbers, with "loss", chosen_by and the watched one, the same on every rank."""
 
     def finish_epoch(self, epoch: int, train: dict, val: dict) -> dict:
         """The job's own end of a validated epoch, in every process (the VAE sets its likelihood's noise scale);
@@ -126,9 +130,13 @@ def run_training(job: TrainingJob, config, runtime, run, resume=None):
         guard = Guard(config, runtime, stop)
         if progress == Progress(run_id=progress.run_id):  # a fresh start: a recovery needs a state to go back to,
             # and the starting state is the first candidate for the best (the VAE's POD path starts as good as POD)
-            progress = dataclasses.replace(progress, best_val_loss=job.validate()["loss"])
+            start = job.validate()
+            progress = dataclasses.replace(progress, best_val_loss=start["loss"], best_score=start[job.chosen_by])
+            log.info(f"The {job.name} before training: validation {job.chosen_by} {progress.best_score:.4g}")
             save(job.last_path, progress)
             save(job.best_path, progress)
+        elif progress.best_score is None:  # a checkpoint that kept its best by the loss alone: score that state
+            progress = dataclasses.replace(progress, best_score=score_of_saved_state(job))
         while not progress.finished:
             epoch = progress.epoch
             lr = progress.lr_scale * job.learning_rate(epoch)  # logged; train_epoch sets the rate of every step
@@ -160,12 +168,15 @@ def run_training(job: TrainingJob, config, runtime, run, resume=None):
             # and the last state, stop early.
             record = {**job.finish_epoch(epoch, train_stats, val_stats), "lr": lr, "skipped_steps": skipped}
             epoch += 1
-            improved = val_stats["loss"] < progress.best_val_loss
-            best_loss, best_epoch = ((val_stats["loss"], epoch) if improved
-                                     else (progress.best_val_loss, progress.best_epoch))
+            score = val_stats[job.chosen_by]
+            improved = (score, val_stats["loss"]) < (progress.best_score, progress.best_val_loss)
+            best_loss, best_score, best_epoch = ((val_stats["loss"], score, epoch) if improved else
+                                                 (progress.best_val_loss, progress.best_score, progress.best_epoch))
             early = job.patience > 0 and epoch - best_epoch >= job.patience
+            never_beat_start = job.start_patience > 0 and best_epoch == 0 and epoch >= job.start_patience
             progress = dataclasses.replace(progress, epoch=epoch, step=0, partial_sums=None, best_val_loss=best_loss,
-                                           best_epoch=best_epoch, finished=epoch >= job.epochs or early,
+                                           best_score=best_score, best_epoch=best_epoch,
+                                           finished=epoch >= job.epochs or early or never_beat_start,
                                            history=progress.history + [record])
             if metrics is not None:
                 metrics.log(epoch, record)
@@ -174,9 +185,13 @@ def run_training(job: TrainingJob, config, runtime, run, resume=None):
                 save(job.best_path, progress)
             if epoch % config.save_every == 0 or progress.finished:
                 save(job.last_path, progress)
-            if early and epoch < job.epochs:
-                log.info(f"Early stop of the {job.name} at epoch {epoch}: no better validation loss for {job.patience} "
-                         f"epochs (best {best_loss:.4g} at epoch {best_epoch})")
+            if never_beat_start and epoch < job.epochs:
+                log.info(f"Early stop of the {job.name} at epoch {epoch}: no epoch has beaten its starting state on "
+                         f"the validation designs ({job.chosen_by} {best_score:.4g}; start_patience "
+                         f"{job.start_patience})")
+            elif early and epoch < job.epochs:
+                log.info(f"Early stop of the {job.name} at epoch {epoch}: no better validation {job.chosen_by} for "
+                         f"{job.patience} epochs (best {best_score:.4g} at epoch {best_epoch})")
             if guard.stop_requested():
                 stop_now(job, progress, guard, save, runtime, f"after epoch {epoch}")
     if metrics is None:
@@ -226,7 +241,7 @@ def recover(job, progress, reason, restore, config, runtime, metrics) -> Progres
     restored = restore(job.last_path)
     recovered = dataclasses.replace(restored, lr_scale=progress.lr_scale * config.recovery_lr_factor,
                                     recoveries=progress.recoveries + 1, best_val_loss=progress.best_val_loss,
-                                    best_epoch=progress.best_epoch, finished=False)
+                                    best_score=progress.best_score, best_epoch=progress.best_epoch, finished=False)
     log.info(f"{job.name} epoch {progress.epoch + 1}: {reason}. Restored {job.last_path} (saved after epoch "
              f"{restored.epoch}) and lowered the learning rate to {recovered.lr_scale:g} x its schedule "
              f"(restore {recovered.recoveries} of max_recoveries {config.max_recoveries})")
@@ -239,6 +254,16 @@ def stop_now(job, progress, guard, save, runtime, where: str):
     save(job.last_path, progress)
     barrier(runtime)
     raise Stopped(guard.signal_number(), job.last_path, f"{where} of the {job.name}")
+
+
+def score_of_saved_state(job) -> float:
+    """job.chosen_by of the state saved at job.best_path; the model is then put back as it was. Only the model's
+    weights are restored in between: validation draws no random numbers, and the optimiser is not stepped."""
+    current = {name: value.clone() for name, value in job.model.state_dict().items()}
+    job.model.load_state_dict(job.resumable(job.best_path)["state_dict"])
+    score = job.validate()[job.chosen_by]
+    job.model.load_state_dict(current)
+    return score
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

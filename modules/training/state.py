@@ -28,7 +28,8 @@ class Progress:
     epoch: int = 0                      # epochs completed
     step: int = 0                       # optimiser steps done inside epoch `epoch` when a stop request came
     partial_sums: list | None = None    # that epoch's loss sums so far, all processes added
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf     # the validation loss of the state kept (best_epoch's)
+    best_score: float | None = math.inf  # its job.chosen_by (None: a checkpoint written before it was recorded)
     best_epoch: int = 0
     lr_scale: float = 1.0               # recovery_lr_factor ** (restores so far)
     recoveries: int = 0
@@ -41,7 +42,7 @@ class Progress:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Progress":
-        return cls(**values)
+        return cls(**{"best_score": None, **values})
 
 
 def training_entry(optimizer, grad_scaler, progress: Progress, device: torch.device) -> dict:

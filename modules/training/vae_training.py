@@ -2,6 +2,7 @@
 training.codec_choice), its job for the training loop (the loss of a batch, the validation numbers, the state a
 checkpoint holds) and train_vae(), which runs it and saves the usable model."""
 import logging
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from modules.data.case import Case
 from modules.data.scaling import HIGH, LOW
 from modules.errors import InputError
 from modules.evaluation import latent_health
+from modules.evaluation.metrics import as_percent
 from modules.machine.memory import MemoryWatch
 from modules.machine.processes import shard, sum_over_ranks
 from modules.machine.reproducibility import seed_everything
@@ -23,6 +25,7 @@ from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import read_payload, save_checkpoint, save_model
 from modules.storage.model_folder import save_vae_companions
 from modules.storage.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE, OUTPUT_DIR
+from modules.storage.runs import note_time
 from modules.training.codec_choice import chosen_codec
 from modules.training.loop import run_training
 from modules.training.losses import loss_of_uniform_error, optimal_noise_std, vae_loss, validation_loss
@@ -41,49 +44,61 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, watch=None):
     watch = watch or MemoryWatch(runtime.device, speaks=False)
     with watch.phase("the POD basis" if resume is None else "the model"):
         model = build_model(config, case, runtime, pod_start=resume is None,
-                            spec=None if resume is None else ModelSpec.from_dict(read_payload(resume)["spec"]))
+                            spec=None if resume is None else ModelSpec.from_dict(read_payload(resume)["spec"]),
+                            run=run)
     job = VAETraining(model, case, config, runtime)
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     log.info(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
              f"{len(case.val_indices)} validation designs of {case.array.crop.steps_said} x "
              f"{case.array.sample_shape[1]} nodes; {sum(p.numel() for p in job.model.parameters()):,} parameters")
+    began = time.perf_counter()
     with watch.phase("the VAE's training"):
         progress, history = run_training(job, config, runtime, run, resume)
     if not runtime.is_main:
         return None
+    # the network's epochs are time on the surrogate kept only when one of them is kept
+    note_time(run, "VAE network", time.perf_counter() - began, kept=progress.best_epoch > 0)
     alone = ": the frozen POD path alone" + ("" if job.model.codec is None else " on the snapshot codec's codes")
     kept = (f"epoch {progress.best_epoch}" if progress.best_epoch else
             "the starting state (no epoch of training did better on the validation designs"
             + (alone if job.model.pod is not None else "") + ")")
-    log.info(f"Best validation loss {progress.best_val_loss:.4g}: {kept}; that VAE is kept")
+    log.info(f"Best validation reconstruction {as_percent(progress.best_score)} (mean relative L2 error): {kept}; "
+             "that VAE is kept")
     job.model.load_state_dict(read_payload(BEST_CHECKPOINT)["state_dict"])
     save_model(MODEL_FILE, job.model, config, case.scaler, run.id)
     save_vae_companions(MODEL_DIR, case)
     return progress, history
 
 
-def build_model(config, case: Case, runtime, pod_start=True, spec=None) -> HierarchicalVAE:
+def build_model(config, case: Case, runtime, pod_start=True, spec=None, run=None) -> HierarchicalVAE:
     """A fresh VAE whose node projections start as the training data's POD basis and, with pod_path 1, whose frozen
     POD path is the training designs' design POD (pod_start; a resumed run loads its weights and buffers instead, so
     the POD passes over the data are skipped, and gives its checkpoint's spec: with or without a codec).
 
     Where the nodes' positions are known and field_codec_epochs > 0, a snapshot codec is trained first and kept when
     it reconstructs the validation designs from the VAE's latent size better than POD does (chosen_codec,
-    said either way); the VAE then runs on its codes, with all of the above in code space."""
+    said either way); the VAE then runs on its codes, with all of the above in code space. run: the run record the
+    time spent on the POD start and the codec goes to (storage.runs.note_time; None: not recorded)."""
     spec = spec or ModelSpec.from_config(config)
     if not pod_start:
         return HierarchicalVAE(spec).to(runtime.device)
+    began = time.perf_counter()
     node_basis = pod_node_basis(case.array, case.train_indices, case.scaler, spec.projection_rank, config.seed)
-    codec, code_space, field_design_basis = chosen_codec(config, case, runtime, spec, node_basis)
+    pod_seconds = time.perf_counter() - began
+    codec, code_space, field_design_basis = chosen_codec(config, case, runtime, spec, node_basis, run)
     if codec is None:
         model = HierarchicalVAE(spec)
         model.init_node_projections(*node_basis)
         if model.pod is not None:  # pod_modes is the latent size: a codec that lost was compared with this very POD
             if field_design_basis is None:
+                began = time.perf_counter()
                 field_design_basis = design_pod_basis(case.array, case.train_indices, case.scaler, *node_basis[:2],
                                                       spec.pod_modes)
+                pod_seconds += time.perf_counter() - began
             model.start_pod_path(*node_basis[:2], *field_design_basis)
+        note_time(run, "POD start", pod_seconds, kept=True)
         return model.to(runtime.device)
+    note_time(run, "POD start", pod_seconds, kept=True)  # the node basis the codec was fitted on
     model = HierarchicalVAE(replace(spec, codec=CODE)).to(runtime.device)
     model.codec.load_state_dict(codec.state_dict())
     code_node_basis, code_design_basis = code_space
@@ -100,16 +115,30 @@ def beta_of(config, position: float) -> float:
                    config.beta_ramp_end_fraction)
 
 
+def physical_relative_l2(recon, fields, scaler) -> torch.Tensor:
+    """[B] float64: ||recon - fields|| / ||fields|| over each design's whole field, both given scaled and compared in
+    physical units (evaluation.metrics.relative_l2 on the device). Squares in float32, sums in float64."""
+    simulated = scaler.inverse(fields)
+    difference = scaler.inverse(recon).sub_(simulated).flatten(1)
+    error2 = difference.square_().sum(dim=1, dtype=torch.float64)
+    norm2 = simulated.flatten(1).square().sum(dim=1, dtype=torch.float64)
+    return error2.sqrt() / norm2.sqrt().clamp_min(1e-30)
+
+
 class VAETraining:
     """The VAE as the training loop trains it. Its loss parts are [loss, recon, kl_main, kl_level..., recon_var...]
     (loss_parts)."""
 
     name, watched, log_part = "VAE", "recon", "vae"
+    # the state kept is the one that reconstructs the validation designs best by the report's measure (the mean over
+    # designs of the relative L2 error of the whole field, physical units); the loss, KL included, only breaks ties
+    chosen_by = "recon_relative_l2"
     best_path, last_path, metrics_file = BEST_CHECKPOINT, LAST_CHECKPOINT, OUTPUT_DIR / "metrics.csv"
 
     def __init__(self, model, case: Case, config, runtime):
         self.model, self.case, self.config, self.runtime = model, case, config, runtime
         self.epochs, self.patience, self.batch_size = config.epochs, config.patience, config.batch_size
+        self.start_patience = config.start_patience
         self.peak_lr, self.weight_decay = config.lr, config.weight_decay
         # the likelihood's variables: the fields' n_vars, or one with a codec (models.vae)
         self.n_train, self.n_parts = len(case.train), 3 + config.n_levels + len(model.noise_std)
@@ -169,21 +198,27 @@ class VAETraining:
     @torch.no_grad()
     def validate(self) -> dict:
         """Validation along the posterior-mean path, sharded over ranks; 'loss' uses beta = 1 so that epochs compare
-        fairly while beta ramps up. 'latents' holds the collapse diagnostics (evaluation.latent_health)."""
+        fairly while beta ramps up; 'recon_relative_l2' is the mean relative L2 error of the decoded fields in
+        physical units (what the report calls the VAE's reconstruction error). 'latents' holds the collapse
+        diagnostics (evaluation.latent_health)."""
         model, case, config, runtime = self.model, self.case, self.config, self.runtime
         model.eval()
         shards = [positions for positions, weight in (shard(p, runtime) for p in in_order(len(case.val),
                                                                                          config.batch_size)) if weight]
         losses = torch.zeros(self.n_parts, device=runtime.device)
         health = torch.zeros(3 * config.latent_size, device=runtime.device)
+        relative_l2 = torch.zeros(1, device=runtime.device, dtype=torch.float64)
         for batch in case.val.batches(shards):
             with runtime.autocast():
                 outputs = [model(batch, sample=False, decode=False)]
             loss, parts = vae_loss(outputs, model.encode_data(batch), config, 1.0, model.noise_std)
             losses += loss_parts(loss, parts) * len(batch)
             health += latent_health.batch_sums(outputs[0])
+            relative_l2 += physical_relative_l2(model.decode_data(outputs[0]["recon"].float()), batch,
+                                                case.scaler).sum()
         totals = sum_over_ranks(torch.cat([losses, health]), runtime)
         stats = self.averages(totals[:len(losses)], len(case.val))
+        stats["recon_relative_l2"] = float(sum_over_ranks(relative_l2, runtime)) / len(case.val)
         kl_total = torch.tensor(stats["kl_main"] + sum(stats["kl_levels"]))
         data = model.spec.data_spec()
         values_per_variable = data.n_steps * data.n_nodes // data.n_vars
@@ -193,7 +228,7 @@ class VAETraining:
         return stats
 
     def record(self, epoch: int, train_stats: dict, val_stats: dict) -> dict:
-        record = {"beta": beta_of(self.config, epoch)}
+        record = {"beta": beta_of(self.config, epoch), "val/recon_relative_l2": val_stats["recon_relative_l2"]}
         record.update({f"noise_std{v}": float(std) for v, std in enumerate(self.model.noise_std.cpu())})
         for split, stats in (("train", train_stats), ("val", val_stats)):
             record.update({f"{split}/loss": stats["loss"], f"{split}/recon": stats["recon"],

@@ -124,11 +124,33 @@ def calibrate_spread(surrogate, conditions, fields, batch_size: int, seed: int) 
         prediction, draws = surrogate.draws(conditions[designs], CALIBRATION_DRAWS, noise.randn)
         predicted, std = physical_std(surrogate, prediction, draws)
         counts.add(positions, predicted - scaler.inverse(simulated.float().cpu().numpy()), std)
-    return {"source": spread_source(surrogate, conditions), "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
+    source = spread_source(surrogate, conditions)
+    if not counts.std_squares.any():  # every draw was the prediction: there is no spread to calibrate
+        return {"source": source, "draws": CALIBRATION_DRAWS, "n_designs": len(val_indices), "no_spread": True}
+    return {"source": source, "draws": CALIBRATION_DRAWS, **fit_calibration(counts)}
+
+
+def missing_uncertainty(surrogate, facts: dict):
+    """(what the conditioner lacks, the fix) where its prediction has no uncertainty to draw from or rank by; None
+    where it has one. A neural field has none; a single network's spread, the decoder prior's at the hierarchical
+    levels, is none where the VAE kept draws nothing from its levels (its starting state on a family whose levels'
+    POD modes are empty), which calibration records as no_spread."""
+    if surrogate.decodes_fields:
+        return ("is a neural-field conditioner, which has no uncertainty model",
+                "retrain the conditioner with field_conditioner_epochs 0 (--lc_only=1) to keep one that has")
+    if (facts.get("calibration") or {}).get("no_spread"):
+        return ("has no uncertainty: the decoder prior's spread, a single network's only one, moved no value of its "
+                "predictions on the validation designs",
+                "retrain the conditioner with lc_ensemble 5, or latent_gp 1 on parameters (--lc_only=1)")
+    return None
 
 
 def calibration_words(calibration: dict) -> str:
     """One sentence: what the spread is, its scale and the +-2 sigma band's coverage before and after."""
+    if calibration.get("no_spread"):
+        return (f"uncertainty from {SPREAD_WORDS[calibration['source']]}: none, every draw equals the prediction on "
+                f"the {calibration['n_designs']} validation designs, so --samples and --suggest are refused "
+                "(lc_ensemble 5 trains a conditioner with a spread)")
     scales = calibration["scales"]
     scale = (f"scaled by {min(scales):.3g} to {max(scales):.3g} per time step" if calibration["per_step"]
              else f"scaled by {scales[0]:.3g}")

@@ -228,3 +228,9 @@ def test_a_model_not_clearly_better_than_the_mean_field_is_warned_about(vae, con
     assert len(warnings) == len(said)
     for warning, start in zip(warnings, said):
         assert warning.startswith(start) and "this model has not learnt the case" in warning
+
+
+def test_errors_are_said_in_percent_with_the_digits_a_near_exact_family_needs():
+    from modules.evaluation.metrics import as_percent
+    assert [as_percent(value) for value in (0.008488262, 0.51208, 3.886e-6, 2.4e-7, 0.0)] == [
+        "0.8488%", "51.2080%", "0.000389%", "2.4e-05%", "0.0000%"]

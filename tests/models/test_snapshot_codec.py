@@ -154,7 +154,16 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
     assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
 
 
-def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("floor, said_first", [
+    (None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared error of"),
+    (0.0, "The validation designs from 16 numbers each: mean squared error"),  # fitted, compared, dropped
+], ids=["not-fitted-below-the-floor", "fitted-and-dropped"])
+def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, said_first):
+    """POD is exact on this family: below CODEC_FLOOR no codec is fitted at all; one fitted anyway loses to POD and
+    is dropped. Either way the VAE starts as it does without a codec."""
+    from modules.training import codec_choice
+    if floor is not None:
+        monkeypatch.setattr(codec_choice, "CODEC_FLOOR", floor)
     for name, epochs in (("tried", 20), ("not", 0)):
         write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")
     models = []
@@ -163,7 +172,10 @@ def test_on_a_smooth_family_the_codec_is_dropped_and_changes_nothing(tmp_path):
             config, case = prepared(tmp_path / name)
             with chdir(tmp_path / name):
                 models.append(build_model(config, case, Runtime(torch.device("cpu"))))
-    assert [line for line in lines if "the VAE runs on" in line][0].endswith("the fields (the codec is dropped)")
+    said_about_codec = [line for line in lines if "the VAE runs on" in line or "No snapshot codec" in line]
+    assert said_about_codec[0].startswith(said_first) and len(said_about_codec) == 1
+    assert said_about_codec[0].endswith("the fields (the codec is dropped)" if floor == 0.0 else
+                                        "the VAE runs on the fields")
     assert models[0].codec is None
     # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
     first, second = models[0].state_dict(), models[1].state_dict()

@@ -221,7 +221,8 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     with said() as lines:
         kept, kept_spec, choice = best_on_parameters(network, spec, case, dataclasses.replace(config, latent_gp=1))
     assert kept is network and kept_spec == spec
-    assert choice == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular"}
+    assert {**choice, "fit_seconds": None} == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular",
+                                               "fit_seconds": None}
     assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); it is not a " \
         "candidate" in lines
 
@@ -278,10 +279,33 @@ def test_predict_refuses_a_csv_with_the_wrong_columns_and_keeps_the_output_free(
     assert not (tmp_path / "o.npy").exists()
 
 
-@pytest.mark.slow
-def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditioned, tmp_path):
-    source = conditioned / "new" / "parameters.csv"
+def test_a_single_network_whose_draws_do_not_move_refuses_samples_and_suggest_in_one_line(conditioned, tmp_path,
+                                                                                          capsys):
+    """On this rank-2 family the VAE keeps its POD start, whose levels' POD modes are empty: the decoder prior's
+    spread, the MLP's only one, moves no value. The run says so, and --samples and --suggest are refused rather than
+    given an error bar of zero."""
+    facts = torch.load(conditioned / "model_save" / "latent_conditioner", weights_only=True)
+    assert facts["calibration"]["no_spread"] and facts["calibration"]["source"] == "decoder"
     with chdir(conditioned):
+        for flags in ([f"--predict={conditioned / 'new' / 'parameters.csv'}", f"--out={tmp_path / 'p.npy'}",
+                       "--samples=4"], ["--suggest=2", f"--out={tmp_path / 'next.csv'}"]):
+            assert main(flags) == 2
+            error = capsys.readouterr().err
+            assert error.count("\n") == 1 and "latent_conditioner: has no uncertainty" in error
+            assert "lc_ensemble 5" in error
+    assert not list(tmp_path.iterdir())
+    assert "no uncertainty" in json.loads((conditioned / "output" / "evaluation.json").read_text())[
+        "uncertainty"]["note"]
+
+
+@pytest.mark.slow
+def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(copy_of, tmp_path):
+    """With a spread to draw from: the conditioner retrained as an ensemble of 2 MLPs on the same VAE."""
+    condition = copy_of / "input_data" / "condition.txt"
+    condition.write_text(condition.read_text() + "lc_ensemble 2\n")
+    source = copy_of / "new" / "parameters.csv"
+    with chdir(copy_of):
+        assert main(["--lc_only=1"]) == 0
         assert main([f"--predict={source}", f"--out={tmp_path / 'p.npy'}", "--samples=4"]) == 0
         assert main([f"--predict={source}", f"--out={tmp_path / 'q.npy'}", "--samples=4"]) == 0
     samples = np.load(tmp_path / "p_samples.npy")
@@ -290,7 +314,7 @@ def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(conditio
     prediction = np.load(tmp_path / "p.npy")  # OUT_std: the draws' root mean square deviation from the prediction
     assert np.allclose(np.load(tmp_path / "p_std.npy"), np.sqrt(np.mean((samples - prediction[:, None]) ** 2, axis=1)),
                        atol=1e-4)
-    assert np.load(tmp_path / "p_std.npy").max() > 0  # the levels are really drawn
+    assert np.load(tmp_path / "p_std.npy").max() > 0  # the members' disagreement is really drawn
     spread = json.loads((tmp_path / "p_report.json").read_text())["designs"]
     assert [round(row["predicted_relative_std"], 6) for row in spread] == [
         round(float(np.linalg.norm(std) / np.linalg.norm(field)), 6)

@@ -123,13 +123,14 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
     def validate(self):
         stats = real(self)
         calls[0] += 1
-        return {**stats, "loss": 1000.0 if calls[0] == 1 else 100.0 + calls[0]}  # the best: epoch 1, not the start
+        # the best reconstruction: epoch 1, not the start; the loss falls all along and does not decide
+        return {**stats, "recon_relative_l2": 1000.0 if calls[0] == 1 else 100.0 + calls[0], "loss": -calls[0]}
 
     monkeypatch.setattr(train_vae.VAETraining, "validate", validate)
     with chdir(case_of(tmp_path, epochs=10, extra="patience 3\n")):
         assert main([]) == 0
-    assert "Early stop of the VAE at epoch 4: no better validation loss for 3 epochs (best 102 at epoch 1)" in \
-        capsys.readouterr().out
+    assert ("Early stop of the VAE at epoch 4: no better validation recon_relative_l2 for 3 epochs (best 102 at "
+            "epoch 1)") in capsys.readouterr().out
     assert len(metrics(tmp_path)) == 4
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["training"]["progress"]
     assert last["finished"] and last["epoch"] == 4 and last["best_epoch"] == 1
