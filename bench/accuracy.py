@@ -9,8 +9,8 @@ Each case (bench/cases.py) is written into its own case folder under --workdir a
 `python SimulGen-VAE.py` there, defaults as shipped unless a flag here overrides them; the numbers come from the
 run's own output/evaluation.json, on its validation designs (never trained on), in physical units:
 - reconstruction: the VAE against POD with as many modes as the VAE has latent numbers per design;
-- prediction from the design's parameters: the conditioner against POD + Gaussian-process regression, the nearest
-  training design and the training mean field.
+- prediction from the design's parameters: the conditioner against POD + Gaussian-process regression, POD + a
+  thin-plate-spline interpolant, the nearest training design and the training mean field.
 Prints a markdown table (what docs/accuracy.md carries) and writes every number as JSON (--json, or after the table).
 Never tune on one case: the point of the benchmark is to report all of them.
 """
@@ -68,7 +68,9 @@ def run_case(name: str, args) -> dict:
             "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
             "kept": (choice or {}).get("kept"), "candidates": (choice or {}).get("validation_relative_l2"),
-            "pod_gpr": mean_l2(prediction["pod_gpr"]), "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
+            "pod_gpr": mean_l2(prediction["pod_gpr"]),
+            "pod_rbf": mean_l2(prediction["pod_rbf"]) if "pod_rbf" in prediction else None,
+            "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
             "mean_field": mean_l2(prediction["mean_field"]), "time_spent": report.get("time_spent")}
 
 
@@ -83,9 +85,9 @@ def percent(value: float) -> str:
 
 def table(rows: list) -> str:
     lines = ["| case | designs (train / val) | T x M | latent numbers | VAE reconstruction | POD, same size | "
-             "conditioner prediction (kept; the other candidate) | POD + GPR | nearest design | mean field | run | "
-             "time on the kept surrogate / on discarded candidates |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "conditioner prediction (kept; the other candidates) | POD + GPR | POD + RBF | nearest design | "
+             "mean field | run | time on the kept surrogate / on discarded candidates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         _, steps, nodes = row["shape"]
         kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
@@ -98,6 +100,7 @@ def table(rows: list) -> str:
                      f"{row['latent_numbers']} | {percent(row['vae'])}{on_codes} | {percent(row['pod'])} | "
                      f"{percent(row['conditioner'])} "
                      f"({'; not kept: '.join([kept, *others])}) | {percent(row['pod_gpr'])} | "
+                     f"{'n/a' if row.get('pod_rbf') is None else percent(row['pod_rbf'])} | "
                      f"{percent(row['nearest_neighbour'])} | {percent(row['mean_field'])} | {row['run_s']:.0f} s | "
                      f"{split} |")
     return "\n".join(lines)

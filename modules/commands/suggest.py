@@ -71,15 +71,17 @@ def suggest_designs(count: int, candidates, out, conditioner_file, device) -> li
 
 def pick_designs(source: str, surrogate, facts: dict, config, inputs, count: int):
     """(the picked rows of inputs in order, their predicted relative std, the criterion in words): the GP's
-    variance reduction when the spread is the GP's, else the spread with a diversity term (uncertainty.next_designs).
+    variance reduction when the spread is the GP's (also a neural field's GP), else the spread with a diversity term
+    (uncertainty.next_designs).
     inputs: standardised candidates on the device; config: the conditioner's (its file's facts)."""
     def relative_std_of(designs):  # the same seeded draws for any set of designs
         return relative_spread(surrogate, designs, calibration_scales(facts, config.n_steps_used), SUGGEST_DRAWS,
                                config.batch_size, torch.Generator().manual_seed(config.seed))
 
-    if source == "gp":
+    if source in ("gp", "field_gp"):  # a neural field's GP: what its simulation would teach the GP
         weights = latent_field_weights(surrogate, config.batch_size)
-        picked = variance_reduction_picks(surrogate.conditioner, inputs, weights, count, config.seed)
+        gp = surrogate.conditioner.spread if source == "field_gp" else surrogate.conditioner
+        picked = variance_reduction_picks(gp, inputs, weights, count, config.seed)
         return picked, relative_std_of(inputs[picked]), (
             "the largest reduction of the GPs' posterior variance of the field, averaged over the candidates, each "
             "pick counted as simulated before the next")

@@ -266,6 +266,10 @@ KEYS = (
     Key("latent_gp", "latent_gp", int, 1, "1: also fit a Gaussian-process regressor from the parameters to the "
         "latents (one GP per latent number) and keep it instead of the MLP when it predicts the validation designs' "
         "fields better; 0: keep the MLP", choices=(0, 1), resumable=True, only_with=WITH_PARAMETERS),
+    Key("latent_rbf", "latent_rbf", int, 1, "1: also fit a thin-plate-spline interpolant from the parameters to "
+        "the latents (POD + RBF while the VAE is at its POD start) and keep it instead of the others when it predicts "
+        "the validation designs' fields better; 0: not tried", choices=(0, 1), resumable=True,
+        only_with=WITH_PARAMETERS, earlier=0),
     Key("field_conditioner_epochs", "field_conditioner_epochs", int, 60, "where the nodes' positions are known "
         "(grid_shape, mesh_file or node_coordinates): passes over the training designs' time steps of a neural-field "
         "conditioner (parameters and time -> a code that shifts a sine network over the node coordinates: features "

@@ -2,18 +2,24 @@
 
 - Nearest neighbour: a new design gets the field of the training design whose condition (scaled parameters or
   image pixels) is closest.
-- POD + Gaussian-process regression (when the designs are defined by parameters): the training fields' POD
-  coefficients, as many as the VAE has latent numbers, are regressed on the parameters with a GP.
+- POD + Gaussian-process regression and POD + RBF (when the designs are defined by parameters): the training fields'
+  POD coefficients, as many as the VAE has latent numbers, are regressed on the parameters with a GP per coefficient,
+  or interpolated by a thin-plate spline (the usual two POD surrogates: the GP is the better on noisy families, the
+  spline on smooth, near-exact ones).
 
 Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
 designs' fields (models.pod), so scoring streams the data once and never holds the [N, T, M] array in memory.
 """
+from types import SimpleNamespace
+
 import numpy as np
+import torch
 
 from modules.data.dataset import READ_CHUNK_BYTES
 from modules.evaluation.metrics import FieldErrors
 from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import combination_weights, pod_coefficients
+from modules.models.radial_basis import RBFConditioner
 
 
 def nearest_training_designs(n_train: int, conditions: np.ndarray) -> np.ndarray:
@@ -36,12 +42,27 @@ def pod_gpr_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray,
                      for mode in range(min(rank, train_coefficients.shape[1]))], axis=1)
 
 
+def pod_rbf_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray, rank: int):
+    """The validation designs' POD coefficients [n_val, min(rank, modes)] interpolated from the training designs'
+    by a thin-plate spline on the standardised parameters [n_train + n_val, P] (models.radial_basis); None where
+    the training designs do not determine one (said in the report)."""
+    train_coefficients = pod_coefficients(gram, n_train)[0][:, :rank]
+    spec = SimpleNamespace(gp_points=n_train, input_shape=(parameters.shape[1],),
+                           output_dim=train_coefficients.shape[1])
+    try:
+        spline = RBFConditioner(spec).fit(parameters[:n_train], train_coefficients)
+    except np.linalg.LinAlgError:
+        return None
+    return spline(torch.as_tensor(parameters[n_train:])).double().numpy()
+
+
 def baseline_weights(gram: np.ndarray, n_train: int, pod_ranks: dict, conditions=None, parameters=None,
                      seed: int = 0):
     """{name: weights [n_val, n_train]}: each baseline's field of every validation design as a weighted sum of the
     training designs. pod_ranks {name: rank}: the design's own projection on `rank` POD modes (a reconstruction: the
     yardstick of the VAE); "mean_field"; with conditions, "nearest_neighbour"; with standardised parameters,
-    "pod_gpr" (as many modes as the largest POD rank)."""
+    "pod_gpr" and "pod_rbf" (as many modes as the largest POD rank; no "pod_rbf" where the designs do not
+    determine a spline)."""
     n_val = len(gram) - n_train
     coefficients = pod_coefficients(gram, n_train)[1]
     weights = {name: combination_weights(gram, n_train, coefficients[:, :rank]) for name, rank in pod_ranks.items()}
@@ -52,6 +73,9 @@ def baseline_weights(gram: np.ndarray, n_train: int, pod_ranks: dict, conditions
     if parameters is not None:
         weights["pod_gpr"] = combination_weights(gram, n_train, pod_gpr_coefficients(gram, n_train, parameters, rank,
                                                                                      seed))
+        interpolated = pod_rbf_coefficients(gram, n_train, parameters, rank)
+        if interpolated is not None:
+            weights["pod_rbf"] = combination_weights(gram, n_train, interpolated)
     return weights
 
 

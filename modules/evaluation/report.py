@@ -13,7 +13,7 @@ import numpy as np
 from modules.config.keys import LOSS_NAMES
 from modules.evaluation import figures
 from modules.evaluation.metrics import as_percent
-from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, conditioner_label
+from modules.models.conditioners import CONDITIONERS, NEURAL_FIELD, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 from modules.uncertainty.spread import calibration_words
@@ -35,10 +35,10 @@ def conditioner_kind(facts: dict) -> str:
 
 
 def trained_end_to_end(facts: dict) -> bool:
-    """Whether a saved conditioner was trained through the decoder (a GP on the latents is fitted, never; a neural
-    field has a decoder of its own)."""
-    return bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] not in (LATENT_GP.kind,
-                                                                                        NEURAL_FIELD.kind)
+    """Whether a saved conditioner was trained through the decoder (only the network input_type trains is: a GP or
+    an RBF on the latents is fitted, never; a neural field has a decoder of its own)."""
+    trained = {row.kind for row in CONDITIONERS.values()}
+    return bool(facts["config"]["use_e2e_training"]) and facts["spec"]["kind"] in trained
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction
@@ -80,15 +80,18 @@ def write_reconstruction_report(evaluation) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- prediction
 def prediction_report(evaluation) -> dict:
-    """The conditioner against POD + GPR, the nearest training design and the mean field on the validation designs
-    (which neither network trained on), with the VAE's own reconstruction of them: the floor for any conditioner
+    """The conditioner against POD + GPR, POD + RBF, the nearest training design and the mean field on the validation
+    designs (which neither network trained on), with the VAE's own reconstruction of them: the floor for any conditioner
     through this decoder. Mean relative L2 errors."""
     config, case, baselines = evaluation.config, evaluation.case, evaluation.baselines
     facts = evaluation.conditioner.facts
     predicted = evaluation.prediction.relative_l2()
     worst = int(np.argmax(predicted))
     means = {name: float(baselines[name].relative_l2().mean()) if name in baselines else None
-             for name in ("pod_gpr", "nearest_neighbour", "mean_field")}
+             for name in ("pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field")}
+    by_images = "; not applicable: designs are defined by images"
+    no_spline = "; not applicable: the training designs do not determine a thin-plate spline (too few for the "\
+        "parameters, two at the same parameters, or all on a hyperplane of them)"
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
         "input_type": facts["config"]["input_type"],
@@ -104,8 +107,10 @@ def prediction_report(evaluation) -> dict:
         "baselines": means,
         "baseline_notes": {
             "pod_gpr": f"POD of the training fields with {config.latent_size} modes, coefficients regressed on the "
-                       "parameters by a Gaussian process" + ("" if means["pod_gpr"] is not None else
-                                                             "; not applicable: designs are defined by images"),
+                       "parameters by a Gaussian process" + ("" if means["pod_gpr"] is not None else by_images),
+            "pod_rbf": "the same POD coefficients interpolated by a thin-plate spline on the parameters"
+                       + ("" if means["pod_rbf"] is not None else by_images if means["pod_gpr"] is None
+                          else no_spline),
             "nearest_neighbour": "the field of the training design with the closest condition",
             "mean_field": "the training designs' mean field, whatever the design"},
         "conditioner_val_per_design": {int(i): float(e) for i, e in zip(case.val_indices, predicted)},
@@ -128,6 +133,9 @@ def prediction_rows(report: dict) -> list:
     def percent(value):
         return "n/a (designs are defined by images)" if value is None else as_percent(value)
     baselines = report["baselines"]
+    spline = baselines.get("pod_rbf")  # None: images, or designs that determine no spline; absent: an older report
+    spline = ("n/a (the training designs determine no thin-plate spline)" if spline is None
+              and baselines["pod_gpr"] is not None else percent(spline))
     return [(f"conditioner ({report['conditioner']})", f"{percent(report['conditioner_val'])} (median "
              f"{as_percent(report['conditioner_val_median'])}, worst {as_percent(report['conditioner_val_worst'])} "
              "on design "
@@ -136,6 +144,7 @@ def prediction_rows(report: dict) -> list:
              percent(report["vae_reconstruction_val"])),
             (f"POD ({report['latent_numbers_per_design']} modes) + Gaussian-process regression",
              percent(baselines["pod_gpr"])),
+            (f"POD ({report['latent_numbers_per_design']} modes) + thin-plate-spline interpolation", spline),
             ("nearest training design in condition space", percent(baselines["nearest_neighbour"])),
             ("training mean field", percent(baselines["mean_field"]))]
 
@@ -234,11 +243,10 @@ def uncertainty_section(evaluation) -> dict | None:
     if evaluation.conditioner is None:
         return None
     facts = evaluation.conditioner.facts
-    kept = {"kept_instead": "the neural field" if facts["spec"]["kind"] == NEURAL_FIELD.kind else
-            "the GP on the latents"}  # what an ensemble not kept lost to
-    if facts["spec"]["kind"] == NEURAL_FIELD.kind:
-        return {"note": "no uncertainty: the neural field kept as the conditioner has none (field_conditioner_epochs "
-                        "0 keeps a conditioner that has one)", "ensemble": facts["ensemble"], **kept}
+    kept = {"kept_instead": f"the {conditioner_label(facts['spec']['kind'])}"}  # what an ensemble not kept lost to
+    if facts["spec"]["kind"] == NEURAL_FIELD.kind and not facts["spec"].get("spread_kind"):
+        return {"note": "no uncertainty: the neural field kept as the conditioner carries none (latent_gp 1 or "
+                        "latent_rbf 1 gives it one)", "ensemble": facts["ensemble"], **kept}
     if (facts["calibration"] or {}).get("no_spread"):
         return {"note": "no uncertainty: " + calibration_words(facts["calibration"]), "ensemble": facts["ensemble"],
                 **kept}
@@ -307,6 +315,7 @@ def labels(evaluation) -> dict:
     return {"vae": f"VAE ({size} latent numbers per design{on})", "pod": f"POD, {size} modes",
             "mean_field": "training mean field", "conditioner": f"conditioner ({kind})",
             "pod_gpr": f"POD ({size} modes) + Gaussian-process regression",
+            "pod_rbf": f"POD ({size} modes) + thin-plate-spline interpolation",
             "nearest_neighbour": "nearest training design in condition space"}
 
 
@@ -318,11 +327,15 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     section = {"note": evaluation.prediction_note}
     if prediction is not None:
         section["conditioner"] = prediction.summary(n_nodes)
-    for name in ("pod_gpr", "nearest_neighbour", "mean_field"):
+    for name in ("pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field"):
         if name in evaluation.baselines:
             section[name] = evaluation.baselines[name].summary(n_nodes)
     if "pod_gpr" not in evaluation.baselines:
         section["note_pod_gpr"] = "not applicable: designs are defined by images, not parameters"
+    elif "pod_rbf" not in evaluation.baselines:
+        section["note_pod_rbf"] = ("POD + thin-plate spline not applicable: the training designs do not determine "
+                                   "one (too few for the parameters, two at the same parameters, or all on a "
+                                   "hyperplane of them)")
     return section
 
 

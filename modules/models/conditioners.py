@@ -10,10 +10,10 @@ standardised, so each network ends in a Linear started near zero and an untraine
 - ViT  (kind "vit"): design images [B, C, S, S]; patch tokens through pre-norm transformer blocks with stochastic
   depth, for images whose relevant structure is long-range rather than local.
 
-Besides the network trained for input_type, two candidates on parameters are kept instead of it when they predict
+Besides the network trained for input_type, three candidates on parameters are kept instead of it when they predict
 the validation designs' fields better (training.conditioner_choice): a GP per latent number (models.
-gaussian_process) and a neural field that predicts the field itself, not latents (models.neural_field;
-models.surrogate decodes either kind).
+gaussian_process), a thin-plate-spline interpolant of the latents (models.radial_basis) and a neural field that
+predicts the field itself, not latents (models.neural_field; models.surrogate decodes either kind).
 
 With members > 1 (lc_ensemble) the conditioner is an ensemble of that many networks of the spec, started from
 different random weights and trained side by side (ConditionerEnsemble): its prediction is their mean, their spread
@@ -28,6 +28,7 @@ from torch import nn
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import run_blocks
 from modules.models.neural_field import NeuralFieldConditioner
+from modules.models.radial_basis import RBFConditioner
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ class ConditionerSpec:
     vit_depth: int = 6
     vit_heads: int = 8
     vit_drop_path: float = 0.1
-    gp_points: int = 0  # gpr: the training designs the GPs' posterior means are sums over
+    gp_points: int = 0  # gpr, rbf: the training designs their predictions are sums over
     members: int = 1  # networks in the ensemble (lc_ensemble); 1: a single network
     field_shape: tuple = ()  # neural_field: (T, M, n_vars) of the field it predicts itself
+    spread_kind: str = ""  # neural_field: the fitted candidate on the latents ("gpr", "rbf") whose spread it carries
+                           # (its gp_points: that one's training designs); "": none
 
     def to_dict(self) -> dict:
         return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters),
@@ -285,9 +288,10 @@ CONDITIONERS = {
     "image": Conditioner("cnn", "CNN", CNNConditioner),
     "image_vit": Conditioner("vit", "ViT", ViTConditioner),
 }
-# Fitted, not trained, on parameters: kept instead of the MLP when it predicts better (latent_gp).
+# Fitted, not trained, on parameters: kept instead of the MLP when they predict better (latent_gp, latent_rbf).
 LATENT_GP = Conditioner("gpr", "GP on latents", GPRConditioner)
+LATENT_RBF = Conditioner("rbf", "RBF on latents", RBFConditioner)
 # Trained on the fields themselves, on parameters where the nodes' positions are known: kept instead of the others when
 # it predicts better (field_conditioner_epochs); its output is the field, not latents.
 NEURAL_FIELD = Conditioner("neural_field", "neural field", NeuralFieldConditioner)
-NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, NEURAL_FIELD)}
+NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, LATENT_RBF, NEURAL_FIELD)}

@@ -24,12 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.models.gaussian_process import GPRConditioner
+from modules.models.radial_basis import RBFConditioner
+
 WIDTH = 128              # sine layer width
 LAYERS = 3
 FREQUENCY = 30.0         # SIREN's frequency
 CODE = 8                 # code numbers per time step
 HIDDEN = 256             # the code MLP: 3 hidden layers this wide
 DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks leave the caches)
+SPREAD_MODELS = {"gpr": GPRConditioner, "rbf": RBFConditioner}  # what spec.spread_kind names
 
 
 def normalised_coordinates(points) -> torch.Tensor:
@@ -108,7 +112,12 @@ class NeuralFieldConditioner(nn.Module):
     """Standardised parameters [B, P] -> scaled fields [B, T, M] (or [B, T, V * P] at node indices [P] within each
     variable): the code MLP (parameters, t) -> c_t, then NeuralFieldNodes. spec.field_shape is (T, M, n_vars); the
     time steps enter as evenly spaced values in [-1, 1]. decodes_fields tells models.surrogate that its output is the
-    field itself, not latents for the VAE's decoder."""
+    field itself, not latents for the VAE's decoder.
+
+    It has no spread of its own. With spec.spread_kind it carries the fitted candidate on the latents of that kind
+    (a GP or a thin-plate spline, `spread`), whose posterior spread of the latents, decoded by the VAE around its own
+    latents, models.surrogate adds to this field's prediction for a draw; the calibration then scales that spread to
+    this field's own errors on the validation designs (uncertainty.spread)."""
 
     decodes_fields = True
 
@@ -118,6 +127,20 @@ class NeuralFieldConditioner(nn.Module):
         self.codes = code_network(spec.input_shape[0] + 1)
         self.field = NeuralFieldNodes(CODE, n_nodes, n_vars)
         self.register_buffer("times", torch.linspace(-1, 1, n_steps))
+        self.spread = SPREAD_MODELS[spec.spread_kind](spec) if spec.spread_kind else None
+
+    @property
+    def spread_kind(self) -> str | None:
+        """uncertainty.spread's name of where its spread comes from; None: it has none."""
+        if self.spread is None:
+            return None
+        return "field_rbf" if isinstance(self.spread, RBFConditioner) else "field_gp"
+
+    def latent_spread(self, params):
+        """The carried model's (latents [B, D], their standard deviations [B, D]): what a draw perturbs."""
+        if self.spread is None:
+            raise ValueError("this neural field carries no spread")
+        return self.spread.latent_spread(params)
 
     def forward(self, params, nodes=None, steps=None):
         """steps: time-step indices [B, S] to predict instead of all T (training); nodes as NeuralFieldNodes'."""

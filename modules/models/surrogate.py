@@ -38,8 +38,8 @@ class Surrogate(nn.Module):
 
     @property
     def decodes_fields(self) -> bool:
-        """Whether the conditioner predicts the field itself (a neural field) rather than the VAE's latents: it then
-        has no latents to draw samples around, nor to rank candidate designs by."""
+        """Whether the conditioner predicts the field itself (a neural field) rather than the VAE's latents: its
+        draws then come from the model it carries, if any (draws)."""
         return getattr(self.conditioner, "decodes_fields", False)
 
     def forward(self, raw):
@@ -92,11 +92,13 @@ class Surrogate(nn.Module):
         """(the prediction [n, T, M], an iterator of n_draws draws [n, T, M]), both in scaled units, float32 on the
         inputs' device; the draws are made one at a time, never all in memory. A draw is the predicted latents plus
         their standard deviation times standard normal noise, decoded; for a single network, which has no spread of
-        its own, the main latent as predicted and each level's latent plus its prior's noise.
-        standard_normal(shape): standard normal noise of that shape on the CPU."""
+        its own, the main latent as predicted and each level's latent plus its prior's noise; for a neural field, its
+        prediction plus what that noise moves the decoded field of the latents of the model it carries (its spread,
+        models.neural_field). standard_normal(shape): standard normal noise of that shape on the CPU."""
         latents, spread = self.latent_spread(inputs)
         latents = latents.float()
-        prediction = self.decoded(latents)
+        centre = self.decoded(latents)
+        prediction = self.scaled(inputs) if self.decodes_fields else centre
 
         def drawn():
             for _ in range(n_draws):
@@ -107,6 +109,7 @@ class Surrogate(nn.Module):
                     yield self.vae.decode_around(main, levels, noise).float()
                 else:
                     noise = standard_normal(tuple(latents.shape)).to(latents.device)
-                    yield self.decoded(latents + spread * noise)
+                    draw = self.decoded(latents + spread * noise)
+                    yield prediction + (draw - centre) if self.decodes_fields else draw
 
         return prediction, drawn()

@@ -228,11 +228,12 @@ def note_vae(run, progress, reconstruction: dict) -> None:
 
 def note_conditioner(run, progress, prediction: dict) -> None:
     """The conditioner's final numbers into the run record: its training (of the network, even when the GP on the
-    latents was kept instead: conditioner_kept says which) and its prediction report."""
+    latents or another candidate was kept instead: conditioner_kept says which) and its prediction report."""
     update_run(run, conditioner_kept=prediction["conditioner"], conditioner_epochs=progress.epoch,
                conditioner_best_epoch=progress.best_epoch,
                conditioner_best_val_loss=progress.best_val_loss, prediction_val_error=prediction["conditioner_val"],
                pod_gpr_val_error=prediction["baselines"]["pod_gpr"],
+               pod_rbf_val_error=prediction["baselines"]["pod_rbf"],
                nearest_neighbour_val_error=prediction["baselines"]["nearest_neighbour"])
 
 

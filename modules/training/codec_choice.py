@@ -115,8 +115,9 @@ def fit_codec(positions, node_basis, case, config, runtime) -> SnapshotCodec:
              f"({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time step) ...")
     began = time.perf_counter()
     field_shape = (n_steps, config.n_nodes_used, config.n_vars)
-    codec, coefficients = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit, config.batch_size,
-                                            config.seed, device, encode=SnapshotCodec.coefficients)
+    codec, coefficients, _ = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit,
+                                               config.batch_size, config.seed, device,
+                                               encode=SnapshotCodec.coefficients)
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")

@@ -1,12 +1,13 @@
 """Which conditioner is kept once the network is trained: the one that predicts the validation designs' fields best,
 by the reports' measure (the mean relative L2 error of a design's whole field in physical units).
 
-With parameters, two more candidates are tried beside the trained network: a GP per latent number fitted on the same
-training designs (latent_gp; models.gaussian_process) and a neural field trained on their fields themselves
-(field_conditioner_epochs, where the nodes' positions are known; models.neural_field, fitted by
-training.field_fitter). An ensemble is also set against its own members. Every candidate is scored through the
-same models.surrogate.Surrogate that --predict uses, in one pass over the validation designs' fields.
-"""
+With parameters, three more candidates are tried beside the trained network: a GP per latent number fitted on the
+same training designs (latent_gp; models.gaussian_process), a thin-plate spline through their latents (latent_rbf;
+models.radial_basis; with the VAE at its POD start, the POD + GPR and POD + RBF surrogates) and a neural field
+trained on their fields themselves (field_conditioner_epochs, where the nodes' positions are known;
+models.neural_field, fitted by training.field_fitter). An ensemble is also set against its own members. Every candidate
+is scored through the same models.surrogate.Surrogate that --predict uses, in one pass over the validation designs'
+fields."""
 import dataclasses
 import logging
 import time
@@ -19,14 +20,23 @@ from modules.data.batches import in_order
 from modules.data.field_layout import node_positions, read_field_layout
 from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.memory import batch_within_memory
-from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, ConditionerSpec, conditioner_label
-from modules.models.gaussian_process import GPRConditioner
+from modules.models.conditioners import (LATENT_GP, LATENT_RBF, NETWORKS, NEURAL_FIELD, ConditionerSpec,
+                                         conditioner_label)
 from modules.models.neural_field import NeuralFieldConditioner
 from modules.training.field_fitter import SampledFieldFit, fit_sampled_field
 
 log = logging.getLogger(__name__)
 
-LATENT_GP_MOST_DESIGNS = 1000  # a GP fit costs n^3 per optimiser iteration and latent number: minutes at this n
+# A neural field is scored a CHECK_SHARE of the way through its passes and ended where it predicts the validation
+# designs more than LOSING_MARGIN times worse than the best other candidate (docs/model.md: how far its error falls
+# after that point on the benchmark's cases)
+CHECK_SHARE = 0.25
+LOSING_MARGIN = 10.0
+# the fitted candidates: {kind: (the most training designs it is fitted on, fit(model, inputs, targets, seed))}. A GP
+# fit costs n^3 per optimiser iteration and latent number: minutes at 1000 designs; a spline one dense solve of
+# n x n, a minute at 4000
+FITTED = {LATENT_GP.kind: (1000, lambda model, inputs, targets, seed: model.fit(inputs, targets, seed)),
+          LATENT_RBF.kind: (4000, lambda model, inputs, targets, _: model.fit(inputs, targets))}
 # float32 copies of its field one design takes in the comparison, without gradients: the batch, the decoder's
 # activations, the prediction scaled and in physical units, the simulated field and the error
 EVALUATION_COPIES = 8
@@ -68,85 +78,138 @@ def ensemble_against_members(ensemble, spec, case, config) -> dict:
 
 
 def best_on_parameters(network, spec, case, config):
-    """The trained network, a GP per latent number (latent_gp) or a neural field (field_conditioner_epochs),
-    whichever predicts the validation designs' fields best: (the one kept, its spec, the choice made and why, as
-    plain types; None when the network was the only candidate)."""
+    """The trained network, a GP per latent number (latent_gp), a thin-plate spline of the latents (latent_rbf) or a
+    neural field (field_conditioner_epochs), whichever predicts the validation designs' fields best: (the one kept,
+    its spec, the choice made and why, as plain types; None when the network was the only candidate). The candidates
+    on latents are scored first, so a neural field that loses to the best of them by a wide margin a quarter of the
+    way through its fit is ended there (neural_field_candidate)."""
     candidates, record, seconds = {spec.kind: (network, spec)}, {}, {}
-    if config.latent_gp:
+    for wanted, kind, failed in ((config.latent_gp, LATENT_GP.kind, "gp_failed"),
+                                 (config.latent_rbf, LATENT_RBF.kind, "rbf_failed")):
+        if not wanted:
+            continue
         began = time.perf_counter()
-        fitted, failure = latent_gp_candidate(spec, case, config)
-        seconds[LATENT_GP.kind] = time.perf_counter() - began
+        fitted, failure = fitted_candidate(kind, spec, case, config)
+        seconds[kind] = time.perf_counter() - began
         if fitted is not None:
-            candidates[LATENT_GP.kind] = fitted
+            candidates[kind] = fitted
         if failure is not None:
-            record["gp_failed"] = failure
+            record[failed] = failure
+    errors = {}
     if config.field_conditioner_epochs:
+        errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
+                                         config.lc_batch_size)
         began = time.perf_counter()
-        field = neural_field_candidate(spec, case, config)
+        field, stopped = neural_field_candidate(spec, case, config, errors)
+        if field is not None or stopped is not None:
+            seconds[NEURAL_FIELD.kind] = time.perf_counter() - began
         if field is not None:
             candidates[NEURAL_FIELD.kind] = field
-            seconds[NEURAL_FIELD.kind] = time.perf_counter() - began
+            errors.update(validation_field_errors({NEURAL_FIELD.kind: field[0]}, case, config.lc_batch_size))
+        if stopped is not None:
+            record["neural_field_stopped"] = stopped
     if seconds:  # what each candidate beside the network cost, kept or not (reports' time spent)
         record["fit_seconds"] = {kind: round(value, 3) for kind, value in seconds.items()}
     if len(candidates) == 1:
         return network, spec, {"kept": spec.kind, **record} if record else None
-    errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
-                                     config.lc_batch_size)
+    if not errors:
+        errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
+                                         config.lc_batch_size)
     kept = min(errors, key=errors.get)
     labels = {kind: conditioner_label(kind, its_spec.members) for kind, (_, its_spec) in candidates.items()}
     others = " and ".join(f"{as_percent(errors[kind])} for the {labels[kind]}" for kind in errors if kind != kept)
     log.info(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean "
              f"relative L2 error of {as_percent(errors[kept])} against {others}")
-    return (*candidates[kept], {**record, "kept": kept, "validation_relative_l2": errors})
+    model, kept_spec = candidates[kept]
+    if kept == NEURAL_FIELD.kind:
+        model, kept_spec, record["spread_from"] = with_spread(model, kept_spec, candidates, errors)
+    return model, kept_spec, {**record, "kept": kept, "validation_relative_l2": errors}
 
 
-def latent_gp_candidate(spec, case, config):
-    """((a GP per latent number fitted on the training designs, its spec), None); (None, None), said, where there are
-    too many designs for a GP; (None, the error's text), warned, where the fit fails (the trained network is still a
-    conditioner)."""
+def with_spread(field, field_spec, candidates: dict, errors: dict):
+    """(the neural field carrying the fitted candidate on the latents that predicted the validation designs best
+    (models.neural_field: its spread stands in for the field's), its spec, that candidate's kind); the field as it
+    is, its spec and None, said, where no GP or spline was fitted."""
+    fitted = [kind for kind in (LATENT_GP.kind, LATENT_RBF.kind) if kind in candidates]  # each has a spread
+    if not fitted:
+        log.info("note: the neural field kept has no uncertainty model: no GP or spline on the latents was fitted "
+                 "beside it (latent_gp 1 or latent_rbf 1 gives it one)")
+        return field, field_spec, None
+    source = min(fitted, key=errors.get)
+    model, spec = candidates[source]
+    field.spread = model
+    log.info(f"The neural field's uncertainty: the {conditioner_label(source)}'s spread of the latents, decoded "
+             "around its prediction (calibrated on its own errors below)")
+    return field, dataclasses.replace(field_spec, spread_kind=source, gp_points=spec.gp_points), source
+
+
+def fitted_candidate(kind: str, spec, case, config):
+    """((the GP per latent number (latent_gp) or the thin-plate spline (latent_rbf) fitted on the training designs'
+    latents, its spec), None); (None, None), said, where there are more training designs than its fit is made for;
+    (None, the error's text), warned, where the fit fails (the other candidates remain)."""
     train = case.fields.train_indices
-    if len(train) > LATENT_GP_MOST_DESIGNS:
-        log.info(f"note: no GP on the latents: {len(train)} training designs are more than the "
-                 f"{LATENT_GP_MOST_DESIGNS} a GP fit handles in minutes")
+    most, fit = FITTED[kind]
+    label = conditioner_label(kind)
+    if len(train) > most:
+        log.info(f"note: no {label}: {len(train)} training designs are more than the {most} its fit is made for")
         return None, None
-    gp_spec = dataclasses.replace(spec, kind=LATENT_GP.kind, gp_points=len(train), members=1)
-    log.info(f"Fitting a Gaussian process per latent number ({spec.output_dim}) on the {len(train)} training "
-             "designs ...")
+    fitted_spec = dataclasses.replace(spec, kind=kind, gp_points=len(train), members=1)
+    log.info(f"Fitting the {label} ({spec.output_dim} latent numbers) on the {len(train)} training designs ...")
     try:
-        latent_gp = GPRConditioner(gp_spec).fit(case.conditions[train].double().cpu().numpy(),
-                                                case.targets[train].double().cpu().numpy(), config.seed)
+        fitted = fit(NETWORKS[kind].network(fitted_spec), case.conditions[train].double().cpu().numpy(),
+                     case.targets[train].double().cpu().numpy(), config.seed)
     except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
         failure = f"{type(error).__name__}: {error}"
-        log.warning(f"warning: the GP on the latents could not be fitted ({failure}); it is not a candidate")
+        log.warning(f"warning: the {label} could not be fitted ({failure}); it is not a candidate")
         return None, failure
-    return (latent_gp.to(case.conditions.device), gp_spec), None
+    return (fitted.to(case.conditions.device), fitted_spec), None
 
 
-def neural_field_candidate(spec, case, config):
-    """(a neural field (models.neural_field) fitted on the training designs' fields, its spec); None, said, where
-    the nodes' positions are not known."""
+def neural_field_candidate(spec, case, config, rivals: dict):
+    """((a neural field (models.neural_field) fitted on the training designs' fields, its spec) or None, what was
+    stopped or None): None, said, where the nodes' positions are not known; the fit ended early, said and recorded
+    (its passes, its error and the best rival's), where a quarter of the way through it predicts the validation designs
+    more than LOSING_MARGIN times worse than the best of rivals ({kind: validation error} of the other candidates)."""
     positions = node_positions(read_field_layout(config))
     if positions is None:
         log.info("note: no neural-field conditioner: where the nodes are is not known (grid_shape, mesh_file or "
                  "node_coordinates would let one be tried)")
-        return None
+        return None, None
     field_spec = dataclasses.replace(spec, kind=NEURAL_FIELD.kind, members=1, gp_points=0,
                                      field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars))
-    fit = SampledFieldFit(passes=config.field_conditioner_epochs)
+    passes = config.field_conditioner_epochs
+    fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if rivals else 0)
     sampled = config.n_nodes_used // config.n_vars > fit.nodes
     log.info(f"Training a neural-field conditioner on the fields of the {len(case.fields.train_indices)} training "
              f"designs ({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time "
              "step) ...")
-    began = time.perf_counter()
-    field = fit_neural_field(field_spec, positions, case, config, fit)
+    began, measured = time.perf_counter(), {}
+
+    def losing(network, _):
+        measured["error"] = validation_field_errors({NEURAL_FIELD.kind: network}, case, config.lc_batch_size)[
+            NEURAL_FIELD.kind]
+        best = min(rivals, key=rivals.get)
+        measured.update(best=best, best_error=rivals[best])
+        verdict = measured["error"] > LOSING_MARGIN * rivals[best]
+        log.info(f"The neural field after {fit.check_after} of {fit.passes} passes predicts the validation designs "
+                 f"with a mean relative L2 error of {as_percent(measured['error'])}, the {conditioner_label(best)} "
+                 f"with {as_percent(rivals[best])}: " + (f"more than {LOSING_MARGIN:g} times worse, it is stopped "
+                                                         "and not a candidate" if verdict else "going on"))
+        return verdict
+
+    field, stopped_after = fit_neural_field(field_spec, positions, case, config, fit, losing)
+    if stopped_after is not None:
+        return None, {"passes": stopped_after, "of": fit.passes, "validation_relative_l2": measured["error"],
+                      "best_rival": measured["best"], "best_rival_validation_relative_l2": measured["best_error"]}
     log.info(f"The neural field trained in {time.perf_counter() - began:.0f} s")
-    return field, field_spec
+    return (field, field_spec), None
 
 
-def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit):
-    """A NeuralFieldConditioner fitted (training.field_fitter) on the training designs' scaled fields from their
-    standardised parameters: each snapshot's design's parameters and time step -> its field at the sampled nodes. A
-    fit of minutes, not checkpointed: a resumed conditioner run fits it again."""
+def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing=None):
+    """(a NeuralFieldConditioner fitted (training.field_fitter) on the training designs' scaled fields from their
+    standardised parameters: each snapshot's design's parameters and time step -> its field at the sampled nodes,
+    the passes made where losing (field_fitter's) ended the fit, else None). A fit of minutes, not checkpointed: a
+    resumed conditioner run fits it again."""
     device = case.conditions.device
     n_steps = spec.field_shape[0]
     train = torch.as_tensor(case.fields.train_indices, device=device)
@@ -160,9 +223,9 @@ def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit):
         designs, steps = train[snapshots // n_steps], snapshots % n_steps
         return network(case.conditions[designs], None if nodes is None else nodes[:, None], steps[:, None])[:, 0]
 
-    network, _ = fit_sampled_field(build, predict, case.fields.train, len(train), spec.field_shape, fit,
-                                   config.batch_size, config.seed, device)
-    return network
+    network, _, stopped_after = fit_sampled_field(build, predict, case.fields.train, len(train), spec.field_shape, fit,
+                                                  config.batch_size, config.seed, device, losing=losing)
+    return network, stopped_after
 
 
 @torch.no_grad()

@@ -110,8 +110,9 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     note_time(run, conditioner_label(job.spec.kind, job.spec.members), network_seconds,
               kept=choice.kept is job.model)
     kept_kind = choice.record["kept"] if choice.record else job.spec.kind
+    spread_from = (choice.record or {}).get("spread_from")  # a fitted candidate a kept neural field carries
     for kind, seconds in (choice.record or {}).get("fit_seconds", {}).items():
-        note_time(run, conditioner_label(kind), seconds, kept=kind == kept_kind)
+        note_time(run, conditioner_label(kind), seconds, kept=kind in (kept_kind, spread_from))
     calibration = calibrated_spread(choice.kept, case, config)
     save_conditioner(CONDITIONER_FILE, choice.kept, choice.spec,
                      {**job.facts, "choice": choice.record, "ensemble": choice.ensemble, "calibration": calibration,
@@ -141,11 +142,11 @@ def train_network(config, runtime, case: ConditionerCase, run, resume):
 
 def calibrated_spread(kept, case: ConditionerCase, config) -> dict | None:
     """The kept conditioner's spread calibrated on the validation designs (uncertainty.spread; no_spread where its
-    draws all equal its prediction); None for a neural field, which has no spread."""
+    draws all equal its prediction); None for a neural field that carries no spread (no GP or spline was fitted)."""
     surrogate = case.surrogate(kept)
-    if surrogate.decodes_fields:
-        log.info("note: the neural field has no uncertainty model: --samples and --suggest need one of the other "
-                 "conditioners (set field_conditioner_epochs 0 to keep one)")
+    if surrogate.decodes_fields and kept.spread is None:
+        log.info("note: the neural field has no uncertainty model: --samples and --suggest need a GP or a spline on "
+                 "the latents fitted beside it (latent_gp 1 or latent_rbf 1)")
         return None
     calibration = calibrate_spread(surrogate, case.conditions, case.fields, config.lc_batch_size, config.seed)
     log.info(("note: no uncertainty: " if calibration.get("no_spread") else "Calibrated the prediction's ")

@@ -28,10 +28,11 @@ class SampledFieldFit:
     nodes: int = 256        # nodes of each variable a snapshot is read at in a pass, at random
     peak_lr: float = 1e-3   # Adam's, at the top of the one-cycle schedule
     warmup: float = 0.1     # share of the steps the learning rate rises over
+    check_after: int = 0    # passes after which a losing fit may be ended (fit_sampled_field's losing); 0: never
 
 
 def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: SampledFieldFit, batch_size: int,
-                      seed: int, device, encode=None):
+                      seed: int, device, encode=None, losing=None):
     """Fit the network that build() makes (after the seed is set, so its initial weights are the seed's; it has a
     .field, a models.neural_field.NeuralFieldNodes) on the scaled fields of the designs at positions 0..n_designs-1
     of source (a data.batches source). field_shape: (T, M, n_vars).
@@ -40,8 +41,11 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     into the pass: time step s % T of design s // T) at their nodes [S, P] (None: every node); encoded: encode's
     output for those snapshots (None without encode). encode(network, fields [b, T, M]) -> [b, T, ...]: what the
     network reads of each whole snapshot, computed on the first pass only (it does not change).
+    losing(network in eval mode, encode's output) -> bool: asked once, after fit.check_after passes (0: never),
+    whether the fit is losing by so wide a margin that the remaining passes are not worth their time; True ends it.
 
-    Returns (the network in eval mode, encode's output for every snapshot [N * T, ...] or None)."""
+    Returns (the network in eval mode, encode's output for every snapshot [N * T, ...] or None, the passes made
+    when losing ended the fit early, else None)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     network = build()
@@ -66,7 +70,11 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             loss.backward()
             optimiser.step()
             schedule.step()
-    return network.eval(), encoded
+        if losing is not None and index + 1 == fit.check_after < fit.passes:
+            if losing(network.eval(), encoded):
+                return network, encoded, index + 1
+            network.train()
+    return network.eval(), encoded, None
 
 
 @torch.no_grad()

@@ -6,6 +6,11 @@ Where the spread comes from (spread_source):
   open;
 - "gp" (the GP on the latents): its posterior standard deviation of each latent number, which grows with the
   distance to the training designs;
+- "rbf" (the thin-plate spline of the latents): its kriging standard deviation of each latent number, zero at the
+  training designs and growing away from them, scaled by its leave-one-out errors (models.radial_basis);
+- "field_gp", "field_rbf" (a neural field, which has none of its own, carrying the GP or the spline fitted beside
+  it): that model's spread of the latents, decoded around its own latents' field and added to the neural field's
+  prediction; the calibration then scales it to the neural field's own errors;
 - "decoder" (a single network, which has none of its own): the decoder prior's spread at the hierarchical levels, the
   spread the VAE allows in the finer detail.
 
@@ -34,16 +39,22 @@ CALIBRATION_COPIES = 10
 
 
 def spread_source(surrogate, inputs) -> str:
-    """"ensemble", "gp" or "decoder" (see the module's docstring) for this surrogate's conditioner, inputs: a few
-    standardised designs."""
+    """"ensemble", "gp", "rbf", "field_gp", "field_rbf" or "decoder" (see the module's docstring) for this
+    surrogate's conditioner, inputs: a few standardised designs."""
     if hasattr(surrogate.conditioner, "members"):
         return "ensemble"
+    if getattr(surrogate.conditioner, "spread_kind", None):
+        return surrogate.conditioner.spread_kind
     _, spread = surrogate.latent_spread(inputs[:1])
     return "gp" if spread is not None else "decoder"
 
 
 SPREAD_WORDS = {"ensemble": "the disagreement of the conditioner ensemble's members",
                 "gp": "the Gaussian processes' posterior standard deviation of the latents",
+                "rbf": "the thin-plate spline's kriging standard deviation of the latents",
+                "field_gp": "the GP on the latents' posterior spread, decoded around the neural field's prediction",
+                "field_rbf": "the thin-plate spline's kriging spread of the latents, decoded around the neural field's "
+                             "prediction",
                 "decoder": "the decoder prior's spread at the hierarchical levels (this conditioner has no "
                            "uncertainty of its own: lc_ensemble 5 trains one that has)"}
 
@@ -132,12 +143,13 @@ def calibrate_spread(surrogate, conditions, fields, batch_size: int, seed: int) 
 
 def missing_uncertainty(surrogate, facts: dict):
     """(what the conditioner lacks, the fix) where its prediction has no uncertainty to draw from or rank by; None
-    where it has one. A neural field has none; a single network's spread, the decoder prior's at the hierarchical
-    levels, is none where the VAE kept draws nothing from its levels (its starting state on a family whose levels'
-    POD modes are empty), which calibration records as no_spread."""
-    if surrogate.decodes_fields:
-        return ("is a neural-field conditioner, which has no uncertainty model",
-                "retrain the conditioner with field_conditioner_epochs 0 (--lc_only=1) to keep one that has")
+    where it has one. A neural field has one only when it carries the GP or the spline fitted beside it (files
+    written before it could, never); a single network's spread, the decoder prior's at the hierarchical levels, is
+    none where the VAE kept draws nothing from its levels (its starting state on a family whose levels' POD modes are
+    empty), which calibration records as no_spread."""
+    if surrogate.decodes_fields and getattr(surrogate.conditioner, "spread", None) is None:
+        return ("is a neural-field conditioner that carries no uncertainty model (no GP or spline on the latents was "
+                "fitted beside it)", "retrain the conditioner with latent_gp 1 or latent_rbf 1 (--lc_only=1)")
     if (facts.get("calibration") or {}).get("no_spread"):
         return ("has no uncertainty: the decoder prior's spread, a single network's only one, moved no value of its "
                 "predictions on the validation designs",

@@ -210,7 +210,8 @@ def test_a_conditioner_ensemble_trains_end_to_end_under_two_gloo_processes_like_
     for name in ("one", "two"):
         write_case(tmp_path / name, n=14, epochs=2, data=smooth_fields(14, 6, 20, parameters=parameters),
                    extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 3\nuse_e2e_training 1\n"
-                         "latent_conditioner_dropout_rate 0\nlatent_conditioner_batch 4\nlatent_gp 0\nlc_ensemble 2\n"
+                         "latent_conditioner_dropout_rate 0\nlatent_conditioner_batch 4\nlatent_gp 0\nlatent_rbf 0\n"
+                         "lc_ensemble 2\n"
                          + NETWORK_ALONE)  # the VAEs the conditioners train on must match too (see NETWORK_ALONE)
         write_conditions(tmp_path / name, parameters)
     _, double = one_and_two_processes(tmp_path)

@@ -1,5 +1,6 @@
 """Latent conditioners: shapes for every kind, no dead parameters, dropout and stochastic depth, specs that survive
 saving, the guards, and an MLP that actually learns."""
+import dataclasses
 import json
 
 import numpy as np
@@ -192,3 +193,40 @@ def test_a_gp_covariance_positive_definite_only_up_to_rounding_gets_the_smallest
     assert bool((added.diagonal() > 1e-12).all()) and float(added.diagonal().max()) <= 1e-4
     assert torch.equal(factor[1], torch.linalg.cholesky(covariance[1] + (0.1 + 1e-10) * torch.eye(6,
                                                                                                  dtype=torch.float64)))
+
+
+def test_the_latent_rbf_conditioner_is_scipys_thin_plate_spline_with_a_kriging_spread():
+    """Its buffers reproduce scipy's RBFInterpolator (thin-plate spline, linear polynomial) on new inputs after a
+    save and load as a state dict. Its spread is zero at the training designs and grows away from them, and its scale
+    is set so that, at each training design left out of a fit made without it (made explicitly here), the error over
+    the spread of that fit there has a root mean square of 1. Two designs at the same parameters are refused."""
+    from scipy.interpolate import RBFInterpolator
+
+    from modules.models.radial_basis import RBFConditioner
+    rng = np.random.default_rng(0)
+    inputs, new = rng.uniform(-1, 1, (30, 3)), rng.uniform(-1, 1, (7, 3))
+    targets = np.stack([np.sin(2 * inputs[:, 0]) + inputs[:, 1], inputs[:, 2] ** 2 - inputs[:, 0]], axis=1)
+    spec = ConditionerSpec("rbf", (3,), 2, (8,), gp_points=30)
+    rebuilt = build_conditioner(spec)
+    rebuilt.load_state_dict(RBFConditioner(spec).fit(inputs, targets).state_dict())
+    expected = RBFInterpolator(inputs, targets, kernel="thin_plate_spline")(new)
+    latents, spread = rebuilt.latent_spread(torch.as_tensor(new))
+    assert np.allclose(latents.numpy(), expected, rtol=0, atol=1e-6)
+    assert spread.shape == (7, 2) and bool((spread > 0).all())
+    assert float(rebuilt.latent_spread(torch.as_tensor(inputs))[1].abs().max()) < 1e-5 * float(spread.max())
+    far = rebuilt.latent_spread(torch.as_tensor(np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 3.0], [0.0, 0.0, 6.0]])))[1]
+    assert bool((far[1] > far[0]).all() and (far[2] > far[1]).all())
+    ratios = []
+    for i in range(len(inputs)):
+        left_out = RBFConditioner(dataclasses.replace(spec, gp_points=29)).fit(np.delete(inputs, i, 0),
+                                                                             np.delete(targets, i, 0))
+        latent, its_spread = left_out.latent_spread(torch.as_tensor(inputs[i:i + 1]))
+        # its own scale left out: the ratio of its error to its power function alone, times the full fit's scale
+        ratios.append((latent[0].double().numpy() - targets[i]) / (its_spread[0].double().numpy()
+                                                                   / left_out.sigmas.numpy()))
+    assert np.allclose(np.sqrt(np.mean(np.square(ratios), axis=0)), rebuilt.sigmas.numpy(), rtol=1e-4)
+    assert build_conditioner(spec).latent_spread(torch.as_tensor(new))[1] is None  # not fitted: no spread
+    with pytest.raises(np.linalg.LinAlgError, match="share their parameters"):
+        RBFConditioner(spec).fit(np.vstack([inputs[:29], inputs[:1]]), targets)
+    with pytest.raises(np.linalg.LinAlgError, match="at least 5"):
+        RBFConditioner(dataclasses.replace(spec, gp_points=4)).fit(inputs[:4], targets[:4])

@@ -128,28 +128,46 @@ def test_field_conditioner_epochs_without_a_parameter_csv_is_noted(case):
 
 
 @pytest.mark.slow
-def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exported(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("carried", [None, "gpr", "rbf"])
+def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exported(carried, tmp_path, monkeypatch,
+                                                                                      capsys):
     """Against an MLP of one epoch (about the mean field) the neural field trained 100 passes is kept: the
-    evaluation, --predict and the ONNX export then all run through it and agree; --samples and --suggest, which need
-    an uncertainty model it does not have, are refused in one line each."""
+    evaluation, --predict and the ONNX export then all run through it and agree. Alone, it has no uncertainty model:
+    --samples and --suggest are refused in one line each. With a GP or a spline fitted beside it (here made to lose
+    the contest, whatever this tiny case would say), it carries that one's spread: calibrated on its own errors,
+    --samples and --suggest work, and the export is the same field."""
+    from modules.training import conditioner_choice
     monkeypatch.chdir(tmp_path)
-    parameters = csv_case(tmp_path, "grid_shape 4 5\nn_epoch 1\nlatent_gp 0\nfield_conditioner_epochs 100\nplot 1\n")
+    fitted = {None: "latent_gp 0\nlatent_rbf 0\n", "gpr": "latent_gp 1\nlatent_rbf 0\n",
+              "rbf": "latent_gp 0\nlatent_rbf 1\n"}[carried]
+    parameters = csv_case(tmp_path, f"grid_shape 4 5\nn_epoch 1\n{fitted}field_conditioner_epochs 100\nplot 1\n")
+    real = conditioner_choice.validation_field_errors
+    monkeypatch.setattr(conditioner_choice, "validation_field_errors", lambda networks, *args: {
+        name: error * (1 if name in ("mlp", "neural_field") else 100) for name, error in real(networks, *args).items()})
     assert main([]) == 0
     said = capsys.readouterr().out
     assert "a neural-field conditioner on the fields of the 12 training designs (100 passes, every node of each" in said
     assert "Kept the neural field as the conditioner" in said
     report = json.loads((tmp_path / "output" / "prediction_report.json").read_text())
-    errors = report["conditioner_choice"]["validation_relative_l2"]
-    assert report["conditioner_choice"]["kept"] == "neural_field" and set(errors) == {"mlp", "neural_field"}
+    choice = report["conditioner_choice"]
+    errors = choice["validation_relative_l2"]
+    assert choice["kept"] == "neural_field" and set(errors) == {"mlp", "neural_field", *([carried] if carried else [])}
     assert report["conditioner"] == "neural field" and errors["neural_field"] < errors["mlp"]
     assert report["conditioner_val"] == pytest.approx(errors["neural_field"], rel=1e-4)  # the evaluation's own pass
+    assert choice.get("spread_from") == carried
     saved = torch.load(tmp_path / "model_save" / "latent_conditioner", weights_only=True)
     assert saved["spec"]["kind"] == "neural_field" and saved["spec"]["field_shape"] == [6, 20, 1]
-    assert saved["state_dict"]["field.coordinates"].shape == (20, 2) and saved["calibration"] is None
+    assert saved["spec"]["spread_kind"] == (carried or "")
+    assert saved["state_dict"]["field.coordinates"].shape == (20, 2)
     with Image.open(tmp_path / "output" / "conditioner_loss_curves.png") as image:  # the plots draw it too
         assert image.format == "PNG"
-    evaluation = json.loads((tmp_path / "output" / "evaluation.json").read_text())
-    assert evaluation["uncertainty"]["note"].startswith("no uncertainty: the neural field kept as the conditioner")
+    uncertainty = json.loads((tmp_path / "output" / "evaluation.json").read_text())["uncertainty"]
+    if carried is None:
+        assert saved["calibration"] is None
+        assert uncertainty["note"].startswith("no uncertainty: the neural field kept as the conditioner")
+    else:
+        source = {"gpr": "field_gp", "rbf": "field_rbf"}[carried]
+        assert saved["calibration"]["source"] == uncertainty["source"] == source
 
     np.savetxt("new.csv", parameters[:3], delimiter=",", header="amplitude,phase", comments="")
     assert main(["--predict=new.csv", "--out=p.npy"]) == 0 and main(["--export=s.onnx"]) == 0
@@ -160,12 +178,21 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     assert np.abs(exported - expected).max() < 1e-4 * np.abs(expected).max()
 
     capsys.readouterr()
-    for flags in (["--predict=new.csv", "--out=q.npy", "--samples=4"], ["--suggest=2"]):
-        assert main(flags) == 2
-        error = capsys.readouterr().err.strip().splitlines()
-        assert len(error) == 1 and "latent_conditioner" in error[0] and "neural-field conditioner" in error[0]
-        assert "field_conditioner_epochs 0" in error[0]
-    assert not (tmp_path / "q.npy").exists() and not (tmp_path / "output" / "suggested_designs.csv").exists()
+    asked = (["--predict=new.csv", "--out=q.npy", "--samples=4"], ["--suggest=2"])
+    if carried is None:
+        for flags in asked:
+            assert main(flags) == 2
+            error = capsys.readouterr().err.strip().splitlines()
+            assert len(error) == 1 and "latent_conditioner" in error[0] and "neural-field conditioner" in error[0]
+            assert "latent_gp 1 or latent_rbf 1" in error[0]
+        assert not (tmp_path / "q.npy").exists() and not (tmp_path / "output" / "suggested_designs.csv").exists()
+        return
+    for flags in asked:
+        assert main(flags) == 0
+    assert np.array_equal(np.load("q.npy"), expected)  # the prediction is the neural field's, draws or not
+    std = np.load("q_std.npy")
+    assert std.shape == expected.shape and np.isfinite(std).all() and std.max() > 0
+    assert (tmp_path / "output" / "suggested_designs.csv").read_text().count("\n") == 3
 
 
 def test_a_conditioner_file_saved_before_the_neural_field_reads_back(tmp_path):
@@ -258,8 +285,8 @@ def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs():
     spec = ConditionerSpec(kind="neural_field", input_shape=(2,), output_dim=0, filters=(),
                            field_shape=(n_steps, 2 * per_variable, 2))
     config = SimpleNamespace(seed=0, batch_size=5)
-    network = fit_neural_field(spec, np.stack([x.numpy(), np.zeros(20)], 1), case, config,
-                               SampledFieldFit(passes=150, nodes=8))
+    network, _ = fit_neural_field(spec, np.stack([x.numpy(), np.zeros(20)], 1), case, config,
+                                  SampledFieldFit(passes=150, nodes=8))
     with torch.no_grad():
         predicted = network(params)
     error = ((predicted - fields) ** 2).mean()

@@ -196,7 +196,7 @@ def test_without_node_positions_no_codec_is_tried_and_that_is_said(tmp_path):
 def trained(tmp_path_factory):
     """A whole run on the pulse (VAE on codes, MLP conditioner on its 4 parameters), 3 epochs, a checkpoint each."""
     folder = tmp_path_factory.mktemp("trained")
-    parameters = pulse_case(folder, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
+    parameters = pulse_case(folder, epochs=3, extra="n_epoch 2\nlatent_gp 0\nlatent_rbf 0\nfield_conditioner_epochs 0\n"
                                                    "input_type csv\nparam_dir input_data/parameters.csv\n")
     write_parameters(folder, parameters)
     with chdir(folder):
@@ -232,8 +232,9 @@ def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterr
     import signal
 
     import modules.training.guard as guard
-    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nfield_conditioner_epochs 0\n"
-                                                      "input_type csv\nparam_dir input_data/parameters.csv\n")
+    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nlatent_rbf 0\n"
+                                                      "field_conditioner_epochs 0\ninput_type csv\n"
+                                                      "param_dir input_data/parameters.csv\n")
     write_parameters(tmp_path, parameters)
     real = stop_at_step(monkeypatch, 8)
     with chdir(tmp_path):

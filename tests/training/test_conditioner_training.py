@@ -62,7 +62,7 @@ def conditioned(tmp_path_factory):
     write_conditions(folder, parameters[:N_DESIGNS])
     write_conditions(folder, parameters[N_DESIGNS:], images="new/images", csv="new/parameters.csv")
     np.save(folder / "new" / "fields.npy", fields[N_DESIGNS:])
-    set_conditioner(folder, "csv", "input_data/parameters.csv", "latent_gp 0\n")
+    set_conditioner(folder, "csv", "input_data/parameters.csv", "latent_gp 0\nlatent_rbf 0\n")
     with chdir(folder):
         assert main(["--plot=1"]) == 0
     return folder
@@ -92,7 +92,7 @@ def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_bas
     assert (folder / "model_save" / "SimulGen-VAE").exists() and (folder / "model_save" / "latent_conditioner").exists()
     result = report(folder)
     assert result["input_type"] == "csv" and result["n_val"] == 6 and result["n_train"] == 18
-    assert set(result["baselines"]) == {"pod_gpr", "nearest_neighbour", "mean_field"}
+    assert set(result["baselines"]) == {"pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field"}
     assert all(isinstance(value, float) for value in result["baselines"].values())
     assert result["conditioner_val"] < 0.5 * result["baselines"]["mean_field"]
     assert result["vae_reconstruction_val"] <= result["conditioner_val"] * 1.5
@@ -103,10 +103,10 @@ def test_full_run_trains_the_vae_then_the_conditioner_and_reports_it_next_to_bas
 def test_the_run_ends_with_an_evaluation_of_both_models_against_the_same_baselines(conditioned):
     evaluation = json.loads((conditioned / "output" / "evaluation.json").read_text())
     prediction, result = evaluation["prediction"], report(conditioned)
-    assert set(prediction) == {"note", "conditioner", "pod_gpr", "nearest_neighbour", "mean_field"}
+    assert set(prediction) == {"note", "conditioner", "pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field"}
     assert prediction["note"] is None
     assert prediction["conditioner"]["relative_l2"]["mean"] == pytest.approx(result["conditioner_val"], rel=1e-5)
-    for name in ("pod_gpr", "nearest_neighbour", "mean_field"):
+    for name in ("pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field"):
         assert prediction[name]["relative_l2"]["mean"] == pytest.approx(result["baselines"][name], rel=1e-4)
     assert prediction["conditioner"]["worst_designs"][0]["design"] == result["conditioner_val_worst_design"]
     assert evaluation["labels"]["conditioner"] == "conditioner (MLP)"
@@ -114,6 +114,7 @@ def test_the_run_ends_with_an_evaluation_of_both_models_against_the_same_baselin
         assert (conditioned / "output" / f"{name}.png").stat().st_size > 10_000
     run = json.loads(next((conditioned / "runs").glob("*/run.json")).read_text())
     assert run["results"]["pod_gpr_val_error"] == pytest.approx(result["baselines"]["pod_gpr"])
+    assert run["results"]["pod_rbf_val_error"] == pytest.approx(result["baselines"]["pod_rbf"])
     assert run["results"]["conditioner_best_val_loss"] > 0 and run["results"]["vae_epochs"] == 60
 
 
@@ -145,15 +146,15 @@ def test_the_best_validation_epoch_is_the_conditioner_kept(conditioned):
 
 
 @pytest.mark.slow
-def test_a_csv_case_keeps_whichever_of_the_mlp_and_the_latent_gp_predicts_better_and_says_so(copy_of, capsys):
-    assert report(copy_of)["conditioner_choice"] is None  # latent_gp 0: the MLP alone
-    set_conditioner(copy_of, "csv", "input_data/parameters.csv")  # latent_gp 1, the default
+def test_a_csv_case_keeps_whichever_of_the_mlp_gp_and_rbf_predicts_better_and_says_so(copy_of, capsys):
+    assert report(copy_of)["conditioner_choice"] is None  # latent_gp 0, latent_rbf 0: the MLP alone
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv")  # latent_gp 1 and latent_rbf 1, the defaults
     with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
     choice = report(copy_of)["conditioner_choice"]
     errors = choice["validation_relative_l2"]
-    assert set(errors) == {"mlp", "gpr"} and choice["kept"] == min(errors, key=errors.get)
-    label = {"mlp": "MLP", "gpr": "GP on latents"}[choice["kept"]]
+    assert set(errors) == {"mlp", "gpr", "rbf"} and choice["kept"] == min(errors, key=errors.get)
+    label = {"mlp": "MLP", "gpr": "GP on latents", "rbf": "RBF on latents"}[choice["kept"]]
     assert f"Kept the {label} as the conditioner" in capsys.readouterr().out
     assert report(copy_of)["conditioner"] == label
     kept = torch.load(copy_of / "model_save" / "latent_conditioner", weights_only=True)
@@ -223,7 +224,7 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     assert kept is network and kept_spec == spec
     assert {**choice, "fit_seconds": None} == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular",
                                                "fit_seconds": None}
-    assert "warning: the GP on the latents could not be fitted (LinAlgError: matrix is singular); it is not a " \
+    assert "warning: the GP on latents could not be fitted (LinAlgError: matrix is singular); it is not a " \
         "candidate" in lines
 
 
@@ -420,7 +421,8 @@ def test_image_conditioners_train_with_lc_only_and_predict_from_a_folder_or_one_
         assert main([f"--predict={copy_of / 'new' / 'images' / 'design_002.png'}",
                      f"--out={tmp_path / 'one.npy'}"]) == 0
     result = report(copy_of)
-    assert result["input_type"] == input_type and result["baselines"]["pod_gpr"] is None
+    assert result["input_type"] == input_type
+    assert result["baselines"]["pod_gpr"] is None and result["baselines"]["pod_rbf"] is None
     assert result["conditioner_val"] < result["baselines"]["mean_field"]
     everything, single = np.load(tmp_path / "all.npy"), np.load(tmp_path / "one.npy")
     assert everything.shape == (N_NEW, 6, 20) and np.allclose(single[0], everything[1], atol=1e-5)
@@ -461,7 +463,8 @@ def test_a_wrong_image_count_stops_before_anything_moves(copy_of, capsys, change
 def test_end_to_end_training_runs_through_the_frozen_decoder(copy_of):
     before = {name: digest(copy_of / name) for name in VAE_FILES}
     set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\ne2e_loss_function Huber\n"
-                    "use_latent_regularization 1\nlatent_reg_weight 0.01\nlatent_gp 0\n")  # the network is kept
+                    "use_latent_regularization 1\nlatent_reg_weight 0.01\nlatent_gp 0\nlatent_rbf 0\n")  # the network
+    # is kept
     with chdir(copy_of):
         assert main(["--lc_only=1"]) == 0
     assert {name: digest(copy_of / name) for name in VAE_FILES} == before
@@ -515,7 +518,7 @@ def test_e2e_vae_model_path_is_for_lc_only_and_is_the_vae_trained_through(copy_o
 @pytest.mark.slow
 def test_a_full_run_accepts_e2e_vae_model_path_naming_the_vae_it_writes(copy_of):
     """The original SimulGenVAE's condition.txt ships e2e_vae_model_path model_save/SimulGen-VAE."""
-    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\nlatent_gp 0\n"
+    set_conditioner(copy_of, "csv", "input_data/parameters.csv", "use_e2e_training 1\nlatent_gp 0\nlatent_rbf 0\n"
                     "e2e_vae_model_path model_save/SimulGen-VAE\n")
     with chdir(copy_of):
         assert main([]) == 0
@@ -575,7 +578,8 @@ def test_the_speed_options_apply_to_end_to_end_conditioner_training(copy_of, mon
     monkeypatch.setattr(recompute, "checkpoint", lambda block, *args, **kwargs: checkpointed.add(
         type(getattr(block, "__self__", block)).__name__) or real_checkpoint(block, *args, **kwargs))
     set_conditioner(copy_of, input_type, "input_data/parameters.csv" if input_type == "csv" else "images",
-                    "use_e2e_training 1\n" + ("latent_gp 0\n" if input_type == "csv" else ""))  # the network is kept
+                    "use_e2e_training 1\n" + ("latent_gp 0\nlatent_rbf 0\n" if input_type == "csv" else ""))
+    # the network is kept
     with chdir(copy_of):
         assert main(["--lc_only=1", "--amp=bf16", "--grad_checkpointing", "--grad_accum_steps=2"]) == 0
     assert "precision bf16" in capsys.readouterr().out

@@ -252,7 +252,8 @@ def test_a_killed_conditioner_ensemble_resumes_exactly_without_training_the_vae_
     stopped inside an epoch, resumes exactly: test_lc_only_resume_continues_the_conditioner_checkpoint_exactly.)"""
     stop, members = signal.SIGKILL, 2
     extra = ("input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 60\nsave_every 2\nlc_patience 0\n"
-             f"latent_gp 0\nlc_ensemble {members}\n")  # the networks themselves are kept, not a GP fitted after
+             f"latent_gp 0\nlatent_rbf 0\nlc_ensemble {members}\n")  # the networks themselves are kept, not a GP
+    # or an RBF fitted after
     for name in ("whole", "stopped"):
         write_case(tmp_path / name, n=12, epochs=3, extra=extra)
         write_conditions(tmp_path / name, design_parameters(12))
@@ -276,7 +277,7 @@ def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, m
     import modules.training.guard as guard
 
     write_case(tmp_path, n=12, epochs=2, extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 6\n"
-                                              "latent_conditioner_batch 4\nlc_patience 0\nlatent_gp 0\n")
+                                              "latent_conditioner_batch 4\nlc_patience 0\nlatent_gp 0\nlatent_rbf 0\n")
     write_conditions(tmp_path, design_parameters(12))
     real, steps = guard.Guard.after_step, []
 

@@ -1,6 +1,7 @@
 """A prediction's uncertainty: the ensemble of conditioners, the GP's posterior spread, their calibration on the
 validation designs, and what --predict --samples writes of it."""
 import json
+import re
 import shutil
 from contextlib import chdir
 
@@ -198,7 +199,8 @@ def test_an_ensemble_of_conditioners_is_reported_against_its_members_calibrated_
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
     condition = folder / "input_data" / "condition.txt"
-    condition.write_text(condition.read_text().replace("n_epoch 2", "n_epoch 40") + "latent_gp 0\nlc_ensemble 3\n")
+    condition.write_text(condition.read_text().replace("n_epoch 2", "n_epoch 40")
+                         + "latent_gp 0\nlatent_rbf 0\nlc_ensemble 3\n")
     with chdir(folder):
         assert main(["--lc_only=1", "--plot=2"]) == 0
     report = json.loads((folder / "output" / "prediction_report.json").read_text())
@@ -238,7 +240,8 @@ def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported
     folder = tmp_path / "demo"
     shutil.copytree(demo, folder)
     with open(folder / "input_data" / "condition.txt", "a") as condition:
-        condition.write("lc_ensemble 2\n")  # latent_gp 1 (the default): 2 epochs leave the networks far behind
+        condition.write("lc_ensemble 2\nlatent_rbf 0\n")  # latent_gp 1 (the default): 2 epochs leave the networks
+        # far behind
     with chdir(folder):
         assert main(["--lc_only=1", "--plot=2"]) == 0
         assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
@@ -247,7 +250,7 @@ def test_an_ensemble_that_the_gp_beats_leaves_a_gp_that_predicts_and_is_reported
     assert report["conditioner"] == "GP on latents" and report["ensemble"]["kept"] is False
     assert report["ensemble"]["label"] == "ensemble of 2 MLPs"
     assert evaluation_report(folder)["uncertainty"]["source"] == "gp"
-    assert "(not kept: the GP on the latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
+    assert "(not kept: the GP on latents predicts better)" in (folder / "output" / "evaluation.md").read_text()
 
 
 def suggestions(path):
@@ -295,3 +298,27 @@ def test_suggest_from_candidates_picks_rows_of_the_file_the_farthest_first_and_w
     assert np.array_equal(picked[0, :4], far[0])
     assert any(np.array_equal(picked[1, :4], row) for row in known)  # to the last digit: ready for the solver
     assert "suggestion 1: conductivity = 9.9 outside [" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_kept_rbf_on_latents_has_a_calibrated_spread_that_covers_new_designs_and_suggests(demo, tmp_path):
+    """The thin-plate spline kept (the MLP left at 2 epochs, no GP): its kriging spread is calibrated on the
+    validation designs, --samples writes a standard deviation whose 2-sigma band holds the new designs' true fields
+    near the calibration's 95 %, and --suggest picks designs by it."""
+    folder = tmp_path / "demo"
+    shutil.copytree(demo, folder)
+    condition = folder / "input_data" / "condition.txt"
+    condition.write_text(re.sub(r"(?m)^n_epoch .*$", "n_epoch 2", condition.read_text()) + "latent_gp 0\n")
+    with chdir(folder):
+        assert main(["--lc_only=1", "--plot=2"]) == 0
+        assert main(["--predict=input_data/new_designs/parameters.csv", f"--out={tmp_path / 'new.npy'}",
+                     "--samples=32"]) == 0
+        assert main(["--suggest=3", f"--out={tmp_path / 'next.csv'}"]) == 0
+    assert json.loads((folder / "output" / "prediction_report.json").read_text())["conditioner"] == "RBF on latents"
+    uncertainty = evaluation_report(folder)["uncertainty"]
+    assert uncertainty["source"] == "rbf" and abs(uncertainty["coverage"]["calibrated"]["2 sigma"] - 0.95) < 0.05
+    true = np.load(demo / "input_data" / "new_designs" / "fields.npy")
+    error = np.abs(np.load(tmp_path / "new.npy") - true)
+    assert 0.85 < np.mean(error <= 2 * np.load(tmp_path / "new_std.npy")) < 1.0
+    _, rows = suggestions(tmp_path / "next.csv")
+    assert rows.shape == (3, 5) and bool((rows[:, 4] > 0).all())
