@@ -138,8 +138,8 @@ def with_spread(field, field_spec, candidates: dict, errors: dict):
     source = min(fitted, key=errors.get)
     model, spec = candidates[source]
     field.spread = model
-    log.info(f"The neural field's uncertainty: the {conditioner_label(source)}'s spread of the latents, decoded "
-             "around its prediction (calibrated on its own errors below)")
+    log.info(f"The neural field's uncertainty: the spread of the latents of the {conditioner_label(source)}, "
+             "decoded around its prediction (calibrated on its own errors below)")
     return field, dataclasses.replace(field_spec, spread_kind=source, gp_points=spec.gp_points), source
 
 
