@@ -5,8 +5,8 @@ latents are then whitened POD coefficients), the POD + RBF surrogate.
 
 over the n training designs x_i (standardised parameters), through every training design exactly: the weights solve
 [[Phi, Q], [Q^T, 0]] [w; c] = [latents; 0] with Q = [1, x] (Duchon's thin-plate spline with its linear polynomial,
-scipy's RBFInterpolator default). No hyperparameter is fitted, so on smooth, near-exact families (a static structure
-under a few loads) it reaches errors a GP's maximum-likelihood fit does not; on noisy families the GP wins, and the
+scipy's RBFInterpolator default). No hyperparameter is fitted: on some smooth families it reaches errors a GP's
+maximum-likelihood fit does not, on others the GP's length scale per parameter wins (docs/accuracy.md), and the
 contest between them (training.conditioner_choice) keeps whichever predicts the validation designs better.
 
 Its spread is the spline's kriging standard deviation: the spline is the kriging predictor of a random function whose
