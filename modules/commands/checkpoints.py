@@ -13,6 +13,7 @@ from pathlib import Path
 
 from modules.errors import InputError
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
+from modules.storage.model_format import FIT_FORMAT
 from modules.storage.paths import ARCHIVE_DIR, CHECKPOINT_DIR
 from modules.training.state import check_resumable
 
@@ -33,9 +34,12 @@ def status_of(path: Path, config):
     if path.name.endswith(".tmp"):
         return LEFTOVER, "temporary file of an interrupted save"
     try:
-        payload = read_payload(path, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
+        payload = read_payload(path, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT, FIT_FORMAT), "python SimulGen-VAE.py")
     except InputError as error:
         return CORRUPT, error.problem
+    if payload["format"] == FIT_FORMAT:  # continued by --resume of the conditioner it is a candidate of
+        return RESUMABLE, (f"a neural field's fit after {payload['passes_made']} of {payload['facts']['passes']} "
+                           "passes: --resume of its conditioner continues it")
     try:
         check_resumable(payload, path, config)
     except InputError as error:

@@ -21,6 +21,7 @@ BEST_CHECKPOINT = CHECKPOINT_DIR / "best.pt"    # the VAE's full training state 
 LAST_CHECKPOINT = CHECKPOINT_DIR / "last.pt"    # ... at the latest save: what --resume continues from
 CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
 CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
+FIELD_FIT_CHECKPOINT = CHECKPOINT_DIR / "neural_field_fit.pt"  # the neural-field candidate's fit after its last pass
 AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint (LAST_CHECKPOINT, CONDITIONER_LAST)
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, runs/<run id>/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
@@ -29,7 +30,7 @@ SUGGESTIONS_FILE = OUTPUT_DIR / "suggested_designs.csv"  # --suggest without --o
 EVALUATION_OUTPUTS = tuple(OUTPUT_DIR / name for name in (
     "evaluation.json", "evaluation.md", "memorization.json", "evaluation_reconstruction_fields.png",
     "evaluation_prediction_fields.png", "evaluation_error_per_step.png", "latent_space.png", "active_units.png"))
-CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, CONDITIONER_LAST,
+CONDITIONER_OUTPUTS = (CONDITIONER_FILE, CONDITIONER_CHECKPOINT, CONDITIONER_LAST, FIELD_FIT_CHECKPOINT,
                        OUTPUT_DIR / f"{CONDITIONER_NAME}_metrics.csv", PREDICTION_REPORT.with_suffix(".json"),
                        PREDICTION_REPORT.with_suffix(".md"), PREDICTION_PLOT,
                        OUTPUT_DIR / "conditioner_loss_curves.png", SUGGESTIONS_FILE, *EVALUATION_OUTPUTS)

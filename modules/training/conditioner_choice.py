@@ -23,7 +23,9 @@ from modules.machine.memory import batch_within_memory
 from modules.models.conditioners import (LATENT_GP, LATENT_RBF, NETWORKS, NEURAL_FIELD, ConditionerSpec,
                                          conditioner_label)
 from modules.models.neural_field import NeuralFieldConditioner
-from modules.training.field_fitter import SampledFieldFit, fit_sampled_field
+from modules.storage.model_files import file_digest
+from modules.storage.paths import FIELD_FIT_CHECKPOINT
+from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,13 @@ class Choice:
     ensemble: dict | None   # an ensemble against its members (None: a single network)
 
 
-def choose_conditioner(network, spec: ConditionerSpec, case, config) -> Choice:
-    """The trained network, or the candidate on parameters that predicts the validation designs better."""
+def choose_conditioner(network, spec: ConditionerSpec, case, config, resume: bool = False) -> Choice:
+    """The trained network, or the candidate on parameters that predicts the validation designs better. resume: a
+    neural field's fit continues from its checkpoint (FIELD_FIT_CHECKPOINT) where that matches."""
     ensemble = ensemble_against_members(network, spec, case, config) if spec.members > 1 else None
     kept, kept_spec, record = network, spec, None
     if config.design_inputs == "parameters":
-        kept, kept_spec, record = best_on_parameters(network, spec, case, config)
+        kept, kept_spec, record = best_on_parameters(network, spec, case, config, resume)
     if ensemble is not None:
         ensemble["kept"] = kept is network
     return Choice(kept, kept_spec, record, ensemble)
@@ -77,7 +80,7 @@ def ensemble_against_members(ensemble, spec, case, config) -> dict:
     return {"label": label, "members": len(members), "ensemble_val": errors["ensemble"], "members_val": members}
 
 
-def best_on_parameters(network, spec, case, config):
+def best_on_parameters(network, spec, case, config, resume: bool = False):
     """The trained network, a GP per latent number (latent_gp), a thin-plate spline of the latents (latent_rbf) or a
     neural field (field_conditioner_epochs), whichever predicts the validation designs' fields best: (the one kept,
     its spec, the choice made and why, as plain types; None when the network was the only candidate). The candidates
@@ -100,7 +103,7 @@ def best_on_parameters(network, spec, case, config):
         errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
                                          config.lc_batch_size)
         began = time.perf_counter()
-        field, stopped = neural_field_candidate(spec, case, config, errors)
+        field, stopped = neural_field_candidate(spec, case, config, errors, resume)
         if field is not None or stopped is not None:
             seconds[NEURAL_FIELD.kind] = time.perf_counter() - began
         if field is not None:
@@ -165,11 +168,12 @@ def fitted_candidate(kind: str, spec, case, config):
     return (fitted.to(case.conditions.device), fitted_spec), None
 
 
-def neural_field_candidate(spec, case, config, rivals: dict):
+def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = False):
     """((a neural field (models.neural_field) fitted on the training designs' fields, its spec) or None, what was
     stopped or None): None, said, where the nodes' positions are not known; the fit ended early, said and recorded
     (its passes, its error and the best rival's), where a quarter of the way through it predicts the validation designs
-    more than LOSING_MARGIN times worse than the best of rivals ({kind: validation error} of the other candidates)."""
+    more than LOSING_MARGIN times worse than the best of rivals ({kind: validation error} of the other candidates).
+    The fit is saved after every pass (FIELD_FIT_CHECKPOINT) and, with resume, continued from there."""
     positions = node_positions(read_field_layout(config))
     if positions is None:
         log.info("note: no neural-field conditioner: where the nodes are is not known (grid_shape, mesh_file or "
@@ -197,7 +201,11 @@ def neural_field_candidate(spec, case, config, rivals: dict):
                                                          "and not a candidate" if verdict else "going on"))
         return verdict
 
-    field, stopped_after = fit_neural_field(field_spec, positions, case, config, fit, losing)
+    checkpoint = FitCheckpoint(FIELD_FIT_CHECKPOINT, {
+        "spec": field_spec.to_dict(), "seed": config.seed, "passes": fit.passes, "check_after": fit.check_after,
+        "vae_sha256": file_digest(case.vae_file),
+        "train_indices": [int(i) for i in case.fields.train_indices]}, resume)
+    field, stopped_after = fit_neural_field(field_spec, positions, case, config, fit, losing, checkpoint)
     if stopped_after is not None:
         return None, {"passes": stopped_after, "of": fit.passes, "validation_relative_l2": measured["error"],
                       "best_rival": measured["best"], "best_rival_validation_relative_l2": measured["best_error"]}
@@ -205,11 +213,11 @@ def neural_field_candidate(spec, case, config, rivals: dict):
     return (field, field_spec), None
 
 
-def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing=None):
+def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing=None, checkpoint=None):
     """(a NeuralFieldConditioner fitted (training.field_fitter) on the training designs' scaled fields from their
     standardised parameters: each snapshot's design's parameters and time step -> its field at the sampled nodes,
-    the passes made where losing (field_fitter's) ended the fit, else None). A fit of minutes, not checkpointed: a
-    resumed conditioner run fits it again."""
+    the passes made where losing (field_fitter's) ended the fit, else None). A fit of minutes, saved after every
+    pass with checkpoint (field_fitter.FitCheckpoint)."""
     device = case.conditions.device
     n_steps = spec.field_shape[0]
     train = torch.as_tensor(case.fields.train_indices, device=device)
@@ -224,7 +232,8 @@ def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing
         return network(case.conditions[designs], None if nodes is None else nodes[:, None], steps[:, None])[:, 0]
 
     network, _, stopped_after = fit_sampled_field(build, predict, case.fields.train, len(train), spec.field_shape, fit,
-                                                  config.batch_size, config.seed, device, losing=losing)
+                                                  config.batch_size, config.seed, device, losing=losing,
+                                                  checkpoint=checkpoint)
     return network, stopped_after
 
 

@@ -106,7 +106,7 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     if not runtime.is_main:
         return None
     network_seconds = time.perf_counter() - began
-    choice = choose_conditioner(job.model, job.spec, case, config)
+    choice = choose_conditioner(job.model, job.spec, case, config, resume=resume is not None)
     note_time(run, conditioner_label(job.spec.kind, job.spec.members), network_seconds,
               kept=choice.kept is job.model)
     kept_kind = choice.record["kept"] if choice.record else job.spec.kind

@@ -8,15 +8,26 @@ takes `snapshots` of them at random across the designs, so a step costs the same
 on one design's time steps fit worse). Mean squared error, Adam with a one-cycle schedule. The network's output
 statistics come from the first pass's values, so its sine network fits standardised values. Repeatable for a seed on
 a device, so every DDP rank that fits one (each fits the codec) fits the same network.
+
+With a FitCheckpoint the fit's whole state (network, optimiser, schedule, the random generator that draws nodes and
+batches, the passes made) is saved after every pass, and a resumed fit continues from it to the same network, bit for
+bit, as one never interrupted (the neural-field conditioner's fit; the codec's is not checkpointed yet).
 """
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from modules.data.batches import in_order, on_device
 from modules.models.neural_field import node_columns
+from modules.storage.atomic import save_torch
+from modules.storage.model_files import read_payload
+from modules.storage.model_format import FIT_FORMAT, FORMAT_VERSION
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,8 +42,17 @@ class SampledFieldFit:
     check_after: int = 0    # passes after which a losing fit may be ended (fit_sampled_field's losing); 0: never
 
 
+@dataclass(frozen=True)
+class FitCheckpoint:
+    """Where a fit saves its state after every pass, and what it is a fit of."""
+
+    path: Path
+    facts: dict     # plain types: what a saved state must match to be continued (spec, seed, passes, data ...)
+    resume: bool    # continue from a matching saved state; False: start afresh (the file is overwritten)
+
+
 def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: SampledFieldFit, batch_size: int,
-                      seed: int, device, encode=None, losing=None):
+                      seed: int, device, encode=None, losing=None, checkpoint: FitCheckpoint | None = None):
     """Fit the network that build() makes (after the seed is set, so its initial weights are the seed's; it has a
     .field, a models.neural_field.NeuralFieldNodes) on the scaled fields of the designs at positions 0..n_designs-1
     of source (a data.batches source). field_shape: (T, M, n_vars).
@@ -43,6 +63,7 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     network reads of each whole snapshot, computed on the first pass only (it does not change).
     losing(network in eval mode, encode's output) -> bool: asked once, after fit.check_after passes (0: never),
     whether the fit is losing by so wide a margin that the remaining passes are not worth their time; True ends it.
+    checkpoint: saved after every pass, and continued from where it matches (not with encode).
 
     Returns (the network in eval mode, encode's output for every snapshot [N * T, ...] or None, the passes made
     when losing ended the fit early, else None)."""
@@ -53,9 +74,15 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     optimiser = torch.optim.Adam(network.parameters(), fit.peak_lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, fit.peak_lr, pct_start=fit.warmup,
                                                    total_steps=fit.passes * math.ceil(snapshots / fit.snapshots))
+    parts = {"network": network, "optimiser": optimiser, "schedule": schedule}
+    made, stopped = continued(checkpoint, parts, generator) if checkpoint is not None else (0, False)
+    if stopped:  # its losing test said so before the interruption: asked again of the same network, it says so again
+        if losing is not None:
+            losing(network.eval(), None)
+        return network.eval(), None, made
     network.train()
     encoded = None
-    for index in range(fit.passes):
+    for index in range(made, fit.passes):
         reading = None if encode is None or encoded is not None else (lambda fields: encode(network, fields))
         nodes, values, read = sampled_pass(source, n_designs, field_shape, fit.nodes, batch_size, generator, device,
                                            reading)
@@ -70,11 +97,37 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             loss.backward()
             optimiser.step()
             schedule.step()
-        if losing is not None and index + 1 == fit.check_after < fit.passes:
-            if losing(network.eval(), encoded):
-                return network, encoded, index + 1
-            network.train()
+        stopped = losing is not None and index + 1 == fit.check_after < fit.passes and losing(network.eval(), encoded)
+        if checkpoint is not None:
+            save_fit(checkpoint, parts, generator, index + 1, stopped)
+        if stopped:
+            return network.eval(), encoded, index + 1
+        network.train()
     return network.eval(), encoded, None
+
+
+def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopped: bool) -> None:
+    """The fit's state after `made` passes (stopped: ended there by its losing test)."""
+    save_torch(checkpoint.path, {"format": FIT_FORMAT, "format_version": FORMAT_VERSION, "facts": checkpoint.facts,
+                                 "passes_made": made, "stopped": stopped, "generator": generator.get_state(),
+                                 **{name: part.state_dict() for name, part in parts.items()}})
+
+
+def continued(checkpoint: FitCheckpoint, parts: dict, generator):
+    """(passes already made, whether the fit was ended there) from a saved state that matches checkpoint.facts, its
+    parts and generator restored; (0, False) to start afresh: not resuming, no file, or, said, a file of another fit."""
+    if not checkpoint.resume or not checkpoint.path.exists():
+        return 0, False
+    saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
+    if saved["facts"] != checkpoint.facts:
+        log.info(f"note: {checkpoint.path} is the fit of another neural field (other settings, data or VAE); it is "
+                 "fitted afresh")
+        return 0, False
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+    generator.set_state(saved["generator"])
+    log.info(f"Continuing the neural field's fit after pass {saved['passes_made']} ({checkpoint.path})")
+    return saved["passes_made"], saved["stopped"]
 
 
 @torch.no_grad()

@@ -303,6 +303,53 @@ def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, m
     assert len(list((tmp_path / "archive").glob("*/model_save/latent_conditioner"))) == 2  # resuming archives none
 
 
+class Died(Exception):
+    """What a test raises inside a run to kill it where it stands (the files saved so far stay)."""
+
+
+def test_a_neural_field_fit_killed_midway_resumes_to_the_field_of_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """The neural-field candidate's fit is saved after every pass: a run killed during its fourth pass and resumed
+    with --resume continues after the third (not from the first) and ends with the fit, and the conditioner kept,
+    equal bit for bit to an uninterrupted run's; --checkpoints=list calls the fit's file resumable."""
+    from modules.storage.model_format import FIT_FORMAT, FORMAT_VERSION
+    from modules.training import field_fitter
+    parameters = design_parameters(16, seed=3)
+    for name in ("whole", "killed"):
+        write_case(tmp_path / name, n=16, t=6, m=20, epochs=2,
+                   extra="input_type csv\nparam_dir input_data/parameters.csv\nn_epoch 2\nlatent_gp 0\n"
+                         "latent_rbf 0\ngrid_shape 4 5\nfield_conditioner_epochs 6\n")
+        write_conditions(tmp_path / name, parameters)
+    with chdir(tmp_path / "whole"):
+        assert main([]) == 0
+    real, passes = field_fitter.sampled_pass, []
+
+    def dying(*args, **kwargs):
+        passes.append(1)
+        if len(passes) == 4:
+            raise Died()
+        return real(*args, **kwargs)
+
+    with chdir(tmp_path / "killed"):
+        monkeypatch.setattr(field_fitter, "sampled_pass", dying)
+        with pytest.raises(Died):
+            main([])
+        monkeypatch.setattr(field_fitter, "sampled_pass", real)
+        saved = torch.load("checkpoints/neural_field_fit.pt", weights_only=True)
+        assert (saved["format"], saved["format_version"], saved["passes_made"]) == (FIT_FORMAT, FORMAT_VERSION, 3)
+        capsys.readouterr()
+        assert main(["--checkpoints=list"]) == 0
+        assert "resumable     checkpoints/neural_field_fit.pt  (a neural field's fit after 3 of 6 passes" in \
+            capsys.readouterr().out
+        assert main(["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "Continuing the neural field's fit after pass 3 (checkpoints/neural_field_fit.pt)" in said
+    for path in ("checkpoints/neural_field_fit.pt", "model_save/latent_conditioner"):
+        whole, resumed = (torch.load(tmp_path / name / path, weights_only=True) for name in ("whole", "killed"))
+        state = "network" if path.startswith("checkpoints") else "state_dict"
+        assert_same_weights(whole[state], resumed[state])
+
+
 # ------------------------------------------------------------------------------------------- reproducibility
 def test_the_seed_makes_runs_repeatable_and_another_seed_changes_split_and_weights(tmp_path):
     for name, seed in (("one", 7), ("again", 7), ("other", 8)):
