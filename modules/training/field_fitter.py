@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.data.batches import in_order, on_device
+from modules.errors import InputError
 from modules.models.neural_field import node_columns
 from modules.storage.atomic import save_torch
 from modules.storage.model_files import read_payload
@@ -115,10 +116,15 @@ def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopp
 
 def continued(checkpoint: FitCheckpoint, parts: dict, generator):
     """(passes already made, whether the fit was ended there) from a saved state that matches checkpoint.facts, its
-    parts and generator restored; (0, False) to start afresh: not resuming, no file, or, said, a file of another fit."""
+    parts and generator restored; (0, False) to start afresh: not resuming, no file, or, said, a damaged file or one
+    of another fit."""
     if not checkpoint.resume or not checkpoint.path.exists():
         return 0, False
-    saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
+    try:
+        saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
+    except InputError as error:  # the conditioner's own checkpoint was fine: lose the fit's passes, not the run
+        log.info(f"note: {checkpoint.path} {error.problem}; the neural field is fitted afresh")
+        return 0, False
     if saved["facts"] != checkpoint.facts:
         log.info(f"note: {checkpoint.path} is the fit of another neural field (other settings, data or VAE); it is "
                  "fitted afresh")

@@ -311,7 +311,8 @@ def test_a_neural_field_fit_killed_midway_resumes_to_the_field_of_an_uninterrupt
                                                                                        capsys):
     """The neural-field candidate's fit is saved after every pass: a run killed during its fourth pass and resumed
     with --resume continues after the third (not from the first) and ends with the fit, and the conditioner kept,
-    equal bit for bit to an uninterrupted run's; --checkpoints=list calls the fit's file resumable."""
+    equal bit for bit to an uninterrupted run's; --checkpoints=list calls the fit's file resumable. A damaged fit file
+    is said and the field fitted afresh, the run going on."""
     from modules.storage.model_format import FIT_FORMAT, FORMAT_VERSION
     from modules.training import field_fitter
     parameters = design_parameters(16, seed=3)
@@ -348,6 +349,14 @@ def test_a_neural_field_fit_killed_midway_resumes_to_the_field_of_an_uninterrupt
         whole, resumed = (torch.load(tmp_path / name / path, weights_only=True) for name in ("whole", "killed"))
         state = "network" if path.startswith("checkpoints") else "state_dict"
         assert_same_weights(whole[state], resumed[state])
+
+    fit_file = tmp_path / "killed" / "checkpoints" / "neural_field_fit.pt"  # damaged: the run goes on, fitting afresh
+    fit_file.write_bytes(fit_file.read_bytes()[:1000])
+    with chdir(tmp_path / "killed"):
+        assert main(["--resume"]) == 0
+    assert "note: checkpoints/neural_field_fit.pt cannot be loaded safely" in capsys.readouterr().out
+    assert_same_weights(weights(tmp_path / "whole" / "model_save" / "latent_conditioner"),
+                        weights(tmp_path / "killed" / "model_save" / "latent_conditioner"))
 
 
 # ------------------------------------------------------------------------------------------- reproducibility
