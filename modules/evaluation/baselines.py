@@ -10,13 +10,12 @@
 Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
 designs' fields (models.pod), so scoring streams the data once and never holds the [N, T, M] array in memory.
 """
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
 from modules.data.dataset import READ_CHUNK_BYTES
 from modules.evaluation.metrics import FieldErrors
+from modules.models.conditioners import LATENT_RBF, ConditionerSpec
 from modules.models.gaussian_process import fit_gpr
 from modules.models.pod import combination_weights, pod_coefficients
 from modules.models.radial_basis import RBFConditioner
@@ -47,8 +46,7 @@ def pod_rbf_coefficients(gram: np.ndarray, n_train: int, parameters: np.ndarray,
     by a thin-plate spline on the standardised parameters [n_train + n_val, P] (models.radial_basis); None where
     the training designs do not determine one (said in the report)."""
     train_coefficients = pod_coefficients(gram, n_train)[0][:, :rank]
-    spec = SimpleNamespace(gp_points=n_train, input_shape=(parameters.shape[1],),
-                           output_dim=train_coefficients.shape[1])
+    spec = ConditionerSpec(LATENT_RBF.kind, (parameters.shape[1],), train_coefficients.shape[1], (), gp_points=n_train)
     try:
         spline = RBFConditioner(spec).fit(parameters[:n_train], train_coefficients)
     except np.linalg.LinAlgError:
