@@ -4,8 +4,7 @@
   image pixels) is closest.
 - POD + Gaussian-process regression and POD + RBF (when the designs are defined by parameters): the training fields'
   POD coefficients, as many as the VAE has latent numbers, are regressed on the parameters with a GP per coefficient,
-  or interpolated by a thin-plate spline (the usual two POD surrogates: the GP is the better on noisy families, the
-  spline on smooth, near-exact ones).
+  or interpolated by a thin-plate spline (the usual two POD surrogates; which is the better depends on the family).
 
 Each baseline's field is a weighted sum of the training designs, the weights computed from the Gram matrix of the
 designs' fields (models.pod), so scoring streams the data once and never holds the [N, T, M] array in memory.

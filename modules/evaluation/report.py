@@ -20,6 +20,10 @@ from modules.uncertainty.spread import calibration_words
 
 log = logging.getLogger(__name__)
 
+# why POD + RBF is missing where the designs are defined by parameters (evaluation.baselines)
+NO_SPLINE = ("the training designs do not determine a thin-plate spline (too few for the parameters, two at the same "
+             "parameters, or all on a hyperplane of them)")
+
 RECONSTRUCTION_REPORT = OUTPUT_DIR / "reconstruction_error.json"
 EVALUATION_JSON = OUTPUT_DIR / "evaluation.json"
 EVALUATION_MD = OUTPUT_DIR / "evaluation.md"
@@ -89,9 +93,7 @@ def prediction_report(evaluation) -> dict:
     worst = int(np.argmax(predicted))
     means = {name: float(baselines[name].relative_l2().mean()) if name in baselines else None
              for name in ("pod_gpr", "pod_rbf", "nearest_neighbour", "mean_field")}
-    by_images = "; not applicable: designs are defined by images"
-    no_spline = "; not applicable: the training designs do not determine a thin-plate spline (too few for the "\
-        "parameters, two at the same parameters, or all on a hyperplane of them)"
+    by_images, no_spline = "; not applicable: designs are defined by images", f"; not applicable: {NO_SPLINE}"
     return {
         "metric": "mean relative L2 error of the whole [T, M] field, physical units, validation designs",
         "input_type": facts["config"]["input_type"],
@@ -133,7 +135,7 @@ def prediction_rows(report: dict) -> list:
     def percent(value):
         return "n/a (designs are defined by images)" if value is None else as_percent(value)
     baselines = report["baselines"]
-    spline = baselines.get("pod_rbf")  # None: images, or designs that determine no spline; absent: an older report
+    spline = baselines["pod_rbf"]  # None: images, or parameters that determine no spline
     spline = ("n/a (the training designs determine no thin-plate spline)" if spline is None
               and baselines["pod_gpr"] is not None else percent(spline))
     return [(f"conditioner ({report['conditioner']})", f"{percent(report['conditioner_val'])} (median "
@@ -333,9 +335,7 @@ def prediction_section(evaluation, n_nodes: int) -> dict | None:
     if "pod_gpr" not in evaluation.baselines:
         section["note_pod_gpr"] = "not applicable: designs are defined by images, not parameters"
     elif "pod_rbf" not in evaluation.baselines:
-        section["note_pod_rbf"] = ("POD + thin-plate spline not applicable: the training designs do not determine "
-                                   "one (too few for the parameters, two at the same parameters, or all on a "
-                                   "hyperplane of them)")
+        section["note_pod_rbf"] = f"POD + thin-plate spline not applicable: {NO_SPLINE}"
     return section
 
 
