@@ -1,6 +1,6 @@
 """Accuracy benchmark: SimulGenVAE against POD and POD + GPR on several generated cases, trained as a user would.
 
-    python bench/accuracy.py                                   # demo, pulse and burgers at full size (minutes each)
+    python bench/accuracy.py                                   # every case at full size (minutes each)
     python bench/accuracy.py --cases pulse --epochs 50 --json pulse.json
     python bench/accuracy.py --designs 24 --steps 6 --grid 8 --line 32 --epochs 2 --lc_epochs 2   # a smoke run
     python bench/accuracy.py --set pod_path 0 --set alpha 1e6 --workdir bench_free   # another setting, every case
@@ -68,6 +68,7 @@ def run_case(name: str, args) -> dict:
             "vae": mean_l2(reconstruction["vae"]), "pod": mean_l2(reconstruction["pod"]),
             "conditioner_label": report["labels"]["conditioner"], "conditioner": mean_l2(prediction["conditioner"]),
             "kept": (choice or {}).get("kept"), "candidates": (choice or {}).get("validation_relative_l2"),
+            "stopped": (choice or {}).get("neural_field_stopped"),
             "pod_gpr": mean_l2(prediction["pod_gpr"]),
             "pod_rbf": mean_l2(prediction["pod_rbf"]) if "pod_rbf" in prediction else None,
             "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
@@ -93,6 +94,10 @@ def table(rows: list) -> str:
         kept = row["conditioner_label"].removeprefix("conditioner (").removesuffix(")")
         others = [f"{NETWORKS[kind].label} {percent(error)}" for kind, error in (row["candidates"] or {}).items()
                   if kind != row["kept"]]
+        stopped = row.get("stopped")
+        if stopped:
+            others.append(f"neural field stopped after {stopped['passes']} of {stopped['of']} passes at "
+                          f"{percent(stopped['validation_relative_l2'])}")
         on_codes = " (on snapshot codes)" if row["vae_runs_on"] == "snapshot codes" else ""
         spent = row.get("time_spent")
         split = f"{spent['kept_s']:.0f} s / {spent['discarded_s']:.0f} s" if spent else "not recorded"
