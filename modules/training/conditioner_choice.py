@@ -23,7 +23,6 @@ from modules.machine.memory import batch_within_memory
 from modules.models.conditioners import (LATENT_GP, LATENT_RBF, NETWORKS, NEURAL_FIELD, ConditionerSpec,
                                          conditioner_label)
 from modules.models.neural_field import NeuralFieldConditioner
-from modules.storage.model_files import file_digest
 from modules.storage.paths import FIELD_FIT_CHECKPOINT
 from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
 
@@ -203,7 +202,7 @@ def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = Fals
 
     checkpoint = FitCheckpoint(FIELD_FIT_CHECKPOINT, {
         "spec": field_spec.to_dict(), "seed": config.seed, "passes": fit.passes, "check_after": fit.check_after,
-        "vae_sha256": file_digest(case.vae_file),
+        "vae_sha256": case.vae_sha256,
         "train_indices": [int(i) for i in case.fields.train_indices]}, resume)
     field, stopped_after = fit_neural_field(field_spec, positions, case, config, fit, losing, checkpoint)
     if stopped_after is not None:

@@ -62,6 +62,7 @@ class ConditionerCase:
     latent_scaler: ColumnScaler
     vae: torch.nn.Module                # frozen, eval mode
     vae_file: Path
+    vae_sha256: str                     # of vae_file as read here: what conditioner files and fit checkpoints match
     decoder: Surrogate                  # the frozen VAE with the latent scaling: standardised latents -> fields
 
     def surrogate(self, conditioner) -> Surrogate:
@@ -92,7 +93,7 @@ def prepare_conditioner_case(config, runtime, conditions: Conditions, vae_file, 
         raw_conditions=conditions.values, input_scaler=input_scaler, channels=conditions.channels,
         param_names=conditions.param_names,
         targets=torch.as_tensor(latent_scaler.transform(latents), device=runtime.device),
-        latent_scaler=latent_scaler, vae=vae, vae_file=vae_file,
+        latent_scaler=latent_scaler, vae=vae, vae_file=vae_file, vae_sha256=file_digest(vae_file),
         decoder=Surrogate(vae, fields.scaler, latent_scaler=latent_scaler).to(runtime.device))
 
 
@@ -177,7 +178,7 @@ def conditioner_facts(config, case: ConditionerCase) -> dict:
     return {"config": config.to_dict(), "latent_scaler": case.latent_scaler.to_dict(),
             "input_scaler": None if case.input_scaler is None else case.input_scaler.to_dict(),
             "channels": case.channels, "param_names": case.param_names,
-            "vae_file": str(case.vae_file), "vae_sha256": file_digest(case.vae_file)}
+            "vae_file": str(case.vae_file), "vae_sha256": case.vae_sha256}
 
 
 class ConditionerTraining:
