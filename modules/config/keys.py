@@ -263,18 +263,20 @@ KEYS = (
     Key("lc_ensemble", "lc_ensemble", int, 1, "networks trained side by side as one conditioner, each from its own "
         "random start: the prediction is their mean, their disagreement its uncertainty (--samples); 1: one network",
         _positive, only_with=WITH_CONDITIONER),
-    Key("latent_gp", "latent_gp", int, 1, "1: also fit a Gaussian-process regressor from the parameters to the "
-        "latents (one GP per latent number) and keep it instead of the MLP when it predicts the validation designs' "
-        "fields better; 0: keep the MLP", choices=(0, 1), resumable=True, only_with=WITH_PARAMETERS),
-    Key("latent_rbf", "latent_rbf", int, 1, "1: also fit a thin-plate-spline interpolant from the parameters to "
-        "the latents (POD + RBF while the VAE is at its POD start) and keep it instead of the others when it predicts "
-        "the validation designs' fields better; 0: not tried", choices=(0, 1), resumable=True,
-        only_with=WITH_PARAMETERS, earlier=0),
+    Key("latent_gp", "latent_gp", int, 1, "1: also fit a Gaussian-process regressor from the parameters (on "
+        "images: from the neural field's embedding of them) to the latents (one GP per latent number) and keep it "
+        "instead of the others when it predicts the validation designs' fields better; 0: not tried", choices=(0, 1),
+        resumable=True, only_with=WITH_CONDITIONER),
+    Key("latent_rbf", "latent_rbf", int, 1, "1: also fit a thin-plate-spline interpolant from the parameters (on "
+        "images: from the neural field's embedding of them) to the latents (POD + RBF while the VAE is at its POD "
+        "start) and keep it instead of the others when it predicts the validation designs' fields better; 0: not "
+        "tried", choices=(0, 1), resumable=True, only_with=WITH_CONDITIONER, earlier=0),
     Key("field_conditioner_epochs", "field_conditioner_epochs", int, 60, "where the nodes' positions are known "
         "(grid_shape, mesh_file or node_coordinates): passes over the training designs' time steps of a neural-field "
-        "conditioner (parameters and time -> a code that shifts a sine network over the node coordinates: features "
-        "can move across the mesh), kept instead of the others when it predicts the validation designs' fields "
-        "better; 0: not tried", _non_negative, resumable=True, only_with=WITH_PARAMETERS),
+        "conditioner (parameters, or an image through an encoder trained with it, and time -> a code that shifts a "
+        "sine network over the node coordinates: features can move across the mesh), kept instead of the others when "
+        "it predicts the validation designs' fields better; 0: not tried", _non_negative, resumable=True,
+        only_with=WITH_CONDITIONER),
     Key("use_spatial_attention", "use_spatial_attention", int, 0, "1: spatial attention in the CNN's stages",
         choices=(0, 1), only_with=WITH_CNN),
     Key("lc_augment_flip", "lc_augment_flip", int, 0,

@@ -1,6 +1,6 @@
-"""A neural field over node coordinates, and the conditioner built on it: design parameters -> the whole field,
-without the VAE's latents (kept instead of the MLP or the GP on latents only when it predicts the validation designs
-better; condition.txt field_conditioner_epochs).
+"""A neural field over node coordinates, and the conditioner built on it: design parameters (or an image, through an
+encoder trained with it: models.image_embedding) -> the whole field, without the VAE's latents (kept instead of the
+other candidates only when it predicts the validation designs better; condition.txt field_conditioner_epochs).
 
 The VAE's decoder writes each time step as a sum of fixed spatial vectors: a feature that moves across the mesh
 needs a mode for every position it visits, which is why POD, the VAE and POD + GPR miss most of a travelling pulse.
@@ -18,14 +18,14 @@ Without gradients (validation, evaluation, --predict) every node is decoded, a b
 rows at a time, so the activations stay under DECODE_BYTES whatever T and M are. The field runs in float32 also
 under mixed precision: a phase of 30 (W x + b) in bfloat16 (3 significant digits) would be off by about 0.1 rad.
 """
+import dataclasses
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from modules.models.gaussian_process import GPRConditioner
-from modules.models.radial_basis import RBFConditioner
+from modules.models.image_embedding import EMBEDDING, ImageEncoder, fitted_model
 
 WIDTH = 128              # sine layer width
 LAYERS = 3
@@ -33,7 +33,6 @@ FREQUENCY = 30.0         # SIREN's frequency
 CODE = 8                 # code numbers per time step
 HIDDEN = 256             # the code MLP: 3 hidden layers this wide
 DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks leave the caches)
-SPREAD_MODELS = {"gpr": GPRConditioner, "rbf": RBFConditioner}  # what spec.spread_kind names
 
 
 def normalised_coordinates(points) -> torch.Tensor:
@@ -109,41 +108,54 @@ class NeuralFieldNodes(nn.Module):
 
 
 class NeuralFieldConditioner(nn.Module):
-    """Standardised parameters [B, P] -> scaled fields [B, T, M] (or [B, T, V * P] at node indices [P] within each
-    variable): the code MLP (parameters, t) -> c_t, then NeuralFieldNodes. spec.field_shape is (T, M, n_vars); the
-    time steps enter as evenly spaced values in [-1, 1]. decodes_fields tells models.surrogate that its output is the
-    field itself, not latents for the VAE's decoder.
+    """Standardised parameters [B, P] or images [B, C, S, S] -> scaled fields [B, T, M] (or [B, T, V * P] at node
+    indices [P] within each variable): the code MLP (parameters or the image's embedding, t) -> c_t, then
+    NeuralFieldNodes. With spec.encoder ("cnn", "vit") the designs are images, read by an ImageEncoder trained with
+    the field (models.image_embedding). spec.field_shape is (T, M, n_vars); the time steps enter as evenly spaced
+    values in [-1, 1]. decodes_fields tells models.surrogate that its output is the field itself, not latents for the
+    VAE's decoder.
 
     It has no spread of its own. With spec.spread_kind it carries the fitted candidate on the latents of that kind
-    (a GP or a thin-plate spline, `spread`), whose posterior spread of the latents, decoded by the VAE around its own
-    latents, models.surrogate adds to this field's prediction for a draw; the calibration then scales that spread to
-    this field's own errors on the validation designs (uncertainty.spread)."""
+    (a GP or a thin-plate spline, on the parameters or on this field's image embedding: `spread`), whose posterior
+    spread of the latents, decoded by the VAE around its own latents, models.surrogate adds to this field's prediction
+    for a draw; the calibration then scales that spread to this field's own errors on the validation designs
+    (uncertainty.spread)."""
 
     decodes_fields = True
 
     def __init__(self, spec):
         super().__init__()
         n_steps, n_nodes, n_vars = spec.field_shape
-        self.codes = code_network(spec.input_shape[0] + 1)
+        self.encoder = ImageEncoder(spec) if spec.encoder else None
+        self.codes = code_network((EMBEDDING if spec.encoder else spec.input_shape[0]) + 1)
         self.field = NeuralFieldNodes(CODE, n_nodes, n_vars)
         self.register_buffer("times", torch.linspace(-1, 1, n_steps))
-        self.spread = SPREAD_MODELS[spec.spread_kind](spec) if spec.spread_kind else None
+        self.spread = fitted_model(dataclasses.replace(spec, kind=spec.spread_kind)) if spec.spread_kind else None
 
     @property
     def spread_kind(self) -> str | None:
         """uncertainty.spread's name of where its spread comes from; None: it has none."""
         if self.spread is None:
             return None
-        return "field_rbf" if isinstance(self.spread, RBFConditioner) else "field_gp"
+        return "field_rbf" if getattr(self.spread, "spread_kind", None) == "rbf" else "field_gp"
 
-    def latent_spread(self, params):
+    def latent_spread(self, inputs):
         """The carried model's (latents [B, D], their standard deviations [B, D]): what a draw perturbs."""
         if self.spread is None:
             raise ValueError("this neural field carries no spread")
-        return self.spread.latent_spread(params)
+        return self.spread.latent_spread(inputs)
 
-    def forward(self, params, nodes=None, steps=None):
+    def features(self, images):
+        """The image encoder's features (uncertainty.design_range compares images there)."""
+        return self.encoder.features(images)
+
+    def forward(self, inputs, nodes=None, steps=None):
         """steps: time-step indices [B, S] to predict instead of all T (training); nodes as NeuralFieldNodes'."""
+        return self.from_numbers(inputs if self.encoder is None else self.encoder(inputs), nodes, steps)
+
+    def from_numbers(self, params, nodes=None, steps=None):
+        """forward from what the code network reads of each design: its parameters [B, P], or its image's embedding
+        [B, EMBEDDING] (training encodes each distinct image of a step once)."""
         times = self.times if steps is None else self.times[steps]                          # [T] or [B, S]
         times = times + torch.zeros_like(params[:, :1])                                      # [B, T or S]
         rows = torch.cat([params[:, None, :].expand(-1, times.shape[1], -1), times[..., None]], dim=2)

@@ -12,6 +12,9 @@ version 1 files lack, and each is filled here with what leaving it out meant:
 - a conditioner's state: a GP's noise_levels NaN (its posterior spread is not known, so it has none), a neural
   field's value_offset 0 and value_scale 1 (its values as the network computes them);
 - a conditioner's facts: choice, ensemble, calibration, design_range and param_names None (not recorded).
+Version 3 added a conditioner spec's `encoder` (a neural field, GP or spline reading images through an image
+encoder); a version 2 conditioner reads parameters or is a network on images, so it gets encoder "". A version 2 fit
+checkpoint of a neural field is then another fit (its facts' spec differs) and is fitted afresh, said.
 """
 import dataclasses
 
@@ -21,7 +24,7 @@ from modules.errors import InputError
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, ConditionerSpec
 from modules.models.vae import ModelSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MODEL_FORMAT, CHECKPOINT_FORMAT = "simulgenvae-model", "simulgenvae-checkpoint"  # a VAE, and with its training state
 CONDITIONER_FORMAT = "simulgenvae-conditioner"  # a conditioner, with its training state in a checkpoint
 FIT_FORMAT = "simulgenvae-fit-checkpoint"  # a neural field's fit, pass by pass (training.field_fitter); version 2 on
@@ -47,6 +50,8 @@ def current_format(payload: dict, path) -> dict:
     if version == 1:
         from_version_1 = conditioner_from_version_1 if format_of(payload) == CONDITIONER_FORMAT else vae_from_version_1
         payload = from_version_1(payload)
+    elif version == 2 and format_of(payload) == CONDITIONER_FORMAT:
+        payload = {**payload, "spec": {"encoder": "", **payload["spec"]}, "format_version": FORMAT_VERSION}
     return payload
 
 

@@ -1,11 +1,13 @@
 """Which conditioner is kept once the network is trained: the one that predicts the validation designs' fields best,
 by the reports' measure (the mean relative L2 error of a design's whole field in physical units).
 
-With parameters, three more candidates are tried beside the trained network: a GP per latent number fitted on the
-same training designs (latent_gp; models.gaussian_process), a thin-plate spline through their latents (latent_rbf;
-models.radial_basis; with the VAE at its POD start, the POD + GPR and POD + RBF surrogates) and a neural field
-trained on their fields themselves (field_conditioner_epochs, where the nodes' positions are known;
-models.neural_field, fitted by training.field_fitter). An ensemble is also set against its own members. Every candidate
+Three more candidates are tried beside the trained network: a neural field trained on the training designs' fields
+themselves (field_conditioner_epochs, where the nodes' positions are known; models.neural_field, fitted by
+training.field_fitter), a GP per latent number (latent_gp; models.gaussian_process) and a thin-plate spline through
+the latents (latent_rbf; models.radial_basis). On parameters the GP and the spline are fitted first (with the VAE at
+its POD start they are the POD + GPR and POD + RBF surrogates), so a neural field that loses to them by a wide margin
+is ended early. On images the neural field comes first: it trains the image encoder (models.image_embedding) on whose
+embedding the GP and the spline are then fitted. An ensemble is also set against its own members. Every candidate
 is scored through the same models.surrogate.Surrogate that --predict uses, in one pass over the validation designs'
 fields."""
 import dataclasses
@@ -20,8 +22,8 @@ from modules.data.batches import in_order
 from modules.data.field_layout import node_positions, read_field_layout
 from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.memory import batch_within_memory
-from modules.models.conditioners import (LATENT_GP, LATENT_RBF, NETWORKS, NEURAL_FIELD, ConditionerSpec,
-                                         conditioner_label)
+from modules.models.conditioners import LATENT_GP, LATENT_RBF, NEURAL_FIELD, ConditionerSpec, conditioner_label
+from modules.models.image_embedding import fitted_model
 from modules.models.neural_field import NeuralFieldConditioner
 from modules.storage.paths import FIELD_FIT_CHECKPOINT
 from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
@@ -41,6 +43,9 @@ FITTED = {LATENT_GP.kind: (1000, lambda model, inputs, targets, seed: model.fit(
 # float32 copies of its field one design takes in the comparison, without gradients: the batch, the decoder's
 # activations, the prediction scaled and in physical units, the simulated field and the error
 EVALUATION_COPIES = 8
+# designs whose snapshots an optimiser step of a neural field on images draws from: each distinct design costs an
+# encoder pass (a CNN's on 64 x 64 images is most of a step), so a step holds 64 snapshots of 16 designs, not of ~50
+IMAGE_DESIGNS_PER_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,10 @@ class Choice:
 
 
 def choose_conditioner(network, spec: ConditionerSpec, case, config, resume: bool = False) -> Choice:
-    """The trained network, or the candidate on parameters that predicts the validation designs better. resume: a
+    """The trained network, or the candidate that predicts the validation designs better (best_candidate). resume: a
     neural field's fit continues from its checkpoint (FIELD_FIT_CHECKPOINT) where that matches."""
     ensemble = ensemble_against_members(network, spec, case, config) if spec.members > 1 else None
-    kept, kept_spec, record = network, spec, None
-    if config.design_inputs == "parameters":
-        kept, kept_spec, record = best_on_parameters(network, spec, case, config, resume)
+    kept, kept_spec, record = best_candidate(network, spec, case, config, resume)
     if ensemble is not None:
         ensemble["kept"] = kept is network
     return Choice(kept, kept_spec, record, ensemble)
@@ -79,25 +82,18 @@ def ensemble_against_members(ensemble, spec, case, config) -> dict:
     return {"label": label, "members": len(members), "ensemble_val": errors["ensemble"], "members_val": members}
 
 
-def best_on_parameters(network, spec, case, config, resume: bool = False):
-    """The trained network, a GP per latent number (latent_gp), a thin-plate spline of the latents (latent_rbf) or a
-    neural field (field_conditioner_epochs), whichever predicts the validation designs' fields best: (the one kept,
-    its spec, the choice made and why, as plain types; None when the network was the only candidate). The candidates
-    on latents are scored first, so a neural field that loses to the best of them by a wide margin a quarter of the
-    way through its fit is ended there (neural_field_candidate)."""
+def best_candidate(network, spec, case, config, resume: bool = False):
+    """The trained network, a neural field (field_conditioner_epochs), a GP per latent number (latent_gp) or a
+    thin-plate spline of the latents (latent_rbf), whichever predicts the validation designs' fields best: (the one
+    kept, its spec, the choice made and why, as plain types; None when the network was the only candidate). On
+    parameters the candidates on latents are scored first, so a neural field that loses to the best of them by a wide
+    margin a quarter of the way through its fit is ended there (neural_field_candidate); on images they are fitted on
+    the neural field's image embedding, so after it, and not at all where it was not fitted."""
+    on_images = config.design_inputs == "images"
     candidates, record, seconds = {spec.kind: (network, spec)}, {}, {}
-    for wanted, kind, failed in ((config.latent_gp, LATENT_GP.kind, "gp_failed"),
-                                 (config.latent_rbf, LATENT_RBF.kind, "rbf_failed")):
-        if not wanted:
-            continue
-        began = time.perf_counter()
-        fitted, failure = fitted_candidate(kind, spec, case, config)
-        seconds[kind] = time.perf_counter() - began
-        if fitted is not None:
-            candidates[kind] = fitted
-        if failure is not None:
-            record[failed] = failure
-    errors = {}
+    if not on_images:
+        fit_latent_candidates(candidates, record, seconds, spec, case, config)
+    errors, field = {}, None
     if config.field_conditioner_epochs:
         errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
                                          config.lc_batch_size)
@@ -110,6 +106,14 @@ def best_on_parameters(network, spec, case, config, resume: bool = False):
             errors.update(validation_field_errors({NEURAL_FIELD.kind: field[0]}, case, config.lc_batch_size))
         if stopped is not None:
             record["neural_field_stopped"] = stopped
+    if on_images and field is not None:
+        fitted = fit_latent_candidates(candidates, record, seconds, spec, case, config, field[0].encoder)
+        if fitted:
+            errors.update(validation_field_errors({kind: candidates[kind][0] for kind in fitted}, case,
+                                                  config.lc_batch_size))
+    elif on_images and (config.latent_gp or config.latent_rbf) and len(candidates) == 1:
+        log.info("note: no GP or spline on the latents: on images they are fitted on the neural field's image "
+                 "embedding, and no neural field was fitted")
     if seconds:  # what each candidate beside the network cost, kept or not (reports' time spent)
         record["fit_seconds"] = {kind: round(value, 3) for kind, value in seconds.items()}
     if len(candidates) == 1:
@@ -125,7 +129,29 @@ def best_on_parameters(network, spec, case, config, resume: bool = False):
     model, kept_spec = candidates[kept]
     if kept == NEURAL_FIELD.kind:
         model, kept_spec, record["spread_from"] = with_spread(model, kept_spec, candidates, errors)
+    elif kept_spec.encoder:  # a GP or spline on the neural field's image embedding: that fit made it
+        record["embedding_from"] = NEURAL_FIELD.kind
     return model, kept_spec, {**record, "kept": kept, "validation_relative_l2": errors}
+
+
+def fit_latent_candidates(candidates: dict, record: dict, seconds: dict, spec, case, config, encoder=None) -> list:
+    """Fit the GP (latent_gp) and the spline (latent_rbf) the config asks for, on parameters or, with encoder (a
+    trained neural field's ImageEncoder), on its embedding of the images; each one fitted is added to candidates
+    ({kind: (model, spec)}), its fit time to seconds, a failure to record. Returns the kinds fitted."""
+    fitted = []
+    for wanted, kind, failed in ((config.latent_gp, LATENT_GP.kind, "gp_failed"),
+                                 (config.latent_rbf, LATENT_RBF.kind, "rbf_failed")):
+        if not wanted:
+            continue
+        began = time.perf_counter()
+        model, failure = fitted_candidate(kind, spec, case, config, encoder)
+        seconds[kind] = time.perf_counter() - began
+        if model is not None:
+            candidates[kind] = model
+            fitted.append(kind)
+        if failure is not None:
+            record[failed] = failure
+    return fitted
 
 
 def with_spread(field, field_spec, candidates: dict, errors: dict):
@@ -145,26 +171,34 @@ def with_spread(field, field_spec, candidates: dict, errors: dict):
     return field, dataclasses.replace(field_spec, spread_kind=source, gp_points=spec.gp_points), source
 
 
-def fitted_candidate(kind: str, spec, case, config):
+def fitted_candidate(kind: str, spec, case, config, encoder=None):
     """((the GP per latent number (latent_gp) or the thin-plate spline (latent_rbf) fitted on the training designs'
-    latents, its spec), None); (None, None), said, where there are more training designs than its fit is made for;
-    (None, the error's text), warned, where the fit fails (the other candidates remain)."""
+    latents, from their parameters or, with encoder, from its embedding of their images; its spec), None); (None,
+    None), said, where there are more training designs than its fit is made for; (None, the error's text), warned,
+    where the fit fails (the other candidates remain)."""
     train = case.fields.train_indices
     most, fit = FITTED[kind]
     label = conditioner_label(kind)
     if len(train) > most:
         log.info(f"note: no {label}: {len(train)} training designs are more than the {most} its fit is made for")
         return None, None
-    fitted_spec = dataclasses.replace(spec, kind=kind, gp_points=len(train), members=1)
-    log.info(f"Fitting the {label} ({spec.output_dim} latent numbers) on the {len(train)} training designs ...")
+    fitted_spec = dataclasses.replace(spec, kind=kind, gp_points=len(train), members=1,
+                                      encoder=spec.kind if encoder is not None else "")
+    reads = "the neural field's embedding of their images" if encoder is not None else "their parameters"
+    log.info(f"Fitting the {label} ({spec.output_dim} latent numbers) on the {len(train)} training designs, from "
+             f"{reads} ...")
+    targets = case.targets[train].double().cpu().numpy()
     try:
-        fitted = fit(NETWORKS[kind].network(fitted_spec), case.conditions[train].double().cpu().numpy(),
-                     case.targets[train].double().cpu().numpy(), config.seed)
+        model = fitted_model(fitted_spec).to(case.conditions.device)
+        if encoder is None:
+            fit(model, case.conditions[train].double().cpu().numpy(), targets, config.seed)
+        else:
+            model.fit(encoder, case.conditions[train], targets, config.seed, fit)
     except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
         failure = f"{type(error).__name__}: {error}"
         log.warning(f"warning: the {label} could not be fitted ({failure}); it is not a candidate")
         return None, failure
-    return (fitted.to(case.conditions.device), fitted_spec), None
+    return (model.to(case.conditions.device), fitted_spec), None
 
 
 def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = False):
@@ -178,14 +212,18 @@ def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = Fals
         log.info("note: no neural-field conditioner: where the nodes are is not known (grid_shape, mesh_file or "
                  "node_coordinates would let one be tried)")
         return None, None
+    on_images = config.design_inputs == "images"
     field_spec = dataclasses.replace(spec, kind=NEURAL_FIELD.kind, members=1, gp_points=0,
-                                     field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars))
+                                     field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars),
+                                     encoder=spec.kind if on_images else "")
     passes = config.field_conditioner_epochs
-    fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if rivals else 0)
+    fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if rivals else 0,
+                          designs_per_step=IMAGE_DESIGNS_PER_STEP if on_images else 0)
     sampled = config.n_nodes_used // config.n_vars > fit.nodes
+    reads = f"their images through a {spec.kind.upper()} encoder" if on_images else "their parameters"
     log.info(f"Training a neural-field conditioner on the fields of the {len(case.fields.train_indices)} training "
-             f"designs ({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time "
-             "step) ...")
+             f"designs, from {reads} ({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} "
+             "of each time step) ...")
     began, measured = time.perf_counter(), {}
 
     def losing(network, _):
@@ -228,7 +266,12 @@ def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing
 
     def predict(network, snapshots, nodes, _):
         designs, steps = train[snapshots // n_steps], snapshots % n_steps
-        return network(case.conditions[designs], None if nodes is None else nodes[:, None], steps[:, None])[:, 0]
+        if network.encoder is None:
+            numbers = case.conditions[designs]
+        else:  # each design's image encoded once, however many of its time steps the step holds
+            distinct, which = designs.unique(return_inverse=True)
+            numbers = network.encoder(case.conditions[distinct])[which]
+        return network.from_numbers(numbers, None if nodes is None else nodes[:, None], steps[:, None])[:, 0]
 
     network, _, stopped_after = fit_sampled_field(build, predict, case.fields.train, len(train), spec.field_shape, fit,
                                                   config.batch_size, config.seed, device, losing=losing,

@@ -111,13 +111,14 @@ def train_conditioner(config, runtime, case: ConditionerCase, run=None, resume=N
     note_time(run, conditioner_label(job.spec.kind, job.spec.members), network_seconds,
               kept=choice.kept is job.model)
     kept_kind = choice.record["kept"] if choice.record else job.spec.kind
-    spread_from = (choice.record or {}).get("spread_from")  # a fitted candidate a kept neural field carries
+    # a fitted candidate a kept neural field carries; the neural field whose image embedding a kept GP or spline reads
+    needed = {(choice.record or {}).get(key) for key in ("spread_from", "embedding_from")}
     for kind, seconds in (choice.record or {}).get("fit_seconds", {}).items():
-        note_time(run, conditioner_label(kind), seconds, kept=kind in (kept_kind, spread_from))
+        note_time(run, conditioner_label(kind), seconds, kept=kind == kept_kind or kind in needed)
     calibration = calibrated_spread(choice.kept, case, config)
     save_conditioner(CONDITIONER_FILE, choice.kept, choice.spec,
                      {**job.facts, "choice": choice.record, "ensemble": choice.ensemble, "calibration": calibration,
-                      "design_range": design_reference(job.model, case, config)})
+                      "design_range": design_reference(choice.kept, case, config)})
     return progress, history
 
 
@@ -157,7 +158,8 @@ def calibrated_spread(kept, case: ConditionerCase, config) -> dict | None:
 
 def design_reference(network, case: ConditionerCase, config) -> dict:
     """The training designs as --predict compares new ones with them (uncertainty.design_range): standardised
-    parameters and their raw range, or the images' pooled pixels and the network's features."""
+    parameters and their raw range, or the images' pooled pixels and the features of network (the conditioner kept,
+    whose features --predict reads)."""
     train = case.fields.train_indices
     reads = config.design_inputs
     spaces = design_spaces(network, reads, case.conditions[train], config.lc_batch_size)

@@ -4,8 +4,9 @@ the neural-field conditioner (training.conditioner_choice).
 A fit makes `passes` passes over the N x T training snapshots (design, time step). Each pass first reads every
 training design once, batch_size designs at a time, so the data stay streamed (sampled_pass), and keeps `nodes`
 random nodes of each variable of every snapshot (every node where a variable has fewer); then each optimiser step
-takes `snapshots` of them at random across the designs, so a step costs the same on any mesh and mixes designs (steps
-on one design's time steps fit worse). Mean squared error, Adam with a one-cycle schedule. The network's output
+takes `snapshots` of them at random across the designs (or within a few designs at a time, for a network that
+encodes each design's image: step_batches), so a step costs the same on any mesh and mixes designs (steps on one
+design's time steps fit worse). Mean squared error, Adam with a one-cycle schedule. The network's output
 statistics come from the first pass's values, so its sine network fits standardised values. Repeatable for a seed on
 a device, so every DDP rank that fits one (each fits the codec) fits the same network.
 
@@ -14,7 +15,6 @@ batches, the passes made) is saved after every pass, and a resumed fit continues
 bit, as one never interrupted (the neural-field conditioner's fit; the codec's is not checkpointed yet).
 """
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ class SampledFieldFit:
     peak_lr: float = 1e-3   # Adam's, at the top of the one-cycle schedule
     warmup: float = 0.1     # share of the steps the learning rate rises over
     check_after: int = 0    # passes after which a losing fit may be ended (fit_sampled_field's losing); 0: never
+    designs_per_step: int = 0  # a step's snapshots drawn from this many designs at a time (step_batches); 0: from all
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,10 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     network = build()
-    snapshots = n_designs * field_shape[0]
     optimiser = torch.optim.Adam(network.parameters(), fit.peak_lr)
+    per_pass = len(step_batches(fit, n_designs, field_shape[0], torch.Generator()))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, fit.peak_lr, pct_start=fit.warmup,
-                                                   total_steps=fit.passes * math.ceil(snapshots / fit.snapshots))
+                                                   total_steps=fit.passes * per_pass)
     parts = {"network": network, "optimiser": optimiser, "schedule": schedule}
     made, stopped = continued(checkpoint, parts, generator) if checkpoint is not None else (0, False)
     if stopped:  # its losing test said so before the interruption: asked again of the same network, it says so again
@@ -90,7 +91,8 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
         encoded = read if encoded is None else encoded
         if index == 0:
             network.field.set_value_statistics(values)
-        for batch in torch.randperm(snapshots, generator=generator).to(device).split(fit.snapshots):
+        for batch in step_batches(fit, n_designs, field_shape[0], generator):
+            batch = batch.to(device)
             predicted = predict(network, batch, None if nodes is None else nodes[batch],
                                 None if encoded is None else encoded[batch])
             loss = F.mse_loss(predicted, values[batch])
@@ -105,6 +107,20 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             return network.eval(), encoded, index + 1
         network.train()
     return network.eval(), encoded, None
+
+
+def step_batches(fit: SampledFieldFit, n_designs: int, n_steps: int, generator) -> list:
+    """A pass's optimiser steps: snapshot indices [<= fit.snapshots] each (time step s % T of design s // T), every
+    snapshot once. Drawn at random across all designs or, with fit.designs_per_step, within groups of that many
+    designs taken at random (a network that encodes each distinct design of a step, an image encoder, then encodes
+    fewer)."""
+    if not fit.designs_per_step:
+        return list(torch.randperm(n_designs * n_steps, generator=generator).split(fit.snapshots))
+    batches = []
+    for group in torch.randperm(n_designs, generator=generator).split(fit.designs_per_step):
+        snapshots = (group[:, None] * n_steps + torch.arange(n_steps)).flatten()
+        batches += snapshots[torch.randperm(len(snapshots), generator=generator)].split(fit.snapshots)
+    return batches
 
 
 def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopped: bool) -> None:

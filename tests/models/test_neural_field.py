@@ -5,6 +5,7 @@ nodes' positions are known and kept only when it predicts the validation designs
 predicts and exports as --predict computes; and what it cannot do (--samples, --suggest) is refused in one line."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import onnxruntime
@@ -119,12 +120,12 @@ def test_without_node_positions_it_is_not_tried_and_the_run_says_why(tmp_path, m
     assert "neural_field" not in choice["validation_relative_l2"]
 
 
-def test_field_conditioner_epochs_without_a_parameter_csv_is_noted(case):
+def test_field_conditioner_epochs_without_a_conditioner_is_noted(case):
     condition = case / "input_data" / "condition.txt"
     condition.write_text(condition.read_text() + "field_conditioner_epochs 10\n")
     with said() as notes:
         load_config()
-    assert len(notes) == 1 and "'field_conditioner_epochs' has no effect because input_type is not csv" in notes[0]
+    assert len(notes) == 1 and "'field_conditioner_epochs' has no effect because input_type is none" in notes[0]
 
 
 @pytest.mark.slow
@@ -146,7 +147,8 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
         name: error * (1 if name in ("mlp", "neural_field") else 100) for name, error in real(networks, *args).items()})
     assert main([]) == 0
     said = capsys.readouterr().out
-    assert "a neural-field conditioner on the fields of the 12 training designs (100 passes, every node of each" in said
+    assert "a neural-field conditioner on the fields of the 12 training designs, from their parameters (100 passes, " \
+           "every node of each" in said
     assert "Kept the neural field as the conditioner" in said
     report = json.loads((tmp_path / "output" / "prediction_report.json").read_text())
     choice = report["conditioner_choice"]
@@ -295,3 +297,106 @@ def test_trained_at_sampled_nodes_it_fits_every_node_of_its_training_designs():
     assert torch.allclose(network.field.value_offset, per_variable_values.mean(1), atol=0.1)  # from a pass's sample
     assert torch.allclose(network.field.value_scale, per_variable_values.std(1), rtol=0.2)
     assert not network.training
+
+
+def image_case(folder, extra, n=16):
+    """csv_case's designs given by their images (conftest.design_image, 16 x 16) instead of the CSV."""
+    rng = np.random.default_rng(0)
+    parameters = np.stack([rng.uniform(0.5, 2.0, n), rng.uniform(0, np.pi, n)], axis=1)
+    write_case(folder, n=n, t=6, m=20, epochs=2, extra="input_type image\nparam_dir images\nimage_size 16\n" + extra)
+    write_conditions(folder, parameters)
+    return parameters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("winner", ["neural_field", "gpr"])
+def test_on_images_the_neural_field_trains_an_encoder_whose_embedding_the_gp_and_spline_read(winner, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """Designs given by images: the neural field reads them through a CNN encoder trained with it, then a GP and a
+    thin-plate spline are fitted on that encoder's embedding; all four are candidates. Whichever is kept (here made
+    to win, whatever this tiny case would say) predicts from a folder of images as the evaluation scored it, draws
+    --samples around its prediction, exports to ONNX as --predict computes, and places a training image inside what
+    was learnt and pixel noise outside, in its own features."""
+    from modules.training import conditioner_choice
+    monkeypatch.chdir(tmp_path)
+    # 28 designs: a spline on the 16 numbers of the embedding needs more than 17 training designs
+    image_case(tmp_path, "grid_shape 4 5\nn_epoch 1\nfield_conditioner_epochs 20\n", n=28)
+    real = conditioner_choice.validation_field_errors
+    factor = {"neural_field": 3, winner: 1}  # a losing neural field would be stopped before the GP's fit
+    monkeypatch.setattr(conditioner_choice, "validation_field_errors", lambda networks, *args: {
+        name: error * factor.get(name, 100) for name, error in real(networks, *args).items()})
+    assert main([]) == 0
+    said = capsys.readouterr().out
+    assert "neural-field conditioner on the fields of the 21 training designs, from their images through a CNN " \
+           "encoder (20 passes" in said
+    assert "Fitting the GP on latents (16 latent numbers) on the 21 training designs, from the neural field's " \
+           "embedding of their images" in said
+    report = json.loads((tmp_path / "output" / "prediction_report.json").read_text())
+    choice = report["conditioner_choice"]
+    assert set(choice["validation_relative_l2"]) == {"cnn", "neural_field", "gpr", "rbf"} and choice["kept"] == winner
+    assert report["conditioner_val"] == pytest.approx(choice["validation_relative_l2"][winner], rel=1e-4)
+    saved = torch.load(tmp_path / "model_save" / "latent_conditioner", weights_only=True)
+    assert saved["spec"]["kind"] == winner and saved["spec"]["encoder"] == "cnn"
+    carried = choice.get("spread_from")  # a kept neural field carries the GP or spline on its own embedding
+    assert saved["calibration"]["source"] == {"gpr": "field_gp", "rbf": "field_rbf", None: "gp"}[carried]
+    assert (carried in ("gpr", "rbf")) == (winner == "neural_field") and saved["spec"]["spread_kind"] == (carried or "")
+    spent = json.loads((tmp_path / "output" / "evaluation.json").read_text())["time_spent"]
+    assert spent["parts"]["neural field"]["kept"]  # a GP on its embedding needs the neural field's fit: kept time
+    assert not spent["parts"]["CNN"]["kept"]
+
+    (tmp_path / "new").mkdir()
+    for number in (2, 5, 7):
+        shutil.copy(tmp_path / "images" / f"design_{number:03d}.png", tmp_path / "new")
+    assert main(["--predict=new", "--out=p.npy", "--samples=4"]) == 0 and main(["--export=s.onnx"]) == 0
+    expected, std = np.load("p.npy"), np.load("p_std.npy")
+    assert expected.shape == std.shape == (3, 6, 20) and np.isfinite(expected).all() and std.max() > 0
+    images = np.stack([np.asarray(Image.open(tmp_path / "new" / name), dtype=np.float32)[None] / 255
+                       for name in sorted(p.name for p in (tmp_path / "new").iterdir())])
+    session = onnxruntime.InferenceSession("s.onnx", providers=["CPUExecutionProvider"])
+    exported = session.run(["fields"], {"images": images})[0]
+    assert np.abs(exported - expected).max() < 1e-4 * np.abs(expected).max()
+
+    (tmp_path / "check").mkdir()
+    train = json.loads((tmp_path / "model_save" / "split.json").read_text())["train"]
+    shutil.copy(tmp_path / "images" / f"design_{train[0] + 1:03d}.png", tmp_path / "check" / "a_training.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(
+        tmp_path / "check" / "b_noise.png")
+    assert main(["--predict=check", "--out=check.npy"]) == 0
+    placed = json.loads((tmp_path / "check_report.json").read_text())["designs"]
+    assert [(row["design"], row["outside"]) for row in placed] == [("a_training.png", False), ("b_noise.png", True)]
+    assert placed[0]["spaces"]["features"]["distance_ratio"] == pytest.approx(0, abs=1e-6)
+
+
+def test_an_image_encoders_steps_draw_their_snapshots_from_a_few_designs_and_every_snapshot_once_a_pass():
+    from modules.training.field_fitter import step_batches
+    fit = SampledFieldFit(passes=1, snapshots=64, designs_per_step=16)
+    batches = step_batches(fit, 40, 24, torch.Generator().manual_seed(0))
+    every = torch.cat(batches)
+    assert sorted(every.tolist()) == list(range(40 * 24))
+    assert max(len(batch) for batch in batches) == 64
+    assert max(len((batch // 24).unique()) for batch in batches) <= 16
+    across = step_batches(dataclasses.replace(fit, designs_per_step=0), 40, 24, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat(across), torch.randperm(40 * 24, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "vit"])
+def test_an_image_neural_field_reads_images_through_its_encoder_and_saves_and_loads_as_any_conditioner(encoder,
+                                                                                                       tmp_path):
+    """The network input_type names embeds each image in EMBEDDING numbers that the code network reads in place of
+    parameters; its features are the encoder's; a GP carried for its spread reads the same images; the file
+    rebuilds the same network."""
+    from modules.models.image_embedding import EMBEDDING, FittedOnEmbedding
+    from modules.storage.model_files import load_conditioner, save_conditioner
+    torch.manual_seed(0)
+    spec = ConditionerSpec(kind="neural_field", input_shape=(1, 16, 16), output_dim=6, filters=(8, 16),
+                           vit_patch_size=4, vit_dim=16, vit_depth=1, vit_heads=2, field_shape=(5, 20, 1),
+                           encoder=encoder, spread_kind="gpr", gp_points=7)
+    network = build_conditioner(spec).eval()
+    images = torch.rand(3, 1, 16, 16)
+    assert network.codes[0].in_features == EMBEDDING + 1 and isinstance(network.spread, FittedOnEmbedding)
+    assert network(images).shape == (3, 5, 20)
+    assert torch.equal(network.features(images), network.encoder.features(images))
+    assert torch.equal(network(images), network.from_numbers(network.encoder(images)))
+    save_conditioner(tmp_path / "saved", network, spec, {})
+    loaded, facts = load_conditioner(tmp_path / "saved")
+    assert ConditionerSpec.from_dict(facts["spec"]) == spec and torch.equal(loaded(images), network(images))

@@ -107,3 +107,19 @@ def test_as_version_1_gives_what_version_1_wrote(version_1, demo):
     made = as_version_1(current)
     assert made.keys() == written.keys() and made["format"] == written["format"]
     assert made["spec"].keys() == written["spec"].keys() and made["state_dict"].keys() == written["state_dict"].keys()
+
+
+def test_a_version_2_conditioner_reads_as_one_without_an_image_encoder_and_predicts_the_same(demo, tmp_path):
+    """Version 3 added a conditioner spec's encoder: a version 2 file (the demo's, as version 2 wrote it) reads with
+    encoder "" and predicts what the current file predicts."""
+    from modules.models.conditioners import ConditionerSpec
+    from modules.storage.model_files import load_conditioner
+    current = torch.load(demo / "model_save" / "latent_conditioner", weights_only=True)
+    older = {**current, "format_version": 2, "spec": {k: v for k, v in current["spec"].items() if k != "encoder"}}
+    torch.save(older, tmp_path / "v2")
+    network, facts = load_conditioner(tmp_path / "v2")
+    assert facts["format_version"] == FORMAT_VERSION == 3
+    assert ConditionerSpec.from_dict(facts["spec"]) == ConditionerSpec.from_dict(current["spec"])
+    inputs = torch.randn(3, current["spec"]["input_shape"][0])
+    expected, _ = load_conditioner(demo / "model_save" / "latent_conditioner")
+    assert torch.equal(network(inputs), expected(inputs))

@@ -174,7 +174,7 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
     from modules.machine.device import Runtime
     from modules.models.conditioners import build_conditioner
     from modules.storage.model_files import save_conditioner
-    from modules.training.conditioner_choice import best_on_parameters
+    from modules.training.conditioner_choice import best_candidate
     from modules.training.conditioner_training import conditioner_facts, conditioner_spec, prepare_conditioner_case
     with chdir(copy_of):
         config = load_config(1)
@@ -182,7 +182,7 @@ def test_a_latent_gp_conditioner_predicts_new_designs_and_is_evaluated_like_any_
                                         "model_save/SimulGen-VAE")
         spec = conditioner_spec(config, case)
         config = dataclasses.replace(config, latent_gp=1)  # the case trained its MLP alone
-        kept, kept_spec, choice = best_on_parameters(build_conditioner(spec), spec, case, config)
+        kept, kept_spec, choice = best_candidate(build_conditioner(spec), spec, case, config)
         assert choice["kept"] == "gpr" and kept_spec.gp_points == len(case.fields.train_indices)
         save_conditioner("model_save/latent_conditioner", kept, kept_spec, {
             **conditioner_facts(config, case), "choice": choice, "ensemble": None, "calibration": None,
@@ -207,7 +207,7 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     from modules.machine.device import Runtime
     from modules.models import gaussian_process
     from modules.models.conditioners import build_conditioner
-    from modules.training.conditioner_choice import best_on_parameters
+    from modules.training.conditioner_choice import best_candidate
     from modules.training.conditioner_training import conditioner_spec, prepare_conditioner_case
 
     def singular(self, *args):
@@ -220,7 +220,7 @@ def test_a_gp_that_cannot_be_fitted_leaves_the_trained_network_as_the_conditione
     spec = conditioner_spec(config, case)
     network = build_conditioner(spec)
     with said() as lines:
-        kept, kept_spec, choice = best_on_parameters(network, spec, case, dataclasses.replace(config, latent_gp=1))
+        kept, kept_spec, choice = best_candidate(network, spec, case, dataclasses.replace(config, latent_gp=1))
     assert kept is network and kept_spec == spec
     assert {**choice, "fit_seconds": None} == {"kept": "mlp", "gp_failed": "LinAlgError: matrix is singular",
                                                "fit_seconds": None}
