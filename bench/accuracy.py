@@ -9,8 +9,9 @@ Each case (bench/cases.py) is written into its own case folder under --workdir a
 `python SimulGen-VAE.py` there, defaults as shipped unless a flag here overrides them; the numbers come from the
 run's own output/evaluation.json, on its validation designs (never trained on), in physical units:
 - reconstruction: the VAE against POD with as many modes as the VAE has latent numbers per design;
-- prediction from the design's parameters: the conditioner against POD + Gaussian-process regression, POD + a
-  thin-plate-spline interpolant, the nearest training design and the training mean field.
+- prediction from what defines a design: the conditioner against POD + Gaussian-process regression, POD + a
+  thin-plate-spline interpolant, the nearest training design and the training mean field. For a case given by
+  images (plate) the two POD surrogates read the exact parameters the images draw (bench/cases.py writes them).
 Prints a markdown table (what docs/accuracy.md carries) and writes every number as JSON (--json, or after the table).
 Never tune on one case: the point of the benchmark is to report all of them.
 """
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,6 +65,9 @@ def run_case(name: str, args) -> dict:
     report = json.loads((folder / "output" / "evaluation.json").read_text())
     reconstruction, prediction = report["reconstruction"], report["prediction"]
     choice = json.loads((folder / "output" / "prediction_report.json").read_text())["conditioner_choice"]
+    if "parameters_csv" in facts:  # designs given by images: the POD surrogates from the parameters they draw
+        prediction = {**prediction, **pod_on_parameters(folder, facts["parameters_csv"],
+                                                        report["latent_numbers_per_design"])}
     return {**facts, "n_train": report["n_train"], "n_val": report["n_val"],
             "latent_numbers": report["latent_numbers_per_design"], "run_s": seconds,
             "vae_runs_on": report.get("vae_runs_on", "fields"),
@@ -73,6 +79,38 @@ def run_case(name: str, args) -> dict:
             "pod_rbf": mean_l2(prediction["pod_rbf"]) if "pod_rbf" in prediction else None,
             "nearest_neighbour": mean_l2(prediction["nearest_neighbour"]),
             "mean_field": mean_l2(prediction["mean_field"]), "time_spent": report.get("time_spent")}
+
+
+class InMemory:
+    """A generated case's [N, T, M] array as the evaluation's baselines read a dataset (sample_shape, read)."""
+
+    def __init__(self, array):
+        self.array, self.sample_shape = array, array.shape[1:]
+
+    def read(self, indices, steps=slice(None)):
+        return np.ascontiguousarray(self.array[indices][:, steps], dtype=np.float32)
+
+
+def pod_on_parameters(folder: Path, parameters_csv: str, rank: int) -> dict:
+    """{"pod_gpr", "pod_rbf": {"relative_l2": {"mean": ...}}} on the run's own split (model_save/split.json), from
+    the exact parameters in parameters_csv: for a case whose designs are given by images, what the run's report cannot
+    print (it has no parameters) and a user who had them could do. The same functions as the report's lines."""
+    from modules.data.scaling import ColumnScaler
+    from modules.evaluation.baselines import baseline_weights, score_combinations
+    from modules.models.pod import design_gram
+
+    array = InMemory(np.load(folder / "input_data" / "dataset1.npy"))
+    split = json.loads((folder / "model_save" / "split.json").read_text())
+    seed = json.loads(next((folder / "runs").glob("*/config.json")).read_text())["seed"]  # the GPs' fits use it
+    train, val = np.asarray(split["train"]), np.asarray(split["val"])
+    order = np.concatenate([train, val])
+    parameters = np.loadtxt(folder / parameters_csv, delimiter=",", skiprows=1)[order]
+    parameters = ColumnScaler.fit(parameters[:len(train)]).transform(parameters)  # as the report standardises them
+    weights = baseline_weights(design_gram(array, order), len(train), {"pod": rank}, parameters=parameters,
+                               seed=seed)
+    errors = score_combinations(array, train, val, {name: weights[name] for name in ("pod_gpr", "pod_rbf")
+                                                    if name in weights}, n_vars=1)
+    return {name: {"relative_l2": {"mean": float(np.mean(found.relative_l2()))}} for name, found in errors.items()}
 
 
 def mean_l2(summary: dict) -> float:

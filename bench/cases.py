@@ -14,23 +14,29 @@ seed, each written as a case folder that SimulGenVAE trains on as a user's would
 - shear: a Gaussian blob on a periodic unit square that moves as the pulse does while it stretches (area kept) and
   turns, in closed form; 6 parameters x0, y0, theta, v, stretch s, turning rate omega. A feature that changes shape
   as it moves: POD with 64 modes misses 70 % of a held-out field.
+- plate: the demo's family, larger, given by its geometry images: transient heat conduction through a plate with a
+  circular inclusion (input_data/make_demo_case.py's solver), 64 x 64 images of the inclusion (its gray level the
+  conductivity; read at image_size 32) as what defines each design, on a grid x grid mesh (at most 32 x 32: the
+  explicit solve's steps grow as the square of the grid). The parameters the images draw are written beside them,
+  for the benchmark's POD + GPR on the exact parameters: what a user who had them could do.
 - demo: the shipped heat-conduction case (input_data/), copied as it is.
 """
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("demo", "pulse", "burgers", "beam", "shear")
+CASES = ("demo", "pulse", "burgers", "beam", "shear", "plate")
 
 
 @dataclass(frozen=True)
 class Size:
     designs: int = 205      # 164 training and 41 validation designs at val_fraction 0.2
     steps: int = 24
-    grid: int = 48          # pulse and shear: grid x grid nodes
+    grid: int = 48          # pulse and shear: grid x grid nodes (plate: at most 32 x 32)
     line: int = 256         # burgers and beam: nodes on the line
 
 
@@ -190,6 +196,8 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
         fields = shear_fields(parameters, size.steps, size.grid)
         names, filters = "x0,y0,theta,v,s,omega", "256 128 64 32"
         where = f"grid_shape {size.grid} {size.grid}"
+    elif name == "plate":
+        return _write_plate(folder, size, epochs, lc_epochs, seed)
     elif name == "burgers":
         parameters = burgers_parameters(size.designs, seed)
         fields = burgers_fields(parameters, size.steps, size.line)
@@ -211,6 +219,26 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
     (data / "condition.txt").write_text(CONDITION.format(n=n, steps=steps, nodes=nodes, epochs=epochs or 200,
                                                          lc_epochs=lc_epochs or 500) + where + "\n")
     return {"case": name, "shape": list(fields.shape), "parameters": names.replace(",", ", ")}
+
+
+def _write_plate(folder: Path, size: Size, epochs: int, lc_epochs: int, seed: int) -> dict:
+    """The plate case (the module's docstring): the demo's solver and images, input_type image."""
+    sys.path.insert(0, str(REPO / "input_data"))
+    import make_demo_case as demo
+
+    grid = min(size.grid, 32)
+    parameters = demo.sample_parameters(size.designs, seed)
+    fields = demo.solve_transient(demo.conductivity_fields(parameters, grid), size.steps, t_end=0.4)
+    demo.write_tables(fields, parameters, grid, folder / "input_data")
+    demo.write_images(parameters, folder / "images")
+    (folder / "preset.txt").write_text(PRESET.format(filters="64 64 32"))  # the demo's
+    n, steps, nodes = fields.shape
+    text = CONDITION.format(n=n, steps=steps, nodes=nodes, epochs=epochs or 300, lc_epochs=lc_epochs or 200)
+    # image_size 32: a quarter of the pixels, four times faster a CNN on 2 cores (docs/accuracy.md, the demo's images)
+    text = _set_key(_set_key(_set_key(text, "input_type", "image"), "param_dir", "images"), "image_size", "32")
+    (folder / "input_data" / "condition.txt").write_text(text + "mesh_file input_data/plate.vtu\n")
+    return {"case": "plate", "shape": list(fields.shape), "parameters": "images of cx, cy, radius, conductivity",
+            "parameters_csv": "input_data/parameters.csv"}
 
 
 def _set_key(text: str, key: str, value: str | None) -> str:

@@ -64,17 +64,23 @@ def test_real_data_file_gives_the_shape(tmp_path):
 def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and_pod_gpr(tmp_path):
     """A smoke run of bench/accuracy.py on tiny versions of its cases: each is trained by the real command line in
     its own case folder, and every row carries the run's own evaluation numbers."""
+    from accuracy import pod_on_parameters
+
     arguments = ["--designs", "16", "--steps", "6", "--grid", "6", "--line", "24", "--epochs", "2", "--lc_epochs", "2",
                  "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "accuracy.json")]
     done = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), *arguments], capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
-    assert [row["case"] for row in rows] == ["demo", "pulse", "burgers", "beam", "shear"]
-    assert rows[1]["shape"] == rows[4]["shape"] == [16, 6, 36] and rows[2]["shape"] == rows[3]["shape"] == [16, 6, 24]
+    assert [row["case"] for row in rows] == ["demo", "pulse", "burgers", "beam", "shear", "plate"]
+    assert rows[1]["shape"] == rows[4]["shape"] == rows[5]["shape"] == [16, 6, 36]
+    assert rows[2]["shape"] == rows[3]["shape"] == [16, 6, 24]
     for row in rows:
         evaluation = json.loads((tmp_path / "work" / row["case"] / "output" / "evaluation.json").read_text())
         assert row["vae"] == evaluation["reconstruction"]["vae"]["relative_l2"]["mean"]
+        if row["case"] == "plate":  # images: the run has no parameters, the benchmark scores them itself
+            assert "pod_gpr" not in evaluation["prediction"] and 0 < row["pod_gpr"] < row["mean_field"]
+            continue
         assert row["pod_gpr"] == evaluation["prediction"]["pod_gpr"]["relative_l2"]["mean"]
         assert 0 <= row["pod"] < row["mean_field"]
         assert row["conditioner_label"] == evaluation["labels"]["conditioner"]
@@ -82,7 +88,11 @@ def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and
         # there (kept as a candidate, or stopped early as losing); the demo's condition.txt turns it off
         assert ("neural_field" in row["candidates"] or row["stopped"] is not None) == (row["case"] != "demo")
     table = table_lines(done.stdout)
-    assert table[0].startswith("| case | designs") and len(table) == 2 + 5
+    assert table[0].startswith("| case | designs") and len(table) == 2 + 6
+    # the plate's POD surrogates on its parameters are the report's own: on the demo they give the report's numbers
+    demo = pod_on_parameters(tmp_path / "work" / "demo", "input_data/parameters.csv", rows[0]["latent_numbers"])
+    assert demo["pod_gpr"]["relative_l2"]["mean"] == pytest.approx(rows[0]["pod_gpr"], rel=1e-9)
+    assert demo["pod_rbf"]["relative_l2"]["mean"] == pytest.approx(rows[0]["pod_rbf"], rel=1e-9)
     assert all(row["time_spent"]["kept_s"] > 0 and row["time_spent"]["discarded_s"] >= 0 for row in rows)
     assert all(line.endswith(f"{row['time_spent']['kept_s']:.0f} s / {row['time_spent']['discarded_s']:.0f} s |")
                for line, row in zip(table[2:], rows))
