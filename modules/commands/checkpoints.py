@@ -37,9 +37,11 @@ def status_of(path: Path, config):
         payload = read_payload(path, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT, FIT_FORMAT), "python SimulGen-VAE.py")
     except InputError as error:
         return CORRUPT, error.problem
-    if payload["format"] == FIT_FORMAT:  # continued by --resume of the conditioner it is a candidate of
-        return RESUMABLE, (f"a neural field's fit after {payload['passes_made']} of {payload['facts']['passes']} "
-                           "passes: --resume of its conditioner continues it")
+    if payload["format"] == FIT_FORMAT:  # continued by --resume of the run or conditioner it is a part of
+        fit_of = payload.get("fit_of", "neural field")
+        then = "of its conditioner continues it" if fit_of == "neural field" else "continues it, then the VAE"
+        return RESUMABLE, (f"a {fit_of}'s fit after {payload['passes_made']} of {payload['facts']['passes']} "
+                           f"passes: --resume {then}")
     try:
         check_resumable(payload, path, config)
     except InputError as error:

@@ -25,8 +25,9 @@ from modules.machine.processes import any_rank, barrier, start_runtime, stop_run
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.model_folder import save_latents
-from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
-                                   archive_previous_conditioner, archive_previous_run, make_run_folders)
+from modules.storage.model_format import FIT_FORMAT
+from modules.storage.paths import (AUTO_RESUME, CODEC_FIT_CHECKPOINT, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR,
+                                   MODEL_FILE, archive_previous_conditioner, archive_previous_run, make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
                                   note_vae, recording, run_of, start_run, time_spent)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
@@ -58,7 +59,8 @@ def train_all(config, use_ddp: bool, resume) -> None:
             barrier(runtime)
             vae_result = None
             if plan is None or not plan.vae_finished:
-                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, watch=watch)
+                vae_result = train_vae(config, runtime, case, run, resume=plan and plan.vae, watch=watch,
+                                       codec_fit=bool(plan and plan.codec_fit))
             elif runtime.is_main:
                 log.info(f"The VAE of this run has finished ({MODEL_FILE}); it is not trained again")
             evaluation = None
@@ -211,6 +213,7 @@ class ResumePlan:
     vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
     conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
     run_id: str | None = None    # the run record the checkpoint belongs to (continued in runs/<id>/)
+    codec_fit: bool = False      # no VAE checkpoint yet: continue the snapshot codec's fit (CODEC_FIT_CHECKPOINT)
 
 
 def names_model_file(path: str) -> bool:
@@ -221,6 +224,12 @@ def names_model_file(path: str) -> bool:
 def resume_plan(given: str, config) -> ResumePlan:
     """What --resume[=PATH] of a full run continues: each checkpoint is checked here, before anything runs."""
     path = LAST_CHECKPOINT if given == AUTO_RESUME else Path(given)
+    if given == AUTO_RESUME and not path.exists() and CODEC_FIT_CHECKPOINT.exists():  # stopped in the codec's fit
+        try:
+            run_id = read_payload(CODEC_FIT_CHECKPOINT, formats=(FIT_FORMAT,)).get("run_id")
+        except InputError:  # damaged: the fit says so and starts afresh (training.field_fitter), in a new record
+            run_id = None
+        return ResumePlan(None, False, None, run_id, codec_fit=True)
     payload = read_checkpoint(path, config, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
     if payload["format"] == CONDITIONER_FORMAT:
         if not MODEL_FILE.exists():

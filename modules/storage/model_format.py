@@ -3,7 +3,7 @@ is brought to the current format as it is loaded (current_format), so no other c
 an older file did not record arrive as None, and the code that uses them says what is missing).
 
 Every file holds "format" (what kind of file: a VAE, a VAE checkpoint, a conditioner or a conditioner checkpoint, or
-a neural field's fit checkpoint, which exists from version 2 on) and "format_version". Version 1 is every file
+a fit checkpoint: a neural field's from version 2 on, a snapshot codec's from version 3 on) and "format_version". Version 1 is every file
 written before the version was recorded (its kinds' names end in "-v1"); over its life it gained entries that older
 version 1 files lack, and each is filled here with what leaving it out meant:
 - a VAE's spec: pod_modes 0 (no POD path), n_vars 1, codec 0 (the VAE runs on the fields);
@@ -27,7 +27,7 @@ from modules.models.vae import ModelSpec
 FORMAT_VERSION = 3
 MODEL_FORMAT, CHECKPOINT_FORMAT = "simulgenvae-model", "simulgenvae-checkpoint"  # a VAE, and with its training state
 CONDITIONER_FORMAT = "simulgenvae-conditioner"  # a conditioner, with its training state in a checkpoint
-FIT_FORMAT = "simulgenvae-fit-checkpoint"  # a neural field's fit, pass by pass (training.field_fitter); version 2 on
+FIT_FORMAT = "simulgenvae-fit-checkpoint"  # a neural field's (version 2 on) or codec's (3 on) fit, pass by pass
 VERSION_1_FORMATS = {f"{kind}-v1": kind for kind in (MODEL_FORMAT, CHECKPOINT_FORMAT, CONDITIONER_FORMAT)}
 CONDITIONER_FACTS = ("choice", "ensemble", "calibration", "design_range", "param_names", "channels", "input_scaler")
 VAE_NOISE_STD = 0.1  # what a VAE's likelihood noise scale starts at (models.vae), for files that do not hold it

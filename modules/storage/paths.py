@@ -22,6 +22,7 @@ LAST_CHECKPOINT = CHECKPOINT_DIR / "last.pt"    # ... at the latest save: what -
 CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
 CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
 FIELD_FIT_CHECKPOINT = CHECKPOINT_DIR / "neural_field_fit.pt"  # the neural-field candidate's fit after its last pass
+CODEC_FIT_CHECKPOINT = CHECKPOINT_DIR / "snapshot_codec_fit.pt"  # the snapshot codec's fit, before the VAE's first
 AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint (LAST_CHECKPOINT, CONDITIONER_LAST)
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, runs/<run id>/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md

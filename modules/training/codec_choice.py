@@ -4,6 +4,7 @@ K latent numbers per design by a POD of the code trajectories (what the VAE's PO
 the validation designs better than POD of the fields with K modes (what the VAE's POD path starts from without it).
 The comparison says both errors; a codec that loses is dropped, so the VAE never starts worse than POD at its latent
 size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win."""
+import hashlib
 import logging
 import time
 
@@ -13,14 +14,15 @@ import torch
 from modules.data.batches import in_order
 from modules.data.case import Case
 from modules.data.field_layout import node_positions, read_field_layout
-from modules.machine.processes import any_rank
+from modules.machine.processes import any_rank, barrier
 from modules.models.neural_field import node_columns
 from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.pod_path import PODPath
 from modules.models.snapshot_codec import SnapshotCodec
 from modules.models.vae import ModelSpec
+from modules.storage.paths import CODEC_FIT_CHECKPOINT
 from modules.storage.runs import note_time
-from modules.training.field_fitter import SampledFieldFit, fit_sampled_field
+from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,14 @@ COMPARED_NODES = 256  # nodes of each variable per time step at which the codec 
 CODEC_FLOOR = 1e-6
 
 
-def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None):
+def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None, resume: bool = False):
     """(a trained snapshot codec, the VAE's starting bases in its code space (code_bases)) when one was trained and
     reconstructs the validation designs from spec.latent_size numbers each better than POD with as many modes;
     (None, None) otherwise. Said either way. Every DDP rank trains the same codec; rank 0's choice is everyone's.
     Third: the fields' design POD with spec.latent_size modes (models.pod.design_pod_basis) where the comparison
     computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise. The time
-    spent on the codec, its fit and the comparison, goes to the run record (storage.runs.note_time)."""
+    spent on the codec, its fit and the comparison, goes to the run record (storage.runs.note_time). The fit is saved
+    after every pass (CODEC_FIT_CHECKPOINT) and, with resume, continued from there."""
     if not config.field_codec_epochs:
         return None, None, None
     positions = node_positions(read_field_layout(config))
@@ -56,7 +59,7 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
                  "runs on the fields")
         return None, None, field_design_basis
     began = time.perf_counter()
-    codec = fit_codec(positions, node_basis, case, config, runtime)
+    codec = fit_codec(positions, node_basis, case, config, runtime, run, resume)
     code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
                                                     config.seed)
     code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
@@ -90,18 +93,26 @@ class Unscaled:
         return values
 
 
-def fit_codec(positions, node_basis, case, config, runtime) -> SnapshotCodec:
+def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bool = False) -> SnapshotCodec:
     """A codec fitted on the training designs' scaled snapshots (training.field_fitter, field_codec_epochs passes),
     encoder and field together: each snapshot's node-POD coefficients (node_basis: (mean, modes, scales) of
     models.pod.pod_node_basis, the encoder's input projection) -> its code -> the field at the sampled nodes. Then
     its codes are standardised on the training snapshots and it is frozen. Every DDP rank fits the same codec (and
-    DDP starts all ranks from rank 0's)."""
+    DDP starts all ranks from rank 0's); the main one saves the fit after every pass (CODEC_FIT_CHECKPOINT, in run's
+    record), which every rank continues from with resume."""
     device = runtime.device
     n_steps, n_train = config.n_steps_used, len(case.train_indices)
     fit = SampledFieldFit(passes=config.field_codec_epochs)
+    shape = (config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1])
+    # the node basis is a digest of the training data as scaled: a fit of other data or another scaling differs
+    basis = hashlib.sha256(b"".join(part.detach().cpu().numpy().tobytes() for part in node_basis)).hexdigest()
+    checkpoint = FitCheckpoint(CODEC_FIT_CHECKPOINT, {
+        "codec": list(shape), "seed": config.seed, "passes": fit.passes, "node_basis_sha256": basis,
+        "train_indices": [int(i) for i in case.train_indices]}, resume, fit_of="snapshot codec",
+        writes=runtime.is_main, run_id=None if run is None else run.id, after_read=lambda: barrier(runtime))
 
     def build():
-        codec = SnapshotCodec(config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1]).to(device)
+        codec = SnapshotCodec(*shape).to(device)
         codec.set_projection(*(part.to(device) for part in node_basis))
         codec.field.set_coordinates(positions)
         return codec
@@ -117,7 +128,7 @@ def fit_codec(positions, node_basis, case, config, runtime) -> SnapshotCodec:
     field_shape = (n_steps, config.n_nodes_used, config.n_vars)
     codec, coefficients, _ = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit,
                                                config.batch_size, config.seed, device,
-                                               encode=SnapshotCodec.coefficients)
+                                               encode=SnapshotCodec.coefficients, checkpoint=checkpoint)
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")

@@ -12,9 +12,10 @@ a device, so every DDP rank that fits one (each fits the codec) fits the same ne
 
 With a FitCheckpoint the fit's whole state (network, optimiser, schedule, the random generator that draws nodes and
 batches, the passes made) is saved after every pass, and a resumed fit continues from it to the same network, bit for
-bit, as one never interrupted (the neural-field conditioner's fit; the codec's is not checkpointed yet).
+bit, as one never interrupted (the neural-field conditioner's fit and the snapshot codec's).
 """
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,12 @@ class FitCheckpoint:
     path: Path
     facts: dict     # plain types: what a saved state must match to be continued (spec, seed, passes, data ...)
     resume: bool    # continue from a matching saved state; False: start afresh (the file is overwritten)
+    fit_of: str = "neural field"  # what is fitted, in messages and --checkpoints=list
+    writes: bool = True  # False: read it, never write it (DDP ranks other than the main one fit the same codec)
+    run_id: str | None = None  # the run record the fit belongs to (a resumed run continues it)
+    # called once the saved state is read, before the first write: a DDP barrier, so that no process reads a state
+    # another has already moved on from; None: nothing
+    after_read: Callable[[], None] | None = None
 
 
 def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: SampledFieldFit, batch_size: int,
@@ -65,7 +72,8 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     network reads of each whole snapshot, computed on the first pass only (it does not change).
     losing(network in eval mode, encode's output) -> bool: asked once, after fit.check_after passes (0: never),
     whether the fit is losing by so wide a margin that the remaining passes are not worth their time; True ends it.
-    checkpoint: saved after every pass, and continued from where it matches (not with encode).
+    checkpoint: saved after every pass, and continued from where it matches (encode's output is then computed in the
+    first pass run, or in a read of its own where no pass is left).
 
     Returns (the network in eval mode, encode's output for every snapshot [N * T, ...] or None, the passes made
     when losing ended the fit early, else None)."""
@@ -78,12 +86,16 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
                                                    total_steps=fit.passes * per_pass)
     parts = {"network": network, "optimiser": optimiser, "schedule": schedule}
     made, stopped = continued(checkpoint, parts, generator) if checkpoint is not None else (0, False)
+    if checkpoint is not None and checkpoint.after_read is not None:
+        checkpoint.after_read()
+    encoded = None
+    if made == fit.passes or stopped:  # resumed with no pass left: encode's output still comes from one read
+        encoded = encoded_snapshots(source, n_designs, batch_size, device, network, encode)
     if stopped:  # its losing test said so before the interruption: asked again of the same network, it says so again
         if losing is not None:
-            losing(network.eval(), None)
-        return network.eval(), None, made
+            losing(network.eval(), encoded)
+        return network.eval(), encoded, made
     network.train()
-    encoded = None
     for index in range(made, fit.passes):
         reading = None if encode is None or encoded is not None else (lambda fields: encode(network, fields))
         nodes, values, read = sampled_pass(source, n_designs, field_shape, fit.nodes, batch_size, generator, device,
@@ -101,7 +113,7 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             optimiser.step()
             schedule.step()
         stopped = losing is not None and index + 1 == fit.check_after < fit.passes and losing(network.eval(), encoded)
-        if checkpoint is not None:
+        if checkpoint is not None and checkpoint.writes:
             save_fit(checkpoint, parts, generator, index + 1, stopped)
         if stopped:
             return network.eval(), encoded, index + 1
@@ -123,10 +135,22 @@ def step_batches(fit: SampledFieldFit, n_designs: int, n_steps: int, generator) 
     return batches
 
 
+@torch.no_grad()
+def encoded_snapshots(source, n_designs: int, batch_size: int, device, network, encode):
+    """encode's output for every snapshot [N * T, ...] from one read of the designs, without drawing nodes (None
+    without encode): what a resumed fit with no pass left to run reads."""
+    if encode is None:
+        return None
+    order = list(in_order(n_designs, batch_size))
+    return torch.cat([encode(network, fields.float()).flatten(0, 1)
+                      for _, fields in zip(on_device(order, device), source.batches(order))])
+
+
 def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopped: bool) -> None:
     """The fit's state after `made` passes (stopped: ended there by its losing test)."""
     save_torch(checkpoint.path, {"format": FIT_FORMAT, "format_version": FORMAT_VERSION, "facts": checkpoint.facts,
-                                 "passes_made": made, "stopped": stopped, "generator": generator.get_state(),
+                                 "fit_of": checkpoint.fit_of, "run_id": checkpoint.run_id, "passes_made": made,
+                                 "stopped": stopped, "generator": generator.get_state(),
                                  **{name: part.state_dict() for name, part in parts.items()}})
 
 
@@ -138,17 +162,17 @@ def continued(checkpoint: FitCheckpoint, parts: dict, generator):
         return 0, False
     try:
         saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
-    except InputError as error:  # the conditioner's own checkpoint was fine: lose the fit's passes, not the run
-        log.info(f"note: {checkpoint.path} {error.problem}; the neural field is fitted afresh")
+    except InputError as error:  # lose the fit's passes, not the run
+        log.info(f"note: {checkpoint.path} {error.problem}; the {checkpoint.fit_of} is fitted afresh")
         return 0, False
     if saved["facts"] != checkpoint.facts:
-        log.info(f"note: {checkpoint.path} is the fit of another neural field (other settings, data or VAE); it is "
+        log.info(f"note: {checkpoint.path} is the fit of another {checkpoint.fit_of} (other settings or data); it is "
                  "fitted afresh")
         return 0, False
     for name, part in parts.items():
         part.load_state_dict(saved[name])
     generator.set_state(saved["generator"])
-    log.info(f"Continuing the neural field's fit after pass {saved['passes_made']} ({checkpoint.path})")
+    log.info(f"Continuing the {checkpoint.fit_of}'s fit after pass {saved['passes_made']} ({checkpoint.path})")
     return saved["passes_made"], saved["stopped"]
 
 

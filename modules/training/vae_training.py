@@ -34,18 +34,19 @@ from modules.training.schedules import beta_at, lr_factor
 log = logging.getLogger(__name__)
 
 
-def train_vae(config, runtime, case: Case, run=None, resume=None, watch=None):
+def train_vae(config, runtime, case: Case, run=None, resume=None, watch=None, codec_fit: bool = False):
     """Train the VAE on a prepared case, from scratch or, with resume (a checkpoint path checked by
     training.state.read_checkpoint), from where that checkpoint stood. Every rank trains; the main process (given the
     run record, where its TensorBoard events go) then saves the best epoch's model, its scaler and the split in
     model_save/ and returns (the final Progress, the per-epoch log records); the other ranks return None. watch (a
-    machine.memory.MemoryWatch) says the peak memory of the POD basis and of the training."""
+    machine.memory.MemoryWatch) says the peak memory of the POD basis and of the training. codec_fit (without
+    resume): the snapshot codec's fit continues from its checkpoint (a run stopped before the VAE's first one)."""
     seed_everything(config.seed)
     watch = watch or MemoryWatch(runtime.device, speaks=False)
     with watch.phase("the POD basis" if resume is None else "the model"):
         model = build_model(config, case, runtime, pod_start=resume is None,
                             spec=None if resume is None else ModelSpec.from_dict(read_payload(resume)["spec"]),
-                            run=run)
+                            run=run, codec_fit=codec_fit)
     job = VAETraining(model, case, config, runtime)
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
     log.info(f"Training on {runtime.device}{processes}: {len(case.train_indices)} training and "
@@ -70,7 +71,7 @@ def train_vae(config, runtime, case: Case, run=None, resume=None, watch=None):
     return progress, history
 
 
-def build_model(config, case: Case, runtime, pod_start=True, spec=None, run=None) -> HierarchicalVAE:
+def build_model(config, case: Case, runtime, pod_start=True, spec=None, run=None, codec_fit=False) -> HierarchicalVAE:
     """A fresh VAE whose node projections start as the training data's POD basis and, with pod_path 1, whose frozen
     POD path is the training designs' design POD (pod_start; a resumed run loads its weights and buffers instead, so
     the POD passes over the data are skipped, and gives its checkpoint's spec: with or without a codec).
@@ -78,14 +79,15 @@ def build_model(config, case: Case, runtime, pod_start=True, spec=None, run=None
     Where the nodes' positions are known and field_codec_epochs > 0, a snapshot codec is trained first and kept when
     it reconstructs the validation designs from the VAE's latent size better than POD does (chosen_codec,
     said either way); the VAE then runs on its codes, with all of the above in code space. run: the run record the
-    time spent on the POD start and the codec goes to (storage.runs.note_time; None: not recorded)."""
+    time spent on the POD start and the codec goes to (storage.runs.note_time; None: not recorded). codec_fit: the
+    codec's fit continues from its checkpoint."""
     spec = spec or ModelSpec.from_config(config)
     if not pod_start:
         return HierarchicalVAE(spec).to(runtime.device)
     began = time.perf_counter()
     node_basis = pod_node_basis(case.array, case.train_indices, case.scaler, spec.projection_rank, config.seed)
     pod_seconds = time.perf_counter() - began
-    codec, code_space, field_design_basis = chosen_codec(config, case, runtime, spec, node_basis, run)
+    codec, code_space, field_design_basis = chosen_codec(config, case, runtime, spec, node_basis, run, codec_fit)
     if codec is None:
         model = HierarchicalVAE(spec)
         model.init_node_projections(*node_basis)

@@ -251,6 +251,74 @@ def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterr
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
 
+class Died(Exception):
+    """What a test raises inside a run to kill it where it stands (the files saved so far stay)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_in", ["its 4th pass", "the comparison after its last pass"])
+def test_a_run_killed_in_the_codecs_fit_resumes_it_to_the_weights_of_an_uninterrupted_run(trained, tmp_path,
+                                                                                          monkeypatch, capsys,
+                                                                                          killed_in):
+    """The codec's fit is saved after every pass: a run killed before the VAE's first checkpoint (in the fit, or
+    after it) and resumed with --resume continues the fit where it stood, in the same run record, and ends with the
+    VAE of an uninterrupted run, bit for bit; --checkpoints=list calls the fit's file resumable."""
+    from modules.storage.model_format import FIT_FORMAT
+    from modules.training import codec_choice, field_fitter
+    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nlatent_rbf 0\n"
+                                                      "field_conditioner_epochs 0\ninput_type csv\n"
+                                                      "param_dir input_data/parameters.csv\n")
+    write_parameters(tmp_path, parameters)
+    module, name = (field_fitter, "sampled_pass") if killed_in == "its 4th pass" else (codec_choice, "code_bases")
+    real, calls = getattr(module, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (4 if module is field_fitter else 1):
+            raise Died()
+        return real(*args, **kwargs)
+
+    made = 3 if module is field_fitter else 150
+    with chdir(tmp_path):
+        monkeypatch.setattr(module, name, dying)
+        with pytest.raises(Died):
+            main([])
+        monkeypatch.setattr(module, name, real)
+        saved = torch.load("checkpoints/snapshot_codec_fit.pt", weights_only=True)
+        assert (saved["format"], saved["fit_of"], saved["passes_made"]) == (FIT_FORMAT, "snapshot codec", made)
+        capsys.readouterr()
+        assert main(["--checkpoints=list"]) == 0
+        assert (f"resumable     checkpoints/snapshot_codec_fit.pt  (a snapshot codec's fit after {made} of 150 "
+                "passes: --resume continues it, then the VAE)") in capsys.readouterr().out
+        assert main(["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"Continuing the snapshot codec's fit after pass {made} (checkpoints/snapshot_codec_fit.pt)" in said
+    assert f"Run {saved['run_id']}: recorded" in said and len(list((tmp_path / "runs").iterdir())) == 1
+    one = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+
+
+@pytest.mark.slow
+def test_resume_with_a_damaged_codec_fit_says_so_and_fits_it_afresh(trained, tmp_path, capsys):
+    """A codec's fit file that cannot be read (truncated) and no VAE checkpoint: --resume says so in a note, fits the
+    codec afresh and ends with the VAE of an uninterrupted run."""
+    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nlatent_rbf 0\n"
+                                                      "field_conditioner_epochs 0\ninput_type csv\n"
+                                                      "param_dir input_data/parameters.csv\n")
+    write_parameters(tmp_path, parameters)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "snapshot_codec_fit.pt").write_bytes(b"PK\x03\x04 not a whole file")
+    with chdir(tmp_path):
+        assert main(["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "note: checkpoints/snapshot_codec_fit.pt cannot be loaded safely" in said
+    assert "the snapshot codec is fitted afresh" in said
+    one = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
+    assert all(torch.equal(one[name], two[name]) for name in one)
+
+
 @pytest.mark.slow
 def test_a_model_on_codes_exports_to_onnx_and_matches_predict(trained, tmp_path, capsys):
     with chdir(trained):
