@@ -38,9 +38,9 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(parser)
     parser.add_argument("--epochs", type=int, default=0,
-                        help="VAE epochs (Training_epochs); 0: the case's own (demo 300, generated 200)")
+                        help="VAE epochs (Training_epochs); 0: the case's own (demo 300, plate 300, generated 200)")
     parser.add_argument("--lc_epochs", type=int, default=0,
-                        help="conditioner epochs (n_epoch); 0: the case's own (demo 400, generated 500)")
+                        help="conditioner epochs (n_epoch); 0: the case's own (demo 400, plate 200, generated 500)")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="a condition.txt key for every case (repeatable): measure a setting on all of them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated designs")

@@ -46,7 +46,8 @@ def add_case_arguments(parser, cases=CASES) -> None:
     parser.add_argument("--cases", nargs="+", choices=cases, default=list(cases))
     parser.add_argument("--designs", type=int, default=Size.designs, help="designs of the generated cases")
     parser.add_argument("--steps", type=int, default=Size.steps, help="time steps of the generated cases")
-    parser.add_argument("--grid", type=int, default=Size.grid, help="pulse and shear: grid x grid nodes")
+    parser.add_argument("--grid", type=int, default=Size.grid,
+                        help="pulse, shear and plate (at most 32): grid x grid nodes")
     parser.add_argument("--line", type=int, default=Size.line, help="burgers and beam: nodes on the line")
 
 

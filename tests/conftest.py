@@ -174,6 +174,25 @@ def as_version_1(payload: dict) -> dict:
     return {**payload, "format": payload["format"] + "-v1"}
 
 
+class Died(Exception):
+    """What a test raises inside a run to kill it where it stands (the files saved so far stay)."""
+
+
+def die_on_call(monkeypatch, module, name: str, call: int):
+    """Make module.name raise Died on its call-th call (the calls before it go through); returns the real one, to put
+    back with monkeypatch.setattr before the run is resumed."""
+    real, calls = getattr(module, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Died()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dying)
+    return real
+
+
 def tensorboard_dir(folder, part="vae"):
     """The TensorBoard folder of `part` ('vae' or 'conditioner') of the one run recorded in folder/runs/."""
     runs = sorted(path for path in (Path(folder) / "runs").iterdir() if path.is_dir())

@@ -14,7 +14,7 @@ from pathlib import Path
 from modules.errors import InputError
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.model_format import FIT_FORMAT
-from modules.storage.paths import ARCHIVE_DIR, CHECKPOINT_DIR
+from modules.storage.paths import ARCHIVE_DIR, CHECKPOINT_DIR, LAST_CHECKPOINT
 from modules.training.state import check_resumable
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,14 @@ def status_of(path: Path, config):
         return CORRUPT, error.problem
     if payload["format"] == FIT_FORMAT:  # continued by --resume of the run or conditioner it is a part of
         fit_of = payload.get("fit_of", "neural field")
-        then = "of its conditioner continues it" if fit_of == "neural field" else "continues it, then the VAE"
-        return RESUMABLE, (f"a {fit_of}'s fit after {payload['passes_made']} of {payload['facts']['passes']} "
-                           f"passes: --resume {then}")
+        made = f"a {fit_of}'s fit after {payload['passes_made']} of {payload['facts']['passes']} passes"
+        if fit_of == "neural field":
+            return RESUMABLE, f"{made}: --resume of its conditioner continues it"
+        if path.parent != CHECKPOINT_DIR:
+            return NOT_RESUMABLE, f"{made}, of an archived run"
+        if LAST_CHECKPOINT.exists():  # --resume continues the VAE, which has its codec
+            return NOT_RESUMABLE, f"{made}; --resume continues {LAST_CHECKPOINT} instead"
+        return RESUMABLE, f"{made}: --resume continues it, then the VAE"
     try:
         check_resumable(payload, path, config)
     except InputError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from modules.config import CONDITION_FILE, PRESET_FILE
+from modules.config.settings import changed_settings
 from modules.data.case import prepare_case
 from modules.data.conditions import read_conditions
 from modules.data.field_layout import read_field_layout
@@ -32,7 +33,7 @@ from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, V
                                   note_vae, recording, run_of, start_run, time_spent)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
 from modules.training.memory_needs import check_training_fits, training_needs
-from modules.training.state import read_checkpoint
+from modules.training.state import read_checkpoint, refuse_changes
 from modules.training.vae_training import train_vae
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,9 @@ def resume_plan(given: str, config) -> ResumePlan:
     """What --resume[=PATH] of a full run continues: each checkpoint is checked here, before anything runs."""
     path = LAST_CHECKPOINT if given == AUTO_RESUME else Path(given)
     if given == AUTO_RESUME and not path.exists() and CODEC_FIT_CHECKPOINT.exists():  # stopped in the codec's fit
-        try:
-            run_id = read_payload(CODEC_FIT_CHECKPOINT, formats=(FIT_FORMAT,)).get("run_id")
-        except InputError:  # damaged: the fit says so and starts afresh (training.field_fitter), in a new record
-            run_id = None
-        return ResumePlan(None, False, None, run_id, codec_fit=True)
+        fit = read_payload(CODEC_FIT_CHECKPOINT, formats=(FIT_FORMAT,))
+        refuse_changes(changed_settings(fit["config"], config), CODEC_FIT_CHECKPOINT)
+        return ResumePlan(None, False, None, fit["run_id"], codec_fit=True)
     payload = read_checkpoint(path, config, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
     if payload["format"] == CONDITIONER_FORMAT:
         if not MODEL_FILE.exists():

@@ -3,9 +3,9 @@ is brought to the current format as it is loaded (current_format), so no other c
 an older file did not record arrive as None, and the code that uses them says what is missing).
 
 Every file holds "format" (what kind of file: a VAE, a VAE checkpoint, a conditioner or a conditioner checkpoint, or
-a fit checkpoint: a neural field's from version 2 on, a snapshot codec's from version 3 on) and "format_version". Version 1 is every file
-written before the version was recorded (its kinds' names end in "-v1"); over its life it gained entries that older
-version 1 files lack, and each is filled here with what leaving it out meant:
+a fit checkpoint: a neural field's from version 2 on, a snapshot codec's from version 3 on) and "format_version".
+Version 1 is every file written before the version was recorded (its kinds' names end in "-v1"); over its life it
+gained entries that older version 1 files lack, and each is filled here with what leaving it out meant:
 - a VAE's spec: pod_modes 0 (no POD path), n_vars 1, codec 0 (the VAE runs on the fields);
 - a VAE's state: noise_std 0.1 per variable (files trained with a fixed alpha, which ignores it);
 - a conditioner's spec: the ConditionerSpec defaults (one network, no GP points, no field shape);

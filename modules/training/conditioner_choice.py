@@ -188,12 +188,12 @@ def fitted_candidate(kind: str, spec, case, config, encoder=None):
     log.info(f"Fitting the {label} ({spec.output_dim} latent numbers) on the {len(train)} training designs, from "
              f"{reads} ...")
     targets = case.targets[train].double().cpu().numpy()
-    try:
-        model = fitted_model(fitted_spec).to(case.conditions.device)
+    try:  # fitted on the CPU, then moved: what the device recomputes from the buffers, --predict recomputes too
+        model = fitted_model(fitted_spec)
         if encoder is None:
             fit(model, case.conditions[train].double().cpu().numpy(), targets, config.seed)
         else:
-            model.fit(encoder, case.conditions[train], targets, config.seed, fit)
+            model.fit(encoder, case.conditions[train].cpu(), targets, config.seed, fit)
     except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
         failure = f"{type(error).__name__}: {error}"
         log.warning(f"warning: the {label} could not be fitted ({failure}); it is not a candidate")
@@ -252,7 +252,7 @@ def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = Fals
 
 def fit_neural_field(spec, positions, case, config, fit: SampledFieldFit, losing=None, checkpoint=None):
     """(a NeuralFieldConditioner fitted (training.field_fitter) on the training designs' scaled fields from their
-    standardised parameters: each snapshot's design's parameters and time step -> its field at the sampled nodes,
+    standardised parameters or images: each snapshot's design's inputs and time step -> its field at the sampled nodes,
     the passes made where losing (field_fitter's) ended the fit, else None). A fit of minutes, saved after every
     pass with checkpoint (field_fitter.FitCheckpoint)."""
     device = case.conditions.device

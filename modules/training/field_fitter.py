@@ -11,8 +11,9 @@ statistics come from the first pass's values, so its sine network fits standardi
 a device, so every DDP rank that fits one (each fits the codec) fits the same network.
 
 With a FitCheckpoint the fit's whole state (network, optimiser, schedule, the random generator that draws nodes and
-batches, the passes made) is saved after every pass, and a resumed fit continues from it to the same network, bit for
-bit, as one never interrupted (the neural-field conditioner's fit and the snapshot codec's).
+batches and the global ones, which an image encoder's dropout draws from, the passes made) is saved after every pass,
+and a resumed fit continues from it to the same network, bit for bit, as one never interrupted (the neural-field
+conditioner's fit and the snapshot codec's).
 """
 import logging
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from modules.models.neural_field import node_columns
 from modules.storage.atomic import save_torch
 from modules.storage.model_files import read_payload
 from modules.storage.model_format import FIT_FORMAT, FORMAT_VERSION
+from modules.training.state import random_states, set_random_states
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class SampledFieldFit:
     """How a network is fitted on sampled nodes."""
 
     passes: int
-    snapshots: int = 64     # (design, time step) snapshots per optimiser step, drawn at random across the designs
+    snapshots: int = 64     # (design, time step) snapshots per optimiser step, drawn at random (step_batches)
     nodes: int = 256        # nodes of each variable a snapshot is read at in a pass, at random
     peak_lr: float = 1e-3   # Adam's, at the top of the one-cycle schedule
     warmup: float = 0.1     # share of the steps the learning rate rises over
@@ -55,6 +57,7 @@ class FitCheckpoint:
     fit_of: str = "neural field"  # what is fitted, in messages and --checkpoints=list
     writes: bool = True  # False: read it, never write it (DDP ranks other than the main one fit the same codec)
     run_id: str | None = None  # the run record the fit belongs to (a resumed run continues it)
+    config: dict | None = None  # the run's config (Config.to_dict), which a resumed run must match where it counts
     # called once the saved state is read, before the first write: a DDP barrier, so that no process reads a state
     # another has already moved on from; None: nothing
     after_read: Callable[[], None] | None = None
@@ -85,7 +88,7 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, fit.peak_lr, pct_start=fit.warmup,
                                                    total_steps=fit.passes * per_pass)
     parts = {"network": network, "optimiser": optimiser, "schedule": schedule}
-    made, stopped = continued(checkpoint, parts, generator) if checkpoint is not None else (0, False)
+    made, stopped = continued(checkpoint, parts, generator, device) if checkpoint is not None else (0, False)
     if checkpoint is not None and checkpoint.after_read is not None:
         checkpoint.after_read()
     encoded = None
@@ -114,7 +117,7 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             schedule.step()
         stopped = losing is not None and index + 1 == fit.check_after < fit.passes and losing(network.eval(), encoded)
         if checkpoint is not None and checkpoint.writes:
-            save_fit(checkpoint, parts, generator, index + 1, stopped)
+            save_fit(checkpoint, parts, generator, index + 1, stopped, device)
         if stopped:
             return network.eval(), encoded, index + 1
         network.train()
@@ -146,15 +149,17 @@ def encoded_snapshots(source, n_designs: int, batch_size: int, device, network, 
                       for _, fields in zip(on_device(order, device), source.batches(order))])
 
 
-def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopped: bool) -> None:
+def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopped: bool, device) -> None:
     """The fit's state after `made` passes (stopped: ended there by its losing test)."""
     save_torch(checkpoint.path, {"format": FIT_FORMAT, "format_version": FORMAT_VERSION, "facts": checkpoint.facts,
-                                 "fit_of": checkpoint.fit_of, "run_id": checkpoint.run_id, "passes_made": made,
+                                 "fit_of": checkpoint.fit_of, "run_id": checkpoint.run_id,
+                                 "config": checkpoint.config, "passes_made": made,
                                  "stopped": stopped, "generator": generator.get_state(),
+                                 "random": random_states(torch.device(device)),
                                  **{name: part.state_dict() for name, part in parts.items()}})
 
 
-def continued(checkpoint: FitCheckpoint, parts: dict, generator):
+def continued(checkpoint: FitCheckpoint, parts: dict, generator, device):
     """(passes already made, whether the fit was ended there) from a saved state that matches checkpoint.facts, its
     parts and generator restored; (0, False) to start afresh: not resuming, no file, or, said, a damaged file or one
     of another fit."""
@@ -172,6 +177,8 @@ def continued(checkpoint: FitCheckpoint, parts: dict, generator):
     for name, part in parts.items():
         part.load_state_dict(saved[name])
     generator.set_state(saved["generator"])
+    if "random" in saved:  # a file written before they were saved: dropout in the resumed fit draws other masks
+        set_random_states(saved["random"], torch.device(device))
     log.info(f"Continuing the {checkpoint.fit_of}'s fit after pass {saved['passes_made']} ({checkpoint.path})")
     return saved["passes_made"], saved["stopped"]
 

@@ -111,9 +111,15 @@ def check_resumable(payload: dict, path, config) -> dict:
     except (KeyError, TypeError) as error:
         raise InputError(path, f"is not a complete SimulGenVAE checkpoint ({type(error).__name__})",
                          "resume from another checkpoint, or start a new run without --resume") from None
+    refuse_changes(changes, path)
+    return payload
+
+
+def refuse_changes(changes: list, path) -> None:
+    """InputError naming the settings (config.settings.changed_settings) that differ from those path was written
+    with; nothing where none does."""
     if changes:
         listed = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
         raise InputError(path, f"was written by another config ({listed})",
                          "restore those settings in preset.txt / input_data/condition.txt, or start a new run "
                          "without --resume (the old checkpoints are then archived)")
-    return payload

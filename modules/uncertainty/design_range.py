@@ -4,11 +4,12 @@ are outside what was learnt (it still predicts them: their fields are extrapolat
 Designs are compared in one or more spaces. For a parameter CSV: the parameters standardised on the training
 designs, with which parameters leave the training range. For images: the pixels (average-pooled to at most
 PIXEL_GRID x PIXEL_GRID, as the evaluation's nearest-design baseline compares images) and the conditioner's features
-(what its last layer maps to latents). Both, because features alone can miss the obvious: on the tests' geometry
-images a CNN trained for 60 epochs put an image of pixel noise nearer a training design than their typical spacing
-(0.8 times), while in pixels it is far. In each space the distance to the nearest training design is set against the
-typical distance between neighbouring training designs: the median, over the training designs, of the distance to
-the nearest other one. A design is outside when a parameter leaves the training range or a ratio exceeds FAR.
+(what its last layer maps to latents, or its image encoder's). Both, because features alone can miss the obvious: on the
+tests' geometry images a CNN trained for 60 epochs put an image of pixel noise nearer a training design than their
+typical spacing (0.8 times), while in pixels it is far. In each space the distance to the nearest training design is set
+against the typical distance between neighbouring training designs: the median, over the training designs, of the
+distance to the nearest other one. A design is outside when a parameter leaves the training range or a ratio exceeds
+FAR.
 """
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import as_version_1, said, write_case, write_conditions
+from conftest import Died, as_version_1, die_on_call, said, write_case, write_conditions
 from modules.cli import main
 from modules.config import load_config
 from modules.data.field_layout import FieldLayout, node_positions
@@ -400,3 +400,35 @@ def test_an_image_neural_field_reads_images_through_its_encoder_and_saves_and_lo
     save_conditioner(tmp_path / "saved", network, spec, {})
     loaded, facts = load_conditioner(tmp_path / "saved")
     assert ConditionerSpec.from_dict(facts["spec"]) == spec and torch.equal(loaded(images), network(images))
+
+
+def test_an_image_neural_fields_fit_killed_midway_resumes_to_the_network_of_an_uninterrupted_fit(tmp_path,
+                                                                                                 monkeypatch):
+    """An image encoder's dropout draws from the global generators: the fit checkpoint keeps them, so a fit killed in
+    its 4th pass and resumed ends with the network of one never interrupted, bit for bit."""
+    from types import SimpleNamespace
+
+    from modules.training import conditioner_choice, field_fitter
+    from modules.training.field_fitter import FitCheckpoint
+
+    torch.manual_seed(0)
+    n_designs, n_steps, n_nodes = 10, 4, 20
+    case = training_case(torch.rand(n_designs, n_steps, n_nodes), torch.rand(n_designs, 1, 16, 16))
+    spec = ConditionerSpec(kind="neural_field", input_shape=(1, 16, 16), output_dim=4, filters=(8, 16), dropout=0.5,
+                           field_shape=(n_steps, n_nodes, 1), encoder="cnn")
+    positions = np.random.default_rng(0).uniform(size=(n_nodes, 2))
+
+    def fitted(path, resume=False):
+        checkpoint = FitCheckpoint(path, {"case": "this one"}, resume)
+        return conditioner_choice.fit_neural_field(spec, positions, case, SimpleNamespace(batch_size=4, seed=0),
+                                                   SampledFieldFit(passes=6, designs_per_step=4),
+                                                   checkpoint=checkpoint)[0]
+
+    whole = fitted(tmp_path / "whole.pt").state_dict()
+    real = die_on_call(monkeypatch, field_fitter, "sampled_pass", 4)
+    with pytest.raises(Died):
+        fitted(tmp_path / "killed.pt")
+    monkeypatch.setattr(field_fitter, "sampled_pass", real)
+    torch.manual_seed(123)  # whatever the process drew in between: the fit puts back what it had
+    resumed = fitted(tmp_path / "killed.pt", resume=True).state_dict()
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name]) for name in whole)

@@ -10,7 +10,8 @@ from contextlib import chdir
 import pytest
 import torch
 
-from conftest import REPO, design_parameters, free_port, metrics, stop_at_step, write_case, write_conditions
+from conftest import (REPO, Died, design_parameters, die_on_call, free_port, metrics, stop_at_step, write_case,
+                      write_conditions)
 from modules.cli import main
 
 EPOCHS = 24
@@ -303,10 +304,6 @@ def test_lc_only_resume_continues_the_conditioner_checkpoint_exactly(tmp_path, m
     assert len(list((tmp_path / "archive").glob("*/model_save/latent_conditioner"))) == 2  # resuming archives none
 
 
-class Died(Exception):
-    """What a test raises inside a run to kill it where it stands (the files saved so far stay)."""
-
-
 def test_a_neural_field_fit_killed_midway_resumes_to_the_field_of_an_uninterrupted_run(tmp_path, monkeypatch,
                                                                                        capsys):
     """The neural-field candidate's fit is saved after every pass: a run killed during its fourth pass and resumed
@@ -323,16 +320,8 @@ def test_a_neural_field_fit_killed_midway_resumes_to_the_field_of_an_uninterrupt
         write_conditions(tmp_path / name, parameters)
     with chdir(tmp_path / "whole"):
         assert main([]) == 0
-    real, passes = field_fitter.sampled_pass, []
-
-    def dying(*args, **kwargs):
-        passes.append(1)
-        if len(passes) == 4:
-            raise Died()
-        return real(*args, **kwargs)
-
     with chdir(tmp_path / "killed"):
-        monkeypatch.setattr(field_fitter, "sampled_pass", dying)
+        real = die_on_call(monkeypatch, field_fitter, "sampled_pass", 4)
         with pytest.raises(Died):
             main([])
         monkeypatch.setattr(field_fitter, "sampled_pass", real)
