@@ -3,7 +3,9 @@
 K latent numbers per design by a POD of the code trajectories (what the VAE's POD path then starts from), reconstruct
 the validation designs better than POD of the fields with K modes (what the VAE's POD path starts from without it).
 The comparison says both errors; a codec that loses is dropped, so the VAE never starts worse than POD at its latent
-size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win."""
+size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win;
+one that is more than LOSING_MARGIN times worse than POD a CHECK_SHARE of the way through its fit is stopped there."""
+import copy
 import hashlib
 import logging
 import time
@@ -31,6 +33,10 @@ COMPARED_NODES = 256  # nodes of each variable per time step at which the codec 
 # network fitted in float32 has not come within ten times of it on any family measured (its best: 1.3e-5, on a
 # near-linear beam where POD reached 1.8e-13), so fitting one there is time spent on a certain loser
 CODEC_FLOOR = 1e-6
+# a codec is scored a CHECK_SHARE of the way through its passes and stopped where its validation error is more than
+# LOSING_MARGIN times POD's (docs/model.md: its error then against its final one, where it wins and where it loses)
+CHECK_SHARE = 0.25
+LOSING_MARGIN = 20.0
 
 
 def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None, resume: bool = False):
@@ -59,12 +65,11 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
                  "runs on the fields")
         return None, None, field_design_basis
     began = time.perf_counter()
-    codec = fit_codec(positions, node_basis, case, config, runtime, run, resume)
-    code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
-                                                    config.seed)
-    code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
-    codec_error = validation_errors({"codec": lambda fields: code_path.decode(code_path.encode(codec.encode(fields)))},
-                                    case, config, config.seed, codec)["codec"]
+    codec, stopped = fit_codec(positions, node_basis, case, config, runtime, run, resume, pod_error, size)
+    if stopped is not None:
+        note_time(run, "snapshot codec", time.perf_counter() - began, kept=False)
+        return None, None, field_design_basis
+    code_space, codec_error = compressed_error(codec, case, config, runtime, size)
     kept = any_rank(runtime.is_main and codec_error < pod_error, runtime)
     log.info(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
              f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
@@ -72,7 +77,18 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
     note_time(run, "snapshot codec", time.perf_counter() - began, kept)
     if not kept:
         return None, None, field_design_basis
-    return codec, (code_node_basis, code_design_basis), field_design_basis
+    return codec, code_space, field_design_basis
+
+
+def compressed_error(codec, case, config, runtime, size: int):
+    """(the VAE's starting bases in the codec's code space (code_bases), the validation designs' mean squared error,
+    scaled units, through the codec with their codes compressed to size numbers per design by those bases)."""
+    code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
+                                                    config.seed)
+    code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
+    error = validation_errors({"codec": lambda fields: code_path.decode(code_path.encode(codec.encode(fields)))},
+                              case, config, config.seed, codec)["codec"]
+    return (code_node_basis, code_design_basis), error
 
 
 class CodeArray:
@@ -93,23 +109,42 @@ class Unscaled:
         return values
 
 
-def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bool = False) -> SnapshotCodec:
+def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bool = False, pod_error=None, size=0):
     """A codec fitted on the training designs' scaled snapshots (training.field_fitter, field_codec_epochs passes),
     encoder and field together: each snapshot's node-POD coefficients (node_basis: (mean, modes, scales) of
     models.pod.pod_node_basis, the encoder's input projection) -> its code -> the field at the sampled nodes. Then
     its codes are standardised on the training snapshots and it is frozen. Every DDP rank fits the same codec (and
     DDP starts all ranks from rank 0's); the main one saves the fit after every pass (CODEC_FIT_CHECKPOINT, in run's
-    record), which every rank continues from with resume."""
+    record), which every rank continues from with resume. pod_error: POD's validation error with size modes; a
+    CHECK_SHARE of the way through, a codec whose own (its codes compressed to size numbers) is more than
+    LOSING_MARGIN times it is stopped there.
+    Returns (the codec, frozen; None where it was stopped), (what was stopped: passes and both errors; None)."""
     device = runtime.device
     n_steps, n_train = config.n_steps_used, len(case.train_indices)
-    fit = SampledFieldFit(passes=config.field_codec_epochs)
+    passes = config.field_codec_epochs
+    fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if pod_error else 0)
+    measured = {}
+
+    def losing(codec, coefficients):
+        trial = copy.deepcopy(codec)  # the fit goes on from the codec as it is: its code statistics are set on a copy
+        trial.set_code_statistics(trial.raw_codes(coefficients))
+        measured["error"] = compressed_error(trial, case, config, runtime, size)[1]
+        verdict = any_rank(runtime.is_main and measured["error"] > LOSING_MARGIN * pod_error, runtime)
+        log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes: mean squared error "
+                 f"{measured['error']:.4g} against {pod_error:.4g} for POD; "
+                 + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and the VAE runs on the fields"
+                    if verdict else "going on"))
+        return verdict
+
     shape = (config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1])
     # the node basis is a digest of the training data as scaled: a fit of other data or another scaling differs
     basis = hashlib.sha256(b"".join(part.detach().cpu().numpy().tobytes() for part in node_basis)).hexdigest()
     checkpoint = FitCheckpoint(CODEC_FIT_CHECKPOINT, {
-        "codec": list(shape), "seed": config.seed, "passes": fit.passes, "node_basis_sha256": basis,
+        "codec": list(shape), "seed": config.seed, "passes": fit.passes, "check_after": fit.check_after,
+        "node_basis_sha256": basis,
         "train_indices": [int(i) for i in case.train_indices]}, resume, fit_of="snapshot codec",
-        writes=runtime.is_main, run_id=None if run is None else run.id, after_read=lambda: barrier(runtime))
+        writes=runtime.is_main, run_id=None if run is None else run.id, config=config.to_dict(),
+        after_read=lambda: barrier(runtime))
 
     def build():
         codec = SnapshotCodec(*shape).to(device)
@@ -126,13 +161,16 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
              f"({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time step) ...")
     began = time.perf_counter()
     field_shape = (n_steps, config.n_nodes_used, config.n_vars)
-    codec, coefficients, _ = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit,
-                                               config.batch_size, config.seed, device,
-                                               encode=SnapshotCodec.coefficients, checkpoint=checkpoint)
+    codec, coefficients, stopped_after = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit,
+                                                           config.batch_size, config.seed, device,
+                                                           encode=SnapshotCodec.coefficients, losing=losing,
+                                                           checkpoint=checkpoint)
+    if stopped_after is not None:
+        return None, {"passes": stopped_after, "of": fit.passes, "mse": measured.get("error"), "pod_mse": pod_error}
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
-    return codec.requires_grad_(False)
+    return codec.requires_grad_(False), None
 
 
 @torch.no_grad()

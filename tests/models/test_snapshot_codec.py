@@ -12,7 +12,8 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import NETWORK_ALONE, column, one_and_two_processes, said, stop_at_step, write_case
+from conftest import (NETWORK_ALONE, Died, column, die_on_call, one_and_two_processes, said, stop_at_step,
+                      write_case)
 from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
@@ -154,16 +155,26 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
     assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
 
 
-@pytest.mark.parametrize("floor, said_first", [
-    (None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared error of"),
-    (0.0, "The validation designs from 16 numbers each: mean squared error"),  # fitted, compared, dropped
-], ids=["not-fitted-below-the-floor", "fitted-and-dropped"])
-def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, said_first):
+@pytest.mark.parametrize("floor, margin, said_first, said_last, passes", [
+    (None, None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared error",
+     "the VAE runs on the fields", 0),
+    (0.0, float("inf"), "The validation designs from 16 numbers each: mean squared error",
+     "the fields (the codec is dropped)", 20),  # fitted, compared, dropped
+    (0.0, 1.0, "The snapshot codec after 5 of 20 passes: mean squared error",
+     "more than 1 times worse, it is stopped and the VAE runs on the fields", 5),  # stopped a quarter of the way
+], ids=["not-fitted-below-the-floor", "fitted-and-dropped", "stopped-as-losing"])
+def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, margin,
+                                                                      said_first, said_last, passes):
     """POD is exact on this family: below CODEC_FLOOR no codec is fitted at all; one fitted anyway loses to POD and
-    is dropped. Either way the VAE starts as it does without a codec."""
-    from modules.training import codec_choice
+    is dropped, or, losing by more than LOSING_MARGIN a quarter of the way through its passes, is stopped there.
+    Either way the VAE starts as it does without a codec."""
+    from modules.training import codec_choice, field_fitter
     if floor is not None:
         monkeypatch.setattr(codec_choice, "CODEC_FLOOR", floor)
+    if margin is not None:
+        monkeypatch.setattr(codec_choice, "LOSING_MARGIN", margin)
+    made, real = [], field_fitter.sampled_pass
+    monkeypatch.setattr(field_fitter, "sampled_pass", lambda *args, **kwargs: made.append(1) or real(*args, **kwargs))
     for name, epochs in (("tried", 20), ("not", 0)):
         write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")
     models = []
@@ -174,8 +185,8 @@ def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, 
                 models.append(build_model(config, case, Runtime(torch.device("cpu"))))
     said_about_codec = [line for line in lines if "the VAE runs on" in line or "No snapshot codec" in line]
     assert said_about_codec[0].startswith(said_first) and len(said_about_codec) == 1
-    assert said_about_codec[0].endswith("the fields (the codec is dropped)" if floor == 0.0 else
-                                        "the VAE runs on the fields")
+    assert said_about_codec[0].endswith(said_last)
+    assert len(made) == passes
     assert models[0].codec is None
     # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
     first, second = models[0].state_dict(), models[1].state_dict()
@@ -251,10 +262,6 @@ def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterr
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
 
-class Died(Exception):
-    """What a test raises inside a run to kill it where it stands (the files saved so far stay)."""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("killed_in", ["its 4th pass", "the comparison after its last pass"])
 def test_a_run_killed_in_the_codecs_fit_resumes_it_to_the_weights_of_an_uninterrupted_run(trained, tmp_path,
@@ -269,18 +276,12 @@ def test_a_run_killed_in_the_codecs_fit_resumes_it_to_the_weights_of_an_uninterr
                                                       "field_conditioner_epochs 0\ninput_type csv\n"
                                                       "param_dir input_data/parameters.csv\n")
     write_parameters(tmp_path, parameters)
-    module, name = (field_fitter, "sampled_pass") if killed_in == "its 4th pass" else (codec_choice, "code_bases")
-    real, calls = getattr(module, name), []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == (4 if module is field_fitter else 1):
-            raise Died()
-        return real(*args, **kwargs)
-
+    # code_bases: its second call, after the losing check's own
+    module, name, call = ((field_fitter, "sampled_pass", 4) if killed_in == "its 4th pass" else
+                          (codec_choice, "code_bases", 2))
     made = 3 if module is field_fitter else 150
     with chdir(tmp_path):
-        monkeypatch.setattr(module, name, dying)
+        real = die_on_call(monkeypatch, module, name, call)
         with pytest.raises(Died):
             main([])
         monkeypatch.setattr(module, name, real)
@@ -299,24 +300,33 @@ def test_a_run_killed_in_the_codecs_fit_resumes_it_to_the_weights_of_an_uninterr
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
 
-@pytest.mark.slow
-def test_resume_with_a_damaged_codec_fit_says_so_and_fits_it_afresh(trained, tmp_path, capsys):
-    """A codec's fit file that cannot be read (truncated) and no VAE checkpoint: --resume says so in a note, fits the
-    codec afresh and ends with the VAE of an uninterrupted run."""
-    parameters = pulse_case(tmp_path, epochs=3, extra="n_epoch 2\nlatent_gp 0\nlatent_rbf 0\n"
-                                                      "field_conditioner_epochs 0\ninput_type csv\n"
-                                                      "param_dir input_data/parameters.csv\n")
-    write_parameters(tmp_path, parameters)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "snapshot_codec_fit.pt").write_bytes(b"PK\x03\x04 not a whole file")
+@pytest.mark.parametrize("spoil, words", [
+    (lambda folder: (folder / "checkpoints" / "snapshot_codec_fit.pt").write_bytes(b"PK\x03\x04 not whole"),
+     "cannot be loaded safely"),
+    (lambda folder: (folder / "input_data" / "condition.txt").write_text(
+        (folder / "input_data" / "condition.txt").read_text().replace("Latent_dim 4", "Latent_dim 6")),
+     "was written by another config (Latent_dim 4 -> 6)"),
+], ids=["damaged", "another-config"])
+def test_resume_of_a_codec_fit_that_is_damaged_or_of_another_config_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                                           capsys, spoil, words):
+    """--resume of a run stopped in the codec's fit refuses, in one line and changing nothing, a fit file that cannot
+    be read or one written with settings that may not change on resume."""
+    from modules.training import codec_choice, field_fitter
+    write_case(tmp_path, n=16, t=6, m=20, extra="grid_shape 4 5\nfield_codec_epochs 6\n")
+    monkeypatch.setattr(codec_choice, "CODEC_FLOOR", 0.0)  # this smooth family's POD is below both: fit it anyway
+    monkeypatch.setattr(codec_choice, "LOSING_MARGIN", float("inf"))
+    real = die_on_call(monkeypatch, field_fitter, "sampled_pass", 3)
     with chdir(tmp_path):
-        assert main(["--resume"]) == 0
-    said = capsys.readouterr().out
-    assert "note: checkpoints/snapshot_codec_fit.pt cannot be loaded safely" in said
-    assert "the snapshot codec is fitted afresh" in said
-    one = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
-    two = torch.load(tmp_path / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
-    assert all(torch.equal(one[name], two[name]) for name in one)
+        with pytest.raises(Died):
+            main([])
+        monkeypatch.setattr(field_fitter, "sampled_pass", real)
+        spoil(tmp_path)
+        before = sorted(str(path) for path in tmp_path.rglob("*"))
+        capsys.readouterr()
+        assert main(["--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoints/snapshot_codec_fit.pt" in error[0] and words in error[0]
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow
