@@ -118,22 +118,23 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
     record), which every rank continues from with resume. pod_error: POD's validation error with size modes; a
     CHECK_SHARE of the way through, a codec whose own (its codes compressed to size numbers) is more than
     LOSING_MARGIN times it is stopped there.
-    Returns (the codec, frozen; None where it was stopped), (what was stopped: passes and both errors; None)."""
+    Returns (the codec, frozen, None), or (None, the passes made) where it was stopped."""
     device = runtime.device
     n_steps, n_train = config.n_steps_used, len(case.train_indices)
     passes = config.field_codec_epochs
     fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if pod_error else 0)
-    measured = {}
 
     def losing(codec, coefficients):
+        """Whether the codec is losing by more than LOSING_MARGIN: the main process decides, for every process."""
+        if not runtime.is_main:
+            return any_rank(False, runtime)
         trial = copy.deepcopy(codec)  # the fit goes on from the codec as it is: its code statistics are set on a copy
         trial.set_code_statistics(trial.raw_codes(coefficients))
-        measured["error"] = compressed_error(trial, case, config, runtime, size)[1]
-        verdict = any_rank(runtime.is_main and measured["error"] > LOSING_MARGIN * pod_error, runtime)
-        log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes: mean squared error "
-                 f"{measured['error']:.4g} against {pod_error:.4g} for POD; "
-                 + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and the VAE runs on the fields"
-                    if verdict else "going on"))
+        error = compressed_error(trial, case, config, runtime, size)[1]
+        verdict = any_rank(error > LOSING_MARGIN * pod_error, runtime)
+        log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes: mean squared error {error:.4g} "
+                 f"against {pod_error:.4g} for POD; " + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and "
+                                                         "the VAE runs on the fields" if verdict else "going on"))
         return verdict
 
     shape = (config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1])
@@ -166,7 +167,7 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
                                                            encode=SnapshotCodec.coefficients, losing=losing,
                                                            checkpoint=checkpoint)
     if stopped_after is not None:
-        return None, {"passes": stopped_after, "of": fit.passes, "mse": measured.get("error"), "pod_mse": pod_error}
+        return None, stopped_after
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
