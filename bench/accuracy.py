@@ -81,16 +81,6 @@ def run_case(name: str, args) -> dict:
             "mean_field": mean_l2(prediction["mean_field"]), "time_spent": report.get("time_spent")}
 
 
-class InMemory:
-    """A generated case's [N, T, M] array as the evaluation's baselines read a dataset (sample_shape, read)."""
-
-    def __init__(self, array):
-        self.array, self.sample_shape = array, array.shape[1:]
-
-    def read(self, indices, steps=slice(None)):
-        return np.ascontiguousarray(self.array[indices][:, steps], dtype=np.float32)
-
-
 def pod_on_parameters(folder: Path, parameters_csv: str, rank: int) -> dict:
     """{"pod_gpr", "pod_rbf": {"relative_l2": {"mean": ...}}} on the run's own split (model_save/split.json), from
     the exact parameters in parameters_csv: for a case whose designs are given by images, what the run's report cannot
@@ -98,8 +88,9 @@ def pod_on_parameters(folder: Path, parameters_csv: str, rank: int) -> dict:
     from modules.data.scaling import ColumnScaler
     from modules.evaluation.baselines import baseline_weights, score_combinations
     from modules.models.pod import design_gram
+    from modules.training.codec_choice import CodeArray
 
-    array = InMemory(np.load(folder / "input_data" / "dataset1.npy"))
+    array = CodeArray(np.load(folder / "input_data" / "dataset1.npy"))  # float32, as the case wrote it
     split = json.loads((folder / "model_save" / "split.json").read_text())
     seed = json.loads(next((folder / "runs").glob("*/config.json")).read_text())["seed"]  # the GPs' fits use it
     train, val = np.asarray(split["train"]), np.asarray(split["val"])

@@ -92,13 +92,14 @@ def compressed_error(codec, case, config, runtime, size: int):
 
 
 class CodeArray:
-    """Codes [N, T, C] held in memory, read as models.pod reads a dataset (sample_shape, read(indices))."""
+    """An array [N, T, C] held in memory (codes, or a generated case's fields), read as models.pod and the
+    evaluation's baselines read a dataset (sample_shape, read(indices, steps))."""
 
     def __init__(self, codes: np.ndarray):
         self.codes, self.sample_shape = codes, codes.shape[1:]
 
-    def read(self, indices):
-        return self.codes[np.asarray(indices)]
+    def read(self, indices, steps=slice(None)):
+        return self.codes[np.asarray(indices)][:, steps]
 
 
 class Unscaled:
