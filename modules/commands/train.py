@@ -27,8 +27,9 @@ from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import CHECKPOINT_FORMAT, CONDITIONER_FORMAT, read_payload
 from modules.storage.model_folder import save_latents
 from modules.storage.model_format import FIT_FORMAT
-from modules.storage.paths import (AUTO_RESUME, CODEC_FIT_CHECKPOINT, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR,
-                                   MODEL_FILE, archive_previous_conditioner, archive_previous_run, make_run_folders)
+from modules.storage.paths import (AUTO_RESUME, CONDITIONER_LAST, LAST_CHECKPOINT, MODEL_DIR, MODEL_FILE,
+                                   archive_previous_conditioner, archive_previous_run, codec_fit_checkpoints,
+                                   make_run_folders)
 from modules.storage.runs import (CONDITIONER_RUN_FILES, EVALUATION_RUN_FILES, VAE_RUN_FILES, note_conditioner,
                                   note_vae, recording, run_of, start_run, time_spent)
 from modules.training.conditioner_training import prepare_conditioner_case, train_conditioner
@@ -214,7 +215,7 @@ class ResumePlan:
     vae_finished: bool           # its training is over and model_save/ holds the result: go on to the conditioner
     conditioner: Path | None     # conditioner checkpoint to continue from (None: start the conditioner afresh)
     run_id: str | None = None    # the run record the checkpoint belongs to (continued in runs/<id>/)
-    codec_fit: bool = False      # no VAE checkpoint yet: continue the snapshot codec's fit (CODEC_FIT_CHECKPOINT)
+    codec_fit: bool = False      # no VAE checkpoint yet: continue the snapshot codec's fit (codec_fit_checkpoint)
 
 
 def names_model_file(path: str) -> bool:
@@ -225,9 +226,11 @@ def names_model_file(path: str) -> bool:
 def resume_plan(given: str, config) -> ResumePlan:
     """What --resume[=PATH] of a full run continues: each checkpoint is checked here, before anything runs."""
     path = LAST_CHECKPOINT if given == AUTO_RESUME else Path(given)
-    if given == AUTO_RESUME and not path.exists() and CODEC_FIT_CHECKPOINT.exists():  # stopped in the codec's fit
-        fit = read_payload(CODEC_FIT_CHECKPOINT, formats=(FIT_FORMAT,))
-        refuse_changes(changed_settings(fit["config"], config), CODEC_FIT_CHECKPOINT)
+    codec_fits = codec_fit_checkpoints()
+    if given == AUTO_RESUME and not path.exists() and codec_fits:  # stopped in the codec's fit
+        for fit_path in codec_fits:
+            fit = read_payload(fit_path, formats=(FIT_FORMAT,))
+            refuse_changes(changed_settings(fit["config"], config), fit_path)
         return ResumePlan(None, False, None, fit["run_id"], codec_fit=True)
     payload = read_checkpoint(path, config, (CHECKPOINT_FORMAT, CONDITIONER_FORMAT), "python SimulGen-VAE.py")
     if payload["format"] == CONDITIONER_FORMAT:

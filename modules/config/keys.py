@@ -167,9 +167,10 @@ KEYS = (
         "with as many modes); 0: the network alone", choices=(0, 1), earlier=0),
     Key("field_codec_epochs", "field_codec_epochs", int, 40, "where the nodes' positions are known (grid_shape, "
         "mesh_file or node_coordinates): passes over the training designs' time steps of a snapshot codec (each time "
-        "step to 8 numbers that shift a sine network over the node coordinates: features can move across the mesh), "
-        "trained before the VAE; the VAE then runs on those codes when they reconstruct the validation designs from "
-        "its latent size better than POD does, on the fields otherwise (said either way); 0: not tried",
+        "step to 4, 8 or 16 numbers that shift, stretch and reweight a sine network over the node coordinates, or to 8 "
+        "that shift it, whichever fits best a quarter of the way: features can move and change shape), trained "
+        "before the VAE; the VAE then runs on those codes when they reconstruct the validation designs from its "
+        "latent size better than POD does, on the fields otherwise (said either way); 0: not tried",
         _non_negative, earlier=0),
     Key("augment_noise_std", "augment_noise_std", float, 0.0, "Gaussian noise added to training inputs (scaled units)",
         _non_negative),

@@ -10,6 +10,13 @@ Here the value at a node x at time step t of a design with standardised paramete
 
 a SIREN (Sitzmann et al. 2020) whose sine layers are phase-shifted by a code c of CODE numbers (CORAL's shift
 modulation, Serrano et al. 2023): a shifted phase is a translation, so features move without a mode per position.
+The snapshot codec's field (models.snapshot_codec) is modulated further, so that a feature can also change shape
+(modulation WARP): the code maps the coordinates linearly before the first layer and scales each layer's amplitude,
+
+    h_0 = (I + D(c)) x,   h_k = (1 + A_k c) * sin(30 (W_k h_(k-1) + b_k) + S_k c)
+
+where D(c) (a d x d matrix linear in c) stretches and turns the whole field and A_k (DINo's amplitude modulation,
+Yin et al. 2023) reweights the sine features; both start at zero, so a fit starts as the shift-only network.
 The MLP and the field are trained together on the training designs' fields (Neural Implicit Flow's layout, Pan et
 al. 2023), so the code is by construction a smooth function of the parameters.
 
@@ -32,6 +39,8 @@ LAYERS = 3
 FREQUENCY = 30.0         # SIREN's frequency
 CODE = 8                 # code numbers per time step
 HIDDEN = 256             # the code MLP: 3 hidden layers this wide
+# modulations: the phases only; the phases, the amplitudes and a linear map of the coordinates
+SHIFT, WARP = "shift", "warp"
 DECODE_BYTES = 2 ** 24   # activations of one chunk decoded without gradients, at most (larger chunks leave the caches)
 
 
@@ -48,11 +57,14 @@ class NeuralFieldNodes(nn.Module):
     """Codes [B, T, R] -> values [B, T, V * P] at P nodes of each of the V variables (all M / V nodes, or the given
     node indices within one variable: [P] for every row, or [B, T, P] for each (design, time step) its own),
     variables side by side as in the data. The node coordinates are a buffer set from the case's layout
-    (set_coordinates), so a saved model decodes without the mesh."""
+    (set_coordinates), so a saved model decodes without the mesh. modulation: SHIFT or WARP (the module's
+    docstring)."""
 
-    def __init__(self, rank: int, n_nodes: int, n_vars: int, dims: int = 2):
+    def __init__(self, rank: int, n_nodes: int, n_vars: int, dims: int = 2, modulation: str = SHIFT):
         super().__init__()
-        self.n_vars = n_vars
+        if modulation not in (SHIFT, WARP):
+            raise ValueError(f"unknown modulation {modulation!r}")
+        self.n_vars, self.modulation = n_vars, modulation
         self.register_buffer("coordinates", torch.zeros(n_nodes // n_vars, dims))
         # each variable's values = out(h) * value_scale + value_offset: the training values' mean and spread
         # (set_value_statistics), so the sine network fits standardised values: it fits scaled values, whose spread
@@ -62,6 +74,13 @@ class NeuralFieldNodes(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(dims if i == 0 else WIDTH, WIDTH) for i in range(LAYERS))
         self.shifts = nn.Linear(rank, WIDTH * LAYERS)
         self.out = nn.Linear(WIDTH, n_vars)
+        self.amplitudes = self.warp = None
+        if modulation == WARP:  # both zero at the start: the shift-only network
+            self.amplitudes = nn.Linear(rank, WIDTH * LAYERS)
+            self.warp = nn.Linear(rank, dims * dims)
+            for part in (self.amplitudes, self.warp):
+                nn.init.zeros_(part.weight)
+                nn.init.zeros_(part.bias)
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 bound = 1 / dims if i == 0 else math.sqrt(6 / WIDTH) / FREQUENCY
@@ -99,10 +118,20 @@ class NeuralFieldNodes(nn.Module):
     def _decode(self, rows, coordinates):
         """rows [r, R], coordinates [P, d] (shared) or [r, P, d] -> [r, V * P], variable-major."""
         shifts = self.shifts(rows).unflatten(1, (LAYERS, WIDTH))[:, None]              # [r, 1, LAYERS, WIDTH]
+        amplitudes = None
+        if self.warp is not None:
+            amplitudes = 1 + self.amplitudes(rows).unflatten(1, (LAYERS, WIDTH))[:, None]
+            warp = self.warp(rows).unflatten(1, (coordinates.shape[-1], -1))                # [r, d, d]
+            # (I + D) x per row: [r, P, d] (each row's nodes, or the shared ones)
+            coordinates = coordinates + (coordinates @ warp.transpose(1, 2) if coordinates.dim() == 3 else
+                                         torch.einsum("pd,red->rpe", coordinates, warp))
         hidden = self.layers[0](coordinates)                                     # [P, WIDTH] (once) or [r, P, WIDTH]
-        hidden = torch.sin(FREQUENCY * hidden + shifts[:, :, 0])                         # [r, P, WIDTH]
-        for index, layer in enumerate(self.layers[1:], 1):
-            hidden = torch.sin(FREQUENCY * layer(hidden) + shifts[:, :, index])
+        for index in range(LAYERS):
+            if index:
+                hidden = self.layers[index](hidden)
+            hidden = torch.sin(FREQUENCY * hidden + shifts[:, :, index])                 # [r, P, WIDTH]
+            if amplitudes is not None:
+                hidden = hidden * amplitudes[:, :, index]
         values = self.out(hidden) * self.value_scale + self.value_offset               # [r, P, V]
         return values.transpose(1, 2).flatten(1)                                        # [r, V * P]
 

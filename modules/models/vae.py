@@ -59,6 +59,7 @@ class ModelSpec:
     pod_modes: int = 0  # latent numbers carried by the frozen POD path: 0 (none) or all of them
     n_vars: int = 1  # variables side by side along the node axis (one likelihood scale each)
     codec: int = 0  # code numbers per time step the VAE runs on (a snapshot codec); 0: it runs on the fields
+    codec_modulation: str = "shift"  # the codec's field's modulation (models.neural_field: SHIFT or WARP)
 
     @classmethod
     def from_config(cls, config) -> "ModelSpec":
@@ -261,7 +262,8 @@ class HierarchicalVAE(nn.Module):
         data = spec.data_spec()
         self.codec = None
         if spec.codec:  # trained before the VAE (training.codec_choice) and frozen: never in the VAE's optimiser
-            self.codec = SnapshotCodec(spec.n_nodes, spec.n_vars, spec.projection_rank).requires_grad_(False)
+            self.codec = SnapshotCodec(spec.n_nodes, spec.n_vars, spec.projection_rank, code=spec.codec,
+                                       modulation=spec.codec_modulation).requires_grad_(False)
         self.encoder = Encoder(data)
         self.decoder = Decoder(data)
         self.pod = PODPath(spec.n_steps, data.n_nodes, data.projection_rank, spec.pod_modes) if spec.pod_modes else None

@@ -15,6 +15,9 @@ gained entries that older version 1 files lack, and each is filled here with wha
 Version 3 added a conditioner spec's `encoder` (a neural field, GP or spline reading images through an image
 encoder); a version 2 conditioner reads parameters or is a network on images, so it gets encoder "". A version 2 fit
 checkpoint of a neural field is then another fit (its facts' spec differs) and is fitted afresh, said.
+Version 4 added a VAE spec's `codec_modulation` (a snapshot codec whose code also stretches, turns and reweights its
+field: models.neural_field's WARP); an older VAE's codec shifts phases only, so it gets "shift". An older codec's
+fit checkpoint is then another fit (its facts' shape differs) and is fitted afresh, said.
 """
 import dataclasses
 
@@ -22,9 +25,10 @@ import torch
 
 from modules.errors import InputError
 from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, ConditionerSpec
+from modules.models.neural_field import SHIFT
 from modules.models.vae import ModelSpec
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODEL_FORMAT, CHECKPOINT_FORMAT = "simulgenvae-model", "simulgenvae-checkpoint"  # a VAE, and with its training state
 CONDITIONER_FORMAT = "simulgenvae-conditioner"  # a conditioner, with its training state in a checkpoint
 FIT_FORMAT = "simulgenvae-fit-checkpoint"  # a neural field's (version 2 on) or codec's (3 on) fit, pass by pass
@@ -51,8 +55,10 @@ def current_format(payload: dict, path) -> dict:
         from_version_1 = conditioner_from_version_1 if format_of(payload) == CONDITIONER_FORMAT else vae_from_version_1
         payload = from_version_1(payload)
     elif version == 2 and format_of(payload) == CONDITIONER_FORMAT:
-        payload = {**payload, "spec": {"encoder": "", **payload["spec"]}, "format_version": FORMAT_VERSION}
-    return payload
+        payload = {**payload, "spec": {"encoder": "", **payload["spec"]}}
+    elif version in (2, 3) and format_of(payload) in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+        payload = {**payload, "spec": {"codec_modulation": SHIFT, **payload["spec"]}}
+    return {**payload, "format_version": FORMAT_VERSION}
 
 
 def vae_from_version_1(payload: dict) -> dict:

@@ -22,7 +22,6 @@ LAST_CHECKPOINT = CHECKPOINT_DIR / "last.pt"    # ... at the latest save: what -
 CONDITIONER_CHECKPOINT = CHECKPOINT_DIR / "conditioner_best.pt"
 CONDITIONER_LAST = CHECKPOINT_DIR / "conditioner_last.pt"
 FIELD_FIT_CHECKPOINT = CHECKPOINT_DIR / "neural_field_fit.pt"  # the neural-field candidate's fit after its last pass
-CODEC_FIT_CHECKPOINT = CHECKPOINT_DIR / "snapshot_codec_fit.pt"  # the snapshot codec's fit, before the VAE's first
 AUTO_RESUME = "last"  # --resume without a path: the run's own last checkpoint (LAST_CHECKPOINT, CONDITIONER_LAST)
 CONDITIONER_NAME = "conditioner"  # output/conditioner_metrics.csv, runs/<run id>/conditioner/
 PREDICTION_REPORT = OUTPUT_DIR / "prediction_report"  # .json and .md
@@ -98,3 +97,14 @@ def new_output_file(out, command: str, suffixes=(".npy",), flag: str = "--out") 
     if not out.parent.is_dir():
         raise InputError(out, f"folder {out.parent} does not exist", f"create it or choose another {flag}")
     return out
+
+
+def codec_fit_checkpoint(code: int, modulation: str) -> Path:
+    """Where the fit of the snapshot codec with codes of `code` numbers and that modulation (models.neural_field) is
+    saved, before the VAE's first checkpoint (one file per codec its fit tries: training.codec_choice)."""
+    return CHECKPOINT_DIR / f"snapshot_codec_fit_{modulation}_{code}.pt"
+
+
+def codec_fit_checkpoints() -> list:
+    """The snapshot codec's fit files in checkpoints/."""
+    return sorted(CHECKPOINT_DIR.glob("snapshot_codec_fit_*.pt"))

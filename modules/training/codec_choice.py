@@ -3,8 +3,10 @@
 K latent numbers per design by a POD of the code trajectories (what the VAE's POD path then starts from), reconstruct
 the validation designs better than POD of the fields with K modes (what the VAE's POD path starts from without it).
 The comparison says both errors; a codec that loses is dropped, so the VAE never starts worse than POD at its latent
-size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win;
-one that is more than LOSING_MARGIN times worse than POD a CHECK_SHARE of the way through its fit is stopped there."""
+size. Where POD already reconstructs the validation designs below CODEC_FLOOR, no codec is fitted: it could not win.
+A CHECK_SHARE of the way through the fit codecs of several code sizes and modulations are compared (a race:
+fit_codec) and the best goes on, unless it is more than LOSING_MARGIN times worse than POD: then the fit is stopped
+there."""
 import copy
 import hashlib
 import logging
@@ -16,15 +18,15 @@ import torch
 from modules.data.batches import in_order
 from modules.data.case import Case
 from modules.data.field_layout import node_positions, read_field_layout
-from modules.machine.processes import any_rank, barrier
-from modules.models.neural_field import node_columns
+from modules.machine.processes import any_rank, barrier, sum_over_ranks
+from modules.models.neural_field import CODE, SHIFT, WARP, node_columns
 from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.pod_path import PODPath
 from modules.models.snapshot_codec import SnapshotCodec
 from modules.models.vae import ModelSpec
-from modules.storage.paths import CODEC_FIT_CHECKPOINT
+from modules.storage.paths import codec_fit_checkpoint
 from modules.storage.runs import note_time
-from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
+from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field, saved_passes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ CODEC_FLOOR = 1e-6
 # LOSING_MARGIN times POD's (docs/model.md: its error then against its final one, where it wins and where it loses)
 CHECK_SHARE = 0.25
 LOSING_MARGIN = 20.0
+# the codecs a fit tries, each for a CHECK_SHARE of its passes before the best goes on (fit_codec): (code numbers per
+# time step, the field's modulation). The best size differs between families, and so does the modulation: WARP
+# draws a blob that stretches and turns at 0.6 times SHIFT's error, a 1-D front that steepens at 5 times it
+# (docs/model.md)
+CANDIDATES = ((4, WARP), (8, WARP), (16, WARP), (8, SHIFT))
 
 
 def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None, resume: bool = False):
@@ -46,7 +53,7 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
     Third: the fields' design POD with spec.latent_size modes (models.pod.design_pod_basis) where the comparison
     computed it, so that a run that keeps the fields does not stream the data for it again; None otherwise. The time
     spent on the codec, its fit and the comparison, goes to the run record (storage.runs.note_time). The fit is saved
-    after every pass (CODEC_FIT_CHECKPOINT) and, with resume, continued from there."""
+    after every pass (codec_fit_checkpoint) and, with resume, continued from there."""
     if not config.field_codec_epochs:
         return None, None, None
     positions = node_positions(read_field_layout(config))
@@ -84,7 +91,7 @@ def compressed_error(codec, case, config, runtime, size: int):
     """(the VAE's starting bases in the codec's code space (code_bases), the validation designs' mean squared error,
     scaled units, through the codec with their codes compressed to size numbers per design by those bases)."""
     code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
-                                                    config.seed)
+                                                    config.seed, min(config.projection_rank, codec.code_size))
     code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
     error = validation_errors({"codec": lambda fields: code_path.decode(code_path.encode(codec.encode(fields)))},
                               case, config, config.seed, codec)["codec"]
@@ -114,72 +121,113 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
     """A codec fitted on the training designs' scaled snapshots (training.field_fitter, field_codec_epochs passes),
     encoder and field together: each snapshot's node-POD coefficients (node_basis: (mean, modes, scales) of
     models.pod.pod_node_basis, the encoder's input projection) -> its code -> the field at the sampled nodes. Then
-    its codes are standardised on the training snapshots and it is frozen. Every DDP rank fits the same codec (and
-    DDP starts all ranks from rank 0's); the main one saves the fit after every pass (CODEC_FIT_CHECKPOINT, in run's
-    record), which every rank continues from with resume. pod_error: POD's validation error with size modes; a
-    CHECK_SHARE of the way through, a codec whose own (its codes compressed to size numbers) is more than
-    LOSING_MARGIN times it is stopped there.
+    its codes are standardised on the training snapshots and it is frozen.
+
+    The code's size and modulation are chosen by a race: a codec of each of CANDIDATES is fitted for a CHECK_SHARE of
+    the passes and scored on the validation designs (its codes compressed to size numbers per design, as
+    compressed_error); the best goes on from there to the last pass, unless it is more than LOSING_MARGIN times
+    worse than POD with size modes (pod_error; None: never), when the fit is stopped there. A fit too short to have
+    that check fits codes of CODE numbers that shift. Every DDP rank fits the same codecs (and DDP starts all ranks
+    from rank 0's); the main one scores them and saves each fit after every pass (codec_fit_checkpoint, one file per
+    candidate, in run's record), which every rank continues from with resume.
     Returns (the codec, frozen, None), or (None, the passes made) where it was stopped."""
     device = runtime.device
     n_steps, n_train = config.n_steps_used, len(case.train_indices)
     passes = config.field_codec_epochs
-    fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if pod_error else 0)
-
-    def losing(codec, coefficients):
-        """Whether the codec is losing by more than LOSING_MARGIN: the main process decides, for every process."""
-        if not runtime.is_main:
-            return any_rank(False, runtime)
-        trial = copy.deepcopy(codec)  # the fit goes on from the codec as it is: its code statistics are set on a copy
-        trial.set_code_statistics(trial.raw_codes(coefficients))
-        error = compressed_error(trial, case, config, runtime, size)[1]
-        verdict = any_rank(error > LOSING_MARGIN * pod_error, runtime)
-        log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes: mean squared error {error:.4g} "
-                 f"against {pod_error:.4g} for POD; " + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and "
-                                                         "the VAE runs on the fields" if verdict else "going on"))
-        return verdict
-
+    check_after = max(1, round(CHECK_SHARE * passes))
+    fit = SampledFieldFit(passes=passes, check_after=check_after if check_after < passes else 0)
+    candidates = CANDIDATES if fit.check_after else ((CODE, SHIFT),)
     shape = (config.n_nodes_used, config.n_vars, node_basis[1].shape[1], positions.shape[1])
     # the node basis is a digest of the training data as scaled: a fit of other data or another scaling differs
     basis = hashlib.sha256(b"".join(part.detach().cpu().numpy().tobytes() for part in node_basis)).hexdigest()
-    checkpoint = FitCheckpoint(CODEC_FIT_CHECKPOINT, {
-        "codec": list(shape), "seed": config.seed, "passes": fit.passes, "check_after": fit.check_after,
-        "node_basis_sha256": basis,
-        "train_indices": [int(i) for i in case.train_indices]}, resume, fit_of="snapshot codec",
-        writes=runtime.is_main, run_id=None if run is None else run.id, config=config.to_dict(),
-        after_read=lambda: barrier(runtime))
 
-    def build():
-        codec = SnapshotCodec(*shape).to(device)
-        codec.set_projection(*(part.to(device) for part in node_basis))
-        codec.field.set_coordinates(positions)
-        return codec
+    def checkpoint(candidate, go_on: bool = False) -> FitCheckpoint:
+        return FitCheckpoint(codec_fit_checkpoint(*candidate), {
+            "codec": [*shape, *candidate], "seed": config.seed, "passes": fit.passes, "check_after": fit.check_after,
+            "node_basis_sha256": basis, "train_indices": [int(i) for i in case.train_indices]}, resume or go_on,
+            fit_of="snapshot codec", writes=runtime.is_main, run_id=None if run is None else run.id,
+            config=config.to_dict(), after_read=lambda: barrier(runtime))
+
+    def fitted(candidate, losing=None, past_check: bool = False):
+        def build():
+            codec = SnapshotCodec(*shape, *candidate).to(device)
+            codec.set_projection(*(part.to(device) for part in node_basis))
+            codec.field.set_coordinates(positions)
+            return codec
+
+        return fit_sampled_field(build, predict, case.train, n_train, (n_steps, config.n_nodes_used, config.n_vars),
+                                 fit, config.batch_size, config.seed, device, encode=SnapshotCodec.coefficients,
+                                 losing=losing, checkpoint=checkpoint(candidate, past_check), past_check=past_check)
 
     def predict(codec, snapshots, nodes, coefficients):
         codes = codec.raw_codes(coefficients)[:, None]
         return codec.field(codes, None if nodes is None else nodes[:, None])[:, 0]
 
     sampled = config.n_nodes_used // config.n_vars > fit.nodes
+    named = " / ".join(map(candidate_name, candidates))
     log.info(f"Training a snapshot codec on the {n_train * n_steps} time steps of the {n_train} training designs "
-             f"({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time step) ...")
+             f"({fit.passes} passes, {f'{fit.nodes} random nodes' if sampled else 'every node'} of each time step"
+             + (f"; codes {named} for {fit.check_after} passes, then the best" if len(candidates) > 1 else "")
+             + ") ...")
     began = time.perf_counter()
-    field_shape = (n_steps, config.n_nodes_used, config.n_vars)
-    codec, coefficients, stopped_after = fit_sampled_field(build, predict, case.train, n_train, field_shape, fit,
-                                                           config.batch_size, config.seed, device,
-                                                           encode=SnapshotCodec.coefficients, losing=losing,
-                                                           checkpoint=checkpoint)
-    if stopped_after is not None:
-        return None, stopped_after
+    chosen = candidates[0]
+    if len(candidates) > 1:
+        # resumed after the race: the candidate that went on past the check won it
+        went_on = [one for one in candidates if saved_passes(checkpoint(one)) > fit.check_after]
+        if went_on:
+            chosen = went_on[0]
+            log.info(f"The snapshot codec's race was run before the interruption: codes {candidate_name(chosen)} go "
+                     "on")
+        else:
+            errors = race(candidates, fitted, case, config, runtime, size)
+            chosen = candidates[int(np.argmin(errors))]
+            losing = pod_error is not None and errors.min() > LOSING_MARGIN * pod_error
+            log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes, codes {named}: mean squared "
+                     f"error {' / '.join(f'{error:.4g}' for error in errors)}"
+                     + ("" if pod_error is None else f" against {pod_error:.4g} for POD") + "; "
+                     + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and the VAE runs on the fields"
+                        if losing else f"going on with codes {candidate_name(chosen)}"))
+            if losing:
+                return None, fit.check_after
+    codec, coefficients, _ = fitted(chosen, past_check=len(candidates) > 1)
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
     return codec.requires_grad_(False), None
 
 
+def candidate_name(candidate) -> str:
+    """How the log names a (code size, modulation) candidate: "16 warp"."""
+    return f"{candidate[0]} {candidate[1]}"
+
+
+def race(candidates, fitted, case, config, runtime, size: int) -> np.ndarray:
+    """Each candidate's validation error (float64 [len(candidates)], compressed_error's, with codes compressed to
+    size numbers per design) after fitted(candidate, losing) has made the fit's first check_after passes, where
+    losing scores it and ends it there (saved, so that the winner goes on from its saved state). The main process
+    scores; every process gets its scores."""
+    errors = torch.zeros(len(candidates), dtype=torch.float64)
+
+    def scored(index: int):
+        def losing(codec, coefficients):
+            if runtime.is_main:  # the fit goes on from the codec as it is: its code statistics are set on a copy
+                trial = copy.deepcopy(codec)
+                trial.set_code_statistics(trial.raw_codes(coefficients))
+                errors[index] = compressed_error(trial, case, config, runtime, size)[1]
+            return True
+        return losing
+
+    for index, candidate in enumerate(candidates):
+        fitted(candidate, losing=scored(index))
+    # the sum is also the barrier after which every paused fit is on disk, for the processes that go on from it
+    return sum_over_ranks(errors.to(runtime.device), runtime).cpu().numpy()
+
+
 @torch.no_grad()
 def encoded_designs(codec, case, config) -> np.ndarray:
     """Every design's codes [N, T, C] (float32, host), training and validation designs alike (rows by dataset index;
     a design in neither split stays zero)."""
-    codes = np.zeros((config.n_designs, config.n_steps_used, codec.code_mean.numel()), dtype=np.float32)
+    codes = np.zeros((config.n_designs, config.n_steps_used, codec.code_size), dtype=np.float32)
     for indices, source in ((case.train_indices, case.train), (case.val_indices, case.val)):
         order = list(in_order(len(indices), config.batch_size))
         for positions, fields in zip(order, source.batches(order)):
@@ -187,11 +235,12 @@ def encoded_designs(codec, case, config) -> np.ndarray:
     return codes
 
 
-def code_bases(codes: np.ndarray, train_indices, rank: int, seed: int):
-    """The VAE's starting bases in code space: (node basis (mean, modes, scales) over the C code numbers, the design
-    POD with rank modes (models.pod.design_pod_basis's four values))."""
+def code_bases(codes: np.ndarray, train_indices, rank: int, seed: int, node_rank: int):
+    """The VAE's starting bases in code space: (node basis (mean, modes, scales) of node_rank modes over the C code
+    numbers (the VAE's projection rank on codes: ModelSpec.data_spec), the design POD with rank modes
+    (models.pod.design_pod_basis's four values))."""
     array = CodeArray(codes)
-    node_basis = pod_node_basis(array, train_indices, Unscaled, codes.shape[2], seed)
+    node_basis = pod_node_basis(array, train_indices, Unscaled, node_rank, seed)
     return node_basis, design_pod_basis(array, train_indices, Unscaled, node_basis[0], node_basis[1], rank)
 
 

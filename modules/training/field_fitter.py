@@ -64,7 +64,8 @@ class FitCheckpoint:
 
 
 def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: SampledFieldFit, batch_size: int,
-                      seed: int, device, encode=None, losing=None, checkpoint: FitCheckpoint | None = None):
+                      seed: int, device, encode=None, losing=None, checkpoint: FitCheckpoint | None = None,
+                      past_check: bool = False):
     """Fit the network that build() makes (after the seed is set, so its initial weights are the seed's; it has a
     .field, a models.neural_field.NeuralFieldNodes) on the scaled fields of the designs at positions 0..n_designs-1
     of source (a data.batches source). field_shape: (T, M, n_vars).
@@ -76,7 +77,8 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     losing(network in eval mode, encode's output) -> bool: asked once, after fit.check_after passes (0: never),
     whether the fit is losing by so wide a margin that the remaining passes are not worth their time; True ends it.
     checkpoint: saved after every pass, and continued from where it matches (encode's output is then computed in the
-    first pass run, or in a read of its own where no pass is left).
+    first pass run, or in a read of its own where no pass is left). past_check: the saved fit was ended by its
+    losing test (a race of fits: training.codec_choice), and this one goes on from there to its last pass.
 
     Returns (the network in eval mode, encode's output for every snapshot [N * T, ...] or None, the passes made
     when losing ended the fit early, else None)."""
@@ -92,6 +94,7 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
     if checkpoint is not None and checkpoint.after_read is not None:
         checkpoint.after_read()
     encoded = None
+    stopped = stopped and not past_check
     if made == fit.passes or stopped:  # resumed with no pass left: encode's output still comes from one read
         encoded = encoded_snapshots(source, n_designs, batch_size, device, network, encode)
     if stopped:  # its losing test said so before the interruption: asked again of the same network, it says so again
@@ -115,7 +118,8 @@ def fit_sampled_field(build, predict, source, n_designs: int, field_shape, fit: 
             loss.backward()
             optimiser.step()
             schedule.step()
-        stopped = losing is not None and index + 1 == fit.check_after < fit.passes and losing(network.eval(), encoded)
+        stopped = (losing is not None and not past_check and index + 1 == fit.check_after < fit.passes
+                   and losing(network.eval(), encoded))
         if checkpoint is not None and checkpoint.writes:
             save_fit(checkpoint, parts, generator, index + 1, stopped, device)
         if stopped:
@@ -157,6 +161,18 @@ def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopp
                                  "stopped": stopped, "generator": generator.get_state(),
                                  "random": random_states(torch.device(device)),
                                  **{name: part.state_dict() for name, part in parts.items()}})
+
+
+def saved_passes(checkpoint: FitCheckpoint) -> int:
+    """The passes made by the saved fit that a resumed fit would continue (continued's test); 0 where it would start
+    afresh. Says nothing: continued says why."""
+    if not checkpoint.resume or not checkpoint.path.exists():
+        return 0
+    try:
+        saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
+    except InputError:
+        return 0
+    return saved["passes_made"] if saved["facts"] == checkpoint.facts else 0
 
 
 def continued(checkpoint: FitCheckpoint, parts: dict, generator, device):

@@ -19,7 +19,6 @@ from modules.evaluation.metrics import as_percent
 from modules.machine.memory import MemoryWatch
 from modules.machine.processes import shard, sum_over_ranks
 from modules.machine.reproducibility import seed_everything
-from modules.models.neural_field import CODE
 from modules.models.pod import design_pod_basis, pod_node_basis
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import read_payload, save_checkpoint, save_model
@@ -101,7 +100,8 @@ def build_model(config, case: Case, runtime, pod_start=True, spec=None, run=None
         note_time(run, "POD start", pod_seconds, kept=True)
         return model.to(runtime.device)
     note_time(run, "POD start", pod_seconds, kept=True)  # the node basis the codec was fitted on
-    model = HierarchicalVAE(replace(spec, codec=CODE)).to(runtime.device)
+    model = HierarchicalVAE(replace(spec, codec=codec.code_size, codec_modulation=codec.field.modulation))
+    model = model.to(runtime.device)
     model.codec.load_state_dict(codec.state_dict())
     code_node_basis, code_design_basis = code_space
     model.init_node_projections(*(part.to(runtime.device) for part in code_node_basis))

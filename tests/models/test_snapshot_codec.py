@@ -6,6 +6,7 @@ the VAE trains; a model on codes is saved, reloaded, reported, resumed and expor
 import json
 import re
 from contextlib import chdir
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -18,10 +19,12 @@ from modules.cli import main
 from modules.config import load_config
 from modules.data.case import prepare_case
 from modules.machine.device import Runtime
+from modules.models.neural_field import WARP
 from modules.models.vae import HierarchicalVAE, ModelSpec
 from modules.storage.model_files import load_model
 from modules.training import vae_training
 from modules.training.loop import Step
+from modules.training.codec_choice import CANDIDATES
 from modules.training.vae_training import build_model
 
 SIDE, STEPS, DESIGNS = 10, 6, 32
@@ -86,12 +89,18 @@ def test_on_a_travelling_pulse_the_vae_runs_on_codes_and_starts_from_what_was_co
         r"mean squared error (\S+) \(scaled units\) through the snapshot codec against (\S+) for POD with 16 modes",
         choice[0]).groups())
     assert codec_error < pod_error
-    assert model.codec is not None and model.spec.codec == 8
+    # the codec is the race's winner: the least error a quarter of the way through
+    race = next(line for line in said if line.startswith("The snapshot codec after 38 of 150 passes"))
+    errors = [float(error) for error in re.search(r"mean squared error (\S+) / (\S+) / (\S+) / (\S+) against",
+                                                  race).groups()]
+    code, modulation = CANDIDATES[int(np.argmin(errors))]
+    assert race.endswith(f"going on with codes {code} {modulation}")
+    assert model.codec is not None and (model.spec.codec, model.spec.codec_modulation) == (code, modulation)
     val = scaled(case, case.val_indices)
     with torch.no_grad():
         out = model(val, sample=False)
         codes = model(val, sample=False, decode=False)["recon"]
-    assert out["recon"].shape == val.shape and codes.shape == (len(val), STEPS, 8)
+    assert out["recon"].shape == val.shape and codes.shape == (len(val), STEPS, code)
     # every node is compared on this small mesh: the starting VAE's error is exactly the codec's that was said
     assert float(((out["recon"] - val) ** 2).mean()) == pytest.approx(codec_error, rel=1e-3)
     # and the starting state is the codec through the codes' design POD: the codes' posterior means decode to it
@@ -104,8 +113,8 @@ def test_the_codes_are_standardised_on_the_training_designs(pulse):
     model, _, _, case = pulse
     with torch.no_grad():
         codes = model.encode_data(scaled(case, case.train_indices)).flatten(0, 1)
-    assert torch.allclose(codes.mean(0), torch.zeros(8), atol=1e-4)
-    assert torch.allclose(codes.std(0), torch.ones(8), atol=1e-4)
+    assert torch.allclose(codes.mean(0), torch.zeros(model.spec.codec), atol=1e-4)
+    assert torch.allclose(codes.std(0), torch.ones(model.spec.codec), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -119,7 +128,8 @@ def test_training_on_codes_takes_its_loss_on_codes_and_never_moves_the_codec(pul
     assert job.n_parts == 3 + config.n_levels + 1  # one likelihood scale: the codes'
     batch = next(job.training_batches(0, [(np.arange(4), 1.0)]))
     step_loss, parts = job.batch_loss(model, batch, Step(0, 1, 0.0, torch.Generator()))
-    assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (STEPS * 8), rel=1e-6)  # nats per code value
+    # nats per code value
+    assert step_loss.detach().item() == pytest.approx(float(parts[0]) / (STEPS * model.spec.codec), rel=1e-6)
     assert all(not weight.requires_grad for weight in model.codec.parameters())
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     step_loss.backward()
@@ -151,7 +161,7 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
                                                     torch.arange(3), fields, settings, Runtime(torch.device("cpu")))
     with torch.no_grad():
         codes = model.decode(*split_latents(latents * 0.5, model.spec), decode=False)
-    assert codes.shape == (3, STEPS, 8)
+    assert codes.shape == (3, STEPS, model.spec.codec)
     assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
 
 
@@ -159,9 +169,9 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
     (None, None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared error",
      "the VAE runs on the fields", 0),
     (0.0, float("inf"), "The validation designs from 16 numbers each: mean squared error",
-     "the fields (the codec is dropped)", 20),  # fitted, compared, dropped
-    (0.0, 1.0, "The snapshot codec after 5 of 20 passes: mean squared error",
-     "more than 1 times worse, it is stopped and the VAE runs on the fields", 5),  # stopped a quarter of the way
+     "the fields (the codec is dropped)", 35),  # four codecs raced for 5 passes, the best fitted 15 more, dropped
+    (0.0, 1.0, "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: mean squared "
+     "error", "more than 1 times worse, it is stopped and the VAE runs on the fields", 20),  # stopped after the race
 ], ids=["not-fitted-below-the-floor", "fitted-and-dropped", "stopped-as-losing"])
 def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, margin,
                                                                       said_first, said_last, passes):
@@ -218,7 +228,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
     model, config, scaler = load_model(trained / "model_save" / "SimulGen-VAE")
-    assert model.codec is not None and model.spec.codec == 8
+    assert model.codec is not None and (model.spec.codec, model.spec.codec_modulation) in CANDIDATES
     report = json.loads((trained / "output" / "evaluation.json").read_text())
     assert set(report["likelihood"]) == {"alpha", "model", "noise_std_codes"}
     assert report["likelihood"]["noise_std_codes"] == pytest.approx(model.noise_std.tolist())
@@ -251,7 +261,7 @@ def test_a_run_on_codes_stopped_and_resumed_ends_with_the_weights_of_an_uninterr
     with chdir(tmp_path):
         assert main([]) == 128 + signal.SIGTERM
         checkpoint = torch.load("checkpoints/last.pt", weights_only=True)
-        assert checkpoint["spec"]["codec"] == 8 and "codec.field.out.weight" in checkpoint["state_dict"]
+        assert checkpoint["spec"]["codec"] and "codec.field.out.weight" in checkpoint["state_dict"]
         capsys.readouterr()
         monkeypatch.setattr(guard.Guard, "after_step", real)
         assert main(["--resume"]) == 0
@@ -276,32 +286,37 @@ def test_a_run_killed_in_the_codecs_fit_resumes_it_to_the_weights_of_an_uninterr
                                                       "field_conditioner_epochs 0\ninput_type csv\n"
                                                       "param_dir input_data/parameters.csv\n")
     write_parameters(tmp_path, parameters)
-    # code_bases: its second call, after the losing check's own
+    # the 4th pass: in the race's first fit (codes 4 warp); code_bases: its 5th call, after the race's four
     module, name, call = ((field_fitter, "sampled_pass", 4) if killed_in == "its 4th pass" else
-                          (codec_choice, "code_bases", 2))
-    made = 3 if module is field_fitter else 150
+                          (codec_choice, "code_bases", 5))
     with chdir(tmp_path):
         real = die_on_call(monkeypatch, module, name, call)
         with pytest.raises(Died):
             main([])
         monkeypatch.setattr(module, name, real)
-        saved = torch.load("checkpoints/snapshot_codec_fit.pt", weights_only=True)
-        assert (saved["format"], saved["fit_of"], saved["passes_made"]) == (FIT_FORMAT, "snapshot codec", made)
+        saved = {path.name: torch.load(path, weights_only=True) for path in Path("checkpoints").glob("snapshot_*")}
+        if module is field_fitter:
+            assert saved.keys() == {"snapshot_codec_fit_warp_4.pt"}
+            file, made = "snapshot_codec_fit_warp_4.pt", 3
+        else:  # the race's four fits, paused after 38 passes; the winner went on to its 150th
+            assert sorted(fit["passes_made"] for fit in saved.values()) == [38, 38, 38, 150]
+            file, made = next((file, 150) for file, fit in saved.items() if fit["passes_made"] == 150)
+        assert {(fit["format"], fit["fit_of"]) for fit in saved.values()} == {(FIT_FORMAT, "snapshot codec")}
         capsys.readouterr()
         assert main(["--checkpoints=list"]) == 0
-        assert (f"resumable     checkpoints/snapshot_codec_fit.pt  (a snapshot codec's fit after {made} of 150 "
+        assert (f"resumable     checkpoints/{file}  (a snapshot codec's fit after {made} of 150 "
                 "passes: --resume continues it, then the VAE)") in capsys.readouterr().out
         assert main(["--resume"]) == 0
     said = capsys.readouterr().out
-    assert f"Continuing the snapshot codec's fit after pass {made} (checkpoints/snapshot_codec_fit.pt)" in said
-    assert f"Run {saved['run_id']}: recorded" in said and len(list((tmp_path / "runs").iterdir())) == 1
+    assert f"Continuing the snapshot codec's fit after pass {made} (checkpoints/{file})" in said
+    assert f"Run {saved[file]['run_id']}: recorded" in said and len(list((tmp_path / "runs").iterdir())) == 1
     one = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     two = torch.load(tmp_path / "model_save" / "SimulGen-VAE", weights_only=True)["state_dict"]
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
 
 @pytest.mark.parametrize("spoil, words", [
-    (lambda folder: (folder / "checkpoints" / "snapshot_codec_fit.pt").write_bytes(b"PK\x03\x04 not whole"),
+    (lambda folder: (folder / "checkpoints" / "snapshot_codec_fit_warp_4.pt").write_bytes(b"PK\x03\x04 not whole"),
      "cannot be loaded safely"),
     (lambda folder: (folder / "input_data" / "condition.txt").write_text(
         (folder / "input_data" / "condition.txt").read_text().replace("Latent_dim 4", "Latent_dim 6")),
@@ -325,7 +340,7 @@ def test_resume_of_a_codec_fit_that_is_damaged_or_of_another_config_is_refused_i
         capsys.readouterr()
         assert main(["--resume"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "checkpoints/snapshot_codec_fit.pt" in error[0] and words in error[0]
+    assert len(error) == 1 and "checkpoints/snapshot_codec_fit_warp_4.pt" in error[0] and words in error[0]
     assert sorted(str(path) for path in tmp_path.rglob("*")) == before
 
 
@@ -337,6 +352,57 @@ def test_a_model_on_codes_exports_to_onnx_and_matches_predict(trained, tmp_path,
     session = onnxruntime.InferenceSession(str(tmp_path / "surrogate.onnx"), providers=["CPUExecutionProvider"])
     fields = session.run(["fields"], {"parameters": np.zeros((2, 4), dtype=np.float32) + 0.5})[0]
     assert fields.shape == (2, STEPS, SIDE * SIDE) and np.isfinite(fields).all()
+
+
+def test_the_warp_modulation_starts_as_the_shift_one_and_its_code_stretches_and_reweights_the_field():
+    """WARP's amplitudes and coordinate map start at zero: the network computes what the shift-only one with the
+    same weights computes. A code whose map is (s - 1) I draws the shift-only field at s x; an amplitude a on the
+    last sine layer scales what the output layer reads."""
+    from modules.models.neural_field import SHIFT, NeuralFieldNodes
+    torch.manual_seed(0)
+    points = torch.rand(30, 2).numpy()
+    shift, warp = NeuralFieldNodes(3, 30, 1, modulation=SHIFT), NeuralFieldNodes(3, 30, 1, modulation=WARP)
+    assert warp.load_state_dict(shift.state_dict(), strict=False).missing_keys == [
+        "amplitudes.weight", "amplitudes.bias", "warp.weight", "warp.bias"]
+    for network in (shift, warp):
+        network.set_coordinates(points)
+    codes = torch.randn(2, 4, 3)
+    with torch.no_grad():
+        assert torch.allclose(warp(codes), shift(codes), atol=1e-6)
+        warp.warp.bias.copy_(torch.tensor([0.25, 0.0, 0.0, 0.25]))  # (I + D) x = 1.25 x
+        stretched = NeuralFieldNodes(3, 30, 1, modulation=SHIFT)
+        stretched.load_state_dict(shift.state_dict())
+        stretched.coordinates.mul_(1.25)
+        assert torch.allclose(warp(codes), stretched(codes), atol=1e-5)
+        assert not torch.allclose(warp(codes), shift(codes), atol=1e-3)
+        warp.warp.bias.zero_()
+        warp.amplitudes.bias[-128:] = 1.0  # the last sine layer's features doubled
+        doubled = NeuralFieldNodes(3, 30, 1, modulation=SHIFT)
+        doubled.load_state_dict(shift.state_dict())
+        doubled.out.weight.mul_(2)
+        assert torch.allclose(warp(codes), doubled(codes), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_version_3_model_on_codes_reads_with_a_shift_only_codec(trained, tmp_path):
+    """Version 4 added the codec's modulation: a version 3 file (no codec_modulation, no warp or amplitude weights)
+    reads as a shift-only codec, which decodes as a warp codec with those weights at zero does."""
+    from modules.models.neural_field import SHIFT
+    current = torch.load(trained / "model_save" / "SimulGen-VAE", weights_only=True)
+    older = {**current, "format_version": 3,
+             "spec": {key: value for key, value in current["spec"].items() if key != "codec_modulation"},
+             "state_dict": {key: value for key, value in current["state_dict"].items()
+                            if ".warp." not in key and ".amplitudes." not in key}}
+    torch.save(older, tmp_path / "v3")
+    model, _, _ = load_model(tmp_path / "v3")
+    assert model.spec.codec_modulation == SHIFT and model.codec.field.warp is None
+    zeroed = {key: (torch.zeros_like(value) if ".warp." in key or ".amplitudes." in key else value)
+              for key, value in current["state_dict"].items()}
+    warp = HierarchicalVAE(ModelSpec.from_dict(current["spec"]))
+    warp.load_state_dict(zeroed)
+    codes = torch.randn(2, STEPS, model.spec.codec)
+    with torch.no_grad():
+        assert torch.allclose(model.codec.decode(codes), warp.codec.decode(codes), atol=1e-6)
 
 
 def test_an_old_model_file_without_a_codec_reads_as_one_on_the_fields():

@@ -118,7 +118,7 @@ def test_a_version_2_conditioner_reads_as_one_without_an_image_encoder_and_predi
     older = {**current, "format_version": 2, "spec": {k: v for k, v in current["spec"].items() if k != "encoder"}}
     torch.save(older, tmp_path / "v2")
     network, facts = load_conditioner(tmp_path / "v2")
-    assert facts["format_version"] == FORMAT_VERSION == 3
+    assert facts["format_version"] == FORMAT_VERSION == 4
     assert ConditionerSpec.from_dict(facts["spec"]) == ConditionerSpec.from_dict(current["spec"])
     inputs = torch.randn(3, current["spec"]["input_shape"][0])
     expected, _ = load_conditioner(demo / "model_save" / "latent_conditioner")
