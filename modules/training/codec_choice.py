@@ -44,6 +44,9 @@ LOSING_MARGIN = 20.0
 # draws a blob that stretches and turns at 0.6 times SHIFT's error, a 1-D front that steepens at 5 times it
 # (docs/model.md)
 CANDIDATES = ((4, WARP), (8, WARP), (16, WARP), (8, SHIFT))
+# a quarter of the way the candidates stood within 1.5 times of one another on every case measured (docs/model.md):
+# a first candidate more than RACE_SPREAD * LOSING_MARGIN times worse than POD is stopped without fitting the others
+RACE_SPREAD = 2.0
 
 
 def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=None, resume: bool = False):
@@ -72,16 +75,18 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
                  "runs on the fields")
         return None, None, field_design_basis
     began = time.perf_counter()
-    codec, stopped = fit_codec(positions, node_basis, case, config, runtime, run, resume, pod_error, size)
+    codec, stopped, outraced = fit_codec(positions, node_basis, case, config, runtime, run, resume, pod_error, size)
     if stopped is not None:
         note_time(run, "snapshot codec", time.perf_counter() - began, kept=False)
         return None, None, field_design_basis
+    if outraced:
+        note_time(run, "snapshot codecs outraced", outraced, kept=False)
     code_space, codec_error = compressed_error(codec, case, config, runtime, size)
     kept = any_rank(runtime.is_main and codec_error < pod_error, runtime)
     log.info(f"The validation designs from {size} numbers each: mean squared error {codec_error:.4g} (scaled units) "
              f"through the snapshot codec against {pod_error:.4g} for POD with {size} modes; the VAE runs on "
              + ("the codec's codes" if kept else "the fields (the codec is dropped)"))
-    note_time(run, "snapshot codec", time.perf_counter() - began, kept)
+    note_time(run, "snapshot codec", time.perf_counter() - began - outraced, kept)
     if not kept:
         return None, None, field_design_basis
     return codec, code_space, field_design_basis
@@ -130,7 +135,8 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
     that check fits codes of CODE numbers that shift. Every DDP rank fits the same codecs (and DDP starts all ranks
     from rank 0's); the main one scores them and saves each fit after every pass (codec_fit_checkpoint, one file per
     candidate, in run's record), which every rank continues from with resume.
-    Returns (the codec, frozen, None), or (None, the passes made) where it was stopped."""
+    Returns (the codec, frozen, None, the seconds spent on the race's other codecs), or (None, the passes made, 0)
+    where it was stopped."""
     device = runtime.device
     n_steps, n_train = config.n_steps_used, len(case.train_indices)
     passes = config.field_codec_epochs
@@ -170,7 +176,8 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
              + (f"; codes {named} for {fit.check_after} passes, then the best" if len(candidates) > 1 else "")
              + ") ...")
     began = time.perf_counter()
-    chosen = candidates[0]
+    # no race (one candidate), or a run resumed after it (the race's time was the interrupted run's)
+    chosen, outraced = candidates[0], 0.0
     if len(candidates) > 1:
         # resumed after the race: the candidate that went on past the check won it
         went_on = [one for one in candidates if saved_passes(checkpoint(one)) > fit.check_after]
@@ -179,21 +186,23 @@ def fit_codec(positions, node_basis, case, config, runtime, run=None, resume: bo
             log.info(f"The snapshot codec's race was run before the interruption: codes {candidate_name(chosen)} go "
                      "on")
         else:
-            errors = race(candidates, fitted, case, config, runtime, size)
+            hopeless = None if pod_error is None else RACE_SPREAD * LOSING_MARGIN * pod_error
+            errors, seconds = race(candidates, fitted, case, config, runtime, size, hopeless)
             chosen = candidates[int(np.argmin(errors))]
+            outraced = float(seconds.sum() - seconds[int(np.argmin(errors))])
             losing = pod_error is not None and errors.min() > LOSING_MARGIN * pod_error
             log.info(f"The snapshot codec after {fit.check_after} of {fit.passes} passes, codes {named}: mean squared "
-                     f"error {' / '.join(f'{error:.4g}' for error in errors)}"
+                     f"error {' / '.join('not fitted' if np.isinf(error) else f'{error:.4g}' for error in errors)}"
                      + ("" if pod_error is None else f" against {pod_error:.4g} for POD") + "; "
                      + (f"more than {LOSING_MARGIN:g} times worse, it is stopped and the VAE runs on the fields"
                         if losing else f"going on with codes {candidate_name(chosen)}"))
             if losing:
-                return None, fit.check_after
+                return None, fit.check_after, 0.0
     codec, coefficients, _ = fitted(chosen, past_check=len(candidates) > 1)
     with torch.no_grad():
         codec.set_code_statistics(codec.raw_codes(coefficients))
     log.info(f"The snapshot codec trained in {time.perf_counter() - began:.0f} s")
-    return codec.requires_grad_(False), None
+    return codec.requires_grad_(False), None, outraced
 
 
 def candidate_name(candidate) -> str:
@@ -201,11 +210,12 @@ def candidate_name(candidate) -> str:
     return f"{candidate[0]} {candidate[1]}"
 
 
-def race(candidates, fitted, case, config, runtime, size: int) -> np.ndarray:
-    """Each candidate's validation error (float64 [len(candidates)], compressed_error's, with codes compressed to
+def race(candidates, fitted, case, config, runtime, size: int, hopeless=None):
+    """(each candidate's validation error (float64 [len(candidates)], compressed_error's, with codes compressed to
     size numbers per design) after fitted(candidate, losing) has made the fit's first check_after passes, where
-    losing scores it and ends it there (saved, so that the winner goes on from its saved state). The main process
-    scores; every process gets its scores."""
+    losing scores it and ends it there (saved, so that the winner goes on from its saved state); the seconds each
+    took). Where the first candidate's error is above hopeless the others are not fitted (error inf). The main
+    process scores and decides; every process gets its scores."""
     errors = torch.zeros(len(candidates), dtype=torch.float64)
 
     def scored(index: int):
@@ -217,10 +227,16 @@ def race(candidates, fitted, case, config, runtime, size: int) -> np.ndarray:
             return True
         return losing
 
+    seconds = np.zeros(len(candidates))
     for index, candidate in enumerate(candidates):
+        began = time.perf_counter()
         fitted(candidate, losing=scored(index))
+        seconds[index] = time.perf_counter() - began
+        if index == 0 and hopeless is not None and any_rank(runtime.is_main and errors[0] > hopeless, runtime):
+            errors[1:] = float("inf") if runtime.is_main else 0.0
+            break
     # the sum is also the barrier after which every paused fit is on disk, for the processes that go on from it
-    return sum_over_ranks(errors.to(runtime.device), runtime).cpu().numpy()
+    return sum_over_ranks(errors.to(runtime.device), runtime).cpu().numpy(), seconds
 
 
 @torch.no_grad()

@@ -165,24 +165,29 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
     assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
 
 
-@pytest.mark.parametrize("floor, margin, said_first, said_last, passes", [
-    (None, None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared error",
-     "the VAE runs on the fields", 0),
-    (0.0, float("inf"), "The validation designs from 16 numbers each: mean squared error",
+@pytest.mark.parametrize("floor, margin, spread, said_first, said_last, passes", [
+    (None, None, None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared "
+     "error", "the VAE runs on the fields", 0),
+    (0.0, float("inf"), None, "The validation designs from 16 numbers each: mean squared error",
      "the fields (the codec is dropped)", 35),  # four codecs raced for 5 passes, the best fitted 15 more, dropped
-    (0.0, 1.0, "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: mean squared "
-     "error", "more than 1 times worse, it is stopped and the VAE runs on the fields", 20),  # stopped after the race
-], ids=["not-fitted-below-the-floor", "fitted-and-dropped", "stopped-as-losing"])
-def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, margin,
+    (0.0, 1.0, float("inf"), "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: "
+     "mean squared error", "more than 1 times worse, it is stopped and the VAE runs on the fields", 20),
+    (0.0, 1.0, None, "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: mean "
+     "squared error", "/ not fitted / not fitted / not fitted against", 5),  # the first, hopeless, ends the race
+], ids=["not-fitted-below-the-floor", "fitted-and-dropped", "stopped-as-losing", "stopped-after-the-first"])
+def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, margin, spread,
                                                                       said_first, said_last, passes):
     """POD is exact on this family: below CODEC_FLOOR no codec is fitted at all; one fitted anyway loses to POD and
-    is dropped, or, losing by more than LOSING_MARGIN a quarter of the way through its passes, is stopped there.
-    Either way the VAE starts as it does without a codec."""
+    is dropped, or, losing by more than LOSING_MARGIN a quarter of the way through its passes, is stopped there (and
+    where the race's first codec loses by more than RACE_SPREAD times that, the others are not fitted). Either way the
+    VAE starts as it does without a codec."""
     from modules.training import codec_choice, field_fitter
     if floor is not None:
         monkeypatch.setattr(codec_choice, "CODEC_FLOOR", floor)
     if margin is not None:
         monkeypatch.setattr(codec_choice, "LOSING_MARGIN", margin)
+    if spread is not None:
+        monkeypatch.setattr(codec_choice, "RACE_SPREAD", spread)
     made, real = [], field_fitter.sampled_pass
     monkeypatch.setattr(field_fitter, "sampled_pass", lambda *args, **kwargs: made.append(1) or real(*args, **kwargs))
     for name, epochs in (("tried", 20), ("not", 0)):
@@ -195,7 +200,8 @@ def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, 
                 models.append(build_model(config, case, Runtime(torch.device("cpu"))))
     said_about_codec = [line for line in lines if "the VAE runs on" in line or "No snapshot codec" in line]
     assert said_about_codec[0].startswith(said_first) and len(said_about_codec) == 1
-    assert said_about_codec[0].endswith(said_last)
+    assert said_last in said_about_codec[0] and said_about_codec[0].endswith("the VAE runs on the fields" if
+                                                                             passes == 5 else said_last)
     assert len(made) == passes
     assert models[0].codec is None
     # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
@@ -233,6 +239,10 @@ def test_a_model_on_codes_is_saved_reloaded_and_reported(trained):
     assert set(report["likelihood"]) == {"alpha", "model", "noise_std_codes"}
     assert report["likelihood"]["noise_std_codes"] == pytest.approx(model.noise_std.tolist())
     assert "likelihood on the snapshot codec's codes" in (trained / "output" / "evaluation.md").read_text()
+    # the race's other codecs are time on discarded candidates, the kept codec's fit time on the surrogate kept
+    parts = report["time_spent"]["parts"]
+    assert parts["snapshot codecs outraced"]["kept"] is False and parts["snapshot codec"]["kept"] is True
+    assert parts["snapshot codecs outraced"]["seconds"] > 0 and parts["snapshot codec"]["seconds"] > 0
     # the reported reconstruction error is the reloaded model's own, on the fields
     with chdir(trained):
         config, case = prepared(trained)
