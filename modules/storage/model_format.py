@@ -17,7 +17,7 @@ encoder); a version 2 conditioner reads parameters or is a network on images, so
 checkpoint of a neural field is then another fit (its facts' spec differs) and is fitted afresh, said.
 Version 4 added a VAE spec's `codec_modulation` (a snapshot codec whose code also stretches, turns and reweights its
 field: models.neural_field's WARP); an older VAE's codec shifts phases only, so it gets "shift". An older codec's
-fit checkpoint is then another fit (its facts' shape differs) and is fitted afresh, said.
+fit checkpoint (checkpoints/snapshot_codec_fit.pt; now one file per candidate of the codec's race) is not continued.
 """
 import dataclasses
 
