@@ -95,12 +95,25 @@ def chosen_codec(config, case: Case, runtime, spec: ModelSpec, node_basis, run=N
 def compressed_error(codec, case, config, runtime, size: int):
     """(the VAE's starting bases in the codec's code space (code_bases), the validation designs' mean squared error,
     scaled units, through the codec with their codes compressed to size numbers per design by those bases)."""
-    code_node_basis, code_design_basis = code_bases(encoded_designs(codec, case, config), case.train_indices, size,
-                                                    config.seed, min(config.projection_rank, codec.code_size))
-    code_path = pod_path_of(config.n_steps_used, code_node_basis, code_design_basis, runtime.device)
-    error = validation_errors({"codec": lambda fields: code_path.decode(code_path.encode(codec.encode(fields)))},
-                              case, config, config.seed, codec)["codec"]
-    return (code_node_basis, code_design_basis), error
+    return compressed_errors([codec], case, config, runtime, size)[0]
+
+
+def compressed_errors(codecs: list, case, config, runtime, size: int) -> list:
+    """compressed_error of each codec, from one read of the designs for their codes and one of the validation
+    designs for their errors."""
+    spaces, paths = [], {}
+    for index, (codec, codes) in enumerate(zip(codecs, encoded_designs(codecs, case, config))):
+        space = code_bases(codes, case.train_indices, size, config.seed, min(config.projection_rank, codec.code_size))
+        spaces.append(space)
+        paths[index] = pod_path_of(config.n_steps_used, *space, runtime.device)
+
+    def through(index):
+        codec, path = codecs[index], paths[index]
+        return lambda fields: path.decode(path.encode(codec.encode(fields)))
+
+    errors = validation_errors({index: through(index) for index in range(len(codecs))}, case, config, config.seed,
+                               dict(enumerate(codecs)))
+    return [(space, errors[index]) for index, space in enumerate(spaces)]
 
 
 class CodeArray:
@@ -213,41 +226,53 @@ def candidate_name(candidate) -> str:
 def race(candidates, fitted, case, config, runtime, size: int, hopeless=None):
     """(each candidate's validation error (float64 [len(candidates)], compressed_error's, with codes compressed to
     size numbers per design) after fitted(candidate, losing) has made the fit's first check_after passes, where
-    losing scores it and ends it there (saved, so that the winner goes on from its saved state); the seconds each
-    took). Where the first candidate's error is above hopeless the others are not fitted (error inf). The main
-    process scores and decides; every process gets its scores."""
+    losing keeps a copy of it and ends the fit there (saved, so that the winner goes on from its saved state); the
+    seconds each took). Where the first candidate's error is above hopeless the others are not fitted (error inf);
+    the others are scored together, in one read of the data. The main process scores and decides; every process gets
+    its scores."""
     errors = torch.zeros(len(candidates), dtype=torch.float64)
+    paused = {}
 
-    def scored(index: int):
+    def pause(index: int):
         def losing(codec, coefficients):
             if runtime.is_main:  # the fit goes on from the codec as it is: its code statistics are set on a copy
-                trial = copy.deepcopy(codec)
-                trial.set_code_statistics(trial.raw_codes(coefficients))
-                errors[index] = compressed_error(trial, case, config, runtime, size)[1]
+                paused[index] = copy.deepcopy(codec)
+                paused[index].set_code_statistics(paused[index].raw_codes(coefficients))
             return True
         return losing
+
+    def score(indices):
+        if runtime.is_main:
+            scored = compressed_errors([paused[index] for index in indices], case, config, runtime, size)
+            for index, (_, error) in zip(indices, scored):
+                errors[index] = error
 
     seconds = np.zeros(len(candidates))
     for index, candidate in enumerate(candidates):
         began = time.perf_counter()
-        fitted(candidate, losing=scored(index))
+        fitted(candidate, losing=pause(index))
         seconds[index] = time.perf_counter() - began
-        if index == 0 and hopeless is not None and any_rank(runtime.is_main and errors[0] > hopeless, runtime):
-            errors[1:] = float("inf") if runtime.is_main else 0.0
-            break
+        if index == 0 and hopeless is not None:
+            score([0])
+            if any_rank(runtime.is_main and errors[0] > hopeless, runtime):
+                errors[1:] = float("inf") if runtime.is_main else 0.0
+                break
+    else:
+        score(list(range(0 if hopeless is None else 1, len(candidates))))
     # the sum is also the barrier after which every paused fit is on disk, for the processes that go on from it
     return sum_over_ranks(errors.to(runtime.device), runtime).cpu().numpy(), seconds
 
 
 @torch.no_grad()
-def encoded_designs(codec, case, config) -> np.ndarray:
-    """Every design's codes [N, T, C] (float32, host), training and validation designs alike (rows by dataset index;
-    a design in neither split stays zero)."""
-    codes = np.zeros((config.n_designs, config.n_steps_used, codec.code_size), dtype=np.float32)
+def encoded_designs(codecs: list, case, config) -> list:
+    """Every design's codes [N, T, C] (float32, host) through each codec, from one read of the designs: training and
+    validation designs alike (rows by dataset index; a design in neither split stays zero)."""
+    codes = [np.zeros((config.n_designs, config.n_steps_used, codec.code_size), dtype=np.float32) for codec in codecs]
     for indices, source in ((case.train_indices, case.train), (case.val_indices, case.val)):
         order = list(in_order(len(indices), config.batch_size))
         for positions, fields in zip(order, source.batches(order)):
-            codes[indices[positions]] = codec.encode(fields.float()).cpu().numpy()
+            for codec, array in zip(codecs, codes):
+                array[indices[positions]] = codec.encode(fields.float()).cpu().numpy()
     return codes
 
 
@@ -269,11 +294,12 @@ def pod_path_of(n_steps: int, node_basis, design_basis, device) -> PODPath:
 
 
 @torch.no_grad()
-def validation_errors(reconstructions: dict, case, config, seed: int, codec=None) -> dict:
+def validation_errors(reconstructions: dict, case, config, seed: int, codecs: dict | None = None) -> dict:
     """{name: mean squared error, scaled units, over the validation designs} of each reconstruction, all at the same
     COMPARED_NODES random nodes of every time step (every node where fewer; the nodes depend on seed alone, so two
-    calls compare alike). reconstructions {name: fields [b, T, M] -> fields, or with codec its codes [b, T, C], which
-    codec decodes at those nodes only, so that it decodes a bounded number of values per design on any mesh}."""
+    calls compare alike). reconstructions {name: fields [b, T, M] -> fields, or with codecs {name: codec} that codec's
+    codes [b, T, C], which it decodes at those nodes only, so that it decodes a bounded number of values per design
+    on any mesh}."""
     n_steps, n_nodes, n_vars = config.n_steps_used, config.n_nodes_used, config.n_vars
     generator = torch.Generator().manual_seed(seed)
     order = list(in_order(len(case.val_indices), config.batch_size))
@@ -288,7 +314,7 @@ def validation_errors(reconstructions: dict, case, config, seed: int, codec=None
             lambda values: values.gather(2, node_columns(nodes, n_nodes, n_vars)))
         truth = pick(fields)
         for name, reconstruct in reconstructions.items():
-            values = codec.decode(reconstruct(fields), nodes) if codec is not None else pick(reconstruct(fields))
+            values = codecs[name].decode(reconstruct(fields), nodes) if codecs else pick(reconstruct(fields))
             sums[name] += float(((values - truth) ** 2).sum())
         count += truth.numel()
     return {name: total / count for name, total in sums.items()}

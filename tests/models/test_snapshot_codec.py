@@ -165,18 +165,20 @@ def test_end_to_end_training_on_codes_compares_codes_and_never_decodes_the_nodes
     assert float(loss.detach()) == float(e2e_loss) == pytest.approx(float(F.mse_loss(codes, model.encode_data(fields))))
 
 
-@pytest.mark.parametrize("floor, margin, spread, said_first, said_last, passes", [
+# reads: the codecs whose codes each read of the designs gives (the race scores the first alone, then the others in
+# one read; the codec that went on is compared with POD in one more)
+@pytest.mark.parametrize("floor, margin, spread, said_first, said_last, passes, reads", [
     (None, None, None, "No snapshot codec: POD with 16 modes reconstructs the validation designs with a mean squared "
-     "error", "the VAE runs on the fields", 0),
+     "error", "the VAE runs on the fields", 0, []),
     (0.0, float("inf"), None, "The validation designs from 16 numbers each: mean squared error",
-     "the fields (the codec is dropped)", 35),  # four codecs raced for 5 passes, the best fitted 15 more, dropped
+     "the fields (the codec is dropped)", 35, [1, 3, 1]),  # four codecs raced for 5 passes, the best 15 more, dropped
     (0.0, 1.0, float("inf"), "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: "
-     "mean squared error", "more than 1 times worse, it is stopped and the VAE runs on the fields", 20),
+     "mean squared error", "more than 1 times worse, it is stopped and the VAE runs on the fields", 20, [1, 3]),
     (0.0, 1.0, None, "The snapshot codec after 5 of 20 passes, codes 4 warp / 8 warp / 16 warp / 8 shift: mean "
-     "squared error", "/ not fitted / not fitted / not fitted against", 5),  # the first, hopeless, ends the race
+     "squared error", "/ not fitted / not fitted / not fitted against", 5, [1]),  # the first, hopeless, ends the race
 ], ids=["not-fitted-below-the-floor", "fitted-and-dropped", "stopped-as-losing", "stopped-after-the-first"])
 def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, monkeypatch, floor, margin, spread,
-                                                                      said_first, said_last, passes):
+                                                                      said_first, said_last, passes, reads):
     """POD is exact on this family: below CODEC_FLOOR no codec is fitted at all; one fitted anyway loses to POD and
     is dropped, or, losing by more than LOSING_MARGIN a quarter of the way through its passes, is stopped there (and
     where the race's first codec loses by more than RACE_SPREAD times that, the others are not fitted). Either way the
@@ -190,6 +192,9 @@ def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, 
         monkeypatch.setattr(codec_choice, "RACE_SPREAD", spread)
     made, real = [], field_fitter.sampled_pass
     monkeypatch.setattr(field_fitter, "sampled_pass", lambda *args, **kwargs: made.append(1) or real(*args, **kwargs))
+    read, real_read = [], codec_choice.encoded_designs
+    monkeypatch.setattr(codec_choice, "encoded_designs",
+                        lambda codecs, *args: read.append(len(codecs)) or real_read(codecs, *args))
     for name, epochs in (("tried", 20), ("not", 0)):
         write_case(tmp_path / name, n=16, t=6, m=20, extra=f"grid_shape 4 5\nfield_codec_epochs {epochs}\n")
     models = []
@@ -202,7 +207,7 @@ def test_on_a_smooth_family_the_codec_is_not_kept_and_changes_nothing(tmp_path, 
     assert said_about_codec[0].startswith(said_first) and len(said_about_codec) == 1
     assert said_last in said_about_codec[0] and said_about_codec[0].endswith("the VAE runs on the fields" if
                                                                              passes == 5 else said_last)
-    assert len(made) == passes
+    assert len(made) == passes and read == reads
     assert models[0].codec is None
     # the same fresh network (the seed is set by train_vae, not here: compare what POD decides)
     first, second = models[0].state_dict(), models[1].state_dict()
