@@ -19,14 +19,14 @@ neural field's (see models.neural_field), in bounded chunks without gradients.
 import torch
 from torch import nn
 
-from modules.models.neural_field import SHIFT, NeuralFieldNodes, code_network
+from modules.models.neural_field import CODE, SHIFT, NeuralFieldNodes, code_network
 
 
 class SnapshotCodec(nn.Module):
     """Fields [B, T, M] (scaled units) <-> standardised codes [B, T, code]. modulation: the field's
     (models.neural_field: SHIFT, or WARP)."""
 
-    def __init__(self, n_nodes: int, n_vars: int, node_rank: int, dims: int = 2, code: int = 8,
+    def __init__(self, n_nodes: int, n_vars: int, node_rank: int, dims: int = 2, code: int = CODE,
                  modulation: str = SHIFT):
         super().__init__()
         self.register_buffer("node_mean", torch.zeros(n_nodes))

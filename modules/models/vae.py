@@ -37,6 +37,7 @@ from torch import nn
 from modules.config.settings import level_lengths
 from modules.models.grad_checkpointing import run_block
 from modules.models.latents import split_latents
+from modules.models.neural_field import SHIFT
 from modules.models.pod_path import PODPath
 from modules.models.snapshot_codec import SnapshotCodec
 
@@ -59,7 +60,7 @@ class ModelSpec:
     pod_modes: int = 0  # latent numbers carried by the frozen POD path: 0 (none) or all of them
     n_vars: int = 1  # variables side by side along the node axis (one likelihood scale each)
     codec: int = 0  # code numbers per time step the VAE runs on (a snapshot codec); 0: it runs on the fields
-    codec_modulation: str = "shift"  # the codec's field's modulation (models.neural_field: SHIFT or WARP)
+    codec_modulation: str = SHIFT  # the codec's field's modulation (models.neural_field: SHIFT or WARP)
 
     @classmethod
     def from_config(cls, config) -> "ModelSpec":

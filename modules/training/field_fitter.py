@@ -164,31 +164,37 @@ def save_fit(checkpoint: FitCheckpoint, parts: dict, generator, made: int, stopp
 
 
 def saved_passes(checkpoint: FitCheckpoint) -> int:
-    """The passes made by the saved fit that a resumed fit would continue (continued's test); 0 where it would start
-    afresh. Says nothing: continued says why."""
+    """The passes made by the saved fit that a resumed fit would continue; 0 where it would start afresh. Says
+    nothing: continued says why."""
+    saved = matching_fit(checkpoint, say=False)
+    return 0 if saved is None else saved["passes_made"]
+
+
+def matching_fit(checkpoint: FitCheckpoint, say: bool):
+    """The saved fit (its payload) that a resumed fit continues; None to start afresh: not resuming, no file, a
+    damaged file or one of another fit (the last two said when say)."""
     if not checkpoint.resume or not checkpoint.path.exists():
-        return 0
+        return None
     try:
         saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
-    except InputError:
-        return 0
-    return saved["passes_made"] if saved["facts"] == checkpoint.facts else 0
+    except InputError as error:  # lose the fit's passes, not the run
+        if say:
+            log.info(f"note: {checkpoint.path} {error.problem}; the {checkpoint.fit_of} is fitted afresh")
+        return None
+    if saved["facts"] != checkpoint.facts:
+        if say:
+            log.info(f"note: {checkpoint.path} is the fit of another {checkpoint.fit_of} (other settings or data); it "
+                     "is fitted afresh")
+        return None
+    return saved
 
 
 def continued(checkpoint: FitCheckpoint, parts: dict, generator, device):
     """(passes already made, whether the fit was ended there) from a saved state that matches checkpoint.facts, its
     parts and generator restored; (0, False) to start afresh: not resuming, no file, or, said, a damaged file or one
     of another fit."""
-    if not checkpoint.resume or not checkpoint.path.exists():
-        return 0, False
-    try:
-        saved = read_payload(checkpoint.path, formats=(FIT_FORMAT,))
-    except InputError as error:  # lose the fit's passes, not the run
-        log.info(f"note: {checkpoint.path} {error.problem}; the {checkpoint.fit_of} is fitted afresh")
-        return 0, False
-    if saved["facts"] != checkpoint.facts:
-        log.info(f"note: {checkpoint.path} is the fit of another {checkpoint.fit_of} (other settings or data); it is "
-                 "fitted afresh")
+    saved = matching_fit(checkpoint, say=True)
+    if saved is None:
         return 0, False
     for name, part in parts.items():
         part.load_state_dict(saved[name])
