@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="print only warnings, errors and the notes on the settings files (no reports, summary "
                              "lines or progress bars; the files are written as always)")
+    parser.add_argument("--store_half", choices=("float16", "bfloat16"),
+                        help="instead of training: write input_data/dataset{data_No}.float16.npy (or .bfloat16.npy), "
+                             "a half-size copy of the dataset, and say its largest rounding error per variable; "
+                             "data_storage then trains on it")
     parser.add_argument("--export", metavar="PATH.onnx|PATH.pt2",
                         help="instead of training: write the whole prediction (design parameters or images in, "
                              "fields in physical units out) as one ONNX model (or torch.export .pt2), checked "
@@ -146,6 +150,10 @@ def run_command(args, argv) -> None:
         with writing_in_the_case_folder(argv):  # output/ by default
             suggest_designs(args.suggest, args.candidates, args.out, CONDITIONER_FILE,
                             pick_device(check_flag("device", device)))
+    elif args.store_half is not None:
+        from modules.commands.store_half import store_half
+        with writing_in_the_case_folder(argv):
+            print(store_half(load_config(args.preset), args.store_half))
     elif args.checkpoints == "list" or (args.checkpoints and args.dry_run):
         from modules.commands.checkpoints import checkpoints_command
         checkpoints_command(args.checkpoints, args.dry_run, load_config(args.preset))
@@ -185,7 +193,7 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if empty:
         raise InputError("command line", f"{empty[0]} is given no path", f"write {empty[0]}=PATH, or drop it")
     modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs", "suggest",
-                                      "export")
+                                      "export", "store_half")
              if getattr(args, name) is not None and getattr(args, name) is not False]
     if len(modes) > 1:
         raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
@@ -195,7 +203,7 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if mode:
         unused = [f"--{name}" for name in TRAINING_ONLY_FLAGS
                   if flag_given(args, name) and not (name == "plot" and mode == "--evaluate")]
-        if mode in ("--list_runs", "--export") and args.device:
+        if mode in ("--list_runs", "--export", "--store_half") and args.device:
             unused.append("--device")  # --export runs on the CPU: its file runs wherever its runtime does
         if unused:
             where = {("--plot",): "training and --evaluate",

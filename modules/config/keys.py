@@ -178,10 +178,16 @@ KEYS = (
         "training inputs scaled by a random factor in [1-a, 1+a]", _fraction),
     Key("augment_mixup_prob", "augment_mixup_prob", float, 0.0,
         "probability that a training design is mixed with another training design of its batch", _fraction),
-    Key("num_workers", "num_workers", str, "auto", "DataLoader worker processes when streaming (load_all 0): "
-        "auto or a count", lambda v: None if v == "auto" or v.isdigit() else "must be auto or a whole number >= 0",
+    Key("num_workers", "num_workers", str, "auto", "threads that read streamed batches ahead of the training step "
+        "(load_all 0): auto or a count, 0: read when needed (DataLoader worker processes before 2026-12; the same "
+        "batches)", lambda v: None if v == "auto" or v.isdigit() else "must be auto or a whole number >= 0",
         resumable=True),
     Key("hdf5_dataset", "hdf5_dataset", str, "", "dataset name inside an HDF5 file (default: its only dataset)"),
+    Key("data_storage", "data_storage", str, "float32", "the file a run reads: float32, the dataset itself; float16 or "
+        "bfloat16, the half-size copy input_data/dataset{data_No}.float16.npy (.bfloat16.npy) that --store_half "
+        "writes (half the bytes to read, widened to float32 as read)", choices=("float32", "float16", "bfloat16"),
+        flag="float32 (default), or float16 / bfloat16: train on the half-size copy of the dataset that "
+             "--store_half wrote"),
     Key("log_every", "log_every", int, 0, "print a summary line every this many epochs (0: about 20 lines a run)",
         _non_negative, resumable=True),
     Key("size", "size", str, "small", "model size: small (1 block per level) or large (2 blocks, wider heads)",

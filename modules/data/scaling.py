@@ -26,10 +26,11 @@ class MinMaxScaler:
     def n_vars(self) -> int:
         return len(self.data_min)
 
-    def transform(self, values):
+    def transform(self, values, in_place: bool = False):
         """Physical -> scaled: (x - min) * scale + low. values: [..., M] numpy array or tensor; returns the same kind
-        (float32). Computed in float32 in place: a chunk of a large dataset costs one float32 copy, no more."""
-        out = self._per_variable(values)
+        (float32). Computed in float32 in place: a chunk of a large dataset costs one float32 copy, no more; none with
+        in_place (values, float32 and contiguous, then holds the result)."""
+        out = values.reshape(*values.shape[:-1], self.n_vars, -1) if in_place else self._per_variable(values)
         out -= self._constant("data_min", out)
         out *= self._constant("scale", out)
         out += self._constant("base", out)

@@ -10,8 +10,8 @@ from modules.errors import InputError
 from modules.machine.reproducibility import use_deterministic_algorithms
 
 PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Below this, streamed batches are read in the training process itself: handing them over from worker processes costs
-# more than reading them (docs/performance.md has the measurement).
+# Below this, streamed batches are read in the training thread when asked for: such data sits in the page cache and a
+# batch of it reads in well under a millisecond, less than handing it over from a reader thread.
 SMALL_DATA_BYTES = 256 * 2**20
 
 
@@ -19,15 +19,16 @@ SMALL_DATA_BYTES = 256 * 2**20
 class Runtime:
     """This process's place in the run (machine.processes.start_runtime sets it once).
 
-    amp_dtype: autocast dtype of training forward passes (None: float32). num_workers, pin_memory: how streamed
-    batches are loaded; pinned host memory is what makes the host-to-GPU copies non-blocking.
+    amp_dtype: autocast dtype of training forward passes (None: float32). readers, pin_memory: how streamed batches
+    are loaded (threads reading ahead, 0: none); pinned host memory is what makes the host-to-GPU copies
+    non-blocking.
     """
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
     amp_dtype: torch.dtype | None = None
-    num_workers: int = 0
+    readers: int = 0
     pin_memory: bool = False
     summary: str = ""  # what was chosen and why, said once at start-up
     control_group: object = None  # process group for host-side flags under DDP (None: the default group)
@@ -49,11 +50,10 @@ class Runtime:
 
 
 def runtime_for(device: torch.device, config, rank=0, world_size=1, local_world_size=1) -> Runtime:
-    """The runtime for this device and config: precision, loader workers and pinned memory from the hardware."""
+    """The runtime for this device and config: precision, reader threads and pinned memory from the hardware."""
     amp_dtype, amp_reason = pick_precision(config.amp, device)
     data_bytes = 4 * config.n_designs * config.n_steps_used * config.n_nodes_used
-    workers, workers_reason = pick_workers(config.num_workers, device, bool(config.load_all), local_world_size,
-                                           data_bytes)
+    readers, readers_reason = pick_readers(config.num_workers, bool(config.load_all), local_world_size, data_bytes)
     pin_memory = device.type == "cuda" and not config.load_all
     if config.deterministic:
         use_deterministic_algorithms()
@@ -62,14 +62,14 @@ def runtime_for(device: torch.device, config, rank=0, world_size=1, local_world_
         torch.backends.cudnn.allow_tf32 = True
     where = str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
     loading = ("data preloaded on the device" if config.load_all else
-               f"streaming with {workers} DataLoader worker(s) ({workers_reason})"
+               f"streaming with {readers} reader thread(s) ({readers_reason})"
                + (", pinned memory, non-blocking copies" if pin_memory else ""))
     summary = (f"Device setup: {where}; precision {PRECISION_NAMES[amp_dtype]} ({amp_reason}); {loading}; "
                f"gradient checkpointing {'on' if config.grad_checkpointing else 'off'}; "
                f"torch.compile {'on' if config.compile else 'off'}; "
                f"gradient accumulation over {config.grad_accum_steps} batch(es)"
                + ("; deterministic algorithms" if config.deterministic else ""))
-    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype, num_workers=workers,
+    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype, readers=readers,
                    pin_memory=pin_memory, summary=summary)
 
 
@@ -117,17 +117,15 @@ def pick_precision(setting: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting], f"amp {setting}"
 
 
-def pick_workers(setting: str, device: torch.device, load_all: bool, local_world_size: int, data_bytes: int):
-    """DataLoader workers for streamed batches, and why. auto: none when the data is preloaded, when the model trains
-    on the CPU (workers would take the cores the training threads use) or when the whole dataset is under
-    SMALL_DATA_BYTES; otherwise, on a GPU, up to 4 per loader from the cores this machine's processes share, so
-    reading the next batch overlaps the current step."""
+def pick_readers(setting: str, load_all: bool, local_world_size: int, data_bytes: int):
+    """Threads that read streamed batches ahead of the training step (the key num_workers), and why. auto: none when
+    the data is preloaded or under SMALL_DATA_BYTES; otherwise 2 to 4 per process, from the cores this machine's
+    processes share: a reader mostly waits for the disk or copies pages, so two keep even a 2-core machine's
+    training fed, and more keep a fast disk's queue full."""
     if setting != "auto":
         return int(setting), "num_workers set"
     if load_all:
         return 0, "data preloaded"
-    if device.type != "cuda":
-        return 0, "training on the CPU"
     if data_bytes < SMALL_DATA_BYTES:
-        return 0, f"auto: the data is small ({data_bytes / 2**20:.0f} MB), read in this process"
-    return min(4, max(1, (os.cpu_count() or 2) // local_world_size - 1)), "auto"
+        return 0, f"auto: the data is small ({data_bytes / 2**20:.0f} MB), read when needed"
+    return min(4, max(2, (os.cpu_count() or 2) // local_world_size)), "auto"

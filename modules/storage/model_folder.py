@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from modules.data.case import Case, case_of
-from modules.data.dataset import SimulationArray, find_dataset
+from modules.data.dataset import open_dataset
 from modules.errors import InputError
 from modules.models.latents import join_latents
 from modules.storage.atomic import save_array, save_json
@@ -28,7 +28,7 @@ def saved_case(config, runtime, scaler, vae_file) -> Case:
     """The case a saved VAE was trained on: the data condition.txt describes, with the VAE's scaler and the split
     saved beside it."""
     split = read_split(Path(vae_file).parent / SPLIT_FILE, config)
-    return case_of(SimulationArray(find_dataset(config.data_no), config), split, scaler, config, runtime)
+    return case_of(open_dataset(config), split, scaler, config, runtime)
 
 
 def save_split(path, train_indices, val_indices) -> None:

@@ -4,6 +4,7 @@ hours later."""
 from dataclasses import dataclass
 
 from modules.config import CONDITION_FILE
+from modules.data.batches import batches_held_by_reader
 from modules.errors import InputError
 from modules.machine.memory import host_memory_left
 
@@ -24,7 +25,7 @@ class PhaseNeeds:
 
     name: str
     fixed: int           # weights, and for what trains its gradients and AdamW's two moments (16 bytes a parameter)
-    per_design: int      # one design of a batch: its field copies, and the batches DataLoader workers prefetch
+    per_design: int      # one design of a batch: its field copies, and the streamed batches read ahead
     batch: int           # designs per (micro-)batch: gradient accumulation does not add to it
     batch_key: str       # the condition.txt key that sets it
 
@@ -39,10 +40,10 @@ def training_needs(config, vae_parameters: int, runtime) -> list[PhaseNeeds]:
     million parameters, small next to a batch of fields). On its own, on CSV parameters or images, the conditioner is
     far smaller; the evaluation reads Batch_size designs without gradients, and the conditioner's passes after
     training size their batches from the memory left (batch_within_memory). On a GPU, what the host still needs is
-    what the DataLoader workers prefetch."""
+    the streamed batches' buffers."""
     field_bytes = 4 * config.n_steps_used * config.n_nodes_used
     on_host = runtime.device.type == "cpu"
-    prefetch = 2 * runtime.num_workers * field_bytes  # DataLoader's prefetch_factor 2, per design of a batch
+    prefetch = batches_held_by_reader(runtime.device.type, runtime.readers) * field_bytes  # per design of a batch
 
     def copies(passes: int) -> int:  # the batch itself, then FIELD_COPIES_PER_PASS per forward pass kept
         return (1 + FIELD_COPIES_PER_PASS * passes) * field_bytes if on_host else 0

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from modules.config import load_config
 from modules.config.settings import changed_settings, data_changes
 from modules.data import dataset as data_module
 from modules.data.augment import augment_batch
-from modules.data.batches import PreloadedBatches, StreamedBatches, batch_order, make_batches
+from modules.data.batches import (CPU_READ_AHEAD, GPU_READ_AHEAD, BatchReader, PreloadedBatches, StreamedBatches,
+                                  batch_order, make_batches)
 from modules.data.dataset import Crop, NewSimulations, SimulationArray, find_dataset, scan_and_fit_scaler, split_indices
 from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
@@ -363,36 +365,54 @@ def test_batch_order_depends_on_seed_and_epoch_and_covers_every_position_once():
     assert np.concatenate(batch_order(10, 4, False, seed=1, epoch=3)).tolist() == list(range(10))
 
 
-@pytest.mark.parametrize("fmt, workers", [("npy", 0), ("npy", 2), ("h5", 2)])
-def test_preloaded_and_streamed_batches_are_identical(tmp_path, monkeypatch, fmt, workers):
-    _, config = open_case(tmp_path, monkeypatch, fmt=fmt, extra="Dim2_red 4\nDim3_start 2\n")
+@pytest.mark.parametrize("fmt, readers, extra", [("npy", 0, "Dim2_red 4\nDim3_start 2\n"),
+                                                 ("npy", 2, "Dim2_red 4\nDim3_start 2\n"),
+                                                 ("npy", 3, "Dim2_red 4\nDim2_spacing even\n"), ("npy", 1, ""),
+                                                 ("h5", 2, "Dim2_red 4\nDim3_start 2\n")])
+def test_preloaded_and_streamed_batches_are_identical(tmp_path, monkeypatch, fmt, readers, extra):
+    _, config = open_case(tmp_path, monkeypatch, fmt=fmt, extra=extra)
     array = SimulationArray(find_dataset(1), config)
     train, _ = split_indices(12, 0.25, 42)
     scaler = scan_and_fit_scaler(array, train, 1)
-    order = batch_order(len(train), 4, True, seed=5, epoch=1)
-    preloaded = list(PreloadedBatches(array, train, scaler, "cpu").batches(order))
-    streamed = list(StreamedBatches(array, train, scaler, "cpu", num_workers=workers).batches(order))
-    assert len(preloaded) == len(streamed) == len(order)
-    for positions, pre, stream in zip(order, preloaded, streamed):
-        assert torch.equal(pre, stream)
-        assert torch.equal(stream, torch.from_numpy(scaler.transform(array.read(train[positions]))))
+    streamed = StreamedBatches(array, train, scaler, "cpu", readers=readers)
+    for epoch in (1, 2, 3):  # later passes fill the buffers of earlier ones
+        order = batch_order(len(train), 4, True, seed=5, epoch=epoch)
+        preloaded = list(PreloadedBatches(array, train, scaler, "cpu").batches(order))
+        batches = [batch.clone() for batch in streamed.batches(order)]
+        assert len(preloaded) == len(batches) == len(order)
+        for positions, pre, stream in zip(order, preloaded, batches):
+            assert torch.equal(pre, stream)
+            assert torch.equal(stream, torch.from_numpy(scaler.transform(array.read(train[positions]))))
 
 
-def test_streaming_workers_serve_every_pass_and_an_abandoned_pass_does_not_leak_into_the_next(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stored", ["float64", "fortran"])
+def test_a_dataset_the_reads_cannot_copy_as_it_lies_streams_the_same_values(tmp_path, monkeypatch, stored):
+    data = smooth_fields(12, 6, 20).astype(np.float64)
+    _, config = open_case(tmp_path, monkeypatch, data=np.asfortranarray(data) if stored == "fortran" else data)
+    array = SimulationArray(find_dataset(1), config)
+    assert array.stored_dtype == torch.float32  # converted as read, through read()
+    scaler = scan_and_fit_scaler(array, np.arange(12), 1)
+    order = batch_order(12, 5, True, seed=0, epoch=0)
+    batches = list(StreamedBatches(array, np.arange(12), scaler, "cpu", readers=2).batches(order))
+    assert all(torch.equal(batch, torch.from_numpy(scaler.transform(data[positions].astype(np.float32))))
+               for batch, positions in zip(batches, order))
+
+
+def test_reader_threads_serve_every_pass_and_an_abandoned_pass_does_not_leak_into_the_next(tmp_path, monkeypatch):
     _, config = open_case(tmp_path, monkeypatch)
     array = SimulationArray(find_dataset(1), config)
     scaler = scan_and_fit_scaler(array, np.arange(12), 1)
-    streamed = StreamedBatches(array, np.arange(12), scaler, "cpu", num_workers=2)
+    streamed = StreamedBatches(array, np.arange(12), scaler, "cpu", readers=2)
     expected = lambda positions: torch.from_numpy(scaler.transform(array.read(positions)))
     first = streamed.batches(batch_order(12, 3, True, seed=0, epoch=0))
-    next(first)  # a pass stopped after one batch, its workers reading ahead
-    workers = [worker.pid for worker in streamed._loaded()._iterator._workers]
+    next(first)  # a pass stopped after one batch, its readers reading ahead
+    threads = streamed.reader._threads
     for epoch in (1, 2):
         order = batch_order(12, 5, True, seed=0, epoch=epoch)
         batches = list(streamed.batches(order))
         assert len(batches) == len(order)
         assert all(torch.equal(batch, expected(positions)) for batch, positions in zip(batches, order))
-    assert [worker.pid for worker in streamed._loaded()._iterator._workers] == workers  # not new ones per pass
+    assert streamed.reader._threads is threads  # not new ones per pass
     older = streamed.batches(batch_order(12, 3, False, seed=0, epoch=0))
     next(older)
     next(streamed.batches(batch_order(12, 3, True, seed=0, epoch=9)))
@@ -400,28 +420,165 @@ def test_streaming_workers_serve_every_pass_and_an_abandoned_pass_does_not_leak_
         next(older)  # an older pass cannot take the newer pass's batches
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the pinned buffers and the copy stream)")
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_streamed_batches_on_a_gpu_equal_the_preloaded_ones(tmp_path, monkeypatch, storage):
+    open_case(tmp_path, monkeypatch, data=smooth_fields(40, 6, 20))
+    if storage != "float32":
+        assert main([f"--store_half={storage}"]) == 0
+    config = dataclasses.replace(quiet_config(), data_storage=storage)
+    array = data_module.open_dataset(config)
+    scaler = scan_and_fit_scaler(array, np.arange(40), 1)
+    streamed = StreamedBatches(array, np.arange(40), scaler, "cuda", readers=2, pin_memory=True)
+    for epoch in (0, 1, 2):  # later passes fill the pinned buffers of earlier ones again
+        order = batch_order(40, 4, True, seed=0, epoch=epoch)
+        preloaded = list(PreloadedBatches(array, np.arange(40), scaler, "cuda").batches(order))
+        for pre, batch in zip(preloaded, streamed.batches(order)):
+            assert batch.device.type == "cuda" and torch.equal(pre, batch)
+
+
+def test_the_buffers_kept_for_a_gpu_are_filled_again_but_never_under_a_batch_its_caller_keeps(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch, data=smooth_fields(40, 6, 20))
+    array = SimulationArray(find_dataset(1), config)
+    reader = BatchReader(array, np.arange(40), readers=2, gpu=True)  # as for a GPU, without pinning (no GPU here)
+    expected = lambda positions: torch.from_numpy(array.read(positions))
+    kept = list(reader.batches(batch_order(40, 4, True, seed=0, epoch=0)))  # the caller holds all ten
+    values = [batch.clone() for batch in kept]
+    kept_memory = {batch.data_ptr() for batch in kept}
+    for epoch in (1, 2):
+        order = batch_order(40, 4, True, seed=0, epoch=epoch)
+        memory = set()
+        for batch, positions in zip(reader.batches(order), order):  # each dropped before the next is read
+            assert torch.equal(batch, expected(positions))
+            memory.add(batch.data_ptr())
+    assert all(torch.equal(batch, value) for batch, value in zip(kept, values))
+    assert not memory & kept_memory  # the kept batches' memory was not lent to the later passes
+    assert len(memory) <= GPU_READ_AHEAD + 2  # ten batches a pass, from the few buffers filled again
+
+
+def test_for_the_cpu_no_buffer_outlives_its_batch(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch, data=smooth_fields(40, 6, 20))
+    array = SimulationArray(find_dataset(1), config)
+    scaler = scan_and_fit_scaler(array, np.arange(40), 1)
+    streamed = StreamedBatches(array, np.arange(40), scaler, "cpu", readers=2)
+    buffers = []
+    for batch in streamed.batches(batch_order(40, 4, True, seed=0, epoch=0)):
+        buffers.append(weakref.ref(batch if batch._base is None else batch._base))
+    del batch
+    assert streamed.reader.ahead == CPU_READ_AHEAD and len(buffers) == 10
+    assert all(buffer() is None for buffer in buffers)  # each freed with its batch: none kept for the next steps
+
+
+def test_a_file_cut_short_while_streaming_is_refused_naming_it(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch)
+    array = SimulationArray(find_dataset(1), config)
+    scaler = scan_and_fit_scaler(array, np.arange(12), 1)
+    path = find_dataset(1)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)  # the last design loses its end
+    batches = StreamedBatches(array, np.arange(12), scaler, "cpu", readers=2).batches([np.arange(12)])
+    with pytest.raises(InputError, match="truncated") as caught:
+        next(batches)
+    assert "dataset1.npy" in caught.value.message()
+
+
 def test_make_batches_picks_the_kind_load_all_asks_for(case):
     array = SimulationArray(find_dataset(1), quiet_config())
     scaler = MinMaxScaler([0.0], [1.0])
-    runtime = Runtime(device=torch.device("cpu"), num_workers=1)
+    runtime = Runtime(device=torch.device("cpu"), readers=1)
     assert isinstance(make_batches(array, [0, 1], scaler, runtime, load_all=True), PreloadedBatches)
     streamed = make_batches(array, [0, 1], scaler, runtime, load_all=False)
-    assert isinstance(streamed, StreamedBatches) and streamed.num_workers == 1
+    assert isinstance(streamed, StreamedBatches) and streamed.reader.readers == 1
 
 
 def test_streaming_reads_nothing_until_batches_are_asked_for(case, monkeypatch):
     array = SimulationArray(find_dataset(1), quiet_config())
     reads = []
-    original = SimulationArray.read
-    monkeypatch.setattr(SimulationArray, "read", lambda self, indices, *a, **k: (
-        reads.append(len(indices)), original(self, indices, *a, **k))[1])
+    original = SimulationArray.read_design_into
+    monkeypatch.setattr(SimulationArray, "read_design_into", lambda self, index, *a, **k: (
+        reads.append(index), original(self, index, *a, **k))[1])
     scaler = MinMaxScaler([0.0], [5.0])
     streamed = StreamedBatches(array, np.arange(12), scaler, "cpu")
-    assert reads == []
     PreloadedBatches(array, np.arange(12), scaler, "cpu")
-    assert reads == [12]
-    batches = list(streamed.batches(batch_order(12, 5, True, seed=0, epoch=0)))
-    assert reads == [12, 5, 5, 2] and len(batches) == 3
+    assert reads == []
+    order = batch_order(12, 5, True, seed=0, epoch=0)
+    batches = list(streamed.batches(order))
+    assert reads == np.concatenate(order).tolist() and len(batches) == 3  # each design once, when asked for
+
+
+# ------------------------------------------------------------------------------------------------ half storage
+def store(storage):
+    with said(logging.INFO):
+        return main([f"--store_half={storage}"])
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_store_half_rounds_every_value_to_nearest_and_training_reads_it_widened(tmp_path, monkeypatch, capsys,
+                                                                               storage):
+    data, _ = open_case(tmp_path, monkeypatch, data=smooth_fields(12, 6, 20) * 1000 + 3)
+    assert main([f"--store_half={storage}"]) == 0
+    said_lines = capsys.readouterr().out
+    expected = torch.from_numpy(data).to(getattr(torch, storage)).float().numpy()  # torch's own rounding
+    largest = np.abs(expected - data).max()
+    assert f"variable 1: {largest:.3g} (" in said_lines and f"data_storage {storage}" in said_lines
+    stored = np.load(tmp_path / "input_data" / f"dataset1.{storage}.npy")
+    assert stored.dtype == {"float16": np.float16, "bfloat16": np.uint16}[storage] and stored.shape == data.shape
+    config = quiet_config(notes=[])
+    config = dataclasses.replace(config, data_storage=storage)
+    array = data_module.open_dataset(config)
+    np.testing.assert_array_equal(array.read(np.arange(12)), expected)
+    scaler = scan_and_fit_scaler(array, np.arange(12), 1)
+    order = batch_order(12, 5, True, seed=0, epoch=0)
+    preloaded = list(PreloadedBatches(array, np.arange(12), scaler, "cpu").batches(order))
+    for readers in (0, 2):
+        streamed = list(StreamedBatches(array, np.arange(12), scaler, "cpu", readers=readers).batches(order))
+        assert all(torch.equal(a, b) for a, b in zip(preloaded, streamed))
+        assert all(torch.equal(batch, torch.from_numpy(scaler.transform(expected[positions])))
+                   for batch, positions in zip(streamed, order))
+
+
+def test_a_run_on_half_storage_says_its_rounding_and_trains(tmp_path, monkeypatch):
+    open_case(tmp_path, monkeypatch)
+    assert main(["--store_half=float16"]) == 0
+    with said(logging.INFO) as lines:
+        assert main(["--data_storage=float16"]) == 0
+    line = next(line for line in lines if "Data stored in float16" in line)
+    assert "dataset1.float16.npy" in line and "of each variable's range" in line
+
+
+def test_store_half_never_overwrites_and_refuses_what_float16_cannot_hold(tmp_path, monkeypatch, capsys):
+    data = smooth_fields(12, 6, 20)
+    data[7, 2, 3] = 1e6
+    open_case(tmp_path, monkeypatch, data=data)
+    assert main(["--store_half=float16"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "design 7" in error and "65504" in error and "bfloat16" in error
+    assert sorted(path.name for path in (tmp_path / "input_data").iterdir()) == ["condition.txt", "dataset1.npy"]
+    assert main(["--store_half=bfloat16"]) == 0
+    written = (tmp_path / "input_data" / "dataset1.bfloat16.npy").read_bytes()
+    assert main(["--store_half=bfloat16"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "input_data" / "dataset1.bfloat16.npy").read_bytes() == written
+
+
+def test_half_storage_that_loses_the_fields_variation_is_refused(tmp_path, monkeypatch, capsys):
+    open_case(tmp_path, monkeypatch, data=300 + 0.01 * smooth_fields(12, 6, 20))  # float16's spacing at 300: 0.25
+    assert main(["--store_half=float16"]) == 0
+    capsys.readouterr()
+    assert main(["--data_storage=float16"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "dataset1.float16.npy" in error and "variable 1" in error
+    assert "data_storage float32" in error and not (tmp_path / "model_save").exists()
+
+
+@pytest.mark.parametrize("written", [None, np.float32])
+def test_half_storage_without_its_file_or_of_another_dtype_is_refused(tmp_path, monkeypatch, capsys, written):
+    data, _ = open_case(tmp_path, monkeypatch)
+    if written is not None:
+        np.save(tmp_path / "input_data" / "dataset1.float16.npy", data.astype(written))
+    assert main(["--data_storage=float16"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "dataset1.float16.npy" in error and "--store_half=float16" in error
 
 
 # ------------------------------------------------------------------------------------------------- augmentation

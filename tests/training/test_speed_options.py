@@ -11,7 +11,7 @@ from conftest import REPO, metrics, write_case
 from modules.cli import main
 from modules.config import load_config
 from modules.errors import InputError
-from modules.machine.device import Runtime, pick_precision, pick_workers, runtime_for
+from modules.machine.device import Runtime, pick_precision, pick_readers, runtime_for
 from modules.models import grad_checkpointing as recompute
 from modules.models.conditioners import ConditionerSpec, build_conditioner
 from modules.models.grad_checkpointing import enable_grad_checkpointing
@@ -66,16 +66,15 @@ def test_amp_bf16_on_a_gpu_without_bf16_is_a_clear_error(monkeypatch):
         pick_precision("bf16", torch.device("cuda", 0))
 
 
-def test_workers_are_chosen_from_the_hardware_unless_set(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
-    gpu, large, small = torch.device("cuda", 0), 4 * 2**30, 4 * 2**20
-    assert pick_workers("auto", gpu, load_all=False, local_world_size=2, data_bytes=large)[0] == 4
-    assert pick_workers("auto", gpu, load_all=False, local_world_size=8, data_bytes=large)[0] == 1
-    assert pick_workers("auto", gpu, load_all=True, local_world_size=1, data_bytes=large)[0] == 0
-    assert pick_workers("auto", torch.device("cpu"), load_all=False, local_world_size=1, data_bytes=large)[0] == 0
-    assert pick_workers("auto", gpu, load_all=False, local_world_size=1, data_bytes=small) == \
-        (0, "auto: the data is small (4 MB), read in this process")
-    assert pick_workers("3", gpu, load_all=False, local_world_size=1, data_bytes=small)[0] == 3
+@pytest.mark.parametrize("cores, ranks, expected", [(16, 1, 4), (16, 4, 4), (16, 8, 2), (2, 1, 2), (2, 2, 2)])
+def test_reader_threads_are_chosen_from_the_cores_unless_set(monkeypatch, cores, ranks, expected):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    large, small = 4 * 2**30, 4 * 2**20
+    assert pick_readers("auto", load_all=False, local_world_size=ranks, data_bytes=large) == (expected, "auto")
+    assert pick_readers("auto", load_all=True, local_world_size=ranks, data_bytes=large) == (0, "data preloaded")
+    assert pick_readers("auto", load_all=False, local_world_size=ranks, data_bytes=small) == \
+        (0, "auto: the data is small (4 MB), read when needed")
+    assert pick_readers("3", load_all=False, local_world_size=ranks, data_bytes=small) == (3, "num_workers set")
 
 
 def test_the_device_setup_line_says_what_was_chosen(case):
