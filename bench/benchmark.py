@@ -15,9 +15,8 @@ Reported per configuration: training designs/s, the share of training time the l
 next batch (lazy = streamed from the memory-mapped file, load_all 0; preloaded = load_all 1), the activations kept
 for the backward pass of one batch (what gradient checkpointing reduces), peak host and device memory, prediction
 designs/s and the setup time (prepare_case: one streamed scan of the data). Notes:
-- Peak host memory includes pages of the memory-mapped dataset the process touched (file cache, reclaimable).
-  DataLoader workers (streaming on a GPU) are separate processes: the largest of them is
-  reported on its own (JSON: peak_child_process_host_gb).
+- Peak host memory includes pages of a memory-mapped dataset the process touched (file cache, reclaimable), and the
+  streamed batches' buffers (read ahead by threads of the same process).
 - Peak device memory is torch.cuda.max_memory_allocated() over training (tensors only, not the CUDA context).
 - Without --data, synthetic float32 fields are written to a temporary .npy (under $TMPDIR); it needs N*T*M*4 bytes.
 - On a small, busy CPU machine torch's threads contend with other processes and timings can drop many times over;
@@ -68,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", type=int, nargs="+", choices=(0, 1), default=[0])
     parser.add_argument("--loading", nargs="+", choices=("lazy", "preloaded"), default=["lazy", "preloaded"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--workers", default="auto", help="DataLoader workers when streaming: auto or a count")
+    parser.add_argument("--workers", default="auto", help="reader threads when streaming (num_workers): auto or a count")
     parser.add_argument("--json", type=Path, help="write the full results here (default: print them after the table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one configuration as JSON: run in the child process
     args = parser.parse_args(argv)
@@ -302,10 +301,8 @@ def measure_case(batch_size: int) -> dict:
     training = time_training(model, case, config, runtime)
     prediction = time_prediction(model, config, runtime, batch_size)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KB on Linux
-    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
     return {"precision": PRECISION_NAMES[runtime.amp_dtype], "setup_s": setup_s, "model_init_s": model_init_s,
             **training, **prediction, "activations_gb": activations, "peak_host_gb": peak_host,
-            "peak_child_process_host_gb": peak_children,
             "parameters": sum(p.numel() for p in model.parameters()), "runtime_summary": runtime.summary,
             "device_info": device_info(runtime, torch)}
 

@@ -59,6 +59,26 @@ def test_real_data_file_gives_the_shape(tmp_path):
     assert len(table_lines(done.stdout)) == 2 + 1
 
 
+@pytest.mark.slow
+def test_the_loader_benchmark_reads_every_configuration_next_to_the_plain_read(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "loader_speed.py"), "--designs", "6", "--steps", "4",
+                           "--nodes", "500", "--batch", "2", "--ranks", "1", "2", "--readers", "0", "2",
+                           "--repeats", "1", "--workdir", str(tmp_path), "--json", str(tmp_path / "l.json")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "l.json").read_text())
+    assert report["shape"] == [6, 4, 500] and report["batch"] == 2
+    measured = {(row["storage"], row["cache"], row["ranks"], row["readers"], row["to"]) for row in report["rows"]}
+    expected = {(storage, cache, 1, "plain read", "host") for storage in ("float32", "float16")
+                for cache in ("warm", "cold")}
+    expected |= {(storage, cache, ranks, readers, to) for storage in ("float32", "float16")
+                 for cache in ("warm", "cold") for ranks in (1, 2) for readers in (0, 2) for to in ("host", "cpu")}
+    assert measured == expected and len(report["rows"]) == len(expected)
+    assert all(row["file_gb_s"] > 0 for row in report["rows"])
+    assert len(table_lines(done.stdout)) == 2 + len(expected)
+    assert list(tmp_path.iterdir()) == [tmp_path / "l.json"]  # its data removed
+
+
 # ---------------------------------------------------------------------------------------------- accuracy benchmark
 @pytest.mark.slow
 def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and_pod_gpr(tmp_path):
