@@ -4,9 +4,10 @@ many designs a second).
 
 It reads the float32 dataset a chunk of designs at a time (any size of data, in any of its formats, whole: every
 step and node, so Dim1-Dim3 hold for both files), rounds each value to the nearest half-size one (ties to even, as
-the hardware does), and says per variable the largest rounding error, next to the variable's range. A value beyond
-float16's range, or a NaN/Inf, is refused with the design it is in; the file is written whole or not at all, and
-an existing one is never overwritten.
+the hardware does), and says per variable the largest rounding error, next to the variable's range (both on the
+steps and nodes the config keeps, which make the variables). A value beyond the half type's range, or a NaN/Inf,
+is refused with the design it is in; the file is written whole or not at all, and an existing one is never
+overwritten.
 """
 import numpy as np
 
@@ -14,6 +15,8 @@ from modules.data.dataset import (DATA_DIR, HALF_DTYPES, READ_CHUNK_BYTES, Simul
                                   refuse_non_finite, to_float32)
 from modules.errors import InputError
 from modules.storage.atomic import array_written_in_place
+
+LARGEST = {"float16": "65504", "bfloat16": "3.39e38"}
 
 
 def store_half(config, storage: str) -> str:
@@ -35,16 +38,18 @@ def store_half(config, storage: str) -> str:
             refuse_non_finite(source, block, designs)
             half = rounded(block, storage)
             widened = to_float32(half, storage)
-            if storage == "float16" and not np.isfinite(widened).all():
+            if not np.isfinite(widened).all():
                 design, step, node = (int(i) for i in np.argwhere(~np.isfinite(widened))[0])
                 raise InputError(source, f"design {designs[design]} holds {block[design, step, node]:g} at step "
-                                 f"{step}, node {node}, beyond float16's largest value (65504)",
-                                 "use --store_half=bfloat16 (float32's range, 8 bits of precision)")
+                                 f"{step}, node {node}, beyond {storage}'s largest value ({LARGEST[storage]})",
+                                 "use --store_half=bfloat16 (float32's range, 8 bits of precision)"
+                                 if storage == "float16" else "keep the float32 dataset")
             out[start:designs[-1] + 1] = half
-            by_variable = block.reshape(len(block), n_steps, n_vars, -1)
+            kept = (slice(None), array.crop.time_index, array.crop.nodes)  # the variables: the kept nodes, side by side
+            by_variable = block[kept].reshape(len(block), len(array.crop.time_index), n_vars, -1)
             low = np.minimum(low, by_variable.min(axis=(0, 1, 3)))
             high = np.maximum(high, by_variable.max(axis=(0, 1, 3)))
-            error = np.abs(widened - block).reshape(by_variable.shape)
+            error = np.abs(widened[kept] - block[kept]).reshape(by_variable.shape)
             largest = np.maximum(largest, error.max(axis=(0, 1, 3)))
     span = np.where(high > low, high - low, 1.0)
     lines = [f"Wrote {target} ({storage}, {target.stat().st_size / 1e9:.3g} GB) from {source}: {n_designs} designs "

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from modules.data.dataset import READ_CHUNK_BYTES, SimulationArray, widened
+from modules.data.dataset import READ_CHUNK_BYTES, SimulationArray, widen_into, widened
 from modules.data.scaling import MinMaxScaler
 from modules.errors import InputError
 from modules.machine.memory import available_host_bytes
@@ -74,9 +74,11 @@ class BatchReader:
     when its batch is dropped: buffers kept for the next batches would add to every step's peak, which is what a
     memory limit sees (a filled buffer would read twice as fast as fresh memory, a gain lost in a CPU step's time)."""
 
-    def __init__(self, array: SimulationArray, indices, readers: int = 0, gpu: bool = False, pinned: bool = False):
+    def __init__(self, array: SimulationArray, indices, readers: int = 0, gpu: bool = False, pinned: bool = False,
+                 cuda_device=None):
         self.array, self.indices = array, np.asarray(indices)
         self.readers = readers
+        self.cuda_device = cuda_device  # the reader threads' current GPU (a new thread's is cuda:0): events wait there
         self.pinned = pinned and gpu
         self.dtype = array.stored_dtype if gpu else torch.float32
         self.ahead = GPU_READ_AHEAD if gpu else CPU_READ_AHEAD
@@ -99,17 +101,21 @@ class BatchReader:
                 yield self._handed_out(self._read(*self._claim(self.indices[positions])))
         else:
             if self._threads is None:
-                self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="batch-reader")
+                self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="batch-reader",
+                                                   initializer=_on_gpu, initargs=(self.cuda_device,))
             ahead = collections.deque()
-            for number in range(len(order)):
-                if self._passes != this_pass:
-                    raise RuntimeError("a pass over streamed batches was resumed after a newer pass began")
-                while len(ahead) <= self.ahead and number + len(ahead) < len(order):
-                    designs = self.indices[order[number + len(ahead)]]
-                    ahead.append(self._threads.submit(self._read, *self._claim(designs)))
-                self._pending = list(ahead)[1:]
-                yield self._handed_out(ahead.popleft().result())
-            self._pending = []
+            try:
+                for number in range(len(order)):
+                    if self._passes != this_pass:
+                        raise RuntimeError("a pass over streamed batches was resumed after a newer pass began")
+                    while len(ahead) <= self.ahead and number + len(ahead) < len(order):
+                        designs = self.indices[order[number + len(ahead)]]
+                        ahead.append(self._threads.submit(self._read, *self._claim(designs)))
+                    self._pending = list(ahead)[1:]
+                    yield self._handed_out(ahead.popleft().result())
+            finally:  # ended, given up or failed: what it read ahead is dropped (not a newer pass's reads)
+                if self._passes == this_pass:
+                    self._drop_pending()
 
     def copied(self, batch: torch.Tensor, event) -> None:
         """batch is being copied to a GPU until event: its buffer is not filled again before."""
@@ -144,13 +150,12 @@ class BatchReader:
             return batch, buffer
         n_steps, n_nodes = self.array.sample_shape
         rows = max(1, WIDENED_PIECE_BYTES // (2 * n_nodes))
-        piece = torch.empty((rows, n_nodes), dtype=stored)
-        for field, design in zip(batch, designs):
+        piece = np.empty((rows, n_nodes), dtype=np.float16 if stored == torch.float16 else np.uint16)
+        for field, design in zip(batch.numpy(), designs):
             for first in range(0, n_steps, rows):
-                target = field[first:first + rows]
-                read = piece[:len(target)]
-                self.array.read_design_into(int(design), read.numpy(), slice(first, first + len(target)))
-                target.copy_(read.view(torch.bfloat16) if stored == torch.int16 else read)  # exact
+                target, read = field[first:first + rows], piece[:len(field[first:first + rows])]
+                self.array.read_design_into(int(design), read, slice(first, first + len(target)))
+                widen_into(target, read)  # numpy, one thread: torch would start a thread team in each reader
         return batch, buffer
 
     def _handed_out(self, read):
@@ -175,7 +180,9 @@ class StreamedBatches:
 
     def __init__(self, array: SimulationArray, indices, scaler: MinMaxScaler, device, readers=0, pin_memory=False):
         self.device = torch.device(device)
-        self.reader = BatchReader(array, indices, readers, gpu=self.device.type == "cuda", pinned=pin_memory)
+        gpu = self.device.type == "cuda"
+        self.reader = BatchReader(array, indices, readers, gpu=gpu, pinned=pin_memory,
+                                  cuda_device=self.device if gpu else None)
         self.scaler = scaler
         self._copies = None  # the CUDA stream of the copies to the GPU
 
@@ -206,10 +213,16 @@ class StreamedBatches:
 
 def batches_held_by_reader(device_type: str, readers: int) -> int:
     """The batches a streamed loader holds in host memory besides the one a training step uses: the one read ahead
-    for the CPU; for a GPU its pinned buffers, kept between passes (BatchReader)."""
-    if not readers:
-        return 0
-    return CPU_READ_AHEAD if device_type != "cuda" else GPU_READ_AHEAD + 2
+    for the CPU; for a GPU its pinned buffers, kept between passes (BatchReader), at most."""
+    if device_type == "cuda":
+        return GPU_READ_AHEAD + 2
+    return CPU_READ_AHEAD if readers else 0
+
+
+def _on_gpu(device) -> None:
+    """A reader thread's start: the GPU its CUDA calls go to, where there is one."""
+    if device is not None:
+        torch.cuda.set_device(device)
 
 
 def _unused(buffer: torch.Tensor) -> bool:

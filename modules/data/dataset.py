@@ -176,6 +176,10 @@ class SimulationArray:
             return torch.int16
         return {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}.get(array.dtype)
 
+    def __del__(self):
+        if getattr(self, "_file", None) is not None and self._file[0] == os.getpid():
+            os.close(self._file[1])
+
     def _descriptor(self) -> int:
         """This process's read-only descriptor of the file, opened once (reader threads may ask at once)."""
         with _OPENING:
@@ -221,6 +225,16 @@ def to_float32(values: np.ndarray, storage: str) -> np.ndarray:
     if storage == "bfloat16":
         return (values.astype(np.uint32) << 16).view(np.float32)
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def widen_into(out: np.ndarray, stored: np.ndarray) -> None:
+    """float16, or bfloat16's bits as uint16, into the float32 array out, exactly (bfloat16: its bits shifted up)."""
+    if stored.dtype == np.float16:
+        out[...] = stored
+    else:
+        bits = out.view(np.uint32)
+        bits[...] = stored
+        bits <<= 16
 
 
 def widened(stored: torch.Tensor) -> torch.Tensor:

@@ -469,6 +469,20 @@ def test_for_the_cpu_no_buffer_outlives_its_batch(tmp_path, monkeypatch):
     assert all(buffer() is None for buffer in buffers)  # each freed with its batch: none kept for the next steps
 
 
+def test_a_pass_given_up_frees_what_it_read_ahead(tmp_path, monkeypatch):
+    _, config = open_case(tmp_path, monkeypatch, data=smooth_fields(40, 6, 20))
+    array = SimulationArray(find_dataset(1), config)
+    scaler = scan_and_fit_scaler(array, np.arange(40), 1)
+    streamed = StreamedBatches(array, np.arange(40), scaler, "cpu", readers=2)
+    batches = streamed.batches(batch_order(40, 4, True, seed=0, epoch=0))
+    next(batches)
+    ahead = [future.result()[0] for future in streamed.reader._pending]
+    assert len(ahead) == CPU_READ_AHEAD
+    read_ahead = weakref.ref(ahead.pop())
+    del batches  # a stop: the pass is never resumed, and no later pass comes to clean up after it
+    assert streamed.reader._pending == [] and read_ahead() is None
+
+
 def test_a_file_cut_short_while_streaming_is_refused_naming_it(tmp_path, monkeypatch):
     _, config = open_case(tmp_path, monkeypatch)
     array = SimulationArray(find_dataset(1), config)
@@ -559,6 +573,19 @@ def test_store_half_never_overwrites_and_refuses_what_float16_cannot_hold(tmp_pa
     assert main(["--store_half=bfloat16"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "input_data" / "dataset1.bfloat16.npy").read_bytes() == written
+
+
+def test_store_half_says_the_rounding_of_the_variables_the_config_keeps(tmp_path, monkeypatch, capsys):
+    data = smooth_fields(12, 6, 21)
+    data[:, :, 0] = 1e4  # a node the crop leaves out: the kept variables' ranges do not include it
+    open_case(tmp_path, monkeypatch, data=data, extra="num_var 2\nDim3_start 1\n")
+    assert main(["--store_half=float16"]) == 0
+    said_lines = capsys.readouterr().out
+    kept = data[:, :, 1:].reshape(12, 6, 2, 10)
+    for variable in (0, 1):
+        low, high = kept[:, :, variable].min(), kept[:, :, variable].max()
+        assert f"variable {variable + 1}: " in said_lines and f"of {low:.6g} .. {high:.6g})" in said_lines
+    assert np.load(tmp_path / "input_data" / "dataset1.float16.npy").shape == (12, 6, 21)  # every node written
 
 
 def test_half_storage_that_loses_the_fields_variation_is_refused(tmp_path, monkeypatch, capsys):
