@@ -91,7 +91,8 @@ class BatchReader:
 
     def batches(self, order):
         """Batches [b, T, M] of self.dtype, one per position array of order, in host memory. A pass left unfinished
-        (a stop, an early exit) is dropped by the next one, which first waits for the reads it had started."""
+        (a stop, an early exit) drops what it read ahead when it is closed, or else when the next pass starts; either
+        first waits for the reads it had started."""
         self._passes += 1
         this_pass = self._passes
         self._drop_pending()
@@ -153,7 +154,8 @@ class BatchReader:
         piece = np.empty((rows, n_nodes), dtype=np.float16 if stored == torch.float16 else np.uint16)
         for field, design in zip(batch.numpy(), designs):
             for first in range(0, n_steps, rows):
-                target, read = field[first:first + rows], piece[:len(field[first:first + rows])]
+                target = field[first:first + rows]
+                read = piece[:len(target)]
                 self.array.read_design_into(int(design), read, slice(first, first + len(target)))
                 widen_into(target, read)  # numpy, one thread: torch would start a thread team in each reader
         return batch, buffer
