@@ -222,9 +222,11 @@ def rounding_of_storage(storage: str, data_min, data_max) -> np.ndarray:
 
 def to_float32(values: np.ndarray, storage: str) -> np.ndarray:
     """Values as a file of this storage holds them -> float32, contiguous, exactly (bfloat16: its bits shifted)."""
-    if storage == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return np.ascontiguousarray(values, dtype=np.float32)
+    if storage != "bfloat16":
+        return np.ascontiguousarray(values, dtype=np.float32)
+    out = np.empty(values.shape, dtype=np.float32)
+    widen_into(out, values)
+    return out
 
 
 def widen_into(out: np.ndarray, stored: np.ndarray) -> None:
