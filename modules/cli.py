@@ -70,15 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
-                             "model_save/SimulGen-VAE and write them, in physical units, to --out (.npy, .h5, .xdmf)")
+                             "model_save/SimulGen-VAE and write them, in physical units, to --out (.npy, .h5, .xdmf, .pvd)")
     parser.add_argument("--predict", metavar="PATH",
                         help="instead of training: the fields of new designs, from a CSV of their parameters or a "
                              "folder (or one file) of their images, with model_save/latent_conditioner; "
-                             "written in physical units to --out (.npy, .h5 or .xdmf) as they are predicted")
+                             "written in physical units to --out (.npy, .h5, .xdmf or .pvd) as they are predicted")
     parser.add_argument("--samples", type=int, metavar="K", default=0,
                         help="with --predict: also draw K samples per design from the prediction's calibrated "
                              "uncertainty, written with their mean and standard deviation (beside an .npy --out, "
-                             "inside an .h5 or .xdmf)")
+                             "inside an .h5, .xdmf or .pvd)")
     parser.add_argument("--suggest", type=int, metavar="K",
                         help="instead of training: pick K designs to simulate next, those whose simulation would "
                              "remove most of the conditioner's uncertainty; written as a CSV to --out (default "
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --suggest: pick from the designs in this CSV (the training parameters' columns) "
                              "instead of a Sobol sample of the training parameter box")
     parser.add_argument("--out", metavar="OUT",
-                        help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf for ParaView: "
+                        help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf or .pvd for ParaView: "
                              "chosen by the suffix) or --suggest (.csv); must not exist yet")
     parser.add_argument("--quiet", action="store_true",
                         help="print only warnings, errors and the notes on the settings files (no reports, summary "
@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of training: write input_data/dataset{data_No}.float16.npy (or .bfloat16.npy), "
                              "a half-size copy of the dataset, and say its largest rounding error per variable; "
                              "data_storage then trains on it")
+    parser.add_argument("--import", dest="import_results", metavar="RESULTS_DIR",
+                        help="instead of training: build the case from a folder of simulation results, one entry per "
+                             "design (.pvd of .vtu files, XDMF 3 time series, Exodus II, LS-DYNA d3plot series): "
+                             "writes input_data/dataset{data_No}.npy, the mesh and the time values, and sets "
+                             "condition.txt's Dim1, Dim2, Dim3, num_var, mesh_file and time_values")
+    parser.add_argument("--fields", metavar="NAME[,NAME]",
+                        help="with --import: the variables to import, side by side (num_var); a vector as "
+                             "NAME:magnitude or NAME:x|y|z; without it the names found are listed")
+    parser.add_argument("--order_by", metavar="FILE.csv:COLUMN",
+                        help="with --import: the designs in this CSV's row order, COLUMN naming each row's design "
+                             "(its folder or file name); the other columns become input_data/parameters{data_No}.csv "
+                             "and the conditioner's input")
     parser.add_argument("--export", metavar="PATH.onnx|PATH.pt2",
                         help="instead of training: write the whole prediction (design parameters or images in, "
                              "fields in physical units out) as one ONNX model (or torch.export .pt2), checked "
@@ -150,6 +162,10 @@ def run_command(args, argv) -> None:
         with writing_in_the_case_folder(argv):  # output/ by default
             suggest_designs(args.suggest, args.candidates, args.out, CONDITIONER_FILE,
                             pick_device(check_flag("device", device)))
+    elif args.import_results is not None:
+        from modules.commands.import_results import import_results
+        with writing_in_the_case_folder(argv):
+            print(import_results(args.import_results, args.fields, args.order_by, args.preset))
     elif args.store_half is not None:
         from modules.commands.store_half import store_half
         with writing_in_the_case_folder(argv):
@@ -188,13 +204,17 @@ def writing_in_the_case_folder(argv):
 
 def refuse_flags_of_the_other_mode(args) -> None:
     """A flag that the chosen mode would not use is an error, never silently ignored."""
-    empty = [f"--{name}" for name in ("reconstruct", "predict", "candidates", "out", "export")
+    empty = [f"--{name}" for name in ("reconstruct", "predict", "candidates", "out", "export", "fields", "order_by")
              if getattr(args, name) == ""]
+    if args.import_results == "":
+        empty.insert(0, "--import")
     if empty:
         raise InputError("command line", f"{empty[0]} is given no path", f"write {empty[0]}=PATH, or drop it")
     modes = [f"--{name}" for name in ("checkpoints", "reconstruct", "predict", "evaluate", "list_runs", "suggest",
                                       "export", "store_half")
              if getattr(args, name) is not None and getattr(args, name) is not False]
+    if args.import_results is not None:
+        modes.append("--import")
     if len(modes) > 1:
         raise InputError("command line", f"{' and '.join(modes)} are different modes", "give one of them")
     mode = modes[0] if modes else None
@@ -203,7 +223,7 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if mode:
         unused = [f"--{name}" for name in TRAINING_ONLY_FLAGS
                   if flag_given(args, name) and not (name == "plot" and mode == "--evaluate")]
-        if mode in ("--list_runs", "--export", "--store_half") and args.device:
+        if mode in ("--list_runs", "--export", "--store_half", "--import") and args.device:
             unused.append("--device")  # --export runs on the CPU: its file runs wherever its runtime does
         if unused:
             where = {("--plot",): "training and --evaluate",
@@ -214,6 +234,10 @@ def refuse_flags_of_the_other_mode(args) -> None:
     if args.out is not None and mode not in ("--reconstruct", "--predict", "--suggest"):
         raise InputError("command line", "--out is where --reconstruct, --predict or --suggest writes, but none of "
                          "them is given", "add --reconstruct=PATH.npy, --predict=PATH or --suggest=K, or drop --out")
+    for name in ("fields", "order_by"):
+        if getattr(args, name) is not None and mode != "--import":
+            raise InputError("command line", f"--{name} says what --import reads, but --import is not given",
+                             f"add --import=RESULTS_DIR, or drop --{name}")
     if args.candidates is not None and mode != "--suggest":
         raise InputError("command line", "--candidates are the designs --suggest picks from, but --suggest is not "
                          "given", "add --suggest=K, or drop --candidates")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from modules.data.dataset import Crop
 from modules.data.design_inputs import read_condition_images, read_parameters
 from modules.data.field_layout import read_saved_layout
+from modules.data.time_values import case_time_values
 from modules.errors import InputError
 from modules.machine.device import full_float32
 from modules.machine.logs import shows_progress
@@ -57,7 +58,7 @@ def predict_file(source, out, samples: int, conditioner_file, device) -> Path:
     inputs, raw, labels = read_inputs(source, config, facts)
     shape = (len(inputs), config.n_steps_used, config.n_nodes_used)
     described = FieldFacts(labels, Crop(config).time_index, config.n_vars, raw, facts["param_names"],
-                           lambda: read_saved_layout(config))
+                           lambda: read_saved_layout(config), lambda: case_time_values(config))
     placed = design_placement(surrogate, facts, config, inputs, raw, labels)
     prediction = FieldPrediction(surrogate, device)
     batch = prediction_batch_size(prediction, inputs, shape, samples, device)

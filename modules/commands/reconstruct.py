@@ -14,6 +14,7 @@ import torch
 from modules.commands.predict import HOST_BATCH_BYTES, MAX_DEVICE_BATCH, designs_the_host_holds
 from modules.data.dataset import Crop, NewSimulations
 from modules.data.field_layout import read_saved_layout
+from modules.data.time_values import case_time_values
 from modules.errors import InputError
 from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.device import full_float32
@@ -39,7 +40,7 @@ def reconstruct_file(source, out, model_file, device) -> np.ndarray:
                          "give at least one simulation, as an array of shape [n, T, M] with n >= 1")
     shape = (len(simulations), *crop.shape)
     described = FieldFacts([f"design {index}" for index in range(len(simulations))], crop.time_index, config.n_vars,
-                           read_layout=lambda: read_saved_layout(config))
+                           read_layout=lambda: read_saved_layout(config), read_times=lambda: case_time_values(config))
     errors = []
     batch = reconstruction_batch_size(len(simulations), crop.shape, device)
     with open_field_file(paths, shape, 0, described) as written, torch.no_grad():

@@ -16,6 +16,7 @@ from modules.config.settings import changed_settings
 from modules.data.case import prepare_case
 from modules.data.conditions import read_conditions
 from modules.data.field_layout import read_field_layout
+from modules.data.time_values import case_time_values
 from modules.errors import InputError
 from modules.evaluation import figures
 from modules.evaluation.evaluation import Evaluation
@@ -188,6 +189,7 @@ def check_plot_settings(config, conditions) -> None:
     with the other inputs, before anything trains, so a typo cannot end a long run. Where the nodes are is read with
     or without plots: --predict's .xdmf and .h5 outputs need it too."""
     read_field_layout(config)
+    case_time_values(config)
     if config.plot == 2:
         return
     if config.plot_color_by:

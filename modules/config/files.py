@@ -288,3 +288,24 @@ def _read_lines(path, what):
         raise InputError(path, f"{what} not found", f"run from the case folder that holds {path}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(path, f"{what} cannot be read ({error})", "save it as a plain UTF-8 text file") from None
+
+
+def set_condition_keys(text: str | None, values: dict, retired: tuple, note: str) -> str:
+    """condition.txt's text with each key of values ({name: value}) set: its line rewritten in place, or appended
+    when the file has none; lines of the retired keys commented out (they described other data). text None: a new
+    file of just these keys. note: the comment on each line written."""
+    wanted = {name.lower(): name for name in values}
+    done, lines = set(), []
+    for line_no, line in enumerate((text or "").splitlines(), start=1):
+        entry = _split_condition_line(CONDITION_FILE, line_no, line)
+        name = entry[0].lower() if entry else None
+        if name in wanted:
+            key = wanted[name]
+            lines.append(f"{key:<15} {values[key]}   # {note}")
+            done.add(name)
+        elif name in {key.lower() for key in retired}:
+            lines.append(f"# {line.strip()}   # {note}: off, it described other data")
+        else:
+            lines.append(line)
+    lines += [f"{key:<15} {value}   # {note}" for key, value in values.items() if key.lower() not in done]
+    return "\n".join(lines) + "\n"

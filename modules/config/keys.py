@@ -218,6 +218,9 @@ KEYS = (
     Key("node_coordinates", "node_coordinates", str, "", ".npy or .csv of x, y (2 or 3 columns) per node of one "
         "variable, in node order (a point cloud), so fields are drawn as maps and outputs carry the points",
         resumable=True),
+    Key("time_values", "time_values", str, "", ".npy or .csv of the time value of each of the Dim2 steps (--import "
+        "writes it from the solver's files): .pvd and .xdmf outputs carry these times instead of the step numbers",
+        resumable=True),
     Key("device", "device", str, "auto", "auto, cpu, cuda or cuda:N",
         lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N",
         flag="auto (this process's GPU if there is one, else CPU), cpu, cuda or cuda:N (default auto)", launched=False,

@@ -71,10 +71,10 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
 
 def _header(path, line, cells) -> list[str] | None:
     """The column names when the first row is a header, None when it is already data."""
-    text = [cell for cell in cells if cell and not _is_number(cell)]
+    text = [cell for cell in cells if cell and not is_number(cell)]
     if not text:
         return None
-    numbers = [cell for cell in cells if _is_number(cell)]
+    numbers = [cell for cell in cells if is_number(cell)]
     if numbers:  # a typo in the first design would otherwise silently turn it into a header and drop it
         raise InputError(path, f"the first row mixes numbers ({numbers[0]!r}) and text ({text[0]!r}), so it is "
                          "neither a clean header nor a row of numbers",
@@ -82,7 +82,7 @@ def _header(path, line, cells) -> list[str] | None:
     return cells
 
 
-def _is_number(cell: str) -> bool:
+def is_number(cell: str) -> bool:
     return NUMBER.fullmatch(cell) is not None or cell.lower() in NOT_FINITE
 
 

@@ -8,6 +8,9 @@
                    kept step, on the real mesh (mesh_file), the grid (grid_shape) or the nodes (node_coordinates), a
                    line of nodes otherwise; one point array per design (and variable), with --samples also its draws,
                    mean and std. For looking at a few designs: at most XDMF_MAX_ARRAYS arrays per step
+    .pvd           OUT.pvd + OUT/OUT_0000.vtu, ... (a ParaView collection of one VTU file per kept step), holding what
+                   .xdmf holds
+    The times of .xdmf and .pvd are the simulation's (time_values) when the case has them, else the step numbers.
 
 Nothing is held whole in memory: .npy and .h5 are written in design order straight to disk (.xdmf, which is ordered by
 time step, gathers each step from memory-mapped scratch arrays at the end). Every file is written under a temporary
@@ -26,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import chdir
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -35,7 +39,7 @@ from modules.storage.paths import new_output_file
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".npy", ".h5", ".hdf5", ".xdmf")
+SUFFIXES = (".npy", ".h5", ".hdf5", ".xdmf", ".pvd")
 DIRECT_ALIGNMENT = 4096  # O_DIRECT writes whole blocks from block-aligned memory at block-aligned offsets
 STAGING_BYTES = 8 * 2**20
 XDMF_MAX_ARRAYS = 1024
@@ -54,12 +58,19 @@ class FieldFacts:
     parameters: np.ndarray | None = None
     parameter_names: list | None = None
     read_layout: object = None
+    read_times: object = None
     _layout: object = field(default=None, init=False, repr=False)
 
     def layout(self):
         if self._layout is None and self.read_layout is not None:
             self._layout = self.read_layout()
         return self._layout
+
+    def step_times(self) -> np.ndarray:
+        """The time of each kept step: read_times() (the simulation's times of all Dim2 steps, None when the case has
+        none) at time_steps, else the step numbers."""
+        times = self.read_times() if self.read_times is not None else None
+        return np.asarray(self.time_steps, dtype=np.float64) if times is None else times[self.time_steps]
 
 
 def output_files(out, command: str, samples: int = 0, report: bool = True) -> dict:
@@ -73,6 +84,8 @@ def output_files(out, command: str, samples: int = 0, report: bool = True) -> di
                       if samples})
     elif out.suffix == ".xdmf":
         paths["heavy_data"] = out.with_suffix(".h5")  # meshio names it after the .xdmf
+    elif out.suffix == ".pvd":
+        paths["heavy_data"] = out.with_suffix("")  # the folder of .vtu files, named as ParaView names it
     for path in paths.values():
         for taken in (path, temporary_path(path)):  # the temporary name is removed after a failure: never a user's
             if taken.exists():
@@ -84,7 +97,8 @@ def output_files(out, command: str, samples: int = 0, report: bool = True) -> di
 def open_field_file(paths: dict, shape, samples: int, facts: FieldFacts):
     """The writer for paths (output_files) of n fields [T, M] (shape [n, T, M]); use it as a context manager:
     complete files appear when the block ends without error, nothing otherwise."""
-    writer = {".npy": NpyFieldFile, ".xdmf": XdmfFieldFile}.get(paths["out"].suffix, H5FieldFile)
+    writer = {".npy": NpyFieldFile, ".xdmf": XdmfFieldFile, ".pvd": PvdFieldFile}.get(paths["out"].suffix,
+                                                                                     H5FieldFile)
     return writer(paths, tuple(shape), samples, facts)
 
 
@@ -336,7 +350,8 @@ class XdmfFieldFile(FieldFile):
             raise InputError(self.paths["out"], f"would hold {arrays} point arrays per time step ({n} designs x "
                              f"{self.facts.n_vars} variables{' x (samples + mean + std)' if self.samples else ''}),"
                              f" more than ParaView lists usefully ({XDMF_MAX_ARRAYS})",
-                             "write many designs to .h5 (or .npy), and .xdmf for the few you want to look at")
+                             f"write many designs to .h5 (or .npy), and {self.paths['out'].suffix} for the few you "
+                             "want to look at")
         self.mesh = self.facts.layout().output_mesh(nodes // self.facts.n_vars)
         total = sum(int(np.prod(shape)) * 4 for shape in self.kinds().values())
         check_room(self.paths["out"], (2 * total + HEADER_BYTES,), np.uint8)  # the scratch, then the .h5
@@ -355,8 +370,9 @@ class XdmfFieldFile(FieldFile):
                 try:
                     for target, written in final.items():  # the .xdmf last: it names the .h5
                         os.replace(written, target)
-                except BaseException:
-                    self.paths["heavy_data"].unlink(missing_ok=True)  # output_files checked it was not there before
+                except BaseException:  # output_files checked that it was not there before
+                    shutil.rmtree(self.paths["heavy_data"], ignore_errors=True)
+                    self.paths["heavy_data"].unlink(missing_ok=True)
                     raise
         finally:
             self.targets = {}
@@ -371,8 +387,8 @@ class XdmfFieldFile(FieldFile):
         with chdir(self.folder):  # meshio writes its .h5 into the working directory
             with meshio.xdmf.TimeSeriesWriter(self.paths["out"].name) as series:
                 series.write_points_cells(points, [(kind, np.asarray(cells)) for kind, cells in self.mesh.cells])
-                for step_index, step in enumerate(self.facts.time_steps):
-                    series.write_data(float(step), point_data=self._step_arrays(names, step_index))
+                for step_index, time in enumerate(self.facts.step_times()):
+                    series.write_data(float(time), point_data=self._step_arrays(names, step_index))
 
     def _step_arrays(self, names, step_index) -> dict:
         """{array name: one variable's values [M / n_vars]} of every design at one time step."""
@@ -391,6 +407,28 @@ class XdmfFieldFile(FieldFile):
                         label = f"{label}_{index + 1}"
                     arrays[label] = np.ascontiguousarray(part)
         return arrays
+
+
+class PvdFieldFile(XdmfFieldFile):
+    """A ParaView collection: OUT.pvd lists OUT/OUT_0000.vtu, ... (one VTU file per kept step, with its time), each
+    holding what a step of the .xdmf holds. Made in OUT.pvd.tmp/ like the .xdmf, the folder renamed before the .pvd."""
+
+    def _write_series(self) -> None:
+        import meshio
+
+        names, stem = array_names(self.facts.designs), self.paths["out"].stem
+        (self.folder / stem).mkdir()
+        points = np.asarray(self.mesh.points)
+        cells = [(kind, np.asarray(cells)) for kind, cells in self.mesh.cells]
+        listed = []
+        for step_index, time in enumerate(self.facts.step_times()):
+            name = f"{stem}/{stem}_{step_index:04d}.vtu"
+            step = meshio.Mesh(points, cells, point_data=self._step_arrays(names, step_index))
+            meshio.write(self.folder / name, step, file_format="vtu")
+            listed.append(f'    <DataSet timestep="{float(time)!r}" part="0" file="{quoteattr(name)[1:-1]}"/>')
+        (self.folder / self.paths["out"].name).write_text(
+            '<?xml version="1.0"?>\n<VTKFile type="Collection" version="0.1">\n  <Collection>\n'
+            + "\n".join(listed) + "\n  </Collection>\n</VTKFile>\n")
 
 
 def array_names(designs) -> list:
