@@ -154,15 +154,17 @@ def cell_average(cell_blocks: list, n_nodes: int):
 
 
 @contextlib.contextmanager
-def reading(path, what: str):
-    """A reader's failure (any exception but InputError) becomes one line naming the file; what the library prints
-    on the way is kept out of the user's terminal and said in that line."""
+def reading(path, what: str, capture: bool = True):
+    """A reader's failure (any exception but InputError) becomes one line naming the file. capture: what a library
+    prints on the way is kept out of the user's terminal and said in that line (it redirects the process's stdout:
+    False for this project's own readers, which print nothing, so that they can run on threads)."""
     said = io.StringIO()
     quiet = logging.getLogger("lasso")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        with (contextlib.redirect_stdout(said) if capture else contextlib.nullcontext()), \
+                (contextlib.redirect_stderr(said) if capture else contextlib.nullcontext()):
             yield
     except InputError:
         raise

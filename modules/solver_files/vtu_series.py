@@ -1,6 +1,7 @@
 """A design as a series of VTU files, one per time step: listed with their times by a ParaView .pvd collection, or a
 folder of .vtu files taken in natural order (times from each file's TimeValue, else the step numbers)."""
 import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from modules.errors import InputError
 from modules.solver_files.results import REEXPORT_FIX, DesignResults, Variable, cell_average, reading
 from modules.solver_files.vtu_file import VtuFile
 
+READ_AHEAD = 2  # step files read ahead of the one decoded
 PVD_FIX = ("give a .pvd that lists one .vtu per time step (ParaView: File > Save Data as a .pvd), or a folder of .vtu "
            "files")
 
@@ -20,7 +22,7 @@ class VtuSeries(DesignResults):
     def __init__(self, name: str, path: Path, steps: list, times: np.ndarray | None):
         super().__init__(name, path)
         self.steps, self._times = steps, times
-        self._first = None
+        self._first, self._average = None, None
 
     @classmethod
     def from_pvd(cls, name: str, pvd: Path) -> "VtuSeries":
@@ -57,7 +59,7 @@ class VtuSeries(DesignResults):
 
     @staticmethod
     def _open(path: Path) -> VtuFile:
-        with reading(path, "a VTU file"):
+        with reading(path, "a VTU file", capture=False):
             return VtuFile(path)
 
     def first(self) -> VtuFile:
@@ -88,30 +90,42 @@ class VtuSeries(DesignResults):
         return found
 
     def read(self, picks: list) -> np.ndarray:
-        n_nodes = self.first().n_points
-        average = None
+        n_nodes, self._average = self.first().n_points, None
         values = np.empty((len(self.steps), len(picks) * n_nodes), dtype=np.float32)
-        for index, path in enumerate(self.steps):
-            step = self.first() if index == 0 else self._open(path)
-            if step.n_points != n_nodes:
-                raise InputError(path, f"design {self.name}: time step {index} has {step.n_points} nodes, its "
-                                 f"first step {n_nodes}", "export every step on the design's one mesh")
-            point_names, cell_names = step.names(b"PointData"), step.names(b"CellData")
-            for slot, pick in enumerate(picks):
-                with reading(path, "a VTU file"):
-                    if pick.name in point_names:
-                        column = pick.values(step.array(b"PointData", pick.name))
-                    elif pick.name in cell_names:
-                        if average is None:
-                            average, _ = cell_average([nodes for _, nodes in step.cell_blocks()], n_nodes)
-                        column = average(pick.values(step.array(b"CellData", pick.name)))
-                    else:
-                        raise InputError(path, f"design {self.name}: time step {index} has no variable {pick.name}",
-                                         "export every step with the same variables")
-                if len(column) != n_nodes:
-                    raise InputError(path, f"design {self.name}: {pick.name} has {len(column)} values at time step "
-                                     f"{index} for {n_nodes} {'cells' if pick.name in cell_names else 'nodes'}",
-                                     REEXPORT_FIX)
-                values[index, slot * n_nodes:(slot + 1) * n_nodes] = column
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtu-read-ahead") as ahead:
+            # the next files are read (the GIL released) while this one is decoded: READ_AHEAD files held at most
+            coming = [ahead.submit(self._open, path) for path in self.steps[1:1 + READ_AHEAD]]
+            for index, path in enumerate(self.steps):
+                if index:
+                    step = coming.pop(0).result()
+                    if index + READ_AHEAD < len(self.steps):
+                        coming.append(ahead.submit(self._open, self.steps[index + READ_AHEAD]))
+                else:
+                    step = self.first()
+                self._take(step, index, path, picks, values, n_nodes)
         self._first = None  # the values are read: the file's bytes are not held while the next design is read
         return values
+
+    def _take(self, step: VtuFile, index: int, path: Path, picks: list, values: np.ndarray, n_nodes: int) -> None:
+        """Step index's picked values into values[index]; cell values averaged onto the nodes (the operator made once
+        per design, from its first step with cell values)."""
+        if step.n_points != n_nodes:
+            raise InputError(path, f"design {self.name}: time step {index} has {step.n_points} nodes, its first step "
+                             f"{n_nodes}", "export every step on the design's one mesh")
+        point_names, cell_names = step.names(b"PointData"), step.names(b"CellData")
+        for slot, pick in enumerate(picks):
+            with reading(path, "a VTU file", capture=False):
+                if pick.name in point_names:
+                    column = pick.values(step.array(b"PointData", pick.name))
+                elif pick.name in cell_names:
+                    if self._average is None:
+                        self._average, _ = cell_average([nodes for _, nodes in step.cell_blocks()], n_nodes)
+                    column = self._average(pick.values(step.array(b"CellData", pick.name)))
+                else:
+                    raise InputError(path, f"design {self.name}: time step {index} has no variable {pick.name}",
+                                     "export every step with the same variables")
+            if len(column) != n_nodes:
+                raise InputError(path, f"design {self.name}: {pick.name} has {len(column)} values at time step "
+                                 f"{index} for {n_nodes} {'cells' if pick.name in cell_names else 'nodes'}",
+                                 REEXPORT_FIX)
+            values[index, slot * n_nodes:(slot + 1) * n_nodes] = column

@@ -353,6 +353,7 @@ class XdmfFieldFile(FieldFile):
                              f"write many designs to .h5 (or .npy), and {self.paths['out'].suffix} for the few you "
                              "want to look at")
         self.mesh = self.facts.layout().output_mesh(nodes // self.facts.n_vars)
+        self.step_times = self.facts.step_times()  # before any work: a bad time_values file stops the run here
         total = sum(int(np.prod(shape)) * 4 for shape in self.kinds().values())
         check_room(self.paths["out"], (2 * total + HEADER_BYTES,), np.uint8)  # the scratch, then the .h5
         self.folder.mkdir()  # output_files checked that it does not exist: only this run's files are removed
@@ -387,7 +388,7 @@ class XdmfFieldFile(FieldFile):
         with chdir(self.folder):  # meshio writes its .h5 into the working directory
             with meshio.xdmf.TimeSeriesWriter(self.paths["out"].name) as series:
                 series.write_points_cells(points, [(kind, np.asarray(cells)) for kind, cells in self.mesh.cells])
-                for step_index, time in enumerate(self.facts.step_times()):
+                for step_index, time in enumerate(self.step_times):
                     series.write_data(float(time), point_data=self._step_arrays(names, step_index))
 
     def _step_arrays(self, names, step_index) -> dict:
@@ -421,7 +422,7 @@ class PvdFieldFile(XdmfFieldFile):
         points = np.asarray(self.mesh.points)
         cells = [(kind, np.asarray(cells)) for kind, cells in self.mesh.cells]
         listed = []
-        for step_index, time in enumerate(self.facts.step_times()):
+        for step_index, time in enumerate(self.step_times):
             name = f"{stem}/{stem}_{step_index:04d}.vtu"
             step = meshio.Mesh(points, cells, point_data=self._step_arrays(names, step_index))
             meshio.write(self.folder / name, step, file_format="vtu")

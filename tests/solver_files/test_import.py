@@ -1,6 +1,8 @@
 """--import: a case folder from the solver's own result files (VTU series with a .pvd, XDMF 3, Exodus II, LS-DYNA
 d3plot), checked against what the files' writers were given; every refusal one line, exit 2, nothing written."""
 import json
+import subprocess
+import sys
 
 import meshio
 import numpy as np
@@ -305,3 +307,42 @@ def test_an_imported_family_trains_and_predicts_into_a_pvd_that_meshio_reads_bac
         assert np.array_equal(written.point_data["row_1"], fields[0, step])
         assert np.array_equal(written.point_data["row_2"], fields[1, step])
     assert not list(tmp_path.glob("*.tmp"))
+    assert main(["--predict=new.csv", "--out=r.xdmf"]) == 0  # the .xdmf carries the simulation's times too
+    with meshio.xdmf.TimeSeriesReader(tmp_path / "r.xdmf") as series:
+        series.read_points_cells()
+        for step, time in enumerate(times(3)):
+            time_value, point_data, _ = series.read_data(step)
+            assert time_value == time and np.array_equal(point_data["row_2"], fields[1, step])
+
+
+def test_the_readme_demo_import_gives_back_the_shipped_case(tmp_path, monkeypatch, capsys):
+    """The README's commands: the demo's simulations written as ParaView files, then imported in their CSV's order."""
+    from conftest import REPO
+
+    export = REPO / "input_data" / "export_demo_results.py"
+    done = subprocess.run([sys.executable, str(export), "demo_results", "--designs=12"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "imported").mkdir()
+    monkeypatch.chdir(tmp_path / "imported")
+    assert main(["--import=../demo_results", "--fields=temperature",
+                 "--order_by=../demo_results/runs.csv:run"]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.load("input_data/dataset1.npy"), np.load(REPO / "input_data" / "dataset1.npy")[:12])
+    shipped = np.loadtxt(REPO / "input_data" / "parameters.csv", delimiter=",", skiprows=1)[:12]
+    assert np.allclose(np.loadtxt("input_data/parameters1.csv", delimiter=",", skiprows=1), shipped)
+    assert np.allclose(meshio.read("input_data/mesh1.vtu").points, meshio.read(REPO / "input_data" / "plate.vtu").points)
+    assert np.allclose(np.loadtxt("input_data/times1.csv", skiprows=1), np.arange(1, 25) * 0.4 / 24)
+
+
+@pytest.mark.parametrize("times_text, says", [("time\n0.1\n0.2\n", "holds 2 time values for 6 steps (Dim2)"),
+                                              ("0.1\n0.3\n0.2\n0.4\n0.5\n0.6\n", "holds times that are not finite and increasing"),
+                                              (None, "time_values file does not exist")])
+def test_a_bad_time_values_file_stops_training_before_anything_runs(case, capsys, times_text, says):
+    if times_text is not None:
+        (case / "input_data/times.csv").write_text(times_text)
+    with open(case / "input_data/condition.txt", "a") as condition:
+        condition.write("time_values input_data/times.csv\n")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert f"input_data/times.csv: {says}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (case / "model_save").exists()
