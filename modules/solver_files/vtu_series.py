@@ -11,7 +11,7 @@ from modules.errors import InputError
 from modules.solver_files.results import REEXPORT_FIX, DesignResults, Variable, cell_average, reading
 from modules.solver_files.vtu_file import VtuFile
 
-READ_AHEAD = 2  # step files read ahead of the one decoded
+READERS = 2  # threads that read and decode a design's step files
 PVD_FIX = ("give a .pvd that lists one .vtu per time step (ParaView: File > Save Data as a .pvd), or a folder of .vtu "
            "files")
 
@@ -90,25 +90,31 @@ class VtuSeries(DesignResults):
         return found
 
     def read(self, picks: list) -> np.ndarray:
-        n_nodes, self._average = self.first().n_points, None
+        first = self.first()
+        n_nodes, self._average = first.n_points, None
+        if any(pick.name in first.names(b"CellData") for pick in picks):
+            with reading(self.steps[0], "a VTU file", capture=False):
+                self._average, _ = cell_average([nodes for _, nodes in first.cell_blocks()], n_nodes)
         values = np.empty((len(self.steps), len(picks) * n_nodes), dtype=np.float32)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtu-read-ahead") as ahead:
-            # the next files are read (the GIL released) while this one is decoded: READ_AHEAD files held at most
-            coming = [ahead.submit(self._open, path) for path in self.steps[1:1 + READ_AHEAD]]
-            for index, path in enumerate(self.steps):
-                if index:
-                    step = coming.pop(0).result()
-                    if index + READ_AHEAD < len(self.steps):
-                        coming.append(ahead.submit(self._open, self.steps[index + READ_AHEAD]))
-                else:
-                    step = self.first()
-                self._take(step, index, path, picks, values, n_nodes)
-        self._first = None  # the values are read: the file's bytes are not held while the next design is read
+        self._take(first, 0, picks, values)
+        self._first = None  # read: the file's bytes are not held while the rest is read
+        # the other steps on READERS threads, each reading (the GIL released), inflating and writing its own row
+        with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="vtu-reader") as readers:
+            steps = [readers.submit(self._take, None, index, picks, values) for index in range(1, len(self.steps))]
+            try:
+                for step in steps:
+                    step.result()
+            except BaseException:
+                readers.shutdown(cancel_futures=True)
+                raise
         return values
 
-    def _take(self, step: VtuFile, index: int, path: Path, picks: list, values: np.ndarray, n_nodes: int) -> None:
-        """Step index's picked values into values[index]; cell values averaged onto the nodes (the operator made once
-        per design, from its first step with cell values)."""
+    def _take(self, step: VtuFile | None, index: int, picks: list, values: np.ndarray) -> None:
+        """Step index's picked values into values[index] (the step's file opened here when step is None), cell values
+        averaged onto the nodes."""
+        path = self.steps[index]
+        step = self._open(path) if step is None else step
+        n_nodes = values.shape[1] // len(picks)
         if step.n_points != n_nodes:
             raise InputError(path, f"design {self.name}: time step {index} has {step.n_points} nodes, its first step "
                              f"{n_nodes}", "export every step on the design's one mesh")
@@ -117,9 +123,7 @@ class VtuSeries(DesignResults):
             with reading(path, "a VTU file", capture=False):
                 if pick.name in point_names:
                     column = pick.values(step.array(b"PointData", pick.name))
-                elif pick.name in cell_names:
-                    if self._average is None:
-                        self._average, _ = cell_average([nodes for _, nodes in step.cell_blocks()], n_nodes)
+                elif pick.name in cell_names and self._average is not None:
                     column = self._average(pick.values(step.array(b"CellData", pick.name)))
                 else:
                     raise InputError(path, f"design {self.name}: time step {index} has no variable {pick.name}",
