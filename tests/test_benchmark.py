@@ -79,6 +79,19 @@ def test_the_loader_benchmark_reads_every_configuration_next_to_the_plain_read(t
     assert list(tmp_path.iterdir()) == [tmp_path / "l.json"]  # its data removed
 
 
+def test_the_import_benchmark_imports_its_vtu_family_next_to_the_plain_read(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "import_speed.py"), "--designs", "3", "--steps", "2",
+                           "--side", "6", "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "i.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert (report["designs"], report["steps"], report["nodes"], report["encoding"]) == (3, 2, 36, "none")
+    assert [row["cache"] for row in report["rows"]] == ["warm", "cold"]
+    assert all(row["seconds"] > 0 and 0 < row["peak_resident_GB"] < 4 for row in report["rows"])
+    assert "Imported 3 designs" in done.stdout
+    assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["results_none"]  # the case removed
+
+
 # ---------------------------------------------------------------------------------------------- accuracy benchmark
 @pytest.mark.slow
 def test_the_accuracy_benchmark_trains_every_case_and_reports_it_next_to_pod_and_pod_gpr(tmp_path):
