@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --checkpoints=clean: say what would be removed, remove nothing")
     parser.add_argument("--reconstruct", metavar="PATH.npy",
                         help="instead of training: encode and decode the simulations in PATH.npy ([n, T, M]) with "
-                             "model_save/SimulGen-VAE and write them, in physical units, to --out (.npy, .h5, .xdmf, .pvd)")
+                             "model_save/SimulGen-VAE and write them, in physical units, to --out (.npy, .h5, .xdmf, "
+                             ".pvd)")
     parser.add_argument("--predict", metavar="PATH",
                         help="instead of training: the fields of new designs, from a CSV of their parameters or a "
                              "folder (or one file) of their images, with model_save/latent_conditioner; "
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --suggest: pick from the designs in this CSV (the training parameters' columns) "
                              "instead of a Sobol sample of the training parameter box")
     parser.add_argument("--out", metavar="OUT",
-                        help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf or .pvd for ParaView: "
-                             "chosen by the suffix) or --suggest (.csv); must not exist yet")
+                        help="output file of --reconstruct or --predict (.npy, .h5 or .hdf5, .xdmf or .pvd for "
+                             "ParaView: chosen by the suffix) or --suggest (.csv); must not exist yet")
     parser.add_argument("--quiet", action="store_true",
                         help="print only warnings, errors and the notes on the settings files (no reports, summary "
                              "lines or progress bars; the files are written as always)")

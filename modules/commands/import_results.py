@@ -14,7 +14,6 @@ overwritten except condition.txt, whose other lines are kept.
 import csv
 import io
 import json
-import logging
 import os
 import time
 from datetime import datetime
@@ -29,8 +28,6 @@ from modules.solver_files.family import Family, find_designs, order_by_column
 from modules.solver_files.results import listing, parse_fields
 from modules.storage.atomic import check_room, disk_full_as, temporary_path
 from modules.storage.field_files import DirectFile, npy_header
-
-log = logging.getLogger(__name__)
 
 NOTE = "set by --import"
 # keys that described the earlier dataset's steps, nodes or file: commented out by an import
@@ -61,10 +58,11 @@ def import_results(results_dir, fields: str | None, order_by: str | None, preset
     n_nodes = len(family.points)
     shape = (len(designs), len(family.times), len(picks) * n_nodes)
     paths = _new_files(data_no, with_parameters=order_by is not None)
-    check_room(paths["dataset"], shape)
     averaged = [str(pick) for pick in picks if first.variables()[pick.name].on_cells]
-    written = []
+    made_folder, written = not DATA_DIR.exists(), []
     try:
+        DATA_DIR.mkdir(exist_ok=True)
+        check_room(paths["dataset"], shape)
         with disk_full_as(paths["dataset"]):
             dataset = DirectFile(temporary_path(paths["dataset"]), npy_header(shape))
             written.append(paths["dataset"])
@@ -100,6 +98,8 @@ def import_results(results_dir, fields: str | None, order_by: str | None, preset
     except BaseException:
         for path in [*written, CONDITION_FILE]:
             temporary_path(path).unlink(missing_ok=True)
+        if made_folder and not any(DATA_DIR.iterdir()):
+            DATA_DIR.rmdir()
         raise
     seconds = time.perf_counter() - began
     size = shape[0] * shape[1] * shape[2] * 4
@@ -137,7 +137,6 @@ def _new_files(data_no: int, with_parameters: bool) -> dict:
         raise InputError(taken[0], "already exists and an import never overwrites a file",
                          f"import into a new case folder, or move {taken[0].name} (or set another data_No in "
                          "preset.txt)")
-    DATA_DIR.mkdir(exist_ok=True)
     return paths
 
 
