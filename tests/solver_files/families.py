@@ -121,6 +121,25 @@ def write_exodus(path: Path, points, quads, step_times, nodal: dict, elemental: 
             file.createVariable(f"vals_elem_var{index}eb1", "d", ("time_step", "num_el_in_blk1"))[:] = values_of
 
 
+def write_exodus_netcdf4(path: Path, points, quads, step_times, nodal: dict) -> None:
+    """The same as write_exodus in netCDF-4's HDF5 layout (each netCDF variable an HDF5 dataset of its name, char
+    arrays as fixed bytes), written with h5py as the netCDF library lays it out."""
+    import h5py
+
+    with h5py.File(path, "w") as file:
+        for axis, name in enumerate(("coordx", "coordy", "coordz")):
+            file[name] = points[:, axis]
+        file["connect1"] = (quads + 1).astype(np.int32)
+        file["connect1"].attrs["elem_type"] = np.bytes_("QUAD4")
+        file["time_whole"] = np.asarray(step_times, dtype=np.float64)
+        table = np.zeros((len(nodal), 33), dtype="S1")
+        for row, word in enumerate(nodal):
+            table[row, :len(word)] = np.frombuffer(word.encode(), dtype="S1")
+        file["name_nod_var"] = table
+        for index, values_of in enumerate(nodal.values(), start=1):
+            file[f"vals_nod_var{index}"] = np.asarray(values_of, dtype=np.float64)
+
+
 def write_exodus_family(root: Path, n=4, t=3) -> dict:
     points, quads = mesh()
     data = values(n, t)

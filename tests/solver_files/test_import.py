@@ -7,7 +7,7 @@ import sys
 import meshio
 import numpy as np
 import pytest
-from families import (mesh, times, write_d3plot_family, write_exodus_family, write_pvd, write_vtu_family,
+from families import (mesh, times, values, write_d3plot_family, write_exodus_family, write_pvd, write_vtu_family,
                       write_xdmf_family)
 
 from modules.cli import main
@@ -101,6 +101,23 @@ def test_exodus_with_every_time_step_and_element_variables(tmp_path, monkeypatch
     assert np.array_equal(dataset[:, :, :20], data["temperature"])
     assert np.allclose(dataset[:, :, 20:], node_average(data["pressure"], quads, 20), rtol=1e-6)
     assert np.allclose(np.loadtxt("input_data/times1.csv", skiprows=1), times(5))
+
+
+def test_exodus_in_netcdf4_is_read_through_h5py(tmp_path, monkeypatch, capsys):
+    from families import write_exodus_netcdf4
+
+    monkeypatch.chdir(tmp_path)
+    points, quads = mesh()
+    data = values(3, 4)
+    (tmp_path / "results").mkdir()
+    for design in range(3):
+        write_exodus_netcdf4(tmp_path / "results" / f"run{design + 1}.exo", points, quads, times(4),
+                             {"temperature": data["temperature"][design]})
+    code, _, err = imported(tmp_path, "--fields=temperature", capsys=capsys)
+    assert code == 0, err
+    assert np.array_equal(np.load("input_data/dataset1.npy"), data["temperature"])
+    assert np.allclose(np.loadtxt("input_data/times1.csv", skiprows=1), times(4))
+    assert [block.type for block in meshio.read("input_data/mesh1.vtu").cells] == ["quad"]
 
 
 def test_d3plot_displacement_von_mises_and_plastic_strain_at_nodes(tmp_path, monkeypatch, capsys):
