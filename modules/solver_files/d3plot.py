@@ -127,7 +127,7 @@ class D3plotSeries(DesignResults):
             blocks.append(np.asarray(arrays[f"{prefix}_node_indexes"])[:, :8 if kind == "hexahedron" else 4])
         if not blocks:
             raise self.missing(pick)
-        average, _ = cell_average(blocks, n_nodes)
+        average = cell_average(blocks, n_nodes)
         return average(np.concatenate(per_element, axis=1))
 
 

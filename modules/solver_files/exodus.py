@@ -134,7 +134,10 @@ class ExodusFile(DesignResults):
         wanted = [f"vals_elem_var{index + 1}eb{block + 1}" for block in range(len(connectivity))]
         found = self._read([name for name in wanted if name in names])
         blocks = [(connectivity[block][0], found[name][0]) for block, name in enumerate(wanted) if name in found]
-        average, _ = cell_average([nodes for nodes, _ in blocks], n_nodes)
+        if not blocks:
+            raise InputError(self.path, f"design {self.name} names element variable {index + 1} but no block holds "
+                             "its values", REEXPORT_FIX)
+        average = cell_average([nodes for nodes, _ in blocks], n_nodes)
         return average(np.concatenate([np.asarray(block).reshape(n_steps, -1) for _, block in blocks], axis=1))
 
 

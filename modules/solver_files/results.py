@@ -126,9 +126,9 @@ def listing(variables: dict) -> str:
 
 def cell_average(cell_blocks: list, n_nodes: int):
     """An operator that averages cell values onto nodes: each node gets the mean over the cells that hold it (a
-    node named twice by one degenerate cell counts that cell once). cell_blocks: [[n, k] node indices] in the
-    order the cell values come (block by block). Returns (apply(values [..., cells]) -> [..., n_nodes], the number
-    of nodes in no cell, which get 0)."""
+    node named twice by one degenerate cell counts that cell once; a node in no cell gets 0). cell_blocks: [[n, k]
+    node indices] in the order the cell values come (block by block). Returns apply(values [..., cells]) ->
+    [..., n_nodes]."""
     import scipy.sparse
 
     rows, columns, start = [], [], 0
@@ -150,7 +150,7 @@ def cell_average(cell_blocks: list, n_nodes: int):
         flat = values.reshape(-1, values.shape[-1])
         return (average @ flat.T).T.reshape(*values.shape[:-1], n_nodes)
 
-    return apply, int((counts == 0).sum())
+    return apply
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ class VtuSeries(DesignResults):
         n_nodes, self._average = first.n_points, None
         if any(pick.name in first.names(b"CellData") for pick in picks):
             with reading(self.steps[0], "a VTU file", capture=False):
-                self._average, _ = cell_average([nodes for _, nodes in first.cell_blocks()], n_nodes)
+                self._average = cell_average([nodes for _, nodes in first.cell_blocks()], n_nodes)
         values = np.empty((len(self.steps), len(picks) * n_nodes), dtype=np.float32)
         self._take(first, 0, picks, values)
         self._first = None  # read: the file's bytes are not held while the rest is read

@@ -173,7 +173,7 @@ class XdmfSeries(DesignResults):
                 column = pick.values(data)
                 if on_cells:
                     if average is None:
-                        average, _ = cell_average([nodes for _, nodes in blocks], n_nodes)
+                        average = cell_average([nodes for _, nodes in blocks], n_nodes)
                     column = average(column)
                 if len(column) != n_nodes:
                     raise InputError(self.path, f"design {self.name}: {pick.name} has {len(column)} values at time "
