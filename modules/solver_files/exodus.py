@@ -13,6 +13,8 @@ from modules.errors import InputError
 from modules.solver_files.results import REEXPORT_FIX, DesignResults, Variable, cell_average, reading
 
 CLASSIC = (b"CDF\x01", b"CDF\x02")
+# what the mesh and the variables' names come from (with the blocks' connectK)
+LAYOUT_VARIABLES = ("coordx", "coordy", "coordz", "coord", "time_whole", "name_nod_var", "name_elem_var")
 NETCDF4 = b"\x89HDF"
 # Exodus element types -> meshio cell types by nodes per element (corner nodes first in both)
 CELL_TYPES = {("TRI", 3): "triangle", ("TRI", 6): "triangle6", ("TRI", 7): "triangle7", ("QUAD", 4): "quad",
@@ -38,39 +40,31 @@ class ExodusFile(DesignResults):
             raise InputError(path, "is not an Exodus II (netCDF) file", REEXPORT_FIX)
         self._netcdf4 = magic == NETCDF4
 
-    def _read(self, names) -> dict:
-        """{name: a copy of the netCDF variable} for the names the file has; char arrays as lists of strings."""
+    def _read(self, wanted) -> tuple:
+        """(every variable name of the file, {name: (values, attributes)} of the names wanted(those names) picks, char
+        arrays as lists of strings), from one opening of the file: scipy reads every variable of a netCDF file it
+        opens without a memory map, so each opening costs a read of the whole file."""
         with reading(self.path, "Exodus II (netCDF)"):
             if self._netcdf4:
                 import h5py
 
                 with h5py.File(self.path, "r") as file:
-                    return {name: _as_values(file[name][()], dict(file[name].attrs)) for name in names if name in file}
+                    names = list(file.keys())
+                    return names, {name: _as_values(file[name][()], dict(file[name].attrs)) for name in wanted(names)}
             from scipy.io import netcdf_file
 
             with netcdf_file(self.path, "r", mmap=False) as file:
-                return {name: _as_values(np.array(file.variables[name].data), file.variables[name]._attributes)
-                        for name in names if name in file.variables}
-
-    def _names(self) -> list:
-        with reading(self.path, "Exodus II (netCDF)"):
-            if self._netcdf4:
-                import h5py
-
-                with h5py.File(self.path, "r") as file:
-                    return list(file.keys())
-            from scipy.io import netcdf_file
-
-            with netcdf_file(self.path, "r", mmap=False) as file:
-                return list(file.variables)
+                names = list(file.variables)
+                return names, {name: _as_values(np.array(file.variables[name].data), file.variables[name]._attributes)
+                               for name in wanted(names)}
 
     def _layout(self):
         if not hasattr(self, "_cached"):
-            names = self._names()
-            blocks = sorted((name for name in names if name.startswith("connect") and name[7:].isdigit()),
-                            key=lambda name: int(name[7:]))
-            found = self._read(["coordx", "coordy", "coordz", "coord", "time_whole", "name_nod_var",
-                                "name_elem_var", *blocks])
+            def layout_names(names):
+                return [name for name in names if name in LAYOUT_VARIABLES or _block_number(name) is not None]
+
+            names, found = self._read(layout_names)
+            blocks = sorted((name for name in names if _block_number(name) is not None), key=_block_number)
             if "coordx" in found:
                 points = np.stack([found[axis][0] for axis in ("coordx", "coordy", "coordz") if axis in found], axis=1)
             elif "coord" in found:
@@ -81,7 +75,7 @@ class ExodusFile(DesignResults):
             points = np.pad(np.asarray(points, dtype=np.float64), ((0, 0), (0, 3 - points.shape[1])))
             connectivity = [(found[block][0] - 1, found[block][1].get("elem_type", "")) for block in blocks]
             self._cached = (points, connectivity, np.asarray(found.get("time_whole", (np.zeros(0),))[0], np.float64),
-                            found.get("name_nod_var", ([], {}))[0], found.get("name_elem_var", ([], {}))[0], names)
+                            found.get("name_nod_var", ([], {}))[0], found.get("name_elem_var", ([], {}))[0])
         return self._cached
 
     def points(self) -> np.ndarray:
@@ -100,28 +94,37 @@ class ExodusFile(DesignResults):
         return self._layout()[2]
 
     def variables(self) -> dict:
-        _, _, _, nodal, elemental, _ = self._layout()
+        _, _, _, nodal, elemental = self._layout()
         found = {name: Variable(1) for name in nodal}
         found.update({name: Variable(1, on_cells=True) for name in elemental if name not in found})
         return found
 
     def read(self, picks: list) -> np.ndarray:
-        points, connectivity, times, nodal, elemental, names = self._layout()
+        points, connectivity, times, nodal, elemental = self._layout()
         n_nodes, order = len(points), np.argsort(times, kind="stable")
+
+        def sources(pick) -> list:
+            """The netCDF variables that hold a pick's values: its nodal variable (one per variable, or the old
+            [T, V, M] one), or its element variable in each block."""
+            if pick.name in nodal:
+                return [f"vals_nod_var{nodal.index(pick.name) + 1}", "vals_nod_var"]
+            index = elemental.index(pick.name) + 1
+            return [f"vals_elem_var{index}eb{block + 1}" for block in range(len(connectivity))]
+
+        wanted = {name for pick in picks for name in sources(pick)}
+        _, found = self._read(lambda names: [name for name in names if name in wanted])
         values = np.empty((len(times), len(picks) * n_nodes), dtype=np.float32)
         for slot, pick in enumerate(picks):
-            if pick.name in nodal:
-                index = nodal.index(pick.name)
-                found = self._read([f"vals_nod_var{index + 1}", "vals_nod_var"])
-                if f"vals_nod_var{index + 1}" in found:
-                    column = found[f"vals_nod_var{index + 1}"][0]
-                elif "vals_nod_var" in found:
-                    column = found["vals_nod_var"][0][:, index]
-                else:
-                    raise InputError(self.path, f"design {self.name} names {pick.name} but holds no values of it",
-                                     REEXPORT_FIX)
+            own = sources(pick)
+            if pick.name not in nodal:
+                column = self._element_values(pick, own, found, connectivity, n_nodes, len(times))
+            elif own[0] in found:
+                column = found[own[0]][0]
+            elif own[1] in found:
+                column = found[own[1]][0][:, nodal.index(pick.name)]
             else:
-                column = self._element_values(elemental.index(pick.name), connectivity, n_nodes, len(times), names)
+                raise InputError(self.path, f"design {self.name} names {pick.name} but holds no values of it",
+                                 REEXPORT_FIX)
             column = np.asarray(column, dtype=np.float64).reshape(len(times), -1)
             if column.shape[1] != n_nodes:
                 raise InputError(self.path, f"design {self.name}: {pick.name} has {column.shape[1]} values per step "
@@ -129,16 +132,20 @@ class ExodusFile(DesignResults):
             values[:, slot * n_nodes:(slot + 1) * n_nodes] = column[order]
         return values
 
-    def _element_values(self, index: int, connectivity: list, n_nodes: int, n_steps: int, names: list):
-        """An element variable in every block that has it, averaged onto the nodes of those blocks [T, M]."""
-        wanted = [f"vals_elem_var{index + 1}eb{block + 1}" for block in range(len(connectivity))]
-        found = self._read([name for name in wanted if name in names])
-        blocks = [(connectivity[block][0], found[name][0]) for block, name in enumerate(wanted) if name in found]
+    def _element_values(self, pick, per_block: list, found: dict, connectivity: list, n_nodes: int, n_steps: int):
+        """An element variable in every block that has it (per_block: its netCDF name in each block), averaged onto
+        the nodes of those blocks [T, M]."""
+        blocks = [(connectivity[block][0], found[name][0]) for block, name in enumerate(per_block) if name in found]
         if not blocks:
-            raise InputError(self.path, f"design {self.name} names element variable {index + 1} but no block holds "
+            raise InputError(self.path, f"design {self.name} names element variable {pick.name} but no block holds "
                              "its values", REEXPORT_FIX)
         average = cell_average([nodes for nodes, _ in blocks], n_nodes)
         return average(np.concatenate([np.asarray(block).reshape(n_steps, -1) for _, block in blocks], axis=1))
+
+
+def _block_number(name: str) -> int | None:
+    """K of an element block's connectivity variable connectK, None for any other name."""
+    return int(name[7:]) if name.startswith("connect") and name[7:].isdigit() else None
 
 
 def _as_values(data, attributes):
