@@ -267,7 +267,8 @@ KEYS = (
         lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1", only_with=WITH_CONDITIONER),
     Key("latent_conditioner_weight_decay", "lc_weight_decay", float, 1e-4, "conditioner AdamW weight decay",
         _non_negative, only_with=WITH_CONDITIONER),
-    Key("lc_patience", "lc_patience", int, 100,
+    # 50: twice the longest wait between two better epochs on the benchmark's cases (docs/model.md)
+    Key("lc_patience", "lc_patience", int, 50,
         "stop the conditioner after this many epochs without a better validation loss (0: never)", _non_negative,
         resumable=True, only_with=WITH_CONDITIONER),
     Key("lc_ensemble", "lc_ensemble", int, 1, "networks trained side by side as one conditioner, each from its own "

@@ -37,8 +37,14 @@ def field_snapshots(plt, layout, designs, steps, true, predicted, label, path):
         raise ValueError(f"{len(rows)} snapshot rows asked for, at most {MAX_SNAPSHOT_ROWS}: show fewer designs or "
                          "steps")
     columns = 2 if layout.kind == "line" else 3
-    figure, axes = plt.subplots(len(rows), columns, figsize=(COLUMN_WIDTH * columns, ROW_HEIGHT * len(rows)),
-                                squeeze=False, layout="constrained")
+    width, height = COLUMN_WIDTH * columns, ROW_HEIGHT * len(rows)
+    # maps: fixed margins in inches, since every row is alike (a constrained layout of so many panels, each with its
+    # colourbar, costs seconds); curves: constrained, so that a long title fits
+    figure, axes = plt.subplots(len(rows), columns, figsize=(width, height), squeeze=False,
+                                layout="constrained" if layout.kind == "line" else None)
+    if layout.kind != "line":
+        figure.subplots_adjust(left=0.75 / width, right=1 - 0.8 / width, bottom=0.55 / height,
+                               top=1 - 0.35 / height, wspace=0.5, hspace=0.55)
     for row_axes, (index, design, step, var) in zip(axes, rows):
         simulated = layout.variables(true[index, step])[var]
         other = layout.variables(predicted[index, step])[var]

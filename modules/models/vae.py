@@ -332,9 +332,18 @@ class HierarchicalVAE(nn.Module):
     def decode(self, main_latent, level_latents, decode=True):
         """Latents [B, D] and [B, L, d] -> field [B, T, M] (scaled units). Differentiable. decode False: what the
         decoder writes (with a codec the codes, as forward's)."""
-        residual = self.decoder(main_latent, level_latents=level_latents)[0]
-        data = self._with_pod_path(residual, main_latent, level_latents)
+        if self.residual_is_zero():  # the network adds exactly 0 (given levels pass through it): skip its cost
+            data = self.pod.decode(torch.cat([main_latent, level_latents.flatten(1)], dim=1))
+        else:
+            residual = self.decoder(main_latent, level_latents=level_latents)[0]
+            data = self._with_pod_path(residual, main_latent, level_latents)
         return self.decode_data(data) if decode else data
+
+    def residual_is_zero(self) -> bool:
+        """True on the POD path while the network's output layers are all zero (its starting state, kept when no
+        epoch of training reconstructed better): the field is then the POD path's alone, whatever the latents."""
+        head, projection = self.decoder.head, self.decoder.node_projection
+        return self.pod is not None and not (head.weight.any() or head.bias.any() or projection.bias.any())
 
     def decode_around(self, main_latent, level_latents, level_noise):
         """Fields [B, T, M] around given latents: the main latent as given, each level's latent plus level_noise

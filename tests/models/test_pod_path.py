@@ -63,6 +63,22 @@ def test_a_fresh_model_is_pod_with_as_many_modes_as_latent_numbers(tmp_path):
         assert torch.allclose(model.decode(out["main_mean"], out["level_latents"]).double(), expected, atol=2e-5)
 
 
+def test_decoding_skips_the_network_only_while_it_adds_exactly_zero(tmp_path, monkeypatch):
+    config, case = noisy_case(tmp_path)
+    model = build_model(config, case, Runtime(torch.device("cpu"))).eval()
+    fields = scaled(case, case.val_indices)
+    with torch.no_grad():
+        main, levels = model.encode_means(fields)
+        assert model.residual_is_zero()
+        skipped = model.decode(main, levels)
+        monkeypatch.setattr(type(model), "residual_is_zero", lambda self: False)
+        assert torch.equal(skipped, model.decode(main, levels))  # the network's zeros change no bit
+        monkeypatch.undo()
+        model.decoder.head.bias[0] = 1e-3  # as after an epoch of training: the network is decoded again
+        assert not model.residual_is_zero()
+        assert not torch.equal(skipped, model.decode(main, levels))
+
+
 def test_without_the_pod_path_a_fresh_model_is_far_from_pod(tmp_path):
     config, case = noisy_case(tmp_path, extra="pod_path 0\n")
     model = build_model(config, case, Runtime(torch.device("cpu"))).eval()
