@@ -112,7 +112,11 @@ class NeuralFieldNodes(nn.Module):
             values = self._decode(rows, coordinates)
         else:  # a bounded number of rows at a time: [rows, P, WIDTH] activations, not [B * T, M, WIDTH]
             per_chunk = max(1, DECODE_BYTES // (4 * 2 * WIDTH * len(coordinates)))
-            values = torch.cat([self._decode(part, coordinates) for part in rows.split(per_chunk)])
+            # written into one block made first: small results kept between the chunks' large temporaries would
+            # fragment the host's heap, which then grows by about a chunk's activations per chunk
+            values = rows.new_empty(len(rows), self.n_vars * len(coordinates))
+            for start in range(0, len(rows), per_chunk):
+                values[start:start + per_chunk] = self._decode(rows[start:start + per_chunk], coordinates)
         return values.unflatten(0, (-1, codes.shape[1]))                                 # [B, T, V * P]
 
     def _decode(self, rows, coordinates):

@@ -342,8 +342,10 @@ class HierarchicalVAE(nn.Module):
     def residual_is_zero(self) -> bool:
         """True on the POD path while the network's output layers are all zero (its starting state, kept when no
         epoch of training reconstructed better): the field is then the POD path's alone, whatever the latents."""
+        if self.pod is None or torch.compiler.is_compiling():  # traced (export, ONNX): one graph for any weights
+            return False
         head, projection = self.decoder.head, self.decoder.node_projection
-        return self.pod is not None and not (head.weight.any() or head.bias.any() or projection.bias.any())
+        return not (head.weight.any() or head.bias.any() or projection.bias.any())
 
     def decode_around(self, main_latent, level_latents, level_noise):
         """Fields [B, T, M] around given latents: the main latent as given, each level's latent plus level_noise
