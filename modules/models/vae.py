@@ -345,7 +345,7 @@ class HierarchicalVAE(nn.Module):
         if self.pod is None or torch.compiler.is_compiling():  # traced (export, ONNX): one graph for any weights
             return False
         head, projection = self.decoder.head, self.decoder.node_projection
-        return not (head.weight.any() or head.bias.any() or projection.bias.any())
+        return not bool(head.weight.any() | head.bias.any() | projection.bias.any())  # one wait on a GPU, not three
 
     def decode_around(self, main_latent, level_latents, level_noise):
         """Fields [B, T, M] around given latents: the main latent as given, each level's latent plus level_noise
