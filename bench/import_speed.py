@@ -27,9 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-PLAIN_READ_BYTES = 64 * 2**20
-
-from loader_speed import drop_from_cache  # noqa: E402 - bench/ is on the path from here
+from loader_speed import PLAIN_READ_BYTES, drop_from_cache  # noqa: E402 - bench/ is on the path from here
 
 
 def parse_args(argv=None):
