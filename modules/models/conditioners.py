@@ -51,6 +51,8 @@ class ConditionerSpec:
     field_shape: tuple = ()  # neural_field: (T, M, n_vars) of the field it predicts itself
     spread_kind: str = ""  # neural_field: the fitted candidate on the latents ("gpr", "rbf") whose spread it carries
                            # (its gp_points: that one's training designs); "": none
+    field_modulation: str = "shift"  # neural_field: its field's (models.neural_field): "frame" on parameters, "shift"
+                                     # on images and in the files saved before format version 5
     encoder: str = ""  # neural_field, gpr, rbf on images: the image network ("cnn", "vit") that embeds them (models.
                        # image_embedding); "": they read parameters
 

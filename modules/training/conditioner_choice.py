@@ -24,7 +24,7 @@ from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.memory import batch_within_memory
 from modules.models.conditioners import LATENT_GP, LATENT_RBF, NEURAL_FIELD, ConditionerSpec, conditioner_label
 from modules.models.image_embedding import fitted_model
-from modules.models.neural_field import NeuralFieldConditioner
+from modules.models.neural_field import FRAME, SHIFT, NeuralFieldConditioner
 from modules.storage.paths import FIELD_FIT_CHECKPOINT
 from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
 
@@ -215,7 +215,8 @@ def neural_field_candidate(spec, case, config, rivals: dict, resume: bool = Fals
     on_images = config.design_inputs == "images"
     field_spec = dataclasses.replace(spec, kind=NEURAL_FIELD.kind, members=1, gp_points=0,
                                      field_shape=(config.n_steps_used, config.n_nodes_used, config.n_vars),
-                                     encoder=spec.kind if on_images else "")
+                                     encoder=spec.kind if on_images else "",
+                                     field_modulation=SHIFT if on_images else FRAME)  # docs/model.md says why
     passes = config.field_conditioner_epochs
     fit = SampledFieldFit(passes=passes, check_after=max(1, round(CHECK_SHARE * passes)) if rivals else 0,
                           designs_per_step=IMAGE_DESIGNS_PER_STEP if on_images else 0)

@@ -118,6 +118,29 @@ def test_it_reads_where_the_nodes_are():
     assert coordinates.min() == -1 and coordinates.max() == 1  # each axis onto [-1, 1], SIREN's range
 
 
+def test_the_frame_modulation_maps_the_coordinates_affinely_and_shifts_only_the_deeper_phases():
+    """FRAME's map (I + D(c)) x + e(c) of the coordinates: where the code sets D and e, the field at x is the one
+    the same network with D and e at zero draws at (I + D) x + e. The code shifts the phases of the deeper layers
+    only (the frame's translation moves the first)."""
+    from modules.models.neural_field import FRAME, LAYERS, WIDTH, NeuralFieldNodes
+    torch.manual_seed(0)
+    points = torch.rand(30, 2).numpy()
+    frame = NeuralFieldNodes(3, 30, 1, modulation=FRAME)
+    frame.set_coordinates(points)
+    assert frame.shifts.out_features == WIDTH * (LAYERS - 1)
+    codes = torch.randn(2, 4, 3)
+    with torch.no_grad():
+        moved = NeuralFieldNodes(3, 30, 1, modulation=FRAME)
+        moved.load_state_dict(frame.state_dict())
+        before = frame(codes)
+        frame.translation.bias.copy_(torch.tensor([0.3, -0.2]))
+        frame.warp.bias.copy_(torch.tensor([0.25, 0.1, 0.0, -0.2]))  # row-major D
+        matrix = torch.eye(2) + frame.warp.bias.view(2, 2)
+        moved.coordinates.copy_(moved.coordinates @ matrix.T + torch.tensor([0.3, -0.2]))
+        assert torch.allclose(frame(codes), moved(codes), atol=1e-5)
+        assert not torch.allclose(frame(codes), before, atol=1e-2)
+
+
 def test_grid_positions_are_column_and_row_and_a_line_of_nodes_has_none():
     assert node_positions(FieldLayout(1, grid_shape=(2, 3))).tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1],
                                                                           [2, 1]]  # node iy * W + ix
@@ -182,7 +205,7 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     assert choice.get("spread_from") == carried
     saved = torch.load(tmp_path / "model_save" / "latent_conditioner", weights_only=True)
     assert saved["spec"]["kind"] == "neural_field" and saved["spec"]["field_shape"] == [6, 20, 1]
-    assert saved["spec"]["spread_kind"] == (carried or "")
+    assert saved["spec"]["spread_kind"] == (carried or "") and saved["spec"]["field_modulation"] == "frame"
     assert saved["state_dict"]["field.coordinates"].shape == (20, 2)
     with Image.open(tmp_path / "output" / "conditioner_loss_curves.png") as image:  # the plots draw it too
         assert image.format == "PNG"

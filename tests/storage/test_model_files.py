@@ -109,16 +109,20 @@ def test_as_version_1_gives_what_version_1_wrote(version_1, demo):
     assert made["spec"].keys() == written["spec"].keys() and made["state_dict"].keys() == written["state_dict"].keys()
 
 
-def test_a_version_2_conditioner_reads_as_one_without_an_image_encoder_and_predicts_the_same(demo, tmp_path):
-    """Version 3 added a conditioner spec's encoder: a version 2 file (the demo's, as version 2 wrote it) reads with
-    encoder "" and predicts what the current file predicts."""
+@pytest.mark.parametrize("version, added", [(2, ("encoder", "field_modulation")), (4, ("field_modulation",))])
+def test_an_older_conditioner_reads_with_what_its_version_meant_and_predicts_the_same(demo, tmp_path, version, added):
+    """Version 3 added a conditioner spec's encoder, version 5 its neural field's modulation: a version 2 or 4 file
+    (the demo's, as that version wrote it) reads with encoder "" and modulation "shift" and predicts what the current
+    file predicts."""
     from modules.models.conditioners import ConditionerSpec
     from modules.storage.model_files import load_conditioner
     current = torch.load(demo / "model_save" / "latent_conditioner", weights_only=True)
-    older = {**current, "format_version": 2, "spec": {k: v for k, v in current["spec"].items() if k != "encoder"}}
-    torch.save(older, tmp_path / "v2")
-    network, facts = load_conditioner(tmp_path / "v2")
-    assert facts["format_version"] == FORMAT_VERSION == 4
+    older = {**current, "format_version": version,
+             "spec": {k: v for k, v in current["spec"].items() if k not in added}}
+    torch.save(older, tmp_path / "older")
+    network, facts = load_conditioner(tmp_path / "older")
+    assert facts["format_version"] == FORMAT_VERSION == 5
+    assert (facts["spec"]["encoder"], facts["spec"]["field_modulation"]) == ("", "shift")
     assert ConditionerSpec.from_dict(facts["spec"]) == ConditionerSpec.from_dict(current["spec"])
     inputs = torch.randn(3, current["spec"]["input_shape"][0])
     expected, _ = load_conditioner(demo / "model_save" / "latent_conditioner")
