@@ -40,8 +40,8 @@ class CoverageCounts:
     def add(self, rows, errors: np.ndarray, std: np.ndarray) -> None:
         """rows: the designs' positions among the validation designs; errors, std: [b, T, M], physical units. A
         value with no spread counts as inside every band when its error is 0 too, else as outside all; a non-finite
-        error or spread counts as outside all and is left out of the sums of std^2. One design
-        at a time: the float64 temporaries are a design's, not the batch's (a dozen copies of its field)."""
+        error or spread counts as outside all and is left out of the sums of std^2. One design at a time: the float64
+        temporaries are a design's, not the batch's (a dozen copies of its field)."""
         n_bins, n_steps = self.histogram.shape[2], self.histogram.shape[1]
         offsets = (np.arange(n_steps) * n_bins)[:, None]
         for row, design_errors, design_std in zip(rows, errors, std):
@@ -94,14 +94,13 @@ def fit_calibration(counts: CoverageCounts) -> dict:
 def _scale(histograms, has_spread):
     """The scale that puts FITTED_BAND's nominal share of the counted ratios |error| / std within it, from their
     histograms [..., bins] (one scale per histogram): the ratio below which that share lies (interpolated linearly in
-    log(ratio) inside its bin), over the band's k. 1 where there is no spread to scale (has_spread False); at most
-    RATIO_EDGES[-1] / k where more than the rest of the values lie beyond RATIO_EDGES[-1] spreads (or have none)."""
+    log(ratio) inside its bin), over the band's k. 1 where there is no spread to scale (has_spread False);
+    RATIO_EDGES[-1] / k where that share is not reached below RATIO_EDGES[-1] (more than the rest of the values lie
+    further out, or have no spread)."""
     histograms = np.asarray(histograms, np.float64)
     below = np.cumsum(histograms, axis=-1)                        # values in bins 0..b: ratio < RATIO_EDGES[b]
     wanted = _nominal(BANDS[FITTED_BAND]) * below[..., -1:]
     bins = np.minimum((below < wanted).sum(-1, keepdims=True), histograms.shape[-1] - 1)   # the bin reaching it
-    if not (histograms.sum(-1) > 0).all():
-        bins = np.where(histograms.sum(-1, keepdims=True) > 0, bins, 0)
     before = np.take_along_axis(below, bins, -1) - np.take_along_axis(histograms, bins, -1)
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = np.clip((wanted - before) / np.take_along_axis(histograms, bins, -1), 0, 1)
