@@ -320,7 +320,10 @@ def test_samples_are_written_with_their_mean_and_std_and_are_repeatable(copy_of,
     assert [round(row["predicted_relative_std"], 6) for row in spread] == [
         round(float(np.linalg.norm(std) / np.linalg.norm(field)), 6)
         for std, field in zip(np.load(tmp_path / "p_std.npy"), prediction)]
-    assert np.linalg.norm(np.load(tmp_path / "p_mean.npy") - prediction) < 0.1 * np.linalg.norm(prediction)
+    # the draws are centred on the prediction: the mean of 4 unbiased draws lies about half their rms deviation from
+    # it (a bias would bring it near the whole deviation)
+    off_centre = np.linalg.norm(np.load(tmp_path / "p_mean.npy") - prediction)
+    assert off_centre < 0.75 * np.linalg.norm(np.load(tmp_path / "p_std.npy"))
     assert np.array_equal(samples, np.load(tmp_path / "q_samples.npy"))
     assert not list(tmp_path.glob("*.tmp*"))
 
