@@ -1,7 +1,8 @@
 """Model files and checkpoints (storage.model_files, storage.model_format): every file holds its kind and format
 version; files of format version 1, written by an earlier SimulGenVAE (tests/storage/format_v1), load and predict,
-sample and reconstruct exactly what that version did; a file of a newer version is refused in one line."""
+sample and reconstruct what that version did, to float32 rounding; a file of a newer version is refused in one line."""
 import json
+import math
 import shutil
 from contextlib import chdir
 
@@ -24,6 +25,41 @@ def version_1(tmp_path):
     return tmp_path / "v1"
 
 
+def assert_as_recorded(values, recorded, name="") -> None:
+    """values equal the recorded ones to float32 rounding: the same sums on another CPU (the recorded files come from
+    one machine) may be added in another order and differ in the last bits; reading a file wrongly (a setting lost in
+    the migration, another modulation, a scale dropped) moves them by far more than this."""
+    recorded = np.asarray(recorded)
+    np.testing.assert_allclose(values, recorded, rtol=1e-5, atol=1e-6 * float(np.abs(recorded).max()), err_msg=name)
+
+
+def assert_predicted_as_recorded(got: dict, recorded: str) -> None:
+    """--predict's outputs (predicted's) equal the recorded ones (EXPECTED/recorded*.npy): the prediction to float32
+    rounding (assert_as_recorded); the draws, their mean and spread to a hundredth of the recorded spread. A draw is
+    decoded away from the prediction, where a last-bit difference in the spread or the latents grows through the
+    decoder (to about a thousandth of the spread between two CPUs, measured); other noise or a lost calibration scale
+    moves the draws by about the spread itself."""
+    spread = float(np.load(EXPECTED / f"{recorded}_std.npy").mean()) if "_std" in got else None
+    for name, values in got.items():
+        expected = np.load(EXPECTED / f"{recorded}{name}.npy")
+        if name:
+            np.testing.assert_allclose(values, expected, rtol=0, atol=0.01 * spread, err_msg=name)
+        else:
+            assert_as_recorded(values, expected, "prediction")
+
+
+def same_report(got, recorded) -> bool:
+    """Two JSON reports alike: the same keys, texts and flags, numbers equal to float32 rounding (assert_as_recorded)."""
+    if isinstance(recorded, dict):
+        return isinstance(got, dict) and got.keys() == recorded.keys() and all(
+            same_report(got[key], recorded[key]) for key in recorded)
+    if isinstance(recorded, list):
+        return isinstance(got, list) and len(got) == len(recorded) and all(map(same_report, got, recorded))
+    if isinstance(recorded, float):
+        return isinstance(got, (int, float)) and math.isclose(got, recorded, rel_tol=1e-5, abs_tol=1e-12)
+    return got == recorded and type(got) is type(recorded)
+
+
 def predicted(folder, out, source, *flags) -> dict:
     """--predict in folder; what it wrote, by the expected files' names."""
     with chdir(folder):
@@ -42,20 +78,18 @@ def test_a_version_1_conditioner_predicts_and_samples_what_it_did(version_1, tmp
     if kind != "default":
         shutil.copy(version_1 / f"conditioner_{kind}", version_1 / "case" / "model_save" / "latent_conditioner")
     got = predicted(version_1 / "case", tmp_path / kind, source, *(["--samples=3"] if samples else []))
-    for name, values in got.items():
-        assert np.array_equal(values, np.load(EXPECTED / f"{kind}{name}.npy")), name
-    assert json.loads((tmp_path / f"{kind}_report.json").read_text()) == json.loads(
-        (EXPECTED / f"{kind}_report.json").read_text())
+    assert_predicted_as_recorded(got, kind)
+    assert same_report(json.loads((tmp_path / f"{kind}_report.json").read_text()),
+                       json.loads((EXPECTED / f"{kind}_report.json").read_text()))
 
 
 def test_a_version_1_vae_on_snapshot_codes_predicts_and_reconstructs_what_it_did(version_1, tmp_path):
     got = predicted(version_1 / "codec_case", tmp_path / "codec", "new_designs.csv", "--samples=3")
-    for name, values in got.items():
-        assert np.array_equal(values, np.load(EXPECTED / f"codec_default{name}.npy")), name
+    assert_predicted_as_recorded(got, "codec_default")
     for case, expected in (("codec_case", "reconstruct_codec_vae"), ("case", "reconstruct_fields_vae")):
         with chdir(version_1 / case):
             assert main(["--reconstruct=new_fields.npy", f"--out={tmp_path / expected}.npy"]) == 0
-        assert np.array_equal(np.load(tmp_path / f"{expected}.npy"), np.load(EXPECTED / f"{expected}.npy"))
+        assert_as_recorded(np.load(tmp_path / f"{expected}.npy"), np.load(EXPECTED / f"{expected}.npy"), expected)
 
 
 @pytest.mark.slow
