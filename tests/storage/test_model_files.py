@@ -49,7 +49,7 @@ def assert_predicted_as_recorded(got: dict, recorded: str) -> None:
 
 
 def same_report(got, recorded) -> bool:
-    """Two JSON reports alike: the same keys, texts and flags, numbers equal to float32 rounding (assert_as_recorded)."""
+    """Two JSON reports alike: the same keys, texts and flags; numbers equal to float32 rounding."""
     if isinstance(recorded, dict):
         return isinstance(got, dict) and got.keys() == recorded.keys() and all(
             same_report(got[key], recorded[key]) for key in recorded)
