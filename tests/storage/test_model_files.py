@@ -48,15 +48,18 @@ def assert_predicted_as_recorded(got: dict, recorded: str) -> None:
             assert_as_recorded(values, expected, "prediction")
 
 
-def same_report(got, recorded) -> bool:
-    """Two JSON reports alike: the same keys, texts and flags; numbers equal to float32 rounding."""
+def same_report(got, recorded, key: str = "") -> bool:
+    """Two JSON reports alike: the same keys, texts and flags; numbers equal to float32 rounding, but for a design's
+    predicted_relative_std, which its draws give, to a hundredth of itself (assert_predicted_as_recorded)."""
     if isinstance(recorded, dict):
         return isinstance(got, dict) and got.keys() == recorded.keys() and all(
-            same_report(got[key], recorded[key]) for key in recorded)
+            same_report(got[name], recorded[name], name) for name in recorded)
     if isinstance(recorded, list):
-        return isinstance(got, list) and len(got) == len(recorded) and all(map(same_report, got, recorded))
+        return isinstance(got, list) and len(got) == len(recorded) and all(
+            same_report(one, other, key) for one, other in zip(got, recorded))
     if isinstance(recorded, float):
-        return isinstance(got, (int, float)) and math.isclose(got, recorded, rel_tol=1e-5, abs_tol=1e-12)
+        tolerance = 1e-2 if key == "predicted_relative_std" else 1e-5
+        return isinstance(got, (int, float)) and math.isclose(got, recorded, rel_tol=tolerance, abs_tol=1e-12)
     return got == recorded and type(got) is type(recorded)
 
 
