@@ -264,3 +264,13 @@ def stop_at_step(monkeypatch, count: int):
 
     monkeypatch.setattr(guard.Guard, "after_step", after_step)
     return real
+
+
+def sklearn_gpr(inputs, target, seed):
+    """The scikit-learn fit that fit_gpr writes out: the same kernel, bounds, starts and optimiser."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(inputs.shape[1]), (1e-2, 1e3))
+              + WhiteKernel(1e-4, (1e-8, 1e-1)))
+    return GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=1, random_state=seed).fit(
+        inputs, target)

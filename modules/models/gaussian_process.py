@@ -4,34 +4,95 @@ maps parameters to the VAE's latents with one GP per latent dimension.
 With a few hundred designs (the users' normal case) a GP is often the better regressor than a network
 (docs/accuracy.md). The conditioner keeps what each fitted GP's posterior mean and variance need as plain tensors, so
 it is saved, loaded, moved to a GPU and decoded through like any other conditioner, and --predict needs no
-scikit-learn object. The posterior variance is the GP's own uncertainty: small next to the training designs, the
+fitting code. The posterior variance is the GP's own uncertainty: small next to the training designs, the
 prior's far from them.
 """
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 JITTER_LIMIT = 1e-4  # the largest jitter, relative to a GP's variance, added to factorise its training covariance
+FIT_JITTER = 1e-10  # added to the training covariance's diagonal when fitting (scikit-learn's default alpha)
+# bounds of the hyperparameters: the signal variance, each parameter's length scale, the white-noise level (the
+# targets normalised to unit variance, the parameters standardised)
+AMPLITUDE_BOUNDS, LENGTH_BOUNDS, NOISE_BOUNDS = (1e-3, 1e3), (1e-2, 1e3), (1e-8, 1e-1)
 
 
-def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int):
+@dataclass(frozen=True)
+class GPFit:
+    """One fitted GP from standardised parameters to one target: signal amplitude * exp(-|(x - x') / length_scales|^2
+    / 2) plus noise_level on the training designs, in units of the targets normalised by target_mean and target_std;
+    weights = (K + (noise + FIT_JITTER) I)^-1 y over the training designs train_inputs [n, P]."""
+    amplitude: float
+    length_scales: np.ndarray
+    noise_level: float
+    weights: np.ndarray
+    target_mean: float
+    target_std: float
+    train_inputs: np.ndarray
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """The posterior mean [B] at designs [B, P], in the targets' units."""
+        steps = (np.asarray(inputs, dtype=np.float64)[:, None, :] - self.train_inputs[None]) / self.length_scales
+        kernel = self.amplitude * np.exp(-0.5 * (steps ** 2).sum(-1))
+        return kernel @ self.weights * self.target_std + self.target_mean
+
+
+def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int) -> GPFit:
     """A GP from inputs [n, P] to one target [n]: a constant times an anisotropic RBF kernel (one length scale per
-    parameter) plus white noise, targets normalised, hyperparameters by maximum likelihood (one restart); a fitted
-    scikit-learn GaussianProcessRegressor. scikit-learn is imported here, not above: --predict loads a GP conditioner
-    without it (a second of start-up)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    parameter) plus white noise, targets normalised, hyperparameters by maximum likelihood from two starts (all ones
+    with noise 1e-4, then one drawn log-uniformly within the bounds by a RandomState(seed)), L-BFGS-B on the log
+    hyperparameters. This is scikit-learn's GaussianProcessRegressor(ConstantKernel(1) * RBF(ones) + WhiteKernel(1e-4),
+    normalize_y=True, n_restarts_optimizer=1) fit, same starts, bounds and optimiser (a test holds the two together),
+    written out because its general kernel machinery spends most of each likelihood evaluation on bookkeeping, and a
+    GP per latent number made most of a small run's time (docs/accuracy.md). scipy is imported here, not above: --predict loads a GP
+    conditioner without it (a third of a second of start-up)."""
+    import scipy.optimize
+    from scipy.linalg import cho_solve, cholesky
 
-    n_params = inputs.shape[1]
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(n_params), (1e-2, 1e3))
-              + WhiteKernel(1e-4, (1e-8, 1e-1)))
-    model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=1, random_state=seed)
-    with warnings.catch_warnings():  # a length scale at its bound is a fact of the data, not a failure
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(inputs, targets)
+    x = np.asarray(inputs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    n, n_params = x.shape
+    target_mean, target_std = float(y.mean()), float(y.std())
+    if target_std < 10 * np.finfo(np.float64).eps:  # constant targets: normalise by 1, as scikit-learn does
+        target_std = 1.0
+    y = (y - target_mean) / target_std
+    steps = ((x[:, None, :] - x[None, :, :]) ** 2).reshape(n * n, n_params)  # squared differences per parameter
+    identity = np.eye(n)
+
+    def signal_kernel(theta):
+        return np.exp(theta[0]) * np.exp(-0.5 * (steps @ np.exp(-2 * theta[1:-1]))).reshape(n, n)
+
+    def factor(theta, signal):
+        return cholesky(signal + (np.exp(theta[-1]) + FIT_JITTER) * identity, lower=True, check_finite=False)
+
+    def negative_log_likelihood(theta):
+        """-log p(y | theta) and its gradient in theta = log(amplitude, length scales, noise) (Rasmussen and
+        Williams, eq. 5.9); +inf where the covariance does not factorise, which the line search steps back from."""
+        signal = signal_kernel(theta)
+        try:
+            lower = factor(theta, signal)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros_like(theta)
+        alpha = cho_solve((lower, True), y, check_finite=False)
+        log_likelihood = -0.5 * y @ alpha - np.log(np.diag(lower)).sum() - n / 2 * np.log(2 * np.pi)
+        inner = np.outer(alpha, alpha) - cho_solve((lower, True), identity, check_finite=False)
+        weighted = inner * signal  # d K / d log(amplitude) is the signal kernel itself
+        gradient = np.concatenate([[weighted.sum()], (weighted.reshape(-1) @ steps) * np.exp(-2 * theta[1:-1]),
+                                   [np.trace(inner) * np.exp(theta[-1])]])
+        return -log_likelihood, -0.5 * gradient
+
+    bounds = np.log(np.array([AMPLITUDE_BOUNDS] + [LENGTH_BOUNDS] * n_params + [NOISE_BOUNDS]))
+    starts = [np.log(np.concatenate([[1.0], np.ones(n_params), [1e-4]])),
+              np.random.RandomState(seed).uniform(bounds[:, 0], bounds[:, 1])]
+    optima = [scipy.optimize.minimize(negative_log_likelihood, start, method="L-BFGS-B", jac=True, bounds=bounds)
+              for start in starts]
+    theta = np.clip(min(optima, key=lambda optimum: optimum.fun).x, bounds[:, 0], bounds[:, 1])
+    lower = factor(theta, signal_kernel(theta))  # raises np.linalg.LinAlgError where even the optimum does not
+    return GPFit(float(np.exp(theta[0])), np.exp(theta[1:-1]), float(np.exp(theta[-1])),
+                 cho_solve((lower, True), y, check_finite=False), target_mean, target_std, x.copy())
 
 
 class GPRConditioner(nn.Module):
@@ -71,17 +132,16 @@ class GPRConditioner(nn.Module):
 
     def observed_cholesky(self, observed):
         """Lower Cholesky factors [D, N, N] of each GP's covariance of the observed designs [N, P]: signal kernel +
-        noise level + 1e-10 on the diagonal, as scikit-learn factorised the training designs' when fitting (its
-        alpha)."""
+        noise level + FIT_JITTER on the diagonal, as fit_gpr factorised the training designs'."""
         covariance = self.covariance(observed, observed)                                             # [D, N, N]
-        diagonal = (self.noise_levels + 1e-10)[:, None] * torch.ones_like(covariance[:, 0])
+        diagonal = (self.noise_levels + FIT_JITTER)[:, None] * torch.ones_like(covariance[:, 0])
         matrix = covariance + torch.diag_embed(diagonal)
         factor, info = torch.linalg.cholesky_ex(matrix)
         jitter, identity = 1e-10, torch.eye(len(observed), dtype=matrix.dtype, device=matrix.device)
         scale = matrix.diagonal(dim1=1, dim2=2).mean(1)[:, None, None]  # each GP's variance
         # A GP fitted with almost no noise to very smooth latents has a covariance that is positive definite only up
-        # to rounding (the kernel here is rebuilt, not scikit-learn's own matrix): add the smallest jitter, relative
-        # to its variance, that factorises it, as GPyTorch's psd_safe_cholesky does
+        # to rounding (the kernel here is rebuilt in another order of operations than the fit's): add the smallest
+        # jitter, relative to its variance, that factorises it, as GPyTorch's psd_safe_cholesky does
         while bool((info > 0).any()) and jitter < JITTER_LIMIT:
             jitter *= 10
             failed = info > 0
@@ -127,14 +187,13 @@ class GPRConditioner(nn.Module):
         """Fit a GP per column of targets [n, D] on inputs [n, P] (fit_gpr) and keep what their posterior means and
         variances are computed from."""
         for dim in range(targets.shape[1]):
-            model = fit_gpr(inputs, targets[:, dim], seed)
-            signal = model.kernel_.k1  # ConstantKernel * RBF; the WhiteKernel only acts on the training points
-            self.amplitudes[dim] = signal.k1.constant_value
-            self.length_scales[dim] = torch.as_tensor(np.broadcast_to(signal.k2.length_scale, inputs.shape[1]).copy())
-            self.weights[:, dim] = torch.as_tensor(model.alpha_.reshape(-1))
-            self.target_mean[dim] = float(np.asarray(model._y_train_mean).reshape(-1)[0])
-            self.target_std[dim] = float(np.asarray(model._y_train_std).reshape(-1)[0])
-            self.noise_levels[dim] = model.kernel_.k2.noise_level
+            fitted = fit_gpr(inputs, targets[:, dim], seed)
+            self.amplitudes[dim] = fitted.amplitude
+            self.length_scales[dim] = torch.as_tensor(fitted.length_scales)
+            self.weights[:, dim] = torch.as_tensor(fitted.weights)
+            self.target_mean[dim] = fitted.target_mean
+            self.target_std[dim] = fitted.target_std
+            self.noise_levels[dim] = fitted.noise_level
         self.train_inputs.copy_(torch.as_tensor(inputs))
         self._cholesky = None
         return self

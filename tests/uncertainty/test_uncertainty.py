@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import as_version_1, evaluation_report
+from conftest import as_version_1, evaluation_report, sklearn_gpr
 from modules.cli import main
 from modules.data.scaling import ColumnScaler
 from modules.models.conditioners import ConditionerSpec, build_conditioner
-from modules.models.gaussian_process import GPRConditioner, fit_gpr
+from modules.models.gaussian_process import GPRConditioner
 from modules.storage.model_files import load_conditioner, save_conditioner
 from modules.uncertainty.calibration import CoverageCounts, fit_calibration
 from modules.uncertainty.next_designs import pick_diverse, sobol_candidates, variance_reduction_picks
@@ -85,10 +85,13 @@ def test_the_gp_posterior_std_is_sklearns_without_the_observation_noise_and_grow
     queries = np.concatenate([inputs[:3] + 0.01, far])
     mean, std = gp.latent_spread(torch.from_numpy(queries))
     for dim in range(2):
-        model = fit_gpr(inputs, targets[:, dim], seed=0)
+        model = sklearn_gpr(inputs, targets[:, dim], seed=0)
         expected_mean, expected_std = model.predict(queries, return_std=True)
         noise = model.kernel_.k2.noise_level * float(np.asarray(model._y_train_std).reshape(-1)[0]) ** 2
-        assert np.allclose(mean[:, dim].numpy(), expected_mean, atol=1e-5)
+        assert np.allclose(mean[:3, dim].numpy(), expected_mean[:3], atol=1e-5)
+        # far from the designs the mean follows the amplitude, which the likelihood leaves flat to the optimiser's
+        # tolerance: there to 1e-3 of itself
+        assert np.allclose(mean[3:, dim].numpy(), expected_mean[3:], rtol=1e-3)
         assert np.allclose(std[:, dim].numpy() ** 2, expected_std ** 2 - noise, rtol=1e-3, atol=1e-8)
     assert (std[3:] > 10 * std[:3].max()).all()
 
