@@ -184,7 +184,8 @@ def test_fit_gpr_finds_the_hyperparameters_and_predictions_of_scikit_learns_gaus
 
 
 def test_the_latent_gp_conditioner_is_the_posterior_mean_of_one_fitted_gp_per_latent_number():
-    """Its tensors reproduce scikit-learn's predictions, on new inputs, in a module that is saved as a state dict."""
+    """Its tensors reproduce fit_gpr's predictions (scikit-learn's, by the test above), on new inputs, in a module
+    that is saved as a state dict."""
     from modules.models.gaussian_process import GPRConditioner, fit_gpr
     rng = np.random.default_rng(0)
     inputs, new = rng.uniform(-1, 1, (40, 3)), rng.uniform(-1, 1, (7, 3))
