@@ -47,8 +47,8 @@ def fit_gpr(inputs: np.ndarray, targets: np.ndarray, seed: int) -> GPFit:
     hyperparameters. This is scikit-learn's GaussianProcessRegressor(ConstantKernel(1) * RBF(ones) + WhiteKernel(1e-4),
     normalize_y=True, n_restarts_optimizer=1) fit, same starts, bounds and optimiser (a test holds the two together),
     written out because its general kernel machinery spends most of each likelihood evaluation on bookkeeping, and a
-    GP per latent number made most of a small run's time (docs/accuracy.md). scipy is imported here, not above: --predict loads a GP
-    conditioner without it (a third of a second of start-up)."""
+    GP per latent number made most of a small run's time (docs/accuracy.md). scipy is imported here, not above:
+    --predict loads a GP conditioner without it (a third of a second of start-up)."""
     import scipy.optimize
     from scipy.linalg import cho_solve, cholesky
 

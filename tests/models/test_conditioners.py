@@ -164,10 +164,10 @@ def test_mlp_learns_a_smooth_function():
 @pytest.mark.parametrize("case", ["smooth", "noisy", "one parameter", "constant", "scaled", "two optima"])
 def test_fit_gpr_finds_the_hyperparameters_and_predictions_of_scikit_learns_gaussian_process(case):
     """fit_gpr is scikit-learn's GaussianProcessRegressor fit, written out for speed: on smooth, noisy, one-parameter,
-    constant and large-valued targets, and on 12 noisy designs whose likelihood has two optima that the two seeds'
-    second starts reach, its hyperparameters are as likely by scikit-learn's own log marginal likelihood (to 1e-5
-    nats and 1e-7 of it: the optimiser's tolerance where the likelihood is flat) and as near (1e-3 on the log scale), and it predicts
-    the same posterior mean (to 1e-6 of the targets' spread)."""
+    constant and large-valued targets, and on 12 noisy designs whose likelihood has two optima that the two
+    seeds' second starts reach, its hyperparameters are as likely by scikit-learn's own log marginal likelihood
+    (to 1e-5 nats and 1e-7 of it: the optimiser's tolerance where the likelihood is flat) and as near (1e-3 on
+    the log scale), and it predicts the same posterior mean (to 1e-6 of the targets' spread)."""
     from modules.models.gaussian_process import fit_gpr
     if case == "two optima":
         rng = np.random.default_rng(0)
