@@ -35,14 +35,14 @@ Without gradients (validation, evaluation, --predict) every node is decoded, a b
 rows at a time, so the activations stay under DECODE_BYTES whatever T and M are. The field runs in float32 also
 under mixed precision: a phase of 30 (W x + b) in bfloat16 (3 significant digits) would be off by about 0.1 rad.
 """
-import dataclasses
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from modules.models.image_embedding import EMBEDDING, ImageEncoder, fitted_model
+from modules.models.carried_spread import CarriesSpread
+from modules.models.image_embedding import EMBEDDING, ImageEncoder
 
 WIDTH = 128              # sine layer width
 LAYERS = 3
@@ -160,43 +160,24 @@ class NeuralFieldNodes(nn.Module):
         return values.transpose(1, 2).flatten(1)                                        # [r, V * P]
 
 
-class NeuralFieldConditioner(nn.Module):
+class NeuralFieldConditioner(CarriesSpread):
     """Standardised parameters [B, P] or images [B, C, S, S] -> scaled fields [B, T, M] (or [B, T, V * P] at node
     indices [P] within each variable): the code MLP (parameters or the image's embedding, t) -> c_t, then
     NeuralFieldNodes. With spec.encoder ("cnn", "vit") the designs are images, read by an ImageEncoder trained with
     the field (models.image_embedding). spec.field_shape is (T, M, n_vars); the time steps enter as evenly spaced
-    values in [-1, 1]. decodes_fields tells models.surrogate that its output is the field itself, not latents for the
-    VAE's decoder.
+    values in [-1, 1]. decodes_fields (CarriesSpread's) tells models.surrogate that its output is the field itself,
+    not latents for the VAE's decoder.
 
     It has no spread of its own. With spec.spread_kind it carries the fitted candidate on the latents of that kind
-    (a GP or a thin-plate spline, on the parameters or on this field's image embedding: `spread`), whose posterior
-    spread of the latents, decoded by the VAE around its own latents, models.surrogate adds to this field's prediction
-    for a draw; the calibration then scales that spread to this field's own errors on the validation designs
-    (uncertainty.spread)."""
-
-    decodes_fields = True
+    (a GP or a thin-plate spline, on the parameters or on this field's image embedding: models.carried_spread)."""
 
     def __init__(self, spec):
-        super().__init__()
+        super().__init__(spec)
         n_steps, n_nodes, n_vars = spec.field_shape
         self.encoder = ImageEncoder(spec) if spec.encoder else None
         self.codes = code_network((EMBEDDING if spec.encoder else spec.input_shape[0]) + 1)
         self.field = NeuralFieldNodes(CODE, n_nodes, n_vars, modulation=spec.field_modulation)
         self.register_buffer("times", torch.linspace(-1, 1, n_steps))
-        self.spread = fitted_model(dataclasses.replace(spec, kind=spec.spread_kind)) if spec.spread_kind else None
-
-    @property
-    def spread_kind(self) -> str | None:
-        """uncertainty.spread's name of where its spread comes from; None: it has none."""
-        if self.spread is None:
-            return None
-        return "field_rbf" if getattr(self.spread, "spread_kind", None) == "rbf" else "field_gp"
-
-    def latent_spread(self, inputs):
-        """The carried model's (latents [B, D], their standard deviations [B, D]): what a draw perturbs."""
-        if self.spread is None:
-            raise ValueError("this neural field carries no spread")
-        return self.spread.latent_spread(inputs)
 
     def features(self, images):
         """The image encoder's features (uncertainty.design_range compares images there)."""
