@@ -168,9 +168,9 @@ def as_version_1(payload: dict) -> dict:
     """A model file's payload as format version 1 wrote it (storage.model_format): no format_version, its kind's
     name ending in -v1. Deleting an entry from it then gives a file of an older version 1 that lacked it."""
     payload = {key: value for key, value in payload.items() if key != "format_version"}
-    if "spread_kind" in payload.get("spec", {}):  # a conditioner spec's entries that versions 2, 3 and 5 added
+    if "spread_kind" in payload.get("spec", {}):  # a conditioner spec's entries that versions 2, 3, 5 and 6 added
         payload["spec"] = {key: value for key, value in payload["spec"].items()
-                           if key not in ("spread_kind", "encoder", "field_modulation")}
+                           if key not in ("spread_kind", "encoder", "field_modulation", "frame")}
     return {**payload, "format": payload["format"] + "-v1"}
 
 

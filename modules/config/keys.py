@@ -94,6 +94,9 @@ WITH_LATENT_REGULARIZATION = (lambda c: c.use_e2e_training == 1 and c.use_latent
                               "use_e2e_training or use_latent_regularization is 0")
 WITH_PLOTS = (lambda c: c.plot < 2, "plot is 2 (no plots)")
 WITH_PARAMETERS = (lambda c: c.input_type == "csv", "input_type is not csv")
+WITH_GRID = (lambda c: bool(c.grid_shape), "grid_shape is not given")
+WITH_PARAMETERS_ON_GRID = (lambda c: c.input_type == "csv" and bool(c.grid_shape),
+                           "input_type is not csv or grid_shape is not given")
 WITH_FEWER_STEPS = (lambda c: c.n_steps_used < c.n_steps, "Dim2_red is not below Dim2 (every step is kept)")
 
 KEYS = (
@@ -212,6 +215,9 @@ KEYS = (
     Key("grid_shape", "grid_shape", str, "", "H W: each variable's nodes form an H x W grid (row-major), so fields "
         "are drawn as maps and .xdmf outputs are quads", lambda v: _whole_numbers(v, "grid sizes", count=2,
                                                                                    positive=True), resumable=True),
+    Key("grid_periodic", "grid_periodic", int, 0, "1: the grid (grid_shape) wraps around at its edges, a periodic "
+        "domain: the feature-frame GP measures where a feature is across an edge", choices=(0, 1), resumable=True,
+        only_with=WITH_GRID),
     Key("mesh_file", "mesh_file", str, "", "a mesh meshio reads (.vtu, .vtk, .msh, .inp, .xdmf, ...) whose points are "
         "the nodes of one variable, in node order: the plots draw fields on its cells, .xdmf and .h5 outputs carry "
         "it", resumable=True),
@@ -282,6 +288,11 @@ KEYS = (
         "images: from the neural field's embedding of them) to the latents (POD + RBF while the VAE is at its POD "
         "start) and keep it instead of the others when it predicts the validation designs' fields better; 0: not "
         "tried", choices=(0, 1), resumable=True, only_with=WITH_CONDITIONER, earlier=0),
+    Key("feature_frame_gp", "feature_frame_gp", int, 1, "1: where the designs are parameters and the nodes a grid "
+        "(grid_shape), also fit a GP per number of each time step's feature frame (the centroid and spread of the "
+        "field) and of the field drawn in that frame, and keep it instead of the others when it predicts the "
+        "validation designs' fields better (features that move, turn and stretch); 0: not tried", choices=(0, 1),
+        resumable=True, only_with=WITH_PARAMETERS_ON_GRID, earlier=0),
     Key("field_conditioner_epochs", "field_conditioner_epochs", int, 60, "where the nodes' positions are known "
         "(grid_shape, mesh_file or node_coordinates): passes over the training designs' time steps of a neural-field "
         "conditioner (parameters, or an image through an encoder trained with it, and time -> a code that shifts a "

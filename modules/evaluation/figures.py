@@ -14,7 +14,7 @@ from modules.config.keys import LOSS_NAMES, whole_numbers
 from modules.data.field_layout import read_field_layout
 from modules.errors import InputError
 from modules.evaluation import drawing
-from modules.models.conditioners import LATENT_GP, LATENT_RBF, NEURAL_FIELD
+from modules.models.conditioners import FEATURE_FRAME, LATENT_GP, LATENT_RBF, NEURAL_FIELD
 from modules.storage.atomic import save_figure
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_PLOT
 
@@ -131,7 +131,7 @@ def conditioner_panels(history, evaluation) -> list:
     facts = evaluation.conditioner.facts if evaluation.conditioner is not None else {}
     trained = facts.get("config", {})  # the conditioner's own settings, which a --lc_only run may have changed
     other = {LATENT_GP.kind: "the GP on the latents", LATENT_RBF.kind: "the RBF on the latents",
-             NEURAL_FIELD.kind: "the neural field"}.get(
+             NEURAL_FIELD.kind: "the neural field", FEATURE_FRAME.kind: "the feature-frame GP"}.get(
         facts.get("spec", {}).get("kind"))
     title = "conditioner objective" + (f"\n(this network was not kept: {other} predicts better)" if other else "")
     latent = "MSE of the standardised latents (no unit)"

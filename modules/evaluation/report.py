@@ -13,7 +13,7 @@ import numpy as np
 from modules.config.keys import LOSS_NAMES
 from modules.evaluation import figures
 from modules.evaluation.metrics import as_percent
-from modules.models.conditioners import CONDITIONERS, NEURAL_FIELD, conditioner_label
+from modules.models.conditioners import CONDITIONERS, FEATURE_FRAME, NEURAL_FIELD, conditioner_label
 from modules.storage.atomic import save_json, save_text
 from modules.storage.paths import OUTPUT_DIR, PREDICTION_REPORT
 from modules.uncertainty.spread import calibration_words
@@ -246,9 +246,10 @@ def uncertainty_section(evaluation) -> dict | None:
         return None
     facts = evaluation.conditioner.facts
     kept = {"kept_instead": f"the {conditioner_label(facts['spec']['kind'])}"}  # what an ensemble not kept lost to
-    if facts["spec"]["kind"] == NEURAL_FIELD.kind and not facts["spec"].get("spread_kind"):
-        return {"note": "no uncertainty: the neural field kept as the conditioner carries none (latent_gp 1 or "
-                        "latent_rbf 1 gives it one)", "ensemble": facts["ensemble"], **kept}
+    if facts["spec"]["kind"] in (NEURAL_FIELD.kind, FEATURE_FRAME.kind) and not facts["spec"].get("spread_kind"):
+        return {"note": f"no uncertainty: the {conditioner_label(facts['spec']['kind'])} kept as the conditioner "
+                        "carries none (latent_gp 1 or latent_rbf 1 gives it one)", "ensemble": facts["ensemble"],
+                **kept}
     if (facts["calibration"] or {}).get("no_spread"):
         return {"note": "no uncertainty: " + calibration_words(facts["calibration"]), "ensemble": facts["ensemble"],
                 **kept}

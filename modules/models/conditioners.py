@@ -7,11 +7,13 @@ standardised, so each network ends in a Linear started near zero and an untraine
   Dropout -> Linear, with dropout growing with depth so the widest, most specific features are regularised most.
 - CNN  (kind "cnn") and ViT (kind "vit"): design images [B, C, S, S] (models.image_networks).
 
-Besides the network trained for input_type, three candidates are kept instead of it when they predict the validation
+Besides the network trained for input_type, four candidates are kept instead of it when they predict the validation
 designs' fields better (training.conditioner_choice): a neural field that predicts the field itself, not latents
-(models.neural_field; models.surrogate decodes either kind), a GP per latent number (models.gaussian_process) and a
-thin-plate-spline interpolant of the latents (models.radial_basis). On images the neural field reads them through an
-image encoder it trains, and the GP and the spline are fitted on that encoder's embedding (models.image_embedding).
+(models.neural_field; models.surrogate decodes either kind), on a grid a GP per number of each time step's feature
+frame and of the field in it (models.feature_frame; also the field itself), a GP per latent number (models.
+gaussian_process) and a thin-plate-spline interpolant of the latents (models.radial_basis). On images the neural
+field reads them through an image encoder it trains, and the GP and the spline are fitted on that encoder's
+embedding (models.image_embedding).
 
 With members > 1 (lc_ensemble) the conditioner is an ensemble of that many networks of the spec, started from
 different random weights and trained side by side (ConditionerEnsemble): its prediction is their mean, their spread
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from modules.models.feature_frame import FeatureFrameConditioner
 from modules.models.gaussian_process import GPRConditioner
 from modules.models.grad_checkpointing import run_blocks
 from modules.models.image_embedding import FITTED_MODELS, fitted_model
@@ -55,15 +58,17 @@ class ConditionerSpec:
                                      # on images and in the files saved before format version 5
     encoder: str = ""  # neural_field, gpr, rbf on images: the image network ("cnn", "vit") that embeds them (models.
                        # image_embedding); "": they read parameters
+    frame: tuple = ()  # feature_frame: (H, W, modes, periodic) of its grid and its frame's POD modes (models.
+                       # feature_frame)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "input_shape": list(self.input_shape), "filters": list(self.filters),
-                "field_shape": list(self.field_shape)}
+                "field_shape": list(self.field_shape), "frame": list(self.frame)}
 
     @classmethod
     def from_dict(cls, values) -> "ConditionerSpec":
         return cls(**{**values, "input_shape": tuple(values["input_shape"]), "filters": tuple(values["filters"]),
-                      "field_shape": tuple(values["field_shape"])})
+                      "field_shape": tuple(values["field_shape"]), "frame": tuple(values.get("frame", ()))})
 
 
 def build_conditioner(spec: ConditionerSpec) -> nn.Module:
@@ -160,4 +165,7 @@ LATENT_RBF = Conditioner("rbf", "RBF on latents", RBFConditioner)
 # Trained on the fields themselves, from parameters or images, where the nodes' positions are known: kept instead of
 # the others when it predicts better (field_conditioner_epochs); its output is the field, not latents.
 NEURAL_FIELD = Conditioner("neural_field", "neural field", NeuralFieldConditioner)
-NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, LATENT_RBF, NEURAL_FIELD)}
+# Fitted on the fields themselves, from parameters, where they lie on a grid: each time step's feature frame and the
+# field in it (feature_frame_gp); its output is the field.
+FEATURE_FRAME = Conditioner("feature_frame", "feature-frame GP", FeatureFrameConditioner)
+NETWORKS = {row.kind: row for row in (*CONDITIONERS.values(), LATENT_GP, LATENT_RBF, NEURAL_FIELD, FEATURE_FRAME)}

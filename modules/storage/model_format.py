@@ -21,6 +21,8 @@ fit checkpoint (checkpoints/snapshot_codec_fit.pt; now one file per candidate of
 Version 5 added a conditioner spec's `field_modulation` (a neural-field conditioner whose code moves and deforms its
 field's frame: models.neural_field's FRAME); an older neural field shifts phases only, so it gets "shift". An older
 neural field's fit checkpoint is then another fit (its facts' spec differs) and is fitted afresh, said.
+Version 6 added a conditioner spec's `frame` (a feature-frame GP's grid and modes: models.feature_frame); an older
+conditioner is no feature-frame GP, so it gets ().
 """
 import dataclasses
 
@@ -31,7 +33,7 @@ from modules.models.conditioners import LATENT_GP, NEURAL_FIELD, ConditionerSpec
 from modules.models.neural_field import SHIFT
 from modules.models.vae import ModelSpec
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MODEL_FORMAT, CHECKPOINT_FORMAT = "simulgenvae-model", "simulgenvae-checkpoint"  # a VAE, and with its training state
 CONDITIONER_FORMAT = "simulgenvae-conditioner"  # a conditioner, with its training state in a checkpoint
 FIT_FORMAT = "simulgenvae-fit-checkpoint"  # a neural field's (version 2 on) or codec's (3 on) fit, pass by pass
@@ -57,8 +59,8 @@ def current_format(payload: dict, path) -> dict:
     if version == 1:
         from_version_1 = conditioner_from_version_1 if format_of(payload) == CONDITIONER_FORMAT else vae_from_version_1
         payload = from_version_1(payload)
-    elif version in (2, 3, 4) and format_of(payload) == CONDITIONER_FORMAT:
-        payload = {**payload, "spec": {"encoder": "", "field_modulation": SHIFT, **payload["spec"]}}
+    elif version in (2, 3, 4, 5) and format_of(payload) == CONDITIONER_FORMAT:
+        payload = {**payload, "spec": {"encoder": "", "field_modulation": SHIFT, "frame": [], **payload["spec"]}}
     elif version in (2, 3) and format_of(payload) in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         payload = {**payload, "spec": {"codec_modulation": SHIFT, **payload["spec"]}}
     return {**payload, "format_version": FORMAT_VERSION}

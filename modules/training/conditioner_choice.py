@@ -1,13 +1,15 @@
 """Which conditioner is kept once the network is trained: the one that predicts the validation designs' fields best,
 by the reports' measure (the mean relative L2 error of a design's whole field in physical units).
 
-Three more candidates are tried beside the trained network: a neural field trained on the training designs' fields
+Four more candidates are tried beside the trained network: a neural field trained on the training designs' fields
 themselves (field_conditioner_epochs, where the nodes' positions are known; models.neural_field, fitted by
-training.field_fitter), a GP per latent number (latent_gp; models.gaussian_process) and a thin-plate spline through
-the latents (latent_rbf; models.radial_basis). On parameters the GP and the spline are fitted first (with the VAE at
-its POD start they are the POD + GPR and POD + RBF surrogates), so a neural field that loses to them by a wide margin
-is ended early. On images the neural field comes first: it trains the image encoder (models.image_embedding) on whose
-embedding the GP and the spline are then fitted. An ensemble is also set against its own members. Every candidate
+training.field_fitter), on a grid a GP per number of each time step's feature frame and of the field in it
+(feature_frame_gp; models.feature_frame, fitted by training.feature_frame_fit), a GP per latent number (latent_gp;
+models.gaussian_process) and a thin-plate spline through the latents (latent_rbf; models.radial_basis). On
+parameters the GPs and the spline are fitted first (with the VAE at its POD start the latent ones are the POD + GPR
+and POD + RBF surrogates), so a neural field that loses to them by a wide margin is ended early. On images the
+neural field comes first: it trains the image encoder (models.image_embedding) on whose embedding the GP and the
+spline are then fitted. An ensemble is also set against its own members. Every candidate
 is scored through the same models.surrogate.Surrogate that --predict uses, in one pass over the validation designs'
 fields."""
 import dataclasses
@@ -22,10 +24,12 @@ from modules.data.batches import in_order
 from modules.data.field_layout import node_positions, read_field_layout
 from modules.evaluation.metrics import as_percent, relative_l2
 from modules.machine.memory import batch_within_memory
-from modules.models.conditioners import LATENT_GP, LATENT_RBF, NEURAL_FIELD, ConditionerSpec, conditioner_label
+from modules.models.conditioners import (FEATURE_FRAME, LATENT_GP, LATENT_RBF, NEURAL_FIELD, ConditionerSpec,
+                                         conditioner_label)
 from modules.models.image_embedding import fitted_model
 from modules.models.neural_field import FRAME, SHIFT, NeuralFieldConditioner
 from modules.storage.paths import FIELD_FIT_CHECKPOINT
+from modules.training.feature_frame_fit import fit_feature_frame
 from modules.training.field_fitter import FitCheckpoint, SampledFieldFit, fit_sampled_field
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,8 @@ def best_candidate(network, spec, case, config, resume: bool = False):
     candidates, record, seconds = {spec.kind: (network, spec)}, {}, {}
     if not on_images:
         fit_latent_candidates(candidates, record, seconds, spec, case, config)
+        if config.feature_frame_gp and config.grid:
+            fit_frame_candidate(candidates, record, seconds, spec, case, config)
     errors, field = {}, None
     if config.field_conditioner_epochs:
         errors = validation_field_errors({kind: model for kind, (model, _) in candidates.items()}, case,
@@ -127,7 +133,7 @@ def best_candidate(network, spec, case, config, resume: bool = False):
     log.info(f"Kept the {labels[kept]} as the conditioner: it predicts the validation designs' fields with a mean "
              f"relative L2 error of {as_percent(errors[kept])} against {others}")
     model, kept_spec = candidates[kept]
-    if kept == NEURAL_FIELD.kind:
+    if kept in (NEURAL_FIELD.kind, FEATURE_FRAME.kind):
         model, kept_spec, record["spread_from"] = with_spread(model, kept_spec, candidates, errors)
     elif kept_spec.encoder:  # a GP or spline on the neural field's image embedding: that fit made it
         record["embedding_from"] = NEURAL_FIELD.kind
@@ -155,20 +161,45 @@ def fit_latent_candidates(candidates: dict, record: dict, seconds: dict, spec, c
 
 
 def with_spread(field, field_spec, candidates: dict, errors: dict):
-    """(the neural field carrying the fitted candidate on the latents that predicted the validation designs best
-    (models.neural_field: its spread stands in for the field's), its spec, that candidate's kind); the field as it
-    is, its spec and None, said, where no GP or spline was fitted."""
+    """(the conditioner that predicts the field itself (a neural field, a feature-frame GP) carrying the fitted
+    candidate on the latents that predicted the validation designs best (models.carried_spread: its spread stands in
+    for the field's), its spec, that candidate's kind); the field as it is, its spec and None, said, where no GP or
+    spline was fitted."""
     fitted = [kind for kind in (LATENT_GP.kind, LATENT_RBF.kind) if kind in candidates]  # each has a spread
+    label = conditioner_label(field_spec.kind)
     if not fitted:
-        log.info("note: the neural field kept has no uncertainty model: no GP or spline on the latents was fitted "
+        log.info(f"note: the {label} kept has no uncertainty model: no GP or spline on the latents was fitted "
                  "beside it (latent_gp 1 or latent_rbf 1 gives it one)")
         return field, field_spec, None
     source = min(fitted, key=errors.get)
     model, spec = candidates[source]
     field.spread = model
-    log.info(f"The neural field's uncertainty: the spread of the latents of the {conditioner_label(source)}, "
+    log.info(f"The {label}'s uncertainty: the spread of the latents of the {conditioner_label(source)}, "
              "decoded around its prediction (calibrated on its own errors below)")
     return field, dataclasses.replace(field_spec, spread_kind=source, gp_points=spec.gp_points), source
+
+
+def fit_frame_candidate(candidates: dict, record: dict, seconds: dict, spec, case, config) -> None:
+    """Fit the feature-frame GP (feature_frame_gp; training.feature_frame_fit) on the training designs' fields, on
+    the CPU, and add it to candidates ({kind: (model, spec)}), its fit time to seconds and a failure to record (the
+    other candidates remain); not where there are more training designs than a GP's fit is made for, said."""
+    train = case.fields.train_indices
+    most = FITTED[LATENT_GP.kind][0]
+    if len(train) > most:
+        log.info(f"note: no feature-frame GP: {len(train)} training designs are more than the {most} its fit is made "
+                 "for")
+        return
+    began = time.perf_counter()
+    try:
+        model, frame_spec = fit_feature_frame(spec, case, config)
+    except (np.linalg.LinAlgError, ValueError, MemoryError) as error:
+        record["frame_failed"] = f"{type(error).__name__}: {error}"
+        log.warning(f"warning: the feature-frame GP could not be fitted ({record['frame_failed']}); it is not a "
+                    "candidate")
+        model = None
+    seconds[FEATURE_FRAME.kind] = time.perf_counter() - began
+    if model is not None:
+        candidates[FEATURE_FRAME.kind] = (model.to(case.conditions.device), frame_spec)
 
 
 def fitted_candidate(kind: str, spec, case, config, encoder=None):

@@ -144,11 +144,12 @@ def train_network(config, runtime, case: ConditionerCase, run, resume):
 
 def calibrated_spread(kept, case: ConditionerCase, config) -> dict | None:
     """The kept conditioner's spread calibrated on the validation designs (uncertainty.spread; no_spread where its
-    draws all equal its prediction); None for a neural field that carries no spread (no GP or spline was fitted)."""
+    draws all equal its prediction); None for a conditioner that predicts the field itself (a neural field, a
+    feature-frame GP) and carries no spread (no GP or spline was fitted)."""
     surrogate = case.surrogate(kept)
     if surrogate.decodes_fields and kept.spread is None:
-        log.info("note: the neural field has no uncertainty model: --samples and --suggest need a GP or a spline on "
-                 "the latents fitted beside it (latent_gp 1 or latent_rbf 1)")
+        log.info("note: the conditioner kept predicts the field itself and has no uncertainty model: --samples and "
+                 "--suggest need a GP or a spline on the latents fitted beside it (latent_gp 1 or latent_rbf 1)")
         return None
     calibration = calibrate_spread(surrogate, case.conditions, case.fields, config.lc_batch_size, config.seed)
     log.info(("note: no uncertainty: " if calibration.get("no_spread") else "Calibrated the prediction's ")

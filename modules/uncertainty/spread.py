@@ -8,9 +8,10 @@ Where the spread comes from (spread_source):
   distance to the training designs;
 - "rbf" (the thin-plate spline of the latents): its kriging standard deviation of each latent number, zero at the
   training designs and growing away from them, scaled by its leave-one-out errors (models.radial_basis);
-- "field_gp", "field_rbf" (a neural field, which has none of its own, carrying the GP or the spline fitted beside
-  it): that model's spread of the latents, decoded around its own latents' field and added to the neural field's
-  prediction; the calibration then scales it to the neural field's own errors;
+- "field_gp", "field_rbf" (a neural field or a feature-frame GP, which have none of their own, carrying the GP or the
+  spline fitted beside it: models.carried_spread): that model's spread of the latents, decoded around its own
+  latents' field and added to the conditioner's prediction; the calibration then scales it to the conditioner's own
+  errors;
 - "decoder" (a single network, which has none of its own): the decoder prior's spread at the hierarchical levels, the
   spread the VAE allows in the finer detail.
 
@@ -52,9 +53,10 @@ def spread_source(surrogate, inputs) -> str:
 SPREAD_WORDS = {"ensemble": "the disagreement of the conditioner ensemble's members",
                 "gp": "the Gaussian processes' posterior standard deviation of the latents",
                 "rbf": "the thin-plate spline's kriging standard deviation of the latents",
-                "field_gp": "the GP on the latents' posterior spread, decoded around the neural field's prediction",
-                "field_rbf": "the thin-plate spline's kriging spread of the latents, decoded around the neural field's "
-                             "prediction",
+                "field_gp": "the GP on the latents' posterior spread, decoded around the prediction of the "
+                            "conditioner that predicts the field itself",
+                "field_rbf": "the thin-plate spline's kriging spread of the latents, decoded around the prediction of "
+                             "the conditioner that predicts the field itself",
                 "decoder": "the decoder prior's spread at the hierarchical levels (this conditioner has no "
                            "uncertainty of its own: lc_ensemble 5 trains one that has)"}
 
@@ -148,8 +150,9 @@ def missing_uncertainty(surrogate, facts: dict):
     none where the VAE kept draws nothing from its levels (its starting state on a family whose levels' POD modes are
     empty), which calibration records as no_spread."""
     if surrogate.decodes_fields and getattr(surrogate.conditioner, "spread", None) is None:
-        return ("is a neural-field conditioner that carries no uncertainty model (no GP or spline on the latents was "
-                "fitted beside it)", "retrain the conditioner with latent_gp 1 or latent_rbf 1 (--lc_only=1)")
+        return ("predicts the field itself (a neural field or a feature-frame GP) and carries no uncertainty model (no "
+                "GP or spline on the latents was fitted beside it)",
+                "retrain the conditioner with latent_gp 1 or latent_rbf 1 (--lc_only=1)")
     if (facts.get("calibration") or {}).get("no_spread"):
         return ("has no uncertainty: the decoder prior's spread, a single network's only one, moved no value of its "
                 "predictions on the validation designs",

@@ -187,7 +187,8 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
     monkeypatch.chdir(tmp_path)
     fitted = {None: "latent_gp 0\nlatent_rbf 0\n", "gpr": "latent_gp 1\nlatent_rbf 0\n",
               "rbf": "latent_gp 0\nlatent_rbf 1\n"}[carried]
-    parameters = csv_case(tmp_path, f"grid_shape 4 5\nn_epoch 1\n{fitted}field_conditioner_epochs 100\nplot 1\n")
+    parameters = csv_case(tmp_path, f"grid_shape 4 5\nn_epoch 1\n{fitted}field_conditioner_epochs 100\nplot 1\n"
+                                    "feature_frame_gp 0\n")
     real = conditioner_choice.validation_field_errors
     monkeypatch.setattr(conditioner_choice, "validation_field_errors", lambda networks, *args: {
         name: error * (1 if name in ("mlp", "neural_field") else 100) for name, error in real(networks, *args).items()})
@@ -231,7 +232,7 @@ def test_a_neural_field_that_predicts_better_is_kept_evaluated_predicted_and_exp
         for flags in asked:
             assert main(flags) == 2
             error = capsys.readouterr().err.strip().splitlines()
-            assert len(error) == 1 and "latent_conditioner" in error[0] and "neural-field conditioner" in error[0]
+            assert len(error) == 1 and "latent_conditioner" in error[0] and "predicts the field itself" in error[0]
             assert "latent_gp 1 or latent_rbf 1" in error[0]
         assert not (tmp_path / "q.npy").exists() and not (tmp_path / "output" / "suggested_designs.csv").exists()
         return

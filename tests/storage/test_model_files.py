@@ -146,11 +146,12 @@ def test_as_version_1_gives_what_version_1_wrote(version_1, demo):
     assert made["spec"].keys() == written["spec"].keys() and made["state_dict"].keys() == written["state_dict"].keys()
 
 
-@pytest.mark.parametrize("version, added", [(2, ("encoder", "field_modulation")), (4, ("field_modulation",))])
+@pytest.mark.parametrize("version, added", [(2, ("encoder", "field_modulation", "frame")),
+                                             (4, ("field_modulation", "frame")), (5, ("frame",))])
 def test_an_older_conditioner_reads_with_what_its_version_meant_and_predicts_the_same(demo, tmp_path, version, added):
-    """Version 3 added a conditioner spec's encoder, version 5 its neural field's modulation: a version 2 or 4 file
-    (the demo's, as that version wrote it) reads with encoder "" and modulation "shift" and predicts what the current
-    file predicts."""
+    """Version 3 added a conditioner spec's encoder, version 5 its neural field's modulation, version 6 its feature
+    frame: a version 2, 4 or 5 file (the demo's, as that version wrote it) reads with encoder "", modulation "shift"
+    and frame () and predicts what the current file predicts."""
     from modules.models.conditioners import ConditionerSpec
     from modules.storage.model_files import load_conditioner
     current = torch.load(demo / "model_save" / "latent_conditioner", weights_only=True)
@@ -158,8 +159,8 @@ def test_an_older_conditioner_reads_with_what_its_version_meant_and_predicts_the
              "spec": {k: v for k, v in current["spec"].items() if k not in added}}
     torch.save(older, tmp_path / "older")
     network, facts = load_conditioner(tmp_path / "older")
-    assert facts["format_version"] == FORMAT_VERSION == 5
-    assert (facts["spec"]["encoder"], facts["spec"]["field_modulation"]) == ("", "shift")
+    assert facts["format_version"] == FORMAT_VERSION == 6
+    assert (facts["spec"]["encoder"], facts["spec"]["field_modulation"], facts["spec"]["frame"]) == ("", "shift", [])
     assert ConditionerSpec.from_dict(facts["spec"]) == ConditionerSpec.from_dict(current["spec"])
     inputs = torch.randn(3, current["spec"]["input_shape"][0])
     expected, _ = load_conditioner(demo / "model_save" / "latent_conditioner")
