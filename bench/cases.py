@@ -191,12 +191,12 @@ def _write_case(folder: Path, name: str, size: Size, epochs: int, lc_epochs: int
         parameters = pulse_parameters(size.designs, seed)
         fields = pulse_fields(parameters, size.steps, size.grid)
         names, filters = "x0,y0,theta,v,D", "256 128 64 32"
-        where = f"grid_shape {size.grid} {size.grid}"
+        where = f"grid_shape {size.grid} {size.grid}\ngrid_periodic 1"
     elif name == "shear":
         parameters = shear_parameters(size.designs, seed)
         fields = shear_fields(parameters, size.steps, size.grid)
         names, filters = "x0,y0,theta,v,s,omega", "256 128 64 32"
-        where = f"grid_shape {size.grid} {size.grid}"
+        where = f"grid_shape {size.grid} {size.grid}\ngrid_periodic 1"
     elif name == "plate":
         return _write_plate(folder, size, epochs, lc_epochs, seed)
     elif name == "burgers":
