@@ -41,8 +41,6 @@ REFERENCE_SPREAD = 1 / 12   # the feature's standard deviation in its frame, of 
 # with bilinear (tests/models/test_feature_frame.py's snapshot)
 INTERPOLATION = "bicubic"
 MAX_MODES = 16              # POD modes of the frames' snapshots, at most: each adds a GP per time step
-
-
 ANCHOR = 4                  # on a periodic grid: the cosine and sine of the first step's centroid per axis
 PER_STEP = 5                # each step's frame: the centroid's move (or place) per axis, the entries of G
 

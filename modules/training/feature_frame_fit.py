@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 ENERGY_LEFT = 1e-3  # the frames' POD keeps the fewest modes that leave at most this share of their variance
 PIXEL_VARIANCE = 1 / 12  # added to each moment's variance: a one-cell feature's, so the covariance never vanishes
-HOST_COPIES = 6  # float32 copies of the frames' snapshots the fit holds at once: themselves, the float64 centred
-                 # matrix and its SVD's factor
+HOST_COPIES = 7  # float32 copies of the frames' snapshots the fit holds at once: themselves (1), the float64 centred
+                 # matrix (2) and its SVD's two factors (2 each, at most)
 
 
 def frame_spec(spec, config, modes: int):
