@@ -22,14 +22,14 @@ def pod_node_basis(array, train_indices, scaler, rank: int, seed: int):
     Returns torch float32 (mean [M], modes [M, rank] orthonormal, scales [rank] = std of each coefficient).
     Rows are (design, time step) snapshots, subsampled to fit snapshot_budget(); missing modes (fewer snapshots than
     rank) are filled with random orthonormal directions at a small scale. The snapshots are the only large array
-    (float32); the modes are summed in float64 (_snapshot_modes): modes summed in float32 project a field with an error
+    (float32); the modes are summed in float64 (snapshot_modes): modes summed in float32 project a field with an error
     of a few 1e-6 of its norm, above what POD reaches on smooth families."""
     n_steps, n_nodes = array.sample_shape
     snapshots = _training_snapshots(array, train_indices, scaler, max(rank, snapshot_budget() // (4 * n_nodes)), seed)
     mean = snapshots.mean(axis=0, dtype=np.float64).astype(np.float32)
     snapshots -= mean
     centred = torch.from_numpy(snapshots)
-    eigenvalues, modes = _snapshot_modes(centred, rank)
+    eigenvalues, modes = snapshot_modes(centred, rank)
     singular = eigenvalues.sqrt()
     modes = _complete_basis(modes, rank, seed)
     scales = torch.cat([singular, torch.zeros(rank - len(singular), dtype=singular.dtype)]) / np.sqrt(len(centred))
@@ -37,7 +37,7 @@ def pod_node_basis(array, train_indices, scaler, rank: int, seed: int):
     return torch.from_numpy(mean).float(), modes.float(), scales.float()
 
 
-def _snapshot_modes(centred, rank: int):
+def snapshot_modes(centred, rank: int):
     """(eigenvalues [k], orthonormal modes [M, k]) of the centred snapshot rows [rows, M] (float32), the strongest
     k <= rank, summed in float64 a slice at a time: from the rows' Gram matrix (rows x rows) when there are fewer
     rows than nodes, else from the nodes' covariance (M x M), never a matrix larger than the smaller side squared."""

@@ -12,13 +12,14 @@ import torch
 from modules.data.batches import in_order
 from modules.machine.memory import available_host_bytes
 from modules.models.feature_frame import MAX_MODES, REFERENCE_SPREAD, FeatureFrameConditioner, frame_targets
+from modules.models.pod import snapshot_modes
 
 log = logging.getLogger(__name__)
 
 ENERGY_LEFT = 1e-3  # the frames' POD keeps the fewest modes that leave at most this share of their variance
 PIXEL_VARIANCE = 1 / 12  # added to each moment's variance: a one-cell feature's, so the covariance never vanishes
-HOST_COPIES = 7  # float32 copies of the frames' snapshots the fit holds at once: themselves (1), the float64 centred
-                 # matrix (2) and its SVD's two factors (2 each, at most)
+HOST_COPIES = 3  # float32 copies of the frames' snapshots the fit holds at once: themselves, centred in place (1),
+                 # and their float64 covariance or Gram matrix (models.pod.snapshot_modes: 2 at most)
 
 
 def frame_spec(spec, config, modes: int):
@@ -52,7 +53,8 @@ def fit_feature_frame(spec, case, config):
                 centre, log_covariance, moved = into_frame(snapshots[design, step], periodic)
                 centres[position, step], log_covariances[position, step] = centre, log_covariance
                 in_frame[position, step] = moved.reshape(-1)
-    modes, mean, vectors, coefficients = frame_modes(in_frame.reshape(len(train) * n_steps, -1))
+    background = np.median(in_frame.reshape(-1, n_vars, height * width).transpose(1, 0, 2).reshape(n_vars, -1), axis=1)
+    modes, mean, vectors, coefficients = frame_modes(in_frame.reshape(len(train) * n_steps, -1))  # centres in_frame
     fitted_spec = dataclasses.replace(frame_spec(spec, config, modes), gp_points=len(train))
     model = FeatureFrameConditioner(fitted_spec)
     targets = frame_targets(centres, log_covariances, coefficients.reshape(len(train), n_steps, modes),
@@ -63,8 +65,7 @@ def fit_feature_frame(spec, case, config):
     with torch.no_grad():
         model.mode_mean.copy_(torch.as_tensor(mean))
         model.mode_vectors.copy_(torch.as_tensor(vectors))
-        model.background.copy_(torch.as_tensor(np.median(in_frame.reshape(-1, n_vars, height * width)
-                                                         .transpose(1, 0, 2).reshape(n_vars, -1), axis=1)))
+        model.background.copy_(torch.as_tensor(background))
     return model, fitted_spec
 
 
@@ -109,12 +110,14 @@ def into_frame(snapshot: np.ndarray, periodic: bool):
 
 
 def frame_modes(snapshots: np.ndarray):
-    """(modes, mean [K], modes' vectors [modes, K], coefficients [S, modes]) of the frames' snapshots [S, K]: the
-    fewest POD modes (at most MAX_MODES) that leave at most ENERGY_LEFT of their variance about the mean."""
+    """(modes, mean [K], modes' vectors [modes, K], coefficients [S, modes]) of the frames' snapshots [S, K] float32,
+    centred in place: the fewest POD modes (at most MAX_MODES; models.pod.snapshot_modes, summed in float64) that
+    leave at most ENERGY_LEFT of their variance about the mean."""
     mean = snapshots.mean(0, dtype=np.float64)
-    centred = snapshots.astype(np.float64) - mean
-    _, singular, vectors = np.linalg.svd(centred, full_matrices=False)
-    energy = singular ** 2
-    left = 1 - np.cumsum(energy) / max(energy.sum(), np.finfo(np.float64).tiny)
-    modes = int(min(MAX_MODES, len(energy), 1 + np.searchsorted(-left, -ENERGY_LEFT)))
-    return modes, mean, vectors[:modes], centred @ vectors[:modes].T
+    snapshots -= mean.astype(np.float32)
+    eigenvalues, vectors = snapshot_modes(torch.from_numpy(snapshots), MAX_MODES)
+    total = sum(float(np.square(rows, dtype=np.float64).sum()) for rows in np.array_split(snapshots, 64))
+    left = 1 - np.cumsum(eigenvalues.numpy()) / max(total, np.finfo(np.float64).tiny)
+    modes = int(min(len(left), 1 + np.searchsorted(-left, -ENERGY_LEFT)))
+    vectors = vectors[:, :modes].numpy()                                                          # [K, modes]
+    return modes, mean, vectors.T, snapshots @ vectors
